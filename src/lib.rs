@@ -1,0 +1,19 @@
+//! mpool: warm pools of Multipass VMs for workflow tasks.
+//!
+//! The map of the crate, one concept per module:
+//! - [`proto`]: code generated from `proto/` (multipassd's wire protocol, later `mpool.v1`).
+//! - [`tls`]: rustls plumbing shared by the client and the simulator (one crypto provider,
+//!   PEM parsing, certificate generation).
+//! - [`multipass`]: the multipassd client: transport, trust, typed calls that hide the
+//!   bidi-stream traps, version gating, one error type.
+//! - [`sim`]: `mpool sim`, a multipassd stand-in speaking the same protocol, with its state
+//!   rules, daemon-wide lock, timings, SSH endpoints and fault injection.
+//! - [`ssh`]: SSH sessions to VMs: pooled connections, exec, SFTP.
+//! - [`cli`]: the `mpool` command line.
+
+pub mod cli;
+pub mod multipass;
+pub mod proto;
+pub mod sim;
+pub mod ssh;
+pub mod tls;

@@ -1,0 +1,4 @@
+//! The `mpool` binary: see [`mpool::cli`].
+fn main() -> std::process::ExitCode {
+    mpool::cli::main()
+}

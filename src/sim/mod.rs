@@ -1,0 +1,3 @@
+//! `mpool sim`: a multipassd stand-in speaking the same protocol.
+
+pub mod ssh;

@@ -1,0 +1,1 @@
+//! The simulator's SSH endpoints (one per running instance).

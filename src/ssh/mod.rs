@@ -1,0 +1,1 @@
+//! SSH sessions to VMs: pooled connections, exec, SFTP.
