@@ -1,6 +1,97 @@
-//! The `mpool` command line.
+//! The `mpool` command line: clap definitions and dispatch. Each subcommand's work lives in its
+//! own file (`sim.rs`, `multipass.rs`); this file only parses and sets up logging.
+
+mod multipass;
+mod sim;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Warm pools of clean Multipass VMs for workflow tasks.
+#[derive(Parser, Debug)]
+#[command(name = "mpool", version, about, propagate_version = true)]
+pub struct Cli {
+    /// mpool's own files (its client certificate and key). Default: $XDG_DATA_HOME/mpool or
+    /// ~/.local/share/mpool.
+    #[arg(long, global = true, env = "MPOOL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More logging (-v info, -vv debug, -vvv trace). `MPOOL_LOG` (an env-filter) overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Log output formats.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the multipassd simulator (same protocol, TLS, trust and state rules; real SSH).
+    Sim(sim::SimArgs),
+    /// Talk to multipassd (or the simulator) directly: an operator's debugging tool.
+    Multipass(multipass::MultipassArgs),
+}
+
+/// mpool's data dir: the flag/env, else `$XDG_DATA_HOME/mpool`, else `~/.local/share/mpool`.
+pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    if let Some(d) = flag {
+        return d;
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("mpool");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/mpool")
+}
+
+fn init_logging(format: LogFormat, verbose: u8, default: &str) {
+    let level = match verbose {
+        0 => default,
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
 
 /// Entry point of the `mpool` binary.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Sim(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, cli.verbose, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mpool: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let data_dir = data_dir(cli.data_dir);
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Sim(args) => sim::run(args).await,
+            Command::Multipass(args) => multipass::run(args, data_dir).await,
+        }
+    })
 }

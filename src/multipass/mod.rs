@@ -1,3 +1,20 @@
 //! The multipassd client: transport (Unix socket or TCP, always TLS with a client certificate),
 //! server verification, trust (`authenticate`), typed calls that hide the bidi-stream traps,
 //! version gating and one error type.
+//!
+//! It must not spawn the `multipass` CLI, and it must never send an empty instance list.
+
+mod address;
+mod client;
+mod error;
+pub mod trust;
+mod version;
+
+pub use address::{DaemonAddress, RUN_SOCKET, SNAP_SOCKET};
+pub use client::{
+    Client, ClientOptions, DaemonInfo, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions, Names,
+    SnapshotSummary, SshInfo,
+};
+pub use error::Error;
+pub use trust::{ClientIdentity, ServerVerification};
+pub use version::Version;

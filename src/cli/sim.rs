@@ -1,0 +1,117 @@
+//! `mpool sim`: runs the simulator until SIGINT/SIGTERM (exit 0) or until a `set` changes a
+//! daemon setting (exit 42, as multipassd does to be restarted by its service manager).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::sim::{SimConfig, Simulator, SshTarget};
+
+/// `mpool sim` flags.
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// Unix socket to serve multipassd's protocol on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Directory for instances, snapshots, certificates and the trust store (kept across restarts).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Also listen on TCP (e.g. 127.0.0.1:50051); no first-client trust there.
+    #[arg(long)]
+    tcp: Option<std::net::SocketAddr>,
+    /// Multiplies the realistic timing profile (0 = instant; 0.01 = 100x faster).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// The daemon's `local.passphrase` for `authenticate` (visible in `ps`; prefer --passphrase-file).
+    #[arg(long, conflicts_with = "passphrase_file")]
+    passphrase: Option<String>,
+    /// Read the passphrase from this file (first line).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Make ssh_info point at this SSH server instead of the simulator's own endpoints.
+    #[arg(long, value_name = "[USER@]HOST:PORT")]
+    ssh_target: Option<String>,
+    /// Probability (0-1) that a mutating call fails with INTERNAL.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Make this operation always fail (repeatable), e.g. `--fail suspend`.
+    #[arg(long = "fail", value_name = "OP")]
+    fail: Vec<String>,
+    /// Make this operation hang forever, holding the daemon lock if it takes it (repeatable).
+    #[arg(long = "hang", value_name = "OP")]
+    hang: Vec<String>,
+    /// The version the simulator reports.
+    #[arg(long, default_value = "1.16.3")]
+    daemon_version: String,
+}
+
+fn parse_target(s: &str) -> Result<SshTarget, String> {
+    let (user, hostport) = match s.split_once('@') {
+        Some((u, hp)) => (u.to_string(), hp),
+        None => ("ubuntu".to_string(), s),
+    };
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
+    let port = port.parse().map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
+    Ok(SshTarget { user, host: host.to_string(), port })
+}
+
+/// Runs the simulator.
+pub async fn run(args: SimArgs) -> ExitCode {
+    match run_inner(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mpool sim: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        return Err(format!("--fail-rate {} is not a probability between 0 and 1", args.fail_rate));
+    }
+    if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
+        return Err(format!("--time-scale {} must be a finite number >= 0", args.time_scale));
+    }
+    let passphrase = match (&args.passphrase, &args.passphrase_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("--passphrase-file {}: {e}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let mut cfg = SimConfig::new(&args.socket, &args.state_dir);
+    cfg.tcp = args.tcp;
+    cfg.time_scale = args.time_scale;
+    cfg.passphrase = passphrase;
+    cfg.ssh_target = args.ssh_target.as_deref().map(parse_target).transpose()?;
+    cfg.fail_rate = args.fail_rate;
+    cfg.fail_ops = args.fail;
+    cfg.hang_ops = args.hang;
+    cfg.daemon_version = args.daemon_version;
+    let sim = Simulator::start(cfg).await?;
+    tracing::info!(
+        socket = %args.socket.display(),
+        root_cert = %sim.root_cert().display(),
+        time_scale = args.time_scale,
+        "mpool sim is serving multipassd's protocol"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let code = tokio::select! {
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        _ = term.recv() => ExitCode::SUCCESS,
+        _ = sim.settings_changed() => {
+            tracing::info!("a daemon setting changed: exiting with code 42 to be restarted, as multipassd does");
+            ExitCode::from(42)
+        }
+    };
+    sim.shutdown().await;
+    Ok(code)
+}

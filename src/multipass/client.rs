@@ -1,0 +1,760 @@
+//! The typed multipassd client. Every call sends its request before awaiting the call (the
+//! daemon sends no headers until it has read one), keeps the request stream open until the call
+//! ends (so prompts can be answered), routes `log_line`s to tracing, has a deadline, and returns
+//! the last reply. The API cannot express an empty instance list (which multipassd reads as ALL).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::trust::{self, ClientIdentity, ServerVerification};
+use super::{DaemonAddress, Error, Version};
+use crate::proto::multipass as pb;
+use crate::proto::multipass::rpc_client::RpcClient;
+
+pub use crate::proto::multipass::instance_status::Status as InstanceState;
+
+/// How to reach and trust the daemon.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// The daemon's address; `None` discovers it (`MULTIPASS_SERVER_ADDRESS`, snap socket, `/run`).
+    pub address: Option<DaemonAddress>,
+    /// mpool's data dir (its own client certificate lives here).
+    pub data_dir: PathBuf,
+    /// Which client certificate to present.
+    pub identity: ClientIdentity,
+    /// How to verify the daemon.
+    pub verification: ServerVerification,
+    /// The daemon's `local.passphrase`, used to `authenticate` when we are not trusted yet.
+    pub passphrase: Option<String>,
+    /// Talk to daemons outside the tested 1.13-1.16 range anyway.
+    pub allow_untested_daemon: bool,
+    /// Deadline for establishing the connection.
+    pub connect_timeout: Duration,
+    /// Deadline of every call unless a method says otherwise.
+    pub call_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("address", &self.address)
+            .field("data_dir", &self.data_dir)
+            .field("identity", &self.identity)
+            .field("verification", &self.verification)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .field("allow_untested_daemon", &self.allow_untested_daemon)
+            .finish()
+    }
+}
+
+impl ClientOptions {
+    /// Defaults: discovered address, automatic identity and verification, 5 s to connect, 60 s
+    /// per call.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ClientOptions {
+        ClientOptions {
+            address: None,
+            data_dir: data_dir.into(),
+            identity: ClientIdentity::Auto,
+            verification: ServerVerification::Auto,
+            passphrase: None,
+            allow_untested_daemon: false,
+            connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A non-empty list of instance names. multipassd reads an empty list as ALL instances, so
+/// the typed API cannot send one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names(Vec<String>);
+
+impl Names {
+    /// One instance.
+    pub fn one(name: impl Into<String>) -> Names {
+        Names(vec![name.into()])
+    }
+
+    /// Several instances; refuses an empty list.
+    pub fn new(names: Vec<String>) -> Result<Names, Error> {
+        if names.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no instance named: multipassd would apply this to ALL instances".into(),
+            ));
+        }
+        Ok(Names(names))
+    }
+
+    /// The names.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    fn proto(&self) -> Option<pb::InstanceNames> {
+        Some(pb::InstanceNames { instance_name: self.0.clone() })
+    }
+
+    fn pairs(&self) -> Vec<pb::InstanceSnapshotPair> {
+        self.0
+            .iter()
+            .map(|n| pb::InstanceSnapshotPair { instance_name: n.clone(), snapshot_name: None })
+            .collect()
+    }
+}
+
+/// One instance as `list` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceSummary {
+    /// Name.
+    pub name: String,
+    /// State.
+    #[serde(serialize_with = "ser_state")]
+    pub state: InstanceState,
+    /// IPv4 addresses (only when asked for).
+    pub ipv4: Vec<String>,
+    /// Release.
+    pub release: String,
+}
+
+fn ser_state<S: serde::Serializer>(s: &InstanceState, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.as_str_name())
+}
+
+/// One snapshot as `list --snapshots` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotSummary {
+    /// Instance.
+    pub instance: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Parent snapshot.
+    pub parent: String,
+    /// Comment.
+    pub comment: String,
+}
+
+/// Detailed information on one instance (from `info` without runtime data).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceInfo {
+    /// Name.
+    pub name: String,
+    /// State.
+    #[serde(serialize_with = "ser_state")]
+    pub state: InstanceState,
+    /// CPUs.
+    pub cpus: String,
+    /// Memory.
+    pub memory: String,
+    /// Disk.
+    pub disk: String,
+    /// Image release.
+    pub image_release: String,
+    /// Number of snapshots.
+    pub snapshots: i32,
+}
+
+/// How to reach an instance over SSH.
+#[derive(Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SshInfo {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User.
+    pub username: String,
+    /// Private key text (PEM or OpenSSH).
+    #[serde(skip)]
+    pub private_key: String,
+}
+
+impl std::fmt::Debug for SshInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshInfo")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("private_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Host resources reported by `daemon_info`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DaemonInfo {
+    /// Bytes of the data volume.
+    pub available_space: u64,
+    /// CPUs.
+    pub cpus: u32,
+    /// Memory bytes.
+    pub memory: u64,
+}
+
+/// Options of `launch`/`create`.
+#[derive(Clone, Debug, Default)]
+pub struct LaunchOptions {
+    /// Instance name (required: mpool never lets the daemon pick one).
+    pub name: String,
+    /// Image, e.g. "24.04" (empty: the daemon's default).
+    pub image: String,
+    /// CPUs (0: default).
+    pub cpus: i32,
+    /// Memory, e.g. "2G" (empty: default).
+    pub memory: String,
+    /// Disk, e.g. "10G" (empty: default).
+    pub disk: String,
+    /// cloud-init user data.
+    pub cloud_init: String,
+    /// Seconds the daemon waits for readiness (0: 300).
+    pub timeout_secs: i32,
+}
+
+/// Access to a daemon's `log_line` of any reply.
+trait Reply: Send + 'static {
+    fn log_line(&self) -> &str;
+}
+
+macro_rules! replies {
+    ($($t:ty),* $(,)?) => { $(impl Reply for $t { fn log_line(&self) -> &str { &self.log_line } })* };
+}
+replies!(
+    pb::LaunchReply, pb::PurgeReply, pb::InfoReply, pb::ListReply, pb::RecoverReply, pb::SshInfoReply,
+    pb::StartReply, pb::StopReply, pb::SuspendReply, pb::RestartReply, pb::DeleteReply, pb::VersionReply,
+    pb::GetReply, pb::SetReply, pb::KeysReply, pb::AuthenticateReply, pb::SnapshotReply, pb::RestoreReply,
+    pb::CloneReply, pb::DaemonInfoReply,
+);
+
+/// A connected, trusted, version-checked multipassd client. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    rpc: RpcClient<Channel>,
+    address: Arc<DaemonAddress>,
+    version: Version,
+    timeout: Duration,
+    passphrase: Option<Arc<str>>,
+}
+
+type Rpc = RpcClient<Channel>;
+
+impl Client {
+    /// Connects, establishes trust (ping; first-client trust on a Unix socket; `authenticate`
+    /// with the passphrase) and checks the daemon's version.
+    pub async fn connect(opts: ClientOptions) -> Result<Client, Error> {
+        let address = match &opts.address {
+            Some(a) => a.clone(),
+            None => DaemonAddress::discover()?,
+        };
+        let identity = trust::load_identity(&opts.identity, &opts.data_dir)?;
+        let verifier = trust::server_verifier(&opts.verification, &address)?;
+        let tls = Arc::new(trust::client_config(identity, verifier)?);
+        let channel = channel(&address, tls, opts.connect_timeout).await?;
+        let mut client = Client {
+            rpc: RpcClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            address: Arc::new(address),
+            version: Version { major: 0, minor: 0, patch: 0 },
+            timeout: opts.call_timeout,
+            passphrase: opts.passphrase.as_deref().map(Arc::from),
+        };
+        client.establish_trust().await?;
+        let text = client.version_text().await?;
+        let version = Version::parse(&text)
+            .ok_or_else(|| Error::Unsupported(format!("multipassd reported an unreadable version {text:?}")))?;
+        if !version.is_tested() && !opts.allow_untested_daemon {
+            return Err(Error::Unsupported(format!(
+                "multipassd {version} is outside the versions mpool speaks (1.13.0 to 1.16.x); \
+                 set `allow_untested_daemon` (`--allow-untested-daemon`) to try anyway"
+            )));
+        }
+        client.version = version;
+        Ok(client)
+    }
+
+    /// The daemon's version (read at connect).
+    pub fn daemon_version(&self) -> Version {
+        self.version
+    }
+
+    /// The daemon's address.
+    pub fn address(&self) -> &DaemonAddress {
+        &self.address
+    }
+
+    /// A clone of this client whose calls use `deadline` instead.
+    pub fn with_timeout(&self, deadline: Duration) -> Client {
+        Client { timeout: deadline, ..self.clone() }
+    }
+
+    async fn establish_trust(&self) -> Result<(), Error> {
+        match self.ping().await {
+            Ok(()) => return Ok(()),
+            Err(Error::Untrusted { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        // On a Unix socket with an empty trust store, any call but ping trusts us.
+        match self.version_text().await {
+            Ok(_) => return Ok(()),
+            Err(Error::Untrusted { message }) if self.passphrase.is_none() => {
+                return Err(Error::Untrusted { message });
+            }
+            Err(Error::Untrusted { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let passphrase = self.passphrase.clone().unwrap_or_else(|| Arc::from(""));
+        self.authenticate(&passphrase).await.map_err(|e| match e {
+            Error::Daemon { op, code: tonic::Code::InvalidArgument, message, .. } => Error::Daemon {
+                op,
+                code: tonic::Code::InvalidArgument,
+                message: format!("{message} (the configured passphrase was refused; check `passphrase_file`)"),
+                launch_error: None,
+                start_error: None,
+            },
+            Error::Daemon { code: tonic::Code::FailedPrecondition, message, .. } => Error::Untrusted {
+                message: format!("{message} (mpool tried to authenticate with its configured passphrase.)"),
+            },
+            other => other,
+        })
+    }
+
+    /// Runs one bidirectional call: sends `first` before awaiting the call, answers prompts
+    /// with `answer`, forwards log lines, and returns the last reply.
+    async fn bidi<Req, Rep, F, Fut>(
+        &self,
+        op: &'static str,
+        first: Req,
+        call: F,
+        mut answer: impl FnMut(&Rep) -> Option<Req> + Send,
+    ) -> Result<Option<Rep>, Error>
+    where
+        Req: Send + 'static,
+        Rep: Reply,
+        F: FnOnce(Rpc, ReceiverStream<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>>,
+    {
+        let addr = self.address.to_string();
+        let to_err = |s: tonic::Status| Error::from_status(op, &addr, s);
+        let work = async {
+            let (tx, rx) = mpsc::channel(4);
+            // The receiver is alive: this cannot fail. Sending first avoids the header deadlock.
+            let _ = tx.send(first).await;
+            let mut stream = call(self.rpc.clone(), ReceiverStream::new(rx)).await.map_err(to_err)?.into_inner();
+            let mut last = None;
+            while let Some(reply) = stream.message().await.map_err(to_err)? {
+                let line = reply.log_line().trim_end();
+                if !line.is_empty() {
+                    tracing::debug!(target: "multipassd", op, "{line}");
+                }
+                if let Some(req) = answer(&reply) {
+                    tx.send(req).await.map_err(|_| Error::Protocol {
+                        op,
+                        detail: "the call ended while answering a prompt".into(),
+                    })?;
+                }
+                last = Some(reply);
+            }
+            drop(tx);
+            Ok(last)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| Error::Timeout { op, after: self.timeout })?
+    }
+
+    fn need<T>(op: &'static str, reply: Option<T>) -> Result<T, Error> {
+        reply.ok_or(Error::Protocol { op, detail: "no reply before the end of the call".into() })
+    }
+
+    /// `ping`: OK only if our certificate is trusted (never trusts on first use).
+    pub async fn ping(&self) -> Result<(), Error> {
+        let addr = self.address.to_string();
+        let mut rpc = self.rpc.clone();
+        tokio::time::timeout(self.timeout, rpc.ping(pb::PingRequest {}))
+            .await
+            .map_err(|_| Error::Timeout { op: "ping", after: self.timeout })?
+            .map_err(|s| Error::from_status("ping", &addr, s))?;
+        Ok(())
+    }
+
+    /// The daemon's version text, e.g. "1.16.3".
+    pub async fn version_text(&self) -> Result<String, Error> {
+        let r = self
+            .bidi("version", pb::VersionRequest::default(), |mut c, s| async move { c.version(s).await }, |_| None)
+            .await?;
+        Ok(Self::need("version", r)?.version)
+    }
+
+    /// Asks the daemon to trust our certificate.
+    pub async fn authenticate(&self, passphrase: &str) -> Result<(), Error> {
+        let req = pb::AuthenticateRequest { passphrase: passphrase.to_string(), verbosity_level: 0 };
+        self.bidi("authenticate", req, |mut c, s| async move { c.authenticate(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Instances, cheaply (no IP collection over SSH).
+    pub async fn list(&self) -> Result<Vec<InstanceSummary>, Error> {
+        let req = pb::ListRequest { verbosity_level: 0, snapshots: false, request_ipv4: false };
+        let r = self.bidi("list", req, |mut c, s| async move { c.list(s).await }, |_| None).await?;
+        match Self::need("list", r)?.list_contents {
+            Some(pb::list_reply::ListContents::InstanceList(l)) => Ok(l
+                .instances
+                .into_iter()
+                .map(|i| InstanceSummary {
+                    state: status_of(i.instance_status.as_ref()),
+                    name: i.name,
+                    ipv4: i.ipv4,
+                    release: i.current_release,
+                })
+                .collect()),
+            None => Ok(Vec::new()),
+            Some(_) => Err(Error::Protocol { op: "list", detail: "snapshots returned for an instance list".into() }),
+        }
+    }
+
+    /// All snapshots of all instances.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotSummary>, Error> {
+        let req = pb::ListRequest { verbosity_level: 0, snapshots: true, request_ipv4: false };
+        let r = self.bidi("list", req, |mut c, s| async move { c.list(s).await }, |_| None).await?;
+        match Self::need("list", r)?.list_contents {
+            Some(pb::list_reply::ListContents::SnapshotList(l)) => Ok(l
+                .snapshots
+                .into_iter()
+                .map(|s| {
+                    let f = s.fundamentals.unwrap_or_default();
+                    SnapshotSummary { instance: s.name, name: f.snapshot_name, parent: f.parent, comment: f.comment }
+                })
+                .collect()),
+            None => Ok(Vec::new()),
+            Some(_) => Err(Error::Protocol { op: "list", detail: "instances returned for a snapshot list".into() }),
+        }
+    }
+
+    /// Details of instances, without runtime data (no SSH inside the daemon).
+    pub async fn info(&self, names: &Names) -> Result<Vec<InstanceInfo>, Error> {
+        let req = pb::InfoRequest {
+            instance_snapshot_pairs: names.pairs(),
+            verbosity_level: 0,
+            no_runtime_information: true,
+            snapshots: false,
+        };
+        let r = self.bidi("info", req, |mut c, s| async move { c.info(s).await }, |_| None).await?;
+        Ok(Self::need("info", r)?
+            .details
+            .into_iter()
+            .map(|d| {
+                let (image_release, snapshots) = match d.extra_info {
+                    Some(pb::detailed_info_item::ExtraInfo::InstanceInfo(i)) => {
+                        (i.image_release, i.num_snapshots.unwrap_or(0))
+                    }
+                    _ => (String::new(), 0),
+                };
+                InstanceInfo {
+                    state: status_of(d.instance_status.as_ref()),
+                    name: d.name,
+                    cpus: d.cpu_count,
+                    memory: d.memory_total,
+                    disk: d.disk_total,
+                    image_release,
+                    snapshots,
+                }
+            })
+            .collect())
+    }
+
+    fn launch_request(o: &LaunchOptions) -> Result<pb::LaunchRequest, Error> {
+        if o.name.is_empty() {
+            return Err(Error::InvalidArgument("launch needs an instance name".into()));
+        }
+        Ok(pb::LaunchRequest {
+            instance_name: o.name.clone(),
+            image: o.image.clone(),
+            num_cores: o.cpus,
+            mem_size: o.memory.clone(),
+            disk_space: o.disk.clone(),
+            cloud_init_user_data: o.cloud_init.clone(),
+            timeout: o.timeout_secs,
+            ..Default::default()
+        })
+    }
+
+    /// Creates and starts an instance; returns its name.
+    pub async fn launch(&self, opts: &LaunchOptions) -> Result<String, Error> {
+        let req = Self::launch_request(opts)?;
+        let r = self.bidi("launch", req, |mut c, s| async move { c.launch(s).await }, |_| None).await?;
+        match Self::need("launch", r)?.create_oneof {
+            Some(pb::launch_reply::CreateOneof::VmInstanceName(n)) => Ok(n),
+            _ => Ok(opts.name.clone()),
+        }
+    }
+
+    /// Creates an instance without starting it.
+    pub async fn create(&self, opts: &LaunchOptions) -> Result<(), Error> {
+        let req = Self::launch_request(opts)?;
+        self.bidi("create", req, |mut c, s| async move { c.create(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Starts stopped instances and resumes suspended ones; waits up to `timeout_secs` for SSH
+    /// (0: the daemon's 300 s).
+    pub async fn start(&self, names: &Names, timeout_secs: i32) -> Result<(), Error> {
+        let req = pb::StartRequest { instance_names: names.proto(), timeout: timeout_secs, ..Default::default() };
+        self.bidi("start", req, |mut c, s| async move { c.start(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Stops instances: gracefully, or `force` (kill; discards a suspend image; 1.14+).
+    pub async fn stop(&self, names: &Names, force: bool) -> Result<(), Error> {
+        if force && !self.version.has_force_stop() {
+            return Err(Error::Unsupported(format!("forced stop needs multipassd 1.14+, this is {}", self.version)));
+        }
+        let req = pb::StopRequest { instance_names: names.proto(), force_stop: force, ..Default::default() };
+        self.bidi("stop", req, |mut c, s| async move { c.stop(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Suspends running instances (stopped or suspended ones are ignored by the daemon).
+    pub async fn suspend(&self, names: &Names) -> Result<(), Error> {
+        let req = pb::SuspendRequest { instance_names: names.proto(), verbosity_level: 0 };
+        self.bidi("suspend", req, |mut c, s| async move { c.suspend(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Reboots running instances.
+    pub async fn restart(&self, names: &Names, timeout_secs: i32) -> Result<(), Error> {
+        let req = pb::RestartRequest { instance_names: names.proto(), timeout: timeout_secs, ..Default::default() };
+        self.bidi("restart", req, |mut c, s| async move { c.restart(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Deletes instances; `purge` releases them for good. Returns the purged names.
+    pub async fn delete(&self, names: &Names, purge: bool) -> Result<Vec<String>, Error> {
+        let req = pb::DeleteRequest {
+            instance_snapshot_pairs: names.pairs(),
+            purge,
+            verbosity_level: 0,
+            purge_snapshots: true,
+        };
+        let r = self
+            .bidi("delete", req, |mut c, s| async move { c.delet(s).await }, |r: &pb::DeleteReply| {
+                r.confirm_snapshot_purging.then(|| pb::DeleteRequest { purge_snapshots: true, ..Default::default() })
+            })
+            .await?;
+        Ok(r.map(|r| r.purged_instances).unwrap_or_default())
+    }
+
+    /// Deletes one snapshot (permanently; answers the purge prompt).
+    pub async fn delete_snapshot(&self, instance: &str, snapshot: &str) -> Result<(), Error> {
+        let req = pb::DeleteRequest {
+            instance_snapshot_pairs: vec![pb::InstanceSnapshotPair {
+                instance_name: instance.to_string(),
+                snapshot_name: Some(snapshot.to_string()),
+            }],
+            purge: false,
+            verbosity_level: 0,
+            purge_snapshots: true,
+        };
+        self.bidi("delete", req, |mut c, s| async move { c.delet(s).await }, |r: &pb::DeleteReply| {
+            r.confirm_snapshot_purging.then(|| pb::DeleteRequest { purge_snapshots: true, ..Default::default() })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Purges all deleted instances; returns their names.
+    pub async fn purge(&self) -> Result<Vec<String>, Error> {
+        let r = self
+            .bidi("purge", pb::PurgeRequest::default(), |mut c, s| async move { c.purge(s).await }, |_| None)
+            .await?;
+        Ok(r.map(|r| r.purged_instances).unwrap_or_default())
+    }
+
+    /// Recovers deleted (not purged) instances.
+    pub async fn recover(&self, names: &Names) -> Result<(), Error> {
+        let req = pb::RecoverRequest { instance_names: names.proto(), verbosity_level: 0 };
+        self.bidi("recover", req, |mut c, s| async move { c.recover(s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// Takes a snapshot of a stopped instance; returns its name (generated when `name` is None).
+    pub async fn snapshot(&self, instance: &str, name: Option<&str>, comment: &str) -> Result<String, Error> {
+        let req = pb::SnapshotRequest {
+            instance: instance.to_string(),
+            snapshot: name.unwrap_or_default().to_string(),
+            comment: comment.to_string(),
+            verbosity_level: 0,
+        };
+        let r = self.bidi("snapshot", req, |mut c, s| async move { c.snapshot(s).await }, |_| None).await?;
+        Ok(Self::need("snapshot", r)?.snapshot)
+    }
+
+    /// Restores a stopped instance to a snapshot. `destructive` discards the current state;
+    /// otherwise the daemon first takes a safety snapshot. The prompt is answered accordingly.
+    pub async fn restore(&self, instance: &str, snapshot: &str, destructive: bool) -> Result<(), Error> {
+        let req = pb::RestoreRequest {
+            instance: instance.to_string(),
+            snapshot: snapshot.to_string(),
+            destructive,
+            verbosity_level: 0,
+        };
+        let (i, s) = (instance.to_string(), snapshot.to_string());
+        self.bidi("restore", req, |mut c, st| async move { c.restore(st).await }, move |r: &pb::RestoreReply| {
+            r.confirm_destructive.then(|| pb::RestoreRequest {
+                instance: i.clone(),
+                snapshot: s.clone(),
+                destructive,
+                verbosity_level: 0,
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Clones a stopped instance to `destination` (1.15+). Snapshots are not copied.
+    pub async fn clone_instance(&self, source: &str, destination: &str) -> Result<(), Error> {
+        if !self.version.has_clone() {
+            return Err(Error::Unsupported(format!("clone needs multipassd 1.15+, this is {}", self.version)));
+        }
+        if destination.is_empty() {
+            return Err(Error::InvalidArgument("clone needs a destination name".into()));
+        }
+        let req = pb::CloneRequest {
+            source_name: source.to_string(),
+            destination_name: Some(destination.to_string()),
+            verbosity_level: 0,
+        };
+        self.bidi("clone", req, |mut c, s| async move { RpcClient::clone(&mut c, s).await }, |_| None).await?;
+        Ok(())
+    }
+
+    /// SSH endpoint of a running instance.
+    pub async fn ssh_info(&self, instance: &str) -> Result<SshInfo, Error> {
+        let req = pb::SshInfoRequest { instance_name: vec![instance.to_string()], verbosity_level: 0 };
+        let r = self.bidi("ssh_info", req, |mut c, s| async move { c.ssh_info(s).await }, |_| None).await?;
+        let mut map = Self::need("ssh_info", r)?.ssh_info;
+        let info = map.remove(instance).ok_or_else(|| Error::Protocol {
+            op: "ssh_info",
+            detail: format!("no entry for {instance}"),
+        })?;
+        let port = u16::try_from(info.port)
+            .map_err(|_| Error::Protocol { op: "ssh_info", detail: format!("bad port {}", info.port) })?;
+        Ok(SshInfo { host: info.host, port, username: info.username, private_key: info.priv_key_base64 })
+    }
+
+    /// Reads a daemon setting.
+    pub async fn get(&self, key: &str) -> Result<String, Error> {
+        let req = pb::GetRequest { key: key.to_string(), verbosity_level: 0 };
+        let r = self.bidi("get", req, |mut c, s| async move { c.get(s).await }, |_| None).await?;
+        Ok(r.map(|r| r.value).unwrap_or_default())
+    }
+
+    /// Writes a daemon setting. multipassd exits after replying and is restarted by its service
+    /// manager: expect UNAVAILABLE for a while afterwards (see [`Client::wait_ready`]).
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), Error> {
+        let req = pb::SetRequest { key: key.to_string(), val: value.to_string(), verbosity_level: 0, authorized: false };
+        self.bidi("set", req, |mut c, s| async move { c.set(s).await }, |r: &pb::SetReply| {
+            // Never authorise bridging implicitly: decline, and the daemon fails the call.
+            r.needs_authorization.then(|| pb::SetRequest { authorized: false, ..Default::default() })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Host resources (1.15+).
+    pub async fn daemon_info(&self) -> Result<DaemonInfo, Error> {
+        let r = self
+            .bidi("daemon_info", pb::DaemonInfoRequest::default(), |mut c, s| async move { c.daemon_info(s).await }, |_| None)
+            .await?;
+        let r = Self::need("daemon_info", r)?;
+        Ok(DaemonInfo { available_space: r.available_space, cpus: r.cpus, memory: r.memory })
+    }
+
+    /// Waits until the daemon answers `ping` again (after `set`, or a daemon restart), retrying
+    /// with exponential backoff (100 ms doubling to 2 s) until `deadline` has passed.
+    pub async fn wait_ready(&self, deadline: Duration) -> Result<(), Error> {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.ping().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_unavailable() && tokio::time::Instant::now() + backoff < until => {
+                    tracing::debug!("multipassd not ready: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn status_of(s: Option<&pb::InstanceStatus>) -> InstanceState {
+    s.and_then(|s| InstanceState::try_from(s.status).ok()).unwrap_or(InstanceState::Unknown)
+}
+
+/// Opens the HTTP/2 channel: TLS (server name `localhost` on a Unix socket, the host on TCP)
+/// over our own connector, so the authority is never derived from a socket path. tonic redials
+/// through the same connector when the daemon restarts.
+async fn channel(address: &DaemonAddress, tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Result<Channel, Error> {
+    let server_name = ServerName::try_from(address.server_name().to_string())
+        .map_err(|e| Error::Tls(format!("server name {:?}: {e}", address.server_name())))?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let addr = address.clone();
+    let endpoint = Endpoint::from_static("http://localhost").connect_timeout(connect_timeout);
+    let svc = tower::service_fn(move |_: Uri| {
+        let (connector, server_name, addr) = (connector.clone(), server_name.clone(), addr.clone());
+        async move {
+            let tls = match &addr {
+                DaemonAddress::Unix(path) => {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?)
+                        .into_boxed()
+                }
+                DaemonAddress::Tcp { host, port } => {
+                    let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                    s.set_nodelay(true)?;
+                    tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?).into_boxed()
+                }
+            };
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(svc))
+        .await
+        .map_err(|_| Error::Unavailable { address: address.to_string(), detail: format!("no connection within {connect_timeout:?}") })?
+        .map_err(|e| Error::Unavailable { address: address.to_string(), detail: source_chain(&e) })
+}
+
+/// The error and its sources on one line (tonic's transport errors hide the cause).
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Boxed TLS streams over either transport.
+trait IntoBoxed {
+    fn into_boxed(self) -> BoxedIo;
+}
+
+/// A TLS stream over a Unix or TCP socket.
+type BoxedIo = std::pin::Pin<Box<dyn AsyncIo>>;
+
+/// Read + write + Send, for the boxed stream.
+trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> AsyncIo for T {}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> IntoBoxed for tokio_rustls::TlsStream<S> {
+    fn into_boxed(self) -> BoxedIo {
+        Box::pin(self)
+    }
+}

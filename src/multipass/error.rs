@@ -1,0 +1,199 @@
+//! The client's one error type: a gRPC code, the daemon's message, and the decoded
+//! `LaunchError`/`StartError` details when the daemon sent them.
+
+use std::time::Duration;
+
+use prost::Message;
+use tonic::Code;
+
+use crate::proto::multipass::{LaunchError, StartError, launch_error, start_error};
+
+/// Everything that can go wrong talking to multipassd.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon could not be reached (socket missing, refused, TLS failed, daemon restarting).
+    #[error("multipassd at {address} is unreachable: {detail}. Is multipassd running (`snap services multipass`), and is the address right?")]
+    Unavailable {
+        /// The address we tried.
+        address: String,
+        /// What failed.
+        detail: String,
+    },
+    /// Our TLS setup or the daemon's certificate is unusable.
+    #[error("TLS with multipassd: {0}")]
+    Tls(String),
+    /// The daemon does not trust our client certificate.
+    #[error("multipassd does not trust this client: {message}")]
+    Untrusted {
+        /// What the daemon said and how to fix it.
+        message: String,
+    },
+    /// The daemon answered a call with an error status.
+    #[error("multipassd {op}: {message} ({code:?}){details}", details = DetailsDisplay(launch_error, start_error))]
+    Daemon {
+        /// The RPC.
+        op: &'static str,
+        /// The gRPC status code.
+        code: Code,
+        /// The daemon's message.
+        message: String,
+        /// Decoded `LaunchError` details (launch/create).
+        launch_error: Option<LaunchError>,
+        /// Decoded `StartError` details (start).
+        start_error: Option<StartError>,
+    },
+    /// A call did not finish within its deadline; the daemon may be blocked or frozen.
+    #[error("multipassd {op} did not answer within {after:?}; the daemon may be busy with a stop/suspend or frozen")]
+    Timeout {
+        /// The RPC.
+        op: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The daemon's version is outside what mpool was tested with, or lacks a feature.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The daemon broke the protocol (e.g. no final reply where one is due).
+    #[error("multipassd {op}: protocol error: {detail}")]
+    Protocol {
+        /// The RPC.
+        op: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The caller's input was refused before anything was sent.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+struct DetailsDisplay<'a>(&'a Option<LaunchError>, &'a Option<StartError>);
+
+impl std::fmt::Display for DetailsDisplay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(le) = self.0 {
+            let codes: Vec<_> = le
+                .error_codes()
+                .map(|c| format!("{c:?}"))
+                .collect();
+            write!(f, " [launch errors: {}]", codes.join(", "))?;
+        }
+        if let Some(se) = self.1 {
+            let mut errs: Vec<_> = se
+                .instance_errors
+                .iter()
+                .map(|(name, code)| {
+                    let code = start_error::ErrorCode::try_from(*code)
+                        .map(|c| format!("{c:?}"))
+                        .unwrap_or_else(|_| code.to_string());
+                    format!("{name}: {code}")
+                })
+                .collect();
+            errs.sort();
+            write!(f, " [start errors: {}]", errs.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// The gRPC code that best describes this error (for mapping to mpool's own API).
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Unavailable { .. } | Error::Tls(_) | Error::Timeout { .. } => Code::Unavailable,
+            Error::Untrusted { .. } => Code::Unauthenticated,
+            Error::Daemon { code, .. } => *code,
+            Error::Unsupported(_) => Code::FailedPrecondition,
+            Error::Protocol { .. } => Code::Internal,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+        }
+    }
+
+    /// True when the daemon could not be reached or did not answer in time: retry later.
+    pub fn is_unavailable(&self) -> bool {
+        self.code() == Code::Unavailable
+    }
+
+    /// Converts a status from a call, decoding the raw error details multipassd attaches.
+    pub(crate) fn from_status(op: &'static str, address: &str, status: tonic::Status) -> Error {
+        let code = status.code();
+        let message = status.message().to_string();
+        if code == Code::Unavailable {
+            return Error::Unavailable { address: address.to_string(), detail: message };
+        }
+        if code == Code::Unauthenticated {
+            return Error::Untrusted { message: untrusted_hint(&message) };
+        }
+        // The TLS layer rejecting our certificate shows up on the first RPC as Unknown or
+        // Cancelled with a transport error rather than at connect time.
+        if matches!(code, Code::Unknown | Code::Cancelled)
+            && ["transport error", "broken pipe", "accessdenied", "decrypterror", "connection reset"]
+                .iter()
+                .any(|p| message.to_ascii_lowercase().contains(p))
+        {
+            return Error::Untrusted {
+                message: format!(
+                    "the connection was cut on the first call ({message}); the server likely refused our client certificate"
+                ),
+            };
+        }
+        let details = status.details();
+        let (launch_error, start_error) = match op {
+            "launch" | "create" if !details.is_empty() => (LaunchError::decode(details).ok(), None),
+            "start" if !details.is_empty() => (None, StartError::decode(details).ok()),
+            _ => (None, None),
+        };
+        Error::Daemon { op, code, message, launch_error, start_error }
+    }
+
+    /// The launch error codes carried in the details, if any.
+    pub fn launch_error_codes(&self) -> Vec<launch_error::ErrorCodes> {
+        match self {
+            Error::Daemon { launch_error: Some(le), .. } => le.error_codes().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Adds the fix to the daemon's UNAUTHENTICATED message.
+fn untrusted_hint(message: &str) -> String {
+    let said = if message.trim().is_empty() { "UNAUTHENTICATED".to_string() } else { message.trim().replace('\n', " ") };
+    format!(
+        "{said} Fix: give mpool the passphrase (`local.passphrase`, set with `multipass set local.passphrase` from a trusted client) via `--passphrase-file` or `[daemon] passphrase_file`, or run `mpool multipass authenticate PASSPHRASE` once."
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_error_details_are_decoded() {
+        let mut se = StartError::default();
+        se.instance_errors.insert("ghost".into(), start_error::ErrorCode::DoesNotExist as i32);
+        let status = tonic::Status::with_details(Code::Aborted, "instance(s) missing", se.encode_to_vec().into());
+        let err = Error::from_status("start", "unix:/x", status);
+        match &err {
+            Error::Daemon { code, start_error: Some(se), .. } => {
+                assert_eq!(*code, Code::Aborted);
+                assert_eq!(se.instance_errors["ghost"], start_error::ErrorCode::DoesNotExist as i32);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("ghost: DoesNotExist"), "{err}");
+    }
+
+    #[test]
+    fn launch_error_details_are_decoded() {
+        let le = LaunchError { error_codes: vec![launch_error::ErrorCodes::InvalidHostname as i32] };
+        let status = tonic::Status::with_details(Code::InvalidArgument, "Invalid arguments supplied", le.encode_to_vec().into());
+        let err = Error::from_status("launch", "unix:/x", status);
+        assert_eq!(err.launch_error_codes(), vec![launch_error::ErrorCodes::InvalidHostname]);
+    }
+
+    #[test]
+    fn unauthenticated_names_the_fix() {
+        let err = Error::from_status("version", "unix:/x", tonic::Status::unauthenticated(""));
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.to_string().contains("passphrase"), "{err}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Who we are to the daemon (our client certificate) and how we check who the daemon is
+//! (its root CA, a pinned leaf, or, only when asked, nothing).
+//!
+//! multipassd requests a client certificate but does not verify it at the TLS layer; trust is a
+//! store of PEMs checked per call. We reuse the Multipass CLI's certificate when it is readable
+//! (it is usually trusted already), else we generate our own ECDSA P-256 pair in mpool's data dir.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use super::{DaemonAddress, Error};
+use crate::tls;
+
+/// Which client certificate to present.
+#[derive(Clone, Debug, Default)]
+pub enum ClientIdentity {
+    /// The Multipass CLI's certificate if readable, else mpool's own (generated on first use).
+    #[default]
+    Auto,
+    /// mpool's own certificate in its data dir (generated on first use).
+    Own,
+    /// These files.
+    Files {
+        /// Certificate PEM.
+        cert: PathBuf,
+        /// PKCS#8 key PEM.
+        key: PathBuf,
+    },
+}
+
+/// How to verify the daemon's certificate.
+#[derive(Clone, Debug, Default)]
+pub enum ServerVerification {
+    /// A root CA from the known locations (1.16.1+ then 1.16.0, or beside the socket as the
+    /// simulator writes it), else a pin of the daemon's readable `localhost.pem`, else an error.
+    #[default]
+    Auto,
+    /// Verify the chain against this root certificate.
+    RootCert(PathBuf),
+    /// Accept exactly this leaf certificate.
+    Pin(PathBuf),
+    /// Accept any certificate (the handshake signatures are still checked). Off by default.
+    InsecureSkipVerify,
+}
+
+/// Root CA locations of multipassd 1.16.1+ and 1.16.0 (snap and non-snap).
+pub const ROOT_CERT_PATHS: &[&str] = &[
+    "/var/snap/multipass/common/data/multipassd/multipass_root_cert.pem",
+    "/usr/local/etc/multipassd/multipass_root_cert.pem",
+    "/var/snap/multipass/common/data/multipassd/certificates/multipass_root_cert.pem",
+    "/usr/local/share/ca-certificates/multipass_root_cert.pem",
+];
+
+/// The daemon's own server certificate (readable to root), used as a pin for <= 1.15 daemons.
+pub const SERVER_CERT_PATHS: &[&str] = &[
+    "/var/snap/multipass/common/data/multipassd/certificates/localhost.pem",
+    "/root/.local/share/multipassd/certificates/localhost.pem",
+];
+
+/// The root certificate's file name; the simulator writes it beside its socket too.
+pub const ROOT_CERT_FILE: &str = "multipass_root_cert.pem";
+
+/// A certificate and key ready for rustls, and where they came from.
+pub struct Identity {
+    /// Certificate chain (one self-signed cert).
+    pub certs: Vec<CertificateDer<'static>>,
+    /// Private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The certificate file, for messages.
+    pub cert_path: PathBuf,
+}
+
+/// The Multipass CLI's certificate directories (snap, then non-snap) under `home`.
+fn cli_cert_dirs(home: &Path) -> [PathBuf; 2] {
+    [
+        home.join("snap/multipass/current/data/multipass-client-certificate"),
+        home.join(".local/share/multipass-client-certificate"),
+    ]
+}
+
+/// Loads the identity to present, generating mpool's own under `data_dir` if needed.
+pub fn load_identity(choice: &ClientIdentity, data_dir: &Path) -> Result<Identity, Error> {
+    let load = |cert: &Path, key: &Path| -> Result<Identity, Error> {
+        let tls_err = |e: tls::TlsError| Error::Tls(e.to_string());
+        let certs = tls::certs_from_pem(&cert.display().to_string(), &tls::read(cert).map_err(tls_err)?)
+            .map_err(tls_err)?;
+        let key_der = tls::key_from_pem(&key.display().to_string(), &tls::read(key).map_err(tls_err)?)
+            .map_err(tls_err)?;
+        Ok(Identity { certs, key: key_der, cert_path: cert.to_path_buf() })
+    };
+    match choice {
+        ClientIdentity::Files { cert, key } => load(cert, key),
+        ClientIdentity::Auto => {
+            if let Some(home) = std::env::var_os("HOME") {
+                for dir in cli_cert_dirs(Path::new(&home)) {
+                    let (cert, key) = (dir.join("multipass_cert.pem"), dir.join("multipass_cert_key.pem"));
+                    if cert.is_file() && key.is_file() {
+                        match load(&cert, &key) {
+                            Ok(id) => return Ok(id),
+                            Err(e) => tracing::debug!("not reusing the CLI certificate: {e}"),
+                        }
+                    }
+                }
+            }
+            own_identity(data_dir, &load)
+        }
+        ClientIdentity::Own => own_identity(data_dir, &load),
+    }
+}
+
+fn own_identity(
+    data_dir: &Path,
+    load: &dyn Fn(&Path, &Path) -> Result<Identity, Error>,
+) -> Result<Identity, Error> {
+    let (cert, key) = (data_dir.join("client-cert.pem"), data_dir.join("client-key.pem"));
+    if !(cert.is_file() && key.is_file()) {
+        let pair = tls::generate_client_cert().map_err(|e| Error::Tls(e.to_string()))?;
+        tls::write_private(&key, pair.key_pem.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?;
+        tls::write_with_mode(&cert, pair.cert_pem.as_bytes(), 0o644).map_err(|e| Error::Tls(e.to_string()))?;
+        tracing::info!(cert = %cert.display(), "generated mpool's client certificate");
+    }
+    load(&cert, &key)
+}
+
+/// Builds the server verifier for `address` according to `choice`.
+pub fn server_verifier(
+    choice: &ServerVerification,
+    address: &DaemonAddress,
+) -> Result<Arc<dyn ServerCertVerifier>, Error> {
+    let provider = tls::provider();
+    let tls_err = |e: tls::TlsError| Error::Tls(e.to_string());
+    let root = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
+        let certs = tls::certs_from_pem(&path.display().to_string(), &tls::read(path).map_err(tls_err)?)
+            .map_err(tls_err)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs {
+            roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+        }
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+        Ok(v)
+    };
+    let pin = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
+        let certs = tls::certs_from_pem(&path.display().to_string(), &tls::read(path).map_err(tls_err)?)
+            .map_err(tls_err)?;
+        Ok(Arc::new(AnyOrPinned { pinned: certs.into_iter().next(), provider: provider.clone() }))
+    };
+    match choice {
+        ServerVerification::RootCert(p) => root(p),
+        ServerVerification::Pin(p) => pin(p),
+        ServerVerification::InsecureSkipVerify => {
+            Ok(Arc::new(AnyOrPinned { pinned: None, provider: provider.clone() }))
+        }
+        ServerVerification::Auto => {
+            let mut candidates: Vec<PathBuf> = Vec::new();
+            if let DaemonAddress::Unix(sock) = address
+                && let Some(dir) = sock.parent()
+            {
+                candidates.push(dir.join(ROOT_CERT_FILE));
+            }
+            candidates.extend(ROOT_CERT_PATHS.iter().map(PathBuf::from));
+            for c in &candidates {
+                if std::fs::File::open(c).is_ok() {
+                    tracing::debug!(root = %c.display(), "verifying multipassd against its root CA");
+                    return root(c);
+                }
+            }
+            for c in SERVER_CERT_PATHS {
+                if std::fs::File::open(c).is_ok() {
+                    tracing::debug!(pin = c, "pinning multipassd's server certificate");
+                    return pin(Path::new(c));
+                }
+            }
+            let tried: Vec<String> = candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .chain(SERVER_CERT_PATHS.iter().map(|s| s.to_string()))
+                .collect();
+            Err(Error::Tls(format!(
+                "cannot verify multipassd: no readable root certificate or server certificate (tried {}). \
+                 Point mpool at the daemon's multipass_root_cert.pem (`--root-cert` / `[daemon] root_cert`), \
+                 or, for a Multipass <= 1.15 daemon whose certificate you cannot read, set `insecure_skip_verify`",
+                tried.join(", ")
+            )))
+        }
+    }
+}
+
+/// Builds the rustls client config: our identity, the verifier, ALPN h2 (multipassd's gRPC core
+/// refuses the handshake without it).
+pub fn client_config(identity: Identity, verifier: Arc<dyn ServerCertVerifier>) -> Result<rustls::ClientConfig, Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.certs, identity.key)
+        .map_err(|e| Error::Tls(format!("client certificate {}: {e}", identity.cert_path.display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Accepts exactly the pinned leaf, or any leaf when none is pinned; the handshake signatures
+/// are always checked, so the peer must hold the key of the certificate it shows.
+#[derive(Debug)]
+struct AnyOrPinned {
+    pinned: Option<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyOrPinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.pinned {
+            Some(p) if p.as_ref() != end_entity.as_ref() => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

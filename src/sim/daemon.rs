@@ -1,0 +1,1198 @@
+//! The simulated daemon: instances and their files, the daemon-wide "main thread" lock, the
+//! timing profile, persistence, SSH endpoints and fault injection. Each RPC handler lives here as
+//! a method; `service.rs` only adapts them to tonic.
+//!
+//! Locking: `main` (a fair tokio mutex) models multipassd's Qt main thread: every call's
+//! synchronous part runs under it; stop, suspend, snapshot, restore, clone and delete hold it for
+//! their whole simulated duration; launch, start and restart let go of it while they wait for
+//! the guest. `state` is a short std mutex never held across an await.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::{Code, Status, Streaming};
+
+use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
+use super::ssh::{SshEndpoint, SshKeys};
+use super::trust::TrustStore;
+use super::{EventKind, SimConfig, SimEvent};
+use crate::proto::multipass as pb;
+
+/// The timing profile of real Multipass (qemu on Linux), before `--time-scale`.
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    /// Image download and preparation in launch (off the main thread).
+    pub prepare: Duration,
+    /// Boot until SSH answers (off the main thread).
+    pub boot: Duration,
+    /// Resume from suspended until SSH answers (off the main thread).
+    pub resume: Duration,
+    /// The post-resume clock sync over SSH (ON the main thread).
+    pub clock_sync: Duration,
+    /// Graceful stop.
+    pub stop: Duration,
+    /// Forced stop.
+    pub force_stop: Duration,
+    /// Suspend (savevm).
+    pub suspend: Duration,
+    /// Snapshot.
+    pub snapshot: Duration,
+    /// Restore.
+    pub restore: Duration,
+    /// Clone (disk copy).
+    pub clone: Duration,
+    /// Delete.
+    pub delete: Duration,
+}
+
+impl Default for Profile {
+    fn default() -> Profile {
+        let s = Duration::from_secs;
+        Profile {
+            prepare: s(20),
+            boot: s(20),
+            resume: s(3),
+            clock_sync: s(1),
+            stop: s(6),
+            force_stop: s(1),
+            suspend: s(3),
+            snapshot: s(1),
+            restore: s(1),
+            clone: s(8),
+            delete: Duration::from_millis(300),
+        }
+    }
+}
+
+/// A snapshot's metadata (its files live in `<instance>/snapshots/<name>`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SnapshotMeta {
+    name: String,
+    parent: String,
+    comment: String,
+    created: u64,
+}
+
+/// One instance as persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Instance {
+    name: String,
+    state: VmState,
+    deleted: bool,
+    image: String,
+    cpus: i32,
+    memory: String,
+    disk: String,
+    cloud_init: String,
+    snapshots: Vec<SnapshotMeta>,
+    snapshot_count: u32,
+    clone_count: u32,
+    current_snapshot: String,
+    created: u64,
+}
+
+/// What survives a restart.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    instances: BTreeMap<String, Instance>,
+    passphrase: Option<String>,
+}
+
+/// The SSH endpoint override (`--ssh-target [USER@]HOST:PORT`).
+#[derive(Clone, Debug)]
+pub struct SshTarget {
+    /// User name returned by ssh_info.
+    pub user: String,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// One call in progress: its reply sender and the rest of its request stream (for prompts).
+pub struct Call<Req, Rep> {
+    tx: mpsc::Sender<Result<Rep, Status>>,
+    rx: Streaming<Req>,
+}
+
+impl<Req, Rep> Call<Req, Rep> {
+    /// Wraps a call.
+    pub fn new(tx: mpsc::Sender<Result<Rep, Status>>, rx: Streaming<Req>) -> Call<Req, Rep> {
+        Call { tx, rx }
+    }
+
+    /// Sends a reply (a gone client is ignored, as the daemon carries on).
+    async fn send(&self, rep: Rep) {
+        let _ = self.tx.send(Ok(rep)).await;
+    }
+
+    /// Sends a prompt and reads the answer. A client that half-closed cannot answer.
+    async fn prompt(&mut self, rep: Rep) -> Result<Req, Status> {
+        self.send(rep).await;
+        match self.rx.message().await {
+            Ok(Some(req)) => Ok(req),
+            _ => Err(Status::internal("Cannot get confirmation from client. Aborting...")),
+        }
+    }
+}
+
+/// The simulated daemon.
+pub struct Daemon {
+    pub(super) cfg: SimConfig,
+    main: tokio::sync::Mutex<()>,
+    state: Mutex<Persisted>,
+    preparing: Mutex<HashSet<String>>,
+    endpoints: Mutex<HashMap<String, Arc<SshEndpoint>>>,
+    changed: watch::Sender<u64>,
+    hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
+    fail_rate: Mutex<f64>,
+    pub(super) keys: Arc<SshKeys>,
+    pub(super) trust: TrustStore,
+    events: broadcast::Sender<SimEvent>,
+    /// Set by `set`: the process should exit with code 42 once the reply is out.
+    pub(super) restart: watch::Sender<bool>,
+    profile: Profile,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn timestamp(secs: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+}
+
+/// Normalises an operation name for fault injection (`delet` and `delete` are the same).
+pub fn op_name(op: &str) -> String {
+    match op.trim().to_ascii_lowercase().as_str() {
+        "delet" => "delete".into(),
+        "ssh-info" => "ssh_info".into(),
+        other => other.into(),
+    }
+}
+
+const MUTATING: &[&str] = &[
+    "launch", "create", "start", "stop", "suspend", "restart", "delete", "purge", "recover", "snapshot", "restore",
+    "clone",
+];
+
+impl Daemon {
+    /// Loads persisted state and key material from the state dir.
+    pub fn load(cfg: SimConfig, keys: Arc<SshKeys>, trust: TrustStore) -> Result<Daemon, String> {
+        let path = cfg.state_dir.join("state.json");
+        let state: Persisted = if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        } else {
+            Persisted::default()
+        };
+        let hangs = cfg.hang_ops.iter().map(|op| (op_name(op), watch::channel(true).0)).collect();
+        let fail_rate = cfg.fail_rate;
+        Ok(Daemon {
+            main: tokio::sync::Mutex::new(()),
+            state: Mutex::new(state),
+            preparing: Mutex::new(HashSet::new()),
+            endpoints: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            hangs: Mutex::new(hangs),
+            fail_rate: Mutex::new(fail_rate),
+            keys,
+            trust,
+            events: broadcast::channel(4096).0,
+            restart: watch::channel(false).0,
+            profile: Profile::default(),
+            cfg,
+        })
+    }
+
+    /// Subscribes to the event log.
+    pub fn events(&self) -> broadcast::Receiver<SimEvent> {
+        self.events.subscribe()
+    }
+
+    pub(super) fn emit(&self, op: &'static str, instance: &str, kind: EventKind) {
+        let _ = self.events.send(SimEvent { op, instance: instance.to_string(), kind });
+    }
+
+    /// Makes `op` hang (true) or lets hung calls of it go on (false).
+    pub fn set_hang(&self, op: &str, hang: bool) {
+        if let Ok(mut h) = self.hangs.lock() {
+            h.entry(op_name(op)).or_insert_with(|| watch::channel(false).0).send_replace(hang);
+        }
+    }
+
+    /// Changes the random failure rate of mutating calls.
+    pub fn set_fail_rate(&self, p: f64) {
+        if let Ok(mut r) = self.fail_rate.lock() {
+            *r = p;
+        }
+    }
+
+    fn st(&self) -> Result<MutexGuard<'_, Persisted>, Status> {
+        self.state.lock().map_err(|_| Status::internal("simulator state lock poisoned"))
+    }
+
+    /// Writes state.json (atomically). Called after every change.
+    fn save(&self) -> Result<(), Status> {
+        let text = {
+            let st = self.st()?;
+            serde_json::to_vec_pretty(&*st).map_err(|e| Status::internal(e.to_string()))?
+        };
+        crate::tls::write_with_mode(&self.cfg.state_dir.join("state.json"), &text, 0o600)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    fn set_state(&self, name: &str, state: VmState) -> Result<(), Status> {
+        if let Some(i) = self.st()?.instances.get_mut(name) {
+            i.state = state;
+        }
+        self.save()
+    }
+
+    fn instance(&self, name: &str) -> Result<Instance, Status> {
+        self.st()?.instances.get(name).cloned().ok_or_else(|| Refusal::missing(name).into())
+    }
+
+    /// An operative (existing, not deleted) instance.
+    fn operative(&self, name: &str) -> Result<Instance, Status> {
+        let i = self.instance(name)?;
+        if i.deleted {
+            return Err(Refusal::deleted(name).into());
+        }
+        Ok(i)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("instances").join(name)
+    }
+
+    /// The directory a running instance's commands run in (its `/home/ubuntu`).
+    pub fn root(&self, name: &str) -> PathBuf {
+        self.dir(name).join("root")
+    }
+
+    fn snapshot_dir(&self, name: &str, snapshot: &str) -> PathBuf {
+        self.dir(name).join("snapshots").join(snapshot)
+    }
+
+    /// All operative instance names (for the "empty list means all" rule).
+    fn all_names(&self, include_deleted: bool) -> Result<Vec<String>, Status> {
+        Ok(self.st()?.instances.values().filter(|i| include_deleted || !i.deleted).map(|i| i.name.clone()).collect())
+    }
+
+    /// Takes the main-thread lock, recording whether the call had to wait for it.
+    pub(super) async fn main_thread(&self, op: &'static str, instance: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        match self.main.try_lock() {
+            Ok(g) => {
+                self.emit(op, instance, EventKind::LockAcquired);
+                g
+            }
+            Err(_) => {
+                self.emit(op, instance, EventKind::LockWaiting);
+                let g = self.main.lock().await;
+                self.emit(op, instance, EventKind::LockAcquired);
+                g
+            }
+        }
+    }
+
+    /// Simulated work: waits while `op` is hung, then sleeps `base` times the time scale.
+    async fn work(&self, op: &'static str, instance: &str, base: Duration) {
+        let hang = self.hangs.lock().ok().and_then(|h| h.get(op).map(|s| s.subscribe()));
+        if let Some(mut rx) = hang
+            && *rx.borrow()
+        {
+            self.emit(op, instance, EventKind::Hung);
+            let _ = rx.wait_for(|h| !*h).await;
+        }
+        let d = base.mul_f64(self.cfg.time_scale.max(0.0));
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
+
+    /// Fault injection: `--fail OP` always, `--fail-rate P` at random for mutating calls.
+    fn maybe_fail(&self, op: &'static str) -> Result<(), Status> {
+        if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
+            return Err(Status::internal(format!("simulated failure of {op} (--fail {op})")));
+        }
+        let rate = self.fail_rate.lock().map(|r| *r).unwrap_or(0.0);
+        if rate > 0.0 && MUTATING.contains(&op) && rand::random::<f64>() < rate {
+            return Err(Status::internal(format!("simulated failure of {op} (--fail-rate {rate})")));
+        }
+        Ok(())
+    }
+
+    async fn open_endpoint(&self, name: &str) -> Result<(), Status> {
+        if self.cfg.ssh_target.is_some() {
+            return Ok(());
+        }
+        let root = self.root(name);
+        let ep = SshEndpoint::start(root, self.keys.clone(), 0)
+            .await
+            .map_err(|e| Status::internal(format!("cannot open the SSH endpoint of {name}: {e}")))?;
+        let old = self.endpoints.lock().ok().and_then(|mut m| m.insert(name.to_string(), Arc::new(ep)));
+        if let Some(old) = old {
+            old.shutdown().await;
+        }
+        Ok(())
+    }
+
+    async fn close_endpoint(&self, name: &str) {
+        let ep = self.endpoints.lock().ok().and_then(|mut m| m.remove(name));
+        if let Some(ep) = ep {
+            ep.shutdown().await;
+        }
+    }
+
+    /// The SSH endpoint of a running instance (tests read its connection count).
+    pub fn endpoint(&self, name: &str) -> Option<Arc<SshEndpoint>> {
+        self.endpoints.lock().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    /// Closes every SSH endpoint (simulator shutdown).
+    pub async fn close_all_endpoints(&self) {
+        let all: Vec<_> = self.endpoints.lock().map(|mut m| m.drain().map(|(_, e)| e).collect()).unwrap_or_default();
+        for ep in all {
+            ep.shutdown().await;
+        }
+    }
+
+    /// Like multipassd after a restart: resumes instances that were running or suspended.
+    pub async fn resume_after_restart(self: &Arc<Self>) {
+        let names: Vec<(String, VmState)> = match self.st() {
+            Ok(mut st) => st
+                .instances
+                .values_mut()
+                .filter(|i| !i.deleted && i.state != VmState::Stopped)
+                .map(|i| {
+                    // Whatever was in flight when we went down settles first.
+                    i.state = match i.state {
+                        VmState::Suspended | VmState::Suspending => VmState::Suspended,
+                        _ => VmState::Stopped,
+                    };
+                    (i.name.clone(), i.state)
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        if names.is_empty() {
+            return;
+        }
+        let _ = self.save();
+        for (name, _) in names {
+            if let Err(e) = self.start_one(&name).await {
+                tracing::warn!(instance = %name, "auto-resume after restart failed: {}", e.message());
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- RPC handlers
+
+    /// version
+    pub async fn version(&self, call: Call<pb::VersionRequest, pb::VersionReply>, _req: pb::VersionRequest) -> Result<(), Status> {
+        let _g = self.main_thread("version", "").await;
+        self.work("version", "", Duration::ZERO).await;
+        call.send(pb::VersionReply { version: self.cfg.daemon_version.clone(), ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// list
+    pub async fn list(&self, call: Call<pb::ListRequest, pb::ListReply>, req: pb::ListRequest) -> Result<(), Status> {
+        let _g = self.main_thread("list", "").await;
+        self.work("list", "", Duration::ZERO).await;
+        let contents = {
+        let st = self.st()?;
+        if req.snapshots {
+            let snapshots = st
+                .instances
+                .values()
+                .filter(|i| !i.deleted)
+                .flat_map(|i| {
+                    i.snapshots.iter().map(|s| pb::ListVmSnapshot {
+                        name: i.name.clone(),
+                        fundamentals: Some(fundamentals(s)),
+                    })
+                })
+                .collect();
+            pb::list_reply::ListContents::SnapshotList(pb::SnapshotsList { snapshots })
+        } else {
+            let instances = st
+                .instances
+                .values()
+                .map(|i| pb::ListVmInstance {
+                    name: i.name.clone(),
+                    instance_status: Some(status(i)),
+                    ipv4: if req.request_ipv4 && i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
+                    ipv6: vec![],
+                    current_release: release(&i.image),
+                })
+                .collect();
+            pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
+        }
+        };
+        call.send(pb::ListReply { list_contents: Some(contents), ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// info
+    pub async fn info(&self, call: Call<pb::InfoRequest, pb::InfoReply>, req: pb::InfoRequest) -> Result<(), Status> {
+        let _g = self.main_thread("info", "").await;
+        self.work("info", "", Duration::ZERO).await;
+        let pairs = if req.instance_snapshot_pairs.is_empty() {
+            self.all_names(true)?
+                .into_iter()
+                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .collect()
+        } else {
+            req.instance_snapshot_pairs
+        };
+        let mut details = Vec::new();
+        for pair in pairs {
+            let i = self.instance(&pair.instance_name)?;
+            let common = |extra| pb::DetailedInfoItem {
+                name: i.name.clone(),
+                instance_status: Some(status(&i)),
+                memory_total: i.memory.clone(),
+                disk_total: i.disk.clone(),
+                cpu_count: i.cpus.to_string(),
+                mount_info: Some(pb::MountInfo::default()),
+                extra_info: Some(extra),
+            };
+            match pair.snapshot_name {
+                Some(sn) => {
+                    let s = i.snapshots.iter().find(|s| s.name == sn).ok_or_else(|| Status::from(rules::no_such_snapshot(&i.name, &sn)))?;
+                    let children = i.snapshots.iter().filter(|c| c.parent == sn).map(|c| c.name.clone()).collect();
+                    details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
+                        fundamentals: Some(fundamentals(s)),
+                        size: String::new(),
+                        children,
+                    })));
+                }
+                None if req.snapshots => {
+                    for s in &i.snapshots {
+                        details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
+                            fundamentals: Some(fundamentals(s)),
+                            size: String::new(),
+                            children: vec![],
+                        })));
+                    }
+                }
+                None => details.push(common(pb::detailed_info_item::ExtraInfo::InstanceInfo(pb::InstanceDetails {
+                    image_release: release(&i.image),
+                    current_release: release(&i.image),
+                    ipv4: if i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
+                    num_snapshots: Some(i.snapshots.len() as i32),
+                    creation_timestamp: Some(timestamp(i.created)),
+                    load: if req.no_runtime_information || !i.state.is_up() { String::new() } else { "0.00 0.00 0.00".into() },
+                    ..Default::default()
+                }))),
+            }
+        }
+        call.send(pb::InfoReply { details, snapshots: req.snapshots, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// launch and create
+    pub async fn launch(&self, call: Call<pb::LaunchRequest, pb::LaunchReply>, req: pb::LaunchRequest, start: bool) -> Result<(), Status> {
+        let op = if start { "launch" } else { "create" };
+        let name = if req.instance_name.is_empty() { pet_name() } else { req.instance_name.clone() };
+        {
+            let _g = self.main_thread(op, &name).await;
+            self.work(op, &name, Duration::ZERO).await;
+            let mut errors = Vec::new();
+            if !rules::valid_hostname(&name) {
+                errors.push(pb::launch_error::ErrorCodes::InvalidHostname);
+            }
+            if !req.mem_size.is_empty() && rules::parse_size(&req.mem_size).is_none_or(|b| b < rules::MIN_MEMORY) {
+                errors.push(pb::launch_error::ErrorCodes::InvalidMemSize);
+            }
+            if !req.disk_space.is_empty() && rules::parse_size(&req.disk_space).is_none_or(|b| b < rules::MIN_DISK) {
+                errors.push(pb::launch_error::ErrorCodes::InvalidDiskSize);
+            }
+            if !errors.is_empty() {
+                let le = pb::LaunchError { error_codes: errors.into_iter().map(|e| e as i32).collect() };
+                return Err(Status::with_details(
+                    Code::InvalidArgument,
+                    "Invalid arguments supplied",
+                    prost::Message::encode_to_vec(&le).into(),
+                ));
+            }
+            if let Some((remote, _)) = req.image.split_once(':')
+                && !matches!(remote, "release" | "daily" | "file" | "http" | "https")
+            {
+                return Err(Status::failed_precondition(format!("Remote \"{remote}\" is unknown or unreachable.")));
+            }
+            if self.st()?.instances.contains_key(&name) {
+                return Err(Refusal::exists(&name).into());
+            }
+            if !self.preparing.lock().map(|mut p| p.insert(name.clone())).unwrap_or(false) {
+                return Err(Status::invalid_argument(format!("instance \"{name}\" is being prepared")));
+            }
+        }
+        let result = self.launch_body(&call, &req, &name, op, start).await;
+        if let Ok(mut p) = self.preparing.lock() {
+            p.remove(&name);
+        }
+        result
+    }
+
+    async fn launch_body(&self, call: &Call<pb::LaunchRequest, pb::LaunchReply>, req: &pb::LaunchRequest, name: &str, op: &'static str, start: bool) -> Result<(), Status> {
+        use pb::launch_reply::CreateOneof;
+        self.maybe_fail(op)?;
+        let msg = |m: CreateOneof| pb::LaunchReply { create_oneof: Some(m), ..Default::default() };
+        call.send(msg(CreateOneof::CreateMessage(format!("Creating {name}")))).await;
+        for pct in ["0", "25", "50", "75", "100"] {
+            call.send(msg(CreateOneof::LaunchProgress(pb::LaunchProgress {
+                r#type: pb::launch_progress::ProgressTypes::Image as i32,
+                percent_complete: pct.into(),
+            })))
+            .await;
+            self.work(op, name, self.profile.prepare / 5).await;
+        }
+        call.send(msg(CreateOneof::CreateMessage(format!("Preparing image for {name}")))).await;
+        let root = self.root(name);
+        tokio::fs::create_dir_all(&root).await.map_err(|e| Status::internal(format!("{}: {e}", root.display())))?;
+        {
+            let _g = self.main_thread(op, name).await;
+            let inst = Instance {
+                name: name.to_string(),
+                state: VmState::Stopped,
+                deleted: false,
+                image: if req.image.is_empty() { "24.04".into() } else { req.image.clone() },
+                cpus: req.num_cores.max(1),
+                memory: if req.mem_size.is_empty() { "1G".into() } else { req.mem_size.clone() },
+                disk: if req.disk_space.is_empty() { "5G".into() } else { req.disk_space.clone() },
+                cloud_init: req.cloud_init_user_data.clone(),
+                snapshots: vec![],
+                snapshot_count: 0,
+                clone_count: 0,
+                current_snapshot: String::new(),
+                created: now(),
+            };
+            self.st()?.instances.insert(name.to_string(), inst);
+            self.save()?;
+        }
+        call.send(msg(CreateOneof::CreateMessage(format!("Configuring {name}")))).await;
+        if !start {
+            return Ok(());
+        }
+        call.send(msg(CreateOneof::CreateMessage(format!("Starting {name}")))).await;
+        self.set_state(name, VmState::Starting)?;
+        call.send(pb::LaunchReply { reply_message: "Waiting for initialization to complete".into(), ..Default::default() })
+            .await;
+        self.work(op, name, self.profile.boot).await;
+        self.open_endpoint(name).await?;
+        self.set_state(name, VmState::Running)?;
+        call.send(msg(CreateOneof::VmInstanceName(name.to_string()))).await;
+        Ok(())
+    }
+
+    /// Names from a request, or all operative instances when it named none.
+    fn names_or_all(&self, names: Option<pb::InstanceNames>) -> Result<Vec<String>, Status> {
+        match names {
+            Some(n) if !n.instance_name.is_empty() => Ok(n.instance_name),
+            _ => self.all_names(false),
+        }
+    }
+
+    /// start
+    pub async fn start(&self, call: Call<pb::StartRequest, pb::StartReply>, req: pb::StartRequest) -> Result<(), Status> {
+        let names = self.names_or_all(req.instance_names)?;
+        {
+            let _g = self.main_thread("start", names.first().map_or("", |s| s)).await;
+            self.work("start", "", Duration::ZERO).await;
+            let mut missing = pb::StartError::default();
+            for n in &names {
+                match self.st()?.instances.get(n) {
+                    None => {
+                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::DoesNotExist as i32);
+                    }
+                    Some(i) if i.deleted => {
+                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::InstanceDeleted as i32);
+                    }
+                    Some(_) => {}
+                }
+            }
+            if !missing.instance_errors.is_empty() {
+                return Err(Status::with_details(
+                    Code::Aborted,
+                    "instance(s) missing",
+                    prost::Message::encode_to_vec(&missing).into(),
+                ));
+            }
+            for n in &names {
+                rules::start(n, self.instance(n)?.state)?;
+            }
+            self.maybe_fail("start")?;
+        }
+        for n in &names {
+            self.start_one(n).await?;
+        }
+        call.send(pb::StartReply::default()).await;
+        Ok(())
+    }
+
+    /// Starts or resumes one instance; the main-thread lock is taken only for the state change
+    /// and for the post-resume clock sync.
+    async fn start_one(&self, name: &str) -> Result<(), Status> {
+        let plan = {
+            let _g = self.main_thread("start", name).await;
+            let plan = rules::start(name, self.operative(name)?.state)?;
+            match plan {
+                StartPlan::Boot | StartPlan::Resume => self.set_state(name, VmState::Starting)?,
+                StartPlan::CancelShutdown => self.set_state(name, VmState::Running)?,
+                StartPlan::Nothing | StartPlan::Join => {}
+            }
+            plan
+        };
+        match plan {
+            StartPlan::Boot => {
+                self.emit("start", name, EventKind::Working);
+                self.work("start", name, self.profile.boot).await;
+            }
+            StartPlan::Resume => {
+                self.emit("start", name, EventKind::Working);
+                self.work("start", name, self.profile.resume).await;
+                self.open_endpoint(name).await?;
+                // multipassd syncs the guest clock over SSH after a resume, on its main thread.
+                let _g = self.main_thread("start", name).await;
+                self.work("start", name, self.profile.clock_sync).await;
+                return self.set_state(name, VmState::Running);
+            }
+            StartPlan::Join => {
+                let mut rx = self.changed.subscribe();
+                loop {
+                    let s = self.operative(name)?.state;
+                    if s.is_up() {
+                        return Ok(());
+                    }
+                    if !matches!(s, VmState::Starting | VmState::Restarting) {
+                        return Err(Status::failed_precondition(format!("instance {name} stopped while starting")));
+                    }
+                    let _ = rx.changed().await;
+                }
+            }
+            StartPlan::Nothing | StartPlan::CancelShutdown => return Ok(()),
+        }
+        self.open_endpoint(name).await?;
+        self.set_state(name, VmState::Running)
+    }
+
+    /// stop
+    pub async fn stop(&self, call: Call<pb::StopRequest, pb::StopReply>, req: pb::StopRequest) -> Result<(), Status> {
+        let names = self.names_or_all(req.instance_names)?;
+        let _g = self.main_thread("stop", names.first().map_or("", |s| s)).await;
+        self.work("stop", "", Duration::ZERO).await;
+        let mut plans = Vec::new();
+        for n in &names {
+            let i = self.operative(n)?;
+            if req.cancel_shutdown {
+                if i.state == VmState::DelayedShutdown {
+                    plans.push((n.clone(), None));
+                }
+                continue;
+            }
+            if req.time_minutes > 0 {
+                if !i.state.is_up() {
+                    return Err(Status::failed_precondition(format!("Cannot delay the shutdown of {n}: it is not running.")));
+                }
+                plans.push((n.clone(), Some(StopPlan::Graceful)));
+                continue;
+            }
+            plans.push((n.clone(), Some(rules::stop(n, i.state, req.force_stop)?)));
+        }
+        self.maybe_fail("stop")?;
+        for (n, plan) in plans {
+            match plan {
+                None => self.set_state(&n, VmState::Running)?,
+                Some(_) if req.time_minutes > 0 => self.set_state(&n, VmState::DelayedShutdown)?,
+                Some(StopPlan::Nothing) => {}
+                Some(p) => {
+                    self.close_endpoint(&n).await;
+                    let d = if p == StopPlan::Force { self.profile.force_stop } else { self.profile.stop };
+                    self.work("stop", &n, d).await;
+                    self.set_state(&n, VmState::Stopped)?;
+                }
+            }
+        }
+        call.send(pb::StopReply::default()).await;
+        Ok(())
+    }
+
+    /// suspend
+    pub async fn suspend(&self, call: Call<pb::SuspendRequest, pb::SuspendReply>, req: pb::SuspendRequest) -> Result<(), Status> {
+        let names = self.names_or_all(req.instance_names)?;
+        let _g = self.main_thread("suspend", names.first().map_or("", |s| s)).await;
+        self.work("suspend", "", Duration::ZERO).await;
+        let mut todo = Vec::new();
+        for n in &names {
+            let i = self.operative(n)?;
+            if rules::suspend(n, i.state)? {
+                todo.push(n.clone());
+            } else {
+                call.send(pb::SuspendReply {
+                    log_line: format!("[sim] Ignoring suspend issued while stopped/suspended: {n}\n"),
+                })
+                .await;
+            }
+        }
+        self.maybe_fail("suspend")?;
+        for n in todo {
+            self.set_state(&n, VmState::Suspending)?;
+            self.emit("suspend", &n, EventKind::Working);
+            self.close_endpoint(&n).await;
+            self.work("suspend", &n, self.profile.suspend).await;
+            self.set_state(&n, VmState::Suspended)?;
+        }
+        Ok(())
+    }
+
+    /// restart
+    pub async fn restart(&self, call: Call<pb::RestartRequest, pb::RestartReply>, req: pb::RestartRequest) -> Result<(), Status> {
+        let names = self.names_or_all(req.instance_names)?;
+        {
+            let _g = self.main_thread("restart", names.first().map_or("", |s| s)).await;
+            for n in &names {
+                rules::restart(n, self.operative(n)?.state)?;
+            }
+            self.maybe_fail("restart")?;
+            for n in &names {
+                self.close_endpoint(n).await;
+                self.set_state(n, VmState::Restarting)?;
+            }
+        }
+        for n in &names {
+            self.work("restart", n, self.profile.boot).await;
+            self.open_endpoint(n).await?;
+            self.set_state(n, VmState::Running)?;
+        }
+        call.send(pb::RestartReply::default()).await;
+        Ok(())
+    }
+
+    /// snapshot
+    pub async fn snapshot(&self, call: Call<pb::SnapshotRequest, pb::SnapshotReply>, req: pb::SnapshotRequest) -> Result<(), Status> {
+        let _g = self.main_thread("snapshot", &req.instance).await;
+        self.work("snapshot", &req.instance, Duration::ZERO).await;
+        let name = self.take_snapshot(&req.instance, &req.snapshot, &req.comment).await?;
+        call.send(pb::SnapshotReply { snapshot: name, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// Takes a snapshot (the caller holds the main thread). Returns its name.
+    async fn take_snapshot(&self, instance: &str, requested: &str, comment: &str) -> Result<String, Status> {
+        let i = self.operative(instance)?;
+        rules::snapshot(i.state)?;
+        let name = if requested.is_empty() { format!("snapshot{}", i.snapshot_count + 1) } else { requested.to_string() };
+        rules::snapshot_name(&name)?;
+        if i.snapshots.iter().any(|s| s.name == name) {
+            return Err(rules::snapshot_taken(instance, &name).into());
+        }
+        self.maybe_fail("snapshot")?;
+        self.emit("snapshot", instance, EventKind::Working);
+        copy_tree(self.root(instance), self.snapshot_dir(instance, &name)).await?;
+        self.work("snapshot", instance, self.profile.snapshot).await;
+        if let Some(i) = self.st()?.instances.get_mut(instance) {
+            i.snapshot_count += 1;
+            i.snapshots.push(SnapshotMeta {
+                name: name.clone(),
+                parent: i.current_snapshot.clone(),
+                comment: comment.to_string(),
+                created: now(),
+            });
+            i.current_snapshot = name.clone();
+        }
+        self.save()?;
+        Ok(name)
+    }
+
+    /// restore
+    pub async fn restore(&self, mut call: Call<pb::RestoreRequest, pb::RestoreReply>, req: pb::RestoreRequest) -> Result<(), Status> {
+        let check = |d: &Daemon| -> Result<(), Status> {
+            let i = d.operative(&req.instance)?;
+            if !i.snapshots.iter().any(|s| s.name == req.snapshot) {
+                return Err(rules::no_such_snapshot(&req.instance, &req.snapshot).into());
+            }
+            rules::restore(i.state)?;
+            Ok(())
+        };
+        let mut destructive = req.destructive;
+        if !destructive {
+            {
+                let _g = self.main_thread("restore", &req.instance).await;
+                check(self)?;
+            }
+            let answer = call.prompt(pb::RestoreReply { confirm_destructive: true, ..Default::default() }).await?;
+            destructive = answer.destructive;
+        }
+        let _g = self.main_thread("restore", &req.instance).await;
+        self.work("restore", &req.instance, Duration::ZERO).await;
+        check(self)?;
+        self.maybe_fail("restore")?;
+        if !destructive {
+            call.send(pb::RestoreReply { reply_message: format!("Taking snapshot before restoring {}", req.snapshot), ..Default::default() })
+                .await;
+            let taken = self.take_snapshot(&req.instance, "", &format!("Before restoring {}", req.snapshot)).await?;
+            call.send(pb::RestoreReply { reply_message: format!("Snapshot taken: {}.{taken}\n", req.instance), ..Default::default() })
+                .await;
+        }
+        call.send(pb::RestoreReply { reply_message: "Restoring snapshot".into(), ..Default::default() }).await;
+        self.emit("restore", &req.instance, EventKind::Working);
+        let root = self.root(&req.instance);
+        replace_tree(self.snapshot_dir(&req.instance, &req.snapshot), root).await?;
+        self.work("restore", &req.instance, self.profile.restore).await;
+        if let Some(i) = self.st()?.instances.get_mut(&req.instance) {
+            i.current_snapshot = req.snapshot.clone();
+        }
+        self.save()?;
+        call.send(pb::RestoreReply::default()).await;
+        Ok(())
+    }
+
+    /// clone
+    pub async fn clone_instance(&self, call: Call<pb::CloneRequest, pb::CloneReply>, req: pb::CloneRequest) -> Result<(), Status> {
+        let src = req.source_name.clone();
+        let _g = self.main_thread("clone", &src).await;
+        self.work("clone", &src, Duration::ZERO).await;
+        let i = self.operative(&src)?;
+        rules::clone(i.state)?;
+        let dest = req.destination_name.clone().unwrap_or_else(|| format!("{src}-clone{}", i.clone_count + 1));
+        rules::clone_destination(&dest)?;
+        if self.st()?.instances.contains_key(&dest) {
+            return Err(Refusal::exists(&dest).into());
+        }
+        self.maybe_fail("clone")?;
+        self.emit("clone", &src, EventKind::Working);
+        copy_tree(self.root(&src), self.root(&dest)).await?;
+        self.work("clone", &src, self.profile.clone).await;
+        {
+            let mut st = self.st()?;
+            if let Some(s) = st.instances.get_mut(&src) {
+                s.clone_count += 1;
+            }
+            let copy = Instance {
+                name: dest.clone(),
+                state: VmState::Stopped,
+                snapshots: vec![],
+                snapshot_count: 0,
+                clone_count: 0,
+                current_snapshot: String::new(),
+                created: now(),
+                ..i
+            };
+            st.instances.insert(dest.clone(), copy);
+        }
+        self.save()?;
+        call.send(pb::CloneReply { reply_message: format!("Cloned from {src} to {dest}.\n"), ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// delet
+    pub async fn delete(&self, mut call: Call<pb::DeleteRequest, pb::DeleteReply>, req: pb::DeleteRequest) -> Result<(), Status> {
+        let pairs = if req.instance_snapshot_pairs.is_empty() {
+            self.all_names(true)?
+                .into_iter()
+                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .collect()
+        } else {
+            req.instance_snapshot_pairs.clone()
+        };
+        let has_snapshots = pairs.iter().any(|p| p.snapshot_name.is_some());
+        {
+            let _g = self.main_thread("delete", "").await;
+            for p in &pairs {
+                let i = self.instance(&p.instance_name)?;
+                if let Some(s) = &p.snapshot_name {
+                    if i.deleted {
+                        return Err(Refusal::deleted(&i.name).into());
+                    }
+                    if !i.snapshots.iter().any(|x| &x.name == s) {
+                        return Err(rules::no_such_snapshot(&i.name, s).into());
+                    }
+                }
+            }
+        }
+        if has_snapshots && !req.purge && !req.purge_snapshots {
+            let answer = call.prompt(pb::DeleteReply { confirm_snapshot_purging: true, ..Default::default() }).await?;
+            if !answer.purge_snapshots {
+                return Err(Status::cancelled("Cancelled."));
+            }
+        }
+        let _g = self.main_thread("delete", "").await;
+        self.work("delete", "", Duration::ZERO).await;
+        self.maybe_fail("delete")?;
+        let mut purged = Vec::new();
+        for p in pairs {
+            let name = p.instance_name;
+            if let Some(s) = p.snapshot_name {
+                remove_tree(self.snapshot_dir(&name, &s)).await?;
+                if let Some(i) = self.st()?.instances.get_mut(&name) {
+                    i.snapshots.retain(|x| x.name != s);
+                    for c in i.snapshots.iter_mut().filter(|c| c.parent == s) {
+                        c.parent.clear();
+                    }
+                    if i.current_snapshot == s {
+                        i.current_snapshot.clear();
+                    }
+                }
+                self.save()?;
+                continue;
+            }
+            self.emit("delete", &name, EventKind::Working);
+            self.close_endpoint(&name).await;
+            self.work("delete", &name, self.profile.delete).await;
+            if req.purge {
+                self.st()?.instances.remove(&name);
+                remove_tree(self.dir(&name)).await?;
+                purged.push(name);
+            } else if let Some(i) = self.st()?.instances.get_mut(&name) {
+                i.deleted = true;
+                i.state = VmState::Stopped;
+            }
+            self.save()?;
+        }
+        call.send(pb::DeleteReply { purged_instances: purged, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// purge
+    pub async fn purge(&self, call: Call<pb::PurgeRequest, pb::PurgeReply>, _req: pb::PurgeRequest) -> Result<(), Status> {
+        let _g = self.main_thread("purge", "").await;
+        self.work("purge", "", Duration::ZERO).await;
+        self.maybe_fail("purge")?;
+        let names: Vec<String> = self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect();
+        for n in &names {
+            self.st()?.instances.remove(n);
+            remove_tree(self.dir(n)).await?;
+        }
+        self.save()?;
+        call.send(pb::PurgeReply { purged_instances: names, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// recover
+    pub async fn recover(&self, call: Call<pb::RecoverRequest, pb::RecoverReply>, req: pb::RecoverRequest) -> Result<(), Status> {
+        let _g = self.main_thread("recover", "").await;
+        self.work("recover", "", Duration::ZERO).await;
+        let names = match req.instance_names {
+            Some(n) if !n.instance_name.is_empty() => n.instance_name,
+            _ => self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect(),
+        };
+        for n in &names {
+            self.instance(n)?;
+        }
+        self.maybe_fail("recover")?;
+        for n in &names {
+            if let Some(i) = self.st()?.instances.get_mut(n) {
+                i.deleted = false;
+            }
+        }
+        self.save()?;
+        call.send(pb::RecoverReply::default()).await;
+        Ok(())
+    }
+
+    /// ssh_info
+    pub async fn ssh_info(&self, call: Call<pb::SshInfoRequest, pb::SshInfoReply>, req: pb::SshInfoRequest) -> Result<(), Status> {
+        let _g = self.main_thread("ssh_info", "").await;
+        self.work("ssh_info", "", Duration::ZERO).await;
+        let mut map = std::collections::HashMap::new();
+        for n in &req.instance_name {
+            let i = self.operative(n)?;
+            rules::ssh(n, i.state)?;
+            let (host, port, user) = match &self.cfg.ssh_target {
+                Some(t) => (t.host.clone(), t.port, t.user.clone()),
+                None => {
+                    let port = self.endpoint(n).map(|e| e.port()).ok_or_else(|| {
+                        Status::failed_precondition(format!("instance \"{n}\" has no SSH endpoint yet"))
+                    })?;
+                    ("127.0.0.1".to_string(), port, "ubuntu".to_string())
+                }
+            };
+            map.insert(n.clone(), pb::SshInfo {
+                port: i32::from(port),
+                priv_key_base64: self.keys.client_key_text().to_string(),
+                host,
+                username: user,
+            });
+        }
+        call.send(pb::SshInfoReply { ssh_info: map, ..Default::default() }).await;
+        Ok(())
+    }
+
+    fn passphrase(&self) -> Option<String> {
+        self.cfg.passphrase.clone().or_else(|| self.st().ok().and_then(|s| s.passphrase.clone()))
+    }
+
+    /// authenticate (no trust check before it)
+    pub async fn authenticate(&self, call: Call<pb::AuthenticateRequest, pb::AuthenticateReply>, req: pb::AuthenticateRequest, cert: Option<Vec<u8>>) -> Result<(), Status> {
+        let _g = self.main_thread("authenticate", "").await;
+        let Some(expected) = self.passphrase() else {
+            return Err(Status::failed_precondition(
+                "Passphrase is not set. Please `multipass set local.passphrase` with a trusted client.",
+            ));
+        };
+        if req.passphrase != expected {
+            return Err(Status::invalid_argument("Passphrase is not correct. Please try again."));
+        }
+        let cert = cert.ok_or_else(|| Status::internal("invalid certificate data"))?;
+        self.trust.add(&cert).map_err(|e| Status::internal(e.to_string()))?;
+        super::server::open_socket_permissions(&self.cfg);
+        call.send(pb::AuthenticateReply::default()).await;
+        Ok(())
+    }
+
+    /// get
+    pub async fn get(&self, call: Call<pb::GetRequest, pb::GetReply>, req: pb::GetRequest) -> Result<(), Status> {
+        let _g = self.main_thread("get", "").await;
+        let value = match req.key.as_str() {
+            "local.driver" => "qemu".to_string(),
+            "local.passphrase" => if self.passphrase().is_some() { "true".into() } else { "false".into() },
+            "local.privileged-mounts" => "true".into(),
+            "local.bridged-network" | "local.image.mirror" => String::new(),
+            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+        };
+        call.send(pb::GetReply { value, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// set: replies, then asks the process to exit with code 42 (multipassd restarts on any
+    /// daemon setting change).
+    pub async fn set(&self, call: Call<pb::SetRequest, pb::SetReply>, req: pb::SetRequest) -> Result<(), Status> {
+        let _g = self.main_thread("set", "").await;
+        match req.key.as_str() {
+            "local.passphrase" => self.st()?.passphrase = Some(req.val.clone()),
+            "local.driver" if req.val != "qemu" => {
+                return Err(Status::invalid_argument(format!("Invalid driver '{}': mpool sim only simulates qemu", req.val)));
+            }
+            "local.driver" | "local.privileged-mounts" | "local.bridged-network" | "local.image.mirror" => {}
+            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+        }
+        self.save()?;
+        call.send(pb::SetReply::default()).await;
+        self.restart.send_replace(true);
+        Ok(())
+    }
+
+    /// keys
+    pub async fn keys(&self, call: Call<pb::KeysRequest, pb::KeysReply>, _req: pb::KeysRequest) -> Result<(), Status> {
+        let settings_keys = ["local.bridged-network", "local.driver", "local.image.mirror", "local.passphrase", "local.privileged-mounts"]
+            .map(String::from)
+            .to_vec();
+        call.send(pb::KeysReply { settings_keys, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// daemon_info
+    pub async fn daemon_info(&self, call: Call<pb::DaemonInfoRequest, pb::DaemonInfoReply>, _req: pb::DaemonInfoRequest) -> Result<(), Status> {
+        let _g = self.main_thread("daemon_info", "").await;
+        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        call.send(pb::DaemonInfoReply { available_space: 100 << 30, cpus, memory, ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// find: one image, so `launch` has something to name.
+    pub async fn find(&self, call: Call<pb::FindRequest, pb::FindReply>, _req: pb::FindRequest) -> Result<(), Status> {
+        let image = pb::find_reply::ImageInfo {
+            os: "Ubuntu".into(),
+            release: "24.04 LTS".into(),
+            version: "20260501".into(),
+            aliases_info: vec![pb::find_reply::AliasInfo { remote_name: String::new(), alias: "noble".into() }],
+            codename: "noble".into(),
+        };
+        call.send(pb::FindReply { show_images: true, images_info: vec![image], ..Default::default() }).await;
+        Ok(())
+    }
+
+    /// networks: none to bridge.
+    pub async fn networks(&self, call: Call<pb::NetworksRequest, pb::NetworksReply>, _req: pb::NetworksRequest) -> Result<(), Status> {
+        call.send(pb::NetworksReply::default()).await;
+        Ok(())
+    }
+}
+
+fn status(i: &Instance) -> pb::InstanceStatus {
+    let s = if i.deleted { pb::instance_status::Status::Deleted } else { i.state.status() };
+    pb::InstanceStatus { status: s as i32 }
+}
+
+fn release(image: &str) -> String {
+    match image {
+        "22.04" | "jammy" => "Ubuntu 22.04 LTS".into(),
+        "24.04" | "noble" | "lts" | "" => "Ubuntu 24.04 LTS".into(),
+        other => other.to_string(),
+    }
+}
+
+fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {
+    pb::SnapshotFundamentals {
+        snapshot_name: s.name.clone(),
+        parent: s.parent.clone(),
+        comment: s.comment.clone(),
+        creation_timestamp: Some(timestamp(s.created)),
+    }
+}
+
+/// A multipass-style generated name.
+fn pet_name() -> String {
+    const A: &[&str] = &["brisk", "calm", "eager", "gentle", "jolly", "lucid", "merry", "proud", "quiet", "vivid"];
+    const N: &[&str] = &["badger", "crane", "falcon", "heron", "lynx", "marten", "otter", "plover", "stoat", "wren"];
+    format!("{}-{}", A[rand::random_range(0..A.len())], N[rand::random_range(0..N.len())])
+}
+
+/// Copies a directory tree (files, dirs, symlinks, modes), replacing `to`.
+async fn copy_tree(from: PathBuf, to: PathBuf) -> Result<(), Status> {
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if to.exists() {
+            std::fs::remove_dir_all(&to)?;
+        }
+        std::fs::create_dir_all(&from)?;
+        copy_dir(&from, &to)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| Status::internal(format!("copying instance files: {e}")))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces `to` with a copy of `from`.
+async fn replace_tree(from: PathBuf, to: PathBuf) -> Result<(), Status> {
+    copy_tree(from, to).await
+}
+
+async fn remove_tree(path: PathBuf) -> Result<(), Status> {
+    match tokio::fs::remove_dir_all(&path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Status::internal(format!("{}: {e}", path.display()))),
+    }
+}
