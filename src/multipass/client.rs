@@ -247,21 +247,7 @@ impl Client {
     /// Connects, establishes trust (ping; first-client trust on a Unix socket; `authenticate`
     /// with the passphrase) and checks the daemon's version.
     pub async fn connect(opts: ClientOptions) -> Result<Client, Error> {
-        let address = match &opts.address {
-            Some(a) => a.clone(),
-            None => DaemonAddress::discover()?,
-        };
-        let identity = trust::load_identity(&opts.identity, &opts.data_dir)?;
-        let verifier = trust::server_verifier(&opts.verification, &address)?;
-        let tls = Arc::new(trust::client_config(identity, verifier)?);
-        let channel = channel(&address, tls, opts.connect_timeout).await?;
-        let mut client = Client {
-            rpc: RpcClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-            address: Arc::new(address),
-            version: Version { major: 0, minor: 0, patch: 0 },
-            timeout: opts.call_timeout,
-            passphrase: opts.passphrase.as_deref().map(Arc::from),
-        };
+        let mut client = Client::open(&opts).await?;
         client.establish_trust().await?;
         let text = client.version_text().await?;
         let version = Version::parse(&text)
@@ -274,6 +260,26 @@ impl Client {
         }
         client.version = version;
         Ok(client)
+    }
+
+    /// Opens the TLS channel only: no trust handshake, no version check (its version reads as
+    /// 0.0.0). For diagnostics and tests of the daemon's trust rules; use [`Client::connect`].
+    pub async fn open(opts: &ClientOptions) -> Result<Client, Error> {
+        let address = match &opts.address {
+            Some(a) => a.clone(),
+            None => DaemonAddress::discover()?,
+        };
+        let identity = trust::load_identity(&opts.identity, &opts.data_dir)?;
+        let verifier = trust::server_verifier(&opts.verification, &address)?;
+        let tls = Arc::new(trust::client_config(identity, verifier)?);
+        let channel = channel(&address, tls, opts.connect_timeout).await?;
+        Ok(Client {
+            rpc: RpcClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            address: Arc::new(address),
+            version: Version { major: 0, minor: 0, patch: 0 },
+            timeout: opts.call_timeout,
+            passphrase: opts.passphrase.as_deref().map(Arc::from),
+        })
     }
 
     /// The daemon's version (read at connect).

@@ -1,0 +1,67 @@
+//! Starts `mpool sim` in-process on a temporary directory, and makes clients for it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mpool::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
+use mpool::sim::{EventKind, SimConfig, SimEvent, Simulator};
+use tokio::sync::broadcast;
+
+/// A simulator on a temp dir.
+pub struct TestSim {
+    pub dir: tempfile::TempDir,
+    pub sim: Simulator,
+}
+
+impl TestSim {
+    /// Starts a simulator at time scale 0, after `tweak` adjusts its config.
+    pub async fn start(tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = SimConfig::new(dir.path().join("sim.sock"), dir.path().join("state"));
+        cfg.time_scale = 0.0;
+        tweak(&mut cfg);
+        let sim = Simulator::start(cfg).await.expect("simulator starts");
+        TestSim { dir, sim }
+    }
+
+    /// Options for a client with its own identity under `<dir>/clients/<who>`.
+    pub fn options(&self, who: &str) -> ClientOptions {
+        let mut o = ClientOptions::new(self.dir.path().join("clients").join(who));
+        o.address = Some(DaemonAddress::Unix(self.sim.socket().to_path_buf()));
+        o.identity = ClientIdentity::Own;
+        o.verification = ServerVerification::RootCert(self.sim.root_cert());
+        o.call_timeout = Duration::from_secs(30);
+        o
+    }
+
+    /// A connected client (the first one is trusted by the first-client rule).
+    pub async fn client(&self, who: &str) -> Client {
+        Client::connect(self.options(who)).await.expect("client connects")
+    }
+
+    /// The instance's root directory on the host.
+    pub fn root(&self, name: &str) -> PathBuf {
+        self.sim.daemon().root(name)
+    }
+}
+
+/// Waits (bounded) for an event matching `pred`, returning it.
+pub async fn wait_event(rx: &mut broadcast::Receiver<SimEvent>, pred: impl Fn(&SimEvent) -> bool) -> SimEvent {
+    let fut = async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if pred(&e) => return e,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut).await.expect("event within 30 s")
+}
+
+/// True for `op`'s event of `kind`.
+pub fn is(op: &'static str, kind: EventKind) -> impl Fn(&SimEvent) -> bool {
+    move |e| e.op == op && e.kind == kind
+}
