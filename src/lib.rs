@@ -9,6 +9,7 @@
 //! - [`sim`]: `mpool sim`, a multipassd stand-in speaking the same protocol, with its state
 //!   rules, daemon-wide lock, timings, SSH endpoints and fault injection.
 //! - [`ssh`]: SSH sessions to VMs: pooled connections, exec, SFTP.
+//! - [`store`]: crash-safe state (VMs, leases, request ids, generations) in one redb file.
 //! - [`cli`]: the `mpool` command line.
 
 pub mod cli;
@@ -16,4 +17,5 @@ pub mod multipass;
 pub mod proto;
 pub mod sim;
 pub mod ssh;
+pub mod store;
 pub mod tls;
