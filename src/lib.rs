@@ -13,7 +13,9 @@
 //! - [`cli`]: the `mpool` command line.
 
 pub mod cli;
+pub mod config;
 pub mod multipass;
+pub mod pool;
 pub mod proto;
 pub mod sim;
 pub mod ssh;

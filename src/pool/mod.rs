@@ -1,0 +1,11 @@
+//! The pool engine: keeps each pool's VMs ready, hands them out under leases without races,
+//! resets them after use, and never loses or leaks a VM, even across crashes.
+//!
+//! The decisions are plain logic ([`vm`] state machine, [`decide`] maintenance, [`reconcile`]
+//! startup) with unit tests and no I/O; the [`engine`] actor owns all pool state and applies
+//! events; [`plans`] are the sequences of daemon and SSH steps; [`scheduler`] orders daemon
+//! calls; [`ports`] are the traits the real adapters and test fakes implement.
+
+pub mod ports;
+pub mod scheduler;
+pub mod vm;

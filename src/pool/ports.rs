@@ -1,0 +1,177 @@
+//! The engine's ports: what it needs from the daemon and from SSH, as traits, so the pool core
+//! runs against multipassd (through `multipass::Client`), the simulator, or a scripted fake in
+//! unit tests. Adapters for the real parts live at the bottom of this file.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::multipass::{self, Client, InstanceState, LaunchOptions, Names, SshInfo};
+
+/// A boxed, sendable future (the ports are used as trait objects).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A failed step.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StepError {
+    /// The daemon was unreachable or did not answer in time: retry later, the VM is not at fault.
+    pub unavailable: bool,
+    /// The daemon said the instance (or snapshot) does not exist.
+    pub not_found: bool,
+    /// What happened.
+    pub message: String,
+}
+
+impl StepError {
+    /// A failure that is the VM's (or the step's) fault.
+    pub fn failed(message: impl Into<String>) -> StepError {
+        StepError { unavailable: false, not_found: false, message: message.into() }
+    }
+
+    /// The daemon is down or frozen.
+    pub fn unavailable(message: impl Into<String>) -> StepError {
+        StepError { unavailable: true, not_found: false, message: message.into() }
+    }
+}
+
+impl From<multipass::Error> for StepError {
+    fn from(e: multipass::Error) -> StepError {
+        StepError { unavailable: e.is_unavailable(), not_found: e.code() == tonic::Code::NotFound, message: e.to_string() }
+    }
+}
+
+/// An instance as the daemon reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: InstanceState,
+}
+
+/// What the engine asks of multipassd. Every call has a deadline (the adapter's).
+pub trait DaemonPort: Send + Sync + 'static {
+    /// Cheap liveness probe.
+    fn ping(&self) -> BoxFut<'_, Result<(), StepError>>;
+    /// All instances (no IP collection).
+    fn list(&self) -> BoxFut<'_, Result<Vec<Observed>, StepError>>;
+    /// All snapshots as (instance, snapshot).
+    fn snapshots(&self) -> BoxFut<'_, Result<Vec<(String, String)>, StepError>>;
+    /// Creates and starts an instance.
+    fn launch(&self, opts: LaunchOptions) -> BoxFut<'_, Result<(), StepError>>;
+    /// Starts or resumes.
+    fn start(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Stops (forced: kill, discarding any suspend image).
+    fn stop(&self, name: String, force: bool) -> BoxFut<'_, Result<(), StepError>>;
+    /// Suspends.
+    fn suspend(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Snapshots a stopped instance.
+    fn snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Restores a stopped instance, destructively.
+    fn restore(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Clones a stopped instance.
+    fn clone_vm(&self, source: String, destination: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Deletes and purges (a missing instance is not an error).
+    fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// SSH endpoint of a running instance.
+    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>>;
+}
+
+/// What the engine asks of SSH.
+pub trait SshPort: Send + Sync + 'static {
+    /// The VM answers over SSH (opening or reusing the pooled connection).
+    fn ready(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>>;
+    /// Runs a setup script in the VM; a non-zero exit is an error carrying its output tail.
+    fn run_script(&self, vm: String, info: SshInfo, script: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
+    fn forget(&self, vm: String) -> BoxFut<'_, ()>;
+}
+
+/// The daemon port over a real `multipass::Client`: quick calls and blocking calls get their
+/// own deadlines.
+pub struct MultipassPort {
+    quick: Client,
+    slow: Client,
+}
+
+impl MultipassPort {
+    /// Wraps a connected client.
+    pub fn new(client: Client, quick: Duration, slow: Duration) -> MultipassPort {
+        MultipassPort { quick: client.with_timeout(quick), slow: client.with_timeout(slow) }
+    }
+}
+
+impl DaemonPort for MultipassPort {
+    fn ping(&self) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.quick.ping().await?) })
+    }
+
+    fn list(&self) -> BoxFut<'_, Result<Vec<Observed>, StepError>> {
+        Box::pin(async move {
+            Ok(self.quick.list().await?.into_iter().map(|i| Observed { name: i.name, state: i.state }).collect())
+        })
+    }
+
+    fn snapshots(&self) -> BoxFut<'_, Result<Vec<(String, String)>, StepError>> {
+        Box::pin(async move { Ok(self.quick.list_snapshots().await?.into_iter().map(|s| (s.instance, s.name)).collect()) })
+    }
+
+    fn launch(&self, opts: LaunchOptions) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            self.slow.launch(&opts).await?;
+            Ok(())
+        })
+    }
+
+    fn start(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.slow.start(&Names::one(name), 0).await?) })
+    }
+
+    fn stop(&self, name: String, force: bool) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.slow.stop(&Names::one(name), force).await?) })
+    }
+
+    fn suspend(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.slow.suspend(&Names::one(name)).await?) })
+    }
+
+    fn snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            self.slow.snapshot(&name, Some(&snapshot), "mpool clean state").await?;
+            Ok(())
+        })
+    }
+
+    fn restore(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.slow.restore(&name, &snapshot, true).await?) })
+    }
+
+    fn clone_vm(&self, source: String, destination: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Ok(self.slow.clone_instance(&source, &destination).await?) })
+    }
+
+    fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            match self.slow.delete(&Names::one(name), true).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>> {
+        Box::pin(async move { Ok(self.quick.ssh_info(&name).await?) })
+    }
+}
+
+/// Shared handles to the ports.
+#[derive(Clone)]
+pub struct Ports {
+    /// The daemon.
+    pub daemon: Arc<dyn DaemonPort>,
+    /// SSH.
+    pub ssh: Arc<dyn SshPort>,
+}
