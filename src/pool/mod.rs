@@ -9,3 +9,11 @@
 pub mod ports;
 pub mod scheduler;
 pub mod vm;
+pub mod decide;
+pub mod plans;
+pub mod reconcile;
+pub mod engine;
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+pub mod fake;
