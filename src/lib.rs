@@ -9,9 +9,11 @@
 //! - [`sim`]: `mpool sim`, a multipassd stand-in speaking the same protocol, with its state
 //!   rules, daemon-wide lock, timings, SSH endpoints and fault injection.
 //! - [`ssh`]: SSH sessions to VMs: pooled connections, exec, SFTP.
+//! - [`config`]: the `mpool serve` config file (TOML): parsing, defaults, validation.
 //! - [`cli`]: the `mpool` command line.
 
 pub mod cli;
+pub mod config;
 pub mod multipass;
 pub mod proto;
 pub mod sim;
