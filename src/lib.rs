@@ -9,7 +9,9 @@
 //! - [`sim`]: `mpool sim`, a multipassd stand-in speaking the same protocol, with its state
 //!   rules, daemon-wide lock, timings, SSH endpoints and fault injection.
 //! - [`ssh`]: SSH sessions to VMs: pooled connections, exec, SFTP.
+//! - [`pool`]: the engine: warm VMs, leases, background resets, reconciliation.
 //! - [`store`]: crash-safe state (VMs, leases, request ids, generations) in one redb file.
+//! - [`config`]: the `mpool serve` config file (TOML): parsing, defaults, validation.
 //! - [`cli`]: the `mpool` command line.
 
 pub mod cli;
