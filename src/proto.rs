@@ -8,3 +8,9 @@ pub mod multipass {
 
 /// The encoded `FileDescriptorSet` of every proto under `proto/`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+/// mpool's public API (package `mpool.v1`).
+#[allow(clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("mpool.v1");
+}
