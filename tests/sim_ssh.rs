@@ -303,23 +303,29 @@ async fn exec_signal_request_reaches_the_command() {
     within(async {
         let sim = Sim::start().await;
         let ssh = sim.connect().await;
-        let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .exec(true, "echo started; exec sleep 1000")
-            .await
-            .unwrap();
-        let (mut rx, tx) = channel.split();
-        let mut seen = Vec::new();
-        while !seen.ends_with(b"started\n") {
-            match rx.wait().await {
-                Some(ChannelMsg::Data { data }) => seen.extend_from_slice(&data),
-                Some(ChannelMsg::Success) => {}
-                other => panic!("expected output, got {other:?}"),
-            }
+        for (signal, name) in [(Sig::INT, "INT"), (Sig::HUP, "HUP"), (Sig::KILL, "KILL")] {
+            let channel = ssh.channel_open_session().await.unwrap();
+            channel
+                .exec(true, "echo $$ > sig.pid; exec sleep 1000")
+                .await
+                .unwrap();
+            // Signal only once the shell has become `sleep`: a shell that is still running
+            // may catch SIGINT and lose it when it execs.
+            let pid_file = sim.root().join("sig.pid");
+            eventually("sleep to run", Duration::from_secs(20), || {
+                read_pid(&pid_file).is_some_and(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm == "sleep\n")
+                })
+            })
+            .await;
+            std::fs::remove_file(&pid_file).unwrap();
+            let (mut rx, tx) = channel.split();
+            tx.signal(signal).await.unwrap();
+            let out = collect(&mut rx).await;
+            assert_eq!(out.signal.as_deref(), Some(name));
+            assert_eq!(out.status, None);
         }
-        tx.signal(Sig::INT).await.unwrap();
-        let out = collect(&mut rx).await;
-        assert_eq!(out.signal.as_deref(), Some("INT"));
         sim.endpoint.shutdown().await;
     })
     .await
@@ -565,8 +571,7 @@ async fn openssh_client_can_log_in() {
             assert_eq!(stderr, "to-stderr\n", "{algorithms}");
         }
 
-        // ssh-rsa (SHA-1) signatures are what OpenSSH refuses; a user other than ubuntu is
-        // refused by the server.
+        // A user other than ubuntu is refused, even with the right key.
         let out = tokio::process::Command::new("/usr/bin/ssh")
             .args(openssh_args(&sim))
             .args(["-p", &port, "root@127.0.0.1", "true"])
@@ -761,6 +766,67 @@ async fn sftp_large_file_round_trip() {
             std::fs::metadata(sim.root().join("big.bin")).unwrap().len(),
             data.len() as u64 + 4
         );
+
+        sim.endpoint.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn concurrent_execs_share_one_connection() {
+    within(async {
+        let sim = Sim::start().await;
+        let ssh = Arc::new(sim.connect().await);
+        let runs = (0..8).map(|i| {
+            let ssh = ssh.clone();
+            tokio::spawn(async move {
+                let out = exec(&ssh, &format!("echo out{i}; echo err{i} >&2; exit {i}")).await;
+                assert_eq!(out.stdout(), format!("out{i}\n"));
+                assert_eq!(out.stderr(), format!("err{i}\n"));
+                assert_eq!(out.status, Some(i));
+            })
+        });
+        for run in futures::future::join_all(runs).await {
+            run.unwrap();
+        }
+        assert_eq!(sim.endpoint.connections_accepted(), 1);
+        sim.endpoint.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shell_and_pty_are_refused_but_exec_works() {
+    within(async {
+        let sim = Sim::start().await;
+        let ssh = sim.connect().await;
+
+        let mut channel = ssh.channel_open_session().await.unwrap();
+        channel.request_shell(true).await.unwrap();
+        assert!(matches!(channel.wait().await, Some(ChannelMsg::Failure)));
+
+        let mut channel = ssh.channel_open_session().await.unwrap();
+        channel
+            .request_pty(true, "xterm", 80, 24, 0, 0, &[])
+            .await
+            .unwrap();
+        assert!(matches!(channel.wait().await, Some(ChannelMsg::Failure)));
+        channel.exec(true, "echo fine").await.unwrap();
+        let (mut rx, _tx) = channel.split();
+        let out = collect(&mut rx).await;
+        assert_eq!(out.stdout(), "fine\n");
+
+        // A second exec on a channel that already runs one is refused.
+        let mut channel = ssh.channel_open_session().await.unwrap();
+        channel.exec(true, "cat").await.unwrap();
+        assert!(matches!(channel.wait().await, Some(ChannelMsg::Success)));
+        channel.exec(true, "echo again").await.unwrap();
+        assert!(matches!(channel.wait().await, Some(ChannelMsg::Failure)));
+        channel.eof().await.unwrap();
+        let (mut rx, _tx) = channel.split();
+        let out = collect(&mut rx).await;
+        assert_eq!(out.stdout(), "");
+        assert_eq!(out.status, Some(0));
 
         sim.endpoint.shutdown().await;
     })
