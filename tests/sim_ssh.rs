@@ -340,6 +340,15 @@ fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` runs (exists and is not a zombie waiting for a parent that is not us).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
 #[tokio::test]
 async fn closing_the_channel_kills_the_command() {
     within(async {
@@ -372,7 +381,7 @@ async fn closing_the_channel_kills_the_command() {
         eventually(
             "the background job to be killed",
             Duration::from_secs(20),
-            || !process_exists(child),
+            || !process_running(child),
         )
         .await;
 
@@ -829,6 +838,34 @@ async fn shell_and_pty_are_refused_but_exec_works() {
         assert_eq!(out.status, Some(0));
 
         sim.endpoint.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_kills_processes_left_by_finished_commands() {
+    within(async {
+        let sim = Sim::start().await;
+        let ssh = sim.connect().await;
+        let out = exec(
+            &ssh,
+            "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > bg.pid",
+        )
+        .await;
+        assert_eq!(out.status, Some(0));
+        let pid = read_pid(&sim.root().join("bg.pid")).unwrap();
+        // Like under sshd, the background process outlives its command and channel.
+        assert!(process_running(pid));
+        assert_eq!(exec(&ssh, "true").await.status, Some(0));
+        assert!(process_running(pid));
+
+        sim.endpoint.shutdown().await;
+        eventually(
+            "the left-over process to be killed",
+            Duration::from_secs(20),
+            || !process_running(pid),
+        )
+        .await;
     })
     .await
 }

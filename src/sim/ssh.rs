@@ -106,7 +106,8 @@ impl SshKeys {
     /// host key).
     ///
     /// An existing key file is used as it is (PEM or OpenSSH text); a missing one is generated
-    /// and written atomically with mode 0600.
+    /// (OpenSSH text) and written atomically with mode 0600. This blocks (file I/O, RSA key
+    /// generation): call it before starting the runtime or via `spawn_blocking`.
     pub fn load_or_create(dir: &Path) -> io::Result<SshKeys> {
         let keys_dir = dir.join("ssh-keys");
         std::fs::DirBuilder::new()
@@ -232,6 +233,7 @@ pub struct SshEndpoint {
     accepted: Arc<AtomicU64>,
     shutdown_tx: watch::Sender<bool>,
     stop: tokio::sync::Mutex<Option<StopState>>,
+    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
 }
 
 impl fmt::Debug for SshEndpoint {
@@ -253,13 +255,17 @@ struct StopState {
 
 /// Held by every task of an endpoint; `shutdown` waits until all clones are dropped.
 #[derive(Clone)]
-struct Tracker(#[allow(dead_code)] mpsc::Sender<()>);
+struct Tracker {
+    _alive: mpsc::Sender<()>,
+}
 
 /// What the sessions of one endpoint share.
 struct Ctx {
     /// Canonical absolute path of the instance's root directory.
     root: PathBuf,
     keys: Arc<SshKeys>,
+    /// Processes that finished commands left running; killed by `shutdown`.
+    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
 }
 
 impl SshEndpoint {
@@ -274,7 +280,12 @@ impl SshEndpoint {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tracker_tx, done_rx) = mpsc::channel(1);
         let accepted = Arc::new(AtomicU64::new(0));
-        let ctx = Arc::new(Ctx { root, keys });
+        let leftovers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ctx = Arc::new(Ctx {
+            root,
+            keys,
+            leftovers: leftovers.clone(),
+        });
         info!(port, root = %ctx.root.display(), "ssh endpoint listening");
         let accept_task = tokio::spawn(accept_loop(
             listener,
@@ -282,7 +293,7 @@ impl SshEndpoint {
             ctx,
             accepted.clone(),
             shutdown_rx,
-            Tracker(tracker_tx),
+            Tracker { _alive: tracker_tx },
         ));
         Ok(SshEndpoint {
             port,
@@ -292,6 +303,7 @@ impl SshEndpoint {
                 accept_task,
                 done_rx,
             })),
+            leftovers,
         })
     }
 
@@ -309,8 +321,10 @@ impl SshEndpoint {
     /// Stops listening, closes every session and kills every running command (whole process
     /// group). Idempotent.
     ///
-    /// Returns once the port is closed and the sessions and commands have ended (or, should
-    /// something hang, after a bounded wait).
+    /// Processes that finished commands left behind (`nohup server &`: sshd lets them run,
+    /// and so does the endpoint while it is up) are killed too, as they die with a stopped
+    /// VM. Returns once the port is closed and the sessions and commands have ended (or,
+    /// should something hang, after a bounded wait).
     pub async fn shutdown(&self) {
         self.shutdown_tx.send_replace(true);
         let mut stop = self.stop.lock().await;
@@ -327,6 +341,17 @@ impl SshEndpoint {
             warn!(
                 port = self.port,
                 "ssh endpoint tasks still running after shutdown wait"
+            );
+        }
+        let leftovers = std::mem::take(&mut *lock_leftovers(&self.leftovers));
+        if !leftovers.is_empty() {
+            let killed =
+                tokio::task::spawn_blocking(move || leftovers.iter().filter(|p| p.kill()).count())
+                    .await
+                    .unwrap_or(0);
+            debug!(
+                port = self.port,
+                killed, "killed processes left by commands"
             );
         }
         info!(port = self.port, "ssh endpoint stopped");
@@ -757,6 +782,104 @@ async fn terminate_group(pgid: i32, child: &mut Child, leader_exited: bool) {
     }
 }
 
+/// A process a finished command left running, identified beyond pid reuse by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Leftover {
+    pid: i32,
+    /// The process group of the command that started it.
+    pgid: i32,
+    /// Start time in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
+    start: u64,
+}
+
+impl Leftover {
+    /// Whether the process still runs (a zombie counts as gone).
+    fn alive(&self) -> bool {
+        proc_stat(self.pid).is_some_and(|st| st.start == self.start && st.state != 'Z')
+    }
+
+    /// SIGKILLs the process, and its command's process group if it is still in it (which
+    /// gets what it spawned since). True if it was still running.
+    fn kill(&self) -> bool {
+        let Some(st) = proc_stat(self.pid) else {
+            return false;
+        };
+        if st.start != self.start || st.state == 'Z' {
+            return false;
+        }
+        if st.pgrp == self.pgid {
+            signal_group(self.pgid, libc::SIGKILL);
+        }
+        if self.pid > 1 {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        true
+    }
+}
+
+/// What the endpoint needs from `/proc/<pid>/stat`.
+struct ProcStat {
+    state: char,
+    pgrp: i32,
+    start: u64,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after the last ')'.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// The running processes of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<Leftover> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let st = proc_stat(pid)?;
+            (st.pgrp == pgid && st.state != 'Z').then_some(Leftover {
+                pid,
+                pgid,
+                start: st.start,
+            })
+        })
+        .collect()
+}
+
+fn lock_leftovers(
+    leftovers: &std::sync::Mutex<Vec<Leftover>>,
+) -> std::sync::MutexGuard<'_, Vec<Leftover>> {
+    leftovers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Remembers what a finished command left running in its process group.
+async fn record_leftovers(pgid: i32, leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>) {
+    if !signal_group(pgid, 0) {
+        return; // The common case: nothing left.
+    }
+    let recorded = tokio::task::spawn_blocking(move || {
+        let found = group_members(pgid);
+        let mut list = lock_leftovers(&leftovers);
+        list.retain(Leftover::alive);
+        list.extend(found.iter().copied());
+        found.len()
+    })
+    .await;
+    if let Ok(count) = recorded {
+        debug!(pgid, count, "command left processes running");
+    }
+}
+
 /// Signal names as SSH carries them (no "SIG" prefix) and their numbers.
 const SIGNALS: &[(&str, i32)] = &[
     ("HUP", libc::SIGHUP),
@@ -1102,6 +1225,7 @@ async fn run_exec(
             }
             let _ = tx.eof().await;
             let _ = tx.close().await;
+            record_leftovers(pgid, ctx.leftovers.clone()).await;
         }
         End::ClientGone | End::Shutdown => {
             debug!(
@@ -1761,6 +1885,28 @@ mod tests {
         assert!(matches!(sig_from_number(libc::SIGTERM), Sig::TERM));
         assert!(matches!(sig_from_number(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
         assert_eq!(sig_to_name(&Sig::INT), "INT");
+    }
+
+    #[test]
+    fn proc_stat_parses_own_process() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let st = proc_stat(me).unwrap();
+        assert_ne!(st.state, 'Z');
+        // SAFETY: getpgrp(2) has no preconditions.
+        assert_eq!(st.pgrp, unsafe { libc::getpgrp() });
+        assert!(st.start > 0);
+        assert!(group_members(st.pgrp).iter().any(|p| p.pid == me));
+        let leftover = Leftover {
+            pid: me,
+            pgid: st.pgrp,
+            start: st.start,
+        };
+        assert!(leftover.alive());
+        let other = Leftover {
+            start: st.start + 1,
+            ..leftover
+        };
+        assert!(!other.alive(), "a reused pid must not match");
     }
 
     #[test]
