@@ -424,6 +424,55 @@ async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<St
         }
         other => other?,
     };
-    let _ = (info, workdir, argv);
-    Err(Error::Unsupported("exec: SSH not wired yet".into()))
+    let target = crate::pool::ports::ssh_target(&info);
+    let exec_err = |e: crate::ssh::SshError| Error::InvalidArgument(format!("exec failed: {e}"));
+    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default()).await.map_err(exec_err)?;
+    let mut req = crate::ssh::ExecRequest::argv(argv);
+    if let Some(dir) = workdir {
+        req = req.cwd(dir);
+    }
+    let mut handle = conn.exec(req).await.map_err(exec_err)?;
+    let code = relay(&mut handle).await;
+    conn.close().await;
+    Ok(ExitCode::from(code))
+}
+
+/// Copies an exec's output to our stdout/stderr as it arrives; returns the exit code to exit
+/// with (128+N for a signal, as shells do; 255 when the connection was lost).
+pub async fn relay(handle: &mut crate::ssh::ExecHandle) -> u8 {
+    use std::io::Write;
+    while let Some(ev) = handle.next_event().await {
+        match ev {
+            crate::ssh::ExecEvent::Stdout(b) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&b);
+                let _ = out.flush();
+            }
+            crate::ssh::ExecEvent::Stderr(b) => {
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&b);
+                let _ = err.flush();
+            }
+            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => return u8::try_from(c).unwrap_or(255),
+            crate::ssh::ExecEvent::Exit { signal: Some(s), .. } => return 128u8.saturating_add(signal_number(&s)),
+            crate::ssh::ExecEvent::Exit { .. } => return 255,
+        }
+    }
+    255
+}
+
+/// POSIX signal numbers of the common signals.
+pub fn signal_number(name: &str) -> u8 {
+    match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ABRT" => 6,
+        "KILL" => 9,
+        "SEGV" => 11,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        _ => 127,
+    }
 }

@@ -175,3 +175,61 @@ pub struct Ports {
     /// SSH.
     pub ssh: Arc<dyn SshPort>,
 }
+
+/// The SSH endpoint of `ssh_info` as the SSH module wants it.
+pub fn ssh_target(info: &SshInfo) -> crate::ssh::SshTarget {
+    crate::ssh::SshTarget {
+        host: info.host.clone(),
+        port: info.port,
+        username: info.username.clone(),
+        private_key: info.private_key.clone(),
+    }
+}
+
+/// The SSH port over the pooled connections of [`crate::ssh::ConnectionCache`], keyed by VM
+/// name: the connection a readiness check opens is the one the lease's commands then use.
+pub struct SshAdapter {
+    cache: Arc<crate::ssh::ConnectionCache>,
+}
+
+impl SshAdapter {
+    /// Wraps the cache.
+    pub fn new(cache: Arc<crate::ssh::ConnectionCache>) -> SshAdapter {
+        SshAdapter { cache }
+    }
+}
+
+impl SshPort for SshAdapter {
+    fn ready(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            let out = self
+                .cache
+                .run(&vm, &ssh_target(&info), crate::ssh::ExecRequest::argv(["true"]))
+                .await
+                .map_err(|e| StepError::failed(format!("{vm} does not answer over SSH: {e}")))?;
+            out.check().map_err(|e| StepError::failed(format!("{vm} readiness check: {e}")))
+        })
+    }
+
+    fn run_script(&self, vm: String, info: SshInfo, script: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            let req = crate::ssh::ExecRequest::script(crate::ssh::ScriptShell::Bash, script);
+            let out = self
+                .cache
+                .run(&vm, &ssh_target(&info), req)
+                .await
+                .map_err(|e| StepError::failed(format!("setup of {vm}: {e}")))?;
+            if out.success() {
+                return Ok(());
+            }
+            let tail: String = out.stderr_text().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            Err(StepError::failed(format!("setup of {vm} failed ({}): {tail}", out.check().err().map(|e| e.to_string()).unwrap_or_default())))
+        })
+    }
+
+    fn forget(&self, vm: String) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            self.cache.close(&vm).await;
+        })
+    }
+}
