@@ -14,7 +14,12 @@
 //!   the `sftp` subsystem confined to that root directory.
 //!
 //! Stopping an endpoint ([`SshEndpoint::shutdown`]) closes its port, ends its sessions and
-//! kills the process groups of the commands still running, as a stopped VM would.
+//! kills the process groups of the commands still running, and what finished commands left
+//! running in the background, as a stopped VM would.
+//!
+//! Known difference from sshd: russh grants a client window as channel data arrives rather
+//! than as the command consumes it, so a command's unread stdin is buffered in memory (up to
+//! tens of MiB, see `StdinFlow`) before the connection is throttled.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
