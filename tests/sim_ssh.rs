@@ -629,6 +629,40 @@ async fn openssh_sftp_batch_works() {
         assert!(stdout.contains("-rw-------"), "{stdout}");
         assert_eq!(std::fs::read(&download).unwrap(), data);
         assert!(!sim.root().join("dir").exists());
+
+        // scp (SFTP mode) also wants the subsystem's exit status.
+        let scp = |args: Vec<String>| {
+            let mut cmd = tokio::process::Command::new("/usr/bin/scp");
+            cmd.args(openssh_args(&sim)).args(["-P", &port]).args(args);
+            cmd
+        };
+        let out = scp(vec![
+            upload.display().to_string(),
+            "ubuntu@127.0.0.1:copied.bin".into(),
+        ])
+        .output()
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(sim.root().join("copied.bin")).unwrap(), data);
+        let back = local.path().join("back.bin");
+        let out = scp(vec![
+            "ubuntu@127.0.0.1:copied.bin".into(),
+            back.display().to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        let out = scp(vec![
+            "ubuntu@127.0.0.1:/etc/hostname".into(),
+            local.path().join("nope").display().to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+        assert!(!out.status.success());
         sim.endpoint.shutdown().await;
     })
     .await

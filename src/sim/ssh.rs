@@ -14,7 +14,12 @@
 //!   the `sftp` subsystem confined to that root directory.
 //!
 //! Stopping an endpoint ([`SshEndpoint::shutdown`]) closes its port, ends its sessions and
-//! kills the process groups of the commands still running, as a stopped VM would.
+//! kills the process groups of the commands still running, and what finished commands left
+//! running in the background, as a stopped VM would.
+//!
+//! Known difference from sshd: russh grants a client window as channel data arrives rather
+//! than as the command consumes it, so a command's unread stdin is buffered in memory (up to
+//! tens of MiB, see `StdinFlow`) before the connection is throttled.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -72,6 +77,8 @@ const STDIN_HARD_LIMIT: usize = 128 << 20;
 const PUMP_BUF: usize = 32 * 1024;
 /// Largest SFTP read served at once.
 const SFTP_MAX_READ: u32 = 256 * 1024;
+/// Buffer between an SFTP channel and its server, each way.
+const SFTP_PIPE: usize = 512 * 1024;
 /// Open SFTP handles allowed per SFTP session.
 const SFTP_MAX_HANDLES: usize = 1024;
 /// Directory entries per SSH_FXP_NAME reply.
@@ -688,20 +695,91 @@ async fn run_channel(
                 return;
             }
             Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => {
-                debug!(root = %ctx.root.display(), "sftp session started");
-                let sftp = SftpSession {
-                    root: ctx.root.clone(),
-                    handles: HashMap::new(),
-                    next_handle: 0,
-                    initialized: false,
-                    _tracker: tracker,
-                };
-                russh_sftp::server::run(channel.into_stream(), sftp).await;
+                let (rx, tx) = channel.split();
+                run_sftp(rx, tx, &ctx, &mut shutdown, tracker).await;
                 return;
             }
             Some(_) => {}
         }
     }
+}
+
+/// Serves the `sftp` subsystem on a channel until the client is done, then reports exit
+/// status 0 as sshd does for a normal sftp-server exit (`scp` insists on it).
+async fn run_sftp(
+    mut rx: ChannelReadHalf,
+    tx: ChannelWriteHalf<Msg>,
+    ctx: &Ctx,
+    shutdown: &mut watch::Receiver<bool>,
+    tracker: Tracker,
+) {
+    debug!(root = %ctx.root.display(), "sftp session started");
+    let (ours, theirs) = tokio::io::duplex(SFTP_PIPE);
+    russh_sftp::server::run(
+        theirs,
+        SftpSession {
+            root: ctx.root.clone(),
+            handles: HashMap::new(),
+            next_handle: 0,
+            initialized: false,
+            _tracker: tracker,
+        },
+    )
+    .await;
+    let (mut from_sftp, mut to_sftp) = tokio::io::split(ours);
+    // Replies go out in their own task, waiting for window space as needed, so that a
+    // server blocked on replying never stops requests from being read.
+    let mut out = tx.make_writer();
+    let mut replies = tokio::spawn(async move {
+        if let Err(e) = tokio::io::copy(&mut from_sftp, &mut out).await {
+            debug!("sending sftp replies failed: {e}");
+        }
+    });
+    let end = loop {
+        tokio::select! {
+            msg = rx.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if to_sftp.write_all(&data).await.is_err() {
+                        break SftpEnd::Done;
+                    }
+                }
+                Some(ChannelMsg::Eof) => break SftpEnd::Done,
+                Some(ChannelMsg::Close) | None => break SftpEnd::ClientGone,
+                Some(_) => {}
+            },
+            _ = stopped(shutdown) => break SftpEnd::Shutdown,
+        }
+    };
+    // End of requests: the SFTP server finishes and drops its end, which ends the replies.
+    let _ = to_sftp.shutdown().await;
+    drop(to_sftp);
+    let end = match end {
+        SftpEnd::Done => loop {
+            tokio::select! {
+                _ = &mut replies => break SftpEnd::Done,
+                msg = rx.wait() => {
+                    if matches!(msg, Some(ChannelMsg::Close) | None) {
+                        break SftpEnd::ClientGone;
+                    }
+                }
+                _ = stopped(shutdown) => break SftpEnd::Shutdown,
+            }
+        },
+        other => other,
+    };
+    match end {
+        SftpEnd::Done => {
+            let _ = tx.exit_status(0).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+        }
+        SftpEnd::ClientGone => replies.abort(),
+        SftpEnd::Shutdown => {
+            replies.abort();
+            let _ = tx.close().await;
+        }
+    }
+    debug!("sftp session ended");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,9 +807,19 @@ impl From<ExitStatus> for Exit {
 }
 
 /// Why the exec loop ended.
-enum End {
+enum ExecEnd {
     /// The command exited and its output was sent.
     Finished(Exit),
+    /// The client closed the channel or the session went away.
+    ClientGone,
+    /// The endpoint is shutting down.
+    Shutdown,
+}
+
+/// Why an SFTP channel ended.
+enum SftpEnd {
+    /// The client sent EOF (or the SFTP server stopped reading).
+    Done,
     /// The client closed the channel or the session went away.
     ClientGone,
     /// The endpoint is shutting down.
@@ -1146,7 +1234,7 @@ async fn run_exec(
 
     let end = loop {
         if let (Some(exit), true) = (exit, outputs_finished) {
-            break End::Finished(exit);
+            break ExecEnd::Finished(exit);
         }
         tokio::select! {
             status = child.wait(), if exit.is_none() => {
@@ -1191,10 +1279,10 @@ async fn run_exec(
                         None => debug!(signal = name, "unknown signal ignored"),
                     }
                 }
-                Some(ChannelMsg::Close) | None => break End::ClientGone,
+                Some(ChannelMsg::Close) | None => break ExecEnd::ClientGone,
                 Some(_) => {}
             },
-            _ = stopped(shutdown) => break End::Shutdown,
+            _ = stopped(shutdown) => break ExecEnd::Shutdown,
         }
     };
 
@@ -1202,7 +1290,7 @@ async fn run_exec(
         task.abort();
     }
     match end {
-        End::Finished(exit) => {
+        ExecEnd::Finished(exit) => {
             guard.armed = false;
             match exit {
                 Exit::Code(code) => {
@@ -1227,7 +1315,7 @@ async fn run_exec(
             let _ = tx.close().await;
             record_leftovers(pgid, ctx.leftovers.clone()).await;
         }
-        End::ClientGone | End::Shutdown => {
+        ExecEnd::ClientGone | ExecEnd::Shutdown => {
             debug!(
                 pgid,
                 "channel gone or endpoint stopping: terminating command"
@@ -1237,7 +1325,7 @@ async fn run_exec(
             for abort in &pump_aborts {
                 abort.abort();
             }
-            if matches!(end, End::Shutdown) {
+            if matches!(end, ExecEnd::Shutdown) {
                 let _ = tx.close().await;
             }
         }
