@@ -1,5 +1,7 @@
 //! `mpool sim` and `mpool multipass` as processes: what an operator types.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +16,10 @@ struct SimProcess {
 
 impl SimProcess {
     fn start(extra: &[&str]) -> SimProcess {
-        let dir = tempfile::tempdir().unwrap();
+        SimProcess::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> SimProcess {
         let sock = dir.path().join("sim.sock");
         let child = Command::new(MPOOL)
             .args(["sim", "--time-scale", "0", "--socket"])
@@ -131,4 +136,40 @@ fn bad_flags_are_refused_with_a_message() {
     assert!(text(&out).contains("not a probability"), "{}", text(&out));
     let out = mp_at(dir.path(), &dir.path().join("s"), &["restore", "no-dot", "--insecure-skip-verify"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn exec_runs_in_the_instance_and_exits_with_its_code() {
+    let sim = SimProcess::start(&[]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    let out = sim.mp(&["exec", "vm1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // argv arrives intact: no shell injection.
+    let out = sim.mp(&["exec", "vm1", "--", "printf", "[%s]", "a b", "$HOME", "; touch pwned", ""]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[a b][$HOME][; touch pwned][]");
+    assert!(!sim.dir.path().join("state/instances/vm1/root/pwned").exists());
+    // A suspended instance is started first, as the multipass CLI does.
+    assert!(sim.mp(&["suspend", "vm1"]).status.success());
+    let out = sim.mp(&["exec", "vm1", "--working-directory", "/tmp", "--", "pwd"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp\n", "{}", text(&out));
+}
+
+#[test]
+fn exec_reaches_a_real_sshd_through_ssh_target() {
+    let sshd = common::sshd::Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The simulator's key (the one ssh_info hands out) is authorized on the real sshd.
+    let keys = mpool::sim::ssh::SshKeys::load_or_create(&dir.path().join("state")).unwrap();
+    sshd.authorize_public(&keys.client_public_openssh());
+    let target = format!("{}@127.0.0.1:{}", sshd.user(), sshd.port());
+    let sim = SimProcess::start_in(dir, &["--ssh-target", &target]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    let marker = sshd.scratch_dir().join("marker");
+    let cmd = format!("echo from-real-sshd > {}; cat {}; exit 7", marker.display(), marker.display());
+    let out = sim.mp(&["exec", "vm1", "--", "sh", "-c", &cmd]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-real-sshd\n");
+    assert!(sshd.log().contains("Accepted publickey"), "the real sshd served it");
 }

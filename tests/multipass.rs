@@ -18,6 +18,15 @@ async fn state(c: &Client, name: &str) -> InstanceState {
     c.list().await.unwrap().into_iter().find(|i| i.name == name).map(|i| i.state).expect("instance listed")
 }
 
+/// Runs a shell line in the instance over SSH, as a task would.
+async fn exec(c: &Client, vm: &str, line: &str) -> mpool::ssh::ExecOutput {
+    let info = c.ssh_info(vm).await.unwrap();
+    let conn = mpool::ssh::Connection::connect(&mpool::pool::ports::ssh_target(&info), &Default::default()).await.unwrap();
+    let out = conn.run(mpool::ssh::ExecRequest::shell(line)).await.unwrap();
+    conn.close().await;
+    out
+}
+
 fn code(e: &Error) -> Code {
     e.code()
 }
@@ -97,12 +106,14 @@ async fn whole_lifecycle() {
     assert_eq!(c.snapshot(vm, None, "").await.unwrap(), "snapshot2", "auto names are snapshotN");
     c.start(&Names::one(vm), 0).await.unwrap();
 
-    // A task writes a file in the VM.
-    std::fs::write(ts.root(vm).join("task-output.txt"), "dirty").unwrap();
+    // A task writes a file in the VM, over exec.
+    let out = exec(&c, vm, "echo dirty > task-output.txt && cat task-output.txt").await;
+    assert_eq!((out.code, out.stdout_text().as_str()), (Some(0), "dirty\n"));
     c.stop(&Names::one(vm), true).await.unwrap();
     c.restore(vm, "clean", true).await.unwrap();
     c.start(&Names::one(vm), 0).await.unwrap();
-    assert!(!ts.root(vm).join("task-output.txt").exists(), "restore brings back the clean state");
+    let out = exec(&c, vm, "test -e task-output.txt").await;
+    assert_eq!(out.code, Some(1), "restore brings back the clean state: the file is gone");
 
     // Suspend, then start resumes.
     c.suspend(&Names::one(vm)).await.unwrap();

@@ -124,7 +124,13 @@ impl Simulator {
             let pem = std::fs::read(&certs.root_cert).map_err(|e| e.to_string())?;
             crate::tls::write_with_mode(&copy, &pem, 0o644).map_err(|e| e.to_string())?;
         }
-        let keys = Arc::new(ssh::SshKeys::load_or_create(&cfg.state_dir).map_err(|e| format!("SSH keys: {e}"))?);
+        // Generating an RSA key takes a while: off the async threads.
+        let dir = cfg.state_dir.clone();
+        let keys = tokio::task::spawn_blocking(move || ssh::SshKeys::load_or_create(&dir))
+            .await
+            .map_err(|e| format!("SSH keys: {e}"))?
+            .map_err(|e| format!("SSH keys: {e}"))?;
+        let keys = Arc::new(keys);
         let trust = trust::TrustStore::load(&cfg.state_dir).map_err(|e| e.to_string())?;
         let tls = certs.server_config().map_err(|e| e.to_string())?;
         let daemon = Arc::new(Daemon::load(cfg, keys, trust)?);

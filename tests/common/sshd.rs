@@ -195,6 +195,15 @@ impl Sshd {
         fs::read_to_string(path).expect("reading private key")
     }
 
+    /// Authorizes a public key given as an `authorized_keys` line.
+    pub fn authorize_public(&self, line: &str) {
+        let mut keys = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("authorized_keys"))
+            .expect("opening authorized_keys");
+        keys.write_all(format!("{}\n", line.trim()).as_bytes()).expect("appending to authorized_keys");
+    }
+
     /// Generates a client key that is NOT authorized; returns the private key text.
     pub fn unauthorized_key(&self) -> String {
         let path = keygen(self.dir.path(), "stranger_ed25519", "ed25519", None);
