@@ -12,13 +12,18 @@
 //! - [`pool`]: the engine: warm VMs, leases, background resets, reconciliation.
 //! - [`store`]: crash-safe state (VMs, leases, request ids, generations) in one redb file.
 //! - [`config`]: the `mpool serve` config file (TOML): parsing, defaults, validation.
+//! - [`api`]: the public gRPC API `mpool.v1` (auth, health, reflection, metrics).
+//! - [`metrics`]: Prometheus counters and histograms.
 //! - [`cli`]: the `mpool` command line.
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod multipass;
 pub mod pool;
 pub mod proto;
+pub mod serve;
 pub mod sim;
 pub mod ssh;
 pub mod store;

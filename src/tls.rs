@@ -82,7 +82,8 @@ pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), Tl
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
-    let tmp = path.with_extension("tmp");
+    // A unique temporary name: concurrent writers of one file must not share it.
+    let tmp = path.with_extension(format!("tmp.{:016x}", rand::random::<u64>()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -1,7 +1,10 @@
 //! The `mpool` command line: clap definitions and dispatch. Each subcommand's work lives in its
 //! own file (`sim.rs`, `multipass.rs`); this file only parses and sets up logging.
 
+mod client;
+mod demo;
 mod multipass;
+mod serve;
 mod sim;
 
 use std::path::PathBuf;
@@ -23,6 +26,8 @@ pub struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace). `MPOOL_LOG` (an env-filter) overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    #[command(flatten)]
+    connect: client::Connect,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +47,32 @@ enum Command {
     Sim(sim::SimArgs),
     /// Talk to multipassd (or the simulator) directly: an operator's debugging tool.
     Multipass(multipass::MultipassArgs),
+    /// Run the pool daemon: warm VMs, leases, the mpool.v1 API.
+    Serve(serve::ServeArgs),
+    /// Simulator + pool daemon + a sample task through the public API, with timings.
+    Demo(demo::DemoArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+/// Token subcommands.
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a new random token and the line to add to the tokens file (only its hash is stored).
+    New {
+        /// The token's name (owner of the leases it acquires).
+        #[arg(long)]
+        name: String,
+        /// A pool it may use (repeatable; `*` for all).
+        #[arg(long = "pool", required_unless_present = "admin")]
+        pools: Vec<String>,
+        /// Admin: all pools, every lease.
+        #[arg(long)]
+        admin: bool,
+    },
 }
 
 /// mpool's data dir: the flag/env, else `$XDG_DATA_HOME/mpool`, else `~/.local/share/mpool`.
@@ -76,7 +107,7 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Sim(_) => "info",
+        Command::Sim(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
     init_logging(cli.log_format, cli.verbose, default_level);
@@ -92,6 +123,16 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Sim(args) => sim::run(args).await,
             Command::Multipass(args) => multipass::run(args, data_dir).await,
+            Command::Serve(args) => serve::run(args, data_dir).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Token(TokenCommand::New { name, pools, admin }) => {
+                let token = crate::api::auth::new_token();
+                let hash = crate::api::auth::hex(&crate::api::auth::hash(&token));
+                println!("token (give it to the client; it is not stored):\n  {token}\n");
+                println!("add to the tokens file:\n[[tokens]]\nname = {name:?}\nsha256 = \"{hash}\"\npools = {pools:?}\nadmin = {admin}");
+                ExitCode::SUCCESS
+            }
+            Command::Client(cmd) => client::run(cli.connect, cmd).await,
         }
     })
 }

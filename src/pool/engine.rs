@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::{PoolConfig, ResetStrategy};
+use crate::metrics::Metrics;
 use crate::multipass::SshInfo;
 use crate::store::{LeaseRecord, PhaseRecord, PoolRecord, Store, VmRecord, Write};
 
@@ -246,6 +247,17 @@ impl Engine {
     /// Starts the engine: loads the store, then (once the daemon answers) reconciles and keeps
     /// the pools ready. Returns at once; [`Engine::status`] says when reconciliation ran.
     pub fn start(settings: Settings, pools: Vec<PoolConfig>, ports: Ports, store: Arc<Store>) -> Result<Engine, String> {
+        Engine::start_with_metrics(settings, pools, ports, store, Metrics::default())
+    }
+
+    /// [`Engine::start`], recording reset durations into `metrics`.
+    pub fn start_with_metrics(
+        settings: Settings,
+        pools: Vec<PoolConfig>,
+        ports: Ports,
+        store: Arc<Store>,
+        metrics: Metrics,
+    ) -> Result<Engine, String> {
         let snapshot = store.load().map_err(|e| e.to_string())?;
         let mut writes = Vec::new();
         let mut pool_state = BTreeMap::new();
@@ -280,6 +292,7 @@ impl Engine {
             health_tx,
             next_waiter: 0,
             store_snapshot: Some(snapshot),
+            metrics,
         };
         tokio::spawn(actor.run(rx));
         Ok(Engine { tx, healthy })
@@ -371,6 +384,8 @@ struct Vm {
     created_ms: u64,
     /// Rebuild instead of restoring on the next reset.
     rebuild: bool,
+    /// When the running plan started.
+    busy_since: Instant,
 }
 
 impl Vm {
@@ -428,6 +443,7 @@ struct Actor {
     health_tx: watch::Sender<bool>,
     next_waiter: u64,
     store_snapshot: Option<crate::store::Snapshot>,
+    metrics: Metrics,
 }
 
 fn now_ms() -> u64 {
@@ -835,6 +851,7 @@ impl Actor {
     fn spawn_plan(&mut self, name: &str, plan: PlanKind) {
         let Some(vm) = self.vms.get_mut(name) else { return };
         vm.busy = true;
+        vm.busy_since = Instant::now();
         let Some(pool) = self.pools.get(&vm.pool) else { return };
         let cfg = pool.cfg.clone();
         let golden = pool.golden.as_ref().filter(|g| g.ready).map(|g| g.name.clone());
@@ -865,6 +882,9 @@ impl Actor {
         let Some(vm) = self.vms.get_mut(name) else { return };
         vm.busy = false;
         let pool = vm.pool.clone();
+        if matches!(plan, PlanKind::Reset { .. }) && result.is_ok() {
+            self.metrics.observe("mpool_reset_seconds", vec![("pool", pool.clone())], vm.busy_since.elapsed());
+        }
         match result {
             Ok(ssh) => {
                 match plan {
@@ -1066,6 +1086,7 @@ impl Actor {
                     idle_since: now,
                     created_ms: a.record.created_ms,
                     rebuild: false,
+                    busy_since: now,
                 },
             );
         }
@@ -1164,6 +1185,7 @@ impl Actor {
                         idle_since: Instant::now(),
                         created_ms: now_ms(),
                         rebuild: false,
+                        busy_since: Instant::now(),
                     };
                     // Intent first: the record exists before the launch does.
                     self.persist(&[Write::PutVm(vm.record())], true);

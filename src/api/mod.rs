@@ -1,0 +1,10 @@
+//! The public API, `mpool.v1.Pool` over gRPC: the service ([`service`]), its error mapping and
+//! conversions ([`convert`]), bearer-token auth ([`auth`]), the listeners with health and
+//! reflection ([`server`]), and plain HTTP endpoints ([`http`]).
+
+pub mod auth;
+pub mod convert;
+mod errors;
+pub mod http;
+pub mod server;
+pub mod service;

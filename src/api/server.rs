@@ -1,0 +1,170 @@
+//! The API's listeners, in one place: a Unix socket (mode 0660; its file mode is the access
+//! control) and/or TCP (bearer tokens or mTLS required; TLS required off loopback), each serving
+//! the Pool service, `grpc.health.v1` and reflection v1 + v1alpha (health and reflection stay
+//! open so probes and grpcurl `list`/`describe` work), plus Prometheus `/metrics` on its own
+//! listener. Shutdown stops accepting, lets running calls finish for a grace period, then cuts
+//! them (leases stay in the store).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use super::auth::{Auth, Tokens};
+use super::service::PoolService;
+use crate::config::{ApiConfig, Listen};
+use crate::metrics::Metrics;
+use crate::pool::engine::Engine;
+use crate::proto::v1::pool_server::PoolServer;
+
+/// Largest request message accepted (a 10 MB JSON string is refused with RESOURCE_EXHAUSTED).
+pub const MAX_MESSAGE: usize = 8 * 1024 * 1024;
+
+/// Everything the listeners serve.
+#[derive(Clone)]
+pub struct Served {
+    /// The Pool service.
+    pub service: PoolService,
+    /// The engine (health, gauges).
+    pub engine: Engine,
+    /// The metrics registry.
+    pub metrics: Metrics,
+}
+
+fn loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// Decides how a TCP listener authenticates, refusing insecure setups with the fix.
+fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<Tokens>>) -> Result<Auth, String> {
+    if !loopback(addr) && cfg.tls_cert.is_none() {
+        return Err(format!(
+            "[api] listen {addr}: TCP beyond loopback needs TLS; set tls_cert and tls_key (and tokens_file or client_ca)"
+        ));
+    }
+    match (tokens, &cfg.client_ca) {
+        (Some(t), _) => Ok(Auth::Tokens(t.clone())),
+        (None, Some(_)) => Ok(Auth::ClientCert),
+        (None, None) => Err(format!(
+            "[api] listen {addr}: a TCP listener needs callers to authenticate; set tokens_file (bearer tokens) or client_ca (mTLS)"
+        )),
+    }
+}
+
+fn tls_config(cfg: &ApiConfig) -> Result<Option<ServerTlsConfig>, String> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &cfg.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Binds every listener now (so errors surface at start) and returns the future that serves
+/// until `shutdown` turns true.
+pub async fn bind(
+    cfg: &ApiConfig,
+    served: Served,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    let tokens = match &cfg.tokens_file {
+        Some(p) => Some(Arc::new(Tokens::load(p)?)),
+        None => None,
+    };
+    let tls = tls_config(cfg)?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    spawn_health(served.engine.clone(), health_reporter);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1().map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha = reflection().build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
+    let mut servers = tokio::task::JoinSet::new();
+    for listen in &cfg.listen {
+        let auth = match listen {
+            Listen::Unix(_) => Auth::Open,
+            Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
+        };
+        let pool = tonic::service::interceptor::InterceptedService::new(
+            PoolServer::new(served.service.clone()).max_decoding_message_size(MAX_MESSAGE),
+            move |r| auth.check(r),
+        );
+        let mut builder = Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
+        if let (Listen::Tcp(_), Some(tls)) = (listen, &tls) {
+            builder = builder.tls_config(tls.clone()).map_err(|e| format!("[api] TLS: {e}"))?;
+        }
+        let router = builder
+            .add_service(health.clone())
+            .add_service(v1.clone())
+            .add_service(v1alpha.clone())
+            .add_service(pool);
+        let mut sd = shutdown.clone();
+        let stop = async move {
+            let _ = sd.wait_for(|s| *s).await;
+        };
+        match listen {
+            Listen::Unix(path) => {
+                if path.exists() {
+                    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("[api] listen unix:{}: {e}", path.display()))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                servers.spawn(async move { router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stop).await });
+            }
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] listen {addr}: {e}"))?;
+                servers.spawn(async move { router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stop).await });
+            }
+        }
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] metrics_listen {addr}: {e}"))?;
+        let (metrics, engine, mut sd) = (served.metrics.clone(), served.engine.clone(), shutdown.clone());
+        servers.spawn(async move {
+            tokio::select! {
+                _ = super::http::serve_metrics(l, metrics, engine) => {}
+                _ = sd.wait_for(|s| *s) => {}
+            }
+            Ok(())
+        });
+    }
+    let mut sd = shutdown;
+    let ssh = served.service.ssh_cache();
+    Ok(async move {
+        let _ = sd.wait_for(|s| *s).await;
+        // Running calls get `grace` to finish; then their commands are killed.
+        if tokio::time::timeout(grace, async { while servers.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!("calls still running after the {grace:?} grace period: cancelling them");
+            ssh.close_all().await;
+            servers.abort_all();
+        }
+    })
+}
+
+/// Keeps `grpc.health.v1` in step with the daemon: NOT_SERVING while multipassd does not answer.
+fn spawn_health(engine: Engine, reporter: tonic_health::server::HealthReporter) {
+    let mut healthy = engine.healthy();
+    tokio::spawn(async move {
+        loop {
+            let ok = *healthy.borrow_and_update();
+            let status = if ok { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status("mpool.v1.Pool", status).await;
+            if healthy.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}

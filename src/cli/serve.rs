@@ -1,0 +1,99 @@
+//! `mpool serve --config FILE`: the pool daemon, until SIGINT/SIGTERM. While the pools warm up
+//! it shows their progress (a live line on a terminal, log lines otherwise).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::serve::{Options, Running};
+
+/// `mpool serve` flags.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The config file (see deploy/mpool.toml).
+    #[arg(long, env = "MPOOL_CONFIG")]
+    config: PathBuf,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+    /// Turn the daemon scheduler's priorities off (for benchmarks only).
+    #[arg(long, hide = true)]
+    no_priorities: bool,
+}
+
+/// Runs the daemon.
+pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mpool serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: OK ({} pools)", args.config.display(), cfg.pools.len());
+        return ExitCode::SUCCESS;
+    }
+    let opts = Options { data_dir, priorities: !args.no_priorities, daemon_wait: None };
+    let running = match Running::start(cfg.clone(), opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mpool serve: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let progress = tokio::spawn(show_warmup(running.engine().clone(), cfg));
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("mpool serve: cannot watch SIGTERM: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    progress.abort();
+    tracing::info!("shutting down: running calls get the grace period; leases stay in the store");
+    running.stop().await;
+    ExitCode::SUCCESS
+}
+
+/// Reports warm-up progress until every pool has its `min_ready` idle VMs.
+async fn show_warmup(engine: crate::pool::engine::Engine, cfg: Config) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let Ok(status) = engine.status().await else { return };
+        let mut done = status.reconciled;
+        let mut parts = Vec::new();
+        for p in &status.pools {
+            let want = cfg.pool(&p.name).map(|c| c.min_ready).unwrap_or(0) as usize;
+            let ready = p.counts.get("hot").copied().unwrap_or(0) + p.counts.get("warm").copied().unwrap_or(0);
+            let coming = p.counts.get("provisioning").copied().unwrap_or(0);
+            done &= ready >= want;
+            parts.push(format!("{} {ready}/{want} ready ({coming} provisioning)", p.name));
+        }
+        let line = format!("warming pools: {}", parts.join(", "));
+        if tty {
+            eprint!("\r\x1b[K{line}");
+        } else if line != last {
+            tracing::info!("{line}");
+        }
+        last = line;
+        if done {
+            if tty {
+                eprintln!("\r\x1b[K{} — all pools ready", last.replace("warming pools: ", "pools: "));
+            } else {
+                tracing::info!("all pools ready");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 2000 })).await;
+    }
+}
