@@ -1,11 +1,257 @@
-//! `mpool demo` (placeholder while it is written).
+//! `mpool demo`: the simulator and the pool daemon in one process on temporary directories,
+//! then a task through the public gRPC API (over the daemon's Unix socket, as any client would):
+//! wait for the pools, acquire hot, warm and cold VMs, run a command, write a file, release,
+//! acquire the same VM again and show the file is gone, and a one-shot Run. Prints what each
+//! step cost.
+
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::cli::client::{Connect, connect};
+use crate::config::Config;
+use crate::proto::v1;
+use crate::serve::{Options, Running};
+use crate::sim::{SimConfig, Simulator};
 
 /// `mpool demo` flags.
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// The simulator's time scale: 1 is real Multipass timing, 0.02 is 50x faster.
+    #[arg(long, default_value_t = 0.02)]
+    time_scale: f64,
+    /// Keep the temporary directory (and print it).
+    #[arg(long)]
+    keep: bool,
+}
 
 /// Runs the demo.
-pub async fn run(_args: DemoArgs) -> ExitCode {
-    ExitCode::SUCCESS
+pub async fn run(args: DemoArgs) -> ExitCode {
+    match demo(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mpool demo failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Table(Vec<(String, String, Duration)>);
+
+impl Table {
+    fn add(&mut self, step: &str, result: impl Into<String>, took: Duration) {
+        let result = result.into();
+        println!("  {step:<44} {result:<28} {:>10}", fmt(took));
+        self.0.push((step.into(), result, took));
+    }
+}
+
+fn fmt(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    } else if d < Duration::from_secs(1) {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
+fn served(l: &v1::Lease) -> &'static str {
+    match v1::Served::try_from(l.served) {
+        Ok(v1::Served::Hot) => "hot",
+        Ok(v1::Served::Warm) => "warm",
+        Ok(v1::Served::Cold) => "cold",
+        Ok(v1::Served::Repeat) => "repeat",
+        _ => "?",
+    }
+}
+
+fn argv(a: &[&str]) -> Option<v1::Command> {
+    Some(v1::Command { argv: a.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+}
+
+/// Runs a command on a lease; returns (exit code, stdout).
+async fn exec(c: &mut crate::cli::client::Client, lease: &str, cmd: &[&str]) -> Result<(i32, String), String> {
+    let mut s = c
+        .exec(v1::ExecRequest { lease_id: lease.into(), command: argv(cmd), exec_id: String::new() })
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner();
+    let mut out = String::new();
+    while let Some(ev) = s.message().await.map_err(|e| e.message().to_string())? {
+        match ev.event {
+            Some(v1::exec_event::Event::Stdout(t)) => out.push_str(&t),
+            Some(v1::exec_event::Event::Exit(x)) => return Ok((x.code, out)),
+            _ => {}
+        }
+    }
+    Err("no exit status".into())
+}
+
+async fn acquire(c: &mut crate::cli::client::Client, pool: &str) -> Result<(v1::Lease, Duration), String> {
+    let t = Instant::now();
+    let l = c
+        .acquire(v1::AcquireRequest { pool: pool.into(), holder: "demo".into(), ..Default::default() })
+        .await
+        .map_err(|e| format!("acquire from {pool}: {}", e.message()))?
+        .into_inner();
+    Ok((l, t.elapsed()))
+}
+
+async fn release(c: &mut crate::cli::client::Client, lease: &str) -> Result<Duration, String> {
+    let t = Instant::now();
+    c.release(v1::ReleaseRequest { lease_id: lease.into() }).await.map_err(|e| e.message().to_string())?;
+    Ok(t.elapsed())
+}
+
+async fn demo(args: DemoArgs) -> Result<(), String> {
+    let total = Instant::now();
+    let dir = tempfile::Builder::new().prefix("mpool-demo-").tempdir().map_err(|e| e.to_string())?;
+    let root = dir.path().to_path_buf();
+    println!("mpool demo: simulator (time scale {}) + pool daemon in this process, under {}", args.time_scale, root.display());
+
+    let mut sim_cfg = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
+    sim_cfg.time_scale = args.time_scale;
+    let sim = Simulator::start(sim_cfg).await?;
+    let config = format!(
+        r#"
+[daemon]
+address = "unix:{root}/multipass.sock"
+data_dir = "{root}/data"
+[api]
+listen = ["unix:{root}/mpool.sock"]
+[store]
+path = "{root}/mpool.redb"
+[engine]
+reconcile_interval = "200ms"
+[[pools]]
+name = "hot"
+min_ready = 1
+hot = 1
+max_size = 2
+[[pools]]
+name = "warm"
+min_ready = 1
+max_size = 2
+[[pools]]
+name = "cold"
+min_ready = 0
+max_size = 1
+[[pools]]
+name = "reset"
+min_ready = 1
+max_size = 1
+"#,
+        root = root.display()
+    );
+    let cfg = Config::parse(&config, &root).map_err(|e| e.to_string())?;
+    let running = Running::start(
+        cfg,
+        Options { data_dir: root.join("data"), priorities: true, daemon_wait: Some(Duration::from_secs(10)) },
+    )
+    .await?;
+    let mut c = connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
+    let mut t = Table(Vec::new());
+    println!("\n  {:<44} {:<28} {:>10}", "step", "result", "time");
+
+    // 1. Wait for the pools to warm up.
+    let start = Instant::now();
+    loop {
+        let pools = c.list_pools(v1::ListPoolsRequest {}).await.map_err(|e| e.message().to_string())?.into_inner().pools;
+        let ready = |p: &v1::PoolInfo| {
+            let idle = p.vms.get("hot").copied().unwrap_or(0) + p.vms.get("warm").copied().unwrap_or(0);
+            idle >= p.config.as_ref().map(|c| c.min_ready).unwrap_or(0)
+        };
+        if pools.iter().all(ready) && pools.iter().any(|p| p.vms.get("hot").copied().unwrap_or(0) > 0) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err("pools did not become ready within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.add("wait for pools (launch, clean snapshot, park)", "4 pools ready", start.elapsed());
+
+    // 2. Hot, warm and cold acquires.
+    let (hot, d) = acquire(&mut c, "hot").await?;
+    t.add("acquire from pool hot", format!("{} ({})", hot.vm, served(&hot)), d);
+    let (warm, d) = acquire(&mut c, "warm").await?;
+    t.add("acquire from pool warm", format!("{} ({})", warm.vm, served(&warm)), d);
+    let (cold, d) = acquire(&mut c, "cold").await?;
+    t.add("acquire from pool cold (min_ready 0)", format!("{} ({})", cold.vm, served(&cold)), d);
+
+    // 3. A command, and a file written into the VM.
+    let s = Instant::now();
+    let (code, out) = exec(&mut c, &hot.id, &["uname", "-s"]).await?;
+    t.add("exec `uname -s` on the hot lease", format!("exit {code}: {}", out.trim()), s.elapsed());
+    let (r, d) = acquire(&mut c, "reset").await?;
+    t.add("acquire from pool reset", format!("{} ({})", r.vm, served(&r)), d);
+    let s = Instant::now();
+    c.upload(tokio_stream::iter(vec![v1::UploadRequest {
+        lease_id: r.id.clone(),
+        path: "note.txt".into(),
+        text: "written during the lease\n".into(),
+        ..Default::default()
+    }]))
+    .await
+    .map_err(|e| format!("upload: {}", e.message()))?;
+    t.add("upload note.txt", "ok", s.elapsed());
+    let (code, out) = exec(&mut c, &r.id, &["cat", "note.txt"]).await?;
+    if code != 0 || !out.contains("written during the lease") {
+        return Err(format!("note.txt was not written (exit {code}: {out})"));
+    }
+    let d = release(&mut c, &r.id).await?;
+    t.add("release (reset runs in the background)", "ok", d);
+
+    // 4. The same VM again: the file is gone.
+    let (again, d) = acquire(&mut c, "reset").await?;
+    t.add("acquire pool reset again (waits for reset)", format!("{} ({})", again.vm, served(&again)), d);
+    if again.vm != r.vm {
+        return Err(format!("expected the same VM {} again, got {}", r.vm, again.vm));
+    }
+    let s = Instant::now();
+    let (code, _) = exec(&mut c, &again.id, &["test", "-e", "note.txt"]).await?;
+    if code == 0 {
+        return Err("note.txt survived the reset".into());
+    }
+    t.add("exec `test -e note.txt`", "gone: the VM was reset", s.elapsed());
+
+    // 5. A one-shot Run.
+    for l in [&hot, &warm, &cold, &again] {
+        release(&mut c, &l.id).await?;
+    }
+    let s = Instant::now();
+    let mut stream = c
+        .run(v1::RunRequest {
+            pool: "hot".into(),
+            holder: "demo".into(),
+            command: argv(&["sh", "-c", "echo one-shot > out.txt; cat out.txt"]),
+            outputs: vec!["out.txt".into()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("run: {}", e.message()))?
+        .into_inner();
+    let mut result = None;
+    while let Some(ev) = stream.message().await.map_err(|e| format!("run: {}", e.message()))? {
+        if let Some(v1::run_event::Event::Result(r)) = ev.event {
+            result = Some(r);
+        }
+    }
+    let r = result.ok_or("run ended without a result")?;
+    let out = r.outputs.first().map(|o| String::from_utf8_lossy(&o.data).trim().to_string()).unwrap_or_default();
+    let code = r.exit.map(|x| x.code).unwrap_or(-1);
+    t.add("run (acquire+exec+download+release)", format!("exit {code}, out.txt: {out}"), s.elapsed());
+
+    running.stop().await;
+    sim.shutdown().await;
+    println!(
+        "\nDone in {}. Simulated Multipass durations are scaled by {} (launch ~40 s, resume ~4 s at scale 1).",
+        fmt(total.elapsed()),
+        args.time_scale
+    );
+    if args.keep {
+        let kept = dir.keep();
+        println!("Kept {}", kept.display());
+    }
+    Ok(())
 }

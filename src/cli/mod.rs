@@ -1,7 +1,7 @@
 //! The `mpool` command line: clap definitions and dispatch. Each subcommand's work lives in its
 //! own file (`sim.rs`, `multipass.rs`); this file only parses and sets up logging.
 
-mod client;
+pub mod client;
 mod demo;
 mod multipass;
 mod serve;

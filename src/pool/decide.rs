@@ -148,7 +148,9 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
     let hot_now = idle.iter().filter(|v| v.state == VmState::Hot).count()
         + coming.iter().filter(|v| v.target_hot).count();
     if count > 0 {
-        let hot = (cfg.hot as usize).saturating_sub(hot_now).min(count);
+        // VMs made for waiting callers stay running: suspending them only to resume them at
+        // once would cost a suspend and a resume.
+        let hot = ((cfg.hot as usize).saturating_sub(hot_now) + p.waiting).min(count);
         out.push(Action::Provision { count, hot });
         return out;
     }
@@ -233,7 +235,7 @@ mod tests {
     fn waiting_callers_scale_up_within_max_size() {
         let c = cfg(1, 0, 4);
         let vms = vec![vm("a", VmState::Leased), vm("b", VmState::Leased)];
-        assert_eq!(decide(&view(&c, vms, 3)), vec![Action::Provision { count: 2, hot: 0 }]);
+        assert_eq!(decide(&view(&c, vms, 3)), vec![Action::Provision { count: 2, hot: 2 }], "made for callers: kept running");
     }
 
     #[test]
