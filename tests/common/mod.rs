@@ -1,9 +1,10 @@
-//! Shared test support: the simulator ([`sim`]), a real OpenSSH server ([`sshd`]) and the
+//! Shared test support: the simulator ([`sim`]), a whole sim + serve stack ([`stack`]), a real OpenSSH server ([`sshd`]) and the
 //! endpoint-independent exec and transfer suite ([`suite`]).
 #![allow(dead_code)]
 
 pub mod sim;
 pub mod sshd;
+pub mod stack;
 pub mod suite;
 
 /// The suite's view of a local OpenSSH server.

@@ -1,0 +1,239 @@
+//! A whole stack for integration tests: `mpool sim` in-process (so tests can hang and release
+//! daemon operations and read its events) and `mpool serve` as a real child process (so tests
+//! can kill -9 it), with the API on a Unix socket, on TCP with TLS and a bearer token, and
+//! `/metrics`.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mpool::cli::client::{Client, Connect, connect};
+use mpool::proto::v1;
+use mpool::sim::{SimConfig, Simulator};
+
+/// The mpool binary under test.
+pub const MPOOL: &str = env!("CARGO_BIN_EXE_mpool");
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The running stack.
+pub struct Stack {
+    /// Everything lives here.
+    pub dir: tempfile::TempDir,
+    /// The simulator (in-process).
+    pub sim: Option<Simulator>,
+    /// The `mpool serve` process.
+    pub serve: Option<Child>,
+    /// API Unix socket.
+    pub socket: PathBuf,
+    /// API TCP address (TLS + token).
+    pub tcp: SocketAddr,
+    /// Metrics address.
+    pub metrics: SocketAddr,
+    /// A valid bearer token for `tcp`.
+    pub token: String,
+    /// The CA certificate that signed the TCP listener's certificate (server name `localhost`).
+    pub ca: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl Stack {
+    /// Starts the simulator (time scale 0, after `tweak`) and `mpool serve` with `pools_toml`
+    /// (one or more `[[pools]]` tables).
+    pub async fn start(pools_toml: &str, tweak: impl FnOnce(&mut SimConfig)) -> Stack {
+        let dir = tempfile::Builder::new().prefix("mpool-stack-").tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut sc = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
+        sc.time_scale = 0.0;
+        tweak(&mut sc);
+        let sim = Simulator::start(sc).await.expect("simulator");
+
+        let (ca, leaf) = mpool::tls::generate_ca_and_server("localhost").expect("certs");
+        std::fs::write(root.join("api-ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(root.join("api-cert.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(root.join("api-key.pem"), &leaf.key_pem).unwrap();
+        let token = mpool::api::auth::new_token();
+        let hash = mpool::api::auth::hex(&mpool::api::auth::hash(&token));
+        std::fs::write(
+            root.join("tokens.toml"),
+            format!(
+                "[[tokens]]\nname = \"ci-bot\"\nsha256 = \"{hash}\"\npools = [\"*\"]\n\n[[tokens]]\nname = \"other\"\nsha256 = \"{}\"\npools = [\"*\"]\n",
+                mpool::api::auth::hex(&mpool::api::auth::hash("other-token"))
+            ),
+        )
+        .unwrap();
+        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = root.join("mpool.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[daemon]
+address = "unix:{root}/multipass.sock"
+data_dir = "{root}/data"
+call_timeout = "10s"
+blocking_call_timeout = "20s"
+
+[api]
+listen = ["unix:{root}/mpool.sock", "{tcp}"]
+tls_cert = "{root}/api-cert.pem"
+tls_key = "{root}/api-key.pem"
+tokens_file = "{root}/tokens.toml"
+metrics_listen = "{metrics}"
+
+[store]
+path = "{root}/mpool.redb"
+
+[engine]
+reconcile_interval = "100ms"
+health_interval = "1s"
+shutdown_grace = "2s"
+
+{pools_toml}
+"#,
+                root = root.display()
+            ),
+        )
+        .unwrap();
+        let mut s = Stack {
+            socket: root.join("mpool.sock"),
+            ca: root.join("api-ca.pem"),
+            dir,
+            sim: Some(sim),
+            serve: None,
+            tcp,
+            metrics,
+            token,
+            config,
+        };
+        s.start_serve();
+        s
+    }
+
+    /// The simulator.
+    pub fn sim(&self) -> &Simulator {
+        self.sim.as_ref().expect("simulator running")
+    }
+
+    /// Starts `mpool serve` (again) and waits for its socket.
+    pub fn start_serve(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("serve.log"))
+            .expect("log file");
+        let child = Command::new(MPOOL)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("MPOOL_LOG", "info,mpool=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("mpool serve starts");
+        self.serve = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.socket.exists() {
+            assert!(Instant::now() < deadline, "mpool serve did not open its socket; log:\n{}", self.log());
+            if let Some(c) = self.serve.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("mpool serve exited with {status}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9 the serve process.
+    pub fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The serve log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// A client over the Unix socket (no token needed there).
+    pub async fn client(&self) -> Client {
+        connect(&Connect { endpoint: format!("unix:{}", self.socket.display()), token: None, ca: None })
+            .await
+            .expect("client connects")
+    }
+
+    /// A client over TCP with TLS and the given token.
+    pub async fn tcp_client(&self, token: Option<&str>) -> Client {
+        connect(&Connect {
+            endpoint: format!("https://localhost:{}", self.tcp.port()),
+            token: token.map(String::from),
+            ca: Some(self.ca.clone()),
+        })
+        .await
+        .expect("tcp client connects")
+    }
+
+    /// Waits until `pool` has at least `n` idle VMs.
+    pub async fn wait_idle(&self, pool: &str, n: u32) {
+        let mut c = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(p) = c.get_pool(v1::GetPoolRequest { pool: pool.into() }).await {
+                let p = p.into_inner();
+                let idle = p.vms.get("hot").copied().unwrap_or(0) + p.vms.get("warm").copied().unwrap_or(0);
+                if idle >= n {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "pool {pool} never had {n} idle VMs; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The directory of the stack.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.kill_serve();
+    }
+}
+
+/// Runs a command on a lease through the API; returns (exit code, stdout, stderr).
+pub async fn exec(c: &mut Client, lease: &str, argv: &[&str]) -> Result<(i32, String, String), tonic::Status> {
+    let mut s = c
+        .exec(v1::ExecRequest {
+            lease_id: lease.into(),
+            command: Some(v1::Command { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }),
+            exec_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut err) = (String::new(), String::new());
+    while let Some(ev) = s.message().await? {
+        match ev.event {
+            Some(v1::exec_event::Event::Stdout(t)) => out.push_str(&t),
+            Some(v1::exec_event::Event::Stderr(t)) => err.push_str(&t),
+            Some(v1::exec_event::Event::Exit(x)) => return Ok((x.code, out, err)),
+            _ => {}
+        }
+    }
+    Err(tonic::Status::internal("no exit event"))
+}
+
+/// Acquires a lease.
+pub async fn acquire(c: &mut Client, pool: &str, holder: &str) -> Result<v1::Lease, tonic::Status> {
+    Ok(c.acquire(v1::AcquireRequest { pool: pool.into(), holder: holder.into(), ..Default::default() }).await?.into_inner())
+}
