@@ -150,6 +150,7 @@ pub struct Daemon {
     changed: watch::Sender<u64>,
     hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
     fail_rate: Mutex<f64>,
+    time_scale: Mutex<f64>,
     pub(super) keys: Arc<SshKeys>,
     pub(super) trust: TrustStore,
     events: broadcast::Sender<SimEvent>,
@@ -200,6 +201,7 @@ impl Daemon {
             changed: watch::channel(0).0,
             hangs: Mutex::new(hangs),
             fail_rate: Mutex::new(fail_rate),
+            time_scale: Mutex::new(cfg.time_scale),
             keys,
             trust,
             events: broadcast::channel(4096).0,
@@ -222,6 +224,13 @@ impl Daemon {
     pub fn set_hang(&self, op: &str, hang: bool) {
         if let Ok(mut h) = self.hangs.lock() {
             h.entry(op_name(op)).or_insert_with(|| watch::channel(false).0).send_replace(hang);
+        }
+    }
+
+    /// Changes the time scale (tests provision fast, then slow the daemon down).
+    pub fn set_time_scale(&self, scale: f64) {
+        if let Ok(mut s) = self.time_scale.lock() {
+            *s = scale;
         }
     }
 
@@ -311,7 +320,8 @@ impl Daemon {
             self.emit(op, instance, EventKind::Hung);
             let _ = rx.wait_for(|h| !*h).await;
         }
-        let d = base.mul_f64(self.cfg.time_scale.max(0.0));
+        let scale = self.time_scale.lock().map(|s| *s).unwrap_or(0.0);
+        let d = base.mul_f64(scale.max(0.0));
         if !d.is_zero() {
             tokio::time::sleep(d).await;
         }

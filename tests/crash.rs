@@ -1,0 +1,159 @@
+//! Crash safety: `mpool serve` is killed with SIGKILL at several points of provisioning,
+//! acquire, release and reset (the simulator holds the daemon operation there), then started
+//! again. Every instance must be accounted for (leased, ready, or being reset), unexpired leases
+//! must still work, nothing is leaked or duplicated, and stray `mpool-` instances are cleaned.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::sim::wait_event;
+use common::stack::{Stack, acquire, exec};
+use mpool::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, LaunchOptions, ServerVerification};
+use mpool::proto::v1;
+use mpool::sim::EventKind;
+
+const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nmax_size = 3\n";
+
+/// A multipassd client with serve's own identity (the simulator trusts it).
+async fn daemon(stack: &Stack) -> Client {
+    let mut o = ClientOptions::new(stack.path().join("data"));
+    o.address = Some(DaemonAddress::Unix(stack.path().join("multipass.sock")));
+    o.identity = ClientIdentity::Own;
+    o.verification = ServerVerification::RootCert(stack.sim().root_cert());
+    Client::connect(o).await.expect("daemon client")
+}
+
+/// Waits until the daemon's `mpool-` instances and the engine's VMs are the same set, with
+/// every VM settled (idle or leased) and `idle` of them idle; returns the instances.
+async fn accounted(stack: &Stack, idle: usize) -> BTreeSet<String> {
+    let d = daemon(stack).await;
+    let mut c = stack.client().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let on_daemon: BTreeSet<String> =
+            d.list().await.unwrap().into_iter().map(|i| i.name).filter(|n| n.starts_with("mpool-")).collect();
+        let vms = c.list_vms(v1::ListVmsRequest { pool: String::new() }).await.unwrap().into_inner().vms;
+        let known: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
+        let settled = vms.iter().all(|v| matches!(v.state.as_str(), "hot" | "warm" | "leased"));
+        let n_idle = vms.iter().filter(|v| v.state == "hot" || v.state == "warm").count();
+        if on_daemon == known && settled && n_idle == idle && known.len() == vms.len() {
+            return known;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accounted for: daemon {on_daemon:?}, engine {:?}\nlog:\n{}",
+            vms.iter().map(|v| (v.name.clone(), v.state.clone())).collect::<Vec<_>>(),
+            stack.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_provisioning() {
+    let mut stack = Stack::start(POOL, |c| c.hang_ops = vec!["snapshot".into()]).await;
+    let mut ev = stack.sim().events();
+    wait_event(&mut ev, |e| e.op == "snapshot" && e.kind == EventKind::Hung).await;
+    stack.kill_serve();
+    stack.sim().daemon().set_hang("snapshot", false);
+    stack.start_serve();
+    let vms = accounted(&stack, 2).await;
+    assert_eq!(vms.len(), 2, "half-provisioned VMs were reset or replaced, not leaked: {vms:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_waking_a_vm_for_an_acquire() {
+    let mut stack = Stack::start(POOL, |_| {}).await;
+    stack.wait_idle("ci", 2).await;
+    stack.sim().daemon().set_hang("start", true);
+    let mut ev = stack.sim().events();
+    let mut c = stack.client().await;
+    let pending = tokio::spawn(async move { acquire(&mut c, "ci", "doomed").await });
+    wait_event(&mut ev, |e| e.op == "start" && e.kind == EventKind::Hung).await;
+    stack.kill_serve();
+    assert!(pending.await.unwrap().is_err(), "the caller sees the failure");
+    stack.sim().daemon().set_hang("start", false);
+    stack.start_serve();
+    let vms = accounted(&stack, 2).await;
+    assert_eq!(vms.len(), 2, "{vms:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_reset_after_release() {
+    let mut stack = Stack::start(POOL, |_| {}).await;
+    stack.wait_idle("ci", 2).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "task").await.unwrap();
+    exec(&mut c, &lease.id, &["sh", "-c", "echo dirty > dirty.txt"]).await.unwrap();
+    stack.sim().daemon().set_hang("restore", true);
+    let mut ev = stack.sim().events();
+    c.release(v1::ReleaseRequest { lease_id: lease.id.clone() }).await.unwrap();
+    wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Hung).await;
+    stack.kill_serve();
+    stack.sim().daemon().set_hang("restore", false);
+    stack.start_serve();
+    let vms = accounted(&stack, 3).await;
+    assert!(vms.contains(&lease.vm), "the VM being reset is still ours");
+    // And it really was reset: every idle VM is clean.
+    let mut c = stack.client().await;
+    for _ in 0..3 {
+        let l = acquire(&mut c, "ci", "check").await.unwrap();
+        let (code, _, _) = exec(&mut c, &l.id, &["test", "-e", "dirty.txt"]).await.unwrap();
+        assert_ne!(code, 0, "{} still has the old task's file", l.vm);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lease_survives_a_crash_and_strays_are_cleaned() {
+    let mut stack = Stack::start(POOL, |_| {}).await;
+    stack.wait_idle("ci", 2).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "long-task").await.unwrap();
+    exec(&mut c, &lease.id, &["sh", "-c", "echo kept > work.txt"]).await.unwrap();
+    stack.kill_serve();
+    // While mpool is down, someone leaves an instance with our prefix behind.
+    let d = daemon(&stack).await;
+    d.launch(&LaunchOptions { name: "mpool-ci-stray".into(), ..Default::default() }).await.unwrap();
+    d.launch(&LaunchOptions { name: "somebody-else".into(), ..Default::default() }).await.unwrap();
+    stack.start_serve();
+    let vms = accounted(&stack, 2).await;
+    assert!(!vms.contains("mpool-ci-stray"), "stray deleted");
+    assert!(d.list().await.unwrap().iter().any(|i| i.name == "somebody-else"), "never touch instances without our prefix");
+    let mut c = stack.client().await;
+    let (code, out, _) = exec(&mut c, &lease.id, &["cat", "work.txt"]).await.expect("the lease still works");
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "and its VM was not reset under it");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.unwrap();
+    accounted(&stack, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
+    let mut stack = Stack::start(POOL, |_| {}).await;
+    stack.wait_idle("ci", 2).await;
+    let mut c = stack.client().await;
+    let lease = c
+        .acquire(v1::AcquireRequest {
+            pool: "ci".into(),
+            holder: "short".into(),
+            ttl: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stack.kill_serve();
+    let expires = lease.expires_at.clone().unwrap();
+    let expires = std::time::UNIX_EPOCH + Duration::new(expires.seconds as u64, expires.nanos as u32);
+    while std::time::SystemTime::now() <= expires {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ev = stack.sim().events();
+    stack.start_serve();
+    wait_event(&mut ev, |e| e.op == "restore" && e.instance == lease.vm && e.kind == EventKind::Working).await;
+    accounted(&stack, 3).await;
+    let mut c = stack.client().await;
+    let err = c.renew(v1::RenewRequest { lease_id: lease.id, ttl: None }).await.unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound), "{err:?}");
+}
