@@ -1027,11 +1027,8 @@ impl Actor {
             use crate::multipass::InstanceState as S;
             match (vm.state, seen.get(vm.name.as_str())) {
                 (_, None) if vm.state != VmState::Deleting => gone.push(vm.name.clone()),
-                (VmState::Warm, Some(S::Suspended)) | (VmState::Hot, Some(S::Running)) => {
-                    if vm.state == VmState::Hot {
-                        check.push(vm.name.clone());
-                    }
-                }
+                (VmState::Hot, Some(S::Running)) => check.push(vm.name.clone()),
+                (VmState::Warm, Some(S::Suspended)) => {}
                 (VmState::Warm | VmState::Hot, Some(_)) => doubt.push(vm.name.clone()),
                 _ => {}
             }
