@@ -10,25 +10,13 @@ use crate::config::{PoolConfig, ResetStrategy};
 use crate::store::Store;
 
 fn pool(min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
-    PoolConfig {
-        name: "ci".into(),
-        image: "24.04".into(),
-        cpus: 1,
-        memory: "1G".into(),
-        disk: "5G".into(),
-        cloud_init: None,
-        setup: vec![],
-        min_ready,
-        hot,
-        max_size,
-        reset: ResetStrategy::Snapshot,
-        max_uses: 0,
-        default_ttl: Duration::from_secs(600),
-        max_ttl: Duration::from_secs(3600),
-        max_wait: Duration::from_secs(60),
-        readiness_timeout: Duration::from_secs(60),
-        idle_timeout: Duration::from_secs(300),
-    }
+    let mut p = PoolConfig::with_defaults("ci");
+    (p.min_ready, p.hot, p.max_size) = (min_ready, hot, max_size);
+    p.default_ttl = Duration::from_secs(600);
+    p.max_ttl = Duration::from_secs(3600);
+    p.max_wait = Duration::from_secs(60);
+    p.idle_timeout = Duration::from_secs(300);
+    p
 }
 
 struct Harness {
