@@ -334,6 +334,11 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
                                 continue;
                             }
                             std::fs::write(local, &f.data).map_err(|e| format!("--get {}: {e}", local.display()))?;
+                            if f.mode != 0 {
+                                use std::os::unix::fs::PermissionsExt;
+                                std::fs::set_permissions(local, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                                    .map_err(|e| format!("--get {}: {e}", local.display()))?;
+                            }
                         }
                         return Ok(r.exit.as_ref().map(exit_code).unwrap_or(ExitCode::from(255)));
                     }
