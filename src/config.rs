@@ -30,6 +30,8 @@ pub use crate::sim::rules::parse_size;
 
 /// The API listener used when `[api] listen` is absent.
 pub const DEFAULT_LISTEN: &str = "unix:/run/mpool/mpool.sock";
+/// The largest upload when `[api] max_upload` is absent: 1 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 1 << 30;
 /// The store path used when `[store] path` is absent.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/mpool/mpool.redb";
 /// The instance-name prefix used when `[engine] name_prefix` is absent.
@@ -145,6 +147,9 @@ pub struct ApiConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `http_listen`: the HTTP/JSON facade (`unix:PATH` or `IP:PORT`); `None` disables it.
     pub http_listen: Option<Listen>,
+    /// `max_upload` (default `1G`): the largest file an Upload (or all inputs of a Run together)
+    /// may write, in bytes; at least 1.
+    pub max_upload: u64,
 }
 
 impl Default for ApiConfig {
@@ -157,6 +162,7 @@ impl Default for ApiConfig {
             tokens_file: None,
             metrics_listen: None,
             http_listen: None,
+            max_upload: DEFAULT_MAX_UPLOAD,
         }
     }
 }
@@ -577,6 +583,7 @@ struct RawApi {
     tokens_file: Field<String>,
     metrics_listen: Field<String>,
     http_listen: Field<String>,
+    max_upload: Field<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -899,6 +906,27 @@ impl Checker<'_> {
         {
             self.fail("api.metrics_listen", Some(span.clone()), format!("{a} is already used by {other}; pick another port"));
         }
+        let max_upload = match &raw.max_upload {
+            None => d.max_upload,
+            Some(v) => match parse_size(v.get_ref()) {
+                Some(b) if b > 0 => b,
+                Some(_) => {
+                    self.fail("api.max_upload", Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
+                    d.max_upload
+                }
+                None => {
+                    self.fail(
+                        "api.max_upload",
+                        Some(v.span()),
+                        format!(
+                            "{:?} is not a size; write a number with K, M, G or T (e.g. \"64M\", \"1G\"), or plain digits for bytes",
+                            v.get_ref()
+                        ),
+                    );
+                    d.max_upload
+                }
+            },
+        };
         ApiConfig {
             listen,
             tls_cert,
@@ -907,6 +935,7 @@ impl Checker<'_> {
             tokens_file: self.path("api.tokens_file", &raw.tokens_file),
             metrics_listen: metrics_listen.map(|(a, _)| a),
             http_listen: http_listen.map(|(l, _)| l),
+            max_upload,
         }
     }
 
@@ -1209,6 +1238,7 @@ client_ca = "tls/ca.pem"
 tokens_file = "/etc/mpool/tokens"
 metrics_listen = "127.0.0.1:9090"
 http_listen = "127.0.0.1:8080"
+max_upload = "64M"
 
 [store]
 path = "db/mpool.redb"
@@ -1273,6 +1303,7 @@ reset = "recreate"
         assert_eq!(a.tokens_file, Some("/etc/mpool/tokens".into()));
         assert_eq!(a.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(a.http_listen, Some(Listen::Tcp("127.0.0.1:8080".parse().unwrap())));
+        assert_eq!(a.max_upload, 64 << 20);
         assert_eq!(c.store.path, PathBuf::from("/cfg/db/mpool.redb"));
         let e = &c.engine;
         assert_eq!(e.name_prefix, "pool-");
@@ -1420,6 +1451,9 @@ reset = "recreate"
         assert_error(&a("client_ca = \"ca.pem\""), &["api.client_ca", "tls_cert"]);
         assert_error(&a("metrics_listen = \"localhost:9090\""), &["api.metrics_listen", "127.0.0.1:9090"]);
         assert_error(&a("http_listen = \"http://x\""), &["api.http_listen"]);
+        assert_error(&a("max_upload = \"lots\""), &["api.max_upload", "lots", "not a size"]);
+        assert_error(&a("max_upload = \"0\""), &["api.max_upload", "at least 1 byte"]);
+        assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
         assert_error(
             &a("listen = [\"127.0.0.1:7070\"]\nhttp_listen = \"127.0.0.1:7070\""),
             &["api.http_listen", "already used by api.listen[0]"],
@@ -1607,6 +1641,7 @@ reset = "recreate"
         assert_eq!(c.daemon.address.as_deref(), Some("unix:/var/snap/multipass/common/multipass_socket"));
         assert_eq!(c.api.listen[0], Listen::Unix("/run/mpool/mpool.sock".into()));
         assert_eq!(c.store.path, PathBuf::from("/var/lib/mpool/mpool.redb"));
+        assert_eq!(c.api.max_upload, DEFAULT_MAX_UPLOAD);
         assert_eq!(c.pools.len(), 2);
         assert_eq!(c.pools[0].reset, ResetStrategy::Snapshot);
         assert!(c.pools[0].hot > 0);

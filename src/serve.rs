@@ -96,7 +96,7 @@ impl Running {
             priorities: opts.priorities,
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
-        let service = PoolService::new(engine.clone(), ssh, Limits::default(), metrics.clone());
+        let service = PoolService::new(engine.clone(), ssh, Limits { max_upload: cfg.api.max_upload, ..Limits::default() }, metrics.clone());
         let (shutdown, rx) = watch::channel(false);
         let served = Served { service, engine: engine.clone(), metrics };
         let api = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;

@@ -96,6 +96,38 @@ pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), Tl
     std::fs::rename(&tmp, path).map_err(io_err)
 }
 
+/// The handshake-signature checks every certificate verifier must keep, even one that accepts
+/// any certificate: they prove the peer holds the key of the certificate it shows.
+#[derive(Debug)]
+pub struct Signatures(pub Arc<CryptoProvider>);
+
+impl Signatures {
+    /// A TLS 1.2 handshake signature.
+    pub fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    /// A TLS 1.3 handshake signature.
+    pub fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    /// The schemes the provider verifies.
+    pub fn schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// A certificate and its private key, both PEM.
 #[derive(Clone, Debug)]
 pub struct PemPair {

@@ -144,7 +144,7 @@ async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
         .unwrap()
         .into_inner();
     stack.kill_serve();
-    let expires = lease.expires_at.clone().unwrap();
+    let expires = lease.expires_at.unwrap();
     let expires = std::time::UNIX_EPOCH + Duration::new(expires.seconds as u64, expires.nanos as u32);
     while std::time::SystemTime::now() <= expires {
         tokio::time::sleep(Duration::from_millis(50)).await;

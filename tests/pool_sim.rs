@@ -32,11 +32,16 @@ fn pool(name: &str, min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
 }
 
 async fn rig(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool::sim::SimConfig)) -> Rig {
+    rig_with(pools, tweak, Duration::from_secs(30)).await
+}
+
+/// A rig whose quick daemon calls (list, ssh_info, ...) time out after `quick`.
+async fn rig_with(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool::sim::SimConfig), quick: Duration) -> Rig {
     let ts = TestSim::start(tweak).await;
     let client = ts.client("engine").await;
     let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
     let ports = Ports {
-        daemon: Arc::new(MultipassPort::new(client, Duration::from_secs(30), Duration::from_secs(60))),
+        daemon: Arc::new(MultipassPort::new(client, quick, Duration::from_secs(60))),
         ssh: Arc::new(SshAdapter::new(ssh.clone())),
     };
     let store = Arc::new(Store::open(&ts.dir.path().join("mpool.redb")).unwrap());
@@ -252,4 +257,52 @@ async fn a_warm_acquire_jumps_a_burst_of_twenty_resets() {
     assert_eq!(warm.served, mpool::pool::engine::Served::Warm);
     assert!(jumped_over <= 6, "the acquire waited for at most a few in-flight blocking ops, not the queue: {jumped_over}");
     assert!(after >= 20, "most of the burst's blocking ops ran after the acquire was served: {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_daemon_turns_health_off_and_acquires_fail_fast() {
+    let r = rig_with(vec![pool("ci", 1, 0, 2)], |_| {}, Duration::from_millis(500)).await;
+    until(&r.engine, "ready", |s| idle(s, "ci") == 1).await;
+    let mut healthy = r.engine.healthy();
+    assert!(*healthy.borrow_and_update());
+    // multipassd freezes whole (as one stuck SSH command inside it was seen to do).
+    r.ts.sim.daemon().set_hang("list", true);
+    r.ts.sim.daemon().set_hang("start", true);
+    healthy.wait_for(|h| !*h).await.unwrap();
+    // The daemon is still frozen: an answer at all proves the acquire did not hang with it.
+    let err = r.engine.acquire(req("ci", "t")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    // It thaws: the engine notices by itself and serves again.
+    r.ts.sim.daemon().set_hang("list", false);
+    r.ts.sim.daemon().set_hang("start", false);
+    healthy.wait_for(|h| *h).await.unwrap();
+    r.engine.acquire(req("ci", "t")).await.expect("serving again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_daemon_restart_resumed_vms_are_re_parked() {
+    let r = rig(vec![pool("ci", 2, 0, 2)], |_| {}).await;
+    until(&r.engine, "ready", |s| idle(s, "ci") == 2).await;
+    let cfg = r.ts.sim.daemon().cfg_clone();
+    // multipassd restarts: it resumes suspended instances, so the pool's warm VMs run again.
+    let Rig { ts, engine, ssh: _ssh } = r;
+    let TestSim { dir, sim } = ts;
+    sim.shutdown().await;
+    let sim = mpool::sim::Simulator::start(cfg).await.unwrap();
+    let ts = TestSim { dir, sim };
+    let c = ts.client("engine").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states: Vec<_> = c.list().await.unwrap().into_iter().map(|i| i.state).collect();
+        let engine_ok = {
+            let s = engine.status().await.unwrap();
+            s.daemon_ok && idle(&s, "ci") == 2 && s.vms.iter().all(|v| !v.busy)
+        };
+        if engine_ok && states.iter().all(|s| *s == mpool::multipass::InstanceState::Suspended) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "VMs not re-parked: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.acquire(req("ci", "after-restart")).await.expect("serving after the daemon restart");
 }

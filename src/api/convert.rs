@@ -63,9 +63,17 @@ pub fn lease(info: &LeaseInfo) -> v1::Lease {
     v1::Lease { served: served(info.served) as i32, waited: Some(proto_duration(info.waited)), ..lease_record(&info.record) }
 }
 
-/// The status for an engine error.
+/// The status for an engine error, with a message that says what to do.
 pub fn engine_status(e: EngineError) -> Status {
-    Status::new(e.code(), e.to_string())
+    let message = match &e {
+        EngineError::UnknownLease(_) => format!("{e}: acquire a new lease (ListLeases shows the leases you hold)"),
+        EngineError::NotOwner(id) => format!(
+            "lease {id} belongs to another client: only the token that acquired it (or an admin token) may use it; \
+             acquire your own lease"
+        ),
+        _ => e.to_string(),
+    };
+    Status::new(e.code(), message)
 }
 
 /// The status for an SSH error during a call on a lease.

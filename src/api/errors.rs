@@ -1,6 +1,10 @@
 //! A tower layer that counts API calls ending with an error status, by method and code, for
 //! `mpool_grpc_errors_total` (errors a handler returns are trailers-only responses, so the
 //! status is in the response headers).
+//!
+//! It also corrects one status tonic gets wrong: a request message above the size limit is
+//! refused by tonic's decoder with OUT_OF_RANGE, where gRPC specifies RESOURCE_EXHAUSTED; the
+//! layer rewrites it to RESOURCE_EXHAUSTED with a message that says what to do instead.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,7 +57,8 @@ where
         let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await?;
+            let mut resp = fut.await?;
+            oversize_to_resource_exhausted(resp.headers_mut());
             if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<i32>().ok())
                 && code != 0
             {
@@ -62,5 +67,95 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+/// tonic's decoder refuses a message above `max_decoding_message_size` with OUT_OF_RANGE and
+/// "Error, decoded message length too large: found N bytes, the limit is: M bytes". gRPC says
+/// RESOURCE_EXHAUSTED (what other servers and clients report); rewrite it, saying what to do.
+fn oversize_to_resource_exhausted(headers: &mut http::HeaderMap) {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(out_of_range.as_str()) {
+        return;
+    }
+    let message = headers.get("grpc-message").map(|v| percent_decode(v.as_bytes())).unwrap_or_default();
+    if !message.contains("message length too large") {
+        return;
+    }
+    let found = message
+        .split("found ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .map(|n| format!(" ({n} bytes)"))
+        .unwrap_or_default();
+    let text = format!(
+        "request message too large{found}: the limit is {} bytes per message; send file contents with Upload \
+         in chunks below the limit, and pass large inputs as files rather than in argv, env or holder",
+        super::server::MAX_MESSAGE
+    );
+    let code = (tonic::Code::ResourceExhausted as i32).to_string();
+    if let (Ok(status), Ok(msg)) = (http::HeaderValue::from_str(&code), http::HeaderValue::from_str(&percent_encode(&text))) {
+        headers.insert("grpc-status", status);
+        headers.insert("grpc-message", msg);
+    }
+}
+
+/// Decodes a `grpc-message` header (percent-encoded UTF-8).
+fn percent_decode(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if raw[i] == b'%'
+            && i + 2 < raw.len()
+            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a `grpc-message` header: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_messages_become_resource_exhausted() {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-status", http::HeaderValue::from_static("11"));
+        h.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Error,%20decoded%20message%20length%20too%20large:%20found%2010000009%20bytes,%20the%20limit%20is:%208388608%20bytes"),
+        );
+        oversize_to_resource_exhausted(&mut h);
+        assert_eq!(h.get("grpc-status").unwrap(), "8");
+        let msg = percent_decode(h.get("grpc-message").unwrap().as_bytes());
+        assert!(msg.contains("10000009 bytes") && msg.contains("Upload"), "{msg}");
+        // Other OUT_OF_RANGE statuses are left alone.
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-status", http::HeaderValue::from_static("11"));
+        h.insert("grpc-message", http::HeaderValue::from_static("offset%20past%20the%20end"));
+        oversize_to_resource_exhausted(&mut h);
+        assert_eq!(h.get("grpc-status").unwrap(), "11");
+        assert_eq!(percent_decode(b"a%25b%C3%A9"), "a%b\u{e9}");
+        assert_eq!(percent_encode("a%b\u{e9}"), "a%25b%C3%A9");
     }
 }

@@ -110,13 +110,19 @@ pub async fn bind(
     let tls = tls_config(cfg)?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     spawn_health(served.engine.clone(), health_reporter);
-    let reflection = || {
+    // The descriptor set also holds multipassd's protocol (`multipass.Rpc`), which these
+    // listeners do not serve: advertise only the services that answer here.
+    let reflection = |own: &str| {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("mpool.v1.Pool")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(own)
     };
-    let v1 = reflection().build_v1().map_err(|e| format!("reflection: {e}"))?;
-    let v1alpha = reflection().build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
+    let v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1().map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha =
+        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
     let mut servers = tokio::task::JoinSet::new();
     for listen in &cfg.listen {
         let auth = match listen {

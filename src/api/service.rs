@@ -23,7 +23,7 @@ use crate::ssh::{ConnectionCache, ExecCanceller, ExecEvent, ExecRequest, ScriptS
 /// Size limits enforced at the edge.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Largest Upload (and Run input), bytes.
+    /// Largest Upload (and all Run inputs together), bytes: `[api] max_upload`.
     pub max_upload: u64,
     /// Largest Run output file returned inline, bytes.
     pub max_output_file: u64,
@@ -33,7 +33,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_upload: 1 << 30, max_output_file: 64 << 20, max_argv: 1 << 20 }
+        Limits { max_upload: crate::config::DEFAULT_MAX_UPLOAD, max_output_file: 64 << 20, max_argv: 1 << 20 }
     }
 }
 
@@ -60,7 +60,10 @@ fn owner(p: &Option<Principal>) -> Option<String> {
 fn check_pool(p: &Option<Principal>, pool: &str) -> Result<(), Status> {
     match p {
         Some(p) if !p.may_use(pool) => {
-            Err(Status::permission_denied(format!("token {:?} may not use pool {pool:?}", p.name)))
+            Err(Status::permission_denied(format!(
+                "token {:?} may not use pool {pool:?}; use a token whose `pools` in the server's tokens file include it",
+                p.name
+            )))
         }
         _ => Ok(()),
     }
@@ -68,7 +71,14 @@ fn check_pool(p: &Option<Principal>, pool: &str) -> Result<(), Status> {
 
 fn required(field: &str, value: &str) -> Result<(), Status> {
     if value.trim().is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
+        let hint = match field {
+            "pool" => "name a pool (ListPools or `mpool status` lists them)",
+            "lease_id" => "pass the lease id that Acquire returned",
+            "exec_id" => "pass the exec id from the Exec stream's `started` event",
+            "path" | "inputs[].path" => "give a path in the VM (absolute, or relative to the home directory)",
+            _ => "set it",
+        };
+        return Err(Status::invalid_argument(format!("{field} is required: {hint}")));
     }
     Ok(())
 }
@@ -117,7 +127,9 @@ fn command(cmd: Option<v1::Command>, limits: &Limits) -> Result<ExecRequest, Sta
                 )));
             }
             if cmd.argv.iter().any(|a| a.contains('\0')) {
-                return Err(Status::invalid_argument("argv elements cannot contain NUL bytes"));
+                return Err(Status::invalid_argument(
+                    "argv elements cannot contain NUL bytes; pass binary data as stdin or with Upload",
+                ));
             }
             let mut r = ExecRequest::argv(cmd.argv);
             if !cmd.stdin.is_empty() {
@@ -357,7 +369,7 @@ impl Pool for PoolService {
         let req = command(r.command, &self.limits)?;
         let exec_id = if r.exec_id.is_empty() { format!("exec-{:016x}", rand::random::<u64>()) } else { r.exec_id };
         if exec_id.len() > 128 {
-            return Err(Status::invalid_argument("exec_id is longer than 128 bytes"));
+            return Err(Status::invalid_argument("exec_id is longer than 128 bytes; use a shorter id, or omit it to get a generated one"));
         }
         let (info, target, guard) = self.use_lease(&r.lease_id, &p).await?;
         let mut events = self.start_exec(&info, &target, req, exec_id.clone(), guard).await?;
@@ -435,8 +447,9 @@ impl Pool for PoolService {
                 size += part.len() as u64;
                 if size > self.limits.max_upload {
                     return Err(Status::resource_exhausted(format!(
-                        "upload is larger than the {} byte limit",
-                        self.limits.max_upload
+                        "upload to {} is larger than the server's {} byte limit; send a smaller file (compress or split it), \
+                         or ask the operator to raise [api] max_upload",
+                        first.path, self.limits.max_upload
                     )));
                 }
                 out.write_all(part).await.map_err(|e| Status::internal(format!("staging: {e}")))?;
@@ -514,7 +527,11 @@ impl Pool for PoolService {
         let exec_req = command(r.command, &self.limits)?;
         let input_size: u64 = r.inputs.iter().map(|i| (i.data.len() + i.text.len()) as u64).sum();
         if input_size > self.limits.max_upload {
-            return Err(Status::resource_exhausted(format!("inputs exceed the {} byte limit", self.limits.max_upload)));
+            return Err(Status::resource_exhausted(format!(
+                "inputs are {input_size} bytes together, above the server's {} byte limit; send fewer or smaller files, \
+                 or ask the operator to raise [api] max_upload",
+                self.limits.max_upload
+            )));
         }
         for i in &r.inputs {
             required("inputs[].path", &i.path)?;

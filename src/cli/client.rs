@@ -210,6 +210,17 @@ fn env(pairs: &[String]) -> Result<std::collections::HashMap<String, String>, St
         .collect()
 }
 
+/// The command of `run` and `exec`.
+fn command(argv: Vec<String>, pairs: &[String], workdir: Option<String>, timeout: &Option<String>) -> Result<Option<v1::Command>, String> {
+    Ok(Some(v1::Command {
+        argv,
+        env: env(pairs)?,
+        workdir: workdir.unwrap_or_default(),
+        timeout: dur("--timeout", timeout)?,
+        ..Default::default()
+    }))
+}
+
 fn status_err(s: tonic::Status) -> String {
     format!("{}: {}", code_name(s.code()), s.message())
 }
@@ -300,13 +311,7 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
                 pool: a.pool.clone(),
                 holder: "mpool run".into(),
                 request_id: a.request_id.unwrap_or_default(),
-                command: Some(v1::Command {
-                    argv: a.argv,
-                    env: env(&a.env)?,
-                    workdir: a.workdir.unwrap_or_default(),
-                    timeout: dur("--timeout", &a.timeout)?,
-                    ..Default::default()
-                }),
+                command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
                 inputs,
                 outputs: gets.iter().map(|(r, _)| r.clone()).collect(),
                 wait: dur("--wait", &a.wait)?,
@@ -329,6 +334,11 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
                                 continue;
                             }
                             std::fs::write(local, &f.data).map_err(|e| format!("--get {}: {e}", local.display()))?;
+                            if f.mode != 0 {
+                                use std::os::unix::fs::PermissionsExt;
+                                std::fs::set_permissions(local, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                                    .map_err(|e| format!("--get {}: {e}", local.display()))?;
+                            }
                         }
                         return Ok(r.exit.as_ref().map(exit_code).unwrap_or(ExitCode::from(255)));
                     }
@@ -361,13 +371,7 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Exec(a) => {
             let req = v1::ExecRequest {
                 lease_id: a.lease,
-                command: Some(v1::Command {
-                    argv: a.argv,
-                    env: env(&a.env)?,
-                    workdir: a.workdir.unwrap_or_default(),
-                    timeout: dur("--timeout", &a.timeout)?,
-                    ..Default::default()
-                }),
+                command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
                 exec_id: String::new(),
             };
             let mut stream = client.exec(req).await.map_err(status_err)?.into_inner();

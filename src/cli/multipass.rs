@@ -269,7 +269,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             } else if list.is_empty() {
                 println!("No instances found.");
             } else {
-                println!("{:<24} {:<18} {:<16} {}", "Name", "State", "IPv4", "Release");
+                println!("{:<24} {:<18} {:<16} Release", "Name", "State", "IPv4");
                 for i in list {
                     let ip = i.ipv4.first().cloned().unwrap_or_else(|| "--".into());
                     println!("{:<24} {:<18} {:<16} {}", i.name, title(i.state.as_str_name()), ip, i.release);
@@ -284,7 +284,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             } else if list.is_empty() {
                 println!("No snapshots found.");
             } else {
-                println!("{:<24} {:<16} {:<16} {}", "Instance", "Snapshot", "Parent", "Comment");
+                println!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent");
                 for s in list {
                     let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
                     println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
@@ -149,13 +148,13 @@ pub fn server_verifier(
     let pin = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
         let certs = tls::certs_from_pem(&path.display().to_string(), &tls::read(path).map_err(tls_err)?)
             .map_err(tls_err)?;
-        Ok(Arc::new(AnyOrPinned { pinned: certs.into_iter().next(), provider: provider.clone() }))
+        Ok(Arc::new(AnyOrPinned { pinned: certs.into_iter().next(), sigs: tls::Signatures(provider.clone()) }))
     };
     match choice {
         ServerVerification::RootCert(p) => root(p),
         ServerVerification::Pin(p) => pin(p),
         ServerVerification::InsecureSkipVerify => {
-            Ok(Arc::new(AnyOrPinned { pinned: None, provider: provider.clone() }))
+            Ok(Arc::new(AnyOrPinned { pinned: None, sigs: tls::Signatures(provider.clone()) }))
         }
         ServerVerification::Auto => {
             let mut candidates: Vec<PathBuf> = Vec::new();
@@ -211,7 +210,7 @@ pub fn client_config(identity: Identity, verifier: Arc<dyn ServerCertVerifier>) 
 #[derive(Debug)]
 struct AnyOrPinned {
     pinned: Option<CertificateDer<'static>>,
-    provider: Arc<CryptoProvider>,
+    sigs: crate::tls::Signatures,
 }
 
 impl ServerCertVerifier for AnyOrPinned {
@@ -237,7 +236,7 @@ impl ServerCertVerifier for AnyOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.sigs.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -246,10 +245,10 @@ impl ServerCertVerifier for AnyOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.sigs.schemes()
     }
 }

@@ -182,28 +182,12 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ResetStrategy;
 
     fn cfg(min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
-        PoolConfig {
-            name: "ci".into(),
-            image: "24.04".into(),
-            cpus: 1,
-            memory: "1G".into(),
-            disk: "5G".into(),
-            cloud_init: None,
-            setup: vec![],
-            min_ready,
-            hot,
-            max_size,
-            reset: ResetStrategy::Snapshot,
-            max_uses: 0,
-            default_ttl: Duration::from_secs(60),
-            max_ttl: Duration::from_secs(600),
-            max_wait: Duration::from_secs(60),
-            readiness_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(300),
-        }
+        let mut p = PoolConfig::with_defaults("ci");
+        (p.min_ready, p.hot, p.max_size) = (min_ready, hot, max_size);
+        p.idle_timeout = Duration::from_secs(300);
+        p
     }
 
     fn vm(name: &str, state: VmState) -> VmView {

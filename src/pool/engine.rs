@@ -1021,24 +1021,31 @@ impl Actor {
         }
         let seen: HashMap<&str, crate::multipass::InstanceState> = list.iter().map(|o| (o.name.as_str(), o.state)).collect();
         let mut doubt = Vec::new();
+        let mut broken = Vec::new();
         let mut gone = Vec::new();
         let mut check = Vec::new();
         for vm in self.vms.values().filter(|v| !v.busy) {
             use crate::multipass::InstanceState as S;
             match (vm.state, seen.get(vm.name.as_str())) {
                 (_, None) if vm.state != VmState::Deleting => gone.push(vm.name.clone()),
-                (VmState::Warm, Some(S::Suspended)) | (VmState::Hot, Some(S::Running)) => {
-                    if vm.state == VmState::Hot {
-                        check.push(vm.name.clone());
-                    }
-                }
-                (VmState::Warm | VmState::Hot, Some(_)) => doubt.push(vm.name.clone()),
+                (VmState::Hot, Some(S::Running)) => check.push(vm.name.clone()),
+                (VmState::Warm, Some(S::Suspended)) => {}
+                // A daemon restart resumes suspended instances: re-park (reset) it.
+                (VmState::Warm, Some(S::Running)) => doubt.push(vm.name.clone()),
+                (VmState::Warm | VmState::Hot, Some(s)) => broken.push((vm.name.clone(), *s)),
                 _ => {}
             }
         }
         for name in doubt {
-            tracing::warn!(vm = %name, "idle VM found in an unexpected state; resetting it");
+            tracing::warn!(vm = %name, "suspended VM found running (daemon restart?); resetting it");
             self.apply(&name, Event::Doubt);
+        }
+        for (name, state) in broken {
+            tracing::warn!(vm = %name, ?state, "idle VM found in an unexpected state; replacing it");
+            self.apply(&name, Event::Fail);
+            if let Some(v) = self.vms.get(&name) {
+                self.persist(&[Write::PutVm(v.record())], true);
+            }
         }
         for name in gone {
             tracing::warn!(vm = %name, "instance disappeared from multipassd");

@@ -10,25 +10,13 @@ use crate::config::{PoolConfig, ResetStrategy};
 use crate::store::Store;
 
 fn pool(min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
-    PoolConfig {
-        name: "ci".into(),
-        image: "24.04".into(),
-        cpus: 1,
-        memory: "1G".into(),
-        disk: "5G".into(),
-        cloud_init: None,
-        setup: vec![],
-        min_ready,
-        hot,
-        max_size,
-        reset: ResetStrategy::Snapshot,
-        max_uses: 0,
-        default_ttl: Duration::from_secs(600),
-        max_ttl: Duration::from_secs(3600),
-        max_wait: Duration::from_secs(60),
-        readiness_timeout: Duration::from_secs(60),
-        idle_timeout: Duration::from_secs(300),
-    }
+    let mut p = PoolConfig::with_defaults("ci");
+    (p.min_ready, p.hot, p.max_size) = (min_ready, hot, max_size);
+    p.default_ttl = Duration::from_secs(600);
+    p.max_ttl = Duration::from_secs(3600);
+    p.max_wait = Duration::from_secs(60);
+    p.idle_timeout = Duration::from_secs(300);
+    p
 }
 
 struct Harness {
@@ -330,4 +318,33 @@ async fn max_uses_recycles_the_vm() {
     }
     assert_eq!(h.fake.count("launch"), 2, "rebuilt after two uses");
     assert_eq!(h.fake.count("restore"), 1, "the first release was a plain reset");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_vm_found_stopped_is_replaced() {
+    let h = start(pool(1, 0, 2));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let vm = s.vms[0].name.clone();
+    // Someone stops it behind mpool's back.
+    h.fake.st.lock().unwrap().instances.insert(vm.clone(), crate::multipass::InstanceState::Stopped);
+    until(&h.engine, "replaced", |s| count(s, "warm") == 1 && !s.vms.iter().any(|v| v.name == vm)).await;
+    assert!(!h.fake.st.lock().unwrap().instances.contains_key(&vm), "deleted with purge");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_config_generation_rotates_idle_vms() {
+    let h = start(pool(2, 0, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    assert_eq!(s.pools[0].generation, 1);
+    let old: Vec<String> = s.vms.iter().map(|v| v.name.clone()).collect();
+    h.engine.shutdown().await;
+    let mut changed = pool(2, 0, 3);
+    changed.image = "22.04".into();
+    let engine = restart(&h.fake, &h.store_path, changed);
+    let s = until(&engine, "rotated", |s| {
+        count(s, "warm") == 2 && s.vms.iter().all(|v| v.generation == 2 && !old.contains(&v.name))
+    })
+    .await;
+    assert_eq!(s.pools[0].generation, 2);
+    assert!(old.iter().all(|n| !h.fake.st.lock().unwrap().instances.contains_key(n)), "old VMs deleted");
 }

@@ -126,29 +126,9 @@ fn with(mut r: VmRecord, phase: PhaseRecord) -> VmRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ResetStrategy;
-    use std::time::Duration;
 
     fn pool() -> PoolConfig {
-        PoolConfig {
-            name: "ci".into(),
-            image: String::new(),
-            cpus: 1,
-            memory: String::new(),
-            disk: String::new(),
-            cloud_init: None,
-            setup: vec![],
-            min_ready: 1,
-            hot: 0,
-            max_size: 4,
-            reset: ResetStrategy::Snapshot,
-            max_uses: 0,
-            default_ttl: Duration::from_secs(60),
-            max_ttl: Duration::from_secs(60),
-            max_wait: Duration::from_secs(60),
-            readiness_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(60),
-        }
+        PoolConfig::with_defaults("ci")
     }
 
     fn rec(name: &str, phase: PhaseRecord, lease: Option<&str>) -> VmRecord {

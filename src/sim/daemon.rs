@@ -211,6 +211,11 @@ impl Daemon {
         })
     }
 
+    /// The simulator's config (to start another on the same state, as a daemon restart).
+    pub fn cfg_clone(&self) -> SimConfig {
+        self.cfg.clone()
+    }
+
     /// Subscribes to the event log.
     pub fn events(&self) -> broadcast::Receiver<SimEvent> {
         self.events.subscribe()

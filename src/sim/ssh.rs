@@ -1016,23 +1016,6 @@ fn signal_name(signal: i32) -> String {
         .unwrap_or_else(|| signal.to_string())
 }
 
-fn sig_to_name(sig: &Sig) -> &str {
-    match sig {
-        Sig::ABRT => "ABRT",
-        Sig::ALRM => "ALRM",
-        Sig::FPE => "FPE",
-        Sig::HUP => "HUP",
-        Sig::ILL => "ILL",
-        Sig::INT => "INT",
-        Sig::KILL => "KILL",
-        Sig::PIPE => "PIPE",
-        Sig::QUIT => "QUIT",
-        Sig::SEGV => "SEGV",
-        Sig::TERM => "TERM",
-        Sig::USR1 => "USR1",
-        Sig::Custom(name) => name,
-    }
-}
 
 fn sig_from_number(signal: i32) -> Sig {
     match signal_name(signal).as_str() {
@@ -1270,7 +1253,7 @@ async fn run_exec(
                 }
                 Some(ChannelMsg::Eof) => stdin_queue = None,
                 Some(ChannelMsg::Signal { signal }) => {
-                    let name = sig_to_name(&signal);
+                    let name = crate::ssh::signal_name(&signal);
                     match signal_number(name) {
                         Some(number) => {
                             debug!(pgid, signal = name, "delivering signal");
@@ -1972,7 +1955,7 @@ mod tests {
         assert_eq!(signal_name(libc::SIGUSR2), "USR2");
         assert!(matches!(sig_from_number(libc::SIGTERM), Sig::TERM));
         assert!(matches!(sig_from_number(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
-        assert_eq!(sig_to_name(&Sig::INT), "INT");
+        assert_eq!(crate::ssh::signal_name(&Sig::INT), "INT");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -53,7 +52,7 @@ impl ServerCerts {
         let key = tls::key_from_pem("server key", self.key_pem.as_bytes())?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(Arc::new(RequestButDontVerify { provider }))
+            .with_client_cert_verifier(Arc::new(RequestButDontVerify { sigs: tls::Signatures(provider) }))
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(cfg)
@@ -64,7 +63,7 @@ impl ServerCerts {
 /// (or none), but still check that the client holds its key.
 #[derive(Debug)]
 struct RequestButDontVerify {
-    provider: Arc<CryptoProvider>,
+    sigs: crate::tls::Signatures,
 }
 
 impl ClientCertVerifier for RequestButDontVerify {
@@ -95,7 +94,7 @@ impl ClientCertVerifier for RequestButDontVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.sigs.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -104,11 +103,11 @@ impl ClientCertVerifier for RequestButDontVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.sigs.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.sigs.schemes()
     }
 }
 

@@ -41,3 +41,4 @@ pub use connection::{Connection, SshOptions, SshTarget, parse_private_key};
 pub use error::{Side, SshError};
 pub use exec::{ExecCanceller, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ScriptShell};
 pub use files::{TransferOptions, TransferReport, resolve_remote_path};
+pub use stream::signal_name;

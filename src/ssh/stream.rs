@@ -189,7 +189,7 @@ fn record(code: &mut Option<u32>, signal: &mut Option<String>, msg: Option<Chann
     match msg {
         Some(ChannelMsg::ExitStatus { exit_status }) => *code = Some(exit_status),
         Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
-            *signal = Some(signal_name_of(&signal_name))
+            *signal = Some(self::signal_name(&signal_name).to_string())
         }
         _ => {}
     }
@@ -249,7 +249,8 @@ async fn start_group_kill(conn: Connection, pgid: u32, grace: Duration) {
     }
 }
 
-fn signal_name_of(sig: &Sig) -> String {
+/// The name of an SSH signal without "SIG" (`TERM`, `KILL`, ...).
+pub fn signal_name(sig: &Sig) -> &str {
     match sig {
         Sig::ABRT => "ABRT",
         Sig::ALRM => "ALRM",
@@ -265,7 +266,6 @@ fn signal_name_of(sig: &Sig) -> String {
         Sig::USR1 => "USR1",
         Sig::Custom(name) => name.as_str(),
     }
-    .to_string()
 }
 
 /// Finds and strips the `mpool-exec-<id> <pid>` line the wrapper prints first on stderr.

@@ -21,6 +21,15 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// Extra settings for [`Stack::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct StackOptions {
+    /// More `[api]` keys (TOML lines), e.g. `max_upload = "64K"`.
+    pub api_toml: String,
+    /// More tokens: (name, plaintext token, pools).
+    pub tokens: Vec<(String, String, Vec<String>)>,
+}
+
 /// The running stack.
 pub struct Stack {
     /// Everything lives here.
@@ -49,6 +58,11 @@ impl Stack {
     /// Starts the simulator (time scale 0, after `tweak`) and `mpool serve` with `pools_toml`
     /// (one or more `[[pools]]` tables).
     pub async fn start(pools_toml: &str, tweak: impl FnOnce(&mut SimConfig)) -> Stack {
+        Stack::start_with(pools_toml, StackOptions::default(), tweak).await
+    }
+
+    /// [`Stack::start`] with more `[api]` keys and tokens.
+    pub async fn start_with(pools_toml: &str, opts: StackOptions, tweak: impl FnOnce(&mut SimConfig)) -> Stack {
         let dir = tempfile::Builder::new().prefix("mpool-stack-").tempdir().expect("tempdir");
         let root = dir.path();
         let mut sc = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
@@ -62,14 +76,17 @@ impl Stack {
         std::fs::write(root.join("api-key.pem"), &leaf.key_pem).unwrap();
         let token = mpool::api::auth::new_token();
         let hash = mpool::api::auth::hex(&mpool::api::auth::hash(&token));
-        std::fs::write(
-            root.join("tokens.toml"),
-            format!(
-                "[[tokens]]\nname = \"ci-bot\"\nsha256 = \"{hash}\"\npools = [\"*\"]\n\n[[tokens]]\nname = \"other\"\nsha256 = \"{}\"\npools = [\"*\"]\n",
-                mpool::api::auth::hex(&mpool::api::auth::hash("other-token"))
-            ),
-        )
-        .unwrap();
+        let mut tokens = format!(
+            "[[tokens]]\nname = \"ci-bot\"\nsha256 = \"{hash}\"\npools = [\"*\"]\n\n[[tokens]]\nname = \"other\"\nsha256 = \"{}\"\npools = [\"*\"]\n",
+            mpool::api::auth::hex(&mpool::api::auth::hash("other-token"))
+        );
+        for (name, token, pools) in &opts.tokens {
+            tokens.push_str(&format!(
+                "\n[[tokens]]\nname = {name:?}\nsha256 = \"{}\"\npools = {pools:?}\n",
+                mpool::api::auth::hex(&mpool::api::auth::hash(token))
+            ));
+        }
+        std::fs::write(root.join("tokens.toml"), tokens).unwrap();
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -90,6 +107,7 @@ tls_key = "{root}/api-key.pem"
 tokens_file = "{root}/tokens.toml"
 metrics_listen = "{metrics}"
 http_listen = "{http}"
+{api_extra}
 
 [store]
 path = "{root}/mpool.redb"
@@ -101,7 +119,8 @@ shutdown_grace = "2s"
 
 {pools_toml}
 "#,
-                root = root.display()
+                root = root.display(),
+                api_extra = opts.api_toml,
             ),
         )
         .unwrap();
@@ -126,7 +145,7 @@ shutdown_grace = "2s"
         self.sim.as_ref().expect("simulator running")
     }
 
-    /// Starts `mpool serve` (again) and waits for its socket.
+    /// Starts `mpool serve` (again) and waits for its socket and its TCP listener.
     pub fn start_serve(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::OpenOptions::new()
@@ -152,6 +171,11 @@ shutdown_grace = "2s"
             {
                 panic!("mpool serve exited with {status}; log:\n{}", self.log());
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The Unix socket is bound first; the TCP listener a moment later.
+        while std::net::TcpStream::connect(self.tcp).is_err() {
+            assert!(Instant::now() < deadline, "mpool serve did not listen on {}; log:\n{}", self.tcp, self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,58 @@
+//! `deploy/`: the systemd unit has the directives the install relies on (dedicated user,
+//! hardening, state and runtime directories, the serve command) and agrees with the example
+//! config on where things live; the example config loads. (`systemd-analyze verify` needs
+//! systemd, which CI does not run; this is a static check.)
+use std::collections::HashMap;
+use std::path::Path;
+
+fn unit() -> HashMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.service")).expect("deploy/mpool.service");
+    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if line.starts_with('[') {
+            section = line.trim_matches(['[', ']']).to_string();
+            continue;
+        }
+        let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE: {line:?}"));
+        keys.entry(format!("{section}.{k}")).or_default().push(v.to_string());
+    }
+    keys
+}
+
+#[test]
+fn the_unit_runs_mpool_serve_as_a_hardened_dedicated_user() {
+    let u = unit();
+    let one = |k: &str| -> &str {
+        let v = u.get(k).unwrap_or_else(|| panic!("{k} is missing"));
+        assert_eq!(v.len(), 1, "{k} set once: {v:?}");
+        &v[0]
+    };
+    assert_eq!(one("Service.ExecStart"), "/usr/local/bin/mpool serve --config /etc/mpool/mpool.toml");
+    for (k, v) in [
+        ("Service.User", "mpool"),
+        ("Service.Group", "mpool"),
+        ("Service.NoNewPrivileges", "yes"),
+        ("Service.ProtectSystem", "strict"),
+        ("Service.ProtectHome", "yes"),
+        ("Service.PrivateTmp", "yes"),
+        ("Service.StateDirectory", "mpool"),
+        ("Service.RuntimeDirectory", "mpool"),
+        ("Service.Restart", "on-failure"),
+        ("Install.WantedBy", "multi-user.target"),
+    ] {
+        assert_eq!(one(k), v, "{k}");
+    }
+    assert!(u.get("Service.ExecStartPre").is_some_and(|v| v.iter().any(|c| c.ends_with("--check"))), "the config is checked first");
+    assert!(!u.contains_key("Service.PrivateNetwork"), "mpool needs the network to reach its VMs");
+}
+
+#[test]
+fn the_example_config_uses_the_units_directories() {
+    let cfg = mpool::config::Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.toml")).unwrap_or_else(|e| panic!("{e}"));
+    // RuntimeDirectory=mpool is /run/mpool; StateDirectory=mpool is /var/lib/mpool.
+    assert!(cfg.api.listen.iter().any(|l| l.to_string() == "unix:/run/mpool/mpool.sock"), "{:?}", cfg.api.listen);
+    assert!(cfg.store.path.starts_with("/var/lib/mpool"), "{}", cfg.store.path.display());
+    assert!(cfg.daemon.data_dir.as_ref().is_some_and(|d| d.starts_with("/var/lib/mpool")), "{:?}", cfg.daemon.data_dir);
+    assert_eq!(mpool::cli::client::DEFAULT_ENDPOINT, "unix:/run/mpool/mpool.sock", "the CLI's default endpoint is the unit's socket");
+}

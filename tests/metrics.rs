@@ -1,0 +1,325 @@
+//! `/metrics` of `mpool serve`, fetched with a hand-rolled HTTP/1.1 GET and read with a small
+//! Prometheus text-format parser written here: every sample line parses (`name{labels} value`,
+//! float value), every sample belongs to a `# TYPE`d family of a valid type, histogram buckets
+//! are cumulative and end at `_count`; and the counters move when API calls are made
+//! (`mpool_acquires_total`, `mpool_grpc_errors_total` after a NOT_FOUND,
+//! `mpool_daemon_call_seconds_count` as the released VM is reset).
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::stack::{Stack, acquire};
+use mpool::proto::v1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A GET over a fresh connection: (status, headers lower-cased, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, HashMap<String, String>, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics listener");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("status line {status_line:?}"));
+    assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = if headers.get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        dechunk(body)
+    } else {
+        if let Some(len) = headers.get("content-length") {
+            assert_eq!(len.parse::<usize>().ok(), Some(body.len()), "content-length matches the body");
+        }
+        body.to_string()
+    };
+    (status, headers, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size line");
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).expect("hex chunk size");
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+}
+
+/// One sample: metric name, labels, value.
+#[derive(Clone, Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A parsed exposition: families' types and the samples.
+#[derive(Debug, Default)]
+struct Exposition {
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+fn valid_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn parse_value(v: &str) -> Result<f64, String> {
+    match v {
+        "+Inf" | "Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ => v.parse::<f64>().map_err(|e| format!("value {v:?}: {e}")),
+    }
+}
+
+/// `{a="x",b="y\"z"}` → labels, and the rest of the line.
+fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = s.strip_prefix('{').ok_or("labels start with {")?;
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        if let Some(r) = rest.strip_prefix('}') {
+            return Ok((labels, r));
+        }
+        let (name, r) = rest.split_once("=\"").ok_or_else(|| format!("label without =\"...\": {rest:?}"))?;
+        if !valid_name(name) || name.contains(':') {
+            return Err(format!("label name {name:?}"));
+        }
+        let mut value = String::new();
+        let mut chars = r.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => return Err(format!("bad escape {other:?} in label {name}")),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => value.push(c),
+                None => return Err(format!("unterminated value of label {name}")),
+            }
+        };
+        if labels.insert(name.to_string(), value).is_some() {
+            return Err(format!("label {name} twice"));
+        }
+        rest = &r[end + 1..];
+    }
+}
+
+/// The family a sample belongs to (histogram series carry suffixes).
+fn family<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix)
+            && types.get(base).is_some_and(|t| t == "histogram" || t == "summary")
+        {
+            return base;
+        }
+    }
+    name
+}
+
+/// Parses the Prometheus text format strictly; every problem names its line.
+fn parse(text: &str) -> Result<Exposition, String> {
+    let mut e = Exposition::default();
+    for (n, line) in text.lines().enumerate() {
+        let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(c) = line.strip_prefix('#') {
+            let mut parts = c.trim_start().splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    if !valid_name(name) {
+                        return Err(at(format!("metric name {name:?}")));
+                    }
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                        return Err(at(format!("type {kind:?}")));
+                    }
+                    if e.samples.iter().any(|s| family(&s.name, &e.types) == name) {
+                        return Err(at("TYPE after samples of its family".into()));
+                    }
+                    if e.types.insert(name.to_string(), kind.to_string()).is_some() {
+                        return Err(at("second TYPE line".into()));
+                    }
+                }
+                (Some("HELP"), Some(name), _) if valid_name(name) => {}
+                (Some("HELP"), _, _) => return Err(at("HELP without a metric name".into())),
+                _ => {} // other comments are allowed
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
+        let name = &line[..name_end];
+        if !valid_name(name) {
+            return Err(at(format!("metric name {name:?}")));
+        }
+        let (labels, rest) = if line[name_end..].starts_with('{') { parse_labels(&line[name_end..]).map_err(at)? } else { (BTreeMap::new(), &line[name_end..]) };
+        let mut fields = rest.split_whitespace();
+        let value = parse_value(fields.next().ok_or_else(|| at("no value".into()))?).map_err(at)?;
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>().map_err(|_| at(format!("timestamp {ts:?}")))?;
+        }
+        if fields.next().is_some() {
+            return Err(at("trailing fields".into()));
+        }
+        let fam = family(name, &e.types);
+        let kind = e.types.get(fam).ok_or_else(|| at(format!("sample of {fam} before (or without) its # TYPE")))?;
+        if kind == "counter" && value < 0.0 {
+            return Err(at("negative counter".into()));
+        }
+        if kind == "histogram" && name.ends_with("_bucket") && !labels.contains_key("le") {
+            return Err(at("bucket without le".into()));
+        }
+        e.samples.push(Sample { name: name.to_string(), labels, value });
+    }
+    check_histograms(&e)?;
+    Ok(e)
+}
+
+/// One histogram series' buckets: (le, cumulative count).
+type Buckets = Vec<(f64, f64)>;
+
+/// Buckets of every histogram series: `le` ascending, counts never decreasing, `+Inf` present
+/// and equal to `_count`.
+fn check_histograms(e: &Exposition) -> Result<(), String> {
+    for (fam, _) in e.types.iter().filter(|(_, k)| *k == "histogram") {
+        let mut series: BTreeMap<Vec<(String, String)>, Buckets> = BTreeMap::new();
+        for s in e.samples.iter().filter(|s| s.name == format!("{fam}_bucket")) {
+            let le = parse_value(&s.labels["le"])?;
+            let key = s.labels.iter().filter(|(k, _)| *k != "le").map(|(k, v)| (k.clone(), v.clone())).collect();
+            series.entry(key).or_default().push((le, s.value));
+        }
+        for (key, buckets) in &series {
+            if !buckets.windows(2).all(|w| w[0].0 < w[1].0) {
+                return Err(format!("{fam}{key:?}: le not ascending: {buckets:?}"));
+            }
+            if !buckets.windows(2).all(|w| w[0].1 <= w[1].1) {
+                return Err(format!("{fam}{key:?}: bucket counts decrease: {buckets:?}"));
+            }
+            let Some(&(le, inf)) = buckets.last() else { continue };
+            if le != f64::INFINITY {
+                return Err(format!("{fam}{key:?}: no +Inf bucket"));
+            }
+            let labels: BTreeMap<String, String> = key.iter().cloned().collect();
+            let count = e.samples.iter().find(|s| s.name == format!("{fam}_count") && s.labels == labels).map(|s| s.value);
+            if count != Some(inf) {
+                return Err(format!("{fam}{key:?}: +Inf bucket {inf} but _count {count:?}"));
+            }
+            if !e.samples.iter().any(|s| s.name == format!("{fam}_sum") && s.labels == labels) {
+                return Err(format!("{fam}{key:?}: no _sum"));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Exposition {
+    /// Sum of the samples named `name` whose labels include every `want` pair.
+    fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v)))
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+async fn scrape(stack: &Stack) -> Exposition {
+    let (status, headers, body) = get(stack.metrics, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("content-type").is_some_and(|t| t.starts_with("text/plain")), "{headers:?}");
+    parse(&body).unwrap_or_else(|e| panic!("/metrics is not valid Prometheus text: {e}\n{body}"))
+}
+
+#[test]
+fn the_parser_refuses_what_prometheus_would() {
+    let ok = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\\n\"} 3\n# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 3.5\nh_count 2\n";
+    let e = parse(ok).expect("valid");
+    assert_eq!(e.samples[0].labels["y"], "q\"\n");
+    for bad in [
+        "a 1\n",                                                                     // no TYPE
+        "# TYPE a counter\na one\n",                                                 // not a float
+        "# TYPE a counter\na{x=1} 1\n",                                              // unquoted label
+        "# TYPE a counter\na -1\n",                                                  // negative counter
+        "# TYPE a countr\na 1\n",                                                    // bad type
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n", // decreasing
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 2\n", // +Inf != count
+        "# TYPE 9a gauge\n9a 1\n",                                                   // bad name
+    ] {
+        assert!(parse(bad).is_err(), "accepted: {bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_counters_move_with_calls() {
+    let stack = Stack::start("[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n", |_| {}).await;
+    stack.wait_idle("ci", 1).await;
+    let (status, _, body) = get(stack.metrics, "/nothing").await;
+    assert_eq!((status, body.as_str()), (404, "try /metrics\n"));
+
+    let before = scrape(&stack).await;
+    for (name, kind) in [
+        ("mpool_acquires_total", "counter"),
+        ("mpool_grpc_errors_total", "counter"),
+        ("mpool_daemon_call_seconds", "histogram"),
+        ("mpool_acquire_seconds", "histogram"),
+        ("mpool_vms", "gauge"),
+        ("mpool_leases", "gauge"),
+        ("mpool_daemon_up", "gauge"),
+    ] {
+        assert_eq!(before.types.get(name).map(String::as_str), Some(kind), "# TYPE {name} {kind}");
+    }
+    assert_eq!(before.sum("mpool_daemon_up", &[]), 1.0);
+    assert!(before.sum("mpool_daemon_call_seconds_count", &[]) > 0.0, "warming the pool called multipassd");
+    assert_eq!(before.sum("mpool_leases", &[("pool", "ci")]), 0.0);
+
+    // An acquire, a NOT_FOUND, and a release (whose reset calls multipassd).
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "metrics").await.expect("acquire");
+    let err = c.acquire(v1::AcquireRequest { pool: "nope".into(), ..Default::default() }).await.expect_err("unknown pool");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let during = scrape(&stack).await;
+    assert_eq!(during.sum("mpool_acquires_total", &[("pool", "ci")]), before.sum("mpool_acquires_total", &[("pool", "ci")]) + 1.0);
+    let idle_served = ["hot", "warm"].iter().map(|o| during.sum("mpool_acquires_total", &[("pool", "ci"), ("outcome", o)])).sum::<f64>();
+    assert_eq!(idle_served, 1.0, "an idle VM served it");
+    assert_eq!(during.sum("mpool_acquires_total", &[("pool", "nope"), ("outcome", "error")]), 1.0);
+    let not_found = [("method", "Acquire"), ("code", "NotFound")];
+    assert_eq!(during.sum("mpool_grpc_errors_total", &not_found), before.sum("mpool_grpc_errors_total", &not_found) + 1.0);
+    assert_eq!(during.sum("mpool_acquire_seconds_count", &[("pool", "ci")]), 1.0);
+    assert_eq!(during.sum("mpool_leases", &[("pool", "ci")]), 1.0);
+    assert_eq!(during.sum("mpool_vms", &[("pool", "ci"), ("state", "leased")]), 1.0);
+
+    let calls = during.sum("mpool_daemon_call_seconds_count", &[]);
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    // The reset runs in the background: poll the scrape until its daemon calls show.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = scrape(&stack).await;
+        if now.sum("mpool_daemon_call_seconds_count", &[]) > calls && now.sum("mpool_leases", &[("pool", "ci")]) == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no daemon call counted after the release; log:\n{}", stack.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A call refused on TCP is counted with its code too.
+    let mut anonymous = stack.tcp_client(None).await;
+    let e = anonymous.list_pools(v1::ListPoolsRequest {}).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let after = scrape(&stack).await;
+    assert_eq!(after.sum("mpool_grpc_errors_total", &[("method", "ListPools"), ("code", "Unauthenticated")]), 1.0);
+}
