@@ -70,6 +70,8 @@ public final class MpoolClient implements AutoCloseable {
             builder = NettyChannelBuilder.forAddress(new DomainSocketAddress(path))
                 .eventLoopGroup(group)
                 .channelType(EpollDomainSocketChannel.class)
+                // The default authority would be the socket path, which is no valid HTTP/2 :authority.
+                .overrideAuthority("localhost")
                 .usePlaintext();
         } else {
             URI uri = URI.create(endpoint);

@@ -128,8 +128,28 @@ class MpoolFlowsTest {
     @Test
     @LoadFlows("flows/killed.yaml")
     void killingAnExecutionStopsTheCommandAndReleasesTheLease() throws Exception {
-        Execution running = runnerUtils.runOneUntilRunning(MAIN_TENANT, NS, "killed");
-        Path pidFile = MpoolStack.get().dir.resolve("kill-" + running.getId() + ".pid");
+        killAndCheck("killed", "kill-");
+    }
+
+    @Test
+    @LoadFlows("flows/runner_killed.yaml")
+    void killingAScriptTaskOnTheRunnerStopsTheCommandAndReleasesTheLease() throws Exception {
+        killAndCheck("runner_killed", "runner-");
+    }
+
+    @SuppressWarnings("unchecked")
+    @Test
+    @LoadFlows("flows/unix.yaml")
+    void runOverTheUnixSocket() throws Exception {
+        Execution e = runnerUtils.runOne(MAIN_TENANT, NS, "unix", Duration.ofMinutes(2));
+        assertThat(explain(e), e.getState().getCurrent(), is(State.Type.SUCCESS));
+        Map<String, Object> vars = (Map<String, Object>) task(e, "hello").getOutputs().get("vars");
+        assertThat((String) vars.get("user"), not(emptyOrNullString()));
+    }
+
+    private void killAndCheck(String flowId, String pidPrefix) throws Exception {
+        Execution running = runnerUtils.runOneUntilRunning(MAIN_TENANT, NS, flowId);
+        Path pidFile = MpoolStack.get().dir.resolve(pidPrefix + running.getId() + ".pid");
         MpoolStack.eventually("the remote command started", () -> Files.exists(pidFile) && Files.size(pidFile) > 0);
         long pid = Long.parseLong(Files.readString(pidFile).trim());
         assertThat(ProcessHandle.of(pid).map(ProcessHandle::isAlive).orElse(false), is(true));

@@ -52,6 +52,7 @@ public final class MpoolStack {
             System.setProperty("kestra.variables.globals.mpooltoken", instance.token);
             System.setProperty("kestra.variables.globals.mpoolpool", POOL);
             System.setProperty("kestra.variables.globals.mpooldir", instance.dir.toString());
+            System.setProperty("kestra.variables.globals.mpoolunix", instance.unixEndpoint());
         }
         return instance;
     }
