@@ -84,6 +84,12 @@ public abstract class AbstractCommandTask extends AbstractMpoolTask {
     @EqualsAndHashCode.Exclude
     protected transient volatile Running running;
 
+    @JsonIgnore
+    @Getter(AccessLevel.NONE)
+    @ToString.Exclude
+    @EqualsAndHashCode.Exclude
+    protected transient volatile boolean killed;
+
     /** The shells a script can run under. */
     public enum Shell {
         BASH,
@@ -156,6 +162,9 @@ public abstract class AbstractCommandTask extends AbstractMpoolTask {
 
         String execId = "kestra-" + UUID.randomUUID();
         running = new Running(client, leaseId, execId, releaseOnKill);
+        if (killed) {
+            throw new IllegalStateException("the task was killed before its command started");
+        }
         DefaultLogConsumer logs = new DefaultLogConsumer(runContext);
         long t1 = System.nanoTime();
         ExitStatus exit;
@@ -191,6 +200,7 @@ public abstract class AbstractCommandTask extends AbstractMpoolTask {
 
     /** Stops a running command: CancelExec, then (for Run) releases the lease. May run on another thread. */
     public void kill() {
+        killed = true;
         Running r = running;
         if (r == null) {
             return;
