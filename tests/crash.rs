@@ -54,7 +54,8 @@ async fn accounted(stack: &Stack, idle: usize) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_provisioning() {
     let mut stack = Stack::start(POOL, |c| c.hang_ops = vec!["snapshot".into()]).await;
-    let mut ev = stack.sim().events();
+    // Subscribed before serve started: the first snapshot may hang before Stack::start returns.
+    let mut ev = stack.events_from_start.take().expect("events");
     wait_event(&mut ev, |e| e.op == "snapshot" && e.kind == EventKind::Hung).await;
     stack.kill_serve();
     stack.sim().daemon().set_hang("snapshot", false);

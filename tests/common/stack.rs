@@ -36,6 +36,8 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     /// The simulator (in-process).
     pub sim: Option<Simulator>,
+    /// The simulator's events from before `mpool serve` started (take it to miss none).
+    pub events_from_start: Option<tokio::sync::broadcast::Receiver<mpool::sim::SimEvent>>,
     /// The `mpool serve` process.
     pub serve: Option<Child>,
     /// API Unix socket.
@@ -69,6 +71,7 @@ impl Stack {
         sc.time_scale = 0.0;
         tweak(&mut sc);
         let sim = Simulator::start(sc).await.expect("simulator");
+        let events_from_start = Some(sim.events());
 
         let (ca, leaf) = mpool::tls::generate_ca_and_server("localhost").expect("certs");
         std::fs::write(root.join("api-ca.pem"), &ca.cert_pem).unwrap();
@@ -129,6 +132,7 @@ shutdown_grace = "2s"
             ca: root.join("api-ca.pem"),
             dir,
             sim: Some(sim),
+            events_from_start,
             serve: None,
             tcp,
             metrics,
