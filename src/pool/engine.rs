@@ -944,6 +944,8 @@ impl Actor {
         let waiting = pool.waiting.clone();
         let (ctx, tx, name, rebuild, ssh) = (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
         let was_hot = ssh.is_some();
+        // A wake for a waiting caller (not a health check) of a hot VM only needs a round trip.
+        let for_caller = self.waking.contains_key(&name);
         self.spawn_later(async move {
             let result = match plan {
                 PlanKind::Provision { hot } => {
@@ -955,6 +957,7 @@ impl Actor {
                 }
                 PlanKind::Park { hot: true } => ctx.park(Priority::Reset, &name, true).await,
                 PlanKind::Park { hot: false } => ctx.cool(Priority::Reset, &name).await.map(|_| None),
+                PlanKind::Wake if was_hot && for_caller => ctx.check_alive(&name, ssh).await.map(Some),
                 PlanKind::Wake if was_hot => ctx.check(&name, ssh).await.map(Some),
                 PlanKind::Wake => ctx.wake(&name).await.map(Some),
                 PlanKind::Destroy => ctx.destroy(Priority::Provision, &name).await.map(|_| None),

@@ -105,6 +105,20 @@ impl Ctx {
         }
     }
 
+    /// Checks a hot VM still answers before it is handed to a caller: one round trip on its
+    /// pooled connection. The full check (`true` over SSH) ran when the VM was parked and runs
+    /// again at every health check; this proves it is still up now, without starting a process
+    /// in it.
+    pub async fn check_alive(&self, vm: &str, info: Option<SshInfo>) -> Result<SshInfo, StepError> {
+        match info {
+            Some(info) => {
+                self.ports.ssh.alive(vm.into(), info.clone()).await?;
+                Ok(info)
+            }
+            None => self.ready(Priority::Acquire, vm).await,
+        }
+    }
+
     fn launch_options(vm: &str, pool: &PoolConfig) -> LaunchOptions {
         LaunchOptions {
             name: vm.to_string(),
