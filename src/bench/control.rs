@@ -5,8 +5,8 @@
 //! leases one after another, all clients at once, holding them; then everything is released
 //! and the pool settles (all H hot again) before the next round, so every timed acquire is a
 //! hot one. Per acquire mpool does what it does in production: the engine picks a hot VM,
-//! checks it answers over its pooled SSH connection (`true`), writes the lease durably (fsync)
-//! and replies.
+//! checks it still answers (a keepalive round trip on its pooled SSH connection), writes the
+//! lease durably (fsync, shared by the acquires of one batch) and replies.
 //!
 //! Baselines, same run, same concurrency: the shell recipe's equivalent step (pick a running
 //! VM: `mpool multipass list | grep Running | head -1`, a process and a TLS connection per
@@ -217,8 +217,9 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         Row::new("GetPool p50 (transport floor), 32 clients, TCP+TLS", f32.p50_ms, "ms").of("hot acquire p50", t32.p50_ms, "x of acquire"),
     );
     report.note(format!(
-        "Each hot acquire = engine pick + SSH readiness check (`true` on the pooled connection) + one durable store write \
-         (fsync) before the reply. Unix socket at 32 clients: p50 {:.2} ms, GetPool floor {:.2} ms.",
+        "Each hot acquire = two turns of the engine's actor + a keepalive round trip on the VM's pooled SSH connection + \
+         a durable store write (one fsync per batch of concurrent acquires) before the reply. Unix socket at 32 clients: \
+         p50 {:.2} ms, GetPool floor {:.2} ms.",
         u.p50_ms, uf.p50_ms
     ));
     report.note(format!(

@@ -22,6 +22,7 @@ struct Target {
     server: &'static str,
     api_exec_on_lease: Summary,
     pooled_connection_raw: Summary,
+    keepalive_round_trip: Summary,
     fresh_connection: Summary,
     multipass_exec_process: Summary,
 }
@@ -72,6 +73,14 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
             raw.push(t.elapsed());
         }
     }
+    let mut ping = Vec::with_capacity(n);
+    for i in 0..n + 5 {
+        let t = Instant::now();
+        conn.ping(Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        if i >= 5 {
+            ping.push(t.elapsed());
+        }
+    }
     conn.close().await;
 
     let mut fresh = Vec::with_capacity(m);
@@ -98,12 +107,18 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
         server,
         api_exec_on_lease: summarize(&api),
         pooled_connection_raw: summarize(&raw),
+        keepalive_round_trip: summarize(&ping),
         fresh_connection: summarize(&fresh),
         multipass_exec_process: summarize(&process),
     };
     println!(
-        "  {server:<10} API exec on lease p50 {:.2} ms | pooled raw {:.2} ms | fresh connection {:.1} ms | `mpool multipass exec` process {:.1} ms",
-        t.api_exec_on_lease.p50_ms, t.pooled_connection_raw.p50_ms, t.fresh_connection.p50_ms, t.multipass_exec_process.p50_ms
+        "  {server:<10} API exec on lease p50 {:.2} ms | pooled raw {:.2} ms | keepalive {:.3} ms (p99 {:.3}) | fresh connection {:.1} ms | `mpool multipass exec` process {:.1} ms",
+        t.api_exec_on_lease.p50_ms,
+        t.pooled_connection_raw.p50_ms,
+        t.keepalive_round_trip.p50_ms,
+        t.keepalive_round_trip.p99_ms,
+        t.fresh_connection.p50_ms,
+        t.multipass_exec_process.p50_ms
     );
     Ok(t)
 }
