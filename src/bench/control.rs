@@ -214,7 +214,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let (t32, f32) = p[&(Transport::Tcp, 32)];
     report.row(Row::new("hot acquire p50, 32 clients, store on tmpfs", tmp.p50_ms, "ms").of("same, store on disk", t32.p50_ms, "x of disk"));
     report.row(
-        Row::new("GetPool p50 (transport floor), 32 clients, TCP+TLS", f32.p50_ms, "ms").of("hot acquire p50", t32.p50_ms, "x of acquire"),
+        Row::new("hot acquire p50, 32 clients, TCP+TLS", t32.p50_ms, "ms").of("GetPool p50, same connections (floor)", f32.p50_ms, "x of floor"),
     );
     report.note(format!(
         "Each hot acquire = two turns of the engine's actor + a keepalive round trip on the VM's pooled SSH connection + \
