@@ -1,10 +1,11 @@
 //! The public API, `mpool.v1.Pool` over gRPC: the service ([`service`]), its error mapping and
 //! conversions ([`convert`]), bearer-token auth ([`auth`]), the listeners with health and
-//! reflection ([`server`]), and plain HTTP endpoints ([`http`]).
+//! reflection ([`server`]), plain HTTP endpoints ([`http`]), and the HTTP/JSON facade ([`json`]).
 
 pub mod auth;
 pub mod convert;
 mod errors;
 pub mod http;
+pub mod json;
 pub mod server;
 pub mod service;

@@ -3,7 +3,8 @@
 //! the Pool service, `grpc.health.v1` and reflection v1 + v1alpha (health and reflection stay
 //! open so probes and grpcurl `list`/`describe` work), plus Prometheus `/metrics` on its own
 //! listener. Shutdown stops accepting, lets running calls finish for a grace period, then cuts
-//! them (leases stay in the store).
+//! them (leases stay in the store). `http_listen` serves the HTTP/JSON facade ([`super::json`])
+//! with the same authentication as the gRPC listeners.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -63,6 +64,35 @@ fn tls_config(cfg: &ApiConfig) -> Result<Option<ServerTlsConfig>, String> {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(Some(tls))
+}
+
+/// TLS for the HTTP/JSON facade on TCP: the API's certificate, and client certificates from
+/// `client_ca` when set (as on the gRPC listeners). `None` without `tls_cert`.
+fn http_tls(cfg: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let certs = crate::tls::certs_from_pem(&cert.display().to_string(), &read(cert)?).map_err(|e| e.to_string())?;
+    let key = crate::tls::key_from_pem(&key.display().to_string(), &read(key)?).map_err(|e| e.to_string())?;
+    let provider = crate::tls::provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("[api] http_listen TLS: {e}"))?;
+    let builder = match &cfg.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in crate::tls::certs_from_pem(&ca.display().to_string(), &read(ca)?).map_err(|e| e.to_string())? {
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("[api] client_ca: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("[api] http_listen TLS: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
 /// Binds every listener now (so errors surface at start) and returns the future that serves
@@ -156,6 +186,56 @@ pub async fn bind(
             }
             Ok(())
         });
+    }
+    if let Some(listen) = &cfg.http_listen {
+        let auth = match listen {
+            Listen::Unix(_) => Auth::Open,
+            Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
+        };
+        let api = super::json::JsonApi::new(served.service.clone(), served.engine.clone(), auth);
+        let mut sd = shutdown.clone();
+        match listen {
+            Listen::Unix(path) => {
+                if path.exists() {
+                    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let l = tokio::net::UnixListener::bind(path)
+                    .map_err(|e| format!("[api] http_listen unix:{}: {e}", path.display()))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let l = Arc::new(l);
+                servers.spawn(async move {
+                    let accept = move || {
+                        let l = l.clone();
+                        async move { l.accept().await.map(|(s, _)| s) }
+                    };
+                    tokio::select! {
+                        _ = super::json::serve(api, accept, None) => {}
+                        _ = sd.wait_for(|s| *s) => {}
+                    }
+                    Ok(())
+                });
+            }
+            Listen::Tcp(addr) => {
+                let tls = http_tls(cfg)?;
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] http_listen {addr}: {e}"))?;
+                let l = Arc::new(l);
+                servers.spawn(async move {
+                    let accept = move || {
+                        let l = l.clone();
+                        async move { l.accept().await.map(|(s, _)| s) }
+                    };
+                    tokio::select! {
+                        _ = super::json::serve(api, accept, tls) => {}
+                        _ = sd.wait_for(|s| *s) => {}
+                    }
+                    Ok(())
+                });
+            }
+        }
     }
     let mut sd = shutdown;
     let ssh = served.service.ssh_cache();

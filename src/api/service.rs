@@ -236,14 +236,23 @@ impl PoolService {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _guards = (guard, reg);
-            let mut gone = false;
-            while let Some(ev) = handle.next_event().await {
-                if !gone && tx.send(ev).await.is_err() {
-                    // The caller went away: stop the remote command, then drain to its end.
-                    gone = true;
-                    handle.cancel();
+            loop {
+                tokio::select! {
+                    ev = handle.next_event() => match ev {
+                        Some(ev) => {
+                            if tx.send(ev).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => return,
+                    },
+                    // The caller went away, noticed even while the command is silent.
+                    _ = tx.closed() => break,
                 }
             }
+            // Stop the remote command, then drain it to its end.
+            handle.cancel();
+            while handle.next_event().await.is_some() {}
         });
         Ok(rx)
     }
@@ -372,7 +381,13 @@ impl Pool for PoolService {
                 return;
             }
             let (mut out, mut err) = (Utf8Chunks::default(), Utf8Chunks::default());
-            while let Some(ev) = events.recv().await {
+            loop {
+                // Dropping `events` when the caller goes away cancels the command.
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = tx.closed() => return,
+                };
+                let Some(ev) = ev else { break };
                 let msg = match &ev {
                     ExecEvent::Stdout(b) => Event::Stdout(out.push(b)),
                     ExecEvent::Stderr(b) => Event::Stderr(err.push(b)),
@@ -561,7 +576,12 @@ impl Pool for PoolService {
                 let mut events = svc.start_exec(&info, &target, exec_req, format!("run-{lease_id}"), guard).await?;
                 let (mut out, mut err) = (Utf8Chunks::default(), Utf8Chunks::default());
                 let mut exit = None;
-                while let Some(ev) = events.recv().await {
+                loop {
+                    let ev = tokio::select! {
+                        ev = events.recv() => ev,
+                        _ = tx.closed() => return Err(Status::cancelled("the caller went away")),
+                    };
+                    let Some(ev) = ev else { break };
                     let e = match &ev {
                         ExecEvent::Stdout(b) => Event::Stdout(out.push(b)),
                         ExecEvent::Stderr(b) => Event::Stderr(err.push(b)),

@@ -1,7 +1,7 @@
 //! A whole stack for integration tests: `mpool sim` in-process (so tests can hang and release
 //! daemon operations and read its events) and `mpool serve` as a real child process (so tests
-//! can kill -9 it), with the API on a Unix socket, on TCP with TLS and a bearer token, and
-//! `/metrics`.
+//! can kill -9 it), with the API on a Unix socket, on TCP with TLS and a bearer token, the
+//! HTTP/JSON facade on TCP with the same TLS and tokens, and `/metrics`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -44,6 +44,8 @@ pub struct Stack {
     pub tcp: SocketAddr,
     /// Metrics address.
     pub metrics: SocketAddr,
+    /// HTTP/JSON facade address (TLS + token, like `tcp`).
+    pub http: SocketAddr,
     /// A valid bearer token for `tcp`.
     pub token: String,
     /// The CA certificate that signed the TCP listener's certificate (server name `localhost`).
@@ -87,6 +89,7 @@ impl Stack {
         std::fs::write(root.join("tokens.toml"), tokens).unwrap();
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = root.join("mpool.toml");
         std::fs::write(
             &config,
@@ -103,6 +106,7 @@ tls_cert = "{root}/api-cert.pem"
 tls_key = "{root}/api-key.pem"
 tokens_file = "{root}/tokens.toml"
 metrics_listen = "{metrics}"
+http_listen = "{http}"
 {api_extra}
 
 [store]
@@ -128,6 +132,7 @@ shutdown_grace = "2s"
             serve: None,
             tcp,
             metrics,
+            http,
             token,
             config,
         };
@@ -233,6 +238,91 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.kill_serve();
     }
+}
+
+/// An answer of the HTTP/JSON facade.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Headers (names in lower case).
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON (`Null` when it is not JSON).
+    pub json: serde_json::Value,
+}
+
+impl HttpAnswer {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Stack {
+    /// One HTTP/1.1 request to the facade over TLS (a hand-rolled client: `Connection: close`,
+    /// the answer read to EOF).
+    pub async fn http(&self, method: &str, path: &str, token: Option<&str>, body: Option<&serde_json::Value>) -> HttpAnswer {
+        let mut tls = self.http_send(method, path, token, body, true).await;
+        let mut buf = Vec::new();
+        use tokio::io::AsyncReadExt;
+        let _ = tls.read_to_end(&mut buf).await;
+        parse_http(&buf)
+    }
+
+    /// Sends a request (`Connection: close` or keep-alive) and returns the open TLS stream
+    /// without reading the answer.
+    pub async fn http_send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&serde_json::Value>,
+        close: bool,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in mpool::tls::certs_from_pem("ca", &std::fs::read(&self.ca).unwrap()).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(mpool::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(self.http).await.expect("connect to http_listen");
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("TLS to http_listen");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let connection = if close { "close" } else { "keep-alive" };
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\nContent-Length: {}\r\n", body.len());
+        if !body.is_empty() {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        if let Some(t) = token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        head.push_str("\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(body.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        tls
+    }
+}
+
+/// Parses a whole HTTP/1.1 answer (the body is everything after the head; `Connection: close`).
+pub fn parse_http(buf: &[u8]) -> HttpAnswer {
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP head");
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let json = serde_json::from_slice(&buf[split + 4..]).unwrap_or(serde_json::Value::Null);
+    HttpAnswer { status, headers, json }
 }
 
 /// Runs a command on a lease through the API; returns (exit code, stdout, stderr).

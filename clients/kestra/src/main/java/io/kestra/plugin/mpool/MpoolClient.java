@@ -1,0 +1,371 @@
+package io.kestra.plugin.mpool;
+
+import com.google.protobuf.ByteString;
+import io.grpc.CallOptions;
+import io.grpc.Channel;
+import io.grpc.ClientCall;
+import io.grpc.ClientInterceptor;
+import io.grpc.ForwardingClientCall;
+import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
+import io.grpc.MethodDescriptor;
+import io.grpc.netty.shaded.io.grpc.netty.GrpcSslContexts;
+import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
+import io.grpc.netty.shaded.io.netty.channel.epoll.EpollDomainSocketChannel;
+import io.grpc.netty.shaded.io.netty.channel.epoll.EpollEventLoopGroup;
+import io.grpc.netty.shaded.io.netty.channel.unix.DomainSocketAddress;
+import io.grpc.stub.StreamObserver;
+import mpool.v1.PoolGrpc;
+import mpool.v1.PoolOuterClass.*;
+
+import java.io.ByteArrayInputStream;
+import java.io.IOException;
+import java.io.InputStream;
+import java.io.OutputStream;
+import java.net.URI;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.attribute.PosixFilePermission;
+import java.util.ArrayList;
+import java.util.Iterator;
+import java.util.List;
+import java.util.Set;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.TimeUnit;
+import java.util.function.BiConsumer;
+
+/**
+ * A connection to mpool's gRPC API ({@code mpool.v1.Pool}) and the few composite operations the
+ * tasks and the task runner share: exec with line-by-line output, uploads and downloads of files,
+ * listing remote files, and quiet cancel/release for kill().
+ */
+public final class MpoolClient implements AutoCloseable {
+    private final ManagedChannel channel;
+    private final EpollEventLoopGroup group;
+    private final PoolGrpc.PoolBlockingStub blocking;
+    private final PoolGrpc.PoolStub async;
+
+    private MpoolClient(ManagedChannel channel, EpollEventLoopGroup group) {
+        this.channel = channel;
+        this.group = group;
+        this.blocking = PoolGrpc.newBlockingStub(channel);
+        this.async = PoolGrpc.newStub(channel);
+    }
+
+    /**
+     * Connects to {@code endpoint}: {@code unix:/path/to/mpool.sock}, {@code http://host:port}
+     * (plaintext, e.g. loopback with a token) or {@code https://host:port} (TLS; {@code caPem}
+     * is the CA certificate in PEM, or null for the system trust store).
+     */
+    public static MpoolClient connect(String endpoint, String token, String caPem) throws IOException {
+        if (endpoint == null || endpoint.isBlank()) {
+            throw new IllegalArgumentException("endpoint is required: unix:/run/mpool/mpool.sock, http://127.0.0.1:7070 or https://host:7070");
+        }
+        NettyChannelBuilder builder;
+        EpollEventLoopGroup group = null;
+        if (endpoint.startsWith("unix:")) {
+            String path = endpoint.substring("unix:".length());
+            group = new EpollEventLoopGroup(1);
+            builder = NettyChannelBuilder.forAddress(new DomainSocketAddress(path))
+                .eventLoopGroup(group)
+                .channelType(EpollDomainSocketChannel.class)
+                // The default authority would be the socket path, which is no valid HTTP/2 :authority.
+                .overrideAuthority("localhost")
+                .usePlaintext();
+        } else {
+            URI uri = URI.create(endpoint);
+            String scheme = uri.getScheme() == null ? "" : uri.getScheme();
+            if (uri.getHost() == null || uri.getPort() < 0) {
+                throw new IllegalArgumentException("endpoint " + endpoint + ": write unix:PATH, http://HOST:PORT or https://HOST:PORT");
+            }
+            builder = NettyChannelBuilder.forAddress(uri.getHost(), uri.getPort());
+            switch (scheme) {
+                case "http" -> builder.usePlaintext();
+                case "https" -> {
+                    var ssl = GrpcSslContexts.forClient();
+                    if (caPem != null && !caPem.isBlank()) {
+                        ssl.trustManager(new ByteArrayInputStream(caPem.getBytes(StandardCharsets.UTF_8)));
+                    }
+                    builder.sslContext(ssl.build());
+                }
+                default -> throw new IllegalArgumentException("endpoint " + endpoint + ": the scheme must be unix:, http:// or https://");
+            }
+        }
+        builder.maxInboundMessageSize(64 << 20);
+        if (token != null && !token.isBlank()) {
+            builder.intercept(bearer(token.trim()));
+        }
+        return new MpoolClient(builder.build(), group);
+    }
+
+    private static ClientInterceptor bearer(String token) {
+        Metadata.Key<String> key = Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+        return new ClientInterceptor() {
+            @Override
+            public <Q, A> ClientCall<Q, A> interceptCall(MethodDescriptor<Q, A> method, CallOptions options, Channel next) {
+                return new ForwardingClientCall.SimpleForwardingClientCall<>(next.newCall(method, options)) {
+                    @Override
+                    public void start(Listener<A> listener, Metadata headers) {
+                        headers.put(key, "Bearer " + token);
+                        super.start(listener, headers);
+                    }
+                };
+            }
+        };
+    }
+
+    /** The blocking stub, for plain unary calls. */
+    public PoolGrpc.PoolBlockingStub stub() {
+        return blocking;
+    }
+
+    /** Acquires a lease. */
+    public Lease acquire(AcquireRequest request) {
+        return blocking.acquire(request);
+    }
+
+    /** Releases a lease; failures are returned, not thrown (for finally blocks and kill()). */
+    public Exception releaseQuietly(String leaseId) {
+        if (leaseId == null) {
+            return null;
+        }
+        try {
+            blocking.withDeadlineAfter(30, TimeUnit.SECONDS).release(ReleaseRequest.newBuilder().setLeaseId(leaseId).build());
+            return null;
+        } catch (Exception e) {
+            return e;
+        }
+    }
+
+    /** Cancels a running exec; failures are ignored (the lease's release stops it too). */
+    public boolean cancelQuietly(String leaseId, String execId) {
+        try {
+            return blocking.withDeadlineAfter(30, TimeUnit.SECONDS)
+                .cancelExec(CancelExecRequest.newBuilder().setLeaseId(leaseId).setExecId(execId).build())
+                .getCancelled();
+        } catch (Exception e) {
+            return false;
+        }
+    }
+
+    /**
+     * Runs a command and feeds its output line by line to {@code lines} ({@code (line, isStdErr)}),
+     * returning how it ended. CancelExec (another thread's kill()) ends it with {@code cancelled}.
+     */
+    public ExitStatus exec(String leaseId, String execId, Command command, BiConsumer<String, Boolean> lines) {
+        ExecRequest request = ExecRequest.newBuilder().setLeaseId(leaseId).setExecId(execId).setCommand(command).build();
+        LineSplitter out = new LineSplitter(line -> lines.accept(line, false));
+        LineSplitter err = new LineSplitter(line -> lines.accept(line, true));
+        ExitStatus exit = null;
+        try {
+            Iterator<ExecEvent> events = blocking.exec(request);
+            while (events.hasNext()) {
+                ExecEvent ev = events.next();
+                switch (ev.getEventCase()) {
+                    case STDOUT -> out.push(ev.getStdout());
+                    case STDERR -> err.push(ev.getStderr());
+                    case EXIT -> exit = ev.getExit();
+                    default -> { }
+                }
+            }
+        } finally {
+            out.finish();
+            err.finish();
+        }
+        if (exit == null) {
+            throw new IllegalStateException("the command's stream ended without an exit status");
+        }
+        return exit;
+    }
+
+    /** Runs a short command and returns its stdout; throws if it exits non-zero. */
+    public String capture(String leaseId, Command command) {
+        StringBuilder out = new StringBuilder();
+        StringBuilder err = new StringBuilder();
+        ExitStatus x = exec(leaseId, "", command, (line, isErr) -> (isErr ? err : out).append(line).append('\n'));
+        if (x.getCode() != 0) {
+            throw new IllegalStateException("`" + String.join(" ", command.getArgvList()) + "` exited with " + x.getCode() + ": " + err);
+        }
+        return out.toString();
+    }
+
+    /** Writes a local file into the VM at {@code remotePath} (parents are created), keeping its mode. */
+    public void upload(String leaseId, Path local, String remotePath) throws IOException, InterruptedException {
+        int mode = 0644;
+        try {
+            Set<PosixFilePermission> perms = Files.getPosixFilePermissions(local);
+            mode = 0;
+            for (PosixFilePermission p : perms) {
+                mode |= 1 << (8 - p.ordinal());
+            }
+        } catch (UnsupportedOperationException ignored) {
+            // keep 0644
+        }
+        CompletableFuture<UploadResponse> done = new CompletableFuture<>();
+        StreamObserver<UploadRequest> requests = async.upload(new StreamObserver<>() {
+            @Override
+            public void onNext(UploadResponse value) {
+                done.complete(value);
+            }
+
+            @Override
+            public void onError(Throwable t) {
+                done.completeExceptionally(t);
+            }
+
+            @Override
+            public void onCompleted() {
+                done.complete(null);
+            }
+        });
+        try (InputStream in = Files.newInputStream(local)) {
+            byte[] buf = new byte[1 << 20];
+            boolean first = true;
+            int n;
+            while ((n = in.read(buf)) > 0 || first) {
+                UploadRequest.Builder b = UploadRequest.newBuilder();
+                if (first) {
+                    b.setLeaseId(leaseId).setPath(remotePath).setMode(mode);
+                    first = false;
+                }
+                if (n > 0) {
+                    b.setData(ByteString.copyFrom(buf, 0, n));
+                }
+                requests.onNext(b.build());
+                if (n <= 0) {
+                    break;
+                }
+            }
+        } catch (IOException | RuntimeException e) {
+            requests.onError(e);
+            throw e;
+        }
+        requests.onCompleted();
+        try {
+            done.get(10, TimeUnit.MINUTES);
+        } catch (java.util.concurrent.ExecutionException e) {
+            if (e.getCause() instanceof RuntimeException r) {
+                throw r;
+            }
+            throw new IOException("uploading " + local + ": " + e.getCause(), e.getCause());
+        } catch (java.util.concurrent.TimeoutException e) {
+            throw new IOException("uploading " + local + " timed out", e);
+        }
+    }
+
+    /** Reads {@code remotePath} from the VM into {@code local} (parents created). */
+    public void download(String leaseId, String remotePath, Path local) throws IOException {
+        Files.createDirectories(local.toAbsolutePath().getParent());
+        Iterator<DownloadChunk> chunks = blocking.download(DownloadRequest.newBuilder().setLeaseId(leaseId).setPath(remotePath).build());
+        try (OutputStream out = Files.newOutputStream(local)) {
+            while (chunks.hasNext()) {
+                chunks.next().getData().writeTo(out);
+            }
+        }
+    }
+
+    /**
+     * Writes a local file to any absolute path in the VM through exec (stdin in 4 MiB pieces),
+     * for directories outside the SSH user's home, which SFTP may not reach.
+     */
+    public void uploadViaExec(String leaseId, Path local, String remotePath) throws IOException {
+        int mode = 0644;
+        try {
+            mode = 0;
+            for (PosixFilePermission p : Files.getPosixFilePermissions(local)) {
+                mode |= 1 << (8 - p.ordinal());
+            }
+        } catch (UnsupportedOperationException ignored) {
+            mode = 0644;
+        }
+        try (InputStream in = Files.newInputStream(local)) {
+            byte[] buf = new byte[4 << 20];
+            boolean first = true;
+            while (true) {
+                int n = in.readNBytes(buf, 0, buf.length);
+                if (n == 0 && !first) {
+                    break;
+                }
+                String script = first
+                    ? "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\" && chmod " + Integer.toOctalString(mode) + " \"$1\""
+                    : "cat >> \"$1\"";
+                capture(leaseId, Command.newBuilder().addArgv("sh").addArgv("-c").addArgv(script).addArgv("sh").addArgv(remotePath)
+                    .setStdin(ByteString.copyFrom(buf, 0, n)).build());
+                first = false;
+                if (n < buf.length) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /** Reads any absolute path in the VM through exec (base64 on the wire). */
+    public void downloadViaExec(String leaseId, String remotePath, Path local) throws IOException {
+        String text = capture(leaseId, Command.newBuilder().addArgv("base64").addArgv(remotePath).build());
+        Files.createDirectories(local.toAbsolutePath().getParent());
+        Files.write(local, java.util.Base64.getMimeDecoder().decode(text));
+    }
+
+    /** Regular files under {@code remoteDir}, as paths relative to it (none if it does not exist). */
+    public List<String> listFiles(String leaseId, String remoteDir) {
+        String out = capture(leaseId, Command.newBuilder()
+            .addArgv("sh").addArgv("-c")
+            .addArgv("[ -d \"$1\" ] || exit 0; cd \"$1\" && find . -type f -print0")
+            .addArgv("sh").addArgv(remoteDir)
+            .build());
+        List<String> files = new ArrayList<>();
+        for (String f : out.split("\0")) {
+            f = f.strip();
+            if (f.startsWith("./")) {
+                files.add(f.substring(2));
+            }
+        }
+        return files;
+    }
+
+    @Override
+    public void close() {
+        channel.shutdownNow();
+        try {
+            channel.awaitTermination(5, TimeUnit.SECONDS);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+        if (group != null) {
+            group.shutdownGracefully(0, 1, TimeUnit.SECONDS);
+        }
+    }
+
+    /** Turns text chunks into lines (a line without a trailing newline is flushed at the end). */
+    static final class LineSplitter {
+        private final java.util.function.Consumer<String> sink;
+        private final StringBuilder partial = new StringBuilder();
+
+        LineSplitter(java.util.function.Consumer<String> sink) {
+            this.sink = sink;
+        }
+
+        void push(String chunk) {
+            int start = 0;
+            for (int i = 0; i < chunk.length(); i++) {
+                if (chunk.charAt(i) == '\n') {
+                    partial.append(chunk, start, i);
+                    String line = partial.toString();
+                    partial.setLength(0);
+                    sink.accept(line.endsWith("\r") ? line.substring(0, line.length() - 1) : line);
+                    start = i + 1;
+                }
+            }
+            partial.append(chunk, start, chunk.length());
+        }
+
+        void finish() {
+            if (!partial.isEmpty()) {
+                String line = partial.toString();
+                partial.setLength(0);
+                sink.accept(line);
+            }
+        }
+    }
+}
