@@ -15,8 +15,10 @@
 //! - [`api`]: the public gRPC API `mpool.v1` (auth, health, reflection, metrics).
 //! - [`metrics`]: Prometheus counters and histograms.
 //! - [`cli`]: the `mpool` command line.
+//! - [`bench`]: `mpool bench`, the benchmark suite (figures, baselines, ratios).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -84,6 +84,12 @@ async fn many_execs_one_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_uses_the_pooled_connection() {
+    let server = Sshd::start();
+    suite::ping_uses_the_pooled_connection(&openssh_remote(&server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_bounded() {
     let server = Sshd::start();
     suite::channels_are_bounded(&openssh_remote(&server)).await;

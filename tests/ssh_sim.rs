@@ -45,6 +45,7 @@ against_sim!(
     timeout_and_cancel_kill_the_process_group,
     close_stops_running_commands,
     many_execs_one_connection,
+    ping_uses_the_pooled_connection,
 );
 
 macro_rules! against_sim_with_dir {

@@ -161,7 +161,18 @@ pub async fn bind(
             }
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] listen {addr}: {e}"))?;
-                servers.spawn(async move { router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stop).await });
+                // TCP_NODELAY: with a custom incoming stream tonic does not set it, and Nagle's
+                // algorithm then holds a reply's last frames until the client's delayed ACK
+                // (~40 ms per call).
+                let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(l), |s| {
+                    if let Ok(s) = &s
+                        && let Err(e) = s.set_nodelay(true)
+                    {
+                        tracing::debug!("TCP_NODELAY on an API connection: {e}");
+                    }
+                    s
+                });
+                servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
             }
         }
     }

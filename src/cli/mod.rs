@@ -51,6 +51,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Simulator + pool daemon + a sample task through the public API, with timings.
     Demo(demo::DemoArgs),
+    /// Benchmarks against a simulator it starts: figures, baselines and ratios (see README).
+    Bench(crate::bench::BenchArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -125,6 +127,7 @@ pub fn main() -> ExitCode {
             Command::Multipass(args) => multipass::run(args, data_dir).await,
             Command::Serve(args) => serve::run(args, data_dir).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => crate::bench::run(args).await,
             Command::Token(TokenCommand::New { name, pools, admin }) => {
                 let token = crate::api::auth::new_token();
                 let hash = crate::api::auth::hex(&crate::api::auth::hash(&token));

@@ -5,6 +5,11 @@
 //! Durability: a lease granted or ended and a VM created or deleted are written (fsync) before
 //! the caller hears about it or before the daemon call that follows; idle-state changes are
 //! written lazily (losing one costs an extra reset after a crash, nothing more).
+//!
+//! Group commit: the actor handles every message already queued (up to [`MAX_BATCH`]) before it
+//! writes, so concurrent acquires and releases share one store transaction and one fsync. The
+//! replies and plan spawns those messages cause wait in the batch until the write is done, so
+//! "written before the caller hears, before the daemon call" holds as before.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -293,6 +298,7 @@ impl Engine {
             next_waiter: 0,
             store_snapshot: Some(snapshot),
             metrics,
+            batch: Default::default(),
         };
         tokio::spawn(actor.run(rx));
         Ok(Engine { tx, healthy })
@@ -355,11 +361,14 @@ struct Pool {
     generation: u64,
     waiters: VecDeque<Waiter>,
     golden: Option<Golden>,
+    /// `waiters.len()` as of the last flush, for plans: a VM being reset or provisioned stays
+    /// running when callers wait for it.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Pool {
     fn new(cfg: PoolConfig, generation: u64) -> Pool {
-        Pool { cfg, generation, waiters: VecDeque::new(), golden: None }
+        Pool { cfg, generation, waiters: VecDeque::new(), golden: None, waiting: Default::default() }
     }
 }
 
@@ -444,6 +453,7 @@ struct Actor {
     next_waiter: u64,
     store_snapshot: Option<crate::store::Snapshot>,
     metrics: Metrics,
+    batch: std::cell::RefCell<Batch>,
 }
 
 fn now_ms() -> u64 {
@@ -458,6 +468,18 @@ fn random_suffix() -> String {
 /// How many ended lease ids are remembered (so a late release or exec says "ended", not "unknown").
 const ENDED_MEMORY: usize = 10_000;
 
+/// At most this many queued messages share one store write.
+pub const MAX_BATCH: usize = 256;
+
+/// The writes and effects of the messages handled since the last flush.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<Write>,
+    durable: bool,
+    /// Replies and spawns, run in order once the writes are stored.
+    after: Vec<Box<dyn FnOnce() + Send>>,
+}
+
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.spawn_observer();
@@ -467,19 +489,75 @@ impl Actor {
             let deadline = self.next_deadline();
             tokio::select! {
                 msg = rx.recv() => {
-                    let Some(msg) = msg else { return };
-                    if let Msg::Shutdown(done) = msg {
-                        self.fail_all_waiters(EngineError::ShuttingDown);
-                        let _ = done.send(());
+                    let Some(msg) = msg else {
+                        self.flush();
+                        return;
+                    };
+                    if self.take(msg) {
                         return;
                     }
-                    self.handle(msg);
+                    // Group commit: what is already queued joins this batch.
+                    for _ in 0..MAX_BATCH {
+                        let Ok(msg) = rx.try_recv() else { break };
+                        if self.take(msg) {
+                            return;
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => self.deadlines(),
                 _ = tick.tick() => {}
             }
             self.maintain();
+            self.flush();
         }
+    }
+
+    /// Handles one message; true when it was the shutdown.
+    fn take(&mut self, msg: Msg) -> bool {
+        if let Msg::Shutdown(done) = msg {
+            self.flush();
+            self.fail_all_waiters(EngineError::ShuttingDown);
+            let _ = done.send(());
+            return true;
+        }
+        self.handle(msg);
+        false
+    }
+
+    /// Stores the batch's writes (one transaction, durable if any write must be), then runs
+    /// its replies and spawns in order.
+    fn flush(&self) {
+        for p in self.pools.values() {
+            p.waiting.store(p.waiters.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let batch = std::mem::take(&mut *self.batch.borrow_mut());
+        if !batch.writes.is_empty()
+            && let Err(e) = self.store.write(&batch.writes, batch.durable)
+        {
+            tracing::error!("state store write failed: {e}");
+        }
+        for effect in batch.after {
+            effect();
+        }
+    }
+
+    /// Runs `effect` once this batch's writes are stored.
+    fn later(&self, effect: impl FnOnce() + Send + 'static) {
+        self.batch.borrow_mut().after.push(Box::new(effect));
+    }
+
+    /// Replies once this batch's writes are stored.
+    fn reply_later<T: Send + 'static>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
+        self.later(move || {
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Spawns `fut` once this batch's writes are stored (intent first).
+    fn spawn_later(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.later(move || {
+            tokio::spawn(fut);
+        });
     }
 
     /// Periodic daemon observation: every health interval when the daemon answers, every
@@ -508,20 +586,23 @@ impl Actor {
         waiters.chain(leases).min().unwrap_or(far).min(far)
     }
 
+    /// Adds writes to the batch (stored by [`Actor::flush`] before any reply or spawn of it).
     fn persist(&self, writes: &[Write], durable: bool) {
-        if let Err(e) = self.store.write(writes, durable) {
-            tracing::error!("state store write failed: {e}");
-        }
+        let mut b = self.batch.borrow_mut();
+        b.writes.extend_from_slice(writes);
+        b.durable |= durable;
     }
 
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Acquire(req, reply) => self.acquire(req, reply),
             Msg::Renew { id, ttl, owner, reply } => {
-                let _ = reply.send(self.renew(&id, ttl, owner.as_deref()));
+                let r = self.renew(&id, ttl, owner.as_deref());
+                self.reply_later(reply, r);
             }
             Msg::Release { id, owner, reply } => {
-                let _ = reply.send(self.release(&id, owner.as_deref(), "released"));
+                let r = self.release(&id, owner.as_deref(), "released");
+                self.reply_later(reply, r);
             }
             Msg::BeginUse { id, owner, reply } => {
                 let r = self.lease_info(&id, owner.as_deref());
@@ -582,7 +663,8 @@ impl Actor {
                     i.served = Served::Repeat;
                     i
                 });
-                let _ = reply.send(r);
+                // The lease may be in this very batch: answer once it is stored.
+                self.reply_later(reply, r);
                 return;
             }
             let same = |w: &Waiter| w.req.request_id.as_deref() == Some(rid.as_str());
@@ -679,9 +761,12 @@ impl Actor {
         }
         self.leases.insert(rec.id.clone(), Lease { record: rec.clone(), deadline: Instant::now() + waiter.ttl, in_use: 0 });
         let info = LeaseInfo { record: rec, ssh: Some(ssh), served: waiter.served, waited: waiter.since.elapsed() };
-        for r in waiter.replies {
-            let _ = r.send(Ok(info.clone()));
-        }
+        let replies = waiter.replies;
+        self.later(move || {
+            for r in replies {
+                let _ = r.send(Ok(info.clone()));
+            }
+        });
     }
 
     fn check_owner(&self, id: &str, owner: Option<&str>) -> Result<&Lease, EngineError> {
@@ -856,19 +941,23 @@ impl Actor {
         let cfg = pool.cfg.clone();
         let golden = pool.golden.as_ref().filter(|g| g.ready).map(|g| g.name.clone());
         let has_waiters = !pool.waiters.is_empty();
+        let waiting = pool.waiting.clone();
         let (ctx, tx, name, rebuild, ssh) = (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
         let was_hot = ssh.is_some();
-        tokio::spawn(async move {
+        // A wake for a waiting caller (not a health check) of a hot VM only needs a round trip.
+        let for_caller = self.waking.contains_key(&name);
+        self.spawn_later(async move {
             let result = match plan {
                 PlanKind::Provision { hot } => {
-                    ctx.provision(Priority::Provision, &name, &cfg, golden.as_deref(), hot).await
+                    ctx.provision(Priority::Provision, &name, &cfg, golden.as_deref(), hot, None).await
                 }
                 PlanKind::Reset { hot } => {
                     let p = if has_waiters { Priority::Release } else { Priority::Reset };
-                    ctx.reset(p, &name, &cfg, golden.as_deref(), rebuild, hot).await
+                    ctx.reset(p, &name, &cfg, golden.as_deref(), rebuild, hot, Some(&waiting)).await
                 }
                 PlanKind::Park { hot: true } => ctx.park(Priority::Reset, &name, true).await,
                 PlanKind::Park { hot: false } => ctx.cool(Priority::Reset, &name).await.map(|_| None),
+                PlanKind::Wake if was_hot && for_caller => ctx.check_alive(&name, ssh).await.map(Some),
                 PlanKind::Wake if was_hot => ctx.check(&name, ssh).await.map(Some),
                 PlanKind::Wake => ctx.wake(&name).await.map(Some),
                 PlanKind::Destroy => ctx.destroy(Priority::Provision, &name).await.map(|_| None),
@@ -1113,7 +1202,7 @@ impl Actor {
         for stray in r.strays {
             tracing::warn!(instance = %stray, "deleting a stray instance with our prefix that the store does not know");
             let ctx = self.ctx.clone();
-            tokio::spawn(async move {
+            self.spawn_later(async move {
                 if let Err(e) = ctx.destroy(Priority::Provision, &stray).await {
                     tracing::warn!(instance = %stray, "could not delete stray: {}", e.message);
                 }
@@ -1243,7 +1332,7 @@ impl Actor {
         // A golden record in Provisioning is adopted as "in doubt" and rebuilt after a crash.
         self.persist(&[Write::PutVm(VmRecord { phase: PhaseRecord::Golden, ..rec })], true);
         let (ctx, tx, pool) = (self.ctx.clone(), self.tx.clone(), pool.to_string());
-        tokio::spawn(async move {
+        self.spawn_later(async move {
             if let Some(old) = old {
                 let _ = ctx.destroy(Priority::Provision, &old).await;
             }

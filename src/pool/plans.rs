@@ -6,6 +6,8 @@
 //! delete tolerates a missing instance. So after a crash the engine simply runs the plan again
 //! from the start (a reset for anything in doubt); no per-transition recovery code exists.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::config::{PoolConfig, ResetStrategy};
 use crate::multipass::{LaunchOptions, SshInfo};
 
@@ -54,9 +56,16 @@ impl Ctx {
     /// Starts the VM and waits until it answers over SSH; then suspends it unless it is to
     /// stay hot. Returns the SSH endpoint when it stays up.
     pub async fn park(&self, p: Priority, vm: &str, hot: bool) -> Result<Option<SshInfo>, StepError> {
+        self.park_for(p, vm, hot, None).await
+    }
+
+    /// [`Ctx::park`], but the VM also stays running if callers are waiting for a VM of its pool
+    /// when it is up (`waiting`): suspending it only to resume it for them would cost a
+    /// suspend and a resume.
+    async fn park_for(&self, p: Priority, vm: &str, hot: bool, waiting: Option<&AtomicUsize>) -> Result<Option<SshInfo>, StepError> {
         self.start(p, vm).await?;
         let info = self.ready(p, vm).await?;
-        if hot {
+        if hot || waiting.is_some_and(|w| w.load(Ordering::Relaxed) > 0) {
             return Ok(Some(info));
         }
         self.suspend(p, vm).await?;
@@ -70,8 +79,14 @@ impl Ctx {
 
     /// Starts (resumes) a VM for a caller and checks it answers over SSH.
     pub async fn wake(&self, vm: &str) -> Result<SshInfo, StepError> {
+        // No new daemon-blocking operation starts until the daemon's part is done: the resume's
+        // clock sync and ssh_info take the daemon's lock and would each wait for it.
+        let hold = self.sched.hold();
         self.start(Priority::Acquire, vm).await?;
-        self.ready(Priority::Acquire, vm).await
+        let info = self.sched.run(Priority::Acquire, vm, Op::Quick, self.ports.daemon.ssh_info(vm.into())).await?;
+        drop(hold);
+        self.ports.ssh.ready(vm.into(), info.clone()).await?;
+        Ok(info)
     }
 
     /// The SSH endpoint of a running VM (a holder's VM after a restart).
@@ -84,6 +99,20 @@ impl Ctx {
         match info {
             Some(info) => {
                 self.ports.ssh.ready(vm.into(), info.clone()).await?;
+                Ok(info)
+            }
+            None => self.ready(Priority::Acquire, vm).await,
+        }
+    }
+
+    /// Checks a hot VM still answers before it is handed to a caller: one round trip on its
+    /// pooled connection. The full check (`true` over SSH) ran when the VM was parked and runs
+    /// again at every health check; this proves it is still up now, without starting a process
+    /// in it.
+    pub async fn check_alive(&self, vm: &str, info: Option<SshInfo>) -> Result<SshInfo, StepError> {
+        match info {
+            Some(info) => {
+                self.ports.ssh.alive(vm.into(), info.clone()).await?;
                 Ok(info)
             }
             None => self.ready(Priority::Acquire, vm).await,
@@ -131,6 +160,7 @@ impl Ctx {
         pool: &PoolConfig,
         golden: Option<&str>,
         hot: bool,
+        waiting: Option<&AtomicUsize>,
     ) -> Result<Option<SshInfo>, StepError> {
         self.delete(p, vm).await?;
         match (pool.reset, golden) {
@@ -146,7 +176,7 @@ impl Ctx {
         // Clones carry no snapshots: every strategy takes its own clean snapshot.
         let snap = self.ports.daemon.snapshot(vm.into(), CLEAN_SNAPSHOT.into());
         self.sched.run(p, vm, Op::Blocking, snap).await?;
-        self.park(p, vm, hot).await
+        self.park_for(p, vm, hot, waiting).await
     }
 
     /// Returns a used VM to its clean state and parks it. Snapshot pools stop it (forced: its
@@ -161,14 +191,15 @@ impl Ctx {
         golden: Option<&str>,
         rebuild: bool,
         hot: bool,
+        waiting: Option<&AtomicUsize>,
     ) -> Result<Option<SshInfo>, StepError> {
         if rebuild || pool.reset != ResetStrategy::Snapshot {
-            return self.provision(p, vm, pool, golden, hot).await;
+            return self.provision(p, vm, pool, golden, hot, waiting).await;
         }
         self.stop(p, vm, true).await?;
         let restore = self.ports.daemon.restore(vm.into(), CLEAN_SNAPSHOT.into());
         self.sched.run(p, vm, Op::Blocking, restore).await?;
-        self.park(p, vm, hot).await
+        self.park_for(p, vm, hot, waiting).await
     }
 
     /// Deletes and purges a VM.

@@ -83,6 +83,11 @@ pub trait DaemonPort: Send + Sync + 'static {
 pub trait SshPort: Send + Sync + 'static {
     /// The VM answers over SSH (opening or reusing the pooled connection).
     fn ready(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>>;
+    /// The VM still answers: a round trip on its open pooled connection when there is one,
+    /// else (or if that fails) a full [`SshPort::ready`] check.
+    fn alive(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+        self.ready(vm, info)
+    }
     /// Runs a setup script in the VM; a non-zero exit is an error carrying its output tail.
     fn run_script(&self, vm: String, info: SshInfo, script: String) -> BoxFut<'_, Result<(), StepError>>;
     /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
@@ -229,6 +234,16 @@ impl SshPort for SshAdapter {
                 .await
                 .map_err(|e| StepError::failed(format!("{vm} does not answer over SSH: {e}")))?;
             out.check().map_err(|e| StepError::failed(format!("{vm} readiness check: {e}")))
+        })
+    }
+
+    fn alive(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            match self.cache.ping(&vm, Duration::from_secs(5)).await {
+                Some(Ok(())) => Ok(()),
+                // No open connection, or it failed: reconnect and run `true`.
+                Some(Err(_)) | None => self.ready(vm, info).await,
+            }
         })
     }
 

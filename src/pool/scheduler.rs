@@ -5,7 +5,10 @@
 //!   (acquire path > release > background reset > provisioning), FIFO within a priority;
 //! - non-blocking calls (start, launch, list, ssh_info) go out at once, so an acquire's resume
 //!   waits for at most the one blocking operation already running, never for a queue of them;
-//! - operations on one instance never overlap.
+//! - operations on one instance never overlap;
+//! - while a caller's VM wakes ([`Scheduler::hold`]), no new blocking operation starts: the
+//!   resume's clock sync and `ssh_info` take the daemon's lock too, and each would otherwise
+//!   wait for another blocking operation started meanwhile.
 //!
 //! With `priorities` off it is plain FIFO (for measuring what the priorities buy).
 
@@ -51,6 +54,8 @@ struct State {
     blocking_in_flight: bool,
     busy: HashSet<String>,
     seq: u64,
+    /// Wakes for waiting callers in progress.
+    holds: usize,
 }
 
 /// The scheduler; cheap to clone.
@@ -82,6 +87,23 @@ impl Drop for Permit {
     }
 }
 
+/// Keeps new daemon-blocking operations (below acquire priority) from starting while it lives.
+pub struct Hold {
+    state: Arc<Mutex<State>>,
+    priorities: bool,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let released = {
+            let Ok(mut st) = self.state.lock() else { return };
+            st.holds = st.holds.saturating_sub(1);
+            dispatch(&self.state, &mut st, self.priorities)
+        };
+        drop(released);
+    }
+}
+
 /// Hands out permits to every waiting operation that may run now. Returns permits whose
 /// caller went away, to be dropped after the lock is released.
 fn dispatch(shared: &Arc<Mutex<State>>, st: &mut State, priorities: bool) -> Vec<Permit> {
@@ -94,7 +116,8 @@ fn dispatch(shared: &Arc<Mutex<State>>, st: &mut State, priorities: bool) -> Vec
     let mut i = 0;
     while i < st.queue.len() {
         let w = &st.queue[i];
-        let runnable = !st.busy.contains(&w.instance) && (w.op == Op::Quick || !st.blocking_in_flight);
+        let held = priorities && st.holds > 0 && w.priority != Priority::Acquire;
+        let runnable = !st.busy.contains(&w.instance) && (w.op == Op::Quick || (!st.blocking_in_flight && !held));
         if !runnable {
             // Without priorities, a blocked head blocks everything behind it (plain FIFO).
             if !priorities {
@@ -144,6 +167,20 @@ impl Scheduler {
             // The sender is only dropped after sending; unreachable, but never panic: run now.
             Err(_) => Permit { state: self.state.clone(), instance: String::new(), op: Op::Quick, priorities: self.priorities },
         }
+    }
+
+    /// Holds back new blocking operations (not the one in flight) until the returned guard is
+    /// dropped: for a caller's wake, so its resume and `ssh_info` find the daemon's lock free.
+    /// No effect without priorities.
+    pub fn hold(&self) -> Hold {
+        if self.priorities {
+            let mut st = match self.state.lock() {
+                Ok(st) => st,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            st.holds += 1;
+        }
+        Hold { state: self.state.clone(), priorities: self.priorities }
     }
 
     /// Runs `fut` when its turn comes.
@@ -263,6 +300,24 @@ mod tests {
         b.await.unwrap();
         rd.send(()).unwrap();
         d.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_keeps_new_blocking_ops_back_but_not_quick_ones() {
+        let s = Scheduler::new(true);
+        let log = Arc::new(StdMutex::new(Vec::new()));
+        let hold = s.hold();
+        let (b, rb) = spawn_op(&s, &log, "b", Priority::Reset, Op::Blocking);
+        let (q, rq) = spawn_op(&s, &log, "q", Priority::Acquire, Op::Quick);
+        settle().await;
+        assert_eq!(*log.lock().unwrap(), vec!["q"], "the blocking op waits for the hold");
+        drop(hold);
+        settle().await;
+        assert_eq!(*log.lock().unwrap(), vec!["q", "b"]);
+        rq.send(()).unwrap();
+        rb.send(()).unwrap();
+        q.await.unwrap();
+        b.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -132,6 +132,23 @@ impl ConnectionCache {
         Ok(conn)
     }
 
+    /// Pings the open connection under `key` (see [`Connection::ping`]); `None` when there is
+    /// no open connection to ping (nothing is opened).
+    pub async fn ping(&self, key: &str, limit: std::time::Duration) -> Option<Result<(), SshError>> {
+        let entry = self.lookup(key)?;
+        let conn = {
+            let state = entry.state.lock().await;
+            if state.closed {
+                return None;
+            }
+            state.connection.clone()?
+        };
+        if conn.is_closed() {
+            return None;
+        }
+        Some(conn.ping(limit).await)
+    }
+
     /// Starts a command on the connection under `key` (see [`Connection::exec`]).
     pub async fn exec(
         &self,

@@ -293,6 +293,23 @@ impl Connection {
         self.inner.handle.is_closed()
     }
 
+    /// One round trip on the connection: an OpenSSH keepalive request, which servers answer
+    /// without starting anything (no channel, no process). Proves the server and this
+    /// connection are alive now.
+    pub async fn ping(&self, limit: Duration) -> Result<(), SshError> {
+        let addr = self.inner.addr.clone();
+        match tokio::time::timeout(limit, self.inner.handle.send_ping()).await {
+            Err(_) => return Err(SshError::Timeout { what: format!("a keepalive round trip to {addr}"), after: limit }),
+            Ok(Err(e)) => return Err(SshError::ConnectionLost { addr, detail: e.to_string() }),
+            Ok(Ok(())) => {}
+        }
+        // russh also completes the ping when the connection ends before the reply.
+        if self.is_closed() {
+            return Err(SshError::ConnectionLost { addr, detail: "closed before answering a keepalive".into() });
+        }
+        Ok(())
+    }
+
     /// Channels (execs, SFTP sessions) currently open, at most `max_channels`.
     pub fn channels_in_use(&self) -> usize {
         self.inner.max_channels.saturating_sub(self.inner.channels.available_permits())

@@ -487,6 +487,23 @@ pub async fn many_execs_one_connection(r: &Remote) {
     assert!(cache.close(&key).await);
 }
 
+/// A ping is a round trip on the pooled connection: it opens nothing, and only a key with an
+/// open connection can be pinged.
+pub async fn ping_uses_the_pooled_connection(r: &Remote) {
+    let cache = ConnectionCache::new(SshOptions::default());
+    let key = unique("lease");
+    assert!(cache.ping(&key, Duration::from_secs(5)).await.is_none(), "no connection yet: nothing to ping");
+    let out = cache.run(&key, &r.target, ExecRequest::argv(["true"])).await.unwrap();
+    assert!(out.success(), "{out:?}");
+    let before = (r.connections)();
+    for _ in 0..50 {
+        cache.ping(&key, Duration::from_secs(5)).await.expect("an open connection").expect("the server answers");
+    }
+    assert_eq!((r.connections)(), before, "pings open no connection");
+    assert!(cache.close(&key).await);
+    assert!(cache.ping(&key, Duration::from_secs(5)).await.is_none(), "closed: nothing to ping");
+}
+
 /// At most `max_channels` channels are open at once; further execs wait for a slot.
 pub async fn channels_are_bounded(r: &Remote) {
     let options = SshOptions { max_channels: 2, ..SshOptions::default() };

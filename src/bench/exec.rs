@@ -1,0 +1,160 @@
+//! Scenario 4, exec: `true` on a lease over mpool's pooled SSH connection vs a fresh
+//! connection per command (the `multipass exec` way), against a real OpenSSH sshd and against
+//! the simulator's own SSH endpoints.
+//!
+//! mpool's figure is the whole API path: an `Exec` call on the lease (gRPC over the Unix
+//! socket), a channel on the connection the readiness check opened, the command, its exit
+//! status streamed back. The baseline is a fresh SSH connection per command (TCP, key
+//! exchange, public-key login, the command, close), measured in-process so it pays no process
+//! start-up; the literal `mpool multipass exec VM -- true` process (which also makes a TLS
+//! connection to the daemon and asks `ssh_info`) is reported beside it. For OpenSSH the
+//! simulator's `ssh_info` points at the sshd (`--ssh-target`), so mpool leases "VMs" whose SSH
+//! server is the real one.
+
+use std::time::{Duration, Instant};
+
+use super::stack::{self, Stack, StackOptions, Transport};
+use super::{Ctx, Report, Row, Summary, summarize};
+use crate::ssh::{Connection, ExecRequest, SshOptions};
+
+#[derive(serde::Serialize)]
+struct Target {
+    server: &'static str,
+    api_exec_on_lease: Summary,
+    pooled_connection_raw: Summary,
+    keepalive_round_trip: Summary,
+    fresh_connection: Summary,
+    multipass_exec_process: Summary,
+}
+
+async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Sshd>) -> Result<Target, String> {
+    let (n, m, p) = (ctx.pick(300, 40), ctx.pick(100, 15), ctx.pick(20, 4));
+    let mut o = StackOptions::new(stack::pool("x", 1, 1, 1));
+    o.serve = false;
+    o.ssh_target = sshd.map(|s| crate::sim::SshTarget { user: s.user().into(), host: "127.0.0.1".into(), port: s.port() });
+    let mut stack = Stack::start(o).await?;
+    if let Some(s) = sshd {
+        // The key the simulator's ssh_info hands out is authorized on the real sshd.
+        let keys = crate::sim::ssh::SshKeys::load_or_create(&stack.sim_state()).map_err(|e| e.to_string())?;
+        s.authorize_public(&keys.client_public_openssh())?;
+    }
+    stack.start_serve(true).await?;
+    stack.settled("x", 1, Duration::from_secs(120)).await?;
+    let mut c = stack.client(Transport::Unix).await?;
+    let (lease, _) = stack::acquire(&mut c, "x", "bench").await?;
+    let run_api = |c: &mut crate::cli::client::Client| {
+        let mut c = c.clone();
+        let id = lease.id.clone();
+        async move {
+            let r = stack::exec(&mut c, &id, &["true"]).await?;
+            if r.code != 0 {
+                return Err(format!("`true` exited {}", r.code));
+            }
+            Ok::<_, String>(r.total)
+        }
+    };
+    for _ in 0..5 {
+        run_api(&mut c).await?;
+    }
+    let mut api = Vec::with_capacity(n);
+    for _ in 0..n {
+        api.push(run_api(&mut c).await?);
+    }
+
+    let info = stack.daemon_client().await?.ssh_info(&lease.vm).await.map_err(|e| e.to_string())?;
+    let target = crate::pool::ports::ssh_target(&info);
+    let opts = SshOptions::default();
+    let conn = Connection::connect(&target, &opts).await.map_err(|e| e.to_string())?;
+    let mut raw = Vec::with_capacity(n);
+    for i in 0..n + 5 {
+        let t = Instant::now();
+        conn.run(ExecRequest::argv(["true"])).await.map_err(|e| e.to_string())?.check().map_err(|e| e.to_string())?;
+        if i >= 5 {
+            raw.push(t.elapsed());
+        }
+    }
+    let mut ping = Vec::with_capacity(n);
+    for i in 0..n + 5 {
+        let t = Instant::now();
+        conn.ping(Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        if i >= 5 {
+            ping.push(t.elapsed());
+        }
+    }
+    conn.close().await;
+
+    let mut fresh = Vec::with_capacity(m);
+    for i in 0..m + 2 {
+        let t = Instant::now();
+        let conn = Connection::connect(&target, &opts).await.map_err(|e| e.to_string())?;
+        conn.run(ExecRequest::argv(["true"])).await.map_err(|e| e.to_string())?.check().map_err(|e| e.to_string())?;
+        conn.close().await;
+        if i >= 2 {
+            fresh.push(t.elapsed());
+        }
+    }
+
+    let mut process = Vec::with_capacity(p);
+    for i in 0..p + 1 {
+        let r = stack::mp(&ctx.exe, &stack, &["exec", &lease.vm, "--", "true"], None).await?;
+        if i >= 1 {
+            process.push(r.wall);
+        }
+    }
+    stack::release(&mut c, &lease.id).await?;
+    stack.stop().await;
+    let t = Target {
+        server,
+        api_exec_on_lease: summarize(&api),
+        pooled_connection_raw: summarize(&raw),
+        keepalive_round_trip: summarize(&ping),
+        fresh_connection: summarize(&fresh),
+        multipass_exec_process: summarize(&process),
+    };
+    println!(
+        "  {server:<10} API exec on lease p50 {:.2} ms | pooled raw {:.2} ms | keepalive {:.3} ms (p99 {:.3}) | fresh connection {:.1} ms | `mpool multipass exec` process {:.1} ms",
+        t.api_exec_on_lease.p50_ms,
+        t.pooled_connection_raw.p50_ms,
+        t.keepalive_round_trip.p50_ms,
+        t.keepalive_round_trip.p99_ms,
+        t.fresh_connection.p50_ms,
+        t.multipass_exec_process.p50_ms
+    );
+    Ok(t)
+}
+
+/// Runs scenario 4.
+pub async fn run(ctx: &Ctx) -> Result<Report, String> {
+    let mut report = Report::new("exec");
+    let mut targets = Vec::new();
+    match super::sshd::unavailable() {
+        Some(why) => {
+            println!("  OpenSSH skipped: {why}");
+            report.note(format!("OpenSSH part skipped: {why}"));
+        }
+        None => {
+            let sshd = super::sshd::Sshd::start()?;
+            targets.push(measure(ctx, "OpenSSH", Some(&sshd)).await?);
+        }
+    }
+    targets.push(measure(ctx, "simulator", None).await?);
+    for t in &targets {
+        let ratio = t.fresh_connection.p50_ms / t.api_exec_on_lease.p50_ms.max(1e-9);
+        report.row(
+            Row::new(format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server), t.api_exec_on_lease.p50_ms, "ms")
+                .vs("fresh SSH connection per command", t.fresh_connection.p50_ms)
+                .target(">= 10x", ratio >= 10.0),
+        );
+        report.row(
+            Row::new(format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server), t.api_exec_on_lease.p50_ms, "ms")
+                .vs("`mpool multipass exec` process", t.multipass_exec_process.p50_ms),
+        );
+    }
+    report.note(
+        "A fresh connection pays TCP, a key exchange (curve25519), host-key and RSA-2048 client signatures and, on OpenSSH, \
+         a forked and re-executed sshd per connection; the pooled path pays one channel open and the command. Both run \
+         the command the same way, so the command's own cost (fork+exec of `true` by the server) is in both.",
+    );
+    report.detail("targets", &targets);
+    Ok(report)
+}
