@@ -226,7 +226,12 @@ pub async fn bind(
                 servers.spawn(async move {
                     let accept = move || {
                         let l = l.clone();
-                        async move { l.accept().await.map(|(s, _)| s) }
+                        async move {
+                            let (s, _) = l.accept().await?;
+                            // Small JSON answers: do not wait for delayed ACKs.
+                            let _ = s.set_nodelay(true);
+                            Ok(s)
+                        }
                     };
                     tokio::select! {
                         _ = super::json::serve(api, accept, tls) => {}
