@@ -26,7 +26,7 @@ async fn daemon(stack: &Stack) -> Client {
 }
 
 /// Waits until the daemon's `mpool-` instances and the engine's VMs are the same set, with
-/// every VM settled (idle or leased) and `idle` of them idle; returns the instances.
+/// every VM settled (idle or leased) and at least `idle` of them idle; returns the instances.
 async fn accounted(stack: &Stack, idle: usize) -> BTreeSet<String> {
     let d = daemon(stack).await;
     let mut c = stack.client().await;
@@ -38,7 +38,7 @@ async fn accounted(stack: &Stack, idle: usize) -> BTreeSet<String> {
         let known: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
         let settled = vms.iter().all(|v| matches!(v.state.as_str(), "hot" | "warm" | "leased"));
         let n_idle = vms.iter().filter(|v| v.state == "hot" || v.state == "warm").count();
-        if on_daemon == known && settled && n_idle == idle && known.len() == vms.len() {
+        if on_daemon == known && settled && n_idle >= idle && known.len() == vms.len() {
             return known;
         }
         assert!(
@@ -153,7 +153,9 @@ async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
     let mut ev = stack.sim().events();
     stack.start_serve();
     wait_event(&mut ev, |e| e.op == "restore" && e.instance == lease.vm && e.kind == EventKind::Working).await;
-    accounted(&stack, 3).await;
+    // min_ready 2: the reset VM and the other idle one (a replacement provisioned before the
+    // crash may make it 3).
+    accounted(&stack, 2).await;
     let mut c = stack.client().await;
     let err = c.renew(v1::RenewRequest { lease_id: lease.id, ttl: None }).await.unwrap_err();
     assert!(matches!(err.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound), "{err:?}");
