@@ -465,13 +465,19 @@ async fn run_one(ctx: &Ctx, s: &(&'static str, u8, &'static str, Run)) -> Report
 
 /// Runs `mpool bench`.
 pub async fn run(args: BenchArgs) -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
+    match std::env::current_exe() {
+        Ok(exe) => run_with(exe, &args.scenario, args.quick, args.json).await,
         Err(e) => {
             eprintln!("mpool bench: cannot find this binary: {e}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
+    }
+}
+
+/// Runs `scenario` (a name, a number or `all`) with `exe` as the `mpool` binary to spawn
+/// (`cargo bench` passes the one cargo built).
+pub async fn run_with(exe: PathBuf, scenario: &str, quick: bool, json: Option<PathBuf>) -> ExitCode {
+    let args = BenchArgs { scenario: scenario.to_string(), quick, json };
     let ctx = Ctx { quick: args.quick, exe };
     let all = args.scenario.eq_ignore_ascii_case("all");
     let chosen: Vec<_> = if all {

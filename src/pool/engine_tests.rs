@@ -136,6 +136,23 @@ async fn waiters_are_served_first_come_first_served() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_vm_reset_for_a_waiting_caller_is_handed_over_running() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = h.engine.acquire(req("first")).await.unwrap();
+    let vm = first.record.vm.clone();
+    let e = h.engine.clone();
+    let next = tokio::spawn(async move { e.acquire(req("next")).await });
+    until(&h.engine, "queued", |s| s.pools[0].waiters == 1).await;
+    let (suspends, starts) = (h.fake.count(&format!("suspend {vm}")), h.fake.count(&format!("start {vm}")));
+    h.engine.release(&first.record.id, None).await.unwrap();
+    let lease = next.await.unwrap().unwrap();
+    assert_eq!((lease.served, lease.record.vm.as_str()), (Served::Cold, vm.as_str()));
+    assert_eq!(h.fake.count(&format!("suspend {vm}")), suspends, "not suspended only to be resumed");
+    assert_eq!(h.fake.count(&format!("start {vm}")), starts + 1, "one boot after the restore, no resume");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_pool_answers_resource_exhausted_after_the_wait() {
     let h = start(pool(1, 0, 1));
     until(&h.engine, "ready", |s| count(s, "warm") == 1).await;

@@ -152,7 +152,8 @@ impl Ctx {
 
     /// Creates a pool VM ready to serve: built (snapshot/recreate) or cloned from `golden`,
     /// with its clean snapshot taken, then parked. Anything left of an earlier attempt under
-    /// the same name is deleted first.
+    /// the same name is deleted first. With `waiting` (its pool's waiting callers), it stays
+    /// running if someone waits when it is up.
     pub async fn provision(
         &self,
         p: Priority,
@@ -182,7 +183,8 @@ impl Ctx {
     /// Returns a used VM to its clean state and parks it. Snapshot pools stop it (forced: its
     /// state is thrown away anyway) and restore the clean snapshot; clone and recreate pools,
     /// and VMs that are to be rebuilt (`max_uses`, a new config generation), are replaced
-    /// under the same name.
+    /// under the same name. `waiting`: see [`Ctx::provision`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn reset(
         &self,
         p: Priority,
