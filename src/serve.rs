@@ -44,14 +44,7 @@ pub fn client_options(cfg: &Config, data_dir: PathBuf) -> Result<ClientOptions, 
     o.identity = cfg.daemon.client_identity();
     o.verification = cfg.daemon.server_verification();
     o.passphrase = match &cfg.daemon.passphrase_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("[daemon] passphrase_file {}: {e}", p.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-        ),
+        Some(p) => Some(crate::multipass::trust::read_passphrase_file(p, "[daemon] passphrase_file")?),
         None => None,
     };
     o.allow_untested_daemon = cfg.daemon.allow_untested_daemon;

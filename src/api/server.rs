@@ -148,15 +148,7 @@ pub async fn bind(
         };
         match listen {
             Listen::Unix(path) => {
-                if path.exists() {
-                    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                }
-                let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("[api] listen unix:{}: {e}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let l = bind_unix(path, "listen")?;
                 servers.spawn(async move { router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stop).await });
             }
             Listen::Tcp(addr) => {
@@ -196,16 +188,7 @@ pub async fn bind(
         let mut sd = shutdown.clone();
         match listen {
             Listen::Unix(path) => {
-                if path.exists() {
-                    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                }
-                let l = tokio::net::UnixListener::bind(path)
-                    .map_err(|e| format!("[api] http_listen unix:{}: {e}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let l = bind_unix(path, "http_listen")?;
                 let l = Arc::new(l);
                 servers.spawn(async move {
                     let accept = move || {
@@ -253,6 +236,21 @@ pub async fn bind(
             servers.abort_all();
         }
     })
+}
+
+/// Binds an API Unix socket (replacing a stale one, creating its directory) with mode 0660:
+/// the file mode is its access control. `key` names the config key in errors.
+fn bind_unix(path: &std::path::Path, key: &str) -> Result<tokio::net::UnixListener, String> {
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("[api] {key} unix:{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(l)
 }
 
 /// Keeps `grpc.health.v1` in step with the daemon: NOT_SERVING while multipassd does not answer.

@@ -233,9 +233,8 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         opts.identity = ClientIdentity::Own;
     }
     if let Some(f) = &args.passphrase_file {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| Error::InvalidArgument(format!("--passphrase-file {}: {e}", f.display())))?;
-        opts.passphrase = Some(text.lines().next().unwrap_or_default().to_string());
+        opts.passphrase =
+            Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file").map_err(Error::InvalidArgument)?);
     }
     if let Verb::Authenticate { passphrase: Some(p) } = &args.verb {
         opts.passphrase = Some(p.clone());

@@ -76,14 +76,7 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     }
     let passphrase = match (&args.passphrase, &args.passphrase_file) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| format!("--passphrase-file {}: {e}", f.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-        ),
+        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")?),
         (None, None) => None,
     };
     let mut cfg = SimConfig::new(&args.socket, &args.state_dir);

@@ -82,6 +82,13 @@ fn cli_cert_dirs(home: &Path) -> [PathBuf; 2] {
     ]
 }
 
+/// Reads a passphrase file: its first line (a trailing newline or later lines are not part of
+/// the secret). `what` names the option in the error.
+pub fn read_passphrase_file(path: &Path, what: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
 /// Loads the identity to present, generating mpool's own under `data_dir` if needed.
 pub fn load_identity(choice: &ClientIdentity, data_dir: &Path) -> Result<Identity, Error> {
     let load = |cert: &Path, key: &Path| -> Result<Identity, Error> {
