@@ -87,6 +87,7 @@ impl Running {
             reconcile_interval: cfg.engine.reconcile_interval,
             health_interval: cfg.engine.health_interval,
             priorities: opts.priorities,
+            ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
         let service = PoolService::new(engine.clone(), ssh, Limits { max_upload: cfg.api.max_upload, ..Limits::default() }, metrics.clone());

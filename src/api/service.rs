@@ -336,6 +336,7 @@ impl Pool for PoolService {
             ttl: convert::duration("ttl", r.ttl.as_ref())?,
             wait: convert::duration("wait", r.wait.as_ref())?,
             owner: p.as_ref().map(|p| p.name.clone()),
+            kind: crate::store::RequestKind::Acquire,
         };
         let started = Instant::now();
         let result = self.engine.acquire(req).await;
@@ -547,6 +548,7 @@ impl Pool for PoolService {
             ttl: convert::duration("ttl", r.ttl.as_ref())?,
             wait: convert::duration("wait", r.wait.as_ref())?,
             owner: p.as_ref().map(|p| p.name.clone()),
+            kind: crate::store::RequestKind::Run,
         };
         let started = Instant::now();
         let acquired = self.engine.acquire(acquire).await;

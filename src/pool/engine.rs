@@ -8,22 +8,36 @@
 //!
 //! Group commit: the actor handles every message already queued (up to [`MAX_BATCH`]) before it
 //! writes, so concurrent acquires and releases share one store transaction and one fsync. The
-//! replies and plan spawns those messages cause wait in the batch until the write is done, so
-//! "written before the caller hears, before the daemon call" holds as before.
+//! replies and plan spawns those messages cause wait in the batch until the write is done.
+//!
+//! A failed store write breaks no promise: the batch's replies fail (UNAVAILABLE with the
+//! cause), none of its daemon calls start, health turns NOT_SERVING, and the engine forgets its
+//! memory as a crash would, aborting every plan in flight. It then retries the store with backoff;
+//! once a write works it reloads what the store holds and reconciles with the daemon exactly as
+//! after a restart, resetting every VM the failed batch or an aborted plan touched before anyone
+//! gets it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::{PoolConfig, ResetStrategy};
 use crate::metrics::Metrics;
-use crate::multipass::SshInfo;
-use crate::store::{LeaseRecord, PhaseRecord, PoolRecord, Store, VmRecord, Write};
+use crate::multipass::{InstanceState, SshInfo};
+use crate::store::{
+    LeaseRecord, PhaseRecord, PoolRecord, RequestKey, RequestKind, RunOutcome, Snapshot, StateStore, StoreError, VmRecord,
+    Write,
+};
 
 use super::decide::{self, Action, GoldenView, PoolView, VmView};
+pub use super::error::EngineError;
+use super::leases::LeaseBook;
 use super::plans::Ctx;
 use super::ports::{Observed, Ports, StepError};
 use super::reconcile;
@@ -43,6 +57,8 @@ pub struct Settings {
     pub health_interval: Duration,
     /// Scheduler priorities (off only to measure what they buy).
     pub priorities: bool,
+    /// First pause before retrying a store that failed (doubling up to [`STORE_RETRY_MAX`]).
+    pub store_retry: Duration,
 }
 
 impl Default for Settings {
@@ -53,9 +69,13 @@ impl Default for Settings {
             reconcile_interval: Duration::from_secs(5),
             health_interval: Duration::from_secs(30),
             priorities: true,
+            store_retry: Duration::from_millis(500),
         }
     }
 }
+
+/// The longest pause between store retries.
+pub const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How an acquire was served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -91,7 +111,8 @@ pub struct AcquireRequest {
     pub pool: String,
     /// Who holds the lease (free text, e.g. a task run id).
     pub holder: String,
-    /// Idempotency key: the same key returns the same lease.
+    /// Idempotency key: the same key (from the same owner, in the same pool) returns the same
+    /// lease while it lives.
     pub request_id: Option<String>,
     /// Lease time to live (default: the pool's `default_ttl`).
     pub ttl: Option<Duration>,
@@ -99,65 +120,22 @@ pub struct AcquireRequest {
     pub wait: Option<Duration>,
     /// The principal (token name); leases are only visible to their owner when set.
     pub owner: Option<String>,
+    /// An Acquire or a Run: a Run's request id is never joined by a retry while it runs.
+    pub kind: RequestKind,
 }
 
-/// Engine errors, each with the gRPC code it maps to.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// No such pool.
-    #[error("no pool named {0:?}; `mpool status` lists the configured pools")]
-    UnknownPool(String),
-    /// No such lease.
-    #[error("no lease {0:?}; it never existed or ended long ago")]
-    UnknownLease(String),
-    /// The lease ended.
-    #[error("lease {id} has ended ({reason}); acquire a new one")]
-    LeaseEnded {
-        /// Lease id.
-        id: String,
-        /// Why it ended.
-        reason: String,
-    },
-    /// Another principal's lease.
-    #[error("lease {0} belongs to another client")]
-    NotOwner(String),
-    /// No VM within the wait.
-    #[error("pool {pool} has no free VM after waiting {waited:?} ({leased} leased, max_size {max_size}); retry later, wait longer, or raise max_size")]
-    Exhausted {
-        /// Pool.
-        pool: String,
-        /// How long the caller waited.
-        waited: Duration,
-        /// VMs leased.
-        leased: usize,
-        /// The pool's max_size.
-        max_size: u32,
-    },
-    /// The daemon is down or frozen.
-    #[error("multipassd is unavailable ({0}); retry shortly")]
-    Unavailable(String),
-    /// Bad input.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The engine is shutting down or gone.
-    #[error("mpool is shutting down")]
-    ShuttingDown,
-}
-
-impl EngineError {
-    /// The gRPC status code.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            EngineError::UnknownPool(_) | EngineError::UnknownLease(_) => Code::NotFound,
-            EngineError::LeaseEnded { .. } => Code::FailedPrecondition,
-            EngineError::NotOwner(_) => Code::PermissionDenied,
-            EngineError::Exhausted { .. } => Code::ResourceExhausted,
-            EngineError::Unavailable(_) | EngineError::ShuttingDown => Code::Unavailable,
-            EngineError::InvalidArgument(_) => Code::InvalidArgument,
-        }
+impl AcquireRequest {
+    fn key(&self) -> Option<RequestKey> {
+        self.request_id.as_ref().map(|rid| RequestKey {
+            owner: self.owner.clone().unwrap_or_default(),
+            pool: self.pool.clone(),
+            request_id: rid.clone(),
+        })
     }
 }
+
+/// The longest request id accepted, in bytes.
+pub const MAX_REQUEST_ID: usize = 256;
 
 /// One VM in a status report.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -174,6 +152,8 @@ pub struct VmStatus {
     pub uses: u32,
     /// Lease holding it.
     pub lease: Option<String>,
+    /// The owner of that lease (empty when auth is off).
+    pub lease_owner: Option<String>,
     /// A plan is running.
     pub busy: bool,
 }
@@ -205,6 +185,10 @@ pub struct Status {
     pub daemon_ok: bool,
     /// Startup reconciliation has run.
     pub reconciled: bool,
+    /// The state store takes writes.
+    pub store_ok: bool,
+    /// Why it does not, while it does not.
+    pub store_error: Option<String>,
     /// Pools.
     pub pools: Vec<PoolStatus>,
     /// VMs.
@@ -220,13 +204,15 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 enum Msg {
     Acquire(AcquireRequest, Reply<LeaseInfo>),
     Renew { id: String, ttl: Option<Duration>, owner: Option<String>, reply: Reply<LeaseInfo> },
-    Release { id: String, owner: Option<String>, reply: Reply<()> },
+    Release { id: String, owner: Option<String>, outcome: Option<RunOutcome>, reply: Reply<()> },
     BeginUse { id: String, owner: Option<String>, reply: Reply<LeaseInfo> },
     EndUse { id: String },
+    Refresh { id: String, owner: Option<String>, reply: Reply<LeaseInfo> },
     Status(oneshot::Sender<Status>),
     PlanDone { vm: String, plan: PlanKind, result: Result<Option<SshInfo>, StepError> },
     GoldenDone { pool: String, vm: String, result: Result<(), StepError> },
     Observed(Result<Vec<Observed>, StepError>),
+    StoreProbe(Result<Snapshot, String>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -235,9 +221,12 @@ enum PlanKind {
     Provision { hot: bool },
     Reset { hot: bool },
     Park { hot: bool },
+    /// Start (or check) an idle VM for a waiting caller.
     Wake,
+    /// The periodic health check of a hot VM: it stays hot (and counted) meanwhile.
+    Check,
     Destroy,
-    /// Fetch a leased VM's SSH endpoint again (after a restart).
+    /// Fetch a leased VM's SSH endpoint again (after a restart, or when SSH fails).
     Refresh,
 }
 
@@ -251,7 +240,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine: loads the store, then (once the daemon answers) reconciles and keeps
     /// the pools ready. Returns at once; [`Engine::status`] says when reconciliation ran.
-    pub fn start(settings: Settings, pools: Vec<PoolConfig>, ports: Ports, store: Arc<Store>) -> Result<Engine, String> {
+    pub fn start(
+        settings: Settings,
+        pools: Vec<PoolConfig>,
+        ports: Ports,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Engine, String> {
         Engine::start_with_metrics(settings, pools, ports, store, Metrics::default())
     }
 
@@ -260,7 +254,7 @@ impl Engine {
         settings: Settings,
         pools: Vec<PoolConfig>,
         ports: Ports,
-        store: Arc<Store>,
+        store: Arc<dyn StateStore>,
         metrics: Metrics,
     ) -> Result<Engine, String> {
         let snapshot = store.load().map_err(|e| e.to_string())?;
@@ -270,7 +264,7 @@ impl Engine {
             let key = cfg.generation_key();
             let generation = match snapshot.pools.iter().find(|p| p.name == cfg.name) {
                 Some(p) if p.key == key => p.generation,
-                Some(p) => p.generation + 1,
+                Some(p) => p.generation.saturating_add(1),
                 None => 1,
             };
             writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation, key }));
@@ -287,18 +281,18 @@ impl Engine {
             tx: tx.clone(),
             pools: pool_state,
             vms: BTreeMap::new(),
-            leases: HashMap::new(),
-            requests: HashMap::new(),
-            ended: HashMap::new(),
-            ended_order: VecDeque::new(),
+            book: LeaseBook::default(),
             waking: HashMap::new(),
+            refreshing: HashMap::new(),
             daemon_ok: false,
             reconciled: false,
             health_tx,
-            next_waiter: 0,
             store_snapshot: Some(snapshot),
+            doubt: HashSet::new(),
+            degraded: None,
             metrics,
-            batch: Default::default(),
+            batch: Batch::default(),
+            tasks: JoinSet::new(),
         };
         tokio::spawn(actor.run(rx));
         Ok(Engine { tx, healthy })
@@ -322,7 +316,13 @@ impl Engine {
 
     /// Ends a lease; its VM is reset in the background. Releasing an ended lease is OK.
     pub async fn release(&self, id: &str, owner: Option<String>) -> Result<(), EngineError> {
-        self.ask(|reply| Msg::Release { id: id.into(), owner, reply }).await
+        self.ask(|reply| Msg::Release { id: id.into(), owner, outcome: None, reply }).await
+    }
+
+    /// Ends a Run's lease and records how its command ended, so a retry of the Run (the same
+    /// request id) gets that outcome instead of running again.
+    pub async fn release_with_outcome(&self, id: &str, owner: Option<String>, outcome: RunOutcome) -> Result<(), EngineError> {
+        self.ask(|reply| Msg::Release { id: id.into(), owner, outcome: Some(outcome), reply }).await
     }
 
     /// Marks the lease in use (an exec or transfer): it does not expire until [`Engine::end_use`].
@@ -335,6 +335,13 @@ impl Engine {
         let _ = self.tx.send(Msg::EndUse { id: id.into() }).await;
     }
 
+    /// Asks the daemon for the leased VM's SSH endpoint again (after an SSH connection to the
+    /// old one failed: the daemon may have restarted and moved it) and returns the lease with
+    /// the fresh endpoint.
+    pub async fn refresh(&self, id: &str, owner: Option<String>) -> Result<LeaseInfo, EngineError> {
+        self.ask(|reply| Msg::Refresh { id: id.into(), owner, reply }).await
+    }
+
     /// The engine's state.
     pub async fn status(&self) -> Result<Status, EngineError> {
         let (tx, rx) = oneshot::channel();
@@ -342,7 +349,7 @@ impl Engine {
         rx.await.map_err(|_| EngineError::ShuttingDown)
     }
 
-    /// Whether the daemon answers (for health checks).
+    /// Whether mpool can serve: the daemon answers and the store takes writes (for health).
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
     }
@@ -395,9 +402,31 @@ struct Vm {
     rebuild: bool,
     /// When the running plan started.
     busy_since: Instant,
+    /// Since when the daemon reports it Starting or Restarting (e.g. resumed by a daemon
+    /// restart): transient, waited for up to the pool's readiness timeout.
+    transient_since: Option<Instant>,
 }
 
 impl Vm {
+    fn new(name: String, pool: &str, generation: u64, state: VmState, now: Instant) -> Vm {
+        Vm {
+            name,
+            pool: pool.to_string(),
+            generation,
+            state,
+            busy: false,
+            uses: 0,
+            lease: None,
+            ssh: None,
+            target_hot: false,
+            idle_since: now,
+            created_ms: now_ms(),
+            rebuild: false,
+            busy_since: now,
+            transient_since: None,
+        }
+    }
+
     fn record(&self) -> VmRecord {
         VmRecord {
             name: self.name.clone(),
@@ -409,12 +438,6 @@ impl Vm {
             created_ms: self.created_ms,
         }
     }
-}
-
-struct Lease {
-    record: LeaseRecord,
-    deadline: Instant,
-    in_use: u32,
 }
 
 struct Waiter {
@@ -435,29 +458,47 @@ impl Waiter {
     }
 }
 
+/// The store failed: what the engine knows about its recovery.
+struct Degraded {
+    cause: String,
+    retry_at: Instant,
+    backoff: Duration,
+    probing: bool,
+}
+
 struct Actor {
     settings: Settings,
     ctx: Ctx,
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
     tx: mpsc::Sender<Msg>,
     pools: BTreeMap<String, Pool>,
     vms: BTreeMap<String, Vm>,
-    leases: HashMap<String, Lease>,
-    requests: HashMap<(String, String), String>,
-    ended: HashMap<String, String>,
-    ended_order: VecDeque<String>,
+    book: LeaseBook,
     waking: HashMap<String, Waiter>,
+    /// Callers waiting for a leased VM's endpoint to be read again, by VM.
+    refreshing: HashMap<String, Vec<(Reply<LeaseInfo>, String)>>,
     daemon_ok: bool,
     reconciled: bool,
     health_tx: watch::Sender<bool>,
-    next_waiter: u64,
-    store_snapshot: Option<crate::store::Snapshot>,
+    /// What the store held at start (or after a store recovery), until reconciliation.
+    store_snapshot: Option<Snapshot>,
+    /// VMs to reset before anyone gets them, at the next reconciliation (touched by a batch
+    /// whose write failed, or by a plan aborted then).
+    doubt: HashSet<String>,
+    /// Set while the store cannot be written.
+    degraded: Option<Degraded>,
     metrics: Metrics,
-    batch: std::cell::RefCell<Batch>,
+    batch: Batch,
+    /// Plans and other daemon work in flight (aborted when the store fails).
+    tasks: JoinSet<()>,
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn random_suffix() -> String {
@@ -465,19 +506,22 @@ fn random_suffix() -> String {
     (0..6).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
 }
 
-/// How many ended lease ids are remembered (so a late release or exec says "ended", not "unknown").
-const ENDED_MEMORY: usize = 10_000;
-
 /// At most this many queued messages share one store write.
 pub const MAX_BATCH: usize = 256;
+
+/// What a batch does once its writes are stored: a reply (told of a failed write instead) or
+/// daemon work to start (dropped when the write failed).
+enum Effect {
+    Reply(Box<dyn FnOnce(Option<&EngineError>) + Send>),
+    Spawn(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
 
 /// The writes and effects of the messages handled since the last flush.
 #[derive(Default)]
 struct Batch {
     writes: Vec<Write>,
     durable: bool,
-    /// Replies and spawns, run in order once the writes are stored.
-    after: Vec<Box<dyn FnOnce() + Send>>,
+    effects: Vec<Effect>,
 }
 
 impl Actor {
@@ -490,16 +534,18 @@ impl Actor {
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(msg) = msg else {
-                        self.flush();
+                        self.flush().await;
                         return;
                     };
-                    if self.take(msg) {
+                    if let Some(done) = self.take(msg) {
+                        self.stop(done).await;
                         return;
                     }
                     // Group commit: what is already queued joins this batch.
                     for _ in 0..MAX_BATCH {
                         let Ok(msg) = rx.try_recv() else { break };
-                        if self.take(msg) {
+                        if let Some(done) = self.take(msg) {
+                            self.stop(done).await;
                             return;
                         }
                     }
@@ -508,60 +554,168 @@ impl Actor {
                 _ = tick.tick() => {}
             }
             self.maintain();
-            self.flush();
+            self.flush().await;
         }
     }
 
-    /// Handles one message; true when it was the shutdown.
-    fn take(&mut self, msg: Msg) -> bool {
+    /// Handles one message; returns the shutdown's reply channel when it was the shutdown.
+    fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
         if let Msg::Shutdown(done) = msg {
-            self.flush();
-            self.fail_all_waiters(EngineError::ShuttingDown);
-            let _ = done.send(());
-            return true;
+            return Some(done);
         }
         self.handle(msg);
-        false
+        None
     }
 
-    /// Stores the batch's writes (one transaction, durable if any write must be), then runs
-    /// its replies and spawns in order.
-    fn flush(&self) {
+    async fn stop(&mut self, done: oneshot::Sender<()>) {
+        self.flush().await;
+        self.fail_all_waiters(EngineError::ShuttingDown);
+        let _ = done.send(());
+    }
+
+    /// Stores the batch's writes (one transaction, durable if any write must be) off the async
+    /// workers, then runs its effects in order; if the write fails, the effects learn it.
+    async fn flush(&mut self) {
         for p in self.pools.values() {
             p.waiting.store(p.waiters.len(), std::sync::atomic::Ordering::Relaxed);
         }
-        let batch = std::mem::take(&mut *self.batch.borrow_mut());
-        if !batch.writes.is_empty()
-            && let Err(e) = self.store.write(&batch.writes, batch.durable)
-        {
-            tracing::error!("state store write failed: {e}");
-        }
-        for effect in batch.after {
-            effect();
+        while self.tasks.try_join_next().is_some() {}
+        let batch = std::mem::take(&mut self.batch);
+        let result = if batch.writes.is_empty() {
+            Ok(batch.writes)
+        } else {
+            let (store, writes, durable) = (self.store.clone(), batch.writes, batch.durable);
+            let write = move || match store.write(&writes, durable) {
+                Ok(()) => Ok(writes),
+                Err(e) => Err((e, writes)),
+            };
+            match tokio::task::spawn_blocking(write).await {
+                Ok(Ok(w)) => Ok(w),
+                Ok(Err((e, w))) => Err((e.to_string(), w)),
+                Err(join) => Err((format!("the store write did not finish: {join}"), Vec::new())),
+            }
+        };
+        match result {
+            Ok(_) => {
+                for effect in batch.effects {
+                    match effect {
+                        Effect::Reply(f) => f(None),
+                        Effect::Spawn(fut) => {
+                            self.tasks.spawn(fut);
+                        }
+                    }
+                }
+            }
+            Err((cause, writes)) => self.store_failed(cause, &writes, batch.effects),
         }
     }
 
-    /// Runs `effect` once this batch's writes are stored.
-    fn later(&self, effect: impl FnOnce() + Send + 'static) {
-        self.batch.borrow_mut().after.push(Box::new(effect));
+    /// A write failed: nothing of the batch happened as far as anyone outside knows. Fail its
+    /// replies, start none of its work, abort all work in flight, forget memory (as a crash
+    /// would) and retry the store with backoff.
+    fn store_failed(&mut self, cause: String, writes: &[Write], effects: Vec<Effect>) {
+        tracing::error!(
+            store = %self.store.describe(),
+            "state store write failed: {cause}; failing this batch's requests, starting none of its daemon calls, \
+             and retrying the store"
+        );
+        self.metrics.count("mpool_store_write_failures_total", vec![], 1);
+        let err = EngineError::StoreUnavailable(cause.clone());
+        for effect in effects {
+            if let Effect::Reply(f) = effect {
+                f(Some(&err));
+            }
+        }
+        self.doubt.extend(writes.iter().filter_map(|w| w.vm()).map(str::to_string));
+        self.doubt.extend(self.vms.values().filter(|v| v.busy || v.state == VmState::Waking).map(|v| v.name.clone()));
+        self.tasks.abort_all();
+        self.fail_all_waiters(err.clone());
+        for (_, waiting) in self.refreshing.drain() {
+            for (reply, _) in waiting {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        self.vms.clear();
+        self.book = LeaseBook::default();
+        for p in self.pools.values_mut() {
+            p.golden = None;
+        }
+        self.reconciled = false;
+        self.store_snapshot = None;
+        let backoff = self.settings.store_retry;
+        self.degraded = Some(Degraded { cause, retry_at: Instant::now() + backoff, backoff, probing: false });
+        self.update_health();
     }
 
-    /// Replies once this batch's writes are stored.
-    fn reply_later<T: Send + 'static>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
-        self.later(move || {
-            let _ = reply.send(result);
+    /// Probes a failed store (a real durable write, then a read) when its retry is due.
+    fn retry_store(&mut self) {
+        let Some(d) = self.degraded.as_mut() else { return };
+        if d.probing || Instant::now() < d.retry_at {
+            return;
+        }
+        d.probing = true;
+        let probe: Vec<Write> = self
+            .pools
+            .values()
+            .map(|p| Write::PutPool(PoolRecord { name: p.cfg.name.clone(), generation: p.generation, key: p.cfg.generation_key() }))
+            .collect();
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || store.write(&probe, true).and_then(|_| store.load()))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Db { path: String::new(), detail: e.to_string() }))
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::StoreProbe(result)).await;
         });
     }
 
-    /// Spawns `fut` once this batch's writes are stored (intent first).
-    fn spawn_later(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.later(move || {
-            tokio::spawn(fut);
-        });
+    fn store_probed(&mut self, result: Result<Snapshot, String>) {
+        let Some(d) = self.degraded.as_mut() else { return };
+        d.probing = false;
+        match result {
+            Ok(snapshot) => {
+                tracing::info!(store = %self.store.describe(), "state store takes writes again; reconciling with multipassd");
+                self.degraded = None;
+                self.store_snapshot = Some(snapshot);
+                self.reconciled = false;
+                self.update_health();
+            }
+            Err(e) => {
+                d.backoff = (d.backoff * 2).min(STORE_RETRY_MAX);
+                d.retry_at = Instant::now() + d.backoff;
+                d.cause = e;
+                tracing::warn!(retry_in = ?d.backoff, "state store still fails: {}", d.cause);
+            }
+        }
     }
 
-    /// Periodic daemon observation: every health interval when the daemon answers, every
-    /// second (with a cheap ping first) while it does not.
+    fn store_error(&self) -> Option<EngineError> {
+        self.degraded.as_ref().map(|d| EngineError::StoreUnavailable(d.cause.clone()))
+    }
+
+    /// Replies once this batch's writes are stored (or with the store's error if they fail).
+    fn reply_later<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
+        self.batch.effects.push(Effect::Reply(Box::new(move |failed: Option<&EngineError>| {
+            let _ = reply.send(match failed {
+                Some(e) => Err(e.clone()),
+                None => result,
+            });
+        })));
+    }
+
+    /// Spawns `fut` once this batch's writes are stored (intent first); never if they fail.
+    fn spawn_later(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.batch.effects.push(Effect::Spawn(Box::pin(fut)));
+    }
+
+    /// Adds writes to the batch (stored by [`Actor::flush`] before any reply or spawn of it).
+    fn persist(&mut self, writes: &[Write], durable: bool) {
+        self.batch.writes.extend_from_slice(writes);
+        self.batch.durable |= durable;
+    }
+
+    /// Periodic daemon observation: every health interval when all is well, every half second
+    /// while the daemon (or the store) is not.
     fn spawn_observer(&self) {
         let (daemon, sched, tx) = (self.ctx.ports.daemon.clone(), self.ctx.sched.clone(), self.tx.clone());
         let healthy = self.health_tx.subscribe();
@@ -582,48 +736,57 @@ impl Actor {
     fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let waiters = self.pools.values().flat_map(|p| p.waiters.iter().map(|w| w.deadline));
-        let leases = self.leases.values().filter(|l| l.in_use == 0).map(|l| l.deadline);
-        waiters.chain(leases).min().unwrap_or(far).min(far)
+        let store = self.degraded.as_ref().filter(|d| !d.probing).map(|d| d.retry_at);
+        waiters.chain(self.book.next_deadline()).chain(store).min().unwrap_or(far).min(far)
     }
 
-    /// Adds writes to the batch (stored by [`Actor::flush`] before any reply or spawn of it).
-    fn persist(&self, writes: &[Write], durable: bool) {
-        let mut b = self.batch.borrow_mut();
-        b.writes.extend_from_slice(writes);
-        b.durable |= durable;
+    fn update_health(&self) {
+        self.health_tx.send_replace(self.daemon_ok && self.degraded.is_none());
     }
 
     fn handle(&mut self, msg: Msg) {
+        if let Some(err) = self.store_error() {
+            // Nothing can be promised while the store fails.
+            match msg {
+                Msg::Acquire(_, reply) => drop(reply.send(Err(err))),
+                Msg::Renew { reply, .. } | Msg::BeginUse { reply, .. } | Msg::Refresh { reply, .. } => {
+                    drop(reply.send(Err(err)))
+                }
+                Msg::Release { reply, .. } => drop(reply.send(Err(err))),
+                Msg::Status(reply) => drop(reply.send(self.status())),
+                Msg::Observed(result) => self.observed_daemon(&result),
+                Msg::StoreProbe(result) => self.store_probed(result),
+                // Work of the memory that was dropped: stale.
+                Msg::EndUse { .. } | Msg::PlanDone { .. } | Msg::GoldenDone { .. } | Msg::Shutdown(_) => {}
+            }
+            return;
+        }
         match msg {
             Msg::Acquire(req, reply) => self.acquire(req, reply),
             Msg::Renew { id, ttl, owner, reply } => {
                 let r = self.renew(&id, ttl, owner.as_deref());
                 self.reply_later(reply, r);
             }
-            Msg::Release { id, owner, reply } => {
-                let r = self.release(&id, owner.as_deref(), "released");
+            Msg::Release { id, owner, outcome, reply } => {
+                let r = self.release(&id, owner.as_deref(), "released", outcome);
                 self.reply_later(reply, r);
             }
             Msg::BeginUse { id, owner, reply } => {
                 let r = self.lease_info(&id, owner.as_deref());
-                if r.is_ok()
-                    && let Some(l) = self.leases.get_mut(&id)
-                {
-                    l.in_use += 1;
+                if r.is_ok() {
+                    self.book.set_in_use(&id, true);
                 }
                 let _ = reply.send(r);
             }
-            Msg::EndUse { id } => {
-                if let Some(l) = self.leases.get_mut(&id) {
-                    l.in_use = l.in_use.saturating_sub(1);
-                }
-            }
+            Msg::EndUse { id } => self.book.set_in_use(&id, false),
+            Msg::Refresh { id, owner, reply } => self.refresh(&id, owner.as_deref(), reply),
             Msg::Status(reply) => {
                 let _ = reply.send(self.status());
             }
             Msg::PlanDone { vm, plan, result } => self.plan_done(&vm, plan, result),
             Msg::GoldenDone { pool, vm, result } => self.golden_done(&pool, &vm, result),
             Msg::Observed(result) => self.observed(result),
+            Msg::StoreProbe(result) => self.store_probed(result),
             Msg::Shutdown(_) => {}
         }
     }
@@ -652,28 +815,46 @@ impl Actor {
             ))));
             return;
         }
-        if let Some(rid) = &req.request_id {
-            if rid.len() > 256 {
-                let _ = reply.send(Err(EngineError::InvalidArgument("request_id is longer than 256 bytes".into())));
+        if let Some(key) = req.key() {
+            if key.request_id.len() > MAX_REQUEST_ID || key.request_id.chars().any(char::is_control) {
+                let _ = reply.send(Err(EngineError::InvalidArgument(format!(
+                    "request_id must be at most {MAX_REQUEST_ID} bytes of printable text"
+                ))));
                 return;
             }
-            // The same request again: the same lease, or a place beside the first caller.
-            if let Some(id) = self.requests.get(&(req.pool.clone(), rid.clone())).cloned() {
-                let r = self.lease_info(&id, req.owner.as_deref()).map(|mut i| {
-                    i.served = Served::Repeat;
-                    i
-                });
+            if let Some(r) = self.book.request(&key) {
+                let run = r.kind == RequestKind::Run || req.kind == RequestKind::Run;
+                let answer = match (r.ended_ms, self.book.get(&r.lease)) {
+                    (None, Some(_)) if run => {
+                        Err(EngineError::InProgress { request_id: key.request_id.clone(), lease: r.lease.clone() })
+                    }
+                    // The same request again: the same lease.
+                    (None, Some(_)) => self.lease_info(&r.lease, None).map(|mut i| {
+                        i.served = Served::Repeat;
+                        i
+                    }),
+                    _ => Err(EngineError::RequestEnded {
+                        request_id: key.request_id.clone(),
+                        lease: r.lease.clone(),
+                        outcome: if r.kind == RequestKind::Run { r.outcome.clone() } else { None },
+                    }),
+                };
                 // The lease may be in this very batch: answer once it is stored.
-                self.reply_later(reply, r);
+                self.reply_later(reply, answer);
                 return;
             }
-            let same = |w: &Waiter| w.req.request_id.as_deref() == Some(rid.as_str());
-            if let Some(w) = self.pools.get_mut(&req.pool).and_then(|p| p.waiters.iter_mut().find(|w| same(w))) {
-                w.replies.push(reply);
-                return;
-            }
-            if let Some(w) = self.waking.values_mut().find(|w| w.req.pool == req.pool && same(w)) {
-                w.replies.push(reply);
+            // The same request is waiting for a VM: a place beside it (never for a Run).
+            let same = |w: &Waiter| w.req.key().as_ref() == Some(&key);
+            let waiter = match self.pools.get_mut(&req.pool).and_then(|p| p.waiters.iter_mut().find(|w| same(w))) {
+                Some(w) => Some(w),
+                None => self.waking.values_mut().find(|w| same(w)),
+            };
+            if let Some(w) = waiter {
+                if w.req.kind == RequestKind::Run || req.kind == RequestKind::Run {
+                    let _ = reply.send(Err(EngineError::InProgress { request_id: key.request_id, lease: String::new() }));
+                } else {
+                    w.replies.push(reply);
+                }
                 return;
             }
         }
@@ -682,7 +863,6 @@ impl Actor {
             return;
         }
         let now = Instant::now();
-        self.next_waiter += 1;
         let waiter =
             Waiter { req, replies: vec![reply], since: now, deadline: now + wait, ttl, served: Served::Cold, queued: false };
         let pool_name = waiter.req.pool.clone();
@@ -745,53 +925,33 @@ impl Actor {
             holder: waiter.req.holder.clone(),
             request_id: waiter.req.request_id.clone(),
             granted_ms: now,
-            expires_ms: now + waiter.ttl.as_millis() as u64,
+            expires_ms: now.saturating_add(millis(waiter.ttl)),
             owner: waiter.req.owner.clone().unwrap_or_default(),
         };
         self.apply(vm_name, Event::Woken);
         let Some(vm) = self.vms.get_mut(vm_name) else { return };
         vm.lease = Some(rec.id.clone());
-        vm.uses += 1;
+        vm.uses = vm.uses.saturating_add(1);
         vm.ssh = Some(ssh.clone());
         let vm_rec = vm.record();
         // Durable before the caller hears of it.
-        self.persist(&[Write::PutVm(vm_rec), Write::PutLease(rec.clone())], true);
-        if let Some(rid) = &rec.request_id {
-            self.requests.insert((rec.pool.clone(), rid.clone()), rec.id.clone());
-        }
-        self.leases.insert(rec.id.clone(), Lease { record: rec.clone(), deadline: Instant::now() + waiter.ttl, in_use: 0 });
+        let mut writes = vec![Write::PutVm(vm_rec)];
+        writes.extend(self.book.grant(rec.clone(), Instant::now() + waiter.ttl, waiter.req.kind));
+        self.persist(&writes, true);
         let info = LeaseInfo { record: rec, ssh: Some(ssh), served: waiter.served, waited: waiter.since.elapsed() };
-        let replies = waiter.replies;
-        self.later(move || {
-            for r in replies {
-                let _ = r.send(Ok(info.clone()));
-            }
-        });
-    }
-
-    fn check_owner(&self, id: &str, owner: Option<&str>) -> Result<&Lease, EngineError> {
-        let Some(l) = self.leases.get(id) else {
-            return Err(match self.ended.get(id) {
-                Some(reason) => EngineError::LeaseEnded { id: id.into(), reason: reason.clone() },
-                None => EngineError::UnknownLease(id.into()),
-            });
-        };
-        if let Some(o) = owner
-            && l.record.owner != o
-        {
-            return Err(EngineError::NotOwner(id.into()));
+        for r in waiter.replies {
+            self.reply_later(r, Ok(info.clone()));
         }
-        Ok(l)
     }
 
     fn lease_info(&self, id: &str, owner: Option<&str>) -> Result<LeaseInfo, EngineError> {
-        let l = self.check_owner(id, owner)?;
+        let l = self.book.check(id, owner)?;
         let ssh = self.vms.get(&l.record.vm).and_then(|v| v.ssh.clone());
         Ok(LeaseInfo { record: l.record.clone(), ssh, served: Served::Repeat, waited: Duration::ZERO })
     }
 
     fn renew(&mut self, id: &str, ttl: Option<Duration>, owner: Option<&str>) -> Result<LeaseInfo, EngineError> {
-        let l = self.check_owner(id, owner)?;
+        let l = self.book.check(id, owner)?;
         let cfg = &self.pools.get(&l.record.pool).ok_or_else(|| EngineError::UnknownPool(l.record.pool.clone()))?.cfg;
         let ttl = ttl.unwrap_or(cfg.default_ttl);
         if ttl.is_zero() || ttl > cfg.max_ttl {
@@ -800,40 +960,20 @@ impl Actor {
                 cfg.max_ttl
             )));
         }
-        let rec = {
-            let Some(l) = self.leases.get_mut(id) else { return Err(EngineError::UnknownLease(id.into())) };
-            l.deadline = Instant::now() + ttl;
-            l.record.expires_ms = now_ms() + ttl.as_millis() as u64;
-            l.record.clone()
-        };
-        self.persist(&[Write::PutLease(rec)], true);
+        let writes = self.book.renew(id, ttl, Instant::now(), now_ms()).ok_or_else(|| EngineError::UnknownLease(id.into()))?;
+        self.persist(&writes, true);
         self.lease_info(id, owner)
     }
 
-    fn remember_ended(&mut self, id: &str, reason: &str) {
-        self.ended.insert(id.to_string(), reason.to_string());
-        self.ended_order.push_back(id.to_string());
-        while self.ended_order.len() > ENDED_MEMORY {
-            if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
-            }
-        }
-    }
-
-    /// Ends a lease and starts its VM's reset.
-    fn release(&mut self, id: &str, owner: Option<&str>, reason: &str) -> Result<(), EngineError> {
-        match self.check_owner(id, owner) {
+    /// Ends a lease (recording a Run's outcome) and starts its VM's reset.
+    fn release(&mut self, id: &str, owner: Option<&str>, reason: &str, outcome: Option<RunOutcome>) -> Result<(), EngineError> {
+        match self.book.check(id, owner) {
             Ok(_) => {}
             Err(EngineError::LeaseEnded { .. }) => return Ok(()),
             Err(e) => return Err(e),
         }
-        let Some(lease) = self.leases.remove(id) else { return Ok(()) };
-        self.remember_ended(id, reason);
-        if let Some(rid) = &lease.record.request_id {
-            self.requests.remove(&(lease.record.pool.clone(), rid.clone()));
-        }
+        let Some((lease, mut writes)) = self.book.end(id, reason, now_ms(), outcome) else { return Ok(()) };
         let vm_name = lease.record.vm.clone();
-        let mut writes = vec![Write::DeleteLease(lease.record.clone())];
         if let Some(vm) = self.vms.get_mut(&vm_name) {
             vm.lease = None;
             let pool = self.pools.get(&vm.pool);
@@ -863,8 +1003,32 @@ impl Actor {
         Ok(())
     }
 
+    /// Re-reads a leased VM's SSH endpoint for a caller.
+    fn refresh(&mut self, id: &str, owner: Option<&str>, reply: Reply<LeaseInfo>) {
+        let vm = match self.book.check(id, owner) {
+            Ok(l) => l.record.vm.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if !self.daemon_ok {
+            let _ = reply.send(Err(EngineError::Unavailable("multipassd does not answer".into())));
+            return;
+        }
+        let busy = self.vms.get(&vm).is_none_or(|v| v.busy);
+        self.refreshing.entry(vm.clone()).or_default().push((reply, id.to_string()));
+        if !busy {
+            self.spawn_plan(&vm, PlanKind::Refresh);
+        }
+    }
+
     /// Expired waiters and leases.
     fn deadlines(&mut self) {
+        self.retry_store();
+        if self.degraded.is_some() {
+            return;
+        }
         let now = Instant::now();
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
@@ -880,10 +1044,8 @@ impl Actor {
                 }
             }
         }
-        let expired: Vec<String> =
-            self.leases.iter().filter(|(_, l)| l.in_use == 0 && l.deadline <= now).map(|(id, _)| id.clone()).collect();
-        for id in expired {
-            let _ = self.release(&id, None, "expired");
+        for id in self.book.expired(now) {
+            let _ = self.release(&id, None, "expired", None);
         }
     }
 
@@ -943,9 +1105,8 @@ impl Actor {
         let has_waiters = !pool.waiters.is_empty();
         let waiting = pool.waiting.clone();
         let (ctx, tx, name, rebuild, ssh) = (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
+        // A wake for a waiting caller of a hot VM only needs a round trip.
         let was_hot = ssh.is_some();
-        // A wake for a waiting caller (not a health check) of a hot VM only needs a round trip.
-        let for_caller = self.waking.contains_key(&name);
         self.spawn_later(async move {
             let result = match plan {
                 PlanKind::Provision { hot } => {
@@ -957,9 +1118,9 @@ impl Actor {
                 }
                 PlanKind::Park { hot: true } => ctx.park(Priority::Reset, &name, true).await,
                 PlanKind::Park { hot: false } => ctx.cool(Priority::Reset, &name).await.map(|_| None),
-                PlanKind::Wake if was_hot && for_caller => ctx.check_alive(&name, ssh).await.map(Some),
-                PlanKind::Wake if was_hot => ctx.check(&name, ssh).await.map(Some),
+                PlanKind::Wake if was_hot => ctx.check_alive(&name, ssh).await.map(Some),
                 PlanKind::Wake => ctx.wake(&name).await.map(Some),
+                PlanKind::Check => ctx.check(&name, ssh).await.map(Some),
                 PlanKind::Destroy => ctx.destroy(Priority::Provision, &name).await.map(|_| None),
                 PlanKind::Refresh => ctx.endpoint(&name).await.map(Some),
             };
@@ -988,14 +1149,16 @@ impl Actor {
                         };
                         self.apply(name, ev);
                         if let Some(vm) = self.vms.get(name) {
-                            self.persist(&[Write::PutVm(vm.record())], false);
+                            let rec = vm.record();
+                            self.persist(&[Write::PutVm(rec)], false);
                         }
                     }
                     PlanKind::Park { hot } => {
                         vm.ssh = if hot { ssh } else { None };
                         self.apply(name, Event::Parked { hot });
                         if let Some(vm) = self.vms.get(name) {
-                            self.persist(&[Write::PutVm(vm.record())], false);
+                            let rec = vm.record();
+                            self.persist(&[Write::PutVm(rec)], false);
                         }
                     }
                     PlanKind::Wake => match (self.waking.remove(name), ssh) {
@@ -1007,11 +1170,15 @@ impl Actor {
                             self.apply(name, Event::Unclaimed);
                         }
                     },
+                    PlanKind::Check => vm.ssh = ssh,
                     PlanKind::Destroy => {
                         self.apply(name, Event::Deleted);
                         self.persist(&[Write::DeleteVm(name.to_string())], true);
                     }
-                    PlanKind::Refresh => vm.ssh = ssh,
+                    PlanKind::Refresh => {
+                        vm.ssh = ssh;
+                        self.answer_refresh(name, None);
+                    }
                 }
                 self.daemon_ok_now();
             }
@@ -1029,26 +1196,44 @@ impl Actor {
                         p.waiters.push_front(w);
                     }
                 }
+                if plan == PlanKind::Refresh {
+                    let err = EngineError::Unavailable(format!("cannot read the VM's SSH endpoint: {}", e.message));
+                    self.answer_refresh(name, Some(err));
+                }
                 let event = match (e.unavailable, plan) {
-                    (_, PlanKind::Refresh) | (true, PlanKind::Destroy) => None,
+                    (_, PlanKind::Refresh) | (true, PlanKind::Destroy | PlanKind::Check) => None,
                     (true, _) if self.vms.get(name).is_some_and(|v| v.state == VmState::Resetting) => None,
                     (true, _) => Some(Event::Doubt),
                     (false, _) => Some(Event::Fail),
                 };
                 if let Some(ev) = event {
                     self.apply(name, ev);
-                }
-                if let Some(vm) = self.vms.get_mut(name) {
-                    vm.ssh = None;
-                    let rec = vm.record();
-                    self.persist(&[Write::PutVm(rec)], true);
+                    if let Some(vm) = self.vms.get_mut(name) {
+                        vm.ssh = None;
+                        let rec = vm.record();
+                        self.persist(&[Write::PutVm(rec)], true);
+                    }
                 }
                 if e.unavailable {
                     self.daemon_down(&e.message);
                 }
             }
         }
+        // A refresh asked for while another plan ran on this VM.
+        if self.refreshing.contains_key(name) && self.vms.get(name).is_some_and(|v| !v.busy && v.state == VmState::Leased) {
+            self.spawn_plan(name, PlanKind::Refresh);
+        }
         self.serve_waiters(&pool);
+    }
+
+    /// Answers callers waiting for a leased VM's endpoint.
+    fn answer_refresh(&mut self, vm: &str, err: Option<EngineError>) {
+        for (reply, id) in self.refreshing.remove(vm).unwrap_or_default() {
+            let _ = reply.send(match &err {
+                Some(e) => Err(e.clone()),
+                None => self.lease_info(&id, None),
+            });
+        }
     }
 
     fn golden_done(&mut self, pool: &str, vm: &str, result: Result<(), StepError>) {
@@ -1081,9 +1266,17 @@ impl Actor {
     fn daemon_ok_now(&mut self) {
         if !self.daemon_ok {
             tracing::info!("multipassd answers again");
+            self.daemon_ok = true;
+            // It may have restarted and moved the leased VMs' SSH endpoints.
+            if self.reconciled {
+                let leased: Vec<String> =
+                    self.vms.values().filter(|v| v.state == VmState::Leased && !v.busy).map(|v| v.name.clone()).collect();
+                for name in leased {
+                    self.spawn_plan(&name, PlanKind::Refresh);
+                }
+            }
         }
-        self.daemon_ok = true;
-        self.health_tx.send_replace(true);
+        self.update_health();
     }
 
     fn daemon_down(&mut self, why: &str) {
@@ -1091,7 +1284,18 @@ impl Actor {
             tracing::warn!("multipassd is unavailable: {why}");
         }
         self.daemon_ok = false;
-        self.health_tx.send_replace(false);
+        self.update_health();
+    }
+
+    /// Whether the daemon answered, when nothing else can be done with the answer.
+    fn observed_daemon(&mut self, result: &Result<Vec<Observed>, StepError>) {
+        match result {
+            Ok(_) => {
+                self.daemon_ok = true;
+                self.update_health();
+            }
+            Err(e) => self.daemon_down(&e.message),
+        }
     }
 
     /// A fresh `list` from the observer: first contact reconciles; later ones check idle VMs.
@@ -1103,96 +1307,125 @@ impl Actor {
                 return;
             }
         };
-        self.daemon_ok_now();
         if !self.reconciled {
+            self.daemon_ok = true;
             self.reconcile(&list);
+            self.update_health();
             return;
         }
-        let seen: HashMap<&str, crate::multipass::InstanceState> = list.iter().map(|o| (o.name.as_str(), o.state)).collect();
+        self.daemon_ok_now();
+        let now = Instant::now();
+        let seen: HashMap<&str, InstanceState> = list.iter().map(|o| (o.name.as_str(), o.state)).collect();
         let mut doubt = Vec::new();
         let mut broken = Vec::new();
         let mut gone = Vec::new();
         let mut check = Vec::new();
-        for vm in self.vms.values().filter(|v| !v.busy) {
-            use crate::multipass::InstanceState as S;
-            match (vm.state, seen.get(vm.name.as_str())) {
+        let mut transient = Vec::new();
+        for vm in self.vms.values_mut().filter(|v| !v.busy) {
+            use InstanceState as S;
+            let state = seen.get(vm.name.as_str()).copied();
+            if !matches!(state, Some(S::Starting | S::Restarting)) {
+                vm.transient_since = None;
+            }
+            match (vm.state, state) {
                 (_, None) if vm.state != VmState::Deleting => gone.push(vm.name.clone()),
+                // Resumed or rebooted by a daemon restart: transient, waited for (with a deadline).
+                (VmState::Hot | VmState::Warm, Some(S::Starting | S::Restarting)) => {
+                    let since = *vm.transient_since.get_or_insert(now);
+                    let limit = self.pools.get(&vm.pool).map(|p| p.cfg.readiness_timeout).unwrap_or(Duration::from_secs(300));
+                    if now.duration_since(since) > limit {
+                        broken.push((vm.name.clone(), S::Starting));
+                    } else {
+                        transient.push(vm.name.clone());
+                    }
+                }
                 (VmState::Hot, Some(S::Running)) => check.push(vm.name.clone()),
                 (VmState::Warm, Some(S::Suspended)) => {}
                 // A daemon restart resumes suspended instances: re-park (reset) it.
                 (VmState::Warm, Some(S::Running)) => doubt.push(vm.name.clone()),
-                (VmState::Warm | VmState::Hot, Some(s)) => broken.push((vm.name.clone(), *s)),
+                (VmState::Warm | VmState::Hot, Some(s)) => broken.push((vm.name.clone(), s)),
                 _ => {}
+            }
+        }
+        for name in transient {
+            // Its SSH host key may be new after a cold boot: the next check connects afresh.
+            let ssh = self.ctx.ports.ssh.clone();
+            let vm = name.clone();
+            self.spawn_later(async move { ssh.forget(vm).await });
+            if let Some(v) = self.vms.get_mut(&name) {
+                v.ssh = None;
             }
         }
         for name in doubt {
             tracing::warn!(vm = %name, "suspended VM found running (daemon restart?); resetting it");
             self.apply(&name, Event::Doubt);
+            if let Some(v) = self.vms.get(&name) {
+                let rec = v.record();
+                self.persist(&[Write::PutVm(rec)], true);
+            }
         }
         for (name, state) in broken {
             tracing::warn!(vm = %name, ?state, "idle VM found in an unexpected state; replacing it");
             self.apply(&name, Event::Fail);
             if let Some(v) = self.vms.get(&name) {
-                self.persist(&[Write::PutVm(v.record())], true);
+                let rec = v.record();
+                self.persist(&[Write::PutVm(rec)], true);
             }
         }
         for name in gone {
             tracing::warn!(vm = %name, "instance disappeared from multipassd");
             if let Some(id) = self.vms.get(&name).and_then(|v| v.lease.clone()) {
-                let _ = self.release(&id, None, "its VM disappeared");
+                let _ = self.release(&id, None, "its VM disappeared", None);
             }
             self.vms.remove(&name);
             self.persist(&[Write::DeleteVm(name)], true);
         }
         for name in check {
             // Health check of a hot VM over SSH, at background priority (no caller waiting).
-            self.apply(&name, Event::Wake);
-            self.spawn_plan(&name, PlanKind::Wake);
+            // It stays hot (and counted as ready) meanwhile.
+            self.spawn_plan(&name, PlanKind::Check);
         }
     }
 
     fn reconcile(&mut self, list: &[Observed]) {
         let snapshot = self.store_snapshot.take().unwrap_or_default();
         let pools: Vec<PoolConfig> = self.pools.values().map(|p| p.cfg.clone()).collect();
-        let r = reconcile::reconcile(&self.settings.prefix, &pools, &snapshot, list, now_ms(), self.settings.delete_strays);
+        let doubt = std::mem::take(&mut self.doubt);
+        let now_wall = now_ms();
+        let r = reconcile::reconcile(
+            &self.settings.prefix,
+            &pools,
+            &snapshot,
+            list,
+            now_wall,
+            self.settings.delete_strays,
+            &doubt,
+        );
         let mut writes = Vec::new();
         for name in &r.dropped {
             writes.push(Write::DeleteVm(name.clone()));
         }
-        for (l, why) in &r.ended {
-            tracing::info!(lease = %l.id, vm = %l.vm, "lease ended: {why}");
-            writes.push(Write::DeleteLease(l.clone()));
-            self.remember_ended(&l.id, why);
-        }
         let now = Instant::now();
         for a in &r.vms {
             writes.push(Write::PutVm(a.record.clone()));
-            self.vms.insert(
-                a.record.name.clone(),
-                Vm {
-                    name: a.record.name.clone(),
-                    pool: a.record.pool.clone(),
-                    generation: a.record.generation,
-                    state: a.state,
-                    busy: false,
-                    uses: a.record.uses,
-                    lease: a.record.lease.clone(),
-                    ssh: None,
-                    target_hot: false,
-                    idle_since: now,
-                    created_ms: a.record.created_ms,
-                    rebuild: false,
-                    busy_since: now,
-                },
-            );
+            let mut vm = Vm::new(a.record.name.clone(), &a.record.pool, a.record.generation, a.state, now);
+            vm.uses = a.record.uses;
+            vm.lease = a.record.lease.clone();
+            vm.created_ms = a.record.created_ms;
+            self.vms.insert(a.record.name.clone(), vm);
         }
-        for l in &r.leases {
-            let left = Duration::from_millis(l.expires_ms.saturating_sub(now_ms()));
-            if let Some(rid) = &l.request_id {
-                self.requests.insert((l.pool.clone(), rid.clone()), l.id.clone());
-            }
-            self.leases.insert(l.id.clone(), Lease { record: l.clone(), deadline: now + left, in_use: 0 });
+        let live = r
+            .leases
+            .iter()
+            .map(|l| (l.clone(), now + Duration::from_millis(l.expires_ms.saturating_sub(now_wall))))
+            .collect();
+        let (mut book, restore_writes) = LeaseBook::restore(live, &snapshot);
+        writes.extend(restore_writes);
+        for (l, why) in &r.ended {
+            tracing::info!(lease = %l.id, vm = %l.vm, "lease ended: {why}");
+            writes.extend(book.end_stored(l, why, now_wall));
         }
+        self.book = book;
         for (pool, (rec, ready)) in &r.golden {
             if let Some(p) = self.pools.get_mut(pool) {
                 p.golden = Some(Golden { name: rec.name.clone(), generation: rec.generation, ready: *ready, busy: false });
@@ -1217,13 +1450,13 @@ impl Actor {
             self.spawn_plan(&name, PlanKind::Refresh);
         }
         self.reconciled = true;
-        tracing::info!(vms = self.vms.len(), leases = self.leases.len(), "reconciled with multipassd");
+        tracing::info!(vms = self.vms.len(), leases = self.book.len(), "reconciled with multipassd");
     }
 
     // ------------------------------------------------------------------ maintenance
 
     fn maintain(&mut self) {
-        if !self.reconciled {
+        if !self.reconciled || self.degraded.is_some() {
             return;
         }
         let names: Vec<String> = self.pools.keys().cloned().collect();
@@ -1268,23 +1501,11 @@ impl Actor {
                 let generation = p.generation;
                 for i in 0..count {
                     let name = format!("{}{}-{}", self.settings.prefix, pool, random_suffix());
-                    let vm = Vm {
-                        name: name.clone(),
-                        pool: pool.to_string(),
-                        generation,
-                        state: VmState::Provisioning,
-                        busy: false,
-                        uses: 0,
-                        lease: None,
-                        ssh: None,
-                        target_hot: i < hot,
-                        idle_since: Instant::now(),
-                        created_ms: now_ms(),
-                        rebuild: false,
-                        busy_since: Instant::now(),
-                    };
+                    let mut vm = Vm::new(name.clone(), pool, generation, VmState::Provisioning, Instant::now());
+                    vm.target_hot = i < hot;
                     // Intent first: the record exists before the launch does.
-                    self.persist(&[Write::PutVm(vm.record())], true);
+                    let rec = vm.record();
+                    self.persist(&[Write::PutVm(rec)], true);
                     self.vms.insert(name.clone(), vm);
                     self.spawn_plan(&name, PlanKind::Provision { hot: i < hot });
                 }
@@ -1299,7 +1520,8 @@ impl Actor {
             Action::Retire { vm } => {
                 self.apply(&vm, Event::Retire);
                 if let Some(v) = self.vms.get(&vm) {
-                    self.persist(&[Write::PutVm(v.record())], true);
+                    let rec = v.record();
+                    self.persist(&[Write::PutVm(rec)], true);
                 }
                 self.spawn_plan(&vm, PlanKind::Destroy);
             }
@@ -1324,13 +1546,14 @@ impl Actor {
             name: name.clone(),
             pool: pool.to_string(),
             generation: p.generation,
-            phase: PhaseRecord::Provisioning,
+            phase: PhaseRecord::Golden,
             uses: 0,
             lease: None,
             created_ms: now_ms(),
         };
-        // A golden record in Provisioning is adopted as "in doubt" and rebuilt after a crash.
-        self.persist(&[Write::PutVm(VmRecord { phase: PhaseRecord::Golden, ..rec })], true);
+        // A golden record is adopted as ready after a crash only if its instance is stopped,
+        // which it only is once its build finished.
+        self.persist(&[Write::PutVm(rec)], true);
         let (ctx, tx, pool) = (self.ctx.clone(), self.tx.clone(), pool.to_string());
         self.spawn_later(async move {
             if let Some(old) = old {
@@ -1353,7 +1576,7 @@ impl Actor {
                 generation: p.generation,
                 counts,
                 waiters: p.waiters.len() + self.waking.values().filter(|w| w.req.pool == p.cfg.name).count(),
-                leases: self.leases.values().filter(|l| l.record.pool == p.cfg.name).count(),
+                leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
                 golden_ready: p.golden.as_ref().map(|g| g.ready),
                 config: Some(p.cfg.clone()),
             });
@@ -1368,14 +1591,17 @@ impl Actor {
                 generation: v.generation,
                 uses: v.uses,
                 lease: v.lease.clone(),
+                lease_owner: v.lease.as_ref().and_then(|id| self.book.get(id)).map(|l| l.record.owner.clone()),
                 busy: v.busy,
             })
             .collect();
-        let mut leases: Vec<LeaseRecord> = self.leases.values().map(|l| l.record.clone()).collect();
+        let mut leases: Vec<LeaseRecord> = self.book.iter().map(|l| l.record.clone()).collect();
         leases.sort_by(|a, b| a.granted_ms.cmp(&b.granted_ms).then(a.id.cmp(&b.id)));
         Status {
             daemon_ok: self.daemon_ok,
             reconciled: self.reconciled,
+            store_ok: self.degraded.is_none(),
+            store_error: self.degraded.as_ref().map(|d| d.cause.clone()),
             pools,
             vms,
             leases,

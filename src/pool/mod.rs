@@ -6,6 +6,8 @@
 //! events; [`plans`] are the sequences of daemon and SSH steps; [`scheduler`] orders daemon
 //! calls; [`ports`] are the traits the real adapters and test fakes implement.
 
+pub mod error;
+pub mod leases;
 pub mod ports;
 pub mod scheduler;
 pub mod vm;

@@ -6,9 +6,11 @@
 //! VMs found in the state they should be in are kept, and anything in doubt (interrupted
 //! provisioning, reset, wake or park, or an idle VM found in another state, e.g. resumed by a
 //! daemon restart) is reset. Records without an instance are dropped (their leases end).
-//! Instances with our prefix and no record are strays: deleted (if configured).
+//! Instances with our prefix and no record are strays: deleted (if configured). VMs the engine
+//! names as in doubt (touched by a store write that failed, or by work aborted then) are reset
+//! rather than kept idle, unless a lease holds them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::config::PoolConfig;
 use crate::multipass::InstanceState;
@@ -45,7 +47,8 @@ pub struct Reconciled {
     pub ignored: Vec<String>,
 }
 
-/// Reconciles. `now_ms` is the wall clock in unix milliseconds.
+/// Reconciles. `now_ms` is the wall clock in unix milliseconds; `doubt` names VMs whose idle
+/// state cannot be trusted.
 pub fn reconcile(
     prefix: &str,
     pools: &[PoolConfig],
@@ -53,6 +56,7 @@ pub fn reconcile(
     observed: &[Observed],
     now_ms: u64,
     delete_strays: bool,
+    doubt: &HashSet<String>,
 ) -> Reconciled {
     let mut out = Reconciled::default();
     let seen: HashMap<&str, InstanceState> =
@@ -90,6 +94,7 @@ pub fn reconcile(
                 VmState::Leased
             }
             (PhaseRecord::Leased, _) => VmState::Resetting,
+            (PhaseRecord::Hot | PhaseRecord::Warm, _) if doubt.contains(&rec.name) => VmState::Resetting,
             (PhaseRecord::Hot, _) if obs == InstanceState::Running => VmState::Hot,
             (PhaseRecord::Warm, _) if obs == InstanceState::Suspended => VmState::Warm,
             (PhaseRecord::Broken | PhaseRecord::Deleting, _) => VmState::Deleting,
@@ -170,7 +175,7 @@ mod tests {
                 rec("mpool-ci-broken", PhaseRecord::Broken, None),
             ],
             leases: vec![lease("l1", "mpool-ci-leased", 2_000), lease("l2", "mpool-ci-expired", 500)],
-            pools: vec![],
+            ..Default::default()
         };
         let observed = vec![
             obs("mpool-ci-leased", InstanceState::Running),
@@ -183,7 +188,7 @@ mod tests {
             obs("mpool-ci-stray", InstanceState::Running),
             obs("someone-elses", InstanceState::Running),
         ];
-        let r = reconcile("mpool-", &[pool()], &store, &observed, 1_000, true);
+        let r = reconcile("mpool-", &[pool()], &store, &observed, 1_000, true, &HashSet::new());
         assert_eq!(state_of(&r, "mpool-ci-leased"), VmState::Leased, "unexpired leases are honoured");
         assert_eq!(r.leases.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), vec!["l1"]);
         assert_eq!(state_of(&r, "mpool-ci-expired"), VmState::Resetting, "expired while down: reset");
@@ -200,7 +205,7 @@ mod tests {
 
     #[test]
     fn strays_are_left_alone_when_configured() {
-        let r = reconcile("mpool-", &[pool()], &Snapshot::default(), &[obs("mpool-x", InstanceState::Stopped)], 0, false);
+        let r = reconcile("mpool-", &[pool()], &Snapshot::default(), &[obs("mpool-x", InstanceState::Stopped)], 0, false, &HashSet::new());
         assert!(r.strays.is_empty());
         assert_eq!(r.ignored, vec!["mpool-x"]);
     }
@@ -210,7 +215,33 @@ mod tests {
         let mut r0 = rec("mpool-old-a", PhaseRecord::Warm, None);
         r0.pool = "old".into();
         let store = Snapshot { vms: vec![r0], ..Default::default() };
-        let r = reconcile("mpool-", &[pool()], &store, &[obs("mpool-old-a", InstanceState::Suspended)], 0, true);
+        let r = reconcile("mpool-", &[pool()], &store, &[obs("mpool-old-a", InstanceState::Suspended)], 0, true, &HashSet::new());
         assert_eq!(state_of(&r, "mpool-old-a"), VmState::Deleting);
+    }
+
+    #[test]
+    fn vms_in_doubt_are_reset_unless_a_lease_holds_them() {
+        let store = Snapshot {
+            vms: vec![
+                rec("mpool-ci-hot", PhaseRecord::Hot, None),
+                rec("mpool-ci-warm", PhaseRecord::Warm, None),
+                rec("mpool-ci-leased", PhaseRecord::Leased, Some("l1")),
+                rec("mpool-ci-calm", PhaseRecord::Warm, None),
+            ],
+            leases: vec![lease("l1", "mpool-ci-leased", 2_000)],
+            ..Default::default()
+        };
+        let observed = vec![
+            obs("mpool-ci-hot", InstanceState::Running),
+            obs("mpool-ci-warm", InstanceState::Suspended),
+            obs("mpool-ci-leased", InstanceState::Running),
+            obs("mpool-ci-calm", InstanceState::Suspended),
+        ];
+        let doubt: HashSet<String> = ["mpool-ci-hot", "mpool-ci-warm", "mpool-ci-leased"].into_iter().map(String::from).collect();
+        let r = reconcile("mpool-", &[pool()], &store, &observed, 1_000, true, &doubt);
+        assert_eq!(state_of(&r, "mpool-ci-hot"), VmState::Resetting);
+        assert_eq!(state_of(&r, "mpool-ci-warm"), VmState::Resetting);
+        assert_eq!(state_of(&r, "mpool-ci-leased"), VmState::Leased, "an acknowledged lease is honoured");
+        assert_eq!(state_of(&r, "mpool-ci-calm"), VmState::Warm);
     }
 }

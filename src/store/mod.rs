@@ -1,25 +1,25 @@
-//! Crash-safe state in one redb file: VMs, leases, request ids and pool generations.
+//! Crash-safe state: VMs, leases, request ids, ended leases and pool generations.
 //!
 //! The engine writes a VM's phase *before* the daemon calls that phase describes (intent first),
 //! so after a crash reconciliation knows what each instance was doing. Writes that must survive a
 //! crash (a lease granted or ended, a VM created or deleted) commit durably; a VM settling into an
 //! idle state may commit lazily, since losing it only costs one extra reset after a crash.
 //!
-//! Records are JSON inside redb tables, so the file stays readable across versions that add
-//! fields (unknown fields are ignored, missing ones take defaults).
+//! The engine sees the store through [`StateStore`]: [`Store`] keeps it in one redb file
+//! ([`redb`](self::redb) module: schema versions, migrations, recovery from I/O errors);
+//! [`memory::MemStore`] keeps it in memory with injectable write failures and crashes, for tests.
+//! Records are JSON, so a version that adds fields reads older records (missing fields take
+//! defaults).
 
-use std::path::Path;
-
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
-const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
-const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("request_ids");
-const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+pub mod memory;
+mod redb;
+
+pub use self::redb::{SCHEMA_VERSION, Store};
 
 /// Store failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database file could not be opened, read or written.
     #[error("state store {path}: {detail}")]
@@ -28,6 +28,31 @@ pub enum StoreError {
         path: String,
         /// What failed.
         detail: String,
+    },
+    /// The file is damaged: redb found an inconsistent page.
+    #[error(
+        "state store {path} is corrupt ({detail}); keep a copy, then restore it from a backup, or move it aside \
+         to start empty (mpool then deletes the instances with its name prefix that it no longer knows, unless \
+         [engine] delete_strays = false)"
+    )]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What was found.
+        detail: String,
+    },
+    /// Written by a newer mpool whose records this one cannot read.
+    #[error(
+        "state store {path} has schema version {found}, newer than the {supported} this mpool reads; \
+         run the newer mpool again (or restore a backup made by this version)"
+    )]
+    TooNew {
+        /// The file.
+        path: String,
+        /// Its schema version.
+        found: u64,
+        /// The newest this build reads.
+        supported: u64,
     },
     /// A record could not be encoded or decoded.
     #[error("state store record {key}: {detail}")]
@@ -108,6 +133,98 @@ pub struct LeaseRecord {
     pub owner: String,
 }
 
+/// What a request id was used for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    /// An Acquire: a lease the caller then uses.
+    #[default]
+    Acquire,
+    /// A one-shot Run: lease, command, release.
+    Run,
+}
+
+/// How a Run's command ended, kept so a retry with the same request id gets it again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// Exit code; absent when killed by a signal or when the command never ended.
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// Signal name without "SIG", when killed by one.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// Wall time of the command, milliseconds.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Killed because its timeout passed.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Killed because it was cancelled (or its caller went away).
+    #[serde(default)]
+    pub cancelled: bool,
+    /// Why the run failed before or after its command (upload, connection, ...), if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The VM it ran on.
+    #[serde(default)]
+    pub vm: String,
+}
+
+/// A request id and what it was answered with. Request ids are scoped by owner and pool: the
+/// same text from two owners (or in two pools) is two requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// The principal that sent it (empty when auth is off).
+    pub owner: String,
+    /// Pool.
+    pub pool: String,
+    /// The caller's idempotency key.
+    pub request_id: String,
+    /// The lease it was answered with.
+    pub lease: String,
+    /// Acquire or Run.
+    #[serde(default)]
+    pub kind: RequestKind,
+    /// When the lease ended (unix milliseconds); absent while it lives.
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+    /// A Run's outcome, once known.
+    #[serde(default)]
+    pub outcome: Option<RunOutcome>,
+}
+
+impl RequestRecord {
+    /// The key that identifies it.
+    pub fn key(&self) -> RequestKey {
+        RequestKey { owner: self.owner.clone(), pool: self.pool.clone(), request_id: self.request_id.clone() }
+    }
+}
+
+/// Identifies a request: owner, pool and the caller's request id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestKey {
+    /// The principal (empty when auth is off).
+    pub owner: String,
+    /// Pool.
+    pub pool: String,
+    /// The caller's idempotency key.
+    pub request_id: String,
+}
+
+/// A lease that ended, remembered so a late call says "ended" rather than "unknown".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedRecord {
+    /// Lease id.
+    pub id: String,
+    /// Why it ended ("released", "expired", ...).
+    pub reason: String,
+    /// The principal that held it (empty when auth is off).
+    #[serde(default)]
+    pub owner: String,
+    /// When, unix milliseconds.
+    pub at_ms: u64,
+}
+
 /// A pool's persisted config generation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolRecord {
@@ -120,130 +237,72 @@ pub struct PoolRecord {
 }
 
 /// One change inside a write batch.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Insert or replace a VM.
     PutVm(VmRecord),
     /// Remove a VM.
     DeleteVm(String),
-    /// Insert or replace a lease (and its request id).
+    /// Insert or replace a lease.
     PutLease(LeaseRecord),
-    /// Remove a lease (and its request id).
-    DeleteLease(LeaseRecord),
+    /// Remove a lease by id.
+    DeleteLease(String),
+    /// Insert or replace a request id's record.
+    PutRequest(RequestRecord),
+    /// Forget a request id.
+    DeleteRequest(RequestKey),
+    /// Remember an ended lease.
+    PutEnded(EndedRecord),
+    /// Forget an ended lease.
+    DeleteEnded(String),
     /// Insert or replace a pool generation.
     PutPool(PoolRecord),
 }
 
+impl Write {
+    /// The VM this write is about, if any.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Write::PutVm(v) => Some(&v.name),
+            Write::DeleteVm(n) => Some(n),
+            Write::PutLease(l) => Some(&l.vm),
+            _ => None,
+        }
+    }
+}
+
 /// Everything in the store, read in one transaction.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// VMs.
     pub vms: Vec<VmRecord>,
     /// Leases.
     pub leases: Vec<LeaseRecord>,
+    /// Request ids.
+    pub requests: Vec<RequestRecord>,
+    /// Ended leases.
+    pub ended: Vec<EndedRecord>,
     /// Pools.
     pub pools: Vec<PoolRecord>,
 }
 
-/// The store: one redb file.
-pub struct Store {
-    db: Database,
-    path: String,
-}
-
-impl Store {
-    /// Opens (or creates) the store file, creating its directory.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let p = path.display().to_string();
-        let db_err = |e: &dyn std::fmt::Display| StoreError::Db { path: p.clone(), detail: e.to_string() };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| db_err(&e))?;
-        }
-        let db = Database::create(path).map_err(|e| db_err(&e))?;
-        let store = Store { db, path: p };
-        // Create the tables so reads never see a missing table.
-        store.write(&[], true)?;
-        Ok(store)
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Db { path: self.path.clone(), detail: e.to_string() }
-    }
-
-    /// Applies a batch atomically. `durable` commits with an fsync; otherwise the commit may be
-    /// lost in a crash (but never half-applied).
-    pub fn write(&self, batch: &[Write], durable: bool) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        if !durable {
-            tx.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
-        }
-        {
-            let mut vms = tx.open_table(VMS).map_err(|e| self.err(e))?;
-            let mut leases = tx.open_table(LEASES).map_err(|e| self.err(e))?;
-            let mut requests = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
-            let mut pools = tx.open_table(POOLS).map_err(|e| self.err(e))?;
-            for w in batch {
-                match w {
-                    Write::PutVm(v) => {
-                        vms.insert(v.name.as_str(), encode(&v.name, v)?.as_slice()).map_err(|e| self.err(e))?;
-                    }
-                    Write::DeleteVm(name) => {
-                        vms.remove(name.as_str()).map_err(|e| self.err(e))?;
-                    }
-                    Write::PutLease(l) => {
-                        leases.insert(l.id.as_str(), encode(&l.id, l)?.as_slice()).map_err(|e| self.err(e))?;
-                        if let Some(r) = &l.request_id {
-                            requests.insert(request_key(&l.pool, r).as_str(), l.id.as_str()).map_err(|e| self.err(e))?;
-                        }
-                    }
-                    Write::DeleteLease(l) => {
-                        leases.remove(l.id.as_str()).map_err(|e| self.err(e))?;
-                        if let Some(r) = &l.request_id {
-                            requests.remove(request_key(&l.pool, r).as_str()).map_err(|e| self.err(e))?;
-                        }
-                    }
-                    Write::PutPool(p) => {
-                        pools.insert(p.name.as_str(), encode(&p.name, p)?.as_slice()).map_err(|e| self.err(e))?;
-                    }
-                }
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))
-    }
-
+/// What the engine needs from its store. Calls block (they fsync); the engine runs them off its
+/// async workers.
+pub trait StateStore: Send + Sync + 'static {
     /// Reads everything in one consistent view.
-    pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let mut snap = Snapshot::default();
-        let vms = tx.open_table(VMS).map_err(|e| self.err(e))?;
-        for row in vms.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            snap.vms.push(decode(k.value(), v.value())?);
-        }
-        let leases = tx.open_table(LEASES).map_err(|e| self.err(e))?;
-        for row in leases.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            snap.leases.push(decode(k.value(), v.value())?);
-        }
-        let pools = tx.open_table(POOLS).map_err(|e| self.err(e))?;
-        for row in pools.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            snap.pools.push(decode(k.value(), v.value())?);
-        }
-        Ok(snap)
-    }
-
-    /// The lease id a request id was answered with, in a pool.
-    pub fn lease_for_request(&self, pool: &str, request_id: &str) -> Result<Option<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
-        Ok(t.get(request_key(pool, request_id).as_str()).map_err(|e| self.err(e))?.map(|g| g.value().to_string()))
-    }
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies a batch atomically: all of it or nothing. `durable` commits with an fsync;
+    /// otherwise the commit may be lost in a crash (but never half-applied). After a failure the
+    /// store recovers by itself on a later call if it can (e.g. reopening its file).
+    fn write(&self, batch: &[Write], durable: bool) -> Result<(), StoreError>;
+    /// Where it lives, for messages.
+    fn describe(&self) -> String;
 }
 
-/// Request ids are scoped by pool (the same id in two pools is two requests).
-fn request_key(pool: &str, request_id: &str) -> String {
-    format!("{pool}\u{0}{request_id}")
+/// The store key of a request record: owner, pool and request id, NUL-separated (none of them
+/// may contain NUL; the engine refuses such request ids).
+fn request_key(k: &RequestKey) -> String {
+    format!("{}\u{0}{}\u{0}{}", k.owner, k.pool, k.request_id)
 }
 
 fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
@@ -252,56 +311,4 @@ fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Record { key: key.into(), detail: e.to_string() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vm(name: &str, phase: PhaseRecord) -> VmRecord {
-        VmRecord { name: name.into(), pool: "ci".into(), generation: 1, phase, uses: 0, lease: None, created_ms: 1 }
-    }
-
-    #[test]
-    fn batches_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/state.redb");
-        let lease = LeaseRecord {
-            id: "l1".into(),
-            pool: "ci".into(),
-            vm: "mpool-ci-a".into(),
-            holder: "task".into(),
-            request_id: Some("r1".into()),
-            granted_ms: 1,
-            expires_ms: 2,
-            owner: String::new(),
-        };
-        {
-            let s = Store::open(&path).unwrap();
-            s.write(&[Write::PutVm(vm("mpool-ci-a", PhaseRecord::Leased)), Write::PutLease(lease.clone())], true).unwrap();
-            s.write(&[Write::PutVm(vm("mpool-ci-b", PhaseRecord::Warm))], false).unwrap();
-            s.write(&[Write::PutPool(PoolRecord { name: "ci".into(), generation: 3, key: "k".into() })], true).unwrap();
-        }
-        let s = Store::open(&path).unwrap();
-        let snap = s.load().unwrap();
-        assert_eq!(snap.vms.len(), 2);
-        assert_eq!(snap.leases, vec![lease.clone()]);
-        assert_eq!(snap.pools[0].generation, 3);
-        assert_eq!(s.lease_for_request("ci", "r1").unwrap().as_deref(), Some("l1"));
-        assert_eq!(s.lease_for_request("other", "r1").unwrap(), None, "request ids are per pool");
-        s.write(&[Write::DeleteLease(lease), Write::DeleteVm("mpool-ci-a".into())], true).unwrap();
-        let snap = s.load().unwrap();
-        assert!(snap.leases.is_empty());
-        assert_eq!(snap.vms.len(), 1);
-        assert_eq!(s.lease_for_request("ci", "r1").unwrap(), None);
-    }
-
-    #[test]
-    fn a_corrupt_file_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bad.redb");
-        std::fs::write(&path, b"this is not a redb file at all, not even close............").unwrap();
-        let err = Store::open(&path).err().expect("refused");
-        assert!(err.to_string().contains("bad.redb"), "{err}");
-    }
 }
