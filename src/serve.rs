@@ -80,7 +80,7 @@ impl Running {
         let metrics = Metrics::default();
         let daemon = MultipassPort::new(client.clone(), cfg.daemon.call_timeout, cfg.daemon.blocking_call_timeout)
             .with_metrics(metrics.clone());
-        let ports = Ports { daemon: Arc::new(daemon), ssh: Arc::new(SshAdapter::new(ssh.clone())) };
+        let ports = Ports::new(Arc::new(daemon), Arc::new(SshAdapter::new(ssh.clone())));
         let settings = Settings {
             prefix: cfg.engine.name_prefix.clone(),
             delete_strays: cfg.engine.delete_strays,

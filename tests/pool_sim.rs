@@ -40,10 +40,10 @@ async fn rig_with(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool::sim::Si
     let ts = TestSim::start(tweak).await;
     let client = ts.client("engine").await;
     let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
-    let ports = Ports {
-        daemon: Arc::new(MultipassPort::new(client, quick, Duration::from_secs(60))),
-        ssh: Arc::new(SshAdapter::new(ssh.clone())),
-    };
+    let ports = Ports::new(
+        Arc::new(MultipassPort::new(client, quick, Duration::from_secs(60))),
+        Arc::new(SshAdapter::new(ssh.clone())),
+    );
     let store = Arc::new(Store::open(&ts.dir.path().join("mpool.redb")).unwrap());
     let settings = Settings {
         reconcile_interval: Duration::from_millis(100),

@@ -145,8 +145,8 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
     let have = idle.len() + coming.len();
     let room = (cfg.max_size as usize).saturating_sub(total);
     let count = want.saturating_sub(have).min(room);
-    let hot_now = idle.iter().filter(|v| v.state == VmState::Hot).count()
-        + coming.iter().filter(|v| v.target_hot).count();
+    let hot_now =
+        idle.iter().filter(|v| v.state == VmState::Hot).count() + coming.iter().filter(|v| v.target_hot).count();
     if count > 0 {
         // VMs made for waiting callers stay running: suspending them only to resume them at
         // once would cost a suspend and a resume.
@@ -169,8 +169,7 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
 
     // Scale down idle VMs above min_ready once they have idled long enough, longest idle first.
     if p.waiting == 0 && idle.len() > cfg.min_ready as usize {
-        let mut candidates: Vec<&&VmView> =
-            idle.iter().filter(|v| !v.busy && v.idle_for >= cfg.idle_timeout).collect();
+        let mut candidates: Vec<&&VmView> = idle.iter().filter(|v| !v.busy && v.idle_for >= cfg.idle_timeout).collect();
         candidates.sort_by(|a, b| b.idle_for.cmp(&a.idle_for).then(a.name.cmp(&b.name)));
         for v in candidates.into_iter().take(idle.len() - cfg.min_ready as usize) {
             out.push(Action::Retire { vm: v.name.clone() });
@@ -219,7 +218,11 @@ mod tests {
     fn waiting_callers_scale_up_within_max_size() {
         let c = cfg(1, 0, 4);
         let vms = vec![vm("a", VmState::Leased), vm("b", VmState::Leased)];
-        assert_eq!(decide(&view(&c, vms, 3)), vec![Action::Provision { count: 2, hot: 2 }], "made for callers: kept running");
+        assert_eq!(
+            decide(&view(&c, vms, 3)),
+            vec![Action::Provision { count: 2, hot: 2 }],
+            "made for callers: kept running"
+        );
     }
 
     #[test]
@@ -241,10 +244,7 @@ mod tests {
         let young = vm("young", VmState::Warm);
         let leased = vm("leased", VmState::Leased);
         let v = view(&c, vec![old, older, young, leased], 0);
-        assert_eq!(
-            decide(&v),
-            vec![Action::Retire { vm: "older".into() }, Action::Retire { vm: "old".into() }]
-        );
+        assert_eq!(decide(&v), vec![Action::Retire { vm: "older".into() }, Action::Retire { vm: "old".into() }]);
         // With a caller waiting, nothing is reaped.
         let mut v2 = v.clone();
         v2.waiting = 1;

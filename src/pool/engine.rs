@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -31,8 +31,8 @@ use crate::config::{PoolConfig, ResetStrategy};
 use crate::metrics::Metrics;
 use crate::multipass::{InstanceState, SshInfo};
 use crate::store::{
-    LeaseRecord, PhaseRecord, PoolRecord, RequestKey, RequestKind, RunOutcome, Snapshot, StateStore, StoreError, VmRecord,
-    Write,
+    LeaseRecord, PhaseRecord, PoolRecord, RequestKey, RequestKind, RunOutcome, Snapshot, StateStore, StoreError,
+    VmRecord, Write,
 };
 
 use super::decide::{self, Action, GoldenView, PoolView, VmView};
@@ -75,7 +75,7 @@ impl Default for Settings {
 }
 
 /// The longest pause between store retries.
-pub const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+pub const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// How an acquire was served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -218,9 +218,15 @@ enum Msg {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PlanKind {
-    Provision { hot: bool },
-    Reset { hot: bool },
-    Park { hot: bool },
+    Provision {
+        hot: bool,
+    },
+    Reset {
+        hot: bool,
+    },
+    Park {
+        hot: bool,
+    },
     /// Start (or check) an idle VM for a waiting caller.
     Wake,
     /// The periodic health check of a hot VM: it stays hot (and counted) meanwhile.
@@ -310,7 +316,12 @@ impl Engine {
     }
 
     /// Extends a lease by `ttl` (default: the pool's default TTL) from now.
-    pub async fn renew(&self, id: &str, ttl: Option<Duration>, owner: Option<String>) -> Result<LeaseInfo, EngineError> {
+    pub async fn renew(
+        &self,
+        id: &str,
+        ttl: Option<Duration>,
+        owner: Option<String>,
+    ) -> Result<LeaseInfo, EngineError> {
         self.ask(|reply| Msg::Renew { id: id.into(), ttl, owner, reply }).await
     }
 
@@ -321,7 +332,12 @@ impl Engine {
 
     /// Ends a Run's lease and records how its command ended, so a retry of the Run (the same
     /// request id) gets that outcome instead of running again.
-    pub async fn release_with_outcome(&self, id: &str, owner: Option<String>, outcome: RunOutcome) -> Result<(), EngineError> {
+    pub async fn release_with_outcome(
+        &self,
+        id: &str,
+        owner: Option<String>,
+        outcome: RunOutcome,
+    ) -> Result<(), EngineError> {
         self.ask(|reply| Msg::Release { id: id.into(), owner, outcome: Some(outcome), reply }).await
     }
 
@@ -408,7 +424,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn new(name: String, pool: &str, generation: u64, state: VmState, now: Instant) -> Vm {
+    fn new(name: String, pool: &str, generation: u64, state: VmState, now: Instant, now_ms: u64) -> Vm {
         Vm {
             name,
             pool: pool.to_string(),
@@ -420,7 +436,7 @@ impl Vm {
             ssh: None,
             target_hot: false,
             idle_since: now,
-            created_ms: now_ms(),
+            created_ms: now_ms,
             rebuild: false,
             busy_since: now,
             transient_since: None,
@@ -493,26 +509,20 @@ struct Actor {
     tasks: JoinSet<()>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn random_suffix() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
-    (0..6).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
 }
 
 /// At most this many queued messages share one store write.
 pub const MAX_BATCH: usize = 256;
 
+/// Sends a reply: the result, or the store's error when the batch's write failed.
+type ReplyEffect = Box<dyn FnOnce(Option<&EngineError>) + Send>;
+
 /// What a batch does once its writes are stored: a reply (told of a failed write instead) or
 /// daemon work to start (dropped when the write failed).
 enum Effect {
-    Reply(Box<dyn FnOnce(Option<&EngineError>) + Send>),
+    Reply(ReplyEffect),
     Spawn(Pin<Box<dyn Future<Output = ()> + Send>>),
 }
 
@@ -525,6 +535,16 @@ struct Batch {
 }
 
 impl Actor {
+    /// The wall clock, unix milliseconds.
+    fn now_ms(&self) -> u64 {
+        self.ctx.ports.clock.wall_ms()
+    }
+
+    /// A random name part.
+    fn suffix(&self) -> String {
+        self.ctx.ports.ids.suffix()
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.spawn_observer();
         let mut tick = tokio::time::interval(self.settings.reconcile_interval);
@@ -585,11 +605,13 @@ impl Actor {
             Ok(batch.writes)
         } else {
             let (store, writes, durable) = (self.store.clone(), batch.writes, batch.durable);
+            let blocks = store.blocks();
             let write = move || match store.write(&writes, durable) {
                 Ok(()) => Ok(writes),
                 Err(e) => Err((e, writes)),
             };
-            match tokio::task::spawn_blocking(write).await {
+            let done = if blocks { tokio::task::spawn_blocking(write).await } else { Ok(write()) };
+            match done {
                 Ok(Ok(w)) => Ok(w),
                 Ok(Err((e, w))) => Err((e.to_string(), w)),
                 Err(join) => Err((format!("the store write did not finish: {join}"), Vec::new())),
@@ -649,7 +671,9 @@ impl Actor {
 
     /// Probes a failed store (a real durable write, then a read) when its retry is due.
     fn retry_store(&mut self) {
-        let Some(d) = self.degraded.as_mut() else { return };
+        let Some(d) = self.degraded.as_mut() else {
+            return;
+        };
         if d.probing || Instant::now() < d.retry_at {
             return;
         }
@@ -657,12 +681,20 @@ impl Actor {
         let probe: Vec<Write> = self
             .pools
             .values()
-            .map(|p| Write::PutPool(PoolRecord { name: p.cfg.name.clone(), generation: p.generation, key: p.cfg.generation_key() }))
+            .map(|p| {
+                Write::PutPool(PoolRecord {
+                    name: p.cfg.name.clone(),
+                    generation: p.generation,
+                    key: p.cfg.generation_key(),
+                })
+            })
             .collect();
         let (store, tx) = (self.store.clone(), self.tx.clone());
         tokio::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || store.write(&probe, true).and_then(|_| store.load()))
-                .await
+            let blocks = store.blocks();
+            let probe = move || store.write(&probe, true).and_then(|_| store.load());
+            let result = if blocks { tokio::task::spawn_blocking(probe).await } else { Ok(probe()) };
+            let result = result
                 .unwrap_or_else(|e| Err(StoreError::Db { path: String::new(), detail: e.to_string() }))
                 .map_err(|e| e.to_string());
             let _ = tx.send(Msg::StoreProbe(result)).await;
@@ -670,7 +702,9 @@ impl Actor {
     }
 
     fn store_probed(&mut self, result: Result<Snapshot, String>) {
-        let Some(d) = self.degraded.as_mut() else { return };
+        let Some(d) = self.degraded.as_mut() else {
+            return;
+        };
         d.probing = false;
         match result {
             Ok(snapshot) => {
@@ -679,6 +713,7 @@ impl Actor {
                 self.store_snapshot = Some(snapshot);
                 self.reconciled = false;
                 self.update_health();
+                self.observe_now();
             }
             Err(e) => {
                 d.backoff = (d.backoff * 2).min(STORE_RETRY_MAX);
@@ -718,7 +753,7 @@ impl Actor {
     /// while the daemon (or the store) is not.
     fn spawn_observer(&self) {
         let (daemon, sched, tx) = (self.ctx.ports.daemon.clone(), self.ctx.sched.clone(), self.tx.clone());
-        let healthy = self.health_tx.subscribe();
+        let mut healthy = self.health_tx.subscribe();
         let interval = self.settings.health_interval;
         tokio::spawn(async move {
             loop {
@@ -727,9 +762,23 @@ impl Actor {
                 if tx.send(Msg::Observed(result)).await.is_err() {
                     return;
                 }
-                let pause = if ok && *healthy.borrow() { interval } else { Duration::from_millis(500) };
-                tokio::time::sleep(pause).await;
+                let pause = if ok && *healthy.borrow_and_update() { interval } else { Duration::from_millis(500) };
+                // A change of health (the daemon or the store failing or coming back) ends the
+                // pause: the engine wants to know at once.
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = healthy.changed() => {}
+                }
             }
+        });
+    }
+
+    /// One observation now (the periodic one may be a health interval away).
+    fn observe_now(&self) {
+        let (daemon, sched, tx) = (self.ctx.ports.daemon.clone(), self.ctx.sched.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = sched.run(Priority::Acquire, "", Op::Quick, daemon.list()).await;
+            let _ = tx.send(Msg::Observed(result)).await;
         });
     }
 
@@ -741,7 +790,9 @@ impl Actor {
     }
 
     fn update_health(&self) {
-        self.health_tx.send_replace(self.daemon_ok && self.degraded.is_none());
+        let healthy = self.daemon_ok && self.degraded.is_none();
+        // Watchers (health, the observer) hear of changes only.
+        self.health_tx.send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -761,6 +812,25 @@ impl Actor {
             }
             return;
         }
+        if !self.reconciled {
+            // Leases are restored at reconciliation: until then nobody can be told about one.
+            let err = EngineError::Unavailable("mpool has not reached multipassd yet".into());
+            match msg {
+                Msg::Renew { reply, .. } | Msg::BeginUse { reply, .. } | Msg::Refresh { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                Msg::Release { reply, .. } => {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                other => return self.handle_reconciled(other),
+            }
+        }
+        self.handle_reconciled(msg);
+    }
+
+    fn handle_reconciled(&mut self, msg: Msg) {
         match msg {
             Msg::Acquire(req, reply) => self.acquire(req, reply),
             Msg::Renew { id, ttl, owner, reply } => {
@@ -836,7 +906,7 @@ impl Actor {
                     _ => Err(EngineError::RequestEnded {
                         request_id: key.request_id.clone(),
                         lease: r.lease.clone(),
-                        outcome: if r.kind == RequestKind::Run { r.outcome.clone() } else { None },
+                        outcome: if r.kind == RequestKind::Run { r.outcome.clone().map(Box::new) } else { None },
                     }),
                 };
                 // The lease may be in this very batch: answer once it is stored.
@@ -851,7 +921,8 @@ impl Actor {
             };
             if let Some(w) = waiter {
                 if w.req.kind == RequestKind::Run || req.kind == RequestKind::Run {
-                    let _ = reply.send(Err(EngineError::InProgress { request_id: key.request_id, lease: String::new() }));
+                    let _ =
+                        reply.send(Err(EngineError::InProgress { request_id: key.request_id, lease: String::new() }));
                 } else {
                     w.replies.push(reply);
                 }
@@ -863,8 +934,15 @@ impl Actor {
             return;
         }
         let now = Instant::now();
-        let waiter =
-            Waiter { req, replies: vec![reply], since: now, deadline: now + wait, ttl, served: Served::Cold, queued: false };
+        let waiter = Waiter {
+            req,
+            replies: vec![reply],
+            since: now,
+            deadline: now + wait,
+            ttl,
+            served: Served::Cold,
+            queued: false,
+        };
         let pool_name = waiter.req.pool.clone();
         if let Some(p) = self.pools.get_mut(&pool_name) {
             p.waiters.push_back(waiter);
@@ -881,7 +959,9 @@ impl Actor {
     /// check only), then warm ones (a resume).
     fn serve_waiters(&mut self, pool_name: &str) {
         loop {
-            let Some(pool) = self.pools.get_mut(pool_name) else { return };
+            let Some(pool) = self.pools.get_mut(pool_name) else {
+                return;
+            };
             while pool.waiters.front().is_some_and(Waiter::gone) {
                 pool.waiters.pop_front();
             }
@@ -889,14 +969,19 @@ impl Actor {
                 return;
             }
             let free = |s: VmState| {
-                self.vms.values().filter(|v| v.pool == pool_name && v.state == s && !v.busy).map(|v| v.name.clone()).next()
+                self.vms
+                    .values()
+                    .filter(|v| v.pool == pool_name && v.state == s && !v.busy)
+                    .map(|v| v.name.clone())
+                    .next()
             };
             let (vm, served) = match (free(VmState::Hot), free(VmState::Warm)) {
                 (Some(vm), _) => (vm, Served::Hot),
                 (None, Some(vm)) if self.daemon_ok => (vm, Served::Warm),
                 _ => {
                     if !self.daemon_ok {
-                        let err = EngineError::Unavailable("multipassd does not answer and no running VM is free".into());
+                        let err =
+                            EngineError::Unavailable("multipassd does not answer and no running VM is free".into());
                         if let Some(pool) = self.pools.get_mut(pool_name) {
                             for w in pool.waiters.drain(..) {
                                 for r in w.replies {
@@ -908,7 +993,9 @@ impl Actor {
                     return;
                 }
             };
-            let Some(mut waiter) = self.pools.get_mut(pool_name).and_then(|p| p.waiters.pop_front()) else { return };
+            let Some(mut waiter) = self.pools.get_mut(pool_name).and_then(|p| p.waiters.pop_front()) else {
+                return;
+            };
             waiter.served = if waiter.queued { Served::Cold } else { served };
             self.apply(&vm, Event::Wake);
             self.waking.insert(vm.clone(), waiter);
@@ -917,9 +1004,9 @@ impl Actor {
     }
 
     fn grant(&mut self, vm_name: &str, waiter: Waiter, ssh: SshInfo) {
-        let now = now_ms();
+        let now = self.now_ms();
         let rec = LeaseRecord {
-            id: format!("lease-{}{}", random_suffix(), random_suffix()),
+            id: format!("lease-{}{}", self.suffix(), self.suffix()),
             pool: waiter.req.pool.clone(),
             vm: vm_name.to_string(),
             holder: waiter.req.holder.clone(),
@@ -929,7 +1016,9 @@ impl Actor {
             owner: waiter.req.owner.clone().unwrap_or_default(),
         };
         self.apply(vm_name, Event::Woken);
-        let Some(vm) = self.vms.get_mut(vm_name) else { return };
+        let Some(vm) = self.vms.get_mut(vm_name) else {
+            return;
+        };
         vm.lease = Some(rec.id.clone());
         vm.uses = vm.uses.saturating_add(1);
         vm.ssh = Some(ssh.clone());
@@ -939,8 +1028,10 @@ impl Actor {
         writes.extend(self.book.grant(rec.clone(), Instant::now() + waiter.ttl, waiter.req.kind));
         self.persist(&writes, true);
         let info = LeaseInfo { record: rec, ssh: Some(ssh), served: waiter.served, waited: waiter.since.elapsed() };
-        for r in waiter.replies {
-            self.reply_later(r, Ok(info.clone()));
+        // Callers that joined the first with the same request id get the same lease, as a repeat.
+        for (i, r) in waiter.replies.into_iter().enumerate() {
+            let served = if i == 0 { info.served } else { Served::Repeat };
+            self.reply_later(r, Ok(LeaseInfo { served, ..info.clone() }));
         }
     }
 
@@ -960,19 +1051,30 @@ impl Actor {
                 cfg.max_ttl
             )));
         }
-        let writes = self.book.renew(id, ttl, Instant::now(), now_ms()).ok_or_else(|| EngineError::UnknownLease(id.into()))?;
+        let writes = self
+            .book
+            .renew(id, ttl, Instant::now(), self.now_ms())
+            .ok_or_else(|| EngineError::UnknownLease(id.into()))?;
         self.persist(&writes, true);
         self.lease_info(id, owner)
     }
 
     /// Ends a lease (recording a Run's outcome) and starts its VM's reset.
-    fn release(&mut self, id: &str, owner: Option<&str>, reason: &str, outcome: Option<RunOutcome>) -> Result<(), EngineError> {
+    fn release(
+        &mut self,
+        id: &str,
+        owner: Option<&str>,
+        reason: &str,
+        outcome: Option<RunOutcome>,
+    ) -> Result<(), EngineError> {
         match self.book.check(id, owner) {
             Ok(_) => {}
             Err(EngineError::LeaseEnded { .. }) => return Ok(()),
             Err(e) => return Err(e),
         }
-        let Some((lease, mut writes)) = self.book.end(id, reason, now_ms(), outcome) else { return Ok(()) };
+        let Some((lease, mut writes)) = self.book.end(id, reason, self.now_ms(), outcome) else {
+            return Ok(());
+        };
         let vm_name = lease.record.vm.clone();
         if let Some(vm) = self.vms.get_mut(&vm_name) {
             vm.lease = None;
@@ -1033,7 +1135,9 @@ impl Actor {
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let leased = self.vms.values().filter(|v| v.pool == name && v.state == VmState::Leased).count();
-            let Some(pool) = self.pools.get_mut(&name) else { continue };
+            let Some(pool) = self.pools.get_mut(&name) else {
+                continue;
+            };
             let max_size = pool.cfg.max_size;
             let (expired, kept): (Vec<Waiter>, Vec<Waiter>) = pool.waiters.drain(..).partition(|w| w.deadline <= now);
             pool.waiters = kept.into();
@@ -1068,7 +1172,9 @@ impl Actor {
 
     /// Applies an event to a VM through the state machine.
     fn apply(&mut self, name: &str, event: Event) {
-        let Some(vm) = self.vms.get_mut(name) else { return };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
         match transition(vm.state, event) {
             Ok(Next::State(s)) => {
                 if s.is_idle() && !vm.state.is_idle() {
@@ -1085,7 +1191,9 @@ impl Actor {
 
     /// Whether the next VM to become idle in `pool` should stay running.
     fn wants_hot(&self, pool: &str) -> bool {
-        let Some(p) = self.pools.get(pool) else { return false };
+        let Some(p) = self.pools.get(pool) else {
+            return false;
+        };
         let hot = self
             .vms
             .values()
@@ -1096,15 +1204,20 @@ impl Actor {
     }
 
     fn spawn_plan(&mut self, name: &str, plan: PlanKind) {
-        let Some(vm) = self.vms.get_mut(name) else { return };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
         vm.busy = true;
         vm.busy_since = Instant::now();
-        let Some(pool) = self.pools.get(&vm.pool) else { return };
+        let Some(pool) = self.pools.get(&vm.pool) else {
+            return;
+        };
         let cfg = pool.cfg.clone();
         let golden = pool.golden.as_ref().filter(|g| g.ready).map(|g| g.name.clone());
         let has_waiters = !pool.waiters.is_empty();
         let waiting = pool.waiting.clone();
-        let (ctx, tx, name, rebuild, ssh) = (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
+        let (ctx, tx, name, rebuild, ssh) =
+            (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
         // A wake for a waiting caller of a hot VM only needs a round trip.
         let was_hot = ssh.is_some();
         self.spawn_later(async move {
@@ -1129,7 +1242,9 @@ impl Actor {
     }
 
     fn plan_done(&mut self, name: &str, plan: PlanKind, result: Result<Option<SshInfo>, StepError>) {
-        let Some(vm) = self.vms.get_mut(name) else { return };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
         vm.busy = false;
         let pool = vm.pool.clone();
         if matches!(plan, PlanKind::Reset { .. }) && result.is_ok() {
@@ -1220,7 +1335,9 @@ impl Actor {
             }
         }
         // A refresh asked for while another plan ran on this VM.
-        if self.refreshing.contains_key(name) && self.vms.get(name).is_some_and(|v| !v.busy && v.state == VmState::Leased) {
+        if self.refreshing.contains_key(name)
+            && self.vms.get(name).is_some_and(|v| !v.busy && v.state == VmState::Leased)
+        {
             self.spawn_plan(name, PlanKind::Refresh);
         }
         self.serve_waiters(&pool);
@@ -1237,8 +1354,12 @@ impl Actor {
     }
 
     fn golden_done(&mut self, pool: &str, vm: &str, result: Result<(), StepError>) {
-        let Some(p) = self.pools.get_mut(pool) else { return };
-        let Some(g) = p.golden.as_mut().filter(|g| g.name == vm) else { return };
+        let Some(p) = self.pools.get_mut(pool) else {
+            return;
+        };
+        let Some(g) = p.golden.as_mut().filter(|g| g.name == vm) else {
+            return;
+        };
         g.busy = false;
         match result {
             Ok(()) => {
@@ -1250,7 +1371,7 @@ impl Actor {
                     phase: PhaseRecord::Golden,
                     uses: 0,
                     lease: None,
-                    created_ms: now_ms(),
+                    created_ms: self.now_ms(),
                 };
                 self.persist(&[Write::PutVm(rec)], true);
             }
@@ -1269,8 +1390,12 @@ impl Actor {
             self.daemon_ok = true;
             // It may have restarted and moved the leased VMs' SSH endpoints.
             if self.reconciled {
-                let leased: Vec<String> =
-                    self.vms.values().filter(|v| v.state == VmState::Leased && !v.busy).map(|v| v.name.clone()).collect();
+                let leased: Vec<String> = self
+                    .vms
+                    .values()
+                    .filter(|v| v.state == VmState::Leased && !v.busy)
+                    .map(|v| v.name.clone())
+                    .collect();
                 for name in leased {
                     self.spawn_plan(&name, PlanKind::Refresh);
                 }
@@ -1332,7 +1457,8 @@ impl Actor {
                 // Resumed or rebooted by a daemon restart: transient, waited for (with a deadline).
                 (VmState::Hot | VmState::Warm, Some(S::Starting | S::Restarting)) => {
                     let since = *vm.transient_since.get_or_insert(now);
-                    let limit = self.pools.get(&vm.pool).map(|p| p.cfg.readiness_timeout).unwrap_or(Duration::from_secs(300));
+                    let limit =
+                        self.pools.get(&vm.pool).map(|p| p.cfg.readiness_timeout).unwrap_or(Duration::from_secs(300));
                     if now.duration_since(since) > limit {
                         broken.push((vm.name.clone(), S::Starting));
                     } else {
@@ -1374,8 +1500,14 @@ impl Actor {
         }
         for name in gone {
             tracing::warn!(vm = %name, "instance disappeared from multipassd");
+            // Its lease ends, with no reset: there is nothing left to reset (a reset of a
+            // recreate pool would launch it again, behind the engine's back).
             if let Some(id) = self.vms.get(&name).and_then(|v| v.lease.clone()) {
-                let _ = self.release(&id, None, "its VM disappeared", None);
+                let now = self.now_ms();
+                if let Some((_, writes)) = self.book.end(&id, "its VM disappeared", now, None) {
+                    tracing::info!(lease = %id, vm = %name, "lease ended: its VM disappeared");
+                    self.persist(&writes, true);
+                }
             }
             self.vms.remove(&name);
             self.persist(&[Write::DeleteVm(name)], true);
@@ -1391,7 +1523,7 @@ impl Actor {
         let snapshot = self.store_snapshot.take().unwrap_or_default();
         let pools: Vec<PoolConfig> = self.pools.values().map(|p| p.cfg.clone()).collect();
         let doubt = std::mem::take(&mut self.doubt);
-        let now_wall = now_ms();
+        let now_wall = self.now_ms();
         let r = reconcile::reconcile(
             &self.settings.prefix,
             &pools,
@@ -1408,7 +1540,7 @@ impl Actor {
         let now = Instant::now();
         for a in &r.vms {
             writes.push(Write::PutVm(a.record.clone()));
-            let mut vm = Vm::new(a.record.name.clone(), &a.record.pool, a.record.generation, a.state, now);
+            let mut vm = Vm::new(a.record.name.clone(), &a.record.pool, a.record.generation, a.state, now, now_wall);
             vm.uses = a.record.uses;
             vm.lease = a.record.lease.clone();
             vm.created_ms = a.record.created_ms;
@@ -1428,7 +1560,8 @@ impl Actor {
         self.book = book;
         for (pool, (rec, ready)) in &r.golden {
             if let Some(p) = self.pools.get_mut(pool) {
-                p.golden = Some(Golden { name: rec.name.clone(), generation: rec.generation, ready: *ready, busy: false });
+                p.golden =
+                    Some(Golden { name: rec.name.clone(), generation: rec.generation, ready: *ready, busy: false });
             }
         }
         self.persist(&writes, true);
@@ -1445,7 +1578,8 @@ impl Actor {
             tracing::warn!(instance = %name, "leaving an unknown instance with our prefix alone (delete_strays = false)");
         }
         // Leased VMs: their holders will exec again, so learn their SSH endpoints.
-        let leased: Vec<String> = self.vms.values().filter(|v| v.state == VmState::Leased).map(|v| v.name.clone()).collect();
+        let leased: Vec<String> =
+            self.vms.values().filter(|v| v.state == VmState::Leased).map(|v| v.name.clone()).collect();
         for name in leased {
             self.spawn_plan(&name, PlanKind::Refresh);
         }
@@ -1462,7 +1596,9 @@ impl Actor {
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let actions = {
-                let Some(p) = self.pools.get(&name) else { continue };
+                let Some(p) = self.pools.get(&name) else {
+                    continue;
+                };
                 let now = Instant::now();
                 let vms = self
                     .vms
@@ -1484,7 +1620,14 @@ impl Actor {
                     (ResetStrategy::Clone, Some(_)) => GoldenView::Missing,
                     _ => GoldenView::NotNeeded,
                 };
-                let view = PoolView { cfg: &p.cfg, generation: p.generation, vms, waiting: p.waiters.len(), golden, daemon_ok: self.daemon_ok };
+                let view = PoolView {
+                    cfg: &p.cfg,
+                    generation: p.generation,
+                    vms,
+                    waiting: p.waiters.len(),
+                    golden,
+                    daemon_ok: self.daemon_ok,
+                };
                 decide::decide(&view)
             };
             for a in actions {
@@ -1497,11 +1640,14 @@ impl Actor {
     fn act(&mut self, pool: &str, action: Action) {
         match action {
             Action::Provision { count, hot } => {
-                let Some(p) = self.pools.get(pool) else { return };
+                let Some(p) = self.pools.get(pool) else {
+                    return;
+                };
                 let generation = p.generation;
                 for i in 0..count {
-                    let name = format!("{}{}-{}", self.settings.prefix, pool, random_suffix());
-                    let mut vm = Vm::new(name.clone(), pool, generation, VmState::Provisioning, Instant::now());
+                    let name = format!("{}{}-{}", self.settings.prefix, pool, self.suffix());
+                    let mut vm =
+                        Vm::new(name.clone(), pool, generation, VmState::Provisioning, Instant::now(), self.now_ms());
                     vm.target_hot = i < hot;
                     // Intent first: the record exists before the launch does.
                     let rec = vm.record();
@@ -1537,9 +1683,11 @@ impl Actor {
     }
 
     fn build_golden(&mut self, pool: &str) {
-        let Some(p) = self.pools.get_mut(pool) else { return };
+        let name = format!("{}{}-golden-{}", self.settings.prefix, pool, self.suffix());
+        let Some(p) = self.pools.get_mut(pool) else {
+            return;
+        };
         let old = p.golden.take().map(|g| g.name);
-        let name = format!("{}{}-golden-{}", self.settings.prefix, pool, random_suffix());
         p.golden = Some(Golden { name: name.clone(), generation: p.generation, ready: false, busy: true });
         let cfg = p.cfg.clone();
         let rec = VmRecord {
@@ -1549,7 +1697,7 @@ impl Actor {
             phase: PhaseRecord::Golden,
             uses: 0,
             lease: None,
-            created_ms: now_ms(),
+            created_ms: self.now_ms(),
         };
         // A golden record is adopted as ready after a crash only if its instance is stopped,
         // which it only is once its build finished.

@@ -7,7 +7,8 @@ use super::engine::{AcquireRequest, Engine, EngineError, Served, Settings, Statu
 use super::fake::Fake;
 use super::ports::Ports;
 use crate::config::{PoolConfig, ResetStrategy};
-use crate::store::Store;
+use crate::store::memory::MemStore;
+use crate::store::{RequestKind, RunOutcome, StateStore, Store};
 
 fn pool(min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
     let mut p = PoolConfig::with_defaults("ci");
@@ -27,7 +28,11 @@ struct Harness {
 }
 
 fn settings() -> Settings {
-    Settings { health_interval: Duration::from_secs(30), reconcile_interval: Duration::from_secs(1), ..Settings::default() }
+    Settings {
+        health_interval: Duration::from_secs(30),
+        reconcile_interval: Duration::from_secs(1),
+        ..Settings::default()
+    }
 }
 
 fn start(cfg: PoolConfig) -> Harness {
@@ -39,9 +44,20 @@ fn start(cfg: PoolConfig) -> Harness {
 }
 
 fn restart(fake: &Fake, store_path: &std::path::Path, cfg: PoolConfig) -> Engine {
-    let store = Arc::new(Store::open(store_path).unwrap());
-    let ports = Ports { daemon: Arc::new(fake.clone()), ssh: Arc::new(fake.clone()) };
+    start_on(fake, Arc::new(Store::open(store_path).unwrap()), cfg)
+}
+
+fn start_on(fake: &Fake, store: Arc<dyn StateStore>, cfg: PoolConfig) -> Engine {
+    let ports = Ports::new(Arc::new(fake.clone()), Arc::new(fake.clone()));
     Engine::start(settings(), vec![cfg], ports, store).unwrap()
+}
+
+/// An engine on an in-memory store whose writes the test can make fail.
+fn start_mem(cfg: PoolConfig) -> (Fake, Arc<MemStore>, Engine) {
+    let fake = Fake::default();
+    let store = Arc::new(MemStore::new());
+    let engine = start_on(&fake, store.clone(), cfg);
+    (fake, store, engine)
 }
 
 /// Polls the engine's status until `pred` holds (bounded; time is paused, so this is cheap).
@@ -198,7 +214,8 @@ async fn release_is_idempotent_and_unknown_leases_are_not_found() {
     assert_eq!(h.engine.begin_use(&lease.record.id, None).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
     let err = h.engine.acquire(AcquireRequest { pool: "nope".into(), ..req("a") }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    let err = h.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(99_999)), ..req("a") }).await.unwrap_err();
+    let err =
+        h.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(99_999)), ..req("a") }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
@@ -278,7 +295,10 @@ async fn sixty_four_acquirers_never_share_a_vm_or_exceed_max_size() {
     for i in 0..64 {
         let (e, holders) = (h.engine.clone(), holders.clone());
         tasks.push(tokio::spawn(async move {
-            let l = e.acquire(AcquireRequest { wait: Some(Duration::from_secs(60)), ..req(&format!("t{i}")) }).await.unwrap();
+            let l = e
+                .acquire(AcquireRequest { wait: Some(Duration::from_secs(60)), ..req(&format!("t{i}")) })
+                .await
+                .unwrap();
             assert!(holders.lock().unwrap().insert(l.record.vm.clone()), "{} handed out twice", l.record.vm);
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(holders.lock().unwrap().remove(&l.record.vm));
@@ -364,4 +384,187 @@ async fn a_new_config_generation_rotates_idle_vms() {
     .await;
     assert_eq!(s.pools[0].generation, 2);
     assert!(old.iter().all(|n| !h.fake.st.lock().unwrap().instances.contains_key(n)), "old VMs deleted");
+}
+
+/// Finding 1 of the reliability issue: with the store's disk full, Acquire answered with a lease
+/// and health stayed SERVING (the flush logged the error and sent its replies anyway).
+#[tokio::test(start_paused = true)]
+async fn a_failed_store_write_fails_the_acquire_and_health_then_recovers_without_a_restart() {
+    let (fake, store, engine) = start_mem(pool(1, 1, 2));
+    let s = until(&engine, "ready", |s| count(s, "hot") == 1).await;
+    let vm = s.vms[0].name.clone();
+    assert!(*engine.healthy().borrow());
+    store.set_failing(Some("No space left on device (os error 28)"));
+    let err = engine.acquire(req("a")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("No space left"), "the cause is named: {err}");
+    let s = until(&engine, "degraded", |s| !s.store_ok).await;
+    assert!(!*engine.healthy().borrow(), "health turns NOT_SERVING");
+    assert!(s.leases.is_empty());
+    assert!(store.durable().leases.is_empty(), "no lease was stored");
+    let err = engine.acquire(req("b")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "nothing is promised while the store fails: {err}");
+    let restores = fake.count(&format!("restore {vm}"));
+    store.set_failing(None);
+    until(&engine, "serving again", |s| s.store_ok && s.reconciled).await;
+    until(&engine, "healthy", |_| *engine.healthy().borrow()).await;
+    // The VM the failed batch touched is reset before anyone gets it.
+    until(&engine, "touched VM reset", |_| fake.count(&format!("restore {vm}")) > restores).await;
+    let lease = engine.acquire(req("c")).await.unwrap();
+    assert_eq!(store.durable().leases.len(), 1, "the lease is durable before the caller hears of it");
+    if lease.record.vm == vm {
+        assert!(fake.count(&format!("restore {vm}")) > restores);
+    }
+}
+
+/// Finding 1: a release whose write fails starts none of its daemon calls (no reset of a VM
+/// whose lease is still on disk), and the lease, acknowledged before, survives.
+#[tokio::test(start_paused = true)]
+async fn a_release_whose_write_fails_starts_no_reset_and_keeps_the_lease() {
+    let (fake, store, engine) = start_mem(pool(1, 0, 2));
+    until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = engine.acquire(req("a")).await.unwrap();
+    let vm = lease.record.vm.clone();
+    let stops = fake.count(&format!("stop {vm}"));
+    store.set_failing(Some("injected"));
+    let err = engine.release(&lease.record.id, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fake.count(&format!("stop {vm}")), stops, "no daemon call of the failed batch");
+    assert_eq!(fake.count(&format!("restore {vm}")), 0);
+    store.set_failing(None);
+    let s = until(&engine, "back", |s| s.store_ok && s.reconciled).await;
+    assert_eq!(s.leases.len(), 1, "the acknowledged lease is still there");
+    let again = engine.begin_use(&lease.record.id, None).await.unwrap();
+    engine.end_use(&again.record.id).await;
+    engine.release(&lease.record.id, None).await.unwrap();
+    until(&engine, "reset", |_| fake.count(&format!("restore {vm}")) == 1).await;
+}
+
+/// Finding 4: min_ready 2 / hot 1 settled at 3 idle VMs, 4/2 at 6, and with a short idle
+/// timeout the pool launched and deleted VMs: a hot VM under its health check counted as
+/// neither idle nor coming.
+#[tokio::test(start_paused = true)]
+async fn an_idle_pool_settles_at_exactly_its_ready_target_without_churn() {
+    for (min_ready, hot) in [(2, 1), (4, 2)] {
+        let mut cfg = pool(min_ready, hot, 8);
+        cfg.idle_timeout = Duration::from_secs(5);
+        let h = start(cfg);
+        until(&h.engine, "ready", |s| {
+            count(s, "hot") == hot as usize && count(s, "warm") == (min_ready - hot) as usize
+        })
+        .await;
+        let launches = h.fake.count("launch");
+        let calls_before = h.fake.st.lock().unwrap().calls.len();
+        // Many health intervals (30 s each) later...
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let s = h.engine.status().await.unwrap();
+            assert!(s.vms.len() <= min_ready as usize, "never more VMs than the ready target: {:?}", s.pools[0].counts);
+        }
+        let s = h.engine.status().await.unwrap();
+        assert_eq!(s.vms.len(), min_ready as usize);
+        assert_eq!(h.fake.count("launch"), launches, "no churn");
+        let calls = h.fake.st.lock().unwrap().calls[calls_before..].to_vec();
+        assert!(
+            calls.iter().all(|c| c.starts_with("list") || c.starts_with("ssh-ready")),
+            "only health reads: {calls:?}"
+        );
+    }
+}
+
+/// Finding 5: Bob's Acquire with Alice's request id joined her request and got her lease.
+#[tokio::test(start_paused = true)]
+async fn request_ids_are_scoped_by_owner() {
+    let h = start(pool(2, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let rid = Some("task-1".to_string());
+    let alice = AcquireRequest { owner: Some("alice".into()), request_id: rid.clone(), ..req("a") };
+    let bob = AcquireRequest { owner: Some("bob".into()), request_id: rid, ..req("b") };
+    let (a, b) = tokio::join!(h.engine.acquire(alice.clone()), h.engine.acquire(bob));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.record.id, b.record.id, "two owners, two requests");
+    assert_ne!(a.record.vm, b.record.vm);
+    assert_eq!(b.record.owner, "bob");
+    let again = h.engine.acquire(alice).await.unwrap();
+    assert_eq!((again.record.id, again.served), (a.record.id.clone(), Served::Repeat));
+}
+
+/// Finding 6: a Run retried with its request id while the first runs is refused (it used to
+/// share the first's VM and release it under it); after the first ended, the retry gets its
+/// recorded outcome, also after a restart.
+#[tokio::test(start_paused = true)]
+async fn a_retried_run_never_disturbs_the_first_and_then_gets_its_outcome() {
+    let h = start(pool(2, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let run = AcquireRequest { request_id: Some("run-1".into()), kind: RequestKind::Run, ..req("r") };
+    let first = h.engine.acquire(run.clone()).await.unwrap();
+    let err = h.engine.acquire(run.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(err.to_string().contains(&first.record.id), "names the running lease: {err}");
+    let plain = AcquireRequest { kind: RequestKind::Acquire, ..run.clone() };
+    assert_eq!(h.engine.acquire(plain).await.unwrap_err().code(), tonic::Code::AlreadyExists);
+    let outcome = RunOutcome { code: Some(3), vm: first.record.vm.clone(), duration_ms: 1500, ..Default::default() };
+    h.engine.release_with_outcome(&first.record.id, None, outcome.clone()).await.unwrap();
+    let ended = |e: EngineError| match e {
+        EngineError::RequestEnded { lease, outcome, .. } => (lease, outcome),
+        other => panic!("{other}"),
+    };
+    let (lease, got) = ended(h.engine.acquire(run.clone()).await.unwrap_err());
+    assert_eq!((lease.as_str(), got.as_deref()), (first.record.id.as_str(), Some(&outcome)));
+    h.engine.shutdown().await;
+    let engine = restart(&h.fake, &h.store_path, pool(2, 0, 3));
+    until(&engine, "reconciled", |s| s.reconciled).await;
+    let (_, got) = ended(engine.acquire(run).await.unwrap_err());
+    assert_eq!(got.as_deref(), Some(&outcome), "remembered across a restart");
+}
+
+/// A plain Acquire retried after its lease ended is told so (not given a second lease).
+#[tokio::test(start_paused = true)]
+async fn an_acquire_retried_after_its_lease_ended_is_told_it_ended() {
+    let h = start(pool(1, 0, 2));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let r = AcquireRequest { request_id: Some("once".into()), ..req("a") };
+    let lease = h.engine.acquire(r.clone()).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    let err = h.engine.acquire(r).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains(&lease.record.id), "{err}");
+}
+
+/// Issue 11, finding 2: auto-resumed instances pass through Starting after a daemon restart;
+/// they are transient, not broken, and a hot VM's pooled SSH connection is dropped so its
+/// (possibly new) host key is learnt again.
+#[tokio::test(start_paused = true)]
+async fn a_starting_vm_after_a_daemon_restart_is_waited_for_not_replaced() {
+    let h = start(pool(2, 1, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "hot") == 1 && count(s, "warm") == 1).await;
+    let names: Vec<String> = s.vms.iter().map(|v| v.name.clone()).collect();
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        for n in &names {
+            st.instances.insert(n.clone(), crate::multipass::InstanceState::Starting);
+        }
+    }
+    // A few observations while they are Starting.
+    for _ in 0..90 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        names.iter().all(|n| h.fake.count(&format!("delete {n}")) == 1),
+        "nothing replaced (one delete each, before provisioning)"
+    );
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        for n in &names {
+            st.instances.insert(n.clone(), crate::multipass::InstanceState::Running);
+        }
+    }
+    until(&h.engine, "settled", |s| count(s, "hot") == 1 && count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy))
+        .await;
+    let s = h.engine.status().await.unwrap();
+    assert!(s.vms.iter().all(|v| names.contains(&v.name)), "the same VMs: {:?}", s.vms);
+    assert!(h.fake.count("forget") >= 1, "the hot VM's connection was dropped");
 }

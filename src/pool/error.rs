@@ -56,7 +56,7 @@ pub enum EngineError {
         /// The lease it was answered with.
         lease: String,
         /// A Run's recorded outcome, when the request was a Run that finished.
-        outcome: Option<RunOutcome>,
+        outcome: Option<Box<RunOutcome>>,
     },
     /// The daemon is down or frozen.
     #[error("multipassd is unavailable ({0}); retry shortly")]

@@ -25,7 +25,15 @@ pub struct FakeState {
     pub high_water: usize,
     /// VMs whose SSH check fails.
     pub ssh_broken: HashSet<String>,
+    /// The daemon is frozen: every call hangs until its deadline, then fails as unavailable.
+    pub frozen: bool,
+    /// Instances a tenant has written into since they were last reset (restored, launched,
+    /// cloned): the model-based tests mark them when a lease is acknowledged.
+    pub dirty: HashSet<String>,
 }
+
+/// How long a call to a frozen fake daemon hangs before its deadline fails it.
+pub const FROZEN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A fake daemon + SSH.
 #[derive(Clone, Default)]
@@ -40,7 +48,23 @@ impl Fake {
         self.st.lock().unwrap().calls.iter().filter(|c| c.starts_with(prefix)).count()
     }
 
-    fn step(&self, op: &str, name: &str, f: impl FnOnce(&mut FakeState) -> Result<(), StepError>) -> Result<(), StepError> {
+    /// A frozen daemon answers nothing until the call's deadline.
+    async fn gate(&self, op: &str, name: &str) -> Result<(), StepError> {
+        let frozen = self.st.lock().unwrap().frozen;
+        if frozen {
+            tokio::time::sleep(FROZEN_DEADLINE).await;
+            self.st.lock().unwrap().calls.push(format!("{op} {name} (deadline)"));
+            return Err(StepError::unavailable("multipassd did not answer within its deadline"));
+        }
+        Ok(())
+    }
+
+    fn step(
+        &self,
+        op: &str,
+        name: &str,
+        f: impl FnOnce(&mut FakeState) -> Result<(), StepError>,
+    ) -> Result<(), StepError> {
         let mut st = self.st.lock().unwrap();
         st.calls.push(format!("{op} {name}"));
         if st.down {
@@ -64,11 +88,15 @@ fn missing(name: &str) -> StepError {
 
 impl DaemonPort for Fake {
     fn ping(&self) -> BoxFut<'_, Result<(), StepError>> {
-        Box::pin(async move { self.step("ping", "", |_| Ok(())) })
+        Box::pin(async move {
+            self.gate("ping", "").await?;
+            self.step("ping", "", |_| Ok(()))
+        })
     }
 
     fn list(&self) -> BoxFut<'_, Result<Vec<Observed>, StepError>> {
         Box::pin(async move {
+            self.gate("list", "").await?;
             let mut out = Vec::new();
             self.step("list", "", |st| {
                 out = st.instances.iter().map(|(n, s)| Observed { name: n.clone(), state: *s }).collect();
@@ -84,11 +112,13 @@ impl DaemonPort for Fake {
 
     fn launch(&self, opts: LaunchOptions) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("launch", &opts.name).await?;
             self.step("launch", &opts.name.clone(), |st| {
                 if st.instances.contains_key(&opts.name) {
                     return Err(StepError::failed("already exists"));
                 }
                 st.instances.insert(opts.name.clone(), InstanceState::Running);
+                st.dirty.remove(&opts.name);
                 Ok(())
             })
         })
@@ -96,6 +126,7 @@ impl DaemonPort for Fake {
 
     fn start(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("start", &name).await?;
             self.step("start", &name.clone(), |st| {
                 let s = st.instances.get_mut(&name).ok_or_else(|| missing(&name))?;
                 *s = InstanceState::Running;
@@ -106,6 +137,7 @@ impl DaemonPort for Fake {
 
     fn stop(&self, name: String, _force: bool) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("stop", &name).await?;
             self.step("stop", &name.clone(), |st| {
                 let s = st.instances.get_mut(&name).ok_or_else(|| missing(&name))?;
                 *s = InstanceState::Stopped;
@@ -116,6 +148,7 @@ impl DaemonPort for Fake {
 
     fn suspend(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("suspend", &name).await?;
             self.step("suspend", &name.clone(), |st| {
                 let s = st.instances.get_mut(&name).ok_or_else(|| missing(&name))?;
                 if *s == InstanceState::Running {
@@ -128,6 +161,7 @@ impl DaemonPort for Fake {
 
     fn snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("snapshot", &name).await?;
             self.step("snapshot", &name.clone(), |st| {
                 if st.instances.get(&name) != Some(&InstanceState::Stopped) {
                     return Err(StepError::failed("only stopped instances"));
@@ -140,6 +174,7 @@ impl DaemonPort for Fake {
 
     fn restore(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("restore", &name).await?;
             self.step("restore", &name.clone(), |st| {
                 if !st.snapshots.contains(&(name.clone(), snapshot)) {
                     return Err(StepError { unavailable: false, not_found: true, message: "no such snapshot".into() });
@@ -147,6 +182,7 @@ impl DaemonPort for Fake {
                 if st.instances.get(&name) != Some(&InstanceState::Stopped) {
                     return Err(StepError::failed("only stopped instances"));
                 }
+                st.dirty.remove(&name);
                 Ok(())
             })
         })
@@ -154,10 +190,15 @@ impl DaemonPort for Fake {
 
     fn clone_vm(&self, source: String, destination: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("clone", &destination).await?;
             self.step("clone", &destination.clone(), |st| {
                 if st.instances.get(&source) != Some(&InstanceState::Stopped) {
                     return Err(StepError::failed("only stopped instances"));
                 }
+                if st.instances.contains_key(&destination) {
+                    return Err(StepError::failed("already exists"));
+                }
+                st.dirty.remove(&destination);
                 st.instances.insert(destination, InstanceState::Stopped);
                 Ok(())
             })
@@ -166,8 +207,10 @@ impl DaemonPort for Fake {
 
     fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
+            self.gate("delete", &name).await?;
             self.step("delete", &name.clone(), |st| {
                 st.instances.remove(&name);
+                st.dirty.remove(&name);
                 st.snapshots.retain(|(i, _)| *i != name);
                 Ok(())
             })
@@ -176,6 +219,7 @@ impl DaemonPort for Fake {
 
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>> {
         Box::pin(async move {
+            self.gate("ssh_info", &name).await?;
             self.step("ssh_info", &name.clone(), |st| match st.instances.get(&name) {
                 Some(InstanceState::Running) => Ok(()),
                 Some(_) => Err(StepError::failed("not running")),
@@ -208,7 +252,9 @@ impl SshPort for Fake {
         })
     }
 
-    fn forget(&self, _vm: String) -> BoxFut<'_, ()> {
-        Box::pin(async {})
+    fn forget(&self, vm: String) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            self.st.lock().unwrap().calls.push(format!("forget {vm}"));
+        })
     }
 }

@@ -171,7 +171,13 @@ impl LeaseBook {
 
     /// Ends a lease: remembers it as ended (with a Run's outcome on its request id). Returns the
     /// lease and the writes, or `None` when it is not live.
-    pub fn end(&mut self, id: &str, reason: &str, now_ms: u64, outcome: Option<RunOutcome>) -> Option<(Lease, Vec<Write>)> {
+    pub fn end(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: u64,
+        outcome: Option<RunOutcome>,
+    ) -> Option<(Lease, Vec<Write>)> {
         let lease = self.leases.remove(id)?;
         let writes = self.finish(&lease, reason, now_ms, outcome);
         Some((lease, writes))
@@ -188,7 +194,12 @@ impl LeaseBook {
     fn finish(&mut self, lease: &Lease, reason: &str, now_ms: u64, outcome: Option<RunOutcome>) -> Vec<Write> {
         let id = lease.record.id.clone();
         let mut writes = vec![Write::DeleteLease(id.clone())];
-        let tomb = EndedRecord { id: id.clone(), reason: reason.to_string(), at_ms: now_ms, owner: lease.record.owner.clone() };
+        let tomb = EndedRecord {
+            id: id.clone(),
+            reason: reason.to_string(),
+            at_ms: now_ms,
+            owner: lease.record.owner.clone(),
+        };
         writes.push(Write::PutEnded(tomb.clone()));
         self.ended.insert(id.clone(), tomb);
         self.ended_order.push_back(id.clone());

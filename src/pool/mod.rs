@@ -6,16 +6,18 @@
 //! events; [`plans`] are the sequences of daemon and SSH steps; [`scheduler`] orders daemon
 //! calls; [`ports`] are the traits the real adapters and test fakes implement.
 
-pub mod error;
-pub mod leases;
-pub mod ports;
-pub mod scheduler;
-pub mod vm;
 pub mod decide;
-pub mod plans;
-pub mod reconcile;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
+pub mod error;
 #[cfg(test)]
 pub mod fake;
+pub mod leases;
+#[cfg(test)]
+mod model_tests;
+pub mod plans;
+pub mod ports;
+pub mod reconcile;
+pub mod scheduler;
+pub mod vm;

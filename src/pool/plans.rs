@@ -62,7 +62,13 @@ impl Ctx {
     /// [`Ctx::park`], but the VM also stays running if callers are waiting for a VM of its pool
     /// when it is up (`waiting`): suspending it only to resume it for them would cost a
     /// suspend and a resume.
-    async fn park_for(&self, p: Priority, vm: &str, hot: bool, waiting: Option<&AtomicUsize>) -> Result<Option<SshInfo>, StepError> {
+    async fn park_for(
+        &self,
+        p: Priority,
+        vm: &str,
+        hot: bool,
+        waiting: Option<&AtomicUsize>,
+    ) -> Result<Option<SshInfo>, StepError> {
         self.start(p, vm).await?;
         let info = self.ready(p, vm).await?;
         if hot || waiting.is_some_and(|w| w.load(Ordering::Relaxed) > 0) {

@@ -38,7 +38,11 @@ impl StepError {
 
 impl From<multipass::Error> for StepError {
     fn from(e: multipass::Error) -> StepError {
-        StepError { unavailable: e.is_unavailable(), not_found: e.code() == tonic::Code::NotFound, message: e.to_string() }
+        StepError {
+            unavailable: e.is_unavailable(),
+            not_found: e.code() == tonic::Code::NotFound,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -118,7 +122,11 @@ impl MultipassPort {
     }
 
     /// Runs one daemon call, timing it.
-    async fn timed<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, StepError>>) -> Result<T, StepError> {
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StepError>>,
+    ) -> Result<T, StepError> {
         let t = std::time::Instant::now();
         let r = fut.await;
         self.metrics.observe("mpool_daemon_call_seconds", vec![("op", op.into())], t.elapsed());
@@ -141,7 +149,9 @@ impl DaemonPort for MultipassPort {
     }
 
     fn snapshots(&self) -> BoxFut<'_, Result<Vec<(String, String)>, StepError>> {
-        Box::pin(self.timed("snapshots", async move { Ok(self.quick.list_snapshots().await?.into_iter().map(|s| (s.instance, s.name)).collect()) }))
+        Box::pin(self.timed("snapshots", async move {
+            Ok(self.quick.list_snapshots().await?.into_iter().map(|s| (s.instance, s.name)).collect())
+        }))
     }
 
     fn launch(&self, opts: LaunchOptions) -> BoxFut<'_, Result<(), StepError>> {
@@ -193,6 +203,44 @@ impl DaemonPort for MultipassPort {
     }
 }
 
+/// The wall clock, as the engine reads it (leases carry wall-clock expiry times so they survive
+/// a restart). Tests drive it with virtual time.
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in unix milliseconds.
+    fn wall_ms(&self) -> u64;
+}
+
+/// The system's clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn wall_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// Where the engine gets the random parts of instance names and lease ids. Tests use a
+/// counter, so a failing script replays exactly.
+pub trait Ids: Send + Sync + 'static {
+    /// Six characters from `[a-z2-9]` without look-alikes.
+    fn suffix(&self) -> String;
+}
+
+/// Random suffixes.
+pub struct RandomIds;
+
+/// The alphabet of suffixes: lower-case letters and digits without `l`, `o`, `0` and `1`.
+pub const SUFFIX_ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+
+impl Ids for RandomIds {
+    fn suffix(&self) -> String {
+        (0..6).map(|_| SUFFIX_ALPHABET[rand::random_range(0..SUFFIX_ALPHABET.len())] as char).collect()
+    }
+}
+
 /// Shared handles to the ports.
 #[derive(Clone)]
 pub struct Ports {
@@ -200,6 +248,17 @@ pub struct Ports {
     pub daemon: Arc<dyn DaemonPort>,
     /// SSH.
     pub ssh: Arc<dyn SshPort>,
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// Random name parts.
+    pub ids: Arc<dyn Ids>,
+}
+
+impl Ports {
+    /// The daemon and SSH ports, with the system clock.
+    pub fn new(daemon: Arc<dyn DaemonPort>, ssh: Arc<dyn SshPort>) -> Ports {
+        Ports { daemon, ssh, clock: Arc::new(SystemClock), ids: Arc::new(RandomIds) }
+    }
 }
 
 /// The SSH endpoint of `ssh_info` as the SSH module wants it.
@@ -258,8 +317,12 @@ impl SshPort for SshAdapter {
             if out.success() {
                 return Ok(());
             }
-            let tail: String = out.stderr_text().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-            Err(StepError::failed(format!("setup of {vm} failed ({}): {tail}", out.check().err().map(|e| e.to_string()).unwrap_or_default())))
+            let tail: String =
+                out.stderr_text().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            Err(StepError::failed(format!(
+                "setup of {vm} failed ({}): {tail}",
+                out.check().err().map(|e| e.to_string()).unwrap_or_default()
+            )))
         })
     }
 

@@ -137,7 +137,15 @@ mod tests {
     }
 
     fn rec(name: &str, phase: PhaseRecord, lease: Option<&str>) -> VmRecord {
-        VmRecord { name: name.into(), pool: "ci".into(), generation: 1, phase, uses: 1, lease: lease.map(Into::into), created_ms: 0 }
+        VmRecord {
+            name: name.into(),
+            pool: "ci".into(),
+            generation: 1,
+            phase,
+            uses: 1,
+            lease: lease.map(Into::into),
+            created_ms: 0,
+        }
     }
 
     fn lease(id: &str, vm: &str, expires_ms: u64) -> LeaseRecord {
@@ -205,7 +213,15 @@ mod tests {
 
     #[test]
     fn strays_are_left_alone_when_configured() {
-        let r = reconcile("mpool-", &[pool()], &Snapshot::default(), &[obs("mpool-x", InstanceState::Stopped)], 0, false, &HashSet::new());
+        let r = reconcile(
+            "mpool-",
+            &[pool()],
+            &Snapshot::default(),
+            &[obs("mpool-x", InstanceState::Stopped)],
+            0,
+            false,
+            &HashSet::new(),
+        );
         assert!(r.strays.is_empty());
         assert_eq!(r.ignored, vec!["mpool-x"]);
     }
@@ -215,7 +231,15 @@ mod tests {
         let mut r0 = rec("mpool-old-a", PhaseRecord::Warm, None);
         r0.pool = "old".into();
         let store = Snapshot { vms: vec![r0], ..Default::default() };
-        let r = reconcile("mpool-", &[pool()], &store, &[obs("mpool-old-a", InstanceState::Suspended)], 0, true, &HashSet::new());
+        let r = reconcile(
+            "mpool-",
+            &[pool()],
+            &store,
+            &[obs("mpool-old-a", InstanceState::Suspended)],
+            0,
+            true,
+            &HashSet::new(),
+        );
         assert_eq!(state_of(&r, "mpool-old-a"), VmState::Deleting);
     }
 
@@ -237,7 +261,8 @@ mod tests {
             obs("mpool-ci-leased", InstanceState::Running),
             obs("mpool-ci-calm", InstanceState::Suspended),
         ];
-        let doubt: HashSet<String> = ["mpool-ci-hot", "mpool-ci-warm", "mpool-ci-leased"].into_iter().map(String::from).collect();
+        let doubt: HashSet<String> =
+            ["mpool-ci-hot", "mpool-ci-warm", "mpool-ci-leased"].into_iter().map(String::from).collect();
         let r = reconcile("mpool-", &[pool()], &store, &observed, 1_000, true, &doubt);
         assert_eq!(state_of(&r, "mpool-ci-hot"), VmState::Resetting);
         assert_eq!(state_of(&r, "mpool-ci-warm"), VmState::Resetting);

@@ -76,7 +76,9 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let released = {
-            let Ok(mut st) = self.state.lock() else { return };
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
             st.busy.remove(&self.instance);
             if self.op == Op::Blocking {
                 st.blocking_in_flight = false;
@@ -96,7 +98,9 @@ pub struct Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         let released = {
-            let Ok(mut st) = self.state.lock() else { return };
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
             st.holds = st.holds.saturating_sub(1);
             dispatch(&self.state, &mut st, self.priorities)
         };
@@ -165,7 +169,12 @@ impl Scheduler {
         match rx.await {
             Ok(p) => p,
             // The sender is only dropped after sending; unreachable, but never panic: run now.
-            Err(_) => Permit { state: self.state.clone(), instance: String::new(), op: Op::Quick, priorities: self.priorities },
+            Err(_) => Permit {
+                state: self.state.clone(),
+                instance: String::new(),
+                op: Op::Quick,
+                priorities: self.priorities,
+            },
         }
     }
 

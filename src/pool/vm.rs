@@ -152,9 +152,10 @@ pub fn transition(state: VmState, event: Event) -> Result<Next, InvalidTransitio
         (S::Parking, E::Parked { hot }) => parked(hot),
         (S::Leased, E::Release) => Next::State(S::Resetting),
         (S::Resetting, E::ResetDone { hot }) => parked(hot),
-        (S::Provisioning | S::Waking | S::Parking | S::Resetting | S::Hot | S::Warm | S::Golden | S::Leased, E::Fail) => {
-            Next::State(S::Broken)
-        }
+        (
+            S::Provisioning | S::Waking | S::Parking | S::Resetting | S::Hot | S::Warm | S::Golden | S::Leased,
+            E::Fail,
+        ) => Next::State(S::Broken),
         (S::Hot | S::Warm | S::Broken | S::Golden, E::Retire) => Next::State(S::Deleting),
         (S::Deleting, E::Deleted) => Next::Gone,
         (S::Deleting, E::Fail) => Next::State(S::Broken),

@@ -140,6 +140,10 @@ impl StateStore for MemStore {
     fn describe(&self) -> String {
         "memory".into()
     }
+
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +152,15 @@ mod tests {
     use crate::store::PhaseRecord;
 
     fn vm(name: &str) -> VmRecord {
-        VmRecord { name: name.into(), pool: "ci".into(), generation: 1, phase: PhaseRecord::Hot, uses: 0, lease: None, created_ms: 0 }
+        VmRecord {
+            name: name.into(),
+            pool: "ci".into(),
+            generation: 1,
+            phase: PhaseRecord::Hot,
+            uses: 0,
+            lease: None,
+            created_ms: 0,
+        }
     }
 
     #[test]

@@ -297,6 +297,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn write(&self, batch: &[Write], durable: bool) -> Result<(), StoreError>;
     /// Where it lives, for messages.
     fn describe(&self) -> String;
+    /// Whether calls block on I/O (then the engine runs them on a blocking thread; an in-memory
+    /// store runs inline, which keeps tests on virtual time deterministic).
+    fn blocks(&self) -> bool {
+        true
+    }
 }
 
 /// The store key of a request record: owner, pool and request id, NUL-separated (none of them

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::{
-    EndedRecord, LeaseRecord, PoolRecord, RequestKind, RequestRecord, Snapshot, StateStore, StoreError, VmRecord, Write,
-    decode, encode, request_key,
+    EndedRecord, LeaseRecord, PoolRecord, RequestKind, RequestRecord, Snapshot, StateStore, StoreError, VmRecord,
+    Write, decode, encode, request_key,
 };
 
 /// The schema version this build writes (and the newest it reads).
@@ -75,7 +75,9 @@ impl Store {
         }));
         let result = match result {
             Ok(r) => r,
-            Err(panic) => Err(StoreError::Corrupt { path: self.path.display().to_string(), detail: panic_text(&panic) }),
+            Err(panic) => {
+                Err(StoreError::Corrupt { path: self.path.display().to_string(), detail: panic_text(&panic) })
+            }
         };
         if result.is_err() {
             *guard = None;
@@ -306,7 +308,12 @@ mod tests {
                     Write::PutVm(vm("mpool-ci-a", PhaseRecord::Leased)),
                     Write::PutLease(lease.clone()),
                     Write::PutRequest(request.clone()),
-                    Write::PutEnded(EndedRecord { id: "l0".into(), reason: "released".into(), at_ms: 4, owner: String::new() }),
+                    Write::PutEnded(EndedRecord {
+                        id: "l0".into(),
+                        reason: "released".into(),
+                        at_ms: 4,
+                        owner: String::new(),
+                    }),
                 ],
                 true,
             )
