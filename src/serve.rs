@@ -16,7 +16,8 @@ use crate::multipass::{Client, ClientOptions, DaemonAddress};
 use crate::pool::engine::{Engine, Settings};
 use crate::pool::ports::{MultipassPort, Ports, SshAdapter};
 use crate::ssh::{ConnectionCache, SshOptions};
-use crate::store::Store;
+use crate::store::faulty::FaultyStore;
+use crate::store::{StateStore, Store};
 
 /// Knobs that are not in the config file.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct Options {
     pub priorities: bool,
     /// Give up waiting for multipassd at start after this long (None: wait forever).
     pub daemon_wait: Option<Duration>,
+    /// Fail this share of store writes on purpose (chaos runs only; 0 in production).
+    pub store_faults: f64,
 }
 
 /// A running pool daemon.
@@ -75,7 +78,11 @@ impl Running {
     pub async fn start(cfg: Config, opts: Options) -> Result<Running, String> {
         let client = connect(&client_options(&cfg, opts.data_dir.clone())?, opts.daemon_wait).await?;
         tracing::info!(daemon = %client.address(), version = %client.daemon_version(), "connected to multipassd");
-        let store = Arc::new(Store::open(&cfg.store.path).map_err(|e| e.to_string())?);
+        let mut store: Arc<dyn StateStore> = Arc::new(Store::open(&cfg.store.path).map_err(|e| e.to_string())?);
+        if opts.store_faults > 0.0 {
+            tracing::warn!(rate = opts.store_faults, "injecting state store write failures (chaos run)");
+            store = Arc::new(FaultyStore::new(store, opts.store_faults));
+        }
         let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
         let metrics = Metrics::default();
         let daemon = MultipassPort::new(client.clone(), cfg.daemon.call_timeout, cfg.daemon.blocking_call_timeout)

@@ -104,6 +104,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let opts = StackOptions {
         api_toml: format!("max_upload = \"{}\"", MAX_UPLOAD),
         tokens: vec![("ci-only".into(), "ci-only-token".into(), vec!["ci".into()])],
+        ..Default::default()
     };
     let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
     stack.wait_idle("ci", 1).await;

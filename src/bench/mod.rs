@@ -8,10 +8,11 @@
 //! never fail on a missed target.
 //!
 //! Scenarios (one file each): [`control`] (1), [`throughput`] (2), [`daemon_calls`] (3),
-//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7). Shared parts: [`stack`] (the
+//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8). Shared parts: [`stack`] (the
 //! simulator, the daemon and clients), [`sshd`] (a real OpenSSH server), and the statistics,
 //! table and JSON below.
 
+pub mod chaos;
 pub mod control;
 pub mod daemon_calls;
 pub mod e2e;
@@ -33,7 +34,7 @@ use serde::Serialize;
 /// `mpool bench` flags.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// control | throughput | daemon-calls | exec | e2e | storm | scale (or 1-7), or all.
+    /// control | throughput | daemon-calls | exec | e2e | storm | scale | chaos (or 1-8), or all.
     scenario: String,
     /// Fewer iterations and faster simulated timings (a CI smoke run; not the README figures).
     #[arg(long)]
@@ -72,6 +73,7 @@ pub const SCENARIOS: &[(&str, u8, &str, Run)] = &[
     ("e2e", 5, "end to end at realistic timings vs the shell recipe", |c| Box::pin(e2e::run(c))),
     ("storm", 6, "release storm: warm acquires while 20 resets are pending", |c| Box::pin(storm::run(c))),
     ("scale", 7, "memory and scale: mpool serve with 500 VMs, restart and reconcile", |c| Box::pin(scale::run(c))),
+    ("chaos", 8, "chaos: daemon faults, store write failures, kill -9; promises counted", |c| Box::pin(chaos::run(c))),
 ];
 
 // ---------------------------------------------------------------------------------- stats

@@ -179,7 +179,8 @@ shutdown_grace = "1s"
         let text = std::fs::read_to_string(&self.config_path).map_err(|e| e.to_string())?;
         let root = self.root().to_path_buf();
         let cfg = Config::parse(&text, &root).map_err(|e| e.to_string())?;
-        let opts = Options { data_dir: root.join("data"), priorities, daemon_wait: Some(Duration::from_secs(10)) };
+        let opts =
+            Options { data_dir: root.join("data"), priorities, daemon_wait: Some(Duration::from_secs(10)), store_faults: 0.0 };
         self.running = Some(Running::start(cfg, opts).await?);
         Ok(())
     }

@@ -146,7 +146,7 @@ max_size = 1
     let cfg = Config::parse(&config, &root).map_err(|e| e.to_string())?;
     let running = Running::start(
         cfg,
-        Options { data_dir: root.join("data"), priorities: true, daemon_wait: Some(Duration::from_secs(10)) },
+        Options { data_dir: root.join("data"), priorities: true, daemon_wait: Some(Duration::from_secs(10)), store_faults: 0.0 },
     )
     .await?;
     let mut c = connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;

@@ -23,6 +23,9 @@ pub struct ServeArgs {
     /// Turn the daemon scheduler's priorities off (for benchmarks only).
     #[arg(long, hide = true)]
     no_priorities: bool,
+    /// Fail this share (0-1) of state store writes on purpose (chaos runs only).
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    inject_store_faults: f64,
 }
 
 /// Runs the daemon.
@@ -38,7 +41,8 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
         println!("{}: OK ({} pools)", args.config.display(), cfg.pools.len());
         return ExitCode::SUCCESS;
     }
-    let opts = Options { data_dir, priorities: !args.no_priorities, daemon_wait: None };
+    let opts =
+        Options { data_dir, priorities: !args.no_priorities, daemon_wait: None, store_faults: args.inject_store_faults };
     let running = match Running::start(cfg.clone(), opts).await {
         Ok(r) => r,
         Err(e) => {

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod faulty;
 pub mod memory;
 mod redb;
 

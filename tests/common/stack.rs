@@ -28,6 +28,8 @@ pub struct StackOptions {
     pub api_toml: String,
     /// More tokens: (name, plaintext token, pools).
     pub tokens: Vec<(String, String, Vec<String>)>,
+    /// Where the state store lives (default: in the stack's directory).
+    pub store_path: Option<PathBuf>,
 }
 
 /// The running stack.
@@ -113,7 +115,7 @@ http_listen = "{http}"
 {api_extra}
 
 [store]
-path = "{root}/mpool.redb"
+path = "{store}"
 
 [engine]
 reconcile_interval = "100ms"
@@ -124,6 +126,7 @@ shutdown_grace = "2s"
 "#,
                 root = root.display(),
                 api_extra = opts.api_toml,
+                store = opts.store_path.clone().unwrap_or_else(|| root.join("mpool.redb")).display(),
             ),
         )
         .unwrap();
