@@ -185,7 +185,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let r = c.exec(exec_req(&id, Some(zero))).await;
     t.row("Exec with a zero timeout", r, Code::InvalidArgument, &["above zero", "omit it"]);
     let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["true"]), exec_id: "x".repeat(200) }).await;
-    t.row("Exec with a 200-byte exec id", r, Code::InvalidArgument, &["exec_id is longer than 128 bytes", "omit it"]);
+    t.row("Exec with a 200-byte exec id", r, Code::InvalidArgument, &["exec_id is 200 bytes", "limit is 128 bytes", "omit it"]);
     let r = c.run(v1::RunRequest { pool: "ci".into(), command: argv(&[]), ..Default::default() }).await;
     t.row("Run with an empty argv", r, Code::InvalidArgument, &["give argv"]);
 

@@ -12,13 +12,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Principal;
 use super::convert::{self, Utf8Chunks, engine_status, ssh_status};
-use crate::metrics::Metrics;
 use crate::config::ResetStrategy;
+use crate::metrics::Metrics;
 use crate::pool::engine::{AcquireRequest, Engine, LeaseInfo};
 use crate::pool::ports::ssh_target;
 use crate::proto::v1;
 use crate::proto::v1::pool_server::Pool;
-use crate::ssh::{ConnectionCache, ExecCanceller, ExecEvent, ExecRequest, ScriptShell, SshTarget, TransferOptions};
+use crate::ssh::{
+    ConnectionCache, ExecCanceller, ExecEvent, ExecRequest, ScriptShell, SshTarget, TransferOptions,
+};
 
 /// Size limits enforced at the edge.
 #[derive(Clone, Debug)]
@@ -33,7 +35,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_upload: crate::config::DEFAULT_MAX_UPLOAD, max_output_file: 64 << 20, max_argv: 1 << 20 }
+        Limits {
+            max_upload: crate::config::DEFAULT_MAX_UPLOAD,
+            max_output_file: 64 << 20,
+            max_argv: 1 << 20,
+        }
     }
 }
 
@@ -42,12 +48,16 @@ impl Default for Limits {
 pub struct PoolService {
     engine: Engine,
     ssh: Arc<ConnectionCache>,
-    execs: Arc<Mutex<HashMap<(String, String), ExecCanceller>>>,
+    execs: Execs,
     limits: Limits,
     metrics: Metrics,
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+/// Running execs by (lease id, exec id): the canceller once the command started (`None` while
+/// it is starting: the id is reserved).
+type Execs = Arc<Mutex<HashMap<(String, String), Option<ExecCanceller>>>>;
 
 fn principal<T>(req: &Request<T>) -> Option<Principal> {
     req.extensions().get::<Principal>().cloned()
@@ -59,12 +69,10 @@ fn owner(p: &Option<Principal>) -> Option<String> {
 
 fn check_pool(p: &Option<Principal>, pool: &str) -> Result<(), Status> {
     match p {
-        Some(p) if !p.may_use(pool) => {
-            Err(Status::permission_denied(format!(
-                "token {:?} may not use pool {pool:?}; use a token whose `pools` in the server's tokens file include it",
-                p.name
-            )))
-        }
+        Some(p) if !p.may_use(pool) => Err(Status::permission_denied(format!(
+            "token {:?} may not use pool {pool:?}; use a token whose `pools` in the server's tokens file include it",
+            p.name
+        ))),
         _ => Ok(()),
     }
 }
@@ -75,10 +83,48 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
             "pool" => "name a pool (ListPools or `mpool status` lists them)",
             "lease_id" => "pass the lease id that Acquire returned",
             "exec_id" => "pass the exec id from the Exec stream's `started` event",
-            "path" | "inputs[].path" => "give a path in the VM (absolute, or relative to the home directory)",
+            "path" | "inputs[].path" => {
+                "give a path in the VM (absolute, or relative to the home directory)"
+            }
             _ => "set it",
         };
-        return Err(Status::invalid_argument(format!("{field} is required: {hint}")));
+        return Err(Status::invalid_argument(format!(
+            "{field} is required: {hint}"
+        )));
+    }
+    let max = if field.ends_with("path") {
+        MAX_PATH
+    } else {
+        MAX_ID
+    };
+    capped(field, value, max)
+}
+
+/// Longest identifier a caller may send: pool, lease id, exec id, request id.
+pub const MAX_ID: usize = 256;
+/// Longest exec id (it names a running command in CancelExec).
+pub const MAX_EXEC_ID: usize = 128;
+/// Longest `holder` (free text shown in listings).
+pub const MAX_HOLDER: usize = 256;
+/// Longest path in the VM (Linux's PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+/// Most bytes of environment (names and values together) per command.
+pub const MAX_ENV: usize = 256 * 1024;
+/// Most input or output files per Run.
+pub const MAX_FILES: usize = 1000;
+
+/// Refuses a free-text field longer than `max` bytes, naming the field and the limit.
+fn capped(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        let also = if field == "exec_id" {
+            " (or omit it to get a generated one)"
+        } else {
+            ""
+        };
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {max} bytes: send a shorter {field}{also}",
+            value.len()
+        )));
     }
     Ok(())
 }
@@ -98,7 +144,7 @@ impl Drop for InUse {
 
 /// Removes a running exec from the cancel registry when dropped.
 struct Registered {
-    execs: Arc<Mutex<HashMap<(String, String), ExecCanceller>>>,
+    execs: Execs,
     key: (String, String),
 }
 
@@ -112,12 +158,22 @@ impl Drop for Registered {
 
 /// Turns the API's command into an SSH exec request, validating everything.
 fn command(cmd: Option<v1::Command>, limits: &Limits) -> Result<ExecRequest, Status> {
-    let cmd = cmd.ok_or_else(|| Status::invalid_argument("command is required: give argv (e.g. [\"uname\", \"-a\"]) or a script"))?;
+    let cmd = cmd.ok_or_else(|| {
+        Status::invalid_argument(
+            "command is required: give argv (e.g. [\"uname\", \"-a\"]) or a script",
+        )
+    })?;
     let mut req = match (cmd.argv.is_empty(), cmd.script.is_empty()) {
         (true, true) => {
-            return Err(Status::invalid_argument("empty command: give argv (e.g. [\"uname\", \"-a\"]) or a script"));
+            return Err(Status::invalid_argument(
+                "empty command: give argv (e.g. [\"uname\", \"-a\"]) or a script",
+            ));
         }
-        (false, false) => return Err(Status::invalid_argument("give either argv or script, not both")),
+        (false, false) => {
+            return Err(Status::invalid_argument(
+                "give either argv or script, not both",
+            ));
+        }
         (false, true) => {
             let size: usize = cmd.argv.iter().map(String::len).sum();
             if size > limits.max_argv {
@@ -139,15 +195,26 @@ fn command(cmd: Option<v1::Command>, limits: &Limits) -> Result<ExecRequest, Sta
         }
         (true, false) => {
             if !cmd.stdin.is_empty() {
-                return Err(Status::invalid_argument("a script is sent on stdin: it cannot have stdin of its own"));
+                return Err(Status::invalid_argument(
+                    "a script is sent on stdin: it cannot have stdin of its own",
+                ));
             }
-            let shell = match v1::ScriptShell::try_from(cmd.shell).unwrap_or(v1::ScriptShell::Unspecified) {
+            let shell = match v1::ScriptShell::try_from(cmd.shell)
+                .unwrap_or(v1::ScriptShell::Unspecified)
+            {
                 v1::ScriptShell::Sh => ScriptShell::Sh,
                 _ => ScriptShell::Bash,
             };
             ExecRequest::script(shell, cmd.script)
         }
     };
+    let env_size: usize = cmd.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if env_size > MAX_ENV {
+        return Err(Status::invalid_argument(format!(
+            "command.env is {env_size} bytes (names and values); the limit is {MAX_ENV} bytes: pass large values as files"
+        )));
+    }
+    capped("command.workdir", &cmd.workdir, MAX_PATH)?;
     let mut env: Vec<(String, String)> = cmd.env.into_iter().collect();
     env.sort();
     for (k, v) in env {
@@ -163,7 +230,9 @@ fn command(cmd: Option<v1::Command>, limits: &Limits) -> Result<ExecRequest, Sta
     }
     if let Some(t) = convert::duration("command.timeout", cmd.timeout.as_ref())? {
         if t.is_zero() {
-            return Err(Status::invalid_argument("command.timeout must be above zero (omit it for no limit)"));
+            return Err(Status::invalid_argument(
+                "command.timeout must be above zero (omit it for no limit)",
+            ));
         }
         req = req.timeout(t);
     }
@@ -172,7 +241,13 @@ fn command(cmd: Option<v1::Command>, limits: &Limits) -> Result<ExecRequest, Sta
 
 fn exit_status(ev: &ExecEvent) -> Option<v1::ExitStatus> {
     match ev {
-        ExecEvent::Exit { code, signal, duration, timed_out, cancelled } => Some(v1::ExitStatus {
+        ExecEvent::Exit {
+            code,
+            signal,
+            duration,
+            timed_out,
+            cancelled,
+        } => Some(v1::ExitStatus {
             code: code.map(|c| c as i32).unwrap_or(-1),
             signal: signal.clone().unwrap_or_default(),
             duration: Some(convert::proto_duration(*duration)),
@@ -193,8 +268,19 @@ fn staging() -> Result<tempfile::NamedTempFile, Status> {
 
 impl PoolService {
     /// The service.
-    pub fn new(engine: Engine, ssh: Arc<ConnectionCache>, limits: Limits, metrics: Metrics) -> PoolService {
-        PoolService { engine, ssh, execs: Arc::new(Mutex::new(HashMap::new())), limits, metrics }
+    pub fn new(
+        engine: Engine,
+        ssh: Arc<ConnectionCache>,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> PoolService {
+        PoolService {
+            engine,
+            ssh,
+            execs: Arc::new(Mutex::new(HashMap::new())),
+            limits,
+            metrics,
+        }
     }
 
     /// The SSH connection cache (shutdown closes it).
@@ -203,10 +289,21 @@ impl PoolService {
     }
 
     /// A lease in use (it will not expire until the returned guard drops) and its SSH target.
-    async fn use_lease(&self, lease_id: &str, p: &Option<Principal>) -> Result<(LeaseInfo, SshTarget, InUse), Status> {
+    async fn use_lease(
+        &self,
+        lease_id: &str,
+        p: &Option<Principal>,
+    ) -> Result<(LeaseInfo, SshTarget, InUse), Status> {
         required("lease_id", lease_id)?;
-        let info = self.engine.begin_use(lease_id, owner(p)).await.map_err(engine_status)?;
-        let guard = InUse { engine: self.engine.clone(), lease: lease_id.to_string() };
+        let info = self
+            .engine
+            .begin_use(lease_id, owner(p))
+            .await
+            .map_err(engine_status)?;
+        let guard = InUse {
+            engine: self.engine.clone(),
+            lease: lease_id.to_string(),
+        };
         let Some(ssh) = info.ssh.as_ref() else {
             return Err(Status::unavailable(format!(
                 "the SSH endpoint of {} is not known yet (mpool restarted moments ago); retry shortly",
@@ -227,12 +324,34 @@ impl PoolService {
         exec_id: String,
         guard: InUse,
     ) -> Result<mpsc::Receiver<ExecEvent>, Status> {
-        let mut handle = self.ssh.exec(&info.record.vm, target, req).await.map_err(ssh_status)?;
+        // Reserve the exec id before the command starts: a second exec with the same id on the
+        // same lease is refused, never allowed to overwrite the first one's canceller.
         let key = (info.record.id.clone(), exec_id);
-        if let Ok(mut m) = self.execs.lock() {
-            m.insert(key.clone(), handle.canceller());
+        {
+            let mut m = self
+                .execs
+                .lock()
+                .map_err(|_| Status::internal("the exec registry is poisoned"))?;
+            if m.contains_key(&key) {
+                return Err(Status::already_exists(format!(
+                    "exec id {:?} is already running on lease {}: choose another exec_id (or omit it to get a generated one)",
+                    key.1, key.0
+                )));
+            }
+            m.insert(key.clone(), None);
         }
-        let reg = Registered { execs: self.execs.clone(), key };
+        let reg = Registered {
+            execs: self.execs.clone(),
+            key: key.clone(),
+        };
+        let mut handle = self
+            .ssh
+            .exec(&info.record.vm, target, req)
+            .await
+            .map_err(ssh_status)?;
+        if let Ok(mut m) = self.execs.lock() {
+            m.insert(key, Some(handle.canceller()));
+        }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _guards = (guard, reg);
@@ -257,13 +376,32 @@ impl PoolService {
         Ok(rx)
     }
 
-    async fn upload_file(&self, vm: &str, target: &SshTarget, path: &str, base: &str, mode: u32, data: &[u8]) -> Result<u64, Status> {
+    async fn upload_file(
+        &self,
+        vm: &str,
+        target: &SshTarget,
+        path: &str,
+        base: &str,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<u64, Status> {
         let file = staging()?;
-        tokio::fs::write(file.path(), data).await.map_err(|e| Status::internal(format!("staging: {e}")))?;
-        self.put_staged(vm, target, file.path(), path, base, mode).await
+        tokio::fs::write(file.path(), data)
+            .await
+            .map_err(|e| Status::internal(format!("staging: {e}")))?;
+        self.put_staged(vm, target, file.path(), path, base, mode)
+            .await
     }
 
-    async fn put_staged(&self, vm: &str, target: &SshTarget, local: &std::path::Path, path: &str, base: &str, mode: u32) -> Result<u64, Status> {
+    async fn put_staged(
+        &self,
+        vm: &str,
+        target: &SshTarget,
+        local: &std::path::Path,
+        path: &str,
+        base: &str,
+        mode: u32,
+    ) -> Result<u64, Status> {
         use std::os::unix::fs::PermissionsExt;
         let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
         tokio::fs::set_permissions(local, std::fs::Permissions::from_mode(mode))
@@ -274,11 +412,21 @@ impl PoolService {
             create_parents: true,
             preserve_mode: true,
         };
-        let report = self.ssh.upload(vm, target, local, path, &opts).await.map_err(ssh_status)?;
+        let report = self
+            .ssh
+            .upload(vm, target, local, path, &opts)
+            .await
+            .map_err(ssh_status)?;
         Ok(report.bytes)
     }
 
-    async fn fetch(&self, vm: &str, target: &SshTarget, path: &str, base: &str) -> Result<tempfile::NamedTempFile, Status> {
+    async fn fetch(
+        &self,
+        vm: &str,
+        target: &SshTarget,
+        path: &str,
+        base: &str,
+    ) -> Result<tempfile::NamedTempFile, Status> {
         let file = staging()?;
         let opts = TransferOptions {
             base: (!base.is_empty()).then(|| base.to_string()),
@@ -287,7 +435,10 @@ impl PoolService {
         };
         // Download writes the destination itself: give it a fresh name in our staging dir.
         let _ = std::fs::remove_file(file.path());
-        self.ssh.download(vm, target, path, file.path(), &opts).await.map_err(ssh_status)?;
+        self.ssh
+            .download(vm, target, path, file.path(), &opts)
+            .await
+            .map_err(ssh_status)?;
         Ok(file)
     }
 
@@ -313,7 +464,11 @@ impl PoolService {
         v1::PoolInfo {
             name: p.name.clone(),
             config,
-            vms: p.counts.iter().map(|(k, v)| (k.clone(), *v as u32)).collect(),
+            vms: p
+                .counts
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as u32))
+                .collect(),
             waiters: p.waiters as u32,
             leases: p.leases as u32,
             generation: p.generation,
@@ -324,10 +479,15 @@ impl PoolService {
 
 #[tonic::async_trait]
 impl Pool for PoolService {
-    async fn acquire(&self, request: Request<v1::AcquireRequest>) -> Result<Response<v1::Lease>, Status> {
+    async fn acquire(
+        &self,
+        request: Request<v1::AcquireRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("pool", &r.pool)?;
+        capped("holder", &r.holder, MAX_HOLDER)?;
+        capped("request_id", &r.request_id, MAX_ID)?;
         check_pool(&p, &r.pool)?;
         let req = AcquireRequest {
             pool: r.pool.clone(),
@@ -339,40 +499,64 @@ impl Pool for PoolService {
         };
         let started = Instant::now();
         let result = self.engine.acquire(req).await;
-        self.metrics.acquired(&r.pool, result.as_ref().ok().map(|i| i.served), started.elapsed());
+        self.metrics.acquired(
+            &r.pool,
+            result.as_ref().ok().map(|i| i.served),
+            started.elapsed(),
+        );
         let info = result.map_err(engine_status)?;
         Ok(Response::new(convert::lease(&info)))
     }
 
-    async fn renew(&self, request: Request<v1::RenewRequest>) -> Result<Response<v1::Lease>, Status> {
+    async fn renew(
+        &self,
+        request: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::Lease>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("lease_id", &r.lease_id)?;
         let ttl = convert::duration("ttl", r.ttl.as_ref())?;
-        let info = self.engine.renew(&r.lease_id, ttl, owner(&p)).await.map_err(engine_status)?;
+        let info = self
+            .engine
+            .renew(&r.lease_id, ttl, owner(&p))
+            .await
+            .map_err(engine_status)?;
         Ok(Response::new(convert::lease(&info)))
     }
 
-    async fn release(&self, request: Request<v1::ReleaseRequest>) -> Result<Response<v1::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("lease_id", &r.lease_id)?;
-        self.engine.release(&r.lease_id, owner(&p)).await.map_err(engine_status)?;
+        self.engine
+            .release(&r.lease_id, owner(&p))
+            .await
+            .map_err(engine_status)?;
         Ok(Response::new(v1::ReleaseResponse {}))
     }
 
     type ExecStream = Stream<v1::ExecEvent>;
 
-    async fn exec(&self, request: Request<v1::ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(
+        &self,
+        request: Request<v1::ExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         let req = command(r.command, &self.limits)?;
-        let exec_id = if r.exec_id.is_empty() { format!("exec-{:016x}", rand::random::<u64>()) } else { r.exec_id };
-        if exec_id.len() > 128 {
-            return Err(Status::invalid_argument("exec_id is longer than 128 bytes; use a shorter id, or omit it to get a generated one"));
-        }
+        let exec_id = if r.exec_id.is_empty() {
+            format!("exec-{:016x}", rand::random::<u64>())
+        } else {
+            r.exec_id
+        };
+        capped("exec_id", &exec_id, MAX_EXEC_ID)?;
         let (info, target, guard) = self.use_lease(&r.lease_id, &p).await?;
-        let mut events = self.start_exec(&info, &target, req, exec_id.clone(), guard).await?;
+        let mut events = self
+            .start_exec(&info, &target, req, exec_id.clone(), guard)
+            .await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             use v1::exec_event::Event;
@@ -394,7 +578,11 @@ impl Pool for PoolService {
                     ExecEvent::Exit { .. } => {
                         for (text, stdout) in [(out.finish(), true), (err.finish(), false)] {
                             if !text.is_empty() {
-                                let e = if stdout { Event::Stdout(text) } else { Event::Stderr(text) };
+                                let e = if stdout {
+                                    Event::Stdout(text)
+                                } else {
+                                    Event::Stderr(text)
+                                };
                                 let _ = tx.send(Ok(send(e))).await;
                             }
                         }
@@ -412,33 +600,51 @@ impl Pool for PoolService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn cancel_exec(&self, request: Request<v1::CancelExecRequest>) -> Result<Response<v1::CancelExecResponse>, Status> {
+    async fn cancel_exec(
+        &self,
+        request: Request<v1::CancelExecRequest>,
+    ) -> Result<Response<v1::CancelExecResponse>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("lease_id", &r.lease_id)?;
         required("exec_id", &r.exec_id)?;
         // Checks the lease exists and belongs to the caller.
-        let info = self.engine.begin_use(&r.lease_id, owner(&p)).await.map_err(engine_status)?;
+        let info = self
+            .engine
+            .begin_use(&r.lease_id, owner(&p))
+            .await
+            .map_err(engine_status)?;
         self.engine.end_use(&info.record.id).await;
-        let canceller = self.execs.lock().ok().and_then(|m| m.get(&(r.lease_id.clone(), r.exec_id.clone())).cloned());
+        let canceller = self.execs.lock().ok().and_then(|m| {
+            m.get(&(r.lease_id.clone(), r.exec_id.clone()))
+                .cloned()
+                .flatten()
+        });
         let cancelled = canceller.map(|c| c.cancel()).is_some();
         Ok(Response::new(v1::CancelExecResponse { cancelled }))
     }
 
-    async fn upload(&self, request: Request<Streaming<v1::UploadRequest>>) -> Result<Response<v1::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        request: Request<Streaming<v1::UploadRequest>>,
+    ) -> Result<Response<v1::UploadResponse>, Status> {
         let p = principal(&request);
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty upload: the first message needs lease_id and path"))?;
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty upload: the first message needs lease_id and path")
+        })?;
         required("lease_id", &first.lease_id)?;
         required("path", &first.path)?;
-        let remote = crate::ssh::resolve_remote_path(&first.path, (!first.base.is_empty()).then_some(first.base.as_str()))
-            .map_err(ssh_status)?;
+        let remote = crate::ssh::resolve_remote_path(
+            &first.path,
+            (!first.base.is_empty()).then_some(first.base.as_str()),
+        )
+        .map_err(ssh_status)?;
         let (info, target, _guard) = self.use_lease(&first.lease_id, &p).await?;
         let file = staging()?;
-        let mut out = tokio::fs::File::create(file.path()).await.map_err(|e| Status::internal(format!("staging: {e}")))?;
+        let mut out = tokio::fs::File::create(file.path())
+            .await
+            .map_err(|e| Status::internal(format!("staging: {e}")))?;
         let mut size: u64 = 0;
         let mut msg = Some(first.clone());
         use tokio::io::AsyncWriteExt;
@@ -452,30 +658,56 @@ impl Pool for PoolService {
                         first.path, self.limits.max_upload
                     )));
                 }
-                out.write_all(part).await.map_err(|e| Status::internal(format!("staging: {e}")))?;
+                out.write_all(part)
+                    .await
+                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
             }
             msg = stream.message().await?;
         }
-        out.flush().await.map_err(|e| Status::internal(format!("staging: {e}")))?;
+        out.flush()
+            .await
+            .map_err(|e| Status::internal(format!("staging: {e}")))?;
         drop(out);
-        let written = self.put_staged(&info.record.vm, &target, file.path(), &first.path, &first.base, first.mode).await?;
-        Ok(Response::new(v1::UploadResponse { path: remote, size: written }))
+        let written = self
+            .put_staged(
+                &info.record.vm,
+                &target,
+                file.path(),
+                &first.path,
+                &first.base,
+                first.mode,
+            )
+            .await?;
+        Ok(Response::new(v1::UploadResponse {
+            path: remote,
+            size: written,
+        }))
     }
 
     type DownloadStream = Stream<v1::DownloadChunk>;
 
-    async fn download(&self, request: Request<v1::DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+    async fn download(
+        &self,
+        request: Request<v1::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
         use std::os::unix::fs::PermissionsExt;
         let p = principal(&request);
         let r = request.into_inner();
         required("path", &r.path)?;
-        crate::ssh::resolve_remote_path(&r.path, (!r.base.is_empty()).then_some(r.base.as_str())).map_err(ssh_status)?;
+        crate::ssh::resolve_remote_path(&r.path, (!r.base.is_empty()).then_some(r.base.as_str()))
+            .map_err(ssh_status)?;
         let (info, target, guard) = self.use_lease(&r.lease_id, &p).await?;
-        let file = self.fetch(&info.record.vm, &target, &r.path, &r.base).await?;
+        let file = self
+            .fetch(&info.record.vm, &target, &r.path, &r.base)
+            .await?;
         drop(guard);
-        let meta = std::fs::metadata(file.path()).map_err(|e| Status::internal(format!("staging: {e}")))?;
+        let meta = std::fs::metadata(file.path())
+            .map_err(|e| Status::internal(format!("staging: {e}")))?;
         if meta.is_dir() {
-            return Err(Status::invalid_argument(format!("{} is a directory; download files one by one", r.path)));
+            return Err(Status::invalid_argument(format!(
+                "{} is a directory; download files one by one",
+                r.path
+            )));
         }
         let (size, mode) = (meta.len(), meta.permissions().mode() & 0o7777);
         let (tx, rx) = mpsc::channel(4);
@@ -484,7 +716,9 @@ impl Pool for PoolService {
             let mut f = match tokio::fs::File::open(file.path()).await {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = tx.send(Err(Status::internal(format!("staging: {e}")))).await;
+                    let _ = tx
+                        .send(Err(Status::internal(format!("staging: {e}"))))
+                        .await;
                     return;
                 }
             };
@@ -494,7 +728,9 @@ impl Pool for PoolService {
                 let n = match f.read(&mut buf).await {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("staging: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!("staging: {e}"))))
+                            .await;
                         return;
                     }
                 };
@@ -519,13 +755,22 @@ impl Pool for PoolService {
 
     type RunStream = Stream<v1::RunEvent>;
 
-    async fn run(&self, request: Request<v1::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+    async fn run(
+        &self,
+        request: Request<v1::RunRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("pool", &r.pool)?;
+        capped("holder", &r.holder, MAX_HOLDER)?;
+        capped("request_id", &r.request_id, MAX_ID)?;
         check_pool(&p, &r.pool)?;
         let exec_req = command(r.command, &self.limits)?;
-        let input_size: u64 = r.inputs.iter().map(|i| (i.data.len() + i.text.len()) as u64).sum();
+        let input_size: u64 = r
+            .inputs
+            .iter()
+            .map(|i| (i.data.len() + i.text.len()) as u64)
+            .sum();
         if input_size > self.limits.max_upload {
             return Err(Status::resource_exhausted(format!(
                 "inputs are {input_size} bytes together, above the server's {} byte limit; send fewer or smaller files, \
@@ -542,7 +787,11 @@ impl Pool for PoolService {
         }
         let acquire = AcquireRequest {
             pool: r.pool.clone(),
-            holder: if r.holder.is_empty() { "run".into() } else { r.holder },
+            holder: if r.holder.is_empty() {
+                "run".into()
+            } else {
+                r.holder
+            },
             request_id: (!r.request_id.is_empty()).then_some(r.request_id),
             ttl: convert::duration("ttl", r.ttl.as_ref())?,
             wait: convert::duration("wait", r.wait.as_ref())?,
@@ -550,7 +799,11 @@ impl Pool for PoolService {
         };
         let started = Instant::now();
         let acquired = self.engine.acquire(acquire).await;
-        self.metrics.acquired(&r.pool, acquired.as_ref().ok().map(|i| i.served), started.elapsed());
+        self.metrics.acquired(
+            &r.pool,
+            acquired.as_ref().ok().map(|i| i.served),
+            started.elapsed(),
+        );
         let lease = acquired.map_err(engine_status)?;
         let acquire_time = started.elapsed();
         let (tx, rx) = mpsc::channel(16);
@@ -569,11 +822,14 @@ impl Pool for PoolService {
                 for i in &inputs {
                     let mut data = i.data.clone();
                     data.extend_from_slice(i.text.as_bytes());
-                    svc.upload_file(&vm, &target, &i.path, "", i.mode, &data).await?;
+                    svc.upload_file(&vm, &target, &i.path, "", i.mode, &data)
+                        .await?;
                 }
                 let upload = t.elapsed();
                 let t = Instant::now();
-                let mut events = svc.start_exec(&info, &target, exec_req, format!("run-{lease_id}"), guard).await?;
+                let mut events = svc
+                    .start_exec(&info, &target, exec_req, format!("run-{lease_id}"), guard)
+                    .await?;
                 let (mut out, mut err) = (Utf8Chunks::default(), Utf8Chunks::default());
                 let mut exit = None;
                 loop {
@@ -596,7 +852,13 @@ impl Pool for PoolService {
                 }
                 for (text, stdout) in [(out.finish(), true), (err.finish(), false)] {
                     if !text.is_empty() {
-                        let _ = tx.send(send(if stdout { Event::Stdout(text) } else { Event::Stderr(text) })).await;
+                        let _ = tx
+                            .send(send(if stdout {
+                                Event::Stdout(text)
+                            } else {
+                                Event::Stderr(text)
+                            }))
+                            .await;
                     }
                 }
                 let exec = t.elapsed();
@@ -634,7 +896,10 @@ impl Pool for PoolService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn list_pools(&self, request: Request<v1::ListPoolsRequest>) -> Result<Response<v1::ListPoolsResponse>, Status> {
+    async fn list_pools(
+        &self,
+        request: Request<v1::ListPoolsRequest>,
+    ) -> Result<Response<v1::ListPoolsResponse>, Status> {
         let p = principal(&request);
         let status = self.engine.status().await.map_err(engine_status)?;
         let pools = status
@@ -646,7 +911,10 @@ impl Pool for PoolService {
         Ok(Response::new(v1::ListPoolsResponse { pools }))
     }
 
-    async fn get_pool(&self, request: Request<v1::GetPoolRequest>) -> Result<Response<v1::PoolInfo>, Status> {
+    async fn get_pool(
+        &self,
+        request: Request<v1::GetPoolRequest>,
+    ) -> Result<Response<v1::PoolInfo>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
         required("pool", &r.pool)?;
@@ -656,14 +924,30 @@ impl Pool for PoolService {
             .pools
             .iter()
             .find(|x| x.name == r.pool)
-            .ok_or_else(|| engine_status(crate::pool::engine::EngineError::UnknownPool(r.pool.clone())))?;
+            .ok_or_else(|| {
+                engine_status(crate::pool::engine::EngineError::UnknownPool(
+                    r.pool.clone(),
+                ))
+            })?;
         Ok(Response::new(self.pool_info(pool, status.daemon_ok)))
     }
 
-    async fn list_vms(&self, request: Request<v1::ListVmsRequest>) -> Result<Response<v1::ListVmsResponse>, Status> {
+    async fn list_vms(
+        &self,
+        request: Request<v1::ListVmsRequest>,
+    ) -> Result<Response<v1::ListVmsResponse>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
+        capped("pool", &r.pool, MAX_ID)?;
         let status = self.engine.status().await.map_err(engine_status)?;
+        // A scoped token sees the lease ids of its own leases only.
+        let mine = owner(&p);
+        let visible: std::collections::HashSet<&str> = status
+            .leases
+            .iter()
+            .filter(|l| mine.as_ref().is_none_or(|o| &l.owner == o))
+            .map(|l| l.id.as_str())
+            .collect();
         let vms = status
             .vms
             .into_iter()
@@ -675,15 +959,22 @@ impl Pool for PoolService {
                 state: v.state,
                 generation: v.generation,
                 uses: v.uses,
-                lease_id: v.lease.unwrap_or_default(),
+                lease_id: v
+                    .lease
+                    .filter(|id| visible.contains(id.as_str()))
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(v1::ListVmsResponse { vms }))
     }
 
-    async fn list_leases(&self, request: Request<v1::ListLeasesRequest>) -> Result<Response<v1::ListLeasesResponse>, Status> {
+    async fn list_leases(
+        &self,
+        request: Request<v1::ListLeasesRequest>,
+    ) -> Result<Response<v1::ListLeasesResponse>, Status> {
         let p = principal(&request);
         let r = request.into_inner();
+        capped("pool", &r.pool, MAX_ID)?;
         let status = self.engine.status().await.map_err(engine_status)?;
         let mine = owner(&p);
         let leases = status
@@ -698,11 +989,17 @@ impl Pool for PoolService {
 }
 
 impl PoolService {
-    async fn output_file(&self, vm: &str, target: &SshTarget, path: &str) -> Result<v1::OutputFile, Status> {
+    async fn output_file(
+        &self,
+        vm: &str,
+        target: &SshTarget,
+        path: &str,
+    ) -> Result<v1::OutputFile, Status> {
         use std::os::unix::fs::PermissionsExt;
         match self.fetch(vm, target, path, "").await {
             Ok(file) => {
-                let meta = std::fs::metadata(file.path()).map_err(|e| Status::internal(format!("staging: {e}")))?;
+                let meta = std::fs::metadata(file.path())
+                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
                 if meta.len() > self.limits.max_output_file {
                     return Err(Status::resource_exhausted(format!(
                         "output {path} is {} bytes, above the {} byte limit of Run; use Acquire + Download",
@@ -710,14 +1007,23 @@ impl PoolService {
                         self.limits.max_output_file
                     )));
                 }
-                let data = tokio::fs::read(file.path()).await.map_err(|e| Status::internal(format!("staging: {e}")))?;
-                Ok(v1::OutputFile { path: path.to_string(), data, mode: meta.permissions().mode() & 0o7777, missing: false })
+                let data = tokio::fs::read(file.path())
+                    .await
+                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
+                Ok(v1::OutputFile {
+                    path: path.to_string(),
+                    data,
+                    mode: meta.permissions().mode() & 0o7777,
+                    missing: false,
+                })
             }
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                Ok(v1::OutputFile { path: path.to_string(), data: vec![], mode: 0, missing: true })
-            }
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(v1::OutputFile {
+                path: path.to_string(),
+                data: vec![],
+                mode: 0,
+                missing: true,
+            }),
             Err(s) => Err(s),
         }
     }
 }
-
