@@ -192,6 +192,14 @@ shutdown_grace = "2s"
         }
     }
 
+    /// SIGTERM to the serve process (a clean shutdown); waits for it to exit and returns its status.
+    pub fn term_serve(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.serve.take()?;
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().ok()
+    }
+
     /// The serve log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
