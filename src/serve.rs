@@ -120,10 +120,7 @@ impl Running {
         let service = PoolService::new(
             engine.clone(),
             ssh,
-            Limits {
-                max_upload: cfg.api.max_upload,
-                ..Limits::default()
-            },
+            Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
             metrics.clone(),
         );
         let (shutdown, rx) = watch::channel(false);

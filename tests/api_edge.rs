@@ -19,7 +19,7 @@ const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size 
 
 /// The status a Run with this one request message fails with.
 async fn run_error(c: &mut mpool::cli::client::Client, req: v1::RunRequest) -> tonic::Status {
-    match c.run(req).await {
+    match c.run(futures::stream::iter([req])).await {
         Ok(mut s) => loop {
             match s.get_mut().message().await {
                 Ok(Some(ev)) => assert!(

@@ -27,8 +27,8 @@ use crate::ssh::{
 pub struct Limits {
     /// Largest Upload (and all Run inputs together), bytes: `[api] max_upload`.
     pub max_upload: u64,
-    /// Largest Run output file returned inline, bytes.
-    pub max_output_file: u64,
+    /// Largest Download (and Run output), bytes: `[api] max_download`.
+    pub max_download: u64,
     /// Largest argv (all elements together), bytes.
     pub max_argv: usize,
 }
@@ -37,7 +37,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_upload: crate::config::DEFAULT_MAX_UPLOAD,
-            max_output_file: 64 << 20,
+            max_download: crate::config::DEFAULT_MAX_UPLOAD,
             max_argv: 1 << 20,
         }
     }
@@ -258,14 +258,6 @@ fn exit_status(ev: &ExecEvent) -> Option<v1::ExitStatus> {
     }
 }
 
-/// A private temporary file for staging transfers.
-fn staging() -> Result<tempfile::NamedTempFile, Status> {
-    tempfile::Builder::new()
-        .prefix("mpool-transfer-")
-        .tempfile()
-        .map_err(|e| Status::internal(format!("cannot create a staging file: {e}")))
-}
-
 impl PoolService {
     /// The service.
     pub fn new(
@@ -374,72 +366,6 @@ impl PoolService {
             while handle.next_event().await.is_some() {}
         });
         Ok(rx)
-    }
-
-    async fn upload_file(
-        &self,
-        vm: &str,
-        target: &SshTarget,
-        path: &str,
-        base: &str,
-        mode: u32,
-        data: &[u8],
-    ) -> Result<u64, Status> {
-        let file = staging()?;
-        tokio::fs::write(file.path(), data)
-            .await
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
-        self.put_staged(vm, target, file.path(), path, base, mode)
-            .await
-    }
-
-    async fn put_staged(
-        &self,
-        vm: &str,
-        target: &SshTarget,
-        local: &std::path::Path,
-        path: &str,
-        base: &str,
-        mode: u32,
-    ) -> Result<u64, Status> {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
-        tokio::fs::set_permissions(local, std::fs::Permissions::from_mode(mode))
-            .await
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
-        let opts = TransferOptions {
-            base: (!base.is_empty()).then(|| base.to_string()),
-            create_parents: true,
-            preserve_mode: true,
-        };
-        let report = self
-            .ssh
-            .upload(vm, target, local, path, &opts)
-            .await
-            .map_err(ssh_status)?;
-        Ok(report.bytes)
-    }
-
-    async fn fetch(
-        &self,
-        vm: &str,
-        target: &SshTarget,
-        path: &str,
-        base: &str,
-    ) -> Result<tempfile::NamedTempFile, Status> {
-        let file = staging()?;
-        let opts = TransferOptions {
-            base: (!base.is_empty()).then(|| base.to_string()),
-            create_parents: false,
-            preserve_mode: true,
-        };
-        // Download writes the destination itself: give it a fresh name in our staging dir.
-        let _ = std::fs::remove_file(file.path());
-        self.ssh
-            .download(vm, target, path, file.path(), &opts)
-            .await
-            .map_err(ssh_status)?;
-        Ok(file)
     }
 
     fn pool_info(&self, p: &crate::pool::engine::PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
@@ -635,53 +561,49 @@ impl Pool for PoolService {
         })?;
         required("lease_id", &first.lease_id)?;
         required("path", &first.path)?;
+        capped("base", &first.base, MAX_PATH)?;
         let remote = crate::ssh::resolve_remote_path(
             &first.path,
             (!first.base.is_empty()).then_some(first.base.as_str()),
         )
         .map_err(ssh_status)?;
         let (info, target, _guard) = self.use_lease(&first.lease_id, &p).await?;
-        let file = staging()?;
-        let mut out = tokio::fs::File::create(file.path())
-            .await
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
-        let mut size: u64 = 0;
-        let mut msg = Some(first.clone());
-        use tokio::io::AsyncWriteExt;
-        while let Some(m) = msg {
-            for part in [m.data.as_slice(), m.text.as_bytes()] {
-                size += part.len() as u64;
-                if size > self.limits.max_upload {
-                    return Err(Status::resource_exhausted(format!(
-                        "upload to {} is larger than the server's {} byte limit; send a smaller file (compress or split it), \
-                         or ask the operator to raise [api] max_upload",
-                        first.path, self.limits.max_upload
-                    )));
-                }
-                out.write_all(part)
-                    .await
-                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
-            }
-            msg = stream.message().await?;
-        }
-        out.flush()
-            .await
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
-        drop(out);
-        let written = self
-            .put_staged(
+        let opts = transfer_options(&first.base, true);
+        let mut w = self
+            .ssh
+            .open_write(
                 &info.record.vm,
                 &target,
-                file.path(),
                 &first.path,
-                &first.base,
-                first.mode,
+                file_mode(first.mode),
+                &opts,
             )
-            .await?;
-        Ok(Response::new(v1::UploadResponse {
-            path: remote,
-            size: written,
-        }))
+            .await
+            .map_err(ssh_status)?;
+        let (limit, what) = (self.limits.max_upload, first.path.clone());
+        let copied = async {
+            let mut msg = Some(first);
+            while let Some(m) = msg {
+                for part in [m.data.as_slice(), m.text.as_bytes()] {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    if w.written().saturating_add(part.len() as u64) > limit {
+                        return Err(upload_too_large(&what, limit));
+                    }
+                    w.write(part).await.map_err(ssh_status)?;
+                }
+                msg = stream.message().await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = copied {
+            w.abort().await;
+            return Err(e);
+        }
+        let size = w.finish().await.map_err(ssh_status)?;
+        Ok(Response::new(v1::UploadResponse { path: remote, size }))
     }
 
     type DownloadStream = Stream<v1::DownloadChunk>;
@@ -690,50 +612,51 @@ impl Pool for PoolService {
         &self,
         request: Request<v1::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        use std::os::unix::fs::PermissionsExt;
         let p = principal(&request);
         let r = request.into_inner();
         required("path", &r.path)?;
+        capped("base", &r.base, MAX_PATH)?;
         crate::ssh::resolve_remote_path(&r.path, (!r.base.is_empty()).then_some(r.base.as_str()))
             .map_err(ssh_status)?;
         let (info, target, guard) = self.use_lease(&r.lease_id, &p).await?;
-        let file = self
-            .fetch(&info.record.vm, &target, &r.path, &r.base)
-            .await?;
-        drop(guard);
-        let meta = std::fs::metadata(file.path())
-            .map_err(|e| Status::internal(format!("staging: {e}")))?;
-        if meta.is_dir() {
-            return Err(Status::invalid_argument(format!(
-                "{} is a directory; download files one by one",
-                r.path
+        let opts = transfer_options(&r.base, false);
+        let mut reader = self
+            .ssh
+            .open_read(&info.record.vm, &target, &r.path, &opts)
+            .await
+            .map_err(ssh_status)?;
+        let limit = self.limits.max_download;
+        if reader.size() > limit {
+            return Err(Status::resource_exhausted(format!(
+                "{} is {} bytes, above the server's {limit} byte limit for downloads: compress or split it in the VM \
+                 first, or ask the operator to raise [api] max_download",
+                r.path,
+                reader.size()
             )));
         }
-        let (size, mode) = (meta.len(), meta.permissions().mode() & 0o7777);
+        let (size, mode) = (reader.size(), reader.mode());
+        // A small channel: the SFTP reads run at the pace the caller takes the chunks.
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut f = match tokio::fs::File::open(file.path()).await {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("staging: {e}"))))
-                        .await;
-                    return;
-                }
-            };
+            let _guard = guard;
+            let mut buf = vec![0u8; CHUNK];
             let mut offset = 0u64;
-            let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = match f.read(&mut buf).await {
+                let n = tokio::select! {
+                    n = reader.read(&mut buf) => n,
+                    _ = tx.closed() => return,
+                };
+                let n = match n {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("staging: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(ssh_status(e))).await;
                         return;
                     }
                 };
+                if offset.saturating_add(n as u64) > limit {
+                    let _ = tx.send(Err(grew_past(reader.path(), limit))).await;
+                    return;
+                }
                 if n == 0 && offset > 0 {
                     return;
                 }
@@ -757,143 +680,12 @@ impl Pool for PoolService {
 
     async fn run(
         &self,
-        request: Request<v1::RunRequest>,
+        request: Request<Streaming<v1::RunRequest>>,
     ) -> Result<Response<Self::RunStream>, Status> {
         let p = principal(&request);
-        let r = request.into_inner();
-        required("pool", &r.pool)?;
-        capped("holder", &r.holder, MAX_HOLDER)?;
-        capped("request_id", &r.request_id, MAX_ID)?;
-        check_pool(&p, &r.pool)?;
-        let exec_req = command(r.command, &self.limits)?;
-        let input_size: u64 = r
-            .inputs
-            .iter()
-            .map(|i| (i.data.len() + i.text.len()) as u64)
-            .sum();
-        if input_size > self.limits.max_upload {
-            return Err(Status::resource_exhausted(format!(
-                "inputs are {input_size} bytes together, above the server's {} byte limit; send fewer or smaller files, \
-                 or ask the operator to raise [api] max_upload",
-                self.limits.max_upload
-            )));
-        }
-        for i in &r.inputs {
-            required("inputs[].path", &i.path)?;
-            crate::ssh::resolve_remote_path(&i.path, None).map_err(ssh_status)?;
-        }
-        for o in &r.outputs {
-            crate::ssh::resolve_remote_path(o, None).map_err(ssh_status)?;
-        }
-        let acquire = AcquireRequest {
-            pool: r.pool.clone(),
-            holder: if r.holder.is_empty() {
-                "run".into()
-            } else {
-                r.holder
-            },
-            request_id: (!r.request_id.is_empty()).then_some(r.request_id),
-            ttl: convert::duration("ttl", r.ttl.as_ref())?,
-            wait: convert::duration("wait", r.wait.as_ref())?,
-            owner: p.as_ref().map(|p| p.name.clone()),
-        };
-        let started = Instant::now();
-        let acquired = self.engine.acquire(acquire).await;
-        self.metrics.acquired(
-            &r.pool,
-            acquired.as_ref().ok().map(|i| i.served),
-            started.elapsed(),
-        );
-        let lease = acquired.map_err(engine_status)?;
-        let acquire_time = started.elapsed();
-        let (tx, rx) = mpsc::channel(16);
-        let svc = self.clone();
-        let (inputs, outputs) = (r.inputs, r.outputs);
-        tokio::spawn(async move {
-            use v1::run_event::Event;
-            let send = |e: Event| Ok(v1::RunEvent { event: Some(e) });
-            let lease_id = lease.record.id.clone();
-            let owner = owner(&p);
-            let _ = tx.send(send(Event::Lease(convert::lease(&lease)))).await;
-            let result = async {
-                let (info, target, guard) = svc.use_lease(&lease_id, &p).await?;
-                let vm = info.record.vm.clone();
-                let t = Instant::now();
-                for i in &inputs {
-                    let mut data = i.data.clone();
-                    data.extend_from_slice(i.text.as_bytes());
-                    svc.upload_file(&vm, &target, &i.path, "", i.mode, &data)
-                        .await?;
-                }
-                let upload = t.elapsed();
-                let t = Instant::now();
-                let mut events = svc
-                    .start_exec(&info, &target, exec_req, format!("run-{lease_id}"), guard)
-                    .await?;
-                let (mut out, mut err) = (Utf8Chunks::default(), Utf8Chunks::default());
-                let mut exit = None;
-                loop {
-                    let ev = tokio::select! {
-                        ev = events.recv() => ev,
-                        _ = tx.closed() => return Err(Status::cancelled("the caller went away")),
-                    };
-                    let Some(ev) = ev else { break };
-                    let e = match &ev {
-                        ExecEvent::Stdout(b) => Event::Stdout(out.push(b)),
-                        ExecEvent::Stderr(b) => Event::Stderr(err.push(b)),
-                        ExecEvent::Exit { .. } => {
-                            exit = exit_status(&ev);
-                            continue;
-                        }
-                    };
-                    if tx.send(send(e)).await.is_err() {
-                        return Err(Status::cancelled("the caller went away"));
-                    }
-                }
-                for (text, stdout) in [(out.finish(), true), (err.finish(), false)] {
-                    if !text.is_empty() {
-                        let _ = tx
-                            .send(send(if stdout {
-                                Event::Stdout(text)
-                            } else {
-                                Event::Stderr(text)
-                            }))
-                            .await;
-                    }
-                }
-                let exec = t.elapsed();
-                let t = Instant::now();
-                let mut files = Vec::new();
-                for path in &outputs {
-                    files.push(svc.output_file(&vm, &target, path).await?);
-                }
-                let download = t.elapsed();
-                Ok::<_, Status>(v1::RunResult {
-                    exit,
-                    outputs: files,
-                    vm,
-                    timings: Some(v1::Timings {
-                        acquire: Some(convert::proto_duration(acquire_time)),
-                        upload: Some(convert::proto_duration(upload)),
-                        exec: Some(convert::proto_duration(exec)),
-                        download: Some(convert::proto_duration(download)),
-                        total: Some(convert::proto_duration(started.elapsed())),
-                    }),
-                    served: convert::served(lease.served) as i32,
-                })
-            }
-            .await;
-            if let Err(e) = svc.engine.release(&lease_id, owner).await {
-                tracing::warn!(lease = %lease_id, "releasing after Run: {e}");
-            }
-            let _ = tx
-                .send(match result {
-                    Ok(res) => send(Event::Result(res)),
-                    Err(s) => Err(s),
-                })
-                .await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        self.run_stream(p, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_pools(
@@ -988,42 +780,471 @@ impl Pool for PoolService {
     }
 }
 
+/// Bytes per chunk of a Download or a Run output.
+const CHUNK: usize = 256 * 1024;
+
+/// A file mode from the API (0: the default 0644).
+fn file_mode(mode: u32) -> u32 {
+    if mode == 0 { 0o644 } else { mode & 0o7777 }
+}
+
+fn transfer_options(base: &str, create_parents: bool) -> TransferOptions {
+    TransferOptions {
+        base: (!base.is_empty()).then(|| base.to_string()),
+        create_parents,
+        preserve_mode: true,
+    }
+}
+
+fn upload_too_large(path: &str, limit: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "upload to {path} is larger than the server's {limit} byte limit; send a smaller file (compress or split it), \
+         or ask the operator to raise [api] max_upload"
+    ))
+}
+
+fn grew_past(path: &str, limit: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "{path} grew past the {limit} byte limit while it was read; read it once it is complete"
+    ))
+}
+
+/// Whether a Run request message carries any of the run's description (first-message fields).
+fn describes_run(m: &v1::RunRequest) -> bool {
+    !m.pool.is_empty()
+        || !m.holder.is_empty()
+        || !m.request_id.is_empty()
+        || m.command.is_some()
+        || !m.inputs.is_empty()
+        || !m.outputs.is_empty()
+        || m.wait.is_some()
+        || m.ttl.is_some()
+        || m.max_output_size != 0
+}
+
+/// The input chunks of a Run's request stream, after its first message, with one chunk of
+/// look-ahead (a chunk of the next input ends the current one).
+struct Chunks<S> {
+    stream: S,
+    pending: Option<v1::InputChunk>,
+}
+
+impl<S: futures::Stream<Item = Result<v1::RunRequest, Status>> + Unpin> Chunks<S> {
+    /// The next chunk, or `None` once the caller ended its stream.
+    async fn next(&mut self) -> Result<Option<v1::InputChunk>, Status> {
+        use futures::StreamExt;
+        if let Some(c) = self.pending.take() {
+            return Ok(Some(c));
+        }
+        loop {
+            let Some(m) = self.stream.next().await else {
+                return Ok(None);
+            };
+            let m = m?;
+            if describes_run(&m) {
+                return Err(Status::invalid_argument(
+                    "only the first message of a Run describes it (pool, command, inputs, ...); the messages after it \
+                     carry input content in `chunk` only",
+                ));
+            }
+            if let Some(c) = m.chunk {
+                return Ok(Some(c));
+            }
+        }
+    }
+}
+
+/// A validated Run: what its task needs after the first message.
+struct RunPlan {
+    exec: ExecRequest,
+    inputs: Vec<v1::InputFile>,
+    outputs: Vec<String>,
+    /// Outputs larger than this are omitted.
+    output_limit: u64,
+    /// Which limit `output_limit` is, for messages.
+    output_limit_name: &'static str,
+}
+
 impl PoolService {
-    async fn output_file(
+    /// Run over any stream of request messages (the gRPC method's, or one the HTTP/JSON facade
+    /// builds): validates the first message, acquires, then streams the events of the run.
+    pub async fn run_stream<S>(
+        &self,
+        p: Option<Principal>,
+        mut input: S,
+    ) -> Result<Stream<v1::RunEvent>, Status>
+    where
+        S: futures::Stream<Item = Result<v1::RunRequest, Status>> + Send + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        let r = input.next().await.ok_or_else(|| {
+            Status::invalid_argument(
+                "empty Run: the first message needs pool and command (then input chunks, if any)",
+            )
+        })??;
+        required("pool", &r.pool)?;
+        capped("holder", &r.holder, MAX_HOLDER)?;
+        capped("request_id", &r.request_id, MAX_ID)?;
+        check_pool(&p, &r.pool)?;
+        if r.chunk.is_some() {
+            return Err(Status::invalid_argument(
+                "the first message of a Run describes it; send input content as `chunk` messages after it \
+                 (or inline in inputs[].data)",
+            ));
+        }
+        let exec = command(r.command, &self.limits)?;
+        for (what, n) in [("inputs", r.inputs.len()), ("outputs", r.outputs.len())] {
+            if n > MAX_FILES {
+                return Err(Status::invalid_argument(format!(
+                    "{what} lists {n} files; the limit is {MAX_FILES}: pack them (e.g. with tar) into fewer files"
+                )));
+            }
+        }
+        let mut inline: u64 = 0;
+        for i in &r.inputs {
+            required("inputs[].path", &i.path)?;
+            crate::ssh::resolve_remote_path(&i.path, None).map_err(ssh_status)?;
+            inline = inline.saturating_add((i.data.len() + i.text.len()) as u64);
+        }
+        if inline > self.limits.max_upload {
+            return Err(Status::resource_exhausted(format!(
+                "inputs are {inline} bytes together, above the server's {} byte limit; send fewer or smaller files, \
+                 or ask the operator to raise [api] max_upload",
+                self.limits.max_upload
+            )));
+        }
+        for o in &r.outputs {
+            required("outputs[]", o)?;
+            capped("outputs[]", o, MAX_PATH)?;
+            crate::ssh::resolve_remote_path(o, None).map_err(ssh_status)?;
+        }
+        let (output_limit, output_limit_name) = match r.max_output_size {
+            0 => (self.limits.max_download, "the server's [api] max_download"),
+            n if n >= self.limits.max_download => {
+                (self.limits.max_download, "the server's [api] max_download")
+            }
+            n => (n, "the request's max_output_size"),
+        };
+        let acquire = AcquireRequest {
+            pool: r.pool.clone(),
+            holder: if r.holder.is_empty() {
+                "run".into()
+            } else {
+                r.holder
+            },
+            request_id: (!r.request_id.is_empty()).then_some(r.request_id),
+            ttl: convert::duration("ttl", r.ttl.as_ref())?,
+            wait: convert::duration("wait", r.wait.as_ref())?,
+            owner: p.as_ref().map(|p| p.name.clone()),
+        };
+        let plan = RunPlan {
+            exec,
+            inputs: r.inputs,
+            outputs: r.outputs,
+            output_limit,
+            output_limit_name,
+        };
+        let started = Instant::now();
+        let acquired = self.engine.acquire(acquire).await;
+        self.metrics.acquired(
+            &r.pool,
+            acquired.as_ref().ok().map(|i| i.served),
+            started.elapsed(),
+        );
+        let lease = acquired.map_err(engine_status)?;
+        let acquire_time = started.elapsed();
+        let (tx, rx) = mpsc::channel(16);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            use v1::run_event::Event;
+            let lease_id = lease.record.id.clone();
+            let owner = owner(&p);
+            let _ = tx
+                .send(Ok(v1::RunEvent {
+                    event: Some(Event::Lease(convert::lease(&lease))),
+                }))
+                .await;
+            let chunks = Chunks {
+                stream: input,
+                pending: None,
+            };
+            let result = svc.run_on_lease(&lease_id, &p, plan, chunks, &tx).await;
+            if let Err(e) = svc.engine.release(&lease_id, owner).await {
+                tracing::warn!(lease = %lease_id, "releasing after Run: {e}");
+            }
+            let _ = tx
+                .send(result.map(|(mut res, t)| {
+                    res.served = convert::served(lease.served) as i32;
+                    res.timings = Some(v1::Timings {
+                        acquire: Some(convert::proto_duration(acquire_time)),
+                        upload: Some(convert::proto_duration(t[0])),
+                        exec: Some(convert::proto_duration(t[1])),
+                        download: Some(convert::proto_duration(t[2])),
+                        total: Some(convert::proto_duration(started.elapsed())),
+                    });
+                    v1::RunEvent {
+                        event: Some(Event::Result(res)),
+                    }
+                }))
+                .await;
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// The Run on its lease: inputs, command, outputs. Returns the result (without timings and
+    /// served) and the upload, exec and download times. An error before the command ran fails
+    /// the Run; once it ran, the result always carries its exit status.
+    async fn run_on_lease<S>(
+        &self,
+        lease_id: &str,
+        p: &Option<Principal>,
+        plan: RunPlan,
+        mut chunks: Chunks<S>,
+        tx: &mpsc::Sender<Result<v1::RunEvent, Status>>,
+    ) -> Result<(v1::RunResult, [std::time::Duration; 3]), Status>
+    where
+        S: futures::Stream<Item = Result<v1::RunRequest, Status>> + Unpin,
+    {
+        use v1::run_event::Event;
+        let send = |e: Event| Ok(v1::RunEvent { event: Some(e) });
+        // This use of the lease covers inputs and outputs; the exec takes its own.
+        let (info, target, _guard) = self.use_lease(lease_id, p).await?;
+        let vm = info.record.vm.clone();
+        let t = Instant::now();
+        self.write_inputs(&vm, &target, &plan.inputs, &mut chunks)
+            .await?;
+        let upload = t.elapsed();
+
+        let t = Instant::now();
+        let (info, target, guard) = self.use_lease(lease_id, p).await?;
+        let mut events = self
+            .start_exec(&info, &target, plan.exec, format!("run-{lease_id}"), guard)
+            .await?;
+        let (mut out, mut err) = (Utf8Chunks::default(), Utf8Chunks::default());
+        let mut exit = None;
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tx.closed() => return Err(Status::cancelled("the caller went away")),
+            };
+            let Some(ev) = ev else { break };
+            let e = match &ev {
+                ExecEvent::Stdout(b) => Event::Stdout(out.push(b)),
+                ExecEvent::Stderr(b) => Event::Stderr(err.push(b)),
+                ExecEvent::Exit { .. } => {
+                    exit = exit_status(&ev);
+                    continue;
+                }
+            };
+            if tx.send(send(e)).await.is_err() {
+                return Err(Status::cancelled("the caller went away"));
+            }
+        }
+        for (text, stdout) in [(out.finish(), true), (err.finish(), false)] {
+            if !text.is_empty() {
+                let _ = tx
+                    .send(send(if stdout {
+                        Event::Stdout(text)
+                    } else {
+                        Event::Stderr(text)
+                    }))
+                    .await;
+            }
+        }
+        let exit = exit.ok_or_else(|| {
+            Status::unavailable(format!("the command's stream on {vm} ended without an exit status (the VM's SSH connection was lost)"))
+        })?;
+        let exec = t.elapsed();
+
+        let t = Instant::now();
+        let mut files = Vec::with_capacity(plan.outputs.len());
+        for (index, path) in plan.outputs.iter().enumerate() {
+            let file = self
+                .send_output(
+                    &vm,
+                    &target,
+                    index as u32,
+                    path,
+                    (plan.output_limit, plan.output_limit_name),
+                    tx,
+                )
+                .await;
+            match file {
+                Some(f) => files.push(f),
+                None => return Err(Status::cancelled("the caller went away")),
+            }
+        }
+        let download = t.elapsed();
+        Ok((
+            v1::RunResult {
+                exit: Some(exit),
+                outputs: files,
+                vm,
+                timings: None,
+                served: 0,
+            },
+            [upload, exec, download],
+        ))
+    }
+
+    /// Writes a Run's inputs in order: each one's inline content, then its chunks as they arrive
+    /// (a chunk of a later input ends it; the end of the caller's stream ends the last one).
+    async fn write_inputs<S>(
         &self,
         vm: &str,
         target: &SshTarget,
-        path: &str,
-    ) -> Result<v1::OutputFile, Status> {
-        use std::os::unix::fs::PermissionsExt;
-        match self.fetch(vm, target, path, "").await {
-            Ok(file) => {
-                let meta = std::fs::metadata(file.path())
-                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
-                if meta.len() > self.limits.max_output_file {
-                    return Err(Status::resource_exhausted(format!(
-                        "output {path} is {} bytes, above the {} byte limit of Run; use Acquire + Download",
-                        meta.len(),
-                        self.limits.max_output_file
-                    )));
+        inputs: &[v1::InputFile],
+        chunks: &mut Chunks<S>,
+    ) -> Result<(), Status>
+    where
+        S: futures::Stream<Item = Result<v1::RunRequest, Status>> + Unpin,
+    {
+        let limit = self.limits.max_upload;
+        let mut total: u64 = 0;
+        let opts = transfer_options("", true);
+        for (index, input) in inputs.iter().enumerate() {
+            let mut w = self
+                .ssh
+                .open_write(vm, target, &input.path, file_mode(input.mode), &opts)
+                .await
+                .map_err(ssh_status)?;
+            let written = async {
+                for part in [input.data.as_slice(), input.text.as_bytes()] {
+                    if !part.is_empty() {
+                        total = total.saturating_add(part.len() as u64);
+                        w.write(part).await.map_err(ssh_status)?;
+                    }
                 }
-                let data = tokio::fs::read(file.path())
-                    .await
-                    .map_err(|e| Status::internal(format!("staging: {e}")))?;
-                Ok(v1::OutputFile {
-                    path: path.to_string(),
-                    data,
-                    mode: meta.permissions().mode() & 0o7777,
-                    missing: false,
-                })
+                while let Some(c) = chunks.next().await? {
+                    let i = c.input as usize;
+                    if i > index && i < inputs.len() {
+                        chunks.pending = Some(c);
+                        break;
+                    }
+                    if i != index {
+                        return Err(chunk_out_of_order(i, index, inputs.len()));
+                    }
+                    total = total.saturating_add(c.data.len() as u64);
+                    if total > limit {
+                        return Err(Status::resource_exhausted(format!(
+                            "inputs are more than the server's {limit} byte limit together (at {}); send fewer or smaller \
+                             files, or ask the operator to raise [api] max_upload",
+                            input.path
+                        )));
+                    }
+                    w.write(&c.data).await.map_err(ssh_status)?;
+                }
+                Ok(())
             }
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(v1::OutputFile {
-                path: path.to_string(),
-                data: vec![],
-                mode: 0,
-                missing: true,
-            }),
-            Err(s) => Err(s),
+            .await;
+            if let Err(e) = written {
+                w.abort().await;
+                return Err(e);
+            }
+            w.finish().await.map_err(ssh_status)?;
+        }
+        match chunks.next().await? {
+            None => Ok(()),
+            Some(c) => Err(chunk_out_of_order(
+                c.input as usize,
+                inputs.len(),
+                inputs.len(),
+            )),
         }
     }
+
+    /// Reads one output and streams it as `output` events. `None` when the caller went away.
+    async fn send_output(
+        &self,
+        vm: &str,
+        target: &SshTarget,
+        index: u32,
+        path: &str,
+        (limit, limit_name): (u64, &str),
+        tx: &mpsc::Sender<Result<v1::RunEvent, Status>>,
+    ) -> Option<v1::OutputFile> {
+        use v1::run_event::Event;
+        let mut file = v1::OutputFile {
+            path: path.to_string(),
+            ..Default::default()
+        };
+        let opts = transfer_options("", false);
+        let mut reader = match self.ssh.open_read(vm, target, path, &opts).await {
+            Ok(r) => r,
+            Err(crate::ssh::SshError::NoSuchFile { .. }) => {
+                file.missing = true;
+                return Some(file);
+            }
+            Err(e) => {
+                file.error = ssh_status(e).message().to_string();
+                return Some(file);
+            }
+        };
+        (file.size, file.mode) = (reader.size(), reader.mode());
+        if file.size > limit {
+            file.omitted = true;
+            file.error = format!(
+                "{path} is {} bytes, above the {limit} byte limit ({limit_name}): not sent; compress or split it in the \
+                 command, or fetch it with Acquire + Download",
+                file.size
+            );
+            return Some(file);
+        }
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        loop {
+            let n = tokio::select! {
+                n = reader.read(&mut buf) => n,
+                _ = tx.closed() => return None,
+            };
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    file.error = ssh_status(e).message().to_string();
+                    return Some(file);
+                }
+            };
+            if offset.saturating_add(n as u64) > limit {
+                file.error = grew_past(path, limit).message().to_string();
+                return Some(file);
+            }
+            if n == 0 && offset > 0 {
+                file.size = offset;
+                return Some(file);
+            }
+            let chunk = v1::OutputChunk {
+                output: index,
+                data: buf[..n].to_vec(),
+                offset,
+            };
+            offset += n as u64;
+            if tx
+                .send(Ok(v1::RunEvent {
+                    event: Some(Event::Output(chunk)),
+                }))
+                .await
+                .is_err()
+            {
+                return None;
+            }
+            if n == 0 {
+                file.size = 0;
+                return Some(file);
+            }
+        }
+    }
+}
+
+fn chunk_out_of_order(got: usize, at: usize, count: usize) -> Status {
+    Status::invalid_argument(if got >= count {
+        format!(
+            "a chunk names input {got}, but the Run lists {count} inputs (indexes 0 to {})",
+            count.saturating_sub(1)
+        )
+    } else {
+        format!(
+            "a chunk of input {got} arrived after input {at}'s: send all chunks of one input before those of the next, \
+             in the order of `inputs`"
+        )
+    })
 }

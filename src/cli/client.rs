@@ -330,84 +330,7 @@ fn exit_code(x: &v1::ExitStatus) -> ExitCode {
 async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
     let mut client = connect(&c).await?;
     match cmd {
-        ClientCommand::Run(a) => {
-            let mut inputs = Vec::new();
-            for p in &a.put {
-                let (local, remote) = p
-                    .split_once(':')
-                    .ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
-                let data = std::fs::read(local).map_err(|e| format!("--put {local}: {e}"))?;
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(local)
-                    .map(|m| m.permissions().mode() & 0o7777)
-                    .unwrap_or(0o644);
-                inputs.push(v1::InputFile {
-                    path: remote.into(),
-                    data,
-                    text: String::new(),
-                    mode,
-                });
-            }
-            let mut gets = Vec::new();
-            for g in &a.get {
-                let (remote, local) = g
-                    .split_once(':')
-                    .ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
-                gets.push((remote.to_string(), PathBuf::from(local)));
-            }
-            let req = v1::RunRequest {
-                pool: a.pool.clone(),
-                holder: "mpool run".into(),
-                request_id: a.request_id.unwrap_or_default(),
-                command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
-                inputs,
-                outputs: gets.iter().map(|(r, _)| r.clone()).collect(),
-                wait: dur("--wait", &a.wait)?,
-                ttl: None,
-            };
-            let waiting = Waiting::start(&a.pool);
-            let mut stream = client.run(req).await.map_err(status_err)?.into_inner();
-            let mut waiting = Some(waiting);
-            while let Some(ev) = stream.message().await.map_err(status_err)? {
-                use v1::run_event::Event;
-                match ev.event {
-                    Some(Event::Lease(_)) => drop(waiting.take()),
-                    Some(Event::Stdout(t)) => write_out(true, &t),
-                    Some(Event::Stderr(t)) => write_out(false, &t),
-                    Some(Event::Result(r)) => {
-                        for f in &r.outputs {
-                            let Some((_, local)) = gets.iter().find(|(rp, _)| *rp == f.path) else {
-                                continue;
-                            };
-                            if f.missing {
-                                output::err_line(&format!(
-                                    "mpool: --get {}: no such file in the VM",
-                                    f.path
-                                ));
-                                continue;
-                            }
-                            std::fs::write(local, &f.data)
-                                .map_err(|e| format!("--get {}: {e}", local.display()))?;
-                            if f.mode != 0 {
-                                use std::os::unix::fs::PermissionsExt;
-                                std::fs::set_permissions(
-                                    local,
-                                    std::fs::Permissions::from_mode(f.mode & 0o7777),
-                                )
-                                .map_err(|e| format!("--get {}: {e}", local.display()))?;
-                            }
-                        }
-                        return Ok(r
-                            .exit
-                            .as_ref()
-                            .map(exit_code)
-                            .unwrap_or(ExitCode::from(255)));
-                    }
-                    None => {}
-                }
-            }
-            Err("the run ended without a result".into())
-        }
+        ClientCommand::Run(a) => run_command(&mut client, a).await,
         ClientCommand::Acquire(a) => {
             let waiting = Waiting::start(&a.pool);
             let lease = client
@@ -561,6 +484,204 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Bytes per input chunk `mpool run` sends (well below the server's 8 MiB message limit).
+const PUT_CHUNK: usize = 1 << 20;
+
+/// An output file being received: a temporary file beside its destination, renamed into place
+/// when the result says the output arrived whole.
+struct Getting {
+    local: PathBuf,
+    file: Option<tempfile::NamedTempFile>,
+}
+
+/// The request stream of `mpool run`: the description, then each `--put` file read in
+/// [`PUT_CHUNK`] pieces as the server takes them (memory stays at one chunk for any file size).
+fn run_requests(
+    first: v1::RunRequest,
+    puts: Vec<PathBuf>,
+) -> impl futures::Stream<Item = v1::RunRequest> + Send + 'static {
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+    let puts = std::sync::Arc::new(puts);
+    let rest = futures::stream::unfold(
+        (0usize, None::<tokio::fs::File>),
+        move |(mut index, mut file)| {
+            let puts = puts.clone();
+            async move {
+                loop {
+                    if index >= puts.len() {
+                        return None;
+                    }
+                    if file.is_none() {
+                        match tokio::fs::File::open(&puts[index]).await {
+                            Ok(f) => file = Some(f),
+                            Err(e) => {
+                                // Checked before the run starts; a file that vanished since ends the
+                                // stream early, and the server then writes what it got.
+                                output::err_line(&format!(
+                                    "mpool: --put {}: {e}",
+                                    puts[index].display()
+                                ));
+                                return None;
+                            }
+                        }
+                    }
+                    let mut buf = vec![0u8; PUT_CHUNK];
+                    let n = match file.as_mut() {
+                        Some(f) => f.read(&mut buf).await.unwrap_or(0),
+                        None => 0,
+                    };
+                    if n == 0 {
+                        index += 1;
+                        file = None;
+                        continue;
+                    }
+                    buf.truncate(n);
+                    let chunk = v1::RunRequest {
+                        chunk: Some(v1::InputChunk {
+                            input: index as u32,
+                            data: buf,
+                        }),
+                        ..Default::default()
+                    };
+                    return Some((chunk, (index, file)));
+                }
+            }
+        },
+    );
+    futures::stream::once(async move { first }).chain(rest)
+}
+
+/// `mpool run`: streams `--put` files in and `--get` files out, passes the output through, and
+/// exits with the remote exit code.
+async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut inputs = Vec::new();
+    let mut puts = Vec::new();
+    for p in &a.put {
+        let (local, remote) = p
+            .split_once(':')
+            .ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
+        let meta = std::fs::metadata(local).map_err(|e| format!("--put {local}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "--put {local}: not a regular file (pack a directory with tar first)"
+            ));
+        }
+        inputs.push(v1::InputFile {
+            path: remote.into(),
+            mode: meta.permissions().mode() & 0o7777,
+            ..Default::default()
+        });
+        puts.push(PathBuf::from(local));
+    }
+    let mut gets = Vec::new();
+    for g in &a.get {
+        let (remote, local) = g
+            .split_once(':')
+            .ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
+        gets.push((
+            remote.to_string(),
+            Getting {
+                local: PathBuf::from(local),
+                file: None,
+            },
+        ));
+    }
+    let first = v1::RunRequest {
+        pool: a.pool.clone(),
+        holder: "mpool run".into(),
+        request_id: a.request_id.unwrap_or_default(),
+        command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
+        inputs,
+        outputs: gets.iter().map(|(r, _)| r.clone()).collect(),
+        wait: dur("--wait", &a.wait)?,
+        ..Default::default()
+    };
+    let waiting = Waiting::start(&a.pool);
+    let mut stream = client
+        .run(run_requests(first, puts))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut waiting = Some(waiting);
+    while let Some(ev) = stream.message().await.map_err(status_err)? {
+        use v1::run_event::Event;
+        match ev.event {
+            Some(Event::Lease(_)) => drop(waiting.take()),
+            Some(Event::Stdout(t)) => write_out(true, &t),
+            Some(Event::Stderr(t)) => write_out(false, &t),
+            Some(Event::Output(c)) => {
+                let Some((_, g)) = gets.get_mut(c.output as usize) else {
+                    continue;
+                };
+                if g.file.is_none() {
+                    let dir = match g.local.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    let f = tempfile::Builder::new()
+                        .prefix(".mpool-get-")
+                        .tempfile_in(&dir)
+                        .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                    g.file = Some(f);
+                }
+                if let Some(f) = g.file.as_mut() {
+                    use std::io::Write;
+                    f.write_all(&c.data)
+                        .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                }
+            }
+            Some(Event::Result(r)) => {
+                let code = r
+                    .exit
+                    .as_ref()
+                    .map(exit_code)
+                    .unwrap_or(ExitCode::from(255));
+                let mut failed = false;
+                for (f, (_, g)) in r.outputs.iter().zip(gets.iter_mut()) {
+                    if f.missing {
+                        output::err_line(&format!(
+                            "mpool: --get {}: no such file in the VM",
+                            f.path
+                        ));
+                    } else if !f.error.is_empty() {
+                        output::err_line(&format!("mpool: --get {}: {}", f.path, f.error));
+                        failed = true;
+                    } else {
+                        let file = match g.file.take() {
+                            Some(f) => f,
+                            None => tempfile::NamedTempFile::new_in(
+                                g.local
+                                    .parent()
+                                    .filter(|p| !p.as_os_str().is_empty())
+                                    .unwrap_or(std::path::Path::new(".")),
+                            )
+                            .map_err(|e| format!("--get {}: {e}", g.local.display()))?,
+                        };
+                        let file = file
+                            .persist(&g.local)
+                            .map_err(|e| format!("--get {}: {}", g.local.display(), e.error))?;
+                        if f.mode != 0 {
+                            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+                                .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                        }
+                    }
+                }
+                // An output that could not be fetched fails a run that otherwise succeeded.
+                let ok = r.exit.as_ref().is_some_and(|x| x.code == 0);
+                return Ok(if failed && ok {
+                    ExitCode::from(2)
+                } else {
+                    code
+                });
+            }
+            None => {}
+        }
+    }
+    Err("the run ended without a result".into())
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
