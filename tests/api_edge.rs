@@ -255,7 +255,7 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn free_text_is_capped_exec_ids_are_unique_and_lease_ids_private() {
+async fn free_text_fields_are_capped() {
     let opts = StackOptions {
         tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
         ..Default::default()
@@ -325,6 +325,18 @@ async fn free_text_is_capped_exec_ids_are_unique_and_lease_ids_private() {
             .is_ok()
     );
 
+    still_serving(&mut stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_exec_id_is_refused() {
+    let opts = StackOptions {
+        tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
+        ..Default::default()
+    };
+    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
     // A second exec with the id of a running one is refused; the first can still be cancelled.
     let mine = acquire(&mut c, "ci", "first").await.expect("acquire");
     let sleep = |id: &str| v1::ExecRequest {
@@ -363,6 +375,20 @@ async fn free_text_is_capped_exec_ids_are_unique_and_lease_ids_private() {
         "the first exec was the one cancelled"
     );
 
+    c.release(v1::ReleaseRequest { lease_id: mine.id }).await.expect("release");
+    still_serving(&mut stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_see_only_their_own_lease_ids_and_leases_show_no_unspecified() {
+    let opts = StackOptions {
+        tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
+        ..Default::default()
+    };
+    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let mine = acquire(&mut c, "ci", "first").await.expect("acquire");
     // A scoped token sees VMs, but only its own lease ids.
     let mut scoped = stack.tcp_client(Some("scoped-token")).await;
     let theirs = acquire(&mut scoped, "ci", "scoped")
