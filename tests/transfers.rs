@@ -122,6 +122,34 @@ async fn a_64_mib_file_goes_through_mpool_run_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_that_cannot_be_read_cancels_the_run_before_its_command() {
+    let stack = Stack::start(POOLS, |_| {}).await;
+    stack.wait_idle("ci", 1).await;
+    let ep = format!("unix:{}", stack.socket.display());
+    // The simulator's VMs share the host's file system: the command would leave this marker.
+    let marker = stack.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    // /proc/self/mem is a regular file whose read fails (EIO) at offset 0.
+    let o = tools::run(
+        Path::new(MPOOL),
+        &["--endpoint", &ep, "run", "--pool", "ci", "--put", "/proc/self/mem:mem", "--", "sh", "-c", &script],
+        None,
+        &[],
+    )
+    .await;
+    o.expect_code(2, "a --put whose read fails");
+    assert!(o.stderr.contains("--put /proc/self/mem"), "{}", o.stderr);
+    // The Run was cancelled and its lease released; only then is its outcome final.
+    let mut c = stack.client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !c.list_leases(v1::ListLeasesRequest::default()).await.expect("leases").into_inner().leases.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the cancelled Run's lease was never released; log:\n{}", stack.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!marker.exists(), "the command ran with a partial input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_streams_checks_its_limit_first_and_refuses_directories() {
     let opts = StackOptions {
         api_toml: "max_download = \"1M\"".into(),

@@ -854,6 +854,39 @@ impl<S: futures::Stream<Item = Result<v1::RunRequest, Status>> + Unpin> Chunks<S
     }
 }
 
+/// A Run's acquire, running on its own task. Dropped before [`PendingAcquire::wait`] returned
+/// (the caller went away), it releases the lease when one arrives.
+struct PendingAcquire {
+    handle: Option<tokio::task::JoinHandle<Result<LeaseInfo, crate::pool::engine::EngineError>>>,
+    engine: Engine,
+    owner: Option<String>,
+}
+
+impl PendingAcquire {
+    async fn wait(&mut self) -> Result<LeaseInfo, crate::pool::engine::EngineError> {
+        let Some(handle) = self.handle.as_mut() else {
+            return Err(crate::pool::engine::EngineError::Unavailable("the acquire was already taken".into()));
+        };
+        let result = handle.await;
+        self.handle = None;
+        result.unwrap_or_else(|e| Err(crate::pool::engine::EngineError::Unavailable(format!("the acquire failed: {e}"))))
+    }
+}
+
+impl Drop for PendingAcquire {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else { return };
+        let (engine, owner) = (self.engine.clone(), self.owner.take());
+        tokio::spawn(async move {
+            if let Ok(Ok(lease)) = handle.await
+                && let Err(e) = engine.release(&lease.record.id, owner).await
+            {
+                tracing::warn!(lease = %lease.record.id, "releasing the lease of a Run whose caller went away: {e}");
+            }
+        });
+    }
+}
+
 /// A validated Run: what its task needs after the first message.
 struct RunPlan {
     exec: ExecRequest,
@@ -945,7 +978,17 @@ impl PoolService {
             output_limit_name,
         };
         let started = Instant::now();
-        let acquired = self.engine.acquire(acquire).await;
+        // The Run owns its lease: if its caller goes away while the VM is being acquired, the
+        // lease that arrives is released at once instead of idling until its TTL.
+        let mut pending = PendingAcquire {
+            handle: Some(tokio::spawn({
+                let engine = self.engine.clone();
+                async move { engine.acquire(acquire).await }
+            })),
+            engine: self.engine.clone(),
+            owner: owner(&p),
+        };
+        let acquired = pending.wait().await;
         self.metrics.acquired(
             &r.pool,
             acquired.as_ref().ok().map(|i| i.served),

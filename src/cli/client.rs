@@ -498,60 +498,64 @@ struct Getting {
 
 /// The request stream of `mpool run`: the description, then each `--put` file read in
 /// [`PUT_CHUNK`] pieces as the server takes them (memory stays at one chunk for any file size).
+/// A file that cannot be read is reported on `failed`, and the stream then never ends: the caller
+/// drops the call, so the server cancels the Run instead of running the command with a partial
+/// input.
 fn run_requests(
     first: v1::RunRequest,
     puts: Vec<PathBuf>,
+    failed: tokio::sync::watch::Sender<Option<String>>,
 ) -> impl futures::Stream<Item = v1::RunRequest> + Send + 'static {
     use futures::StreamExt;
     use tokio::io::AsyncReadExt;
-    let puts = std::sync::Arc::new(puts);
-    let rest = futures::stream::unfold(
-        (0usize, None::<tokio::fs::File>),
-        move |(mut index, mut file)| {
-            let puts = puts.clone();
-            async move {
-                loop {
-                    if index >= puts.len() {
-                        return None;
-                    }
-                    if file.is_none() {
-                        match tokio::fs::File::open(&puts[index]).await {
-                            Ok(f) => file = Some(f),
-                            Err(e) => {
-                                // Checked before the run starts; a file that vanished since ends the
-                                // stream early, and the server then writes what it got.
-                                output::err_line(&format!(
-                                    "mpool: --put {}: {e}",
-                                    puts[index].display()
-                                ));
-                                return None;
-                            }
-                        }
-                    }
-                    let mut buf = vec![0u8; PUT_CHUNK];
-                    let n = match file.as_mut() {
-                        Some(f) => f.read(&mut buf).await.unwrap_or(0),
-                        None => 0,
-                    };
-                    if n == 0 {
-                        index += 1;
-                        file = None;
-                        continue;
-                    }
-                    buf.truncate(n);
-                    let chunk = v1::RunRequest {
-                        chunk: Some(v1::InputChunk {
-                            input: index as u32,
-                            data: buf,
-                        }),
-                        ..Default::default()
-                    };
-                    return Some((chunk, (index, file)));
-                }
+    let state = (0usize, None::<tokio::fs::File>, std::sync::Arc::new(puts), failed);
+    let rest = futures::stream::unfold(state, |(mut index, mut file, puts, failed)| async move {
+        loop {
+            if index >= puts.len() {
+                return None;
             }
-        },
-    );
+            let read = async {
+                if file.is_none() {
+                    file = Some(tokio::fs::File::open(&puts[index]).await?);
+                }
+                let mut buf = vec![0u8; PUT_CHUNK];
+                let n = match file.as_mut() {
+                    Some(f) => f.read(&mut buf).await?,
+                    None => 0,
+                };
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            };
+            let buf = match read.await {
+                Ok(buf) => buf,
+                Err(e) => {
+                    failed.send_replace(Some(format!("--put {}: {e}", puts[index].display())));
+                    futures::future::pending::<()>().await;
+                    return None;
+                }
+            };
+            if buf.is_empty() {
+                index += 1;
+                file = None;
+                continue;
+            }
+            let chunk = v1::RunRequest {
+                chunk: Some(v1::InputChunk { input: index as u32, data: buf }),
+                ..Default::default()
+            };
+            return Some((chunk, (index, file, puts, failed)));
+        }
+    });
     futures::stream::once(async move { first }).chain(rest)
+}
+
+/// Resolves with the error of a `--put` file that could not be read; never resolves otherwise
+/// (also not once the request stream has ended and dropped its sender).
+async fn put_failure(failed: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
+    match failed.wait_for(Option::is_some).await {
+        Ok(e) => e.clone().unwrap_or_default(),
+        Err(_) => futures::future::pending().await,
+    }
 }
 
 /// `mpool run`: streams `--put` files in and `--get` files out, passes the output through, and
@@ -601,13 +605,20 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
         ..Default::default()
     };
     let waiting = Waiting::start(&a.pool);
-    let mut stream = client
-        .run(run_requests(first, puts))
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let (failed_tx, mut failed) = tokio::sync::watch::channel(None);
+    let call = client.run(run_requests(first, puts, failed_tx));
+    let mut stream = tokio::select! {
+        r = call => r.map_err(status_err)?.into_inner(),
+        e = put_failure(&mut failed) => return Err(e),
+    };
     let mut waiting = Some(waiting);
-    while let Some(ev) = stream.message().await.map_err(status_err)? {
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev.map_err(status_err)?,
+            // Dropping the call cancels the Run on the server (no command with a partial input).
+            e = put_failure(&mut failed) => return Err(e),
+        };
+        let Some(ev) = ev else { break };
         use v1::run_event::Event;
         match ev.event {
             Some(Event::Lease(_)) => drop(waiting.take()),
