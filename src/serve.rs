@@ -120,7 +120,11 @@ impl Running {
         let service = PoolService::new(
             engine.clone(),
             ssh,
-            Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
+            Limits {
+                max_upload: cfg.api.max_upload,
+                max_download: cfg.api.max_download,
+                ..Limits::default()
+            },
             metrics.clone(),
         );
         let (shutdown, rx) = watch::channel(false);

@@ -375,7 +375,9 @@ async fn a_duplicate_exec_id_is_refused() {
         "the first exec was the one cancelled"
     );
 
-    c.release(v1::ReleaseRequest { lease_id: mine.id }).await.expect("release");
+    c.release(v1::ReleaseRequest { lease_id: mine.id })
+        .await
+        .expect("release");
     still_serving(&mut stack).await;
 }
 

@@ -132,7 +132,19 @@ async fn a_put_that_cannot_be_read_cancels_the_run_before_its_command() {
     // /proc/self/mem is a regular file whose read fails (EIO) at offset 0.
     let o = tools::run(
         Path::new(MPOOL),
-        &["--endpoint", &ep, "run", "--pool", "ci", "--put", "/proc/self/mem:mem", "--", "sh", "-c", &script],
+        &[
+            "--endpoint",
+            &ep,
+            "run",
+            "--pool",
+            "ci",
+            "--put",
+            "/proc/self/mem:mem",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
         None,
         &[],
     )
@@ -142,8 +154,19 @@ async fn a_put_that_cannot_be_read_cancels_the_run_before_its_command() {
     // The Run was cancelled and its lease released; only then is its outcome final.
     let mut c = stack.client().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !c.list_leases(v1::ListLeasesRequest::default()).await.expect("leases").into_inner().leases.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the cancelled Run's lease was never released; log:\n{}", stack.log());
+    while !c
+        .list_leases(v1::ListLeasesRequest::default())
+        .await
+        .expect("leases")
+        .into_inner()
+        .leases
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled Run's lease was never released; log:\n{}",
+            stack.log()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!marker.exists(), "the command ran with a partial input");

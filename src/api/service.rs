@@ -865,17 +865,25 @@ struct PendingAcquire {
 impl PendingAcquire {
     async fn wait(&mut self) -> Result<LeaseInfo, crate::pool::engine::EngineError> {
         let Some(handle) = self.handle.as_mut() else {
-            return Err(crate::pool::engine::EngineError::Unavailable("the acquire was already taken".into()));
+            return Err(crate::pool::engine::EngineError::Unavailable(
+                "the acquire was already taken".into(),
+            ));
         };
         let result = handle.await;
         self.handle = None;
-        result.unwrap_or_else(|e| Err(crate::pool::engine::EngineError::Unavailable(format!("the acquire failed: {e}"))))
+        result.unwrap_or_else(|e| {
+            Err(crate::pool::engine::EngineError::Unavailable(format!(
+                "the acquire failed: {e}"
+            )))
+        })
     }
 }
 
 impl Drop for PendingAcquire {
     fn drop(&mut self) {
-        let Some(handle) = self.handle.take() else { return };
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
         let (engine, owner) = (self.engine.clone(), self.owner.take());
         tokio::spawn(async move {
             if let Ok(Ok(lease)) = handle.await

@@ -508,7 +508,12 @@ fn run_requests(
 ) -> impl futures::Stream<Item = v1::RunRequest> + Send + 'static {
     use futures::StreamExt;
     use tokio::io::AsyncReadExt;
-    let state = (0usize, None::<tokio::fs::File>, std::sync::Arc::new(puts), failed);
+    let state = (
+        0usize,
+        None::<tokio::fs::File>,
+        std::sync::Arc::new(puts),
+        failed,
+    );
     let rest = futures::stream::unfold(state, |(mut index, mut file, puts, failed)| async move {
         loop {
             if index >= puts.len() {
@@ -540,7 +545,10 @@ fn run_requests(
                 continue;
             }
             let chunk = v1::RunRequest {
-                chunk: Some(v1::InputChunk { input: index as u32, data: buf }),
+                chunk: Some(v1::InputChunk {
+                    input: index as u32,
+                    data: buf,
+                }),
                 ..Default::default()
             };
             return Some((chunk, (index, file, puts, failed)));
