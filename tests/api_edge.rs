@@ -554,7 +554,12 @@ async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
 async fn serve_removes_its_unix_socket_when_it_exits() {
     let mut stack = Stack::start(POOLS, |_| {}).await;
     stack.wait_idle("ci", 1).await;
-    assert!(stack.socket.exists());
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&stack.socket).expect("the API socket");
+    assert!(
+        meta.file_type().is_socket() && meta.permissions().mode() & 0o777 == 0o660,
+        "{meta:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = stack.term_serve().expect("serve was running");
     assert!(Instant::now() < deadline);

@@ -384,24 +384,35 @@ impl Drop for SocketFile {
 
 /// Binds an API Unix socket (replacing a stale one, creating its directory) with mode 0660:
 /// the file mode is its access control. `key` names the config key in errors.
+///
+/// The socket is bound under a temporary name beside `path`, made 0660, and renamed into place:
+/// the path appears only once it listens with its final mode, so a client that sees the file can
+/// connect, and nobody ever meets it with the default mode.
 fn bind_unix(
     path: &std::path::Path,
     key: &str,
 ) -> Result<(tokio::net::UnixListener, SocketFile), String> {
-    if path.exists() {
-        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    let shown = |e: std::io::Error| format!("[api] {key} unix:{}: {e}", path.display());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("[api] {key} unix:{}: {e}", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staged = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let l = tokio::net::UnixListener::bind(&staged).map_err(shown)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::fs::rename(&staged, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(shown(e));
+    }
     let guard = SocketFile {
         path: path.to_path_buf(),
         inode: inode(path),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((l, guard))
 }
 

@@ -177,7 +177,7 @@ shutdown_grace = "2s"
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The Unix socket is bound first; the TCP listener a moment later.
+        // serve binds its TCP listeners before the Unix socket, which appears only once it listens.
         while std::net::TcpStream::connect(self.tcp).is_err() {
             assert!(Instant::now() < deadline, "mpool serve did not listen on {}; log:\n{}", self.tcp, self.log());
             std::thread::sleep(Duration::from_millis(20));
