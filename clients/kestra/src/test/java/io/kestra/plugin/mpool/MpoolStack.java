@@ -261,5 +261,11 @@ public final class MpoolStack {
                 }
             }
         }
+        // The stack's directory (sockets, store, simulated VMs) goes with it.
+        try (var paths = Files.walk(dir)) {
+            paths.sorted(java.util.Comparator.reverseOrder()).forEach(f -> f.toFile().delete());
+        } catch (IOException ignored) {
+            // best effort at JVM exit
+        }
     }
 }
