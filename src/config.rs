@@ -150,6 +150,9 @@ pub struct ApiConfig {
     /// `max_upload` (default `1G`): the largest file an Upload (or all inputs of a Run together)
     /// may write, in bytes; at least 1.
     pub max_upload: u64,
+    /// `max_download` (default `1G`): the largest file a Download (or one output of a Run) may
+    /// read, in bytes, checked against the file's size before reading; at least 1.
+    pub max_download: u64,
 }
 
 impl Default for ApiConfig {
@@ -163,6 +166,7 @@ impl Default for ApiConfig {
             metrics_listen: None,
             http_listen: None,
             max_upload: DEFAULT_MAX_UPLOAD,
+            max_download: DEFAULT_MAX_UPLOAD,
         }
     }
 }
@@ -584,6 +588,7 @@ struct RawApi {
     metrics_listen: Field<String>,
     http_listen: Field<String>,
     max_upload: Field<String>,
+    max_download: Field<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -906,27 +911,8 @@ impl Checker<'_> {
         {
             self.fail("api.metrics_listen", Some(span.clone()), format!("{a} is already used by {other}; pick another port"));
         }
-        let max_upload = match &raw.max_upload {
-            None => d.max_upload,
-            Some(v) => match parse_size(v.get_ref()) {
-                Some(b) if b > 0 => b,
-                Some(_) => {
-                    self.fail("api.max_upload", Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
-                    d.max_upload
-                }
-                None => {
-                    self.fail(
-                        "api.max_upload",
-                        Some(v.span()),
-                        format!(
-                            "{:?} is not a size; write a number with K, M, G or T (e.g. \"64M\", \"1G\"), or plain digits for bytes",
-                            v.get_ref()
-                        ),
-                    );
-                    d.max_upload
-                }
-            },
-        };
+        let max_upload = self.size_limit("api.max_upload", &raw.max_upload, d.max_upload);
+        let max_download = self.size_limit("api.max_download", &raw.max_download, d.max_download);
         ApiConfig {
             listen,
             tls_cert,
@@ -936,6 +922,32 @@ impl Checker<'_> {
             metrics_listen: metrics_listen.map(|(a, _)| a),
             http_listen: http_listen.map(|(l, _)| l),
             max_upload,
+            max_download,
+        }
+    }
+
+    /// A byte limit such as `max_upload`: a size of at least 1 byte, else `default`.
+    fn size_limit(&mut self, key: &str, raw: &Field<String>, default: u64) -> u64 {
+        match raw {
+            None => default,
+            Some(v) => match parse_size(v.get_ref()) {
+                Some(b) if b > 0 => b,
+                Some(_) => {
+                    self.fail(key, Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
+                    default
+                }
+                None => {
+                    self.fail(
+                        key,
+                        Some(v.span()),
+                        format!(
+                            "{:?} is not a size; write a number with K, M, G or T (e.g. \"64M\", \"1G\"), or plain digits for bytes",
+                            v.get_ref()
+                        ),
+                    );
+                    default
+                }
+            },
         }
     }
 
@@ -1454,6 +1466,8 @@ reset = "recreate"
         assert_error(&a("max_upload = \"lots\""), &["api.max_upload", "lots", "not a size"]);
         assert_error(&a("max_upload = \"0\""), &["api.max_upload", "at least 1 byte"]);
         assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
+        assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
+        assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
         assert_error(
             &a("listen = [\"127.0.0.1:7070\"]\nhttp_listen = \"127.0.0.1:7070\""),
             &["api.http_listen", "already used by api.listen[0]"],

@@ -43,11 +43,20 @@ pub struct Running {
 /// The multipassd client options of a config.
 pub fn client_options(cfg: &Config, data_dir: PathBuf) -> Result<ClientOptions, String> {
     let mut o = ClientOptions::new(cfg.daemon.data_dir.clone().unwrap_or(data_dir));
-    o.address = cfg.daemon.address.as_deref().map(DaemonAddress::parse).transpose().map_err(|e| e.to_string())?;
+    o.address = cfg
+        .daemon
+        .address
+        .as_deref()
+        .map(DaemonAddress::parse)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     o.identity = cfg.daemon.client_identity();
     o.verification = cfg.daemon.server_verification();
     o.passphrase = match &cfg.daemon.passphrase_file {
-        Some(p) => Some(crate::multipass::trust::read_passphrase_file(p, "[daemon] passphrase_file")?),
+        Some(p) => Some(crate::multipass::trust::read_passphrase_file(
+            p,
+            "[daemon] passphrase_file",
+        )?),
         None => None,
     };
     o.allow_untested_daemon = cfg.daemon.allow_untested_daemon;
@@ -63,7 +72,10 @@ pub async fn connect(opts: &ClientOptions, wait: Option<Duration>) -> Result<Cli
     loop {
         match Client::connect(opts.clone()).await {
             Ok(c) => return Ok(c),
-            Err(e) if e.is_unavailable() && until.is_none_or(|u| tokio::time::Instant::now() + backoff < u) => {
+            Err(e)
+                if e.is_unavailable()
+                    && until.is_none_or(|u| tokio::time::Instant::now() + backoff < u) =>
+            {
                 tracing::warn!("waiting for multipassd: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -76,7 +88,14 @@ pub async fn connect(opts: &ClientOptions, wait: Option<Duration>) -> Result<Cli
 impl Running {
     /// Starts everything; returns once the API listens.
     pub async fn start(cfg: Config, opts: Options) -> Result<Running, String> {
-        let client = connect(&client_options(&cfg, opts.data_dir.clone())?, opts.daemon_wait).await?;
+        // The listeners' settings first: a config `serve` would refuse fails before anything
+        // (daemon connection, store, sockets) is touched.
+        server::check(&cfg.api)?;
+        let client = connect(
+            &client_options(&cfg, opts.data_dir.clone())?,
+            opts.daemon_wait,
+        )
+        .await?;
         tracing::info!(daemon = %client.address(), version = %client.daemon_version(), "connected to multipassd");
         let mut store: Arc<dyn StateStore> = Arc::new(Store::open(&cfg.store.path).map_err(|e| e.to_string())?);
         if opts.store_faults > 0.0 {
@@ -85,6 +104,7 @@ impl Running {
         }
         let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
         let metrics = Metrics::default();
+        metrics.set_pools(cfg.pools.iter().map(|p| p.name.clone()));
         let daemon = MultipassPort::new(client.clone(), cfg.daemon.call_timeout, cfg.daemon.blocking_call_timeout)
             .with_metrics(metrics.clone());
         let ports = Ports::new(Arc::new(daemon), Arc::new(SshAdapter::new(ssh.clone())));
@@ -96,15 +116,34 @@ impl Running {
             priorities: opts.priorities,
             ..Settings::default()
         };
-        let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
-        let service = PoolService::new(engine.clone(), ssh, Limits { max_upload: cfg.api.max_upload, ..Limits::default() }, metrics.clone());
+        let engine =
+            Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
+        let service = PoolService::new(
+            engine.clone(),
+            ssh,
+            Limits {
+                max_upload: cfg.api.max_upload,
+                max_download: cfg.api.max_download,
+                ..Limits::default()
+            },
+            metrics.clone(),
+        );
         let (shutdown, rx) = watch::channel(false);
-        let served = Served { service, engine: engine.clone(), metrics };
+        let served = Served {
+            service,
+            engine: engine.clone(),
+            metrics,
+        };
         let api = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;
         for l in &cfg.api.listen {
             tracing::info!(listen = %l, "mpool.v1 API listening");
         }
-        Ok(Running { engine, shutdown, api: tokio::spawn(api), client })
+        Ok(Running {
+            engine,
+            shutdown,
+            api: tokio::spawn(api),
+            client,
+        })
     }
 
     /// The engine.

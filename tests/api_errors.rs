@@ -116,7 +116,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Acquire on an unknown pool", r, Code::NotFound, &["no pool named \"nope\"", "`mpool status` lists"]);
     let r = c.get_pool(v1::GetPoolRequest { pool: "nope".into() }).await;
     t.row("GetPool of an unknown pool", r, Code::NotFound, &["mpool status"]);
-    let r = c.run(v1::RunRequest { pool: "nope".into(), command: argv(&["true"]), ..Default::default() }).await;
+    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "nope".into(), command: argv(&["true"]), ..Default::default() }])).await;
     t.row("Run on an unknown pool", r, Code::NotFound, &["mpool status"]);
     let r = c.acquire(v1::AcquireRequest::default()).await;
     t.row("Acquire without a pool", r, Code::InvalidArgument, &["pool is required", "ListPools"]);
@@ -186,8 +186,8 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let r = c.exec(exec_req(&id, Some(zero))).await;
     t.row("Exec with a zero timeout", r, Code::InvalidArgument, &["above zero", "omit it"]);
     let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["true"]), exec_id: "x".repeat(200) }).await;
-    t.row("Exec with a 200-byte exec id", r, Code::InvalidArgument, &["exec_id is longer than 128 bytes", "omit it"]);
-    let r = c.run(v1::RunRequest { pool: "ci".into(), command: argv(&[]), ..Default::default() }).await;
+    t.row("Exec with a 200-byte exec id", r, Code::InvalidArgument, &["exec_id is 200 bytes", "limit is 128 bytes", "omit it"]);
+    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&[]), ..Default::default() }])).await;
     t.row("Run with an empty argv", r, Code::InvalidArgument, &["give argv"]);
 
     // Files: the size limit and paths that leave their base.
@@ -195,7 +195,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Upload above [api] max_upload", r, Code::ResourceExhausted, &[&format!("{MAX_UPLOAD} byte limit"), "max_upload"]);
     t.ok("Upload at exactly [api] max_upload", c.upload(upload(&id, "fits.bin", "", vec![7u8; MAX_UPLOAD])).await);
     let big = v1::InputFile { path: "in.bin".into(), data: vec![1u8; MAX_UPLOAD + 1], ..Default::default() };
-    let r = c.run(v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), inputs: vec![big], ..Default::default() }).await;
+    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), inputs: vec![big], ..Default::default() }])).await;
     t.row("Run with inputs above [api] max_upload", r, Code::ResourceExhausted, &["max_upload"]);
     let (_, home, _) = exec(&mut c, &id, &["pwd"]).await.expect("pwd");
     let home = home.trim().to_string();
@@ -226,7 +226,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Acquire with wait above max_wait", r, Code::InvalidArgument, &["wait", "max_wait", "30s"]);
     let r = c.renew(v1::RenewRequest { lease_id: id.clone(), ttl: dur(7200) }).await;
     t.row("Renew with ttl above max_ttl", r, Code::InvalidArgument, &["max_ttl"]);
-    let r = c.run(v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), ttl: neg, ..Default::default() }).await;
+    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), ttl: neg, ..Default::default() }])).await;
     t.row("Run with a negative ttl", r, Code::InvalidArgument, &["non-negative"]);
 
     // No VM within the wait.
@@ -267,7 +267,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     assert!(theirs.iter().all(|l| l.id != mine.id), "another token does not see the lease: {theirs:?}");
     let r = ci_only.acquire(v1::AcquireRequest { pool: "other".into(), ..Default::default() }).await;
     t.row("Acquire on a pool the token may not use", r, Code::PermissionDenied, &["may not use pool \"other\"", "tokens file"]);
-    let r = ci_only.run(v1::RunRequest { pool: "other".into(), command: argv(&["true"]), ..Default::default() }).await;
+    let r = ci_only.run(futures::stream::iter([v1::RunRequest { pool: "other".into(), command: argv(&["true"]), ..Default::default() }])).await;
     t.row("Run on a pool the token may not use", r, Code::PermissionDenied, &["may not use pool"]);
     let r = ci_only.get_pool(v1::GetPoolRequest { pool: "other".into() }).await;
     t.row("GetPool of a pool the token may not use", r, Code::PermissionDenied, &["may not use pool"]);

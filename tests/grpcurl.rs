@@ -264,12 +264,14 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     e.expect_code(64 + 9, "Exec on a released lease");
     assert!(e.stderr.contains("Code: FailedPrecondition") && e.stderr.contains("acquire a new one"), "{}", e.stderr);
 
-    // Run: lease, output, result with the outputs (base64) and the missing one marked.
+    // Run: lease, output, output files as chunk events (base64), the result listing them with
+    // the missing one marked. The request is a stream: the description, then input chunks.
     let r = g
         .call(
             "mpool.v1.Pool/Run",
             r#"{"pool": "ci", "holder": "grpcurl-run", "command": {"script": "cat in.txt; echo result > out.txt; echo warn >&2; exit 5"},
-                "inputs": [{"path": "in.txt", "text": "input text\n"}], "outputs": ["out.txt", "absent.txt"]}"#,
+                "inputs": [{"path": "in.txt", "text": "input "}], "outputs": ["out.txt", "absent.txt"]}
+               {"chunk": {"input": 0, "data": "dGV4dAo="}}"#,
         )
         .await;
     r.expect_code(0, "Run");
@@ -281,7 +283,10 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     let result = &events.last().expect("events")["result"];
     assert_eq!(result["exit"]["code"], 5, "{result}");
     assert_eq!(result["outputs"][0]["path"], "out.txt");
-    assert_eq!(result["outputs"][0]["data"].as_str(), Some(base64(b"result\n").as_str()), "{result}");
+    let chunks: Vec<&Value> = events.iter().filter_map(|e| e.get("output")).collect();
+    assert_eq!(chunks.len(), 1, "one chunk for the small output: {events:?}");
+    assert_eq!(chunks[0]["data"].as_str(), Some(base64(b"result\n").as_str()), "{events:?}");
+    assert_eq!(result["outputs"][0]["size"], "7", "{result}");
     assert_eq!((result["outputs"][1]["path"].as_str(), result["outputs"][1]["missing"].as_bool()), (Some("absent.txt"), Some(true)));
     for k in ["acquire", "upload", "exec", "download", "total"] {
         assert!(result["timings"][k].as_str().is_some_and(|d| d.ends_with('s')), "timings.{k}: {result}");
@@ -467,5 +472,6 @@ async fn the_cheat_sheet_runs_as_written() {
     assert!(o.stdout.contains("\"stdout\": \"hello\\n\"") && o.stdout.contains("\"code\": 3"), "{}", o.stdout);
     assert!(o.stdout.contains("hi from /"), "the script Exec with env: {}", o.stdout);
     assert!(o.stdout.contains("\"stdout\": \"hello from grpcurl\\n\""), "Run's input: {}", o.stdout);
+    assert!(o.stdout.contains("\"stdout\": \"first chunk, second chunk\\n\""), "Run's chunked input: {}", o.stdout);
     assert!(o.stdout.contains("\"stdout\": \"over tls\\n\""), "Run over TLS: {}", o.stdout);
 }

@@ -10,12 +10,24 @@ use crate::proto::v1;
 use crate::ssh::SshError;
 use crate::store::LeaseRecord;
 
-/// A proto duration as a std one; negative or out-of-range values are INVALID_ARGUMENT.
-pub fn duration(field: &str, d: Option<&prost_types::Duration>) -> Result<Option<Duration>, Status> {
+/// The longest duration a caller may send (ttl, wait, command timeout, ...): 366 days. Anything
+/// above is refused at the edge, so no later arithmetic on it (deadlines, expiry times) can
+/// overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A proto duration as a std one; negative or out-of-range values (above [`MAX_DURATION`]) are
+/// INVALID_ARGUMENT naming the field and the allowed range.
+pub fn duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+) -> Result<Option<Duration>, Status> {
     let Some(d) = d else { return Ok(None) };
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+    let max = MAX_DURATION.as_secs();
+    let valid = (0..1_000_000_000).contains(&d.nanos)
+        && u64::try_from(d.seconds).is_ok_and(|s| s < max || (s == max && d.nanos == 0));
+    if !valid {
         return Err(Status::invalid_argument(format!(
-            "{field} must be a non-negative duration such as \"30s\" (got {}s {}ns)",
+            "{field} must be a non-negative duration of at most {max}s (366 days), such as \"30s\" (got {}s {}ns)",
             d.seconds, d.nanos
         )));
     }
@@ -24,7 +36,10 @@ pub fn duration(field: &str, d: Option<&prost_types::Duration>) -> Result<Option
 
 /// A std duration as a proto one.
 pub fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration { seconds: d.as_secs().min(i64::MAX as u64) as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Duration {
+        seconds: d.as_secs().min(i64::MAX as u64) as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 /// Unix milliseconds as a proto timestamp.
@@ -60,13 +75,19 @@ pub fn lease_record(r: &LeaseRecord) -> v1::Lease {
 
 /// A granted lease as the proto message.
 pub fn lease(info: &LeaseInfo) -> v1::Lease {
-    v1::Lease { served: served(info.served) as i32, waited: Some(proto_duration(info.waited)), ..lease_record(&info.record) }
+    v1::Lease {
+        served: served(info.served) as i32,
+        waited: Some(proto_duration(info.waited)),
+        ..lease_record(&info.record)
+    }
 }
 
 /// The status for an engine error, with a message that says what to do.
 pub fn engine_status(e: EngineError) -> Status {
     let message = match &e {
-        EngineError::UnknownLease(_) => format!("{e}: acquire a new lease (ListLeases shows the leases you hold)"),
+        EngineError::UnknownLease(_) => {
+            format!("{e}: acquire a new lease (ListLeases shows the leases you hold)")
+        }
         EngineError::NotOwner(id) => format!(
             "lease {id} belongs to another client: only the token that acquired it (or an admin token) may use it; \
              acquire your own lease"
@@ -89,7 +110,9 @@ pub fn ssh_status(e: SshError) -> Status {
         SshError::NoSuchFile { .. } => Code::NotFound,
         SshError::PermissionDenied { .. } => Code::PermissionDenied,
         SshError::DiskFull { .. } => Code::ResourceExhausted,
-        SshError::AuthRefused { .. } | SshError::InvalidKey { .. } | SshError::HostKeyMismatch { .. } => Code::FailedPrecondition,
+        SshError::AuthRefused { .. }
+        | SshError::InvalidKey { .. }
+        | SshError::HostKeyMismatch { .. } => Code::FailedPrecondition,
         _ => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -146,11 +169,57 @@ mod tests {
 
     #[test]
     fn durations_are_checked() {
-        assert!(duration("ttl", Some(&prost_types::Duration { seconds: -1, nanos: 0 })).is_err());
+        assert!(
+            duration(
+                "ttl",
+                Some(&prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0
+                })
+            )
+            .is_err()
+        );
         assert_eq!(
-            duration("ttl", Some(&prost_types::Duration { seconds: 3, nanos: 5 })).unwrap(),
+            duration(
+                "ttl",
+                Some(&prost_types::Duration {
+                    seconds: 3,
+                    nanos: 5
+                })
+            )
+            .unwrap(),
             Some(Duration::new(3, 5))
         );
         assert_eq!(duration("ttl", None).unwrap(), None);
+        for (seconds, nanos) in [
+            (i64::MAX, 0),
+            (31_622_400, 1),
+            (31_622_401, 0),
+            (0, 1_000_000_000),
+            (0, -1),
+        ] {
+            let e = duration(
+                "command.timeout",
+                Some(&prost_types::Duration { seconds, nanos }),
+            )
+            .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(
+                e.message().contains("command.timeout") && e.message().contains("31622400s"),
+                "{}",
+                e.message()
+            );
+        }
+        assert_eq!(
+            duration(
+                "ttl",
+                Some(&prost_types::Duration {
+                    seconds: 31_622_400,
+                    nanos: 0
+                })
+            )
+            .unwrap(),
+            Some(MAX_DURATION)
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UNKNOWN};
 
 /// The layer.
 #[derive(Clone)]
@@ -28,7 +28,10 @@ impl ErrorCounter {
 impl<S> tower::Layer<S> for ErrorCounter {
     type Service = Counted<S>;
     fn layer(&self, inner: S) -> Counted<S> {
-        Counted { inner, metrics: self.metrics.clone() }
+        Counted {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -53,20 +56,58 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_string();
+        let method = method_label(req.uri().path()).to_string();
         let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
             oversize_to_resource_exhausted(resp.headers_mut());
-            if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<i32>().ok())
+            if let Some(code) = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<i32>().ok())
                 && code != 0
             {
                 let code = format!("{:?}", tonic::Code::from_i32(code));
-                metrics.count("mpool_grpc_errors_total", vec![("method", method), ("code", code)], 1);
+                metrics.count(
+                    "mpool_grpc_errors_total",
+                    vec![("method", method), ("code", code)],
+                    1,
+                );
             }
             Ok(resp)
         })
+    }
+}
+
+/// The methods the API listeners serve, as `/package.Service/Method` paths. Only these become
+/// `method` label values; anything else a caller invents is counted as [`UNKNOWN`].
+const METHODS: &[&str] = &[
+    "/mpool.v1.Pool/Acquire",
+    "/mpool.v1.Pool/Renew",
+    "/mpool.v1.Pool/Release",
+    "/mpool.v1.Pool/Exec",
+    "/mpool.v1.Pool/CancelExec",
+    "/mpool.v1.Pool/Upload",
+    "/mpool.v1.Pool/Download",
+    "/mpool.v1.Pool/Run",
+    "/mpool.v1.Pool/ListPools",
+    "/mpool.v1.Pool/GetPool",
+    "/mpool.v1.Pool/ListVms",
+    "/mpool.v1.Pool/ListLeases",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The `method` label of a request path: the method's name when it is one the server serves
+/// (`Acquire`, `Check`, ...), else [`UNKNOWN`], so the label set stays bounded whatever callers send.
+fn method_label(path: &str) -> &str {
+    match METHODS.iter().find(|m| **m == path) {
+        Some(m) => m.rsplit('/').next().unwrap_or(UNKNOWN),
+        None => UNKNOWN,
     }
 }
 
@@ -78,7 +119,10 @@ fn oversize_to_resource_exhausted(headers: &mut http::HeaderMap) {
     if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some(out_of_range.as_str()) {
         return;
     }
-    let message = headers.get("grpc-message").map(|v| percent_decode(v.as_bytes())).unwrap_or_default();
+    let message = headers
+        .get("grpc-message")
+        .map(|v| percent_decode(v.as_bytes()))
+        .unwrap_or_default();
     if !message.contains("message length too large") {
         return;
     }
@@ -94,7 +138,10 @@ fn oversize_to_resource_exhausted(headers: &mut http::HeaderMap) {
         super::server::MAX_MESSAGE
     );
     let code = (tonic::Code::ResourceExhausted as i32).to_string();
-    if let (Ok(status), Ok(msg)) = (http::HeaderValue::from_str(&code), http::HeaderValue::from_str(&percent_encode(&text))) {
+    if let (Ok(status), Ok(msg)) = (
+        http::HeaderValue::from_str(&code),
+        http::HeaderValue::from_str(&percent_encode(&text)),
+    ) {
         headers.insert("grpc-status", status);
         headers.insert("grpc-message", msg);
     }
@@ -138,6 +185,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn method_labels_are_the_served_methods_only() {
+        use prost::Message;
+        // Every method of mpool.v1.Pool in the proto has its label; nothing else does.
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let pool = set
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(move |s| (f.package(), s)))
+            .find(|(pkg, s)| *pkg == "mpool.v1" && s.name() == "Pool")
+            .expect("mpool.v1.Pool");
+        for m in &pool.1.method {
+            let path = format!("/mpool.v1.Pool/{}", m.name());
+            assert_eq!(
+                method_label(&path),
+                m.name(),
+                "{path} is missing from METHODS"
+            );
+        }
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Check");
+        assert_eq!(method_label("/mpool.v1.Pool/NoSuchMethod"), UNKNOWN);
+        assert_eq!(method_label("/evil/Acquire"), UNKNOWN);
+        assert_eq!(method_label(""), UNKNOWN);
+    }
+
+    #[test]
     fn oversize_messages_become_resource_exhausted() {
         let mut h = http::HeaderMap::new();
         h.insert("grpc-status", http::HeaderValue::from_static("11"));
@@ -148,11 +221,17 @@ mod tests {
         oversize_to_resource_exhausted(&mut h);
         assert_eq!(h.get("grpc-status").unwrap(), "8");
         let msg = percent_decode(h.get("grpc-message").unwrap().as_bytes());
-        assert!(msg.contains("10000009 bytes") && msg.contains("Upload"), "{msg}");
+        assert!(
+            msg.contains("10000009 bytes") && msg.contains("Upload"),
+            "{msg}"
+        );
         // Other OUT_OF_RANGE statuses are left alone.
         let mut h = http::HeaderMap::new();
         h.insert("grpc-status", http::HeaderValue::from_static("11"));
-        h.insert("grpc-message", http::HeaderValue::from_static("offset%20past%20the%20end"));
+        h.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("offset%20past%20the%20end"),
+        );
         oversize_to_resource_exhausted(&mut h);
         assert_eq!(h.get("grpc-status").unwrap(), "11");
         assert_eq!(percent_decode(b"a%25b%C3%A9"), "a%b\u{e9}");

@@ -43,8 +43,11 @@ use crate::pool::engine::Engine;
 use crate::proto::v1;
 use crate::proto::v1::pool_server::Pool;
 
-/// Largest request body (base64 inputs of a Run included).
+/// Largest request body (base64 inputs of a Run included); larger bodies get 413.
 pub const MAX_BODY: usize = 2 * super::server::MAX_MESSAGE;
+/// Most output file bytes one Run answer carries (before base64): a larger output is listed with
+/// `omitted: true` and no data, never failing the answer (the exit code is always there).
+pub const MAX_OUTPUTS: usize = 8 << 20;
 /// Stdout and stderr are each cut after this many bytes (the `...Truncated` flags say so).
 pub const MAX_STREAM: usize = 1 << 20;
 /// `Retry-After` (seconds) on 503 answers.
@@ -118,19 +121,30 @@ fn respond(status: StatusCode, body: &Value) -> Resp {
     text.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn error_response(s: &Status) -> Resp {
     let status = http_status(s.code());
-    let mut r = respond(status, &json!({ "code": code_name(s.code()), "message": s.message() }));
+    let mut r = respond(
+        status,
+        &json!({ "code": code_name(s.code()), "message": s.message() }),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(RETRY_AFTER_SECS));
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(RETRY_AFTER_SECS),
+        );
     }
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer realm=\"mpool\""));
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"mpool\""),
+        );
     }
     r
 }
@@ -143,7 +157,11 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 pub fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -202,11 +220,14 @@ fn duration_json(d: Option<&prost_types::Duration>) -> Value {
 }
 
 fn timestamp_json(t: Option<&prost_types::Timestamp>) -> Value {
-    t.map(|t| Value::String(t.to_string())).unwrap_or(Value::Null)
+    t.map(|t| Value::String(t.to_string()))
+        .unwrap_or(Value::Null)
 }
 
 fn served_name(v: i32) -> &'static str {
-    v1::Served::try_from(v).unwrap_or(v1::Served::Unspecified).as_str_name()
+    v1::Served::try_from(v)
+        .unwrap_or(v1::Served::Unspecified)
+        .as_str_name()
 }
 
 fn lease_json(l: &v1::Lease) -> Value {
@@ -278,7 +299,10 @@ impl Capped {
 }
 
 fn exit_json(out: &mut serde_json::Map<String, Value>, exit: Option<&v1::ExitStatus>) {
-    let default = v1::ExitStatus { code: -1, ..Default::default() };
+    let default = v1::ExitStatus {
+        code: -1,
+        ..Default::default()
+    };
     let x = exit.unwrap_or(&default);
     out.insert("exitCode".into(), json!(x.code));
     out.insert("signal".into(), json!(x.signal));
@@ -373,7 +397,10 @@ struct RenewJson {
     ttl: Option<String>,
 }
 
-fn parse_duration(field: &str, text: Option<&str>) -> Result<Option<prost_types::Duration>, Failure> {
+fn parse_duration(
+    field: &str,
+    text: Option<&str>,
+) -> Result<Option<prost_types::Duration>, Failure> {
     let Some(text) = text else { return Ok(None) };
     text.trim()
         .parse::<prost_types::Duration>()
@@ -391,10 +418,14 @@ fn shell(v: Option<&Value>) -> Result<i32, Failure> {
             .filter(|n| v1::ScriptShell::try_from(*n).is_ok())
             .ok_or_else(|| bad(format!("command.shell: {n} is not a shell; use {names}"))),
         Some(Value::String(s)) => v1::ScriptShell::from_str_name(s)
-            .or_else(|| v1::ScriptShell::from_str_name(&format!("SCRIPT_SHELL_{}", s.to_ascii_uppercase())))
+            .or_else(|| {
+                v1::ScriptShell::from_str_name(&format!("SCRIPT_SHELL_{}", s.to_ascii_uppercase()))
+            })
             .map(|s| s as i32)
             .ok_or_else(|| bad(format!("command.shell: {s:?} is not a shell; use {names}"))),
-        Some(other) => Err(bad(format!("command.shell: {other} is not a shell; use {names}"))),
+        Some(other) => Err(bad(format!(
+            "command.shell: {other} is not a shell; use {names}"
+        ))),
     }
 }
 
@@ -433,7 +464,11 @@ fn tonic_request<T>(principal: &Option<Principal>, msg: T) -> tonic::Request<T> 
 impl JsonApi {
     /// The facade over `service`, authenticating callers with `auth`.
     pub fn new(service: PoolService, engine: Engine, auth: Auth) -> JsonApi {
-        JsonApi { service, engine, auth }
+        JsonApi {
+            service,
+            engine,
+            auth,
+        }
     }
 
     /// Answers one request.
@@ -443,8 +478,15 @@ impl JsonApi {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if parts.method == Method::GET && segments == ["healthz"] {
             let ok = *self.engine.healthy().borrow();
-            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            return respond(status, &json!({ "status": if ok { "SERVING" } else { "NOT_SERVING" } }));
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return respond(
+                status,
+                &json!({ "status": if ok { "SERVING" } else { "NOT_SERVING" } }),
+            );
         }
         let mut check = tonic::Request::new(());
         *check.metadata_mut() = tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
@@ -454,39 +496,84 @@ impl JsonApi {
         };
         let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                let message = format!(
+                    "the request body is larger than the HTTP facade's limit of {MAX_BODY} bytes: send large input files \
+                     with the gRPC API (Run streams inputs in chunks up to the server's max_upload) or `mpool run --put`"
+                );
+                return respond(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &json!({ "code": code_name(Code::ResourceExhausted), "message": message }),
+                );
+            }
             Err(e) => {
-                let s = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    Status::resource_exhausted(format!("request body is larger than {MAX_BODY} bytes"))
-                } else {
-                    Status::invalid_argument(format!("reading the request body: {e}"))
-                };
-                return error_response(&s);
+                return error_response(&Status::invalid_argument(format!(
+                    "reading the request body: {e}"
+                )));
             }
         };
-        let result = self.route(&parts.method, &segments, &principal, &body).await;
+        let result = self
+            .route(&parts.method, &segments, &principal, &body)
+            .await;
         match result {
             Ok(v) => respond(StatusCode::OK, &v),
             Err(Failure(s)) => error_response(&s),
         }
     }
 
-    async fn route(&self, method: &Method, seg: &[&str], p: &Option<Principal>, body: &[u8]) -> Result<Value, Failure> {
+    async fn route(
+        &self,
+        method: &Method,
+        seg: &[&str],
+        p: &Option<Principal>,
+        body: &[u8],
+    ) -> Result<Value, Failure> {
         let s = &self.service;
         match (method, seg) {
             (&Method::GET, ["v1", "pools"]) => {
-                let r = s.list_pools(tonic_request(p, v1::ListPoolsRequest {})).await?.into_inner();
+                let r = s
+                    .list_pools(tonic_request(p, v1::ListPoolsRequest {}))
+                    .await?
+                    .into_inner();
                 Ok(json!({ "pools": r.pools.iter().map(pool_json).collect::<Vec<_>>() }))
             }
             (&Method::GET, ["v1", "pools", pool]) => {
-                let r = s.get_pool(tonic_request(p, v1::GetPoolRequest { pool: pool.to_string() })).await?.into_inner();
+                let r = s
+                    .get_pool(tonic_request(
+                        p,
+                        v1::GetPoolRequest {
+                            pool: pool.to_string(),
+                        },
+                    ))
+                    .await?
+                    .into_inner();
                 Ok(pool_json(&r))
             }
             (&Method::GET, ["v1", "leases"]) => {
-                let r = s.list_leases(tonic_request(p, v1::ListLeasesRequest { pool: String::new() })).await?.into_inner();
+                let r = s
+                    .list_leases(tonic_request(
+                        p,
+                        v1::ListLeasesRequest {
+                            pool: String::new(),
+                        },
+                    ))
+                    .await?
+                    .into_inner();
                 Ok(json!({ "leases": r.leases.iter().map(lease_json).collect::<Vec<_>>() }))
             }
             (&Method::GET, ["v1", "vms"]) => {
-                let r = s.list_vms(tonic_request(p, v1::ListVmsRequest { pool: String::new() })).await?.into_inner();
+                let r = s
+                    .list_vms(tonic_request(
+                        p,
+                        v1::ListVmsRequest {
+                            pool: String::new(),
+                        },
+                    ))
+                    .await?
+                    .into_inner();
                 let vms: Vec<Value> = r
                     .vms
                     .iter()
@@ -506,22 +593,43 @@ impl JsonApi {
                     ttl: parse_duration("ttl", b.ttl.as_deref())?,
                     wait: parse_duration("wait", b.wait.as_deref())?,
                 };
-                Ok(lease_json(&s.acquire(tonic_request(p, req)).await?.into_inner()))
+                Ok(lease_json(
+                    &s.acquire(tonic_request(p, req)).await?.into_inner(),
+                ))
             }
-            (&Method::POST, ["v1", "pools", pool, "run"]) => self.run(pool, p, body_json(body)?).await,
-            (&Method::POST, ["v1", "leases", id, "exec"]) => self.exec(id, p, body_json(body)?).await,
+            (&Method::POST, ["v1", "pools", pool, "run"]) => {
+                self.run(pool, p, body_json(body)?).await
+            }
+            (&Method::POST, ["v1", "leases", id, "exec"]) => {
+                self.exec(id, p, body_json(body)?).await
+            }
             (&Method::POST, ["v1", "leases", id, "execs", exec_id, "cancel"]) => {
-                let req = v1::CancelExecRequest { lease_id: id.to_string(), exec_id: exec_id.to_string() };
+                let req = v1::CancelExecRequest {
+                    lease_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                };
                 let r = s.cancel_exec(tonic_request(p, req)).await?.into_inner();
                 Ok(json!({ "cancelled": r.cancelled }))
             }
             (&Method::POST, ["v1", "leases", id, "renew"]) => {
                 let b: RenewJson = body_json(body)?;
-                let req = v1::RenewRequest { lease_id: id.to_string(), ttl: parse_duration("ttl", b.ttl.as_deref())? };
-                Ok(lease_json(&s.renew(tonic_request(p, req)).await?.into_inner()))
+                let req = v1::RenewRequest {
+                    lease_id: id.to_string(),
+                    ttl: parse_duration("ttl", b.ttl.as_deref())?,
+                };
+                Ok(lease_json(
+                    &s.renew(tonic_request(p, req)).await?.into_inner(),
+                ))
             }
-            (&Method::DELETE, ["v1", "leases", id]) | (&Method::POST, ["v1", "leases", id, "release"]) => {
-                s.release(tonic_request(p, v1::ReleaseRequest { lease_id: id.to_string() })).await?;
+            (&Method::DELETE, ["v1", "leases", id])
+            | (&Method::POST, ["v1", "leases", id, "release"]) => {
+                s.release(tonic_request(
+                    p,
+                    v1::ReleaseRequest {
+                        lease_id: id.to_string(),
+                    },
+                ))
+                .await?;
                 Ok(json!({}))
             }
             _ => Err(Failure(Status::not_found(format!(
@@ -536,10 +644,17 @@ impl JsonApi {
         let mut inputs = Vec::with_capacity(b.inputs.len());
         for (i, f) in b.inputs.into_iter().enumerate() {
             let data = match &f.data {
-                Some(d) => base64_decode(d).ok_or_else(|| bad(format!("inputs[{i}].data: not base64")))?,
+                Some(d) => {
+                    base64_decode(d).ok_or_else(|| bad(format!("inputs[{i}].data: not base64")))?
+                }
                 None => Vec::new(),
             };
-            inputs.push(v1::InputFile { path: f.path, data, text: f.text, mode: f.mode });
+            inputs.push(v1::InputFile {
+                path: f.path,
+                data,
+                text: f.text,
+                mode: f.mode,
+            });
         }
         let req = v1::RunRequest {
             pool: pool.to_string(),
@@ -550,27 +665,50 @@ impl JsonApi {
             outputs: b.outputs,
             wait: parse_duration("wait", b.wait.as_deref())?,
             ttl: parse_duration("ttl", b.ttl.as_deref())?,
+            chunk: None,
+            max_output_size: MAX_OUTPUTS as u64,
         };
-        let mut stream = self.service.run(tonic_request(p, req)).await?.into_inner();
+        let mut stream = self
+            .service
+            .run_stream(p.clone(), futures::stream::iter([Ok(req)]))
+            .await?;
         let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
         let mut lease = None;
         let mut result = None;
+        // Output content by index; `None` once it no longer fits in the answer.
+        let mut data: HashMap<u32, Option<Vec<u8>>> = HashMap::new();
+        let mut total = 0usize;
         use tokio_stream::StreamExt;
         while let Some(ev) = stream.next().await {
             match ev?.event {
                 Some(v1::run_event::Event::Lease(l)) => lease = Some(l),
                 Some(v1::run_event::Event::Stdout(t)) => stdout.push(&t),
                 Some(v1::run_event::Event::Stderr(t)) => stderr.push(&t),
+                Some(v1::run_event::Event::Output(c)) => {
+                    let slot = data.entry(c.output).or_insert_with(|| Some(Vec::new()));
+                    if total + c.data.len() > MAX_OUTPUTS {
+                        if let Some(d) = slot.take() {
+                            total -= d.len();
+                        }
+                    } else if let Some(d) = slot {
+                        total += c.data.len();
+                        d.extend_from_slice(&c.data);
+                    }
+                }
                 Some(v1::run_event::Event::Result(r)) => result = Some(r),
                 None => {}
             }
         }
-        let r = result.ok_or_else(|| Failure(Status::internal("the run ended without a result")))?;
+        let r =
+            result.ok_or_else(|| Failure(Status::internal("the run ended without a result")))?;
         let mut out = serde_json::Map::new();
         exit_json(&mut out, r.exit.as_ref());
         streams_json(&mut out, stdout, stderr);
         out.insert("vm".into(), json!(r.vm));
-        out.insert("leaseId".into(), json!(lease.map(|l| l.id).unwrap_or_default()));
+        out.insert(
+            "leaseId".into(),
+            json!(lease.map(|l| l.id).unwrap_or_default()),
+        );
         out.insert("served".into(), json!(served_name(r.served)));
         let t = r.timings.unwrap_or_default();
         out.insert(
@@ -586,14 +724,49 @@ impl JsonApi {
         let files: Vec<Value> = r
             .outputs
             .iter()
-            .map(|f| json!({ "path": f.path, "data": base64_encode(&f.data), "mode": f.mode, "missing": f.missing }))
+            .enumerate()
+            .map(|(i, f)| {
+                let sent = data.remove(&(i as u32));
+                let (bytes, omitted, error) = match sent {
+                    Some(None) if f.error.is_empty() => (
+                        None,
+                        true,
+                        format!(
+                            "{} ({} bytes) does not fit in the answer: outputs are limited to {MAX_OUTPUTS} bytes together \
+                             here; use gRPC Run or Download for large files",
+                            f.path, f.size
+                        ),
+                    ),
+                    Some(d) if f.error.is_empty() => (d, false, String::new()),
+                    _ => (None, f.omitted, f.error.clone()),
+                };
+                let ok = !f.missing && error.is_empty();
+                json!({
+                    "path": f.path,
+                    "data": if ok { base64_encode(bytes.as_deref().unwrap_or_default()) } else { String::new() },
+                    "mode": f.mode,
+                    "missing": f.missing,
+                    "size": f.size.to_string(),
+                    "omitted": omitted,
+                    "error": error,
+                })
+            })
             .collect();
         out.insert("outputs".into(), Value::Array(files));
         Ok(Value::Object(out))
     }
 
-    async fn exec(&self, lease: &str, p: &Option<Principal>, b: ExecJson) -> Result<Value, Failure> {
-        let req = v1::ExecRequest { lease_id: lease.to_string(), command: command(b.command)?, exec_id: b.exec_id };
+    async fn exec(
+        &self,
+        lease: &str,
+        p: &Option<Principal>,
+        b: ExecJson,
+    ) -> Result<Value, Failure> {
+        let req = v1::ExecRequest {
+            lease_id: lease.to_string(),
+            command: command(b.command)?,
+            exec_id: b.exec_id,
+        };
         let mut stream = self.service.exec(tonic_request(p, req)).await?.into_inner();
         let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
         let (mut exec_id, mut exit) = (String::new(), None);
@@ -607,7 +780,11 @@ impl JsonApi {
                 None => {}
             }
         }
-        let x = exit.ok_or_else(|| Failure(Status::unavailable("the command's stream ended without an exit status")))?;
+        let x = exit.ok_or_else(|| {
+            Failure(Status::unavailable(
+                "the command's stream ended without an exit status",
+            ))
+        })?;
         let mut out = serde_json::Map::new();
         out.insert("execId".into(), json!(exec_id));
         exit_json(&mut out, Some(&x));
@@ -662,7 +839,16 @@ mod tests {
 
     #[test]
     fn base64_round_trips() {
-        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0, 255, 128, 7]] {
+        for data in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0, 255, 128, 7],
+        ] {
             let text = base64_encode(data);
             assert_eq!(base64_decode(&text).unwrap(), data, "{text}");
         }
@@ -680,9 +866,18 @@ mod tests {
         assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
         assert_eq!(http_status(Code::FailedPrecondition), StatusCode::CONFLICT);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(http_status(Code::Internal), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            http_status(Code::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            http_status(Code::Internal),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         let r = error_response(&Status::resource_exhausted("pool empty"));
         assert_eq!(r.headers().get("retry-after").unwrap(), "5");
     }
@@ -709,7 +904,13 @@ mod tests {
         assert_eq!(b.request_id, "r1");
         let c = command(b.command).unwrap().unwrap();
         assert_eq!(c.shell, v1::ScriptShell::Sh as i32);
-        assert_eq!(c.timeout, Some(prost_types::Duration { seconds: 1, nanos: 500_000_000 }));
+        assert_eq!(
+            c.timeout,
+            Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+        );
         let b: AcquireJson = body_json(br#"{"request_id":"x"}"#).unwrap();
         assert_eq!(b.request_id, "x");
         assert!(body_json::<RunJson>(br#"{"comand":{}}"#).is_err());

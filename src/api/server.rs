@@ -41,7 +41,11 @@ fn loopback(addr: &SocketAddr) -> bool {
 }
 
 /// Decides how a TCP listener authenticates, refusing insecure setups with the fix.
-fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<Tokens>>) -> Result<Auth, String> {
+fn tcp_auth(
+    cfg: &ApiConfig,
+    addr: &SocketAddr,
+    tokens: &Option<Arc<Tokens>>,
+) -> Result<Auth, String> {
     if !loopback(addr) && cfg.tls_cert.is_none() {
         return Err(format!(
             "[api] listen {addr}: TCP beyond loopback needs TLS; set tls_cert and tls_key (and tokens_file or client_ca)"
@@ -57,7 +61,9 @@ fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<Tokens>>) ->
 }
 
 fn tls_config(cfg: &ApiConfig) -> Result<Option<ServerTlsConfig>, String> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
     if let Some(ca) = &cfg.client_ca {
@@ -69,10 +75,14 @@ fn tls_config(cfg: &ApiConfig) -> Result<Option<ServerTlsConfig>, String> {
 /// TLS for the HTTP/JSON facade on TCP: the API's certificate, and client certificates from
 /// `client_ca` when set (as on the gRPC listeners). `None` without `tls_cert`.
 fn http_tls(cfg: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let certs = crate::tls::certs_from_pem(&cert.display().to_string(), &read(cert)?).map_err(|e| e.to_string())?;
-    let key = crate::tls::key_from_pem(&key.display().to_string(), &read(key)?).map_err(|e| e.to_string())?;
+    let certs = crate::tls::certs_from_pem(&cert.display().to_string(), &read(cert)?)
+        .map_err(|e| e.to_string())?;
+    let key = crate::tls::key_from_pem(&key.display().to_string(), &read(key)?)
+        .map_err(|e| e.to_string())?;
     let provider = crate::tls::provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -80,34 +90,114 @@ fn http_tls(cfg: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String
     let builder = match &cfg.client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in crate::tls::certs_from_pem(&ca.display().to_string(), &read(ca)?).map_err(|e| e.to_string())? {
+            for c in crate::tls::certs_from_pem(&ca.display().to_string(), &read(ca)?)
+                .map_err(|e| e.to_string())?
+            {
                 roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("[api] client_ca: {e}"))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("[api] client_ca: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("[api] http_listen TLS: {e}"))?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("[api] http_listen TLS: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
-/// Binds every listener now (so errors surface at start) and returns the future that serves
-/// until `shutdown` turns true.
+/// What [`check`] derived from the config: the tokens, the gRPC TLS config and the HTTP/JSON
+/// facade's TLS acceptor, ready to serve with.
+pub struct Checked {
+    tokens: Option<Arc<Tokens>>,
+    tls: Option<ServerTlsConfig>,
+    http_tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Validates the `[api]` section as serving it would, without binding anything: the tokens
+/// file, the TLS files, and that every TCP listener (gRPC and HTTP) is one `serve` accepts
+/// (authentication set; TLS beyond loopback). `mpool serve --check` and `mpool serve` both
+/// call this, so a config that passes the check is one serve starts with.
+pub fn check(cfg: &ApiConfig) -> Result<Checked, String> {
+    let tokens = match &cfg.tokens_file {
+        Some(p) => Some(Arc::new(Tokens::load(p)?)),
+        None => None,
+    };
+    for listen in cfg.listen.iter().chain(cfg.http_listen.iter()) {
+        if let Listen::Tcp(addr) = listen {
+            tcp_auth(cfg, addr, &tokens)?;
+        }
+    }
+    let tls = tls_config(cfg)?;
+    let http_tls = match &cfg.http_listen {
+        Some(Listen::Tcp(_)) => http_tls(cfg)?,
+        _ => None,
+    };
+    Ok(Checked {
+        tokens,
+        tls,
+        http_tls,
+    })
+}
+
+/// Validates everything ([`check`]), binds the TCP listeners, then the Unix sockets last (so a
+/// config error leaves no socket behind), and returns the future that serves until `shutdown`
+/// turns true and then removes the Unix sockets it bound.
 pub async fn bind(
     cfg: &ApiConfig,
     served: Served,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
-    let tokens = match &cfg.tokens_file {
-        Some(p) => Some(Arc::new(Tokens::load(p)?)),
+    let Checked {
+        tokens,
+        tls,
+        http_tls,
+    } = check(cfg)?;
+    // TCP listeners first: "address in use" and the like surface before any Unix socket exists.
+    let mut tcp = std::collections::HashMap::new();
+    for listen in cfg
+        .listen
+        .iter()
+        .map(|l| (l, "listen"))
+        .chain(cfg.http_listen.iter().map(|l| (l, "http_listen")))
+    {
+        if let (Listen::Tcp(addr), key) = listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("[api] {key} {addr}: {e}"))?;
+            tcp.insert((key, *addr), l);
+        }
+    }
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("[api] metrics_listen {addr}: {e}"))?,
+        ),
         None => None,
     };
-    let tls = tls_config(cfg)?;
+    // Then the Unix sockets; each is removed when serving ends (or if binding a later one fails).
+    let mut sockets = Vec::new();
+    let mut unix = std::collections::HashMap::new();
+    for (listen, key) in cfg
+        .listen
+        .iter()
+        .map(|l| (l, "listen"))
+        .chain(cfg.http_listen.iter().map(|l| (l, "http_listen")))
+    {
+        if let Listen::Unix(path) = listen {
+            let (l, guard) = bind_unix(path, key)?;
+            sockets.push(guard);
+            unix.insert((key, path.clone()), l);
+        }
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     spawn_health(served.engine.clone(), health_reporter);
     // The descriptor set also holds multipassd's protocol (`multipass.Rpc`), which these
@@ -120,9 +210,12 @@ pub async fn bind(
             .with_service_name("grpc.health.v1.Health")
             .with_service_name(own)
     };
-    let v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1().map_err(|e| format!("reflection: {e}"))?;
-    let v1alpha =
-        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
+    let v1 = reflection("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
     let mut servers = tokio::task::JoinSet::new();
     for listen in &cfg.listen {
         let auth = match listen {
@@ -133,9 +226,12 @@ pub async fn bind(
             PoolServer::new(served.service.clone()).max_decoding_message_size(MAX_MESSAGE),
             move |r| auth.check(r),
         );
-        let mut builder = Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
+        let mut builder =
+            Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
         if let (Listen::Tcp(_), Some(tls)) = (listen, &tls) {
-            builder = builder.tls_config(tls.clone()).map_err(|e| format!("[api] TLS: {e}"))?;
+            builder = builder
+                .tls_config(tls.clone())
+                .map_err(|e| format!("[api] TLS: {e}"))?;
         }
         let router = builder
             .add_service(health.clone())
@@ -148,11 +244,19 @@ pub async fn bind(
         };
         match listen {
             Listen::Unix(path) => {
-                let l = bind_unix(path, "listen")?;
-                servers.spawn(async move { router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stop).await });
+                let l = unix
+                    .remove(&("listen", path.clone()))
+                    .ok_or_else(|| format!("[api] listen unix:{}: listed twice", path.display()))?;
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), stop)
+                        .await
+                });
             }
             Listen::Tcp(addr) => {
-                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] listen {addr}: {e}"))?;
+                let l = tcp
+                    .remove(&("listen", *addr))
+                    .ok_or_else(|| format!("[api] listen {addr}: listed twice"))?;
                 // TCP_NODELAY: with a custom incoming stream tonic does not set it, and Nagle's
                 // algorithm then holds a reply's last frames until the client's delayed ACK
                 // (~40 ms per call).
@@ -164,13 +268,18 @@ pub async fn bind(
                     }
                     s
                 });
-                servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
+                servers.spawn(
+                    async move { router.serve_with_incoming_shutdown(incoming, stop).await },
+                );
             }
         }
     }
-    if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] metrics_listen {addr}: {e}"))?;
-        let (metrics, engine, mut sd) = (served.metrics.clone(), served.engine.clone(), shutdown.clone());
+    if let Some(l) = metrics_listener {
+        let (metrics, engine, mut sd) = (
+            served.metrics.clone(),
+            served.engine.clone(),
+            shutdown.clone(),
+        );
         servers.spawn(async move {
             tokio::select! {
                 _ = super::http::serve_metrics(l, metrics, engine) => {}
@@ -188,7 +297,12 @@ pub async fn bind(
         let mut sd = shutdown.clone();
         match listen {
             Listen::Unix(path) => {
-                let l = bind_unix(path, "http_listen")?;
+                let l = unix.remove(&("http_listen", path.clone())).ok_or_else(|| {
+                    format!(
+                        "[api] http_listen unix:{}: also a gRPC listener",
+                        path.display()
+                    )
+                })?;
                 let l = Arc::new(l);
                 servers.spawn(async move {
                     let accept = move || {
@@ -203,8 +317,10 @@ pub async fn bind(
                 });
             }
             Listen::Tcp(addr) => {
-                let tls = http_tls(cfg)?;
-                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("[api] http_listen {addr}: {e}"))?;
+                let tls = http_tls.clone();
+                let l = tcp
+                    .remove(&("http_listen", *addr))
+                    .ok_or_else(|| format!("[api] http_listen {addr}: also a gRPC listener"))?;
                 let l = Arc::new(l);
                 servers.spawn(async move {
                     let accept = move || {
@@ -230,27 +346,74 @@ pub async fn bind(
     Ok(async move {
         let _ = sd.wait_for(|s| *s).await;
         // Running calls get `grace` to finish; then their commands are killed.
-        if tokio::time::timeout(grace, async { while servers.join_next().await.is_some() {} }).await.is_err() {
+        if tokio::time::timeout(grace, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
             tracing::warn!("calls still running after the {grace:?} grace period: cancelling them");
             ssh.close_all().await;
             servers.abort_all();
         }
+        drop(sockets);
     })
+}
+
+/// A Unix socket this process bound: removed when dropped, unless another process has replaced
+/// it since (a newer `mpool serve` on the same path keeps its socket).
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+fn inode(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.inode.is_some() && inode(&self.path) == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds an API Unix socket (replacing a stale one, creating its directory) with mode 0660:
 /// the file mode is its access control. `key` names the config key in errors.
-fn bind_unix(path: &std::path::Path, key: &str) -> Result<tokio::net::UnixListener, String> {
-    if path.exists() {
-        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+///
+/// The socket is bound under a temporary name beside `path`, made 0660, and renamed into place:
+/// the path appears only once it listens with its final mode, so a client that sees the file can
+/// connect, and nobody ever meets it with the default mode.
+fn bind_unix(
+    path: &std::path::Path,
+    key: &str,
+) -> Result<(tokio::net::UnixListener, SocketFile), String> {
+    let shown = |e: std::io::Error| format!("[api] {key} unix:{}: {e}", path.display());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("[api] {key} unix:{}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(l)
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staged = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let l = tokio::net::UnixListener::bind(&staged).map_err(shown)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::fs::rename(&staged, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(shown(e));
+    }
+    let guard = SocketFile {
+        path: path.to_path_buf(),
+        inode: inode(path),
+    };
+    Ok((l, guard))
 }
 
 /// Keeps `grpc.health.v1` in step with the daemon: NOT_SERVING while multipassd does not answer.
@@ -259,7 +422,11 @@ fn spawn_health(engine: Engine, reporter: tonic_health::server::HealthReporter) 
     tokio::spawn(async move {
         loop {
             let ok = *healthy.borrow_and_update();
-            let status = if ok { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
             reporter.set_service_status("", status).await;
             reporter.set_service_status("mpool.v1.Pool", status).await;
             if healthy.changed().await.is_err() {

@@ -2,7 +2,7 @@
 //! `mpool serve` over `--endpoint` (`unix:PATH` or `http(s)://HOST:PORT`, env `MPOOL_ENDPOINT`)
 //! with an optional `--token` (env `MPOOL_TOKEN`).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
+use super::output;
 use crate::proto::v1;
 use crate::proto::v1::pool_client::PoolClient;
 
@@ -33,7 +34,8 @@ pub struct Connect {
 }
 
 /// A client with the token attached to every call.
-pub type Client = PoolClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>;
+pub type Client =
+    PoolClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>;
 
 /// Adds `authorization: Bearer <token>`.
 #[derive(Clone)]
@@ -55,11 +57,16 @@ pub async fn connect(c: &Connect) -> Result<Client, String> {
         Endpoint::from_static("http://localhost")
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
             }))
             .await
     } else {
-        let mut ep = Endpoint::from_shared(c.endpoint.clone()).map_err(|e| format!("--endpoint {:?}: {e}", c.endpoint))?;
+        let mut ep = Endpoint::from_shared(c.endpoint.clone())
+            .map_err(|e| format!("--endpoint {:?}: {e}", c.endpoint))?;
         if c.endpoint.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &c.ca {
@@ -70,12 +77,28 @@ pub async fn connect(c: &Connect) -> Result<Client, String> {
         }
         ep.connect().await
     }
-    .map_err(|e| format!("cannot reach mpool at {}: {}. Is `mpool serve` running there?", c.endpoint, crate::multipass::Error::Unavailable { address: c.endpoint.clone(), detail: e.to_string() }))?;
+    .map_err(|e| {
+        format!(
+            "cannot reach mpool at {}: {}. Is `mpool serve` running there?",
+            c.endpoint,
+            crate::multipass::Error::Unavailable {
+                address: c.endpoint.clone(),
+                detail: e.to_string()
+            }
+        )
+    })?;
     let token = match &c.token {
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| "--token contains characters not allowed in a header".to_string())?),
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| "--token contains characters not allowed in a header".to_string())?,
+        ),
         None => None,
     };
-    Ok(PoolClient::with_interceptor(channel, TokenInterceptor(token)).max_decoding_message_size(64 << 20))
+    Ok(
+        PoolClient::with_interceptor(channel, TokenInterceptor(token))
+            .max_decoding_message_size(64 << 20),
+    )
 }
 
 /// Client subcommands.
@@ -199,19 +222,32 @@ pub struct ExecArgs {
 
 fn dur(flag: &str, s: &Option<String>) -> Result<Option<prost_types::Duration>, String> {
     s.as_deref()
-        .map(|s| crate::config::parse_duration(s).map(crate::api::convert::proto_duration).map_err(|e| format!("{flag} {s:?}: {e}")))
+        .map(|s| {
+            crate::config::parse_duration(s)
+                .map(crate::api::convert::proto_duration)
+                .map_err(|e| format!("{flag} {s:?}: {e}"))
+        })
         .transpose()
 }
 
 fn env(pairs: &[String]) -> Result<std::collections::HashMap<String, String>, String> {
     pairs
         .iter()
-        .map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("--env {p:?}: expected K=V")))
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--env {p:?}: expected K=V"))
+        })
         .collect()
 }
 
 /// The command of `run` and `exec`.
-fn command(argv: Vec<String>, pairs: &[String], workdir: Option<String>, timeout: &Option<String>) -> Result<Option<v1::Command>, String> {
+fn command(
+    argv: Vec<String>,
+    pairs: &[String],
+    workdir: Option<String>,
+    timeout: &Option<String>,
+) -> Result<Option<v1::Command>, String> {
     Ok(Some(v1::Command {
         argv,
         env: env(pairs)?,
@@ -234,7 +270,7 @@ pub async fn run(c: Connect, cmd: ClientCommand) -> ExitCode {
     match run_inner(c, cmd).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mpool: {e}");
+            output::err_line(&format!("mpool: {e}"));
             ExitCode::from(2)
         }
     }
@@ -253,8 +289,11 @@ impl Waiting {
             let t = Instant::now();
             let frames = ['|', '/', '-', '\\'];
             for i in 0.. {
-                eprint!("\r{} waiting for a VM from pool {pool}... {:.0}s ", frames[i % 4], t.elapsed().as_secs_f64());
-                let _ = std::io::stderr().flush();
+                output::err_text(&format!(
+                    "\r{} waiting for a VM from pool {pool}... {:.0}s ",
+                    frames[i % 4],
+                    t.elapsed().as_secs_f64()
+                ));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })))
@@ -265,20 +304,18 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(h) = self.0.take() {
             h.abort();
-            eprint!("\r\x1b[K");
+            output::err_text("\r\x1b[K");
         }
     }
 }
 
+/// Passes remote output through. A closed pipe ends `mpool` quietly (see [`output`]); the
+/// server then sees the call go away and stops the command.
 fn write_out(stdout: bool, text: &str) {
     if stdout {
-        let mut o = std::io::stdout().lock();
-        let _ = o.write_all(text.as_bytes());
-        let _ = o.flush();
+        output::text(text)
     } else {
-        let mut e = std::io::stderr().lock();
-        let _ = e.write_all(text.as_bytes());
-        let _ = e.flush();
+        output::err_text(text)
     }
 }
 
@@ -293,60 +330,7 @@ fn exit_code(x: &v1::ExitStatus) -> ExitCode {
 async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
     let mut client = connect(&c).await?;
     match cmd {
-        ClientCommand::Run(a) => {
-            let mut inputs = Vec::new();
-            for p in &a.put {
-                let (local, remote) = p.split_once(':').ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
-                let data = std::fs::read(local).map_err(|e| format!("--put {local}: {e}"))?;
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(local).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-                inputs.push(v1::InputFile { path: remote.into(), data, text: String::new(), mode });
-            }
-            let mut gets = Vec::new();
-            for g in &a.get {
-                let (remote, local) = g.split_once(':').ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
-                gets.push((remote.to_string(), PathBuf::from(local)));
-            }
-            let req = v1::RunRequest {
-                pool: a.pool.clone(),
-                holder: "mpool run".into(),
-                request_id: a.request_id.unwrap_or_default(),
-                command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
-                inputs,
-                outputs: gets.iter().map(|(r, _)| r.clone()).collect(),
-                wait: dur("--wait", &a.wait)?,
-                ttl: None,
-            };
-            let waiting = Waiting::start(&a.pool);
-            let mut stream = client.run(req).await.map_err(status_err)?.into_inner();
-            let mut waiting = Some(waiting);
-            while let Some(ev) = stream.message().await.map_err(status_err)? {
-                use v1::run_event::Event;
-                match ev.event {
-                    Some(Event::Lease(_)) => drop(waiting.take()),
-                    Some(Event::Stdout(t)) => write_out(true, &t),
-                    Some(Event::Stderr(t)) => write_out(false, &t),
-                    Some(Event::Result(r)) => {
-                        for f in &r.outputs {
-                            let Some((_, local)) = gets.iter().find(|(rp, _)| *rp == f.path) else { continue };
-                            if f.missing {
-                                eprintln!("mpool: --get {}: no such file in the VM", f.path);
-                                continue;
-                            }
-                            std::fs::write(local, &f.data).map_err(|e| format!("--get {}: {e}", local.display()))?;
-                            if f.mode != 0 {
-                                use std::os::unix::fs::PermissionsExt;
-                                std::fs::set_permissions(local, std::fs::Permissions::from_mode(f.mode & 0o7777))
-                                    .map_err(|e| format!("--get {}: {e}", local.display()))?;
-                            }
-                        }
-                        return Ok(r.exit.as_ref().map(exit_code).unwrap_or(ExitCode::from(255)));
-                    }
-                    None => {}
-                }
-            }
-            Err("the run ended without a result".into())
-        }
+        ClientCommand::Run(a) => run_command(&mut client, a).await,
         ClientCommand::Acquire(a) => {
             let waiting = Waiting::start(&a.pool);
             let lease = client
@@ -362,9 +346,9 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
                 .into_inner();
             drop(waiting);
             if a.json {
-                println!("{}", lease_json(&lease));
+                output::line(&lease_json(&lease));
             } else {
-                println!("{}", lease.id);
+                output::line(&lease.id);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -387,73 +371,346 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
             Err("the command ended without an exit status".into())
         }
         ClientCommand::Renew { lease, ttl } => {
-            let l = client.renew(v1::RenewRequest { lease_id: lease, ttl: dur("--ttl", &ttl)? }).await.map_err(status_err)?;
-            println!("{}", lease_json(l.get_ref()));
+            let l = client
+                .renew(v1::RenewRequest {
+                    lease_id: lease,
+                    ttl: dur("--ttl", &ttl)?,
+                })
+                .await
+                .map_err(status_err)?;
+            output::line(&lease_json(l.get_ref()));
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Release { lease } => {
-            client.release(v1::ReleaseRequest { lease_id: lease }).await.map_err(status_err)?;
+            client
+                .release(v1::ReleaseRequest { lease_id: lease })
+                .await
+                .map_err(status_err)?;
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Status { json } => {
-            let pools = client.list_pools(v1::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
+            let pools = client
+                .list_pools(v1::ListPoolsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .pools;
             if json {
                 let v: Vec<_> = pools
                     .iter()
                     .map(|p| serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                output::line(&serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            output::line(&format!(
                 "{:<16} {:>5} {:>5} {:>7} {:>10} {:>13} {:>6} {:>8} {:>7}",
-                "POOL", "HOT", "WARM", "LEASED", "RESETTING", "PROVISIONING", "OTHER", "WAITERS", "MAX"
-            );
+                "POOL",
+                "HOT",
+                "WARM",
+                "LEASED",
+                "RESETTING",
+                "PROVISIONING",
+                "OTHER",
+                "WAITERS",
+                "MAX"
+            ));
             for p in pools {
                 let get = |k: &str| p.vms.get(k).copied().unwrap_or(0);
                 let known = ["hot", "warm", "leased", "resetting", "provisioning"];
-                let other: u32 = p.vms.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(_, v)| v).sum();
+                let other: u32 = p
+                    .vms
+                    .iter()
+                    .filter(|(k, _)| !known.contains(&k.as_str()))
+                    .map(|(_, v)| v)
+                    .sum();
                 let max = p.config.as_ref().map(|c| c.max_size).unwrap_or(0);
-                println!(
+                output::line(&format!(
                     "{:<16} {:>5} {:>5} {:>7} {:>10} {:>13} {:>6} {:>8} {:>7}",
-                    p.name, get("hot"), get("warm"), get("leased"), get("resetting"), get("provisioning"), other, p.waiters, max
-                );
+                    p.name,
+                    get("hot"),
+                    get("warm"),
+                    get("leased"),
+                    get("resetting"),
+                    get("provisioning"),
+                    other,
+                    p.waiters,
+                    max
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Vms { pool, json } => {
-            let vms = client.list_vms(v1::ListVmsRequest { pool: pool.unwrap_or_default() }).await.map_err(status_err)?.into_inner().vms;
+            let vms = client
+                .list_vms(v1::ListVmsRequest {
+                    pool: pool.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .vms;
             if json {
                 let v: Vec<_> = vms
                     .iter()
                     .map(|m| serde_json::json!({"name": m.name, "pool": m.pool, "state": m.state, "generation": m.generation, "uses": m.uses, "lease": m.lease_id}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                output::line(&serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:<28} {:<12} {:<12} {:>4} {:>5} LEASE", "VM", "POOL", "STATE", "GEN", "USES");
+            output::line(&format!(
+                "{:<28} {:<12} {:<12} {:>4} {:>5} LEASE",
+                "VM", "POOL", "STATE", "GEN", "USES"
+            ));
             for m in vms {
-                println!("{:<28} {:<12} {:<12} {:>4} {:>5} {}", m.name, m.pool, m.state, m.generation, m.uses, m.lease_id);
+                output::line(&format!(
+                    "{:<28} {:<12} {:<12} {:>4} {:>5} {}",
+                    m.name, m.pool, m.state, m.generation, m.uses, m.lease_id
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Leases { pool } => {
-            let leases =
-                client.list_leases(v1::ListLeasesRequest { pool: pool.unwrap_or_default() }).await.map_err(status_err)?.into_inner().leases;
+            let leases = client
+                .list_leases(v1::ListLeasesRequest {
+                    pool: pool.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .leases;
             for l in leases {
-                println!("{}", lease_json(&l));
+                output::line(&lease_json(&l));
             }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
+/// Bytes per input chunk `mpool run` sends (well below the server's 8 MiB message limit).
+const PUT_CHUNK: usize = 1 << 20;
+
+/// An output file being received: a temporary file beside its destination, renamed into place
+/// when the result says the output arrived whole.
+struct Getting {
+    local: PathBuf,
+    file: Option<tempfile::NamedTempFile>,
+}
+
+/// The request stream of `mpool run`: the description, then each `--put` file read in
+/// [`PUT_CHUNK`] pieces as the server takes them (memory stays at one chunk for any file size).
+/// A file that cannot be read is reported on `failed`, and the stream then never ends: the caller
+/// drops the call, so the server cancels the Run instead of running the command with a partial
+/// input.
+fn run_requests(
+    first: v1::RunRequest,
+    puts: Vec<PathBuf>,
+    failed: tokio::sync::watch::Sender<Option<String>>,
+) -> impl futures::Stream<Item = v1::RunRequest> + Send + 'static {
+    use futures::StreamExt;
+    use tokio::io::AsyncReadExt;
+    let state = (
+        0usize,
+        None::<tokio::fs::File>,
+        std::sync::Arc::new(puts),
+        failed,
+    );
+    let rest = futures::stream::unfold(state, |(mut index, mut file, puts, failed)| async move {
+        loop {
+            if index >= puts.len() {
+                return None;
+            }
+            let read = async {
+                if file.is_none() {
+                    file = Some(tokio::fs::File::open(&puts[index]).await?);
+                }
+                let mut buf = vec![0u8; PUT_CHUNK];
+                let n = match file.as_mut() {
+                    Some(f) => f.read(&mut buf).await?,
+                    None => 0,
+                };
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            };
+            let buf = match read.await {
+                Ok(buf) => buf,
+                Err(e) => {
+                    failed.send_replace(Some(format!("--put {}: {e}", puts[index].display())));
+                    futures::future::pending::<()>().await;
+                    return None;
+                }
+            };
+            if buf.is_empty() {
+                index += 1;
+                file = None;
+                continue;
+            }
+            let chunk = v1::RunRequest {
+                chunk: Some(v1::InputChunk {
+                    input: index as u32,
+                    data: buf,
+                }),
+                ..Default::default()
+            };
+            return Some((chunk, (index, file, puts, failed)));
+        }
+    });
+    futures::stream::once(async move { first }).chain(rest)
+}
+
+/// Resolves with the error of a `--put` file that could not be read; never resolves otherwise
+/// (also not once the request stream has ended and dropped its sender).
+async fn put_failure(failed: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
+    match failed.wait_for(Option::is_some).await {
+        Ok(e) => e.clone().unwrap_or_default(),
+        Err(_) => futures::future::pending().await,
+    }
+}
+
+/// `mpool run`: streams `--put` files in and `--get` files out, passes the output through, and
+/// exits with the remote exit code.
+async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut inputs = Vec::new();
+    let mut puts = Vec::new();
+    for p in &a.put {
+        let (local, remote) = p
+            .split_once(':')
+            .ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
+        let meta = std::fs::metadata(local).map_err(|e| format!("--put {local}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "--put {local}: not a regular file (pack a directory with tar first)"
+            ));
+        }
+        inputs.push(v1::InputFile {
+            path: remote.into(),
+            mode: meta.permissions().mode() & 0o7777,
+            ..Default::default()
+        });
+        puts.push(PathBuf::from(local));
+    }
+    let mut gets = Vec::new();
+    for g in &a.get {
+        let (remote, local) = g
+            .split_once(':')
+            .ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
+        gets.push((
+            remote.to_string(),
+            Getting {
+                local: PathBuf::from(local),
+                file: None,
+            },
+        ));
+    }
+    let first = v1::RunRequest {
+        pool: a.pool.clone(),
+        holder: "mpool run".into(),
+        request_id: a.request_id.unwrap_or_default(),
+        command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
+        inputs,
+        outputs: gets.iter().map(|(r, _)| r.clone()).collect(),
+        wait: dur("--wait", &a.wait)?,
+        ..Default::default()
+    };
+    let waiting = Waiting::start(&a.pool);
+    let (failed_tx, mut failed) = tokio::sync::watch::channel(None);
+    let call = client.run(run_requests(first, puts, failed_tx));
+    let mut stream = tokio::select! {
+        r = call => r.map_err(status_err)?.into_inner(),
+        e = put_failure(&mut failed) => return Err(e),
+    };
+    let mut waiting = Some(waiting);
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev.map_err(status_err)?,
+            // Dropping the call cancels the Run on the server (no command with a partial input).
+            e = put_failure(&mut failed) => return Err(e),
+        };
+        let Some(ev) = ev else { break };
+        use v1::run_event::Event;
+        match ev.event {
+            Some(Event::Lease(_)) => drop(waiting.take()),
+            Some(Event::Stdout(t)) => write_out(true, &t),
+            Some(Event::Stderr(t)) => write_out(false, &t),
+            Some(Event::Output(c)) => {
+                let Some((_, g)) = gets.get_mut(c.output as usize) else {
+                    continue;
+                };
+                if g.file.is_none() {
+                    let dir = match g.local.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    let f = tempfile::Builder::new()
+                        .prefix(".mpool-get-")
+                        .tempfile_in(&dir)
+                        .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                    g.file = Some(f);
+                }
+                if let Some(f) = g.file.as_mut() {
+                    use std::io::Write;
+                    f.write_all(&c.data)
+                        .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                }
+            }
+            Some(Event::Result(r)) => {
+                let code = r
+                    .exit
+                    .as_ref()
+                    .map(exit_code)
+                    .unwrap_or(ExitCode::from(255));
+                let mut failed = false;
+                for (f, (_, g)) in r.outputs.iter().zip(gets.iter_mut()) {
+                    if f.missing {
+                        output::err_line(&format!(
+                            "mpool: --get {}: no such file in the VM",
+                            f.path
+                        ));
+                    } else if !f.error.is_empty() {
+                        output::err_line(&format!("mpool: --get {}: {}", f.path, f.error));
+                        failed = true;
+                    } else {
+                        let file = match g.file.take() {
+                            Some(f) => f,
+                            None => tempfile::NamedTempFile::new_in(
+                                g.local
+                                    .parent()
+                                    .filter(|p| !p.as_os_str().is_empty())
+                                    .unwrap_or(std::path::Path::new(".")),
+                            )
+                            .map_err(|e| format!("--get {}: {e}", g.local.display()))?,
+                        };
+                        let file = file
+                            .persist(&g.local)
+                            .map_err(|e| format!("--get {}: {}", g.local.display(), e.error))?;
+                        if f.mode != 0 {
+                            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+                                .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                        }
+                    }
+                }
+                // An output that could not be fetched fails a run that otherwise succeeded.
+                let ok = r.exit.as_ref().is_some_and(|x| x.code == 0);
+                return Ok(if failed && ok {
+                    ExitCode::from(2)
+                } else {
+                    code
+                });
+            }
+            None => {}
+        }
+    }
+    Err("the run ended without a result".into())
+}
+
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref().map(|t| t.to_string()).unwrap_or_default()
 }
 
+/// A lease as one line of JSON. `served` is there only when the server knows it (Acquire and
+/// Renew answers); listings do not record how a lease was served.
 fn lease_json(l: &v1::Lease) -> String {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "id": l.id,
         "pool": l.pool,
         "vm": l.vm,
@@ -461,7 +718,12 @@ fn lease_json(l: &v1::Lease) -> String {
         "requestId": l.request_id,
         "grantedAt": ts(&l.granted_at),
         "expiresAt": ts(&l.expires_at),
-        "served": v1::Served::try_from(l.served).map(|s| s.as_str_name()).unwrap_or("SERVED_UNSPECIFIED"),
-    })
-    .to_string()
+    });
+    if let Ok(served) = v1::Served::try_from(l.served)
+        && served != v1::Served::Unspecified
+        && let Some(m) = v.as_object_mut()
+    {
+        m.insert("served".into(), served.as_str_name().into());
+    }
+    v.to_string()
 }

@@ -221,24 +221,26 @@ max_size = 1
     }
     let s = Instant::now();
     let mut stream = c
-        .run(v1::RunRequest {
+        .run(futures::stream::iter([v1::RunRequest {
             pool: "hot".into(),
             holder: "demo".into(),
             command: argv(&["sh", "-c", "echo one-shot > out.txt; cat out.txt"]),
             outputs: vec!["out.txt".into()],
             ..Default::default()
-        })
+        }]))
         .await
         .map_err(|e| format!("run: {}", e.message()))?
         .into_inner();
-    let mut result = None;
+    let (mut result, mut data) = (None, Vec::new());
     while let Some(ev) = stream.message().await.map_err(|e| format!("run: {}", e.message()))? {
-        if let Some(v1::run_event::Event::Result(r)) = ev.event {
-            result = Some(r);
+        match ev.event {
+            Some(v1::run_event::Event::Result(r)) => result = Some(r),
+            Some(v1::run_event::Event::Output(c)) => data.extend_from_slice(&c.data),
+            _ => {}
         }
     }
     let r = result.ok_or("run ended without a result")?;
-    let out = r.outputs.first().map(|o| String::from_utf8_lossy(&o.data).trim().to_string()).unwrap_or_default();
+    let out = String::from_utf8_lossy(&data).trim().to_string();
     let code = r.exit.map(|x| x.code).unwrap_or(-1);
     t.add("run (acquire+exec+download+release)", format!("exit {code}, out.txt: {out}"), s.elapsed());
 

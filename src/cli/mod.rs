@@ -1,9 +1,11 @@
 //! The `mpool` command line: clap definitions and dispatch. Each subcommand's work lives in its
-//! own file (`sim.rs`, `multipass.rs`); this file only parses and sets up logging.
+//! own file (`sim.rs`, `multipass.rs`, ...; `output.rs` prints without panicking on a closed
+//! pipe); this file only parses and sets up logging.
 
 pub mod client;
 mod demo;
 mod multipass;
+pub mod output;
 mod serve;
 mod sim;
 
@@ -85,7 +87,9 @@ pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("mpool");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/mpool")
 }
 
@@ -98,7 +102,9 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MPOOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -113,10 +119,13 @@ pub fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log_format, cli.verbose, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("mpool: cannot start the async runtime: {e}");
+            output::err_line(&format!("mpool: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -131,8 +140,10 @@ pub fn main() -> ExitCode {
             Command::Token(TokenCommand::New { name, pools, admin }) => {
                 let token = crate::api::auth::new_token();
                 let hash = crate::api::auth::hex(&crate::api::auth::hash(&token));
-                println!("token (give it to the client; it is not stored):\n  {token}\n");
-                println!("add to the tokens file:\n[[tokens]]\nname = {name:?}\nsha256 = \"{hash}\"\npools = {pools:?}\nadmin = {admin}");
+                output::line(&format!("token (give it to the client; it is not stored):\n  {token}\n"));
+                output::line(&format!(
+                    "add to the tokens file:\n[[tokens]]\nname = {name:?}\nsha256 = \"{hash}\"\npools = {pools:?}\nadmin = {admin}"
+                ));
                 ExitCode::SUCCESS
             }
             Command::Client(cmd) => client::run(cli.connect, cmd).await,

@@ -33,12 +33,21 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mpool serve: {e}");
+            crate::cli::output::err_line(&format!("mpool serve: {e}"));
             return ExitCode::from(2);
         }
     };
     if args.check {
-        println!("{}: OK ({} pools)", args.config.display(), cfg.pools.len());
+        // The same validation `serve` runs before it binds anything.
+        if let Err(e) = crate::api::server::check(&cfg.api) {
+            crate::cli::output::err_line(&format!("mpool serve: {}: {e}", args.config.display()));
+            return ExitCode::from(2);
+        }
+        crate::cli::output::line(&format!(
+            "{}: OK ({} pools)",
+            args.config.display(),
+            cfg.pools.len()
+        ));
         return ExitCode::SUCCESS;
     }
     let opts =
@@ -46,7 +55,7 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
     let running = match Running::start(cfg.clone(), opts).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mpool serve: {e}");
+            crate::cli::output::err_line(&format!("mpool serve: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -54,7 +63,7 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("mpool serve: cannot watch SIGTERM: {e}");
+            crate::cli::output::err_line(&format!("mpool serve: cannot watch SIGTERM: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -73,26 +82,35 @@ async fn show_warmup(engine: crate::pool::engine::Engine, cfg: Config) {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     loop {
-        let Ok(status) = engine.status().await else { return };
+        let Ok(status) = engine.status().await else {
+            return;
+        };
         let mut done = status.reconciled;
         let mut parts = Vec::new();
         for p in &status.pools {
             let want = cfg.pool(&p.name).map(|c| c.min_ready).unwrap_or(0) as usize;
-            let ready = p.counts.get("hot").copied().unwrap_or(0) + p.counts.get("warm").copied().unwrap_or(0);
+            let ready = p.counts.get("hot").copied().unwrap_or(0)
+                + p.counts.get("warm").copied().unwrap_or(0);
             let coming = p.counts.get("provisioning").copied().unwrap_or(0);
             done &= ready >= want;
-            parts.push(format!("{} {ready}/{want} ready ({coming} provisioning)", p.name));
+            parts.push(format!(
+                "{} {ready}/{want} ready ({coming} provisioning)",
+                p.name
+            ));
         }
         let line = format!("warming pools: {}", parts.join(", "));
         if tty {
-            eprint!("\r\x1b[K{line}");
+            crate::cli::output::err_text(&format!("\r\x1b[K{line}"));
         } else if line != last {
             tracing::info!("{line}");
         }
         last = line;
         if done {
             if tty {
-                eprintln!("\r\x1b[K{} — all pools ready", last.replace("warming pools: ", "pools: "));
+                crate::cli::output::err_line(&format!(
+                    "\r\x1b[K{} — all pools ready",
+                    last.replace("warming pools: ", "pools: ")
+                ));
             } else {
                 tracing::info!("all pools ready");
             }

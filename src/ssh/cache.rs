@@ -203,6 +203,33 @@ impl ConnectionCache {
         files::download(&sftp, remote, local.as_ref(), options).await
     }
 
+    /// Opens a remote file for writing over the connection under `key`: content streams in
+    /// through the returned [`files::RemoteWriter`] without touching the local disk.
+    pub async fn open_write(
+        &self,
+        key: &str,
+        target: &SshTarget,
+        remote: &str,
+        mode: u32,
+        options: &TransferOptions,
+    ) -> Result<files::RemoteWriter, SshError> {
+        let sftp = self.sftp(key, target).await?;
+        files::open_write(sftp, remote, mode, options).await
+    }
+
+    /// Opens a remote regular file for reading over the connection under `key`: its size and
+    /// mode are known before the first byte is read.
+    pub async fn open_read(
+        &self,
+        key: &str,
+        target: &SshTarget,
+        remote: &str,
+        options: &TransferOptions,
+    ) -> Result<files::RemoteReader, SshError> {
+        let sftp = self.sftp(key, target).await?;
+        files::open_read(sftp, remote, options).await
+    }
+
     async fn sftp(&self, key: &str, target: &SshTarget) -> Result<files::Sftp, SshError> {
         let conn = self.get(key, target, None).await?;
         match conn.sftp().await {

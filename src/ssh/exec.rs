@@ -413,7 +413,8 @@ pub(crate) async fn start(opened: Opened, prepared: Prepared) -> Result<ExecHand
     }
     let (tx, rx) = mpsc::channel(conn.options().event_buffer.max(1));
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let deadline = request.timeout.map(|t| started + t);
+    // Checked: a timeout too far in the future for the clock means no deadline, never a panic.
+    let deadline = request.timeout.and_then(|t| started.checked_add(t));
     let task = ExecTask {
         conn,
         read,

@@ -1,6 +1,12 @@
 //! File transfers over SFTP on the pooled connection: single files and directory trees, modes
 //! kept, parents created, streamed in fixed-size chunks (memory stays flat for any file size).
 //!
+//! Besides whole files and trees copied to or from the local disk ([`upload`], [`download`]),
+//! single files can be streamed without touching the local disk at all: [`RemoteWriter`] takes
+//! content as it arrives (an API Upload, Run inputs) and [`RemoteReader`] hands it out chunk by
+//! chunk (an API Download, Run outputs), each read or write waiting for the SFTP server, so the
+//! caller's pace is the transfer's pace and memory holds one chunk.
+//!
 //! Remote paths are validated first ([`resolve_remote_path`]): with a declared base directory,
 //! a path that resolves outside it is refused before anything is transferred. Names the server
 //! returns while listing a directory are checked too (no `/`, `.` or `..`), so a hostile server
@@ -545,6 +551,144 @@ async fn download_file(
     report.files += 1;
     report.bytes += copied;
     Ok(())
+}
+
+/// A remote regular file open for writing, created (parents too, when asked) and truncated.
+/// [`RemoteWriter::finish`] waits for every write to be acknowledged and applies the mode;
+/// [`RemoteWriter::abort`] removes the partial file.
+pub struct RemoteWriter {
+    file: russh_sftp::client::fs::File,
+    sftp: Sftp,
+    path: String,
+    mode: u32,
+    preserve_mode: bool,
+    written: u64,
+}
+
+impl RemoteWriter {
+    /// The normalized remote path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `data` (waits while the server's window is full).
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), SshError> {
+        if let Err(e) = self.file.write_all(data).await {
+            return Err(self.sftp.write_error(&self.path, e.to_string()).await);
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Completes the file: waits for the outstanding writes, closes it and sets its mode.
+    /// Returns the bytes written. On failure the partial file is removed.
+    pub async fn finish(mut self) -> Result<u64, SshError> {
+        if let Err(e) = self.file.shutdown().await {
+            let e = self.sftp.write_error(&self.path, e.to_string()).await;
+            self.abort().await;
+            return Err(e);
+        }
+        if self.preserve_mode
+            && let Err(e) = self.sftp.session.set_metadata(self.path.as_str(), mode_attrs(self.mode)).await
+        {
+            let e = self.sftp.err("chmod", &self.path, e);
+            self.abort().await;
+            return Err(e);
+        }
+        Ok(self.written)
+    }
+
+    /// Drops the file and removes what was written (never a non-regular file).
+    pub async fn abort(self) {
+        let RemoteWriter { file, sftp, path, .. } = self;
+        drop(file);
+        if let Ok(attrs) = sftp.session.symlink_metadata(path.as_str()).await
+            && attrs.permissions.unwrap_or(0) & S_IFMT == S_IFREG
+        {
+            let _ = sftp.session.remove_file(path.as_str()).await;
+        }
+    }
+}
+
+/// A remote regular file open for reading, with its size and mode as of opening.
+pub struct RemoteReader {
+    file: russh_sftp::client::fs::File,
+    sftp: Sftp,
+    path: String,
+    size: u64,
+    mode: u32,
+}
+
+impl RemoteReader {
+    /// The normalized remote path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The file's size when it was opened (`fstat`).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The file's permission bits.
+    pub fn mode(&self) -> u32 {
+        self.mode & 0o7777
+    }
+
+    /// Reads the next bytes into `buf`; 0 at the end of the file.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, SshError> {
+        self.file.read(buf).await.map_err(|e| self.sftp.read_err(&self.path, e))
+    }
+}
+
+/// Opens `remote` for writing (see [`RemoteWriter`]), creating missing parents when
+/// `options.create_parents` is set.
+pub(crate) async fn open_write(
+    sftp: Sftp,
+    remote: &str,
+    mode: u32,
+    options: &TransferOptions,
+) -> Result<RemoteWriter, SshError> {
+    let path = resolve_remote_path(remote, options.base.as_deref())?;
+    if let Ok(attrs) = sftp.session.metadata(path.as_str()).await
+        && attrs.permissions.unwrap_or(0) & S_IFMT == S_IFDIR
+    {
+        return Err(SshError::InvalidRequest(format!("remote {path} is a directory: name a file inside it")));
+    }
+    if options.create_parents {
+        make_remote_parents(&sftp, &path).await?;
+    }
+    let file = sftp.session.create(path.as_str()).await.map_err(|e| sftp.err("open", &path, e))?;
+    Ok(RemoteWriter { file, sftp, path, mode, preserve_mode: options.preserve_mode, written: 0 })
+}
+
+/// Opens `remote` for reading (see [`RemoteReader`]). A directory or any other non-regular
+/// file is [`SshError::InvalidRequest`] saying so; a missing one [`SshError::NoSuchFile`].
+pub(crate) async fn open_read(sftp: Sftp, remote: &str, options: &TransferOptions) -> Result<RemoteReader, SshError> {
+    let path = resolve_remote_path(remote, options.base.as_deref())?;
+    let attrs = sftp.session.metadata(path.as_str()).await.map_err(|e| sftp.err("stat", &path, e))?;
+    match attrs.permissions.unwrap_or(0) & S_IFMT {
+        S_IFREG => {}
+        S_IFDIR => {
+            return Err(SshError::InvalidRequest(format!(
+                "remote {path} is a directory: download the files in it one by one (or pack them, e.g. with tar, and download the archive)"
+            )));
+        }
+        _ => return Err(SshError::InvalidRequest(format!("remote {path} is not a regular file"))),
+    }
+    let file = sftp.session.open(path.as_str()).await.map_err(|e| sftp.err("open", &path, e))?;
+    // The size and mode of what was opened (the path may have changed since the stat).
+    let meta = file.metadata().await.map_err(|e| sftp.err("stat", &path, e))?;
+    let mode = meta.permissions.unwrap_or(0);
+    if mode & S_IFMT != S_IFREG && mode & S_IFMT != 0 {
+        return Err(SshError::InvalidRequest(format!("remote {path} is not a regular file")));
+    }
+    Ok(RemoteReader { size: meta.size.unwrap_or(0), mode, file, sftp, path })
 }
 
 #[cfg(test)]

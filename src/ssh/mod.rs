@@ -40,5 +40,5 @@ pub use cache::ConnectionCache;
 pub use connection::{Connection, SshOptions, SshTarget, parse_private_key};
 pub use error::{Side, SshError};
 pub use exec::{ExecCanceller, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ScriptShell};
-pub use files::{TransferOptions, TransferReport, resolve_remote_path};
+pub use files::{RemoteReader, RemoteWriter, TransferOptions, TransferReport, resolve_remote_path};
 pub use stream::signal_name;

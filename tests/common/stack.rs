@@ -180,7 +180,7 @@ shutdown_grace = "2s"
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The Unix socket is bound first; the TCP listener a moment later.
+        // serve binds its TCP listeners before the Unix socket, which appears only once it listens.
         while std::net::TcpStream::connect(self.tcp).is_err() {
             assert!(Instant::now() < deadline, "mpool serve did not listen on {}; log:\n{}", self.tcp, self.log());
             std::thread::sleep(Duration::from_millis(20));
@@ -193,6 +193,14 @@ shutdown_grace = "2s"
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM to the serve process (a clean shutdown); waits for it to exit and returns its status.
+    pub fn term_serve(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.serve.take()?;
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().ok()
     }
 
     /// The serve log so far.

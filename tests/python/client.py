@@ -88,15 +88,17 @@ def main():
     grpc.channel_ready_future(channel).result(timeout=30)
     stub = pb_grpc.PoolStub(channel)
 
-    # Run: lease first, output, then the result with the outputs.
+    # Run: the description, then input content in chunks (any number, any size); the answer is
+    # the lease, the output, the output files in chunks, then the result.
     run = pb.RunRequest(
         pool=pool,
         holder="python",
         command=pb.Command(script="cat in.txt; echo to-stderr >&2; printf 'out\\n' > out.txt; exit 5"),
-        inputs=[pb.InputFile(path="in.txt", data=b"from python\n", mode=0o600)],
+        inputs=[pb.InputFile(path="in.txt", data=b"from ", mode=0o600)],
         outputs=["out.txt", "absent.txt"],
     )
-    events = list(stub.Run(run))
+    chunks = [pb.RunRequest(chunk=pb.InputChunk(input=0, data=part)) for part in (b"pyth", b"on\n")]
+    events = list(stub.Run(iter([run] + chunks)))
     kinds = [e.WhichOneof("event") for e in events]
     check(kinds[0] == "lease" and kinds[-1] == "result", f"Run events: {kinds}")
     check(events[0].lease.holder == "python" and events[0].lease.id.startswith("lease-"), f"lease: {events[0].lease}")
@@ -107,7 +109,8 @@ def main():
     result = events[-1].result
     check(result.exit.code == 5, f"Run exit: {result.exit}")
     out, absent = result.outputs
-    check(out.path == "out.txt" and out.data == b"out\n" and not out.missing, f"out.txt: {out}")
+    data = b"".join(e.output.data for e in events if e.WhichOneof("event") == "output" and e.output.output == 0)
+    check(out.path == "out.txt" and data == b"out\n" and out.size == 4 and not out.missing and not out.error, f"out.txt: {out} {data!r}")
     check(absent.path == "absent.txt" and absent.missing, f"absent.txt: {absent}")
     check(result.served in (pb.SERVED_HOT, pb.SERVED_WARM, pb.SERVED_COLD), f"served: {result.served}")
     check(result.timings.total.ToTimedelta().total_seconds() >= 0, "timings")
@@ -162,7 +165,7 @@ def main():
 
     # Over TCP: TLS against the CA plus a bearer token; without the token, UNAUTHENTICATED.
     tls = pb_grpc.PoolStub(tls_channel(tls_addr, ca_file, token))
-    events = list(tls.Run(pb.RunRequest(pool=pool, command=pb.Command(argv=["echo", "over tls"]))))
+    events = list(tls.Run(iter([pb.RunRequest(pool=pool, command=pb.Command(argv=["echo", "over tls"]))])))
     check(events[-1].result.exit.code == 0, f"Run over TLS: {events[-1]}")
     check("".join(e.stdout for e in events) == "over tls\n", f"Run over TLS stdout: {events}")
     with open(ca_file, "rb") as f:

@@ -14,6 +14,8 @@ import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollDomainSocketChannel;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollEventLoopGroup;
 import io.grpc.netty.shaded.io.netty.channel.unix.DomainSocketAddress;
+import io.grpc.stub.ClientCallStreamObserver;
+import io.grpc.stub.ClientResponseObserver;
 import io.grpc.stub.StreamObserver;
 import mpool.v1.PoolGrpc;
 import mpool.v1.PoolOuterClass.*;
@@ -37,8 +39,9 @@ import java.util.function.BiConsumer;
 
 /**
  * A connection to mpool's gRPC API ({@code mpool.v1.Pool}) and the few composite operations the
- * tasks and the task runner share: exec with line-by-line output, uploads and downloads of files,
- * listing remote files, and quiet cancel/release for kill().
+ * tasks and the task runner share: exec with line-by-line output, uploads and downloads of files
+ * (Upload and Download, streamed in chunks: any size up to the server's max_upload/max_download,
+ * to any path the VM's SSH user may write), listing remote files, and quiet cancel/release for kill().
  */
 public final class MpoolClient implements AutoCloseable {
     private final ManagedChannel channel;
@@ -202,23 +205,9 @@ public final class MpoolClient implements AutoCloseable {
         } catch (UnsupportedOperationException ignored) {
             // keep 0644
         }
-        CompletableFuture<UploadResponse> done = new CompletableFuture<>();
-        StreamObserver<UploadRequest> requests = async.upload(new StreamObserver<>() {
-            @Override
-            public void onNext(UploadResponse value) {
-                done.complete(value);
-            }
-
-            @Override
-            public void onError(Throwable t) {
-                done.completeExceptionally(t);
-            }
-
-            @Override
-            public void onCompleted() {
-                done.complete(null);
-            }
-        });
+        UploadObserver observer = new UploadObserver();
+        StreamObserver<UploadRequest> requests = async.upload(observer);
+        CompletableFuture<UploadResponse> done = observer.done;
         try (InputStream in = Files.newInputStream(local)) {
             byte[] buf = new byte[1 << 20];
             boolean first = true;
@@ -232,12 +221,15 @@ public final class MpoolClient implements AutoCloseable {
                 if (n > 0) {
                     b.setData(ByteString.copyFrom(buf, 0, n));
                 }
+                // Flow control: send only when the transport takes more, so memory holds a chunk
+                // or two whatever the file's size.
+                observer.awaitReady();
                 requests.onNext(b.build());
                 if (n <= 0) {
                     break;
                 }
             }
-        } catch (IOException | RuntimeException e) {
+        } catch (IOException | RuntimeException | InterruptedException e) {
             requests.onError(e);
             throw e;
         }
@@ -254,57 +246,33 @@ public final class MpoolClient implements AutoCloseable {
         }
     }
 
-    /** Reads {@code remotePath} from the VM into {@code local} (parents created). */
+    /** Reads {@code remotePath} from the VM into {@code local} (parents created), keeping its mode. */
     public void download(String leaseId, String remotePath, Path local) throws IOException {
         Files.createDirectories(local.toAbsolutePath().getParent());
         Iterator<DownloadChunk> chunks = blocking.download(DownloadRequest.newBuilder().setLeaseId(leaseId).setPath(remotePath).build());
+        int mode = -1;
         try (OutputStream out = Files.newOutputStream(local)) {
             while (chunks.hasNext()) {
-                chunks.next().getData().writeTo(out);
-            }
-        }
-    }
-
-    /**
-     * Writes a local file to any absolute path in the VM through exec (stdin in 4 MiB pieces),
-     * for directories outside the SSH user's home, which SFTP may not reach.
-     */
-    public void uploadViaExec(String leaseId, Path local, String remotePath) throws IOException {
-        int mode = 0644;
-        try {
-            mode = 0;
-            for (PosixFilePermission p : Files.getPosixFilePermissions(local)) {
-                mode |= 1 << (8 - p.ordinal());
-            }
-        } catch (UnsupportedOperationException ignored) {
-            mode = 0644;
-        }
-        try (InputStream in = Files.newInputStream(local)) {
-            byte[] buf = new byte[4 << 20];
-            boolean first = true;
-            while (true) {
-                int n = in.readNBytes(buf, 0, buf.length);
-                if (n == 0 && !first) {
-                    break;
+                DownloadChunk c = chunks.next();
+                if (c.getOffset() == 0) {
+                    mode = c.getMode();
                 }
-                String script = first
-                    ? "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\" && chmod " + Integer.toOctalString(mode) + " \"$1\""
-                    : "cat >> \"$1\"";
-                capture(leaseId, Command.newBuilder().addArgv("sh").addArgv("-c").addArgv(script).addArgv("sh").addArgv(remotePath)
-                    .setStdin(ByteString.copyFrom(buf, 0, n)).build());
-                first = false;
-                if (n < buf.length) {
-                    break;
-                }
+                c.getData().writeTo(out);
             }
         }
-    }
-
-    /** Reads any absolute path in the VM through exec (base64 on the wire). */
-    public void downloadViaExec(String leaseId, String remotePath, Path local) throws IOException {
-        String text = capture(leaseId, Command.newBuilder().addArgv("base64").addArgv(remotePath).build());
-        Files.createDirectories(local.toAbsolutePath().getParent());
-        Files.write(local, java.util.Base64.getMimeDecoder().decode(text));
+        if (mode > 0) {
+            try {
+                Set<PosixFilePermission> perms = java.util.EnumSet.noneOf(PosixFilePermission.class);
+                for (PosixFilePermission p : PosixFilePermission.values()) {
+                    if ((mode & (1 << (8 - p.ordinal()))) != 0) {
+                        perms.add(p);
+                    }
+                }
+                Files.setPosixFilePermissions(local, perms);
+            } catch (UnsupportedOperationException ignored) {
+                // not a POSIX file system
+            }
+        }
     }
 
     /** Regular files under {@code remoteDir}, as paths relative to it (none if it does not exist). */
@@ -334,6 +302,51 @@ public final class MpoolClient implements AutoCloseable {
         }
         if (group != null) {
             group.shutdownGracefully(0, 1, TimeUnit.SECONDS);
+        }
+    }
+
+    /** The response side of an Upload, with the request side's readiness for flow control. */
+    private static final class UploadObserver implements ClientResponseObserver<UploadRequest, UploadResponse> {
+        final CompletableFuture<UploadResponse> done = new CompletableFuture<>();
+        private final Object ready = new Object();
+        private volatile ClientCallStreamObserver<UploadRequest> requests;
+
+        @Override
+        public void beforeStart(ClientCallStreamObserver<UploadRequest> requests) {
+            this.requests = requests;
+            requests.setOnReadyHandler(this::wake);
+        }
+
+        private void wake() {
+            synchronized (ready) {
+                ready.notifyAll();
+            }
+        }
+
+        /** Blocks until the call takes another message (or has ended). */
+        void awaitReady() throws InterruptedException {
+            synchronized (ready) {
+                while (!done.isDone() && requests != null && !requests.isReady()) {
+                    ready.wait(1000);
+                }
+            }
+        }
+
+        @Override
+        public void onNext(UploadResponse value) {
+            done.complete(value);
+        }
+
+        @Override
+        public void onError(Throwable t) {
+            done.completeExceptionally(t);
+            wake();
+        }
+
+        @Override
+        public void onCompleted() {
+            done.complete(null);
+            wake();
         }
     }
 

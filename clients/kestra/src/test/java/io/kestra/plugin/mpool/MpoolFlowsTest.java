@@ -12,6 +12,7 @@ import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.extension.ExtendWith;
 
 import java.io.InputStream;
+import java.io.OutputStream;
 import java.net.URI;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -107,12 +108,38 @@ class MpoolFlowsTest {
         Map<String, Object> out = task(e, "shell").getOutputs();
         assertThat(out.get("exitCode"), is(0));
         Map<String, Object> vars = (Map<String, Object>) out.get("vars");
-        assertThat((String) vars.get("pwd"), startsWith("/tmp/kestra-mpool/"));
+        assertThat((String) vars.get("pwd"), startsWith(MpoolStack.get().runnerHome + "/kestra-mpool/"));
         assertThat(vars.get("workingDir"), is(vars.get("pwd")));
         Map<String, Object> files = (Map<String, Object>) out.get("outputFiles");
         assertThat(read(URI.create(files.get("out.txt").toString())), is("from kestra and back\n"));
         assertThat(read(URI.create(files.get("where.txt").toString())), is("ran in " + vars.get("pwd") + "\n"));
         MpoolStack.eventually("no lease left by " + e.getId(), () -> !MpoolStack.get().leases().contains(e.getId()));
+    }
+
+    @SuppressWarnings("unchecked")
+    @Test
+    @LoadFlows("flows/big.yaml")
+    void a64MiBFileThroughRunAndTheTaskRunner() throws Exception {
+        Execution e = runnerUtils.runOne(MAIN_TENANT, NS, "big", Duration.ofMinutes(5));
+        assertThat(explain(e), e.getState().getCurrent(), is(State.Type.SUCCESS));
+        long size = 64L << 20;
+        // Made in one VM, brought back into Kestra's storage (Download in chunks).
+        Map<String, Object> make = task(e, "make").getOutputs();
+        String sum = (String) ((Map<String, Object>) make.get("vars")).get("sum");
+        assertThat(sum, matchesPattern("[0-9a-f]{64}"));
+        URI made = URI.create(((Map<String, Object>) make.get("outputFiles")).get("big.bin").toString());
+        try (InputStream in = storage.get(MAIN_TENANT, NS, made)) {
+            assertThat(in.transferTo(OutputStream.nullOutputStream()), is(size));
+        }
+        // Sent into a second VM by the Run task (Upload in chunks): same checksum there.
+        assertThat(((Map<String, Object>) task(e, "check").getOutputs().get("vars")).get("sum"), is(sum));
+        // And through the task runner, both ways.
+        Map<String, Object> runner = task(e, "runner").getOutputs();
+        assertThat(((Map<String, Object>) runner.get("vars")).get("sum"), is(sum));
+        URI copy = URI.create(((Map<String, Object>) runner.get("outputFiles")).get("copy.bin").toString());
+        try (InputStream in = storage.get(MAIN_TENANT, NS, copy)) {
+            assertThat(in.transferTo(OutputStream.nullOutputStream()), is(size));
+        }
     }
 
     @Test

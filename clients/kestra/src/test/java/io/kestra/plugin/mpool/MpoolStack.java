@@ -27,6 +27,8 @@ import java.util.UUID;
  */
 public final class MpoolStack {
     public static final String POOL = "ci";
+    /** A one-VM pool for the task runner's tests: its VM's directory is known before a flow runs. */
+    public static final String RUNNER_POOL = "runner";
 
     private static MpoolStack instance;
 
@@ -34,6 +36,14 @@ public final class MpoolStack {
     public final String token = "kestra-test-" + UUID.randomUUID();
     public final int grpcPort;
     public final int httpPort;
+    /**
+     * The home directory of the runner pool's only VM. The simulator's VMs are directories on its
+     * host: an absolute path inside a VM's directory is the same file for exec and for SFTP (Upload,
+     * Download), while other absolute paths are the host's, which SFTP refuses. The task runner's
+     * working directory must be reachable by both, so its tests put it under this directory (on a
+     * real VM the default under /tmp works).
+     */
+    public final String runnerHome;
     private final Process sim;
     private final Process serve;
     private final HttpClient http = HttpClient.newHttpClient();
@@ -53,6 +63,8 @@ public final class MpoolStack {
             System.setProperty("kestra.variables.globals.mpoolpool", POOL);
             System.setProperty("kestra.variables.globals.mpooldir", instance.dir.toString());
             System.setProperty("kestra.variables.globals.mpoolunix", instance.unixEndpoint());
+            System.setProperty("kestra.variables.globals.mpoolrunnerpool", RUNNER_POOL);
+            System.setProperty("kestra.variables.globals.mpoolrunnerbase", instance.runnerHome + "/kestra-mpool");
         }
         return instance;
     }
@@ -96,7 +108,12 @@ public final class MpoolStack {
             name = "%4$s"
             min_ready = 2
             max_size = 4
-            """.formatted(dir, grpcPort, httpPort, POOL));
+
+            [[pools]]
+            name = "%5$s"
+            min_ready = 1
+            max_size = 1
+            """.formatted(dir, grpcPort, httpPort, POOL, RUNNER_POOL));
         sim = new ProcessBuilder(bin, "sim", "--socket", dir.resolve("multipass.sock").toString(),
             "--state-dir", dir.resolve("sim").toString(), "--time-scale", "0")
             .redirectErrorStream(true)
@@ -109,6 +126,18 @@ public final class MpoolStack {
         pb.environment().put("MPOOL_LOG", "info,mpool=debug");
         serve = pb.start();
         waitFor("2 idle VMs in pool " + POOL, () -> idle() >= 2, serve);
+        waitFor("an idle VM in pool " + RUNNER_POOL, () -> idle(RUNNER_POOL) >= 1, serve);
+        String vm = null;
+        for (var v : new com.fasterxml.jackson.databind.ObjectMapper().readTree(get("/v1/vms")).path("vms")) {
+            if (RUNNER_POOL.equals(v.path("pool").asText())) {
+                vm = v.path("name").asText();
+            }
+        }
+        if (vm == null) {
+            throw new IllegalStateException("no VM in pool " + RUNNER_POOL + "; logs:\n" + logs());
+        }
+        // The simulator keeps a VM under <state>/instances/NAME; its file system (home) is `root` there.
+        runnerHome = dir.resolve("sim").resolve("instances").resolve(vm).resolve("root").toRealPath().toString();
     }
 
     private static int freePort() throws IOException {
@@ -180,7 +209,12 @@ public final class MpoolStack {
 
     /** Idle (hot + warm) VMs of the pool, from the facade's pool JSON. */
     public int idle() throws IOException, InterruptedException {
-        String body = get("/v1/pools/" + POOL);
+        return idle(POOL);
+    }
+
+    /** Idle (hot + warm) VMs of `pool`. */
+    public int idle(String pool) throws IOException, InterruptedException {
+        String body = get("/v1/pools/" + pool);
         return count(body, "\"hot\":") + count(body, "\"warm\":");
     }
 
@@ -226,6 +260,12 @@ public final class MpoolStack {
                     p.destroyForcibly();
                 }
             }
+        }
+        // The stack's directory (sockets, store, simulated VMs) goes with it.
+        try (var paths = Files.walk(dir)) {
+            paths.sorted(java.util.Comparator.reverseOrder()).forEach(f -> f.toFile().delete());
+        } catch (IOException ignored) {
+            // best effort at JVM exit
         }
     }
 }

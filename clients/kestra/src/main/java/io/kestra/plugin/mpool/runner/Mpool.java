@@ -114,7 +114,7 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
 
     @Schema(
         title = "Directory in the VM under which each task gets its working directory.",
-        description = "The task's `{{ workingDir }}` in the VM is this directory plus a unique id. Files travel through exec (stdin in, base64 out), so any directory the SSH user can write works."
+        description = "The task's `{{ workingDir }}` in the VM is this directory plus a unique id. Files travel with mpool's Upload and Download (SFTP, in chunks), so any directory the VM's SSH user can write works, such as the default under `/tmp`. With `mpool sim` (whose VMs are directories on its host) use a directory inside the VM's own directory: other absolute paths are the host's, which SFTP refuses."
     )
     @NotNull
     @Builder.Default
@@ -202,7 +202,7 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
                 for (Path rel : taskCommands.relativeWorkingDirectoryFilesPaths(true)) {
                     Path file = localWd.resolve(rel);
                     if (Files.isRegularFile(file)) {
-                        client.uploadViaExec(leaseId, file, remoteWd + "/" + rel.toString().replace('\\', '/'));
+                        client.upload(leaseId, file, remoteWd + "/" + rel.toString().replace('\\', '/'));
                     }
                 }
                 if (taskCommands.outputDirectoryEnabled()) {
@@ -266,7 +266,7 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
                 || (outRel != null && rel.startsWith(outRel))
                 || matchers.stream().anyMatch(m -> m.matches(Path.of(rel)));
             if (wanted) {
-                client.downloadViaExec(leaseId, remoteWd + "/" + rel, localWd.resolve(rel));
+                client.download(leaseId, remoteWd + "/" + rel, localWd.resolve(rel));
             }
         }
     }
