@@ -108,6 +108,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "counter",
         "API calls that ended with an error status, by method and code.",
     ),
+    (
+        "mpool_store_write_failures_total",
+        "counter",
+        "State store writes that failed (each fails its batch's requests; the store is then retried).",
+    ),
 ];
 
 impl Metrics {

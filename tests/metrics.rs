@@ -280,10 +280,12 @@ async fn metrics_parse_and_counters_move_with_calls() {
         ("mpool_vms", "gauge"),
         ("mpool_leases", "gauge"),
         ("mpool_daemon_up", "gauge"),
+        ("mpool_store_up", "gauge"),
     ] {
         assert_eq!(before.types.get(name).map(String::as_str), Some(kind), "# TYPE {name} {kind}");
     }
     assert_eq!(before.sum("mpool_daemon_up", &[]), 1.0);
+    assert_eq!(before.sum("mpool_store_up", &[]), 1.0);
     assert!(before.sum("mpool_daemon_call_seconds_count", &[]) > 0.0, "warming the pool called multipassd");
     assert_eq!(before.sum("mpool_leases", &[("pool", "ci")]), 0.0);
 

@@ -30,6 +30,8 @@ pub async fn gauges(engine: &Engine) -> String {
     let _ = writeln!(out, "mpool_daemon_up {}", u8::from(status.daemon_ok));
     let _ = writeln!(out, "# HELP mpool_daemon_queue Daemon calls waiting for the scheduler.\n# TYPE mpool_daemon_queue gauge");
     let _ = writeln!(out, "mpool_daemon_queue {}", status.queued_daemon_calls);
+    let _ = writeln!(out, "# HELP mpool_store_up 1 when the state store takes writes.\n# TYPE mpool_store_up gauge");
+    let _ = writeln!(out, "mpool_store_up {}", u8::from(status.store_ok));
     out
 }
 
