@@ -306,6 +306,21 @@ impl PoolService {
         Ok((info, target, guard))
     }
 
+    /// The lease's SSH endpoint read from the daemon again, when it differs from `old` (the
+    /// pooled connection to the old one is dropped); `None` when it did not move or cannot be
+    /// read.
+    async fn refreshed_target(&self, info: &LeaseInfo, old: &SshTarget) -> Option<SshTarget> {
+        let owner = (!info.record.owner.is_empty()).then(|| info.record.owner.clone());
+        let fresh = self.engine.refresh(&info.record.id, owner).await.ok()?;
+        let target = ssh_target(fresh.ssh.as_ref()?);
+        if target.host == old.host && target.port == old.port {
+            return None;
+        }
+        tracing::info!(vm = %info.record.vm, "the VM's SSH endpoint moved to {}:{}", target.host, target.port);
+        self.ssh.close(&info.record.vm).await;
+        Some(target)
+    }
+
     /// Starts an exec and returns a channel of its events plus its id; the exec is cancelled
     /// when the receiver goes away.
     async fn start_exec(
@@ -336,11 +351,15 @@ impl PoolService {
             execs: self.execs.clone(),
             key: key.clone(),
         };
-        let mut handle = self
-            .ssh
-            .exec(&info.record.vm, target, req)
-            .await
-            .map_err(ssh_status)?;
+        let mut handle = match self.ssh.exec(&info.record.vm, target, req.clone()).await {
+            Ok(h) => h,
+            // The VM's endpoint may have moved (a daemon restart): ask the daemon again, once.
+            Err(e) if e.is_unreachable() => {
+                let fresh = self.refreshed_target(info, target).await.ok_or_else(|| ssh_status(e))?;
+                self.ssh.exec(&info.record.vm, &fresh, req).await.map_err(ssh_status)?
+            }
+            Err(e) => return Err(ssh_status(e)),
+        };
         if let Ok(mut m) = self.execs.lock() {
             m.insert(key, Some(handle.canceller()));
         }

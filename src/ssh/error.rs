@@ -228,6 +228,19 @@ impl SshError {
         matches!(self, SshError::ConnectionLost { .. })
     }
 
+    /// The VM could not be reached at this endpoint at all (refused, timed out, handshake or
+    /// connection lost before a channel opened): its endpoint may have moved, e.g. after a
+    /// daemon restart, so asking the daemon again is worth it.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            SshError::Unreachable { .. }
+                | SshError::Timeout { .. }
+                | SshError::Handshake { .. }
+                | SshError::ConnectionLost { .. }
+        )
+    }
+
     /// Turns the outcome of a command into an error, or `None` when it succeeded (exit 0).
     ///
     /// Exit 127 becomes [`SshError::CommandNotFound`]; a timeout or cancellation wins over the
