@@ -71,6 +71,13 @@ pub enum Action {
         /// Park it hot.
         hot: bool,
     },
+    /// Run (again) the provisioning of a VM whose build was interrupted (it keeps what was done).
+    Resume {
+        /// VM.
+        vm: String,
+        /// Park it hot.
+        hot: bool,
+    },
     /// Run (again) a delete.
     Destroy {
         /// VM.
@@ -104,6 +111,7 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
             VmState::Broken => out.push(Action::Retire { vm: v.name.clone() }),
             VmState::Deleting if p.daemon_ok => out.push(Action::Destroy { vm: v.name.clone() }),
             VmState::Resetting if p.daemon_ok => out.push(Action::Reset { vm: v.name.clone(), hot: v.target_hot }),
+            VmState::Provisioning if p.daemon_ok => out.push(Action::Resume { vm: v.name.clone(), hot: v.target_hot }),
             _ => {}
         }
     }
@@ -256,13 +264,14 @@ mod tests {
         let c = cfg(0, 0, 4);
         let mut r = vm("r", VmState::Resetting);
         r.target_hot = true;
-        let v = view(&c, vec![vm("b", VmState::Broken), r, vm("d", VmState::Deleting)], 0);
+        let v = view(&c, vec![vm("b", VmState::Broken), r, vm("d", VmState::Deleting), vm("p", VmState::Provisioning)], 0);
         assert_eq!(
             decide(&v),
             vec![
                 Action::Retire { vm: "b".into() },
                 Action::Reset { vm: "r".into(), hot: true },
                 Action::Destroy { vm: "d".into() },
+                Action::Resume { vm: "p".into(), hot: false },
             ]
         );
     }

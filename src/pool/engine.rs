@@ -38,7 +38,8 @@ use crate::store::{
 use super::decide::{self, Action, GoldenView, PoolView, VmView};
 pub use super::error::EngineError;
 use super::leases::LeaseBook;
-use super::plans::Ctx;
+use super::plans::{Ctx, Run};
+use super::steps::{self, Facts, Step};
 use super::ports::{Observed, Ports, StepError};
 use super::reconcile;
 use super::scheduler::{Op, Priority, Scheduler};
@@ -421,6 +422,9 @@ struct Vm {
     /// Since when the daemon reports it Starting or Restarting (e.g. resumed by a daemon
     /// restart): transient, waited for up to the pool's readiness timeout.
     transient_since: Option<Instant>,
+    /// The engine cannot be sure what the daemon did last (a crash, a call that failed): its
+    /// next plan reads the instance's state from the daemon first.
+    observe: bool,
 }
 
 impl Vm {
@@ -440,6 +444,7 @@ impl Vm {
             rebuild: false,
             busy_since: now,
             transient_since: None,
+            observe: false,
         }
     }
 
@@ -1216,21 +1221,45 @@ impl Actor {
         let golden = pool.golden.as_ref().filter(|g| g.ready).map(|g| g.name.clone());
         let has_waiters = !pool.waiters.is_empty();
         let waiting = pool.waiting.clone();
-        let (ctx, tx, name, rebuild, ssh) =
-            (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone());
+        let (ctx, tx, name, rebuild, ssh, observe) =
+            (self.ctx.clone(), self.tx.clone(), name.to_string(), vm.rebuild, vm.ssh.clone(), vm.observe);
         // A wake for a waiting caller of a hot VM only needs a round trip.
         let was_hot = ssh.is_some();
         self.spawn_later(async move {
+            let has_setup = !cfg.setup.is_empty();
+            // What a plan starts from: what the engine did, unless it cannot be sure (then the
+            // daemon's view, so steps already done are skipped).
+            let facts = |p: Priority, known: Facts| {
+                let (ctx, name) = (&ctx, &name);
+                async move { if observe { ctx.observe(p, name).await } else { Ok(known) } }
+            };
             let result = match plan {
                 PlanKind::Provision { hot } => {
-                    ctx.provision(Priority::Provision, &name, &cfg, golden.as_deref(), hot, None).await
+                    let run = Run { vm: &name, pool: &cfg, priority: Priority::Provision, hot, waiting: None };
+                    let plan = steps::provision(cfg.reset, golden.as_deref(), has_setup);
+                    match facts(run.priority, Facts::absent()).await {
+                        Ok(f) => ctx.execute(&run, &plan, f).await,
+                        Err(e) => Err(e),
+                    }
                 }
                 PlanKind::Reset { hot } => {
-                    let p = if has_waiters { Priority::Release } else { Priority::Reset };
-                    ctx.reset(p, &name, &cfg, golden.as_deref(), rebuild, hot, Some(&waiting)).await
+                    let priority = if has_waiters { Priority::Release } else { Priority::Reset };
+                    let run = Run { vm: &name, pool: &cfg, priority, hot, waiting: Some(&waiting) };
+                    let plan = steps::reset(cfg.reset, golden.as_deref(), has_setup, rebuild);
+                    match facts(priority, Facts::running_clean()).await {
+                        Ok(f) => ctx.execute(&run, &plan, f).await,
+                        Err(e) => Err(e),
+                    }
                 }
-                PlanKind::Park { hot: true } => ctx.park(Priority::Reset, &name, true).await,
-                PlanKind::Park { hot: false } => ctx.cool(Priority::Reset, &name).await.map(|_| None),
+                PlanKind::Park { hot } => {
+                    let run = Run { vm: &name, pool: &cfg, priority: Priority::Reset, hot, waiting: None };
+                    let (plan, known) = if hot {
+                        (vec![Step::Start, Step::Ready], Facts::suspended_clean())
+                    } else {
+                        (vec![Step::Suspend], Facts::running_clean())
+                    };
+                    ctx.execute(&run, &plan, known).await
+                }
                 PlanKind::Wake if was_hot => ctx.check_alive(&name, ssh).await.map(Some),
                 PlanKind::Wake => ctx.wake(&name).await.map(Some),
                 PlanKind::Check => ctx.check(&name, ssh).await.map(Some),
@@ -1246,6 +1275,8 @@ impl Actor {
             return;
         };
         vm.busy = false;
+        // After a failure the daemon may have done part of the plan: the next one looks first.
+        vm.observe = result.is_err();
         let pool = vm.pool.clone();
         if matches!(plan, PlanKind::Reset { .. }) && result.is_ok() {
             self.metrics.observe("mpool_reset_seconds", vec![("pool", pool.clone())], vm.busy_since.elapsed());
@@ -1317,7 +1348,16 @@ impl Actor {
                 }
                 let event = match (e.unavailable, plan) {
                     (_, PlanKind::Refresh) | (true, PlanKind::Destroy | PlanKind::Check) => None,
-                    (true, _) if self.vms.get(name).is_some_and(|v| v.state == VmState::Resetting) => None,
+                    // The daemon went away mid-plan: the same plan runs again once it is back
+                    // (reading what was done first).
+                    (true, _)
+                        if self
+                            .vms
+                            .get(name)
+                            .is_some_and(|v| matches!(v.state, VmState::Resetting | VmState::Provisioning)) =>
+                    {
+                        None
+                    }
                     (true, _) => Some(Event::Doubt),
                     (false, _) => Some(Event::Fail),
                 };
@@ -1544,6 +1584,8 @@ impl Actor {
             vm.uses = a.record.uses;
             vm.lease = a.record.lease.clone();
             vm.created_ms = a.record.created_ms;
+            // Adopted after a restart: what it was doing is not known for sure.
+            vm.observe = true;
             self.vms.insert(a.record.name.clone(), vm);
         }
         let live = r
@@ -1662,6 +1704,12 @@ impl Actor {
                 }
                 self.spawn_plan(&vm, PlanKind::Reset { hot });
             }
+            Action::Resume { vm, hot } => {
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.target_hot = hot;
+                }
+                self.spawn_plan(&vm, PlanKind::Provision { hot });
+            }
             Action::Destroy { vm } => self.spawn_plan(&vm, PlanKind::Destroy),
             Action::Retire { vm } => {
                 self.apply(&vm, Event::Retire);
@@ -1707,7 +1755,9 @@ impl Actor {
             if let Some(old) = old {
                 let _ = ctx.destroy(Priority::Provision, &old).await;
             }
-            let result = ctx.golden(&name, &cfg).await;
+            let run = Run { vm: &name, pool: &cfg, priority: Priority::Provision, hot: false, waiting: None };
+            let plan = steps::golden(!cfg.setup.is_empty());
+            let result = ctx.execute(&run, &plan, Facts::absent()).await.map(|_| ());
             let _ = tx.send(Msg::GoldenDone { pool, vm: name, result }).await;
         });
     }

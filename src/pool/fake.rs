@@ -17,7 +17,9 @@ pub struct FakeState {
     pub snapshots: HashSet<(String, String)>,
     /// Every call, as "op name".
     pub calls: Vec<String>,
-    /// Ops that fail once each time they are listed here ("op name" or "op *").
+    /// Ops that fail once each time they are listed here ("op name" or "op *"); with a
+    /// "cut " prefix the call is cut as when the daemon aborts (unavailable, after the daemon
+    /// did the work).
     pub fail_next: Vec<String>,
     /// The daemon is down.
     pub down: bool,
@@ -75,6 +77,12 @@ impl Fake {
         if let Some(i) = st.fail_next.iter().position(|k| *k == key1 || *k == key2) {
             st.fail_next.remove(i);
             return Err(StepError::failed(format!("injected failure of {op}")));
+        }
+        let cut = |k: &String| k.strip_prefix("cut ").is_some_and(|k| k == key1 || k == key2);
+        if let Some(i) = st.fail_next.iter().position(cut) {
+            st.fail_next.remove(i);
+            f(&mut st)?;
+            return Err(StepError::unavailable(format!("the connection was cut during {op}")));
         }
         f(&mut st)?;
         st.high_water = st.high_water.max(st.instances.len());

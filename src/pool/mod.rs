@@ -17,6 +17,7 @@ pub mod leases;
 #[cfg(test)]
 mod model_tests;
 pub mod plans;
+pub mod steps;
 pub mod ports;
 pub mod reconcile;
 pub mod scheduler;

@@ -3,9 +3,9 @@
 //!
 //! Rules: only instances with our name prefix are ever touched. Our instances with a record are
 //! adopted: an unexpired lease is honoured; an expired lease is ended and its VM reset; idle
-//! VMs found in the state they should be in are kept, and anything in doubt (interrupted
-//! provisioning, reset, wake or park, or an idle VM found in another state, e.g. resumed by a
-//! daemon restart) is reset. Records without an instance are dropped (their leases end).
+//! VMs found in the state they should be in are kept; an interrupted build resumes; anything
+//! else in doubt (interrupted reset, wake or park, or an idle VM found in another state, e.g.
+//! resumed by a daemon restart) is reset. Records without an instance are dropped (their leases end).
 //! Instances with our prefix and no record are strays: deleted (if configured). VMs the engine
 //! names as in doubt (touched by a store write that failed, or by work aborted then) are reset
 //! rather than kept idle, unless a lease holds them.
@@ -98,6 +98,8 @@ pub fn reconcile(
             (PhaseRecord::Hot, _) if obs == InstanceState::Running => VmState::Hot,
             (PhaseRecord::Warm, _) if obs == InstanceState::Suspended => VmState::Warm,
             (PhaseRecord::Broken | PhaseRecord::Deleting, _) => VmState::Deleting,
+            // Never leased yet: its build resumes from what the daemon shows.
+            (PhaseRecord::Provisioning, _) => VmState::Provisioning,
             _ => VmState::Resetting,
         };
         if state != VmState::Leased {
@@ -204,7 +206,7 @@ mod tests {
         assert_eq!(state_of(&r, "mpool-ci-warm"), VmState::Warm);
         assert_eq!(state_of(&r, "mpool-ci-resumed"), VmState::Resetting, "resumed by a daemon restart: re-parked");
         assert_eq!(state_of(&r, "mpool-ci-midreset"), VmState::Resetting);
-        assert_eq!(state_of(&r, "mpool-ci-midprov"), VmState::Resetting);
+        assert_eq!(state_of(&r, "mpool-ci-midprov"), VmState::Provisioning, "its build resumes");
         assert_eq!(state_of(&r, "mpool-ci-broken"), VmState::Deleting);
         assert_eq!(r.dropped, vec!["mpool-ci-gone"]);
         assert_eq!(r.strays, vec!["mpool-ci-stray"], "only our prefix; never someone else's");
