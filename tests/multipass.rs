@@ -340,3 +340,40 @@ async fn unreachable_daemon_is_unavailable() {
     let err = Client::connect(o).await.err().expect("no daemon");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
 }
+
+#[tokio::test]
+async fn log_only_replies_never_replace_the_answer() {
+    // multipassd writes log lines into every call in flight, so a reply carrying only a log
+    // line may come before, between or after the answer (reference §0.3).
+    let ts = TestSim::start(|c| c.log_lines = true).await;
+    let c = ts.client("ops").await;
+    let mut ev = ts.sim.events();
+    assert_eq!(c.launch(&launch_opts("vm")).await.unwrap(), "vm", "launch names the instance");
+    let listed = c.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "a trailing log-only reply is not an empty list: {listed:?}");
+    assert_eq!(listed[0].state, InstanceState::Running);
+    // The simulator did write log lines before and after the list's answer.
+    let mut seen = Vec::new();
+    loop {
+        let e = wait_event(&mut ev, |e| e.op == "list").await;
+        let done = e.kind == EventKind::Done;
+        seen.push(e.kind);
+        if done {
+            break;
+        }
+    }
+    let replied = seen.iter().position(|k| *k == EventKind::Replied).expect("an answer");
+    assert!(seen[..replied].contains(&EventKind::LogLine), "a log line before the answer: {seen:?}");
+    assert!(seen[replied..].contains(&EventKind::LogLine), "a log line after the answer: {seen:?}");
+
+    assert_eq!(c.version_text().await.unwrap(), "1.16.3");
+    assert_eq!(c.ssh_info("vm").await.unwrap().username, "ubuntu");
+    assert_eq!(c.info(&Names::one("vm")).await.unwrap()[0].name, "vm");
+    assert!(c.daemon_info().await.unwrap().cpus > 0);
+    c.stop(&Names::one("vm"), false).await.unwrap();
+    assert_eq!(c.snapshot("vm", None, "").await.unwrap(), "snapshot1");
+    // A prompt (non-destructive restore) is answered, never a log line.
+    c.restore("vm", "snapshot1", false).await.unwrap();
+    assert_eq!(c.list_snapshots().await.unwrap().len(), 2, "the safety snapshot was taken");
+    assert_eq!(c.delete(&Names::one("vm"), true).await.unwrap(), vec!["vm".to_string()]);
+}

@@ -44,6 +44,10 @@ pub struct SimArgs {
     /// The version the simulator reports.
     #[arg(long, default_value = "1.16.3")]
     daemon_version: String,
+    /// Interleave replies that carry only a log line before, between and after every call's
+    /// replies, as multipassd's logger does.
+    #[arg(long)]
+    log_lines: bool,
 }
 
 fn parse_target(s: &str) -> Result<SshTarget, String> {
@@ -88,6 +92,7 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     cfg.fail_ops = args.fail;
     cfg.hang_ops = args.hang;
     cfg.daemon_version = args.daemon_version;
+    cfg.log_lines = args.log_lines;
     let sim = Simulator::start(cfg).await?;
     tracing::info!(
         socket = %args.socket.display(),

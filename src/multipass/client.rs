@@ -1,7 +1,8 @@
 //! The typed multipassd client. Every call sends its request before awaiting the call (the
 //! daemon sends no headers until it has read one), keeps the request stream open until the call
 //! ends (so prompts can be answered), routes `log_line`s to tracing, has a deadline, and returns
-//! the last reply. The API cannot express an empty instance list (which multipassd reads as ALL).
+//! the last reply that carries an answer (replies carrying only a log line are logged, never
+//! taken for the answer). The API cannot express an empty instance list (which multipassd reads as ALL).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -216,19 +217,36 @@ pub struct LaunchOptions {
     pub timeout_secs: i32,
 }
 
-/// Access to a daemon's `log_line` of any reply.
+/// Access to a daemon's `log_line` of any reply, and whether a reply carries more than one.
+///
+/// multipassd writes its log lines into every call in flight, from any thread, as replies of
+/// the call's own type that carry nothing but `log_line`. Such a reply can arrive before,
+/// between or after the reply that carries the answer (reference §0.3), so it must never be
+/// taken for the answer.
 trait Reply: Send + 'static {
     fn log_line(&self) -> &str;
+    /// True unless the reply carries only a log line.
+    fn carries_answer(&self) -> bool;
 }
 
 macro_rules! replies {
-    ($($t:ty),* $(,)?) => { $(impl Reply for $t { fn log_line(&self) -> &str { &self.log_line } })* };
+    ($($t:ty),* $(,)?) => { $(impl Reply for $t {
+        fn log_line(&self) -> &str { &self.log_line }
+        fn carries_answer(&self) -> bool {
+            if self.log_line.is_empty() {
+                return true;
+            }
+            let mut rest = self.clone();
+            rest.log_line.clear();
+            rest != <$t>::default()
+        }
+    })* };
 }
 replies!(
     pb::LaunchReply, pb::PurgeReply, pb::InfoReply, pb::ListReply, pb::RecoverReply, pb::SshInfoReply,
     pb::StartReply, pb::StopReply, pb::SuspendReply, pb::RestartReply, pb::DeleteReply, pb::VersionReply,
     pb::GetReply, pb::SetReply, pb::KeysReply, pb::AuthenticateReply, pb::SnapshotReply, pb::RestoreReply,
-    pb::CloneReply, pb::DaemonInfoReply,
+    pb::CloneReply, pb::DaemonInfoReply, pb::FindReply,
 );
 
 /// A connected, trusted, version-checked multipassd client. Cheap to clone.
@@ -329,7 +347,8 @@ impl Client {
     }
 
     /// Runs one bidirectional call: sends `first` before awaiting the call, answers prompts
-    /// with `answer`, forwards log lines, and returns the last reply.
+    /// with `answer`, forwards log lines to tracing, and returns the last reply that carries
+    /// more than a log line.
     async fn bidi<Req, Rep, F, Fut>(
         &self,
         op: &'static str,
@@ -355,6 +374,10 @@ impl Client {
                 let line = reply.log_line().trim_end();
                 if !line.is_empty() {
                     tracing::debug!(target: "multipassd", op, "{line}");
+                }
+                // A log-only reply is never the answer (nor a prompt), wherever it comes.
+                if !reply.carries_answer() {
+                    continue;
                 }
                 if let Some(req) = answer(&reply) {
                     tx.send(req).await.map_err(|_| Error::Protocol {

@@ -113,21 +113,103 @@ pub struct SshTarget {
     pub port: u16,
 }
 
-/// One call in progress: its reply sender and the rest of its request stream (for prompts).
-pub struct Call<Req, Rep> {
+/// A reply type that can carry a log line alone, as multipassd writes its log into every call
+/// in flight.
+pub trait LogReply: Sized {
+    /// A reply carrying only `line`.
+    fn log_only(line: String) -> Self;
+}
+
+macro_rules! log_replies {
+    ($($t:ty),* $(,)?) => { $(impl LogReply for $t {
+        fn log_only(line: String) -> Self {
+            let mut reply = <$t>::default();
+            reply.log_line = line;
+            reply
+        }
+    })* };
+}
+
+log_replies!(
+    pb::LaunchReply, pb::PurgeReply, pb::FindReply, pb::InfoReply, pb::ListReply, pb::NetworksReply,
+    pb::RecoverReply, pb::SshInfoReply, pb::StartReply, pb::StopReply, pb::SuspendReply, pb::RestartReply,
+    pb::DeleteReply, pb::VersionReply, pb::GetReply, pb::SetReply, pb::KeysReply, pb::AuthenticateReply,
+    pb::SnapshotReply, pb::RestoreReply, pb::CloneReply, pb::DaemonInfoReply, pb::MountReply, pb::UmountReply,
+);
+
+/// A log line as multipassd forwards it: `[timestamp] [level] [category] message`.
+fn log_line(op: &str, what: &str) -> String {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("[{}.{:03}] [debug] [daemon] {op}: {what}\n", t.as_secs(), t.subsec_millis())
+}
+
+/// The reply side of a call: sends replies, interleaving log-only ones when asked, and records
+/// each in the event log.
+pub struct Replier<Rep> {
     tx: mpsc::Sender<Result<Rep, Status>>,
+    op: &'static str,
+    /// Interleave log-only replies (see [`Daemon::set_log_lines`]).
+    log_lines: bool,
+    events: broadcast::Sender<SimEvent>,
+}
+
+impl<Rep: LogReply> Replier<Rep> {
+    /// A replier for `op` writing to `tx`.
+    pub fn new(tx: mpsc::Sender<Result<Rep, Status>>, op: &'static str, log_lines: bool, events: broadcast::Sender<SimEvent>) -> Replier<Rep> {
+        Replier { tx, op, log_lines, events }
+    }
+
+    fn emit(&self, kind: EventKind) {
+        let _ = self.events.send(SimEvent { op: self.op, instance: String::new(), kind });
+    }
+
+    /// Sends a log-only reply if log lines are on (a gone client is ignored).
+    pub async fn log(&self, what: &str) {
+        if self.log_lines {
+            let _ = self.tx.send(Ok(Rep::log_only(log_line(self.op, what)))).await;
+            self.emit(EventKind::LogLine);
+        }
+    }
+
+    /// Sends a reply, preceded by a log-only one if log lines are on.
+    pub async fn reply(&self, rep: Rep) {
+        self.log("about to reply").await;
+        let _ = self.tx.send(Ok(rep)).await;
+        self.emit(EventKind::Replied);
+    }
+
+    /// Ends the call with an error status.
+    pub async fn fail(&self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
+    }
+}
+
+impl<Rep> Clone for Replier<Rep> {
+    fn clone(&self) -> Self {
+        Replier { tx: self.tx.clone(), op: self.op, log_lines: self.log_lines, events: self.events.clone() }
+    }
+}
+
+/// One call in progress: its replier and the rest of its request stream (for prompts).
+pub struct Call<Req, Rep> {
+    out: Replier<Rep>,
     rx: Streaming<Req>,
 }
 
-impl<Req, Rep> Call<Req, Rep> {
+impl<Req, Rep: LogReply> Call<Req, Rep> {
     /// Wraps a call.
-    pub fn new(tx: mpsc::Sender<Result<Rep, Status>>, rx: Streaming<Req>) -> Call<Req, Rep> {
-        Call { tx, rx }
+    pub fn new(out: Replier<Rep>, rx: Streaming<Req>) -> Call<Req, Rep> {
+        Call { out, rx }
+    }
+
+    /// Sends a log-only reply if log lines are on.
+    pub async fn log(&self, what: &str) {
+        self.out.log(what).await;
     }
 
     /// Sends a reply (a gone client is ignored, as the daemon carries on).
     async fn send(&self, rep: Rep) {
-        let _ = self.tx.send(Ok(rep)).await;
+        self.out.reply(rep).await;
     }
 
     /// Sends a prompt and reads the answer. A client that half-closed cannot answer.
@@ -151,6 +233,7 @@ pub struct Daemon {
     hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
     fail_rate: Mutex<f64>,
     time_scale: Mutex<f64>,
+    log_lines: std::sync::atomic::AtomicBool,
     pub(super) keys: Arc<SshKeys>,
     pub(super) trust: TrustStore,
     events: broadcast::Sender<SimEvent>,
@@ -202,6 +285,7 @@ impl Daemon {
             hangs: Mutex::new(hangs),
             fail_rate: Mutex::new(fail_rate),
             time_scale: Mutex::new(cfg.time_scale),
+            log_lines: std::sync::atomic::AtomicBool::new(cfg.log_lines),
             keys,
             trust,
             events: broadcast::channel(4096).0,
@@ -221,6 +305,11 @@ impl Daemon {
         self.events.subscribe()
     }
 
+    /// The event log's sender (for the repliers of calls).
+    pub(super) fn event_sender(&self) -> broadcast::Sender<SimEvent> {
+        self.events.clone()
+    }
+
     pub(super) fn emit(&self, op: &'static str, instance: &str, kind: EventKind) {
         let _ = self.events.send(SimEvent { op, instance: instance.to_string(), kind });
     }
@@ -237,6 +326,17 @@ impl Daemon {
         if let Ok(mut s) = self.time_scale.lock() {
             *s = scale;
         }
+    }
+
+    /// Interleaves replies carrying only a log line before, between and after the replies of
+    /// every call (on), as multipassd's logger does; off by default, tests turn it on.
+    pub fn set_log_lines(&self, on: bool) {
+        self.log_lines.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether log-only replies are interleaved.
+    pub fn log_lines(&self) -> bool {
+        self.log_lines.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Changes the random failure rate of mutating calls.

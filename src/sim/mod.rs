@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub hang_ops: Vec<String>,
     /// The version `version` reports.
     pub daemon_version: String,
+    /// Interleave replies carrying only a log line before, between and after every call's
+    /// replies, as multipassd's logger does (`--log-lines`).
+    pub log_lines: bool,
 }
 
 impl SimConfig {
@@ -61,6 +64,7 @@ impl SimConfig {
             fail_ops: vec![],
             hang_ops: vec![],
             daemon_version: "1.16.3".into(),
+            log_lines: false,
         }
     }
 }
@@ -89,6 +93,10 @@ pub enum EventKind {
     Hung,
     /// The operation's simulated work started on an instance.
     Working,
+    /// A reply carrying only a log line was sent (see [`SimConfig::log_lines`]).
+    LogLine,
+    /// A reply (not a log-only one) was sent.
+    Replied,
     /// The call ended OK.
     Done,
     /// The call ended with this code.

@@ -11,7 +11,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::EventKind;
-use super::daemon::{Call, Daemon};
+use super::daemon::{Call, Daemon, LogReply, Replier};
 use crate::proto::multipass as pb;
 use crate::proto::multipass::rpc_server::Rpc;
 
@@ -70,7 +70,7 @@ impl Service {
     ) -> Result<Response<Replies<Rep>>, Status>
     where
         Req: Default + Send + 'static,
-        Rep: Send + 'static,
+        Rep: LogReply + Send + 'static,
         F: FnOnce(Arc<Daemon>, Call<Req, Rep>, Req, Option<Vec<u8>>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
@@ -85,13 +85,19 @@ impl Service {
         }
         let (tx, rx) = mpsc::channel(16);
         let daemon = self.daemon.clone();
+        let out = Replier::new(tx, op, daemon.log_lines(), daemon.event_sender());
         tokio::spawn(async move {
-            let call = Call::new(tx.clone(), incoming);
+            let call = Call::new(out.clone(), incoming);
             match handler(daemon.clone(), call, req, cert).await {
-                Ok(()) => daemon.emit(op, "", EventKind::Done),
+                Ok(()) => {
+                    // The daemon's logger may write into the call after the answer, too.
+                    out.log("call finished").await;
+                    daemon.emit(op, "", EventKind::Done)
+                }
                 Err(status) => {
+                    out.log("call failed").await;
                     daemon.emit(op, "", EventKind::Failed(status.code()));
-                    let _ = tx.send(Err(status)).await;
+                    out.fail(status).await;
                 }
             }
         });

@@ -15,11 +15,13 @@ pub struct TestSim {
 }
 
 impl TestSim {
-    /// Starts a simulator at time scale 0, after `tweak` adjusts its config.
+    /// Starts a simulator at time scale 0 that interleaves log-only replies as multipassd does
+    /// (reference §0.3), after `tweak` adjusts its config.
     pub async fn start(tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = SimConfig::new(dir.path().join("sim.sock"), dir.path().join("state"));
         cfg.time_scale = 0.0;
+        cfg.log_lines = true;
         tweak(&mut cfg);
         let sim = Simulator::start(cfg).await.expect("simulator starts");
         TestSim { dir, sim }
