@@ -30,7 +30,12 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     o.serve = false;
     let stack = Stack::start(o).await?;
     let d = stack.daemon_client().await?;
-    d.launch(&LaunchOptions { name: "vm1".into(), ..Default::default() }).await.map_err(|e| e.to_string())?;
+    d.launch(&LaunchOptions {
+        name: "vm1".into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let vm1 = Names::one("vm1");
 
     let mut ops = Vec::new();
@@ -62,14 +67,29 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         }
         let (c, p) = (summarize(&channel), summarize(&process));
         let ratio = p.p50_ms / c.p50_ms.max(1e-9);
-        println!("  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x", c.p50_ms, p.p50_ms);
-        ops.push(Op { op, channel: c, process: p, ratio_p50: ratio });
+        println!(
+            "  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x",
+            c.p50_ms, p.p50_ms
+        );
+        ops.push(Op {
+            op,
+            channel: c,
+            process: p,
+            ratio_p50: ratio,
+        });
     }
     stack.stop().await;
 
     for o in &ops {
-        let mut r = Row::new(format!("`{}` on the persistent channel, p50", o.op), o.channel.p50_ms, "ms")
-            .vs(format!("`mpool multipass {}` process", o.op), o.process.p50_ms);
+        let mut r = Row::new(
+            format!("`{}` on the persistent channel, p50", o.op),
+            o.channel.p50_ms,
+            "ms",
+        )
+        .vs(
+            format!("`mpool multipass {}` process", o.op),
+            o.process.p50_ms,
+        );
         if o.op == "start" {
             r = r.target(">= 20x", o.ratio_p50 >= 20.0);
         }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names, ServerVerification};
+use crate::multipass::{
+    Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names,
+    ServerVerification,
+};
 
 /// `mpool multipass` flags.
 #[derive(Args, Debug)]
@@ -198,7 +201,11 @@ pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mpool multipass: {e}");
-            if e.is_unavailable() { ExitCode::from(3) } else { ExitCode::from(2) }
+            if e.is_unavailable() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
@@ -222,7 +229,11 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, Error> {
     let mut opts = ClientOptions::new(data_dir);
-    opts.address = args.daemon.as_deref().map(DaemonAddress::parse).transpose()?;
+    opts.address = args
+        .daemon
+        .as_deref()
+        .map(DaemonAddress::parse)
+        .transpose()?;
     opts.verification = match (&args.root_cert, &args.pin_cert, args.insecure_skip_verify) {
         (Some(p), _, _) => ServerVerification::RootCert(p.clone()),
         (_, Some(p), _) => ServerVerification::Pin(p.clone()),
@@ -233,10 +244,15 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         opts.identity = ClientIdentity::Own;
     }
     if let Some(f) = &args.passphrase_file {
-        opts.passphrase =
-            Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file").map_err(Error::InvalidArgument)?);
+        opts.passphrase = Some(
+            crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")
+                .map_err(Error::InvalidArgument)?,
+        );
     }
-    if let Verb::Authenticate { passphrase: Some(p) } = &args.verb {
+    if let Verb::Authenticate {
+        passphrase: Some(p),
+    } = &args.verb
+    {
         opts.passphrase = Some(p.clone());
     }
     opts.allow_untested_daemon = args.allow_untested_daemon;
@@ -271,7 +287,13 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 println!("{:<24} {:<18} {:<16} Release", "Name", "State", "IPv4");
                 for i in list {
                     let ip = i.ipv4.first().cloned().unwrap_or_else(|| "--".into());
-                    println!("{:<24} {:<18} {:<16} {}", i.name, title(i.state.as_str_name()), ip, i.release);
+                    println!(
+                        "{:<24} {:<18} {:<16} {}",
+                        i.name,
+                        title(i.state.as_str_name()),
+                        ip,
+                        i.release
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -283,10 +305,20 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             } else if list.is_empty() {
                 println!("No snapshots found.");
             } else {
-                println!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent");
+                println!(
+                    "{:<24} {:<16} {:<16} Comment",
+                    "Instance", "Snapshot", "Parent"
+                );
                 for s in list {
-                    let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
-                    println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);
+                    let parent = if s.parent.is_empty() {
+                        "--".to_string()
+                    } else {
+                        s.parent
+                    };
+                    println!(
+                        "{:<24} {:<16} {:<16} {}",
+                        s.instance, s.name, parent, s.comment
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -299,19 +331,42 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 for i in info {
                     println!(
                         "Name:       {}\nState:      {}\nSnapshots:  {}\nRelease:    {}\nCPUs:       {}\nMemory:     {}\nDisk:       {}\n",
-                        i.name, title(i.state.as_str_name()), i.snapshots, i.image_release, i.cpus, i.memory, i.disk
+                        i.name,
+                        title(i.state.as_str_name()),
+                        i.snapshots,
+                        i.image_release,
+                        i.cpus,
+                        i.memory,
+                        i.disk
                     );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Launch { name, cpus, memory, disk, cloud_init, launch_timeout, image } => {
+        Verb::Launch {
+            name,
+            cpus,
+            memory,
+            disk,
+            cloud_init,
+            launch_timeout,
+            image,
+        } => {
             let cloud_init = match cloud_init {
-                Some(f) => std::fs::read_to_string(&f)
-                    .map_err(|e| Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display())))?,
+                Some(f) => std::fs::read_to_string(&f).map_err(|e| {
+                    Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display()))
+                })?,
                 None => String::new(),
             };
-            let opts = LaunchOptions { name, image, cpus, memory, disk, cloud_init, timeout_secs: launch_timeout };
+            let opts = LaunchOptions {
+                name,
+                image,
+                cpus,
+                memory,
+                disk,
+                cloud_init,
+                timeout_secs: launch_timeout,
+            };
             let n = client.launch(&opts).await?;
             ok(format!("Launched: {n}"))
         }
@@ -331,8 +386,14 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             client.restart(&names(n)?, 0).await?;
             ok(String::new())
         }
-        Verb::Snapshot { instance, name, comment } => {
-            let s = client.snapshot(&instance, name.as_deref(), &comment).await?;
+        Verb::Snapshot {
+            instance,
+            name,
+            comment,
+        } => {
+            let s = client
+                .snapshot(&instance, name.as_deref(), &comment)
+                .await?;
             if json {
                 print_json(&serde_json::json!({ "instance": instance, "snapshot": s }));
                 Ok(ExitCode::SUCCESS)
@@ -340,7 +401,10 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 ok(format!("Snapshot taken: {instance}.{s}"))
             }
         }
-        Verb::Restore { target, destructive } => {
+        Verb::Restore {
+            target,
+            destructive,
+        } => {
             let (i, s) = split_snapshot(&target)?;
             client.restore(i, s, destructive).await?;
             ok(format!("Snapshot restored: {i}.{s}"))
@@ -385,9 +449,9 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         }
         Verb::Get { key } => ok(client.get(&key).await?),
         Verb::Set { assignment } => {
-            let (k, v) = assignment
-                .split_once('=')
-                .ok_or_else(|| Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE")))?;
+            let (k, v) = assignment.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE"))
+            })?;
             client.set(k, v).await?;
             ok(String::new())
         }
@@ -396,11 +460,18 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&d);
             } else {
-                println!("CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes", d.cpus, d.memory, d.available_space);
+                println!(
+                    "CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes",
+                    d.cpus, d.memory, d.available_space
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Exec { name, working_directory, argv } => exec(&client, &name, working_directory, argv).await,
+        Verb::Exec {
+            name,
+            working_directory,
+            argv,
+        } => exec(&client, &name, working_directory, argv).await,
     }
 }
 
@@ -415,9 +486,17 @@ fn title(s: &str) -> String {
 
 /// `exec`: ssh_info (starting the instance first if it is not running, as the multipass CLI
 /// does), then one SSH connection streaming stdout/stderr; exits with the remote code.
-async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<String>) -> Result<ExitCode, Error> {
+async fn exec(
+    client: &Client,
+    name: &str,
+    workdir: Option<String>,
+    argv: Vec<String>,
+) -> Result<ExitCode, Error> {
     let info = match client.ssh_info(name).await {
-        Err(Error::Daemon { code: tonic::Code::Aborted, .. }) => {
+        Err(Error::Daemon {
+            code: tonic::Code::Aborted,
+            ..
+        }) => {
             client.start(&Names::one(name), 0).await?;
             client.ssh_info(name).await?
         }
@@ -425,7 +504,9 @@ async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<St
     };
     let target = crate::pool::ports::ssh_target(&info);
     let exec_err = |e: crate::ssh::SshError| Error::InvalidArgument(format!("exec failed: {e}"));
-    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default()).await.map_err(exec_err)?;
+    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default())
+        .await
+        .map_err(exec_err)?;
     let mut req = crate::ssh::ExecRequest::argv(argv);
     if let Some(dir) = workdir {
         req = req.cwd(dir);
@@ -452,8 +533,12 @@ pub async fn relay(handle: &mut crate::ssh::ExecHandle) -> u8 {
                 let _ = err.write_all(&b);
                 let _ = err.flush();
             }
-            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => return u8::try_from(c).unwrap_or(255),
-            crate::ssh::ExecEvent::Exit { signal: Some(s), .. } => return 128u8.saturating_add(signal_number(&s)),
+            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => {
+                return u8::try_from(c).unwrap_or(255);
+            }
+            crate::ssh::ExecEvent::Exit {
+                signal: Some(s), ..
+            } => return 128u8.saturating_add(signal_number(&s)),
             crate::ssh::ExecEvent::Exit { .. } => return 255,
         }
     }

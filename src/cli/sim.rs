@@ -55,9 +55,17 @@ fn parse_target(s: &str) -> Result<SshTarget, String> {
         Some((u, hp)) => (u.to_string(), hp),
         None => ("ubuntu".to_string(), s),
     };
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
-    let port = port.parse().map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
-    Ok(SshTarget { user, host: host.to_string(), port })
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
+    Ok(SshTarget {
+        user,
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// Runs the simulator.
@@ -73,14 +81,23 @@ pub async fn run(args: SimArgs) -> ExitCode {
 
 async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(format!("--fail-rate {} is not a probability between 0 and 1", args.fail_rate));
+        return Err(format!(
+            "--fail-rate {} is not a probability between 0 and 1",
+            args.fail_rate
+        ));
     }
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
-        return Err(format!("--time-scale {} must be a finite number >= 0", args.time_scale));
+        return Err(format!(
+            "--time-scale {} must be a finite number >= 0",
+            args.time_scale
+        ));
     }
     let passphrase = match (&args.passphrase, &args.passphrase_file) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")?),
+        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(
+            f,
+            "--passphrase-file",
+        )?),
         (None, None) => None,
     };
     let mut cfg = SimConfig::new(&args.socket, &args.state_dir);

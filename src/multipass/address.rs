@@ -30,18 +30,27 @@ impl DaemonAddress {
         let s = s.trim();
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(Error::InvalidArgument(format!("daemon address {s:?}: `unix:` needs a socket path")));
+                return Err(Error::InvalidArgument(format!(
+                    "daemon address {s:?}: `unix:` needs a socket path"
+                )));
             }
             return Ok(DaemonAddress::Unix(PathBuf::from(path)));
         }
-        let bad = || Error::InvalidArgument(format!("daemon address {s:?}: expected `unix:PATH` or `HOST:PORT`"));
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "daemon address {s:?}: expected `unix:PATH` or `HOST:PORT`"
+            ))
+        };
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) {
             return Err(bad());
         }
         let port = port.parse().map_err(|_| bad())?;
-        Ok(DaemonAddress::Tcp { host: host.to_string(), port })
+        Ok(DaemonAddress::Tcp {
+            host: host.to_string(),
+            port,
+        })
     }
 
     /// Finds the daemon: `MULTIPASS_SERVER_ADDRESS`, then the snap socket, then `/run/multipass_socket`.
@@ -85,16 +94,28 @@ mod tests {
 
     #[test]
     fn parses_both_forms() {
-        assert_eq!(DaemonAddress::parse("unix:/tmp/s").unwrap(), DaemonAddress::Unix("/tmp/s".into()));
+        assert_eq!(
+            DaemonAddress::parse("unix:/tmp/s").unwrap(),
+            DaemonAddress::Unix("/tmp/s".into())
+        );
         assert_eq!(
             DaemonAddress::parse("localhost:50051").unwrap(),
-            DaemonAddress::Tcp { host: "localhost".into(), port: 50051 }
+            DaemonAddress::Tcp {
+                host: "localhost".into(),
+                port: 50051
+            }
         );
         assert_eq!(
             DaemonAddress::parse("[::1]:7").unwrap(),
-            DaemonAddress::Tcp { host: "::1".into(), port: 7 }
+            DaemonAddress::Tcp {
+                host: "::1".into(),
+                port: 7
+            }
         );
-        assert_eq!(DaemonAddress::parse("[::1]:7").unwrap().to_string(), "[::1]:7");
+        assert_eq!(
+            DaemonAddress::parse("[::1]:7").unwrap().to_string(),
+            "[::1]:7"
+        );
         for bad in ["unix:", "nohost", ":80", "h:port", "h:99999"] {
             assert!(DaemonAddress::parse(bad).is_err(), "{bad}");
         }

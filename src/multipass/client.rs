@@ -50,7 +50,10 @@ impl std::fmt::Debug for ClientOptions {
             .field("data_dir", &self.data_dir)
             .field("identity", &self.identity)
             .field("verification", &self.verification)
-            .field("passphrase", &self.passphrase.as_ref().map(|_| "<redacted>"))
+            .field(
+                "passphrase",
+                &self.passphrase.as_ref().map(|_| "<redacted>"),
+            )
             .field("allow_untested_daemon", &self.allow_untested_daemon)
             .finish()
     }
@@ -100,13 +103,18 @@ impl Names {
     }
 
     fn proto(&self) -> Option<pb::InstanceNames> {
-        Some(pb::InstanceNames { instance_name: self.0.clone() })
+        Some(pb::InstanceNames {
+            instance_name: self.0.clone(),
+        })
     }
 
     fn pairs(&self) -> Vec<pb::InstanceSnapshotPair> {
         self.0
             .iter()
-            .map(|n| pb::InstanceSnapshotPair { instance_name: n.clone(), snapshot_name: None })
+            .map(|n| pb::InstanceSnapshotPair {
+                instance_name: n.clone(),
+                snapshot_name: None,
+            })
             .collect()
     }
 }
@@ -243,10 +251,27 @@ macro_rules! replies {
     })* };
 }
 replies!(
-    pb::LaunchReply, pb::PurgeReply, pb::InfoReply, pb::ListReply, pb::RecoverReply, pb::SshInfoReply,
-    pb::StartReply, pb::StopReply, pb::SuspendReply, pb::RestartReply, pb::DeleteReply, pb::VersionReply,
-    pb::GetReply, pb::SetReply, pb::KeysReply, pb::AuthenticateReply, pb::SnapshotReply, pb::RestoreReply,
-    pb::CloneReply, pb::DaemonInfoReply, pb::FindReply,
+    pb::LaunchReply,
+    pb::PurgeReply,
+    pb::InfoReply,
+    pb::ListReply,
+    pb::RecoverReply,
+    pb::SshInfoReply,
+    pb::StartReply,
+    pb::StopReply,
+    pb::SuspendReply,
+    pb::RestartReply,
+    pb::DeleteReply,
+    pb::VersionReply,
+    pb::GetReply,
+    pb::SetReply,
+    pb::KeysReply,
+    pb::AuthenticateReply,
+    pb::SnapshotReply,
+    pb::RestoreReply,
+    pb::CloneReply,
+    pb::DaemonInfoReply,
+    pb::FindReply,
 );
 
 /// A connected, trusted, version-checked multipassd client. Cheap to clone.
@@ -268,8 +293,11 @@ impl Client {
         let mut client = Client::open(&opts).await?;
         client.establish_trust().await?;
         let text = client.version_text().await?;
-        let version = Version::parse(&text)
-            .ok_or_else(|| Error::Unsupported(format!("multipassd reported an unreadable version {text:?}")))?;
+        let version = Version::parse(&text).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "multipassd reported an unreadable version {text:?}"
+            ))
+        })?;
         if !version.is_tested() && !opts.allow_untested_daemon {
             return Err(Error::Unsupported(format!(
                 "multipassd {version} is outside the versions mpool speaks (1.13.0 to 1.16.x); \
@@ -294,7 +322,11 @@ impl Client {
         Ok(Client {
             rpc: RpcClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
             address: Arc::new(address),
-            version: Version { major: 0, minor: 0, patch: 0 },
+            version: Version {
+                major: 0,
+                minor: 0,
+                patch: 0,
+            },
             timeout: opts.call_timeout,
             passphrase: opts.passphrase.as_deref().map(Arc::from),
         })
@@ -312,7 +344,10 @@ impl Client {
 
     /// A clone of this client whose calls use `deadline` instead.
     pub fn with_timeout(&self, deadline: Duration) -> Client {
-        Client { timeout: deadline, ..self.clone() }
+        Client {
+            timeout: deadline,
+            ..self.clone()
+        }
     }
 
     async fn establish_trust(&self) -> Result<(), Error> {
@@ -332,15 +367,28 @@ impl Client {
         }
         let passphrase = self.passphrase.clone().unwrap_or_else(|| Arc::from(""));
         self.authenticate(&passphrase).await.map_err(|e| match e {
-            Error::Daemon { op, code: tonic::Code::InvalidArgument, message, .. } => Error::Daemon {
+            Error::Daemon {
                 op,
                 code: tonic::Code::InvalidArgument,
-                message: format!("{message} (the configured passphrase was refused; check `passphrase_file`)"),
+                message,
+                ..
+            } => Error::Daemon {
+                op,
+                code: tonic::Code::InvalidArgument,
+                message: format!(
+                    "{message} (the configured passphrase was refused; check `passphrase_file`)"
+                ),
                 launch_error: None,
                 start_error: None,
             },
-            Error::Daemon { code: tonic::Code::FailedPrecondition, message, .. } => Error::Untrusted {
-                message: format!("{message} (mpool tried to authenticate with its configured passphrase.)"),
+            Error::Daemon {
+                code: tonic::Code::FailedPrecondition,
+                message,
+                ..
+            } => Error::Untrusted {
+                message: format!(
+                    "{message} (mpool tried to authenticate with its configured passphrase.)"
+                ),
             },
             other => other,
         })
@@ -368,7 +416,10 @@ impl Client {
             let (tx, rx) = mpsc::channel(4);
             // The receiver is alive: this cannot fail. Sending first avoids the header deadlock.
             let _ = tx.send(first).await;
-            let mut stream = call(self.rpc.clone(), ReceiverStream::new(rx)).await.map_err(to_err)?.into_inner();
+            let mut stream = call(self.rpc.clone(), ReceiverStream::new(rx))
+                .await
+                .map_err(to_err)?
+                .into_inner();
             let mut last = None;
             while let Some(reply) = stream.message().await.map_err(to_err)? {
                 let line = reply.log_line().trim_end();
@@ -392,11 +443,17 @@ impl Client {
         };
         tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| Error::Timeout { op, after: self.timeout })?
+            .map_err(|_| Error::Timeout {
+                op,
+                after: self.timeout,
+            })?
     }
 
     fn need<T>(op: &'static str, reply: Option<T>) -> Result<T, Error> {
-        reply.ok_or(Error::Protocol { op, detail: "no reply before the end of the call".into() })
+        reply.ok_or(Error::Protocol {
+            op,
+            detail: "no reply before the end of the call".into(),
+        })
     }
 
     /// `ping`: OK only if our certificate is trusted (never trusts on first use).
@@ -405,7 +462,10 @@ impl Client {
         let mut rpc = self.rpc.clone();
         tokio::time::timeout(self.timeout, rpc.ping(pb::PingRequest {}))
             .await
-            .map_err(|_| Error::Timeout { op: "ping", after: self.timeout })?
+            .map_err(|_| Error::Timeout {
+                op: "ping",
+                after: self.timeout,
+            })?
             .map_err(|s| Error::from_status("ping", &addr, s))?;
         Ok(())
     }
@@ -413,22 +473,47 @@ impl Client {
     /// The daemon's version text, e.g. "1.16.3".
     pub async fn version_text(&self) -> Result<String, Error> {
         let r = self
-            .bidi("version", pb::VersionRequest::default(), |mut c, s| async move { c.version(s).await }, |_| None)
+            .bidi(
+                "version",
+                pb::VersionRequest::default(),
+                |mut c, s| async move { c.version(s).await },
+                |_| None,
+            )
             .await?;
         Ok(Self::need("version", r)?.version)
     }
 
     /// Asks the daemon to trust our certificate.
     pub async fn authenticate(&self, passphrase: &str) -> Result<(), Error> {
-        let req = pb::AuthenticateRequest { passphrase: passphrase.to_string(), verbosity_level: 0 };
-        self.bidi("authenticate", req, |mut c, s| async move { c.authenticate(s).await }, |_| None).await?;
+        let req = pb::AuthenticateRequest {
+            passphrase: passphrase.to_string(),
+            verbosity_level: 0,
+        };
+        self.bidi(
+            "authenticate",
+            req,
+            |mut c, s| async move { c.authenticate(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Instances, cheaply (no IP collection over SSH).
     pub async fn list(&self) -> Result<Vec<InstanceSummary>, Error> {
-        let req = pb::ListRequest { verbosity_level: 0, snapshots: false, request_ipv4: false };
-        let r = self.bidi("list", req, |mut c, s| async move { c.list(s).await }, |_| None).await?;
+        let req = pb::ListRequest {
+            verbosity_level: 0,
+            snapshots: false,
+            request_ipv4: false,
+        };
+        let r = self
+            .bidi(
+                "list",
+                req,
+                |mut c, s| async move { c.list(s).await },
+                |_| None,
+            )
+            .await?;
         match Self::need("list", r)?.list_contents {
             Some(pb::list_reply::ListContents::InstanceList(l)) => Ok(l
                 .instances
@@ -441,25 +526,47 @@ impl Client {
                 })
                 .collect()),
             None => Ok(Vec::new()),
-            Some(_) => Err(Error::Protocol { op: "list", detail: "snapshots returned for an instance list".into() }),
+            Some(_) => Err(Error::Protocol {
+                op: "list",
+                detail: "snapshots returned for an instance list".into(),
+            }),
         }
     }
 
     /// All snapshots of all instances.
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotSummary>, Error> {
-        let req = pb::ListRequest { verbosity_level: 0, snapshots: true, request_ipv4: false };
-        let r = self.bidi("list", req, |mut c, s| async move { c.list(s).await }, |_| None).await?;
+        let req = pb::ListRequest {
+            verbosity_level: 0,
+            snapshots: true,
+            request_ipv4: false,
+        };
+        let r = self
+            .bidi(
+                "list",
+                req,
+                |mut c, s| async move { c.list(s).await },
+                |_| None,
+            )
+            .await?;
         match Self::need("list", r)?.list_contents {
             Some(pb::list_reply::ListContents::SnapshotList(l)) => Ok(l
                 .snapshots
                 .into_iter()
                 .map(|s| {
                     let f = s.fundamentals.unwrap_or_default();
-                    SnapshotSummary { instance: s.name, name: f.snapshot_name, parent: f.parent, comment: f.comment }
+                    SnapshotSummary {
+                        instance: s.name,
+                        name: f.snapshot_name,
+                        parent: f.parent,
+                        comment: f.comment,
+                    }
                 })
                 .collect()),
             None => Ok(Vec::new()),
-            Some(_) => Err(Error::Protocol { op: "list", detail: "instances returned for a snapshot list".into() }),
+            Some(_) => Err(Error::Protocol {
+                op: "list",
+                detail: "instances returned for a snapshot list".into(),
+            }),
         }
     }
 
@@ -471,7 +578,14 @@ impl Client {
             no_runtime_information: true,
             snapshots: false,
         };
-        let r = self.bidi("info", req, |mut c, s| async move { c.info(s).await }, |_| None).await?;
+        let r = self
+            .bidi(
+                "info",
+                req,
+                |mut c, s| async move { c.info(s).await },
+                |_| None,
+            )
+            .await?;
         Ok(Self::need("info", r)?
             .details
             .into_iter()
@@ -497,7 +611,9 @@ impl Client {
 
     fn launch_request(o: &LaunchOptions) -> Result<pb::LaunchRequest, Error> {
         if o.name.is_empty() {
-            return Err(Error::InvalidArgument("launch needs an instance name".into()));
+            return Err(Error::InvalidArgument(
+                "launch needs an instance name".into(),
+            ));
         }
         Ok(pb::LaunchRequest {
             instance_name: o.name.clone(),
@@ -514,7 +630,14 @@ impl Client {
     /// Creates and starts an instance; returns its name.
     pub async fn launch(&self, opts: &LaunchOptions) -> Result<String, Error> {
         let req = Self::launch_request(opts)?;
-        let r = self.bidi("launch", req, |mut c, s| async move { c.launch(s).await }, |_| None).await?;
+        let r = self
+            .bidi(
+                "launch",
+                req,
+                |mut c, s| async move { c.launch(s).await },
+                |_| None,
+            )
+            .await?;
         match Self::need("launch", r)?.create_oneof {
             Some(pb::launch_reply::CreateOneof::VmInstanceName(n)) => Ok(n),
             _ => Ok(opts.name.clone()),
@@ -524,39 +647,87 @@ impl Client {
     /// Creates an instance without starting it.
     pub async fn create(&self, opts: &LaunchOptions) -> Result<(), Error> {
         let req = Self::launch_request(opts)?;
-        self.bidi("create", req, |mut c, s| async move { c.create(s).await }, |_| None).await?;
+        self.bidi(
+            "create",
+            req,
+            |mut c, s| async move { c.create(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Starts stopped instances and resumes suspended ones; waits up to `timeout_secs` for SSH
     /// (0: the daemon's 300 s).
     pub async fn start(&self, names: &Names, timeout_secs: i32) -> Result<(), Error> {
-        let req = pb::StartRequest { instance_names: names.proto(), timeout: timeout_secs, ..Default::default() };
-        self.bidi("start", req, |mut c, s| async move { c.start(s).await }, |_| None).await?;
+        let req = pb::StartRequest {
+            instance_names: names.proto(),
+            timeout: timeout_secs,
+            ..Default::default()
+        };
+        self.bidi(
+            "start",
+            req,
+            |mut c, s| async move { c.start(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Stops instances: gracefully, or `force` (kill; discards a suspend image; 1.14+).
     pub async fn stop(&self, names: &Names, force: bool) -> Result<(), Error> {
         if force && !self.version.has_force_stop() {
-            return Err(Error::Unsupported(format!("forced stop needs multipassd 1.14+, this is {}", self.version)));
+            return Err(Error::Unsupported(format!(
+                "forced stop needs multipassd 1.14+, this is {}",
+                self.version
+            )));
         }
-        let req = pb::StopRequest { instance_names: names.proto(), force_stop: force, ..Default::default() };
-        self.bidi("stop", req, |mut c, s| async move { c.stop(s).await }, |_| None).await?;
+        let req = pb::StopRequest {
+            instance_names: names.proto(),
+            force_stop: force,
+            ..Default::default()
+        };
+        self.bidi(
+            "stop",
+            req,
+            |mut c, s| async move { c.stop(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Suspends running instances (stopped or suspended ones are ignored by the daemon).
     pub async fn suspend(&self, names: &Names) -> Result<(), Error> {
-        let req = pb::SuspendRequest { instance_names: names.proto(), verbosity_level: 0 };
-        self.bidi("suspend", req, |mut c, s| async move { c.suspend(s).await }, |_| None).await?;
+        let req = pb::SuspendRequest {
+            instance_names: names.proto(),
+            verbosity_level: 0,
+        };
+        self.bidi(
+            "suspend",
+            req,
+            |mut c, s| async move { c.suspend(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Reboots running instances.
     pub async fn restart(&self, names: &Names, timeout_secs: i32) -> Result<(), Error> {
-        let req = pb::RestartRequest { instance_names: names.proto(), timeout: timeout_secs, ..Default::default() };
-        self.bidi("restart", req, |mut c, s| async move { c.restart(s).await }, |_| None).await?;
+        let req = pb::RestartRequest {
+            instance_names: names.proto(),
+            timeout: timeout_secs,
+            ..Default::default()
+        };
+        self.bidi(
+            "restart",
+            req,
+            |mut c, s| async move { c.restart(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -569,9 +740,17 @@ impl Client {
             purge_snapshots: true,
         };
         let r = self
-            .bidi("delete", req, |mut c, s| async move { c.delet(s).await }, |r: &pb::DeleteReply| {
-                r.confirm_snapshot_purging.then(|| pb::DeleteRequest { purge_snapshots: true, ..Default::default() })
-            })
+            .bidi(
+                "delete",
+                req,
+                |mut c, s| async move { c.delet(s).await },
+                |r: &pb::DeleteReply| {
+                    r.confirm_snapshot_purging.then(|| pb::DeleteRequest {
+                        purge_snapshots: true,
+                        ..Default::default()
+                    })
+                },
+            )
             .await?;
         Ok(r.map(|r| r.purged_instances).unwrap_or_default())
     }
@@ -587,9 +766,17 @@ impl Client {
             verbosity_level: 0,
             purge_snapshots: true,
         };
-        self.bidi("delete", req, |mut c, s| async move { c.delet(s).await }, |r: &pb::DeleteReply| {
-            r.confirm_snapshot_purging.then(|| pb::DeleteRequest { purge_snapshots: true, ..Default::default() })
-        })
+        self.bidi(
+            "delete",
+            req,
+            |mut c, s| async move { c.delet(s).await },
+            |r: &pb::DeleteReply| {
+                r.confirm_snapshot_purging.then(|| pb::DeleteRequest {
+                    purge_snapshots: true,
+                    ..Default::default()
+                })
+            },
+        )
         .await?;
         Ok(())
     }
@@ -597,33 +784,64 @@ impl Client {
     /// Purges all deleted instances; returns their names.
     pub async fn purge(&self) -> Result<Vec<String>, Error> {
         let r = self
-            .bidi("purge", pb::PurgeRequest::default(), |mut c, s| async move { c.purge(s).await }, |_| None)
+            .bidi(
+                "purge",
+                pb::PurgeRequest::default(),
+                |mut c, s| async move { c.purge(s).await },
+                |_| None,
+            )
             .await?;
         Ok(r.map(|r| r.purged_instances).unwrap_or_default())
     }
 
     /// Recovers deleted (not purged) instances.
     pub async fn recover(&self, names: &Names) -> Result<(), Error> {
-        let req = pb::RecoverRequest { instance_names: names.proto(), verbosity_level: 0 };
-        self.bidi("recover", req, |mut c, s| async move { c.recover(s).await }, |_| None).await?;
+        let req = pb::RecoverRequest {
+            instance_names: names.proto(),
+            verbosity_level: 0,
+        };
+        self.bidi(
+            "recover",
+            req,
+            |mut c, s| async move { c.recover(s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// Takes a snapshot of a stopped instance; returns its name (generated when `name` is None).
-    pub async fn snapshot(&self, instance: &str, name: Option<&str>, comment: &str) -> Result<String, Error> {
+    pub async fn snapshot(
+        &self,
+        instance: &str,
+        name: Option<&str>,
+        comment: &str,
+    ) -> Result<String, Error> {
         let req = pb::SnapshotRequest {
             instance: instance.to_string(),
             snapshot: name.unwrap_or_default().to_string(),
             comment: comment.to_string(),
             verbosity_level: 0,
         };
-        let r = self.bidi("snapshot", req, |mut c, s| async move { c.snapshot(s).await }, |_| None).await?;
+        let r = self
+            .bidi(
+                "snapshot",
+                req,
+                |mut c, s| async move { c.snapshot(s).await },
+                |_| None,
+            )
+            .await?;
         Ok(Self::need("snapshot", r)?.snapshot)
     }
 
     /// Restores a stopped instance to a snapshot. `destructive` discards the current state;
     /// otherwise the daemon first takes a safety snapshot. The prompt is answered accordingly.
-    pub async fn restore(&self, instance: &str, snapshot: &str, destructive: bool) -> Result<(), Error> {
+    pub async fn restore(
+        &self,
+        instance: &str,
+        snapshot: &str,
+        destructive: bool,
+    ) -> Result<(), Error> {
         let req = pb::RestoreRequest {
             instance: instance.to_string(),
             snapshot: snapshot.to_string(),
@@ -631,14 +849,19 @@ impl Client {
             verbosity_level: 0,
         };
         let (i, s) = (instance.to_string(), snapshot.to_string());
-        self.bidi("restore", req, |mut c, st| async move { c.restore(st).await }, move |r: &pb::RestoreReply| {
-            r.confirm_destructive.then(|| pb::RestoreRequest {
-                instance: i.clone(),
-                snapshot: s.clone(),
-                destructive,
-                verbosity_level: 0,
-            })
-        })
+        self.bidi(
+            "restore",
+            req,
+            |mut c, st| async move { c.restore(st).await },
+            move |r: &pb::RestoreReply| {
+                r.confirm_destructive.then(|| pb::RestoreRequest {
+                    instance: i.clone(),
+                    snapshot: s.clone(),
+                    destructive,
+                    verbosity_level: 0,
+                })
+            },
+        )
         .await?;
         Ok(())
     }
@@ -646,49 +869,100 @@ impl Client {
     /// Clones a stopped instance to `destination` (1.15+). Snapshots are not copied.
     pub async fn clone_instance(&self, source: &str, destination: &str) -> Result<(), Error> {
         if !self.version.has_clone() {
-            return Err(Error::Unsupported(format!("clone needs multipassd 1.15+, this is {}", self.version)));
+            return Err(Error::Unsupported(format!(
+                "clone needs multipassd 1.15+, this is {}",
+                self.version
+            )));
         }
         if destination.is_empty() {
-            return Err(Error::InvalidArgument("clone needs a destination name".into()));
+            return Err(Error::InvalidArgument(
+                "clone needs a destination name".into(),
+            ));
         }
         let req = pb::CloneRequest {
             source_name: source.to_string(),
             destination_name: Some(destination.to_string()),
             verbosity_level: 0,
         };
-        self.bidi("clone", req, |mut c, s| async move { RpcClient::clone(&mut c, s).await }, |_| None).await?;
+        self.bidi(
+            "clone",
+            req,
+            |mut c, s| async move { RpcClient::clone(&mut c, s).await },
+            |_| None,
+        )
+        .await?;
         Ok(())
     }
 
     /// SSH endpoint of a running instance.
     pub async fn ssh_info(&self, instance: &str) -> Result<SshInfo, Error> {
-        let req = pb::SshInfoRequest { instance_name: vec![instance.to_string()], verbosity_level: 0 };
-        let r = self.bidi("ssh_info", req, |mut c, s| async move { c.ssh_info(s).await }, |_| None).await?;
+        let req = pb::SshInfoRequest {
+            instance_name: vec![instance.to_string()],
+            verbosity_level: 0,
+        };
+        let r = self
+            .bidi(
+                "ssh_info",
+                req,
+                |mut c, s| async move { c.ssh_info(s).await },
+                |_| None,
+            )
+            .await?;
         let mut map = Self::need("ssh_info", r)?.ssh_info;
         let info = map.remove(instance).ok_or_else(|| Error::Protocol {
             op: "ssh_info",
             detail: format!("no entry for {instance}"),
         })?;
-        let port = u16::try_from(info.port)
-            .map_err(|_| Error::Protocol { op: "ssh_info", detail: format!("bad port {}", info.port) })?;
-        Ok(SshInfo { host: info.host, port, username: info.username, private_key: info.priv_key_base64 })
+        let port = u16::try_from(info.port).map_err(|_| Error::Protocol {
+            op: "ssh_info",
+            detail: format!("bad port {}", info.port),
+        })?;
+        Ok(SshInfo {
+            host: info.host,
+            port,
+            username: info.username,
+            private_key: info.priv_key_base64,
+        })
     }
 
     /// Reads a daemon setting.
     pub async fn get(&self, key: &str) -> Result<String, Error> {
-        let req = pb::GetRequest { key: key.to_string(), verbosity_level: 0 };
-        let r = self.bidi("get", req, |mut c, s| async move { c.get(s).await }, |_| None).await?;
+        let req = pb::GetRequest {
+            key: key.to_string(),
+            verbosity_level: 0,
+        };
+        let r = self
+            .bidi(
+                "get",
+                req,
+                |mut c, s| async move { c.get(s).await },
+                |_| None,
+            )
+            .await?;
         Ok(r.map(|r| r.value).unwrap_or_default())
     }
 
     /// Writes a daemon setting. multipassd exits after replying and is restarted by its service
     /// manager: expect UNAVAILABLE for a while afterwards (see [`Client::wait_ready`]).
     pub async fn set(&self, key: &str, value: &str) -> Result<(), Error> {
-        let req = pb::SetRequest { key: key.to_string(), val: value.to_string(), verbosity_level: 0, authorized: false };
-        self.bidi("set", req, |mut c, s| async move { c.set(s).await }, |r: &pb::SetReply| {
-            // Never authorise bridging implicitly: decline, and the daemon fails the call.
-            r.needs_authorization.then(|| pb::SetRequest { authorized: false, ..Default::default() })
-        })
+        let req = pb::SetRequest {
+            key: key.to_string(),
+            val: value.to_string(),
+            verbosity_level: 0,
+            authorized: false,
+        };
+        self.bidi(
+            "set",
+            req,
+            |mut c, s| async move { c.set(s).await },
+            |r: &pb::SetReply| {
+                // Never authorise bridging implicitly: decline, and the daemon fails the call.
+                r.needs_authorization.then(|| pb::SetRequest {
+                    authorized: false,
+                    ..Default::default()
+                })
+            },
+        )
         .await?;
         Ok(())
     }
@@ -696,10 +970,19 @@ impl Client {
     /// Host resources (1.15+).
     pub async fn daemon_info(&self) -> Result<DaemonInfo, Error> {
         let r = self
-            .bidi("daemon_info", pb::DaemonInfoRequest::default(), |mut c, s| async move { c.daemon_info(s).await }, |_| None)
+            .bidi(
+                "daemon_info",
+                pb::DaemonInfoRequest::default(),
+                |mut c, s| async move { c.daemon_info(s).await },
+                |_| None,
+            )
             .await?;
         let r = Self::need("daemon_info", r)?;
-        Ok(DaemonInfo { available_space: r.available_space, cpus: r.cpus, memory: r.memory })
+        Ok(DaemonInfo {
+            available_space: r.available_space,
+            cpus: r.cpus,
+            memory: r.memory,
+        })
     }
 
     /// Waits until the daemon answers `ping` again (after `set`, or a daemon restart), retrying
@@ -722,13 +1005,18 @@ impl Client {
 }
 
 fn status_of(s: Option<&pb::InstanceStatus>) -> InstanceState {
-    s.and_then(|s| InstanceState::try_from(s.status).ok()).unwrap_or(InstanceState::Unknown)
+    s.and_then(|s| InstanceState::try_from(s.status).ok())
+        .unwrap_or(InstanceState::Unknown)
 }
 
 /// Opens the HTTP/2 channel: TLS (server name `localhost` on a Unix socket, the host on TCP)
 /// over our own connector, so the authority is never derived from a socket path. tonic redials
 /// through the same connector when the daemon restarts.
-async fn channel(address: &DaemonAddress, tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Result<Channel, Error> {
+async fn channel(
+    address: &DaemonAddress,
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<Channel, Error> {
     let server_name = ServerName::try_from(address.server_name().to_string())
         .map_err(|e| Error::Tls(format!("server name {:?}: {e}", address.server_name())))?;
     let connector = tokio_rustls::TlsConnector::from(tls);
@@ -746,7 +1034,8 @@ async fn channel(address: &DaemonAddress, tls: Arc<rustls::ClientConfig>, connec
                 DaemonAddress::Tcp { host, port } => {
                     let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                     s.set_nodelay(true)?;
-                    tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?).into_boxed()
+                    tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?)
+                        .into_boxed()
                 }
             };
             Ok::<_, std::io::Error>(TokioIo::new(tls))
@@ -754,8 +1043,14 @@ async fn channel(address: &DaemonAddress, tls: Arc<rustls::ClientConfig>, connec
     });
     tokio::time::timeout(connect_timeout, endpoint.connect_with_connector(svc))
         .await
-        .map_err(|_| Error::Unavailable { address: address.to_string(), detail: format!("no connection within {connect_timeout:?}") })?
-        .map_err(|e| Error::Unavailable { address: address.to_string(), detail: source_chain(&e) })
+        .map_err(|_| Error::Unavailable {
+            address: address.to_string(),
+            detail: format!("no connection within {connect_timeout:?}"),
+        })?
+        .map_err(|e| Error::Unavailable {
+            address: address.to_string(),
+            detail: source_chain(&e),
+        })
 }
 
 /// The error and its sources on one line (tonic's transport errors hide the cause).
@@ -782,7 +1077,9 @@ type BoxedIo = std::pin::Pin<Box<dyn AsyncIo>>;
 trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send> AsyncIo for T {}
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> IntoBoxed for tokio_rustls::TlsStream<S> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> IntoBoxed
+    for tokio_rustls::TlsStream<S>
+{
     fn into_boxed(self) -> BoxedIo {
         Box::pin(self)
     }

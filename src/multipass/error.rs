@@ -12,7 +12,9 @@ use crate::proto::multipass::{LaunchError, StartError, launch_error, start_error
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The daemon could not be reached (socket missing, refused, TLS failed, daemon restarting).
-    #[error("multipassd at {address} is unreachable: {detail}. Is multipassd running (`snap services multipass`), and is the address right?")]
+    #[error(
+        "multipassd at {address} is unreachable: {detail}. Is multipassd running (`snap services multipass`), and is the address right?"
+    )]
     Unavailable {
         /// The address we tried.
         address: String,
@@ -43,7 +45,9 @@ pub enum Error {
         start_error: Option<StartError>,
     },
     /// A call did not finish within its deadline; the daemon may be blocked or frozen.
-    #[error("multipassd {op} did not answer within {after:?}; the daemon may be busy with a stop/suspend or frozen")]
+    #[error(
+        "multipassd {op} did not answer within {after:?}; the daemon may be busy with a stop/suspend or frozen"
+    )]
     Timeout {
         /// The RPC.
         op: &'static str,
@@ -71,10 +75,7 @@ struct DetailsDisplay<'a>(&'a Option<LaunchError>, &'a Option<StartError>);
 impl std::fmt::Display for DetailsDisplay<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(le) = self.0 {
-            let codes: Vec<_> = le
-                .error_codes()
-                .map(|c| format!("{c:?}"))
-                .collect();
+            let codes: Vec<_> = le.error_codes().map(|c| format!("{c:?}")).collect();
             write!(f, " [launch errors: {}]", codes.join(", "))?;
         }
         if let Some(se) = self.1 {
@@ -118,17 +119,28 @@ impl Error {
         let code = status.code();
         let message = status.message().to_string();
         if code == Code::Unavailable {
-            return Error::Unavailable { address: address.to_string(), detail: message };
+            return Error::Unavailable {
+                address: address.to_string(),
+                detail: message,
+            };
         }
         if code == Code::Unauthenticated {
-            return Error::Untrusted { message: untrusted_hint(&message) };
+            return Error::Untrusted {
+                message: untrusted_hint(&message),
+            };
         }
         // The TLS layer rejecting our certificate shows up on the first RPC as Unknown or
         // Cancelled with a transport error rather than at connect time.
         if matches!(code, Code::Unknown | Code::Cancelled)
-            && ["transport error", "broken pipe", "accessdenied", "decrypterror", "connection reset"]
-                .iter()
-                .any(|p| message.to_ascii_lowercase().contains(p))
+            && [
+                "transport error",
+                "broken pipe",
+                "accessdenied",
+                "decrypterror",
+                "connection reset",
+            ]
+            .iter()
+            .any(|p| message.to_ascii_lowercase().contains(p))
         {
             return Error::Untrusted {
                 message: format!(
@@ -142,13 +154,22 @@ impl Error {
             "start" if !details.is_empty() => (None, StartError::decode(details).ok()),
             _ => (None, None),
         };
-        Error::Daemon { op, code, message, launch_error, start_error }
+        Error::Daemon {
+            op,
+            code,
+            message,
+            launch_error,
+            start_error,
+        }
     }
 
     /// The launch error codes carried in the details, if any.
     pub fn launch_error_codes(&self) -> Vec<launch_error::ErrorCodes> {
         match self {
-            Error::Daemon { launch_error: Some(le), .. } => le.error_codes().collect(),
+            Error::Daemon {
+                launch_error: Some(le),
+                ..
+            } => le.error_codes().collect(),
             _ => Vec::new(),
         }
     }
@@ -156,7 +177,11 @@ impl Error {
 
 /// Adds the fix to the daemon's UNAUTHENTICATED message.
 fn untrusted_hint(message: &str) -> String {
-    let said = if message.trim().is_empty() { "UNAUTHENTICATED".to_string() } else { message.trim().replace('\n', " ") };
+    let said = if message.trim().is_empty() {
+        "UNAUTHENTICATED".to_string()
+    } else {
+        message.trim().replace('\n', " ")
+    };
     format!(
         "{said} Fix: give mpool the passphrase (`local.passphrase`, set with `multipass set local.passphrase` from a trusted client) via `--passphrase-file` or `[daemon] passphrase_file`, or run `mpool multipass authenticate PASSPHRASE` once."
     )
@@ -169,13 +194,25 @@ mod tests {
     #[test]
     fn start_error_details_are_decoded() {
         let mut se = StartError::default();
-        se.instance_errors.insert("ghost".into(), start_error::ErrorCode::DoesNotExist as i32);
-        let status = tonic::Status::with_details(Code::Aborted, "instance(s) missing", se.encode_to_vec().into());
+        se.instance_errors
+            .insert("ghost".into(), start_error::ErrorCode::DoesNotExist as i32);
+        let status = tonic::Status::with_details(
+            Code::Aborted,
+            "instance(s) missing",
+            se.encode_to_vec().into(),
+        );
         let err = Error::from_status("start", "unix:/x", status);
         match &err {
-            Error::Daemon { code, start_error: Some(se), .. } => {
+            Error::Daemon {
+                code,
+                start_error: Some(se),
+                ..
+            } => {
                 assert_eq!(*code, Code::Aborted);
-                assert_eq!(se.instance_errors["ghost"], start_error::ErrorCode::DoesNotExist as i32);
+                assert_eq!(
+                    se.instance_errors["ghost"],
+                    start_error::ErrorCode::DoesNotExist as i32
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -184,10 +221,19 @@ mod tests {
 
     #[test]
     fn launch_error_details_are_decoded() {
-        let le = LaunchError { error_codes: vec![launch_error::ErrorCodes::InvalidHostname as i32] };
-        let status = tonic::Status::with_details(Code::InvalidArgument, "Invalid arguments supplied", le.encode_to_vec().into());
+        let le = LaunchError {
+            error_codes: vec![launch_error::ErrorCodes::InvalidHostname as i32],
+        };
+        let status = tonic::Status::with_details(
+            Code::InvalidArgument,
+            "Invalid arguments supplied",
+            le.encode_to_vec().into(),
+        );
         let err = Error::from_status("launch", "unix:/x", status);
-        assert_eq!(err.launch_error_codes(), vec![launch_error::ErrorCodes::InvalidHostname]);
+        assert_eq!(
+            err.launch_error_codes(),
+            vec![launch_error::ErrorCodes::InvalidHostname]
+        );
     }
 
     #[test]

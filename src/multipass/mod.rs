@@ -12,8 +12,8 @@ mod version;
 
 pub use address::{DaemonAddress, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
-    Client, ClientOptions, DaemonInfo, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions, Names,
-    SnapshotSummary, SshInfo,
+    Client, ClientOptions, DaemonInfo, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions,
+    Names, SnapshotSummary, SshInfo,
 };
 pub use error::Error;
 pub use trust::{ClientIdentity, ServerVerification};

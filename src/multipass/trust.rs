@@ -85,7 +85,8 @@ fn cli_cert_dirs(home: &Path) -> [PathBuf; 2] {
 /// Reads a passphrase file: its first line (a trailing newline or later lines are not part of
 /// the secret). `what` names the option in the error.
 pub fn read_passphrase_file(path: &Path, what: &str) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
@@ -93,18 +94,31 @@ pub fn read_passphrase_file(path: &Path, what: &str) -> Result<String, String> {
 pub fn load_identity(choice: &ClientIdentity, data_dir: &Path) -> Result<Identity, Error> {
     let load = |cert: &Path, key: &Path| -> Result<Identity, Error> {
         let tls_err = |e: tls::TlsError| Error::Tls(e.to_string());
-        let certs = tls::certs_from_pem(&cert.display().to_string(), &tls::read(cert).map_err(tls_err)?)
-            .map_err(tls_err)?;
-        let key_der = tls::key_from_pem(&key.display().to_string(), &tls::read(key).map_err(tls_err)?)
-            .map_err(tls_err)?;
-        Ok(Identity { certs, key: key_der, cert_path: cert.to_path_buf() })
+        let certs = tls::certs_from_pem(
+            &cert.display().to_string(),
+            &tls::read(cert).map_err(tls_err)?,
+        )
+        .map_err(tls_err)?;
+        let key_der = tls::key_from_pem(
+            &key.display().to_string(),
+            &tls::read(key).map_err(tls_err)?,
+        )
+        .map_err(tls_err)?;
+        Ok(Identity {
+            certs,
+            key: key_der,
+            cert_path: cert.to_path_buf(),
+        })
     };
     match choice {
         ClientIdentity::Files { cert, key } => load(cert, key),
         ClientIdentity::Auto => {
             if let Some(home) = std::env::var_os("HOME") {
                 for dir in cli_cert_dirs(Path::new(&home)) {
-                    let (cert, key) = (dir.join("multipass_cert.pem"), dir.join("multipass_cert_key.pem"));
+                    let (cert, key) = (
+                        dir.join("multipass_cert.pem"),
+                        dir.join("multipass_cert_key.pem"),
+                    );
                     if cert.is_file() && key.is_file() {
                         match load(&cert, &key) {
                             Ok(id) => return Ok(id),
@@ -123,11 +137,15 @@ fn own_identity(
     data_dir: &Path,
     load: &dyn Fn(&Path, &Path) -> Result<Identity, Error>,
 ) -> Result<Identity, Error> {
-    let (cert, key) = (data_dir.join("client-cert.pem"), data_dir.join("client-key.pem"));
+    let (cert, key) = (
+        data_dir.join("client-cert.pem"),
+        data_dir.join("client-key.pem"),
+    );
     if !(cert.is_file() && key.is_file()) {
         let pair = tls::generate_client_cert().map_err(|e| Error::Tls(e.to_string()))?;
         tls::write_private(&key, pair.key_pem.as_bytes()).map_err(|e| Error::Tls(e.to_string()))?;
-        tls::write_with_mode(&cert, pair.cert_pem.as_bytes(), 0o644).map_err(|e| Error::Tls(e.to_string()))?;
+        tls::write_with_mode(&cert, pair.cert_pem.as_bytes(), 0o644)
+            .map_err(|e| Error::Tls(e.to_string()))?;
         tracing::info!(cert = %cert.display(), "generated mpool's client certificate");
     }
     load(&cert, &key)
@@ -141,28 +159,43 @@ pub fn server_verifier(
     let provider = tls::provider();
     let tls_err = |e: tls::TlsError| Error::Tls(e.to_string());
     let root = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
-        let certs = tls::certs_from_pem(&path.display().to_string(), &tls::read(path).map_err(tls_err)?)
-            .map_err(tls_err)?;
+        let certs = tls::certs_from_pem(
+            &path.display().to_string(),
+            &tls::read(path).map_err(tls_err)?,
+        )
+        .map_err(tls_err)?;
         let mut roots = rustls::RootCertStore::empty();
         for c in certs {
-            roots.add(c).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+            roots
+                .add(c)
+                .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
         }
-        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
         Ok(v)
     };
     let pin = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
-        let certs = tls::certs_from_pem(&path.display().to_string(), &tls::read(path).map_err(tls_err)?)
-            .map_err(tls_err)?;
-        Ok(Arc::new(AnyOrPinned { pinned: certs.into_iter().next(), sigs: tls::Signatures(provider.clone()) }))
+        let certs = tls::certs_from_pem(
+            &path.display().to_string(),
+            &tls::read(path).map_err(tls_err)?,
+        )
+        .map_err(tls_err)?;
+        Ok(Arc::new(AnyOrPinned {
+            pinned: certs.into_iter().next(),
+            sigs: tls::Signatures(provider.clone()),
+        }))
     };
     match choice {
         ServerVerification::RootCert(p) => root(p),
         ServerVerification::Pin(p) => pin(p),
-        ServerVerification::InsecureSkipVerify => {
-            Ok(Arc::new(AnyOrPinned { pinned: None, sigs: tls::Signatures(provider.clone()) }))
-        }
+        ServerVerification::InsecureSkipVerify => Ok(Arc::new(AnyOrPinned {
+            pinned: None,
+            sigs: tls::Signatures(provider.clone()),
+        })),
         ServerVerification::Auto => {
             let mut candidates: Vec<PathBuf> = Vec::new();
             if let DaemonAddress::Unix(sock) = address
@@ -200,14 +233,22 @@ pub fn server_verifier(
 
 /// Builds the rustls client config: our identity, the verifier, ALPN h2 (multipassd's gRPC core
 /// refuses the handshake without it).
-pub fn client_config(identity: Identity, verifier: Arc<dyn ServerCertVerifier>) -> Result<rustls::ClientConfig, Error> {
+pub fn client_config(
+    identity: Identity,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<rustls::ClientConfig, Error> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(identity.certs, identity.key)
-        .map_err(|e| Error::Tls(format!("client certificate {}: {e}", identity.cert_path.display())))?;
+        .map_err(|e| {
+            Error::Tls(format!(
+                "client certificate {}: {e}",
+                identity.cert_path.display()
+            ))
+        })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }

@@ -131,16 +131,42 @@ macro_rules! log_replies {
 }
 
 log_replies!(
-    pb::LaunchReply, pb::PurgeReply, pb::FindReply, pb::InfoReply, pb::ListReply, pb::NetworksReply,
-    pb::RecoverReply, pb::SshInfoReply, pb::StartReply, pb::StopReply, pb::SuspendReply, pb::RestartReply,
-    pb::DeleteReply, pb::VersionReply, pb::GetReply, pb::SetReply, pb::KeysReply, pb::AuthenticateReply,
-    pb::SnapshotReply, pb::RestoreReply, pb::CloneReply, pb::DaemonInfoReply, pb::MountReply, pb::UmountReply,
+    pb::LaunchReply,
+    pb::PurgeReply,
+    pb::FindReply,
+    pb::InfoReply,
+    pb::ListReply,
+    pb::NetworksReply,
+    pb::RecoverReply,
+    pb::SshInfoReply,
+    pb::StartReply,
+    pb::StopReply,
+    pb::SuspendReply,
+    pb::RestartReply,
+    pb::DeleteReply,
+    pb::VersionReply,
+    pb::GetReply,
+    pb::SetReply,
+    pb::KeysReply,
+    pb::AuthenticateReply,
+    pb::SnapshotReply,
+    pb::RestoreReply,
+    pb::CloneReply,
+    pb::DaemonInfoReply,
+    pb::MountReply,
+    pb::UmountReply,
 );
 
 /// A log line as multipassd forwards it: `[timestamp] [level] [category] message`.
 fn log_line(op: &str, what: &str) -> String {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    format!("[{}.{:03}] [debug] [daemon] {op}: {what}\n", t.as_secs(), t.subsec_millis())
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "[{}.{:03}] [debug] [daemon] {op}: {what}\n",
+        t.as_secs(),
+        t.subsec_millis()
+    )
 }
 
 /// The reply side of a call: sends replies, interleaving log-only ones when asked, and records
@@ -155,18 +181,35 @@ pub struct Replier<Rep> {
 
 impl<Rep: LogReply> Replier<Rep> {
     /// A replier for `op` writing to `tx`.
-    pub fn new(tx: mpsc::Sender<Result<Rep, Status>>, op: &'static str, log_lines: bool, events: broadcast::Sender<SimEvent>) -> Replier<Rep> {
-        Replier { tx, op, log_lines, events }
+    pub fn new(
+        tx: mpsc::Sender<Result<Rep, Status>>,
+        op: &'static str,
+        log_lines: bool,
+        events: broadcast::Sender<SimEvent>,
+    ) -> Replier<Rep> {
+        Replier {
+            tx,
+            op,
+            log_lines,
+            events,
+        }
     }
 
     fn emit(&self, kind: EventKind) {
-        let _ = self.events.send(SimEvent { op: self.op, instance: String::new(), kind });
+        let _ = self.events.send(SimEvent {
+            op: self.op,
+            instance: String::new(),
+            kind,
+        });
     }
 
     /// Sends a log-only reply if log lines are on (a gone client is ignored).
     pub async fn log(&self, what: &str) {
         if self.log_lines {
-            let _ = self.tx.send(Ok(Rep::log_only(log_line(self.op, what)))).await;
+            let _ = self
+                .tx
+                .send(Ok(Rep::log_only(log_line(self.op, what))))
+                .await;
             self.emit(EventKind::LogLine);
         }
     }
@@ -186,7 +229,12 @@ impl<Rep: LogReply> Replier<Rep> {
 
 impl<Rep> Clone for Replier<Rep> {
     fn clone(&self) -> Self {
-        Replier { tx: self.tx.clone(), op: self.op, log_lines: self.log_lines, events: self.events.clone() }
+        Replier {
+            tx: self.tx.clone(),
+            op: self.op,
+            log_lines: self.log_lines,
+            events: self.events.clone(),
+        }
     }
 }
 
@@ -217,7 +265,9 @@ impl<Req, Rep: LogReply> Call<Req, Rep> {
         self.send(rep).await;
         match self.rx.message().await {
             Ok(Some(req)) => Ok(req),
-            _ => Err(Status::internal("Cannot get confirmation from client. Aborting...")),
+            _ => Err(Status::internal(
+                "Cannot get confirmation from client. Aborting...",
+            )),
         }
     }
 }
@@ -243,11 +293,17 @@ pub struct Daemon {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn timestamp(secs: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+    prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    }
 }
 
 /// Normalises an operation name for fault injection (`delet` and `delete` are the same).
@@ -260,8 +316,8 @@ pub fn op_name(op: &str) -> String {
 }
 
 const MUTATING: &[&str] = &[
-    "launch", "create", "start", "stop", "suspend", "restart", "delete", "purge", "recover", "snapshot", "restore",
-    "clone",
+    "launch", "create", "start", "stop", "suspend", "restart", "delete", "purge", "recover",
+    "snapshot", "restore", "clone",
 ];
 
 impl Daemon {
@@ -269,12 +325,17 @@ impl Daemon {
     pub fn load(cfg: SimConfig, keys: Arc<SshKeys>, trust: TrustStore) -> Result<Daemon, String> {
         let path = cfg.state_dir.join("state.json");
         let state: Persisted = if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
         } else {
             Persisted::default()
         };
-        let hangs = cfg.hang_ops.iter().map(|op| (op_name(op), watch::channel(true).0)).collect();
+        let hangs = cfg
+            .hang_ops
+            .iter()
+            .map(|op| (op_name(op), watch::channel(true).0))
+            .collect();
         let fail_rate = cfg.fail_rate;
         Ok(Daemon {
             main: tokio::sync::Mutex::new(()),
@@ -311,13 +372,19 @@ impl Daemon {
     }
 
     pub(super) fn emit(&self, op: &'static str, instance: &str, kind: EventKind) {
-        let _ = self.events.send(SimEvent { op, instance: instance.to_string(), kind });
+        let _ = self.events.send(SimEvent {
+            op,
+            instance: instance.to_string(),
+            kind,
+        });
     }
 
     /// Makes `op` hang (true) or lets hung calls of it go on (false).
     pub fn set_hang(&self, op: &str, hang: bool) {
         if let Ok(mut h) = self.hangs.lock() {
-            h.entry(op_name(op)).or_insert_with(|| watch::channel(false).0).send_replace(hang);
+            h.entry(op_name(op))
+                .or_insert_with(|| watch::channel(false).0)
+                .send_replace(hang);
         }
     }
 
@@ -331,7 +398,8 @@ impl Daemon {
     /// Interleaves replies carrying only a log line before, between and after the replies of
     /// every call (on), as multipassd's logger does; off by default, tests turn it on.
     pub fn set_log_lines(&self, on: bool) {
-        self.log_lines.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.log_lines
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether log-only replies are interleaved.
@@ -347,7 +415,9 @@ impl Daemon {
     }
 
     fn st(&self) -> Result<MutexGuard<'_, Persisted>, Status> {
-        self.state.lock().map_err(|_| Status::internal("simulator state lock poisoned"))
+        self.state
+            .lock()
+            .map_err(|_| Status::internal("simulator state lock poisoned"))
     }
 
     /// Writes state.json (atomically). Called after every change.
@@ -370,7 +440,11 @@ impl Daemon {
     }
 
     fn instance(&self, name: &str) -> Result<Instance, Status> {
-        self.st()?.instances.get(name).cloned().ok_or_else(|| Refusal::missing(name).into())
+        self.st()?
+            .instances
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Refusal::missing(name).into())
     }
 
     /// An operative (existing, not deleted) instance.
@@ -397,11 +471,21 @@ impl Daemon {
 
     /// All operative instance names (for the "empty list means all" rule).
     fn all_names(&self, include_deleted: bool) -> Result<Vec<String>, Status> {
-        Ok(self.st()?.instances.values().filter(|i| include_deleted || !i.deleted).map(|i| i.name.clone()).collect())
+        Ok(self
+            .st()?
+            .instances
+            .values()
+            .filter(|i| include_deleted || !i.deleted)
+            .map(|i| i.name.clone())
+            .collect())
     }
 
     /// Takes the main-thread lock, recording whether the call had to wait for it.
-    pub(super) async fn main_thread(&self, op: &'static str, instance: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(super) async fn main_thread(
+        &self,
+        op: &'static str,
+        instance: &str,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
         match self.main.try_lock() {
             Ok(g) => {
                 self.emit(op, instance, EventKind::LockAcquired);
@@ -418,7 +502,11 @@ impl Daemon {
 
     /// Simulated work: waits while `op` is hung, then sleeps `base` times the time scale.
     async fn work(&self, op: &'static str, instance: &str, base: Duration) {
-        let hang = self.hangs.lock().ok().and_then(|h| h.get(op).map(|s| s.subscribe()));
+        let hang = self
+            .hangs
+            .lock()
+            .ok()
+            .and_then(|h| h.get(op).map(|s| s.subscribe()));
         if let Some(mut rx) = hang
             && *rx.borrow()
         {
@@ -435,11 +523,15 @@ impl Daemon {
     /// Fault injection: `--fail OP` always, `--fail-rate P` at random for mutating calls.
     fn maybe_fail(&self, op: &'static str) -> Result<(), Status> {
         if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
-            return Err(Status::internal(format!("simulated failure of {op} (--fail {op})")));
+            return Err(Status::internal(format!(
+                "simulated failure of {op} (--fail {op})"
+            )));
         }
         let rate = self.fail_rate.lock().map(|r| *r).unwrap_or(0.0);
         if rate > 0.0 && MUTATING.contains(&op) && rand::random::<f64>() < rate {
-            return Err(Status::internal(format!("simulated failure of {op} (--fail-rate {rate})")));
+            return Err(Status::internal(format!(
+                "simulated failure of {op} (--fail-rate {rate})"
+            )));
         }
         Ok(())
     }
@@ -451,8 +543,14 @@ impl Daemon {
         let root = self.root(name);
         let ep = SshEndpoint::start(root, self.keys.clone(), 0)
             .await
-            .map_err(|e| Status::internal(format!("cannot open the SSH endpoint of {name}: {e}")))?;
-        let old = self.endpoints.lock().ok().and_then(|mut m| m.insert(name.to_string(), Arc::new(ep)));
+            .map_err(|e| {
+                Status::internal(format!("cannot open the SSH endpoint of {name}: {e}"))
+            })?;
+        let old = self
+            .endpoints
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(name.to_string(), Arc::new(ep)));
         if let Some(old) = old {
             old.shutdown().await;
         }
@@ -468,12 +566,19 @@ impl Daemon {
 
     /// The SSH endpoint of a running instance (tests read its connection count).
     pub fn endpoint(&self, name: &str) -> Option<Arc<SshEndpoint>> {
-        self.endpoints.lock().ok().and_then(|m| m.get(name).cloned())
+        self.endpoints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
     }
 
     /// Closes every SSH endpoint (simulator shutdown).
     pub async fn close_all_endpoints(&self) {
-        let all: Vec<_> = self.endpoints.lock().map(|mut m| m.drain().map(|(_, e)| e).collect()).unwrap_or_default();
+        let all: Vec<_> = self
+            .endpoints
+            .lock()
+            .map(|mut m| m.drain().map(|(_, e)| e).collect())
+            .unwrap_or_default();
         for ep in all {
             ep.shutdown().await;
         }
@@ -511,59 +616,86 @@ impl Daemon {
     // ---------------------------------------------------------------- RPC handlers
 
     /// version
-    pub async fn version(&self, call: Call<pb::VersionRequest, pb::VersionReply>, _req: pb::VersionRequest) -> Result<(), Status> {
+    pub async fn version(
+        &self,
+        call: Call<pb::VersionRequest, pb::VersionReply>,
+        _req: pb::VersionRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("version", "").await;
         self.work("version", "", Duration::ZERO).await;
-        call.send(pb::VersionReply { version: self.cfg.daemon_version.clone(), ..Default::default() }).await;
+        call.send(pb::VersionReply {
+            version: self.cfg.daemon_version.clone(),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// list
-    pub async fn list(&self, call: Call<pb::ListRequest, pb::ListReply>, req: pb::ListRequest) -> Result<(), Status> {
+    pub async fn list(
+        &self,
+        call: Call<pb::ListRequest, pb::ListReply>,
+        req: pb::ListRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("list", "").await;
         self.work("list", "", Duration::ZERO).await;
         let contents = {
-        let st = self.st()?;
-        if req.snapshots {
-            let snapshots = st
-                .instances
-                .values()
-                .filter(|i| !i.deleted)
-                .flat_map(|i| {
-                    i.snapshots.iter().map(|s| pb::ListVmSnapshot {
-                        name: i.name.clone(),
-                        fundamentals: Some(fundamentals(s)),
+            let st = self.st()?;
+            if req.snapshots {
+                let snapshots = st
+                    .instances
+                    .values()
+                    .filter(|i| !i.deleted)
+                    .flat_map(|i| {
+                        i.snapshots.iter().map(|s| pb::ListVmSnapshot {
+                            name: i.name.clone(),
+                            fundamentals: Some(fundamentals(s)),
+                        })
                     })
-                })
-                .collect();
-            pb::list_reply::ListContents::SnapshotList(pb::SnapshotsList { snapshots })
-        } else {
-            let instances = st
-                .instances
-                .values()
-                .map(|i| pb::ListVmInstance {
-                    name: i.name.clone(),
-                    instance_status: Some(status(i)),
-                    ipv4: if req.request_ipv4 && i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
-                    ipv6: vec![],
-                    current_release: release(&i.image),
-                })
-                .collect();
-            pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
-        }
+                    .collect();
+                pb::list_reply::ListContents::SnapshotList(pb::SnapshotsList { snapshots })
+            } else {
+                let instances = st
+                    .instances
+                    .values()
+                    .map(|i| pb::ListVmInstance {
+                        name: i.name.clone(),
+                        instance_status: Some(status(i)),
+                        ipv4: if req.request_ipv4 && i.state.is_up() {
+                            vec!["127.0.0.1".into()]
+                        } else {
+                            vec![]
+                        },
+                        ipv6: vec![],
+                        current_release: release(&i.image),
+                    })
+                    .collect();
+                pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
+            }
         };
-        call.send(pb::ListReply { list_contents: Some(contents), ..Default::default() }).await;
+        call.send(pb::ListReply {
+            list_contents: Some(contents),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// info
-    pub async fn info(&self, call: Call<pb::InfoRequest, pb::InfoReply>, req: pb::InfoRequest) -> Result<(), Status> {
+    pub async fn info(
+        &self,
+        call: Call<pb::InfoRequest, pb::InfoReply>,
+        req: pb::InfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("info", "").await;
         self.work("info", "", Duration::ZERO).await;
         let pairs = if req.instance_snapshot_pairs.is_empty() {
             self.all_names(true)?
                 .into_iter()
-                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .map(|n| pb::InstanceSnapshotPair {
+                    instance_name: n,
+                    snapshot_name: None,
+                })
                 .collect()
         } else {
             req.instance_snapshot_pairs
@@ -582,42 +714,79 @@ impl Daemon {
             };
             match pair.snapshot_name {
                 Some(sn) => {
-                    let s = i.snapshots.iter().find(|s| s.name == sn).ok_or_else(|| Status::from(rules::no_such_snapshot(&i.name, &sn)))?;
-                    let children = i.snapshots.iter().filter(|c| c.parent == sn).map(|c| c.name.clone()).collect();
-                    details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
-                        fundamentals: Some(fundamentals(s)),
-                        size: String::new(),
-                        children,
-                    })));
+                    let s = i
+                        .snapshots
+                        .iter()
+                        .find(|s| s.name == sn)
+                        .ok_or_else(|| Status::from(rules::no_such_snapshot(&i.name, &sn)))?;
+                    let children = i
+                        .snapshots
+                        .iter()
+                        .filter(|c| c.parent == sn)
+                        .map(|c| c.name.clone())
+                        .collect();
+                    details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                        pb::SnapshotDetails {
+                            fundamentals: Some(fundamentals(s)),
+                            size: String::new(),
+                            children,
+                        },
+                    )));
                 }
                 None if req.snapshots => {
                     for s in &i.snapshots {
-                        details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
-                            fundamentals: Some(fundamentals(s)),
-                            size: String::new(),
-                            children: vec![],
-                        })));
+                        details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                            pb::SnapshotDetails {
+                                fundamentals: Some(fundamentals(s)),
+                                size: String::new(),
+                                children: vec![],
+                            },
+                        )));
                     }
                 }
-                None => details.push(common(pb::detailed_info_item::ExtraInfo::InstanceInfo(pb::InstanceDetails {
-                    image_release: release(&i.image),
-                    current_release: release(&i.image),
-                    ipv4: if i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
-                    num_snapshots: Some(i.snapshots.len() as i32),
-                    creation_timestamp: Some(timestamp(i.created)),
-                    load: if req.no_runtime_information || !i.state.is_up() { String::new() } else { "0.00 0.00 0.00".into() },
-                    ..Default::default()
-                }))),
+                None => details.push(common(pb::detailed_info_item::ExtraInfo::InstanceInfo(
+                    pb::InstanceDetails {
+                        image_release: release(&i.image),
+                        current_release: release(&i.image),
+                        ipv4: if i.state.is_up() {
+                            vec!["127.0.0.1".into()]
+                        } else {
+                            vec![]
+                        },
+                        num_snapshots: Some(i.snapshots.len() as i32),
+                        creation_timestamp: Some(timestamp(i.created)),
+                        load: if req.no_runtime_information || !i.state.is_up() {
+                            String::new()
+                        } else {
+                            "0.00 0.00 0.00".into()
+                        },
+                        ..Default::default()
+                    },
+                ))),
             }
         }
-        call.send(pb::InfoReply { details, snapshots: req.snapshots, ..Default::default() }).await;
+        call.send(pb::InfoReply {
+            details,
+            snapshots: req.snapshots,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// launch and create
-    pub async fn launch(&self, call: Call<pb::LaunchRequest, pb::LaunchReply>, req: pb::LaunchRequest, start: bool) -> Result<(), Status> {
+    pub async fn launch(
+        &self,
+        call: Call<pb::LaunchRequest, pb::LaunchReply>,
+        req: pb::LaunchRequest,
+        start: bool,
+    ) -> Result<(), Status> {
         let op = if start { "launch" } else { "create" };
-        let name = if req.instance_name.is_empty() { pet_name() } else { req.instance_name.clone() };
+        let name = if req.instance_name.is_empty() {
+            pet_name()
+        } else {
+            req.instance_name.clone()
+        };
         {
             let _g = self.main_thread(op, &name).await;
             self.work(op, &name, Duration::ZERO).await;
@@ -625,14 +794,20 @@ impl Daemon {
             if !rules::valid_hostname(&name) {
                 errors.push(pb::launch_error::ErrorCodes::InvalidHostname);
             }
-            if !req.mem_size.is_empty() && rules::parse_size(&req.mem_size).is_none_or(|b| b < rules::MIN_MEMORY) {
+            if !req.mem_size.is_empty()
+                && rules::parse_size(&req.mem_size).is_none_or(|b| b < rules::MIN_MEMORY)
+            {
                 errors.push(pb::launch_error::ErrorCodes::InvalidMemSize);
             }
-            if !req.disk_space.is_empty() && rules::parse_size(&req.disk_space).is_none_or(|b| b < rules::MIN_DISK) {
+            if !req.disk_space.is_empty()
+                && rules::parse_size(&req.disk_space).is_none_or(|b| b < rules::MIN_DISK)
+            {
                 errors.push(pb::launch_error::ErrorCodes::InvalidDiskSize);
             }
             if !errors.is_empty() {
-                let le = pb::LaunchError { error_codes: errors.into_iter().map(|e| e as i32).collect() };
+                let le = pb::LaunchError {
+                    error_codes: errors.into_iter().map(|e| e as i32).collect(),
+                };
                 return Err(Status::with_details(
                     Code::InvalidArgument,
                     "Invalid arguments supplied",
@@ -642,13 +817,22 @@ impl Daemon {
             if let Some((remote, _)) = req.image.split_once(':')
                 && !matches!(remote, "release" | "daily" | "file" | "http" | "https")
             {
-                return Err(Status::failed_precondition(format!("Remote \"{remote}\" is unknown or unreachable.")));
+                return Err(Status::failed_precondition(format!(
+                    "Remote \"{remote}\" is unknown or unreachable."
+                )));
             }
             if self.st()?.instances.contains_key(&name) {
                 return Err(Refusal::exists(&name).into());
             }
-            if !self.preparing.lock().map(|mut p| p.insert(name.clone())).unwrap_or(false) {
-                return Err(Status::invalid_argument(format!("instance \"{name}\" is being prepared")));
+            if !self
+                .preparing
+                .lock()
+                .map(|mut p| p.insert(name.clone()))
+                .unwrap_or(false)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "instance \"{name}\" is being prepared"
+                )));
             }
         }
         let result = self.launch_body(&call, &req, &name, op, start).await;
@@ -658,11 +842,22 @@ impl Daemon {
         result
     }
 
-    async fn launch_body(&self, call: &Call<pb::LaunchRequest, pb::LaunchReply>, req: &pb::LaunchRequest, name: &str, op: &'static str, start: bool) -> Result<(), Status> {
+    async fn launch_body(
+        &self,
+        call: &Call<pb::LaunchRequest, pb::LaunchReply>,
+        req: &pb::LaunchRequest,
+        name: &str,
+        op: &'static str,
+        start: bool,
+    ) -> Result<(), Status> {
         use pb::launch_reply::CreateOneof;
         self.maybe_fail(op)?;
-        let msg = |m: CreateOneof| pb::LaunchReply { create_oneof: Some(m), ..Default::default() };
-        call.send(msg(CreateOneof::CreateMessage(format!("Creating {name}")))).await;
+        let msg = |m: CreateOneof| pb::LaunchReply {
+            create_oneof: Some(m),
+            ..Default::default()
+        };
+        call.send(msg(CreateOneof::CreateMessage(format!("Creating {name}"))))
+            .await;
         for pct in ["0", "25", "50", "75", "100"] {
             call.send(msg(CreateOneof::LaunchProgress(pb::LaunchProgress {
                 r#type: pb::launch_progress::ProgressTypes::Image as i32,
@@ -671,19 +866,36 @@ impl Daemon {
             .await;
             self.work(op, name, self.profile.prepare / 5).await;
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Preparing image for {name}")))).await;
+        call.send(msg(CreateOneof::CreateMessage(format!(
+            "Preparing image for {name}"
+        ))))
+        .await;
         let root = self.root(name);
-        tokio::fs::create_dir_all(&root).await.map_err(|e| Status::internal(format!("{}: {e}", root.display())))?;
+        tokio::fs::create_dir_all(&root)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", root.display())))?;
         {
             let _g = self.main_thread(op, name).await;
             let inst = Instance {
                 name: name.to_string(),
                 state: VmState::Stopped,
                 deleted: false,
-                image: if req.image.is_empty() { "24.04".into() } else { req.image.clone() },
+                image: if req.image.is_empty() {
+                    "24.04".into()
+                } else {
+                    req.image.clone()
+                },
                 cpus: req.num_cores.max(1),
-                memory: if req.mem_size.is_empty() { "1G".into() } else { req.mem_size.clone() },
-                disk: if req.disk_space.is_empty() { "5G".into() } else { req.disk_space.clone() },
+                memory: if req.mem_size.is_empty() {
+                    "1G".into()
+                } else {
+                    req.mem_size.clone()
+                },
+                disk: if req.disk_space.is_empty() {
+                    "5G".into()
+                } else {
+                    req.disk_space.clone()
+                },
                 cloud_init: req.cloud_init_user_data.clone(),
                 snapshots: vec![],
                 snapshot_count: 0,
@@ -694,18 +906,26 @@ impl Daemon {
             self.st()?.instances.insert(name.to_string(), inst);
             self.save()?;
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Configuring {name}")))).await;
+        call.send(msg(CreateOneof::CreateMessage(format!(
+            "Configuring {name}"
+        ))))
+        .await;
         if !start {
             return Ok(());
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Starting {name}")))).await;
-        self.set_state(name, VmState::Starting)?;
-        call.send(pb::LaunchReply { reply_message: "Waiting for initialization to complete".into(), ..Default::default() })
+        call.send(msg(CreateOneof::CreateMessage(format!("Starting {name}"))))
             .await;
+        self.set_state(name, VmState::Starting)?;
+        call.send(pb::LaunchReply {
+            reply_message: "Waiting for initialization to complete".into(),
+            ..Default::default()
+        })
+        .await;
         self.work(op, name, self.profile.boot).await;
         self.open_endpoint(name).await?;
         self.set_state(name, VmState::Running)?;
-        call.send(msg(CreateOneof::VmInstanceName(name.to_string()))).await;
+        call.send(msg(CreateOneof::VmInstanceName(name.to_string())))
+            .await;
         Ok(())
     }
 
@@ -718,19 +938,30 @@ impl Daemon {
     }
 
     /// start
-    pub async fn start(&self, call: Call<pb::StartRequest, pb::StartReply>, req: pb::StartRequest) -> Result<(), Status> {
+    pub async fn start(
+        &self,
+        call: Call<pb::StartRequest, pb::StartReply>,
+        req: pb::StartRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
         {
-            let _g = self.main_thread("start", names.first().map_or("", |s| s)).await;
+            let _g = self
+                .main_thread("start", names.first().map_or("", |s| s))
+                .await;
             self.work("start", "", Duration::ZERO).await;
             let mut missing = pb::StartError::default();
             for n in &names {
                 match self.st()?.instances.get(n) {
                     None => {
-                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::DoesNotExist as i32);
+                        missing
+                            .instance_errors
+                            .insert(n.clone(), pb::start_error::ErrorCode::DoesNotExist as i32);
                     }
                     Some(i) if i.deleted => {
-                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::InstanceDeleted as i32);
+                        missing.instance_errors.insert(
+                            n.clone(),
+                            pb::start_error::ErrorCode::InstanceDeleted as i32,
+                        );
                     }
                     Some(_) => {}
                 }
@@ -789,7 +1020,9 @@ impl Daemon {
                         return Ok(());
                     }
                     if !matches!(s, VmState::Starting | VmState::Restarting) {
-                        return Err(Status::failed_precondition(format!("instance {name} stopped while starting")));
+                        return Err(Status::failed_precondition(format!(
+                            "instance {name} stopped while starting"
+                        )));
                     }
                     let _ = rx.changed().await;
                 }
@@ -801,9 +1034,15 @@ impl Daemon {
     }
 
     /// stop
-    pub async fn stop(&self, call: Call<pb::StopRequest, pb::StopReply>, req: pb::StopRequest) -> Result<(), Status> {
+    pub async fn stop(
+        &self,
+        call: Call<pb::StopRequest, pb::StopReply>,
+        req: pb::StopRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
-        let _g = self.main_thread("stop", names.first().map_or("", |s| s)).await;
+        let _g = self
+            .main_thread("stop", names.first().map_or("", |s| s))
+            .await;
         self.work("stop", "", Duration::ZERO).await;
         let mut plans = Vec::new();
         for n in &names {
@@ -816,7 +1055,9 @@ impl Daemon {
             }
             if req.time_minutes > 0 {
                 if !i.state.is_up() {
-                    return Err(Status::failed_precondition(format!("Cannot delay the shutdown of {n}: it is not running.")));
+                    return Err(Status::failed_precondition(format!(
+                        "Cannot delay the shutdown of {n}: it is not running."
+                    )));
                 }
                 plans.push((n.clone(), Some(StopPlan::Graceful)));
                 continue;
@@ -831,7 +1072,11 @@ impl Daemon {
                 Some(StopPlan::Nothing) => {}
                 Some(p) => {
                     self.close_endpoint(&n).await;
-                    let d = if p == StopPlan::Force { self.profile.force_stop } else { self.profile.stop };
+                    let d = if p == StopPlan::Force {
+                        self.profile.force_stop
+                    } else {
+                        self.profile.stop
+                    };
                     self.work("stop", &n, d).await;
                     self.set_state(&n, VmState::Stopped)?;
                 }
@@ -842,9 +1087,15 @@ impl Daemon {
     }
 
     /// suspend
-    pub async fn suspend(&self, call: Call<pb::SuspendRequest, pb::SuspendReply>, req: pb::SuspendRequest) -> Result<(), Status> {
+    pub async fn suspend(
+        &self,
+        call: Call<pb::SuspendRequest, pb::SuspendReply>,
+        req: pb::SuspendRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
-        let _g = self.main_thread("suspend", names.first().map_or("", |s| s)).await;
+        let _g = self
+            .main_thread("suspend", names.first().map_or("", |s| s))
+            .await;
         self.work("suspend", "", Duration::ZERO).await;
         let mut todo = Vec::new();
         for n in &names {
@@ -853,7 +1104,9 @@ impl Daemon {
                 todo.push(n.clone());
             } else {
                 call.send(pb::SuspendReply {
-                    log_line: format!("[sim] Ignoring suspend issued while stopped/suspended: {n}\n"),
+                    log_line: format!(
+                        "[sim] Ignoring suspend issued while stopped/suspended: {n}\n"
+                    ),
                 })
                 .await;
             }
@@ -870,10 +1123,16 @@ impl Daemon {
     }
 
     /// restart
-    pub async fn restart(&self, call: Call<pb::RestartRequest, pb::RestartReply>, req: pb::RestartRequest) -> Result<(), Status> {
+    pub async fn restart(
+        &self,
+        call: Call<pb::RestartRequest, pb::RestartReply>,
+        req: pb::RestartRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
         {
-            let _g = self.main_thread("restart", names.first().map_or("", |s| s)).await;
+            let _g = self
+                .main_thread("restart", names.first().map_or("", |s| s))
+                .await;
             for n in &names {
                 rules::restart(n, self.operative(n)?.state)?;
             }
@@ -893,19 +1152,38 @@ impl Daemon {
     }
 
     /// snapshot
-    pub async fn snapshot(&self, call: Call<pb::SnapshotRequest, pb::SnapshotReply>, req: pb::SnapshotRequest) -> Result<(), Status> {
+    pub async fn snapshot(
+        &self,
+        call: Call<pb::SnapshotRequest, pb::SnapshotReply>,
+        req: pb::SnapshotRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("snapshot", &req.instance).await;
         self.work("snapshot", &req.instance, Duration::ZERO).await;
-        let name = self.take_snapshot(&req.instance, &req.snapshot, &req.comment).await?;
-        call.send(pb::SnapshotReply { snapshot: name, ..Default::default() }).await;
+        let name = self
+            .take_snapshot(&req.instance, &req.snapshot, &req.comment)
+            .await?;
+        call.send(pb::SnapshotReply {
+            snapshot: name,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// Takes a snapshot (the caller holds the main thread). Returns its name.
-    async fn take_snapshot(&self, instance: &str, requested: &str, comment: &str) -> Result<String, Status> {
+    async fn take_snapshot(
+        &self,
+        instance: &str,
+        requested: &str,
+        comment: &str,
+    ) -> Result<String, Status> {
         let i = self.operative(instance)?;
         rules::snapshot(i.state)?;
-        let name = if requested.is_empty() { format!("snapshot{}", i.snapshot_count + 1) } else { requested.to_string() };
+        let name = if requested.is_empty() {
+            format!("snapshot{}", i.snapshot_count + 1)
+        } else {
+            requested.to_string()
+        };
         rules::snapshot_name(&name)?;
         if i.snapshots.iter().any(|s| s.name == name) {
             return Err(rules::snapshot_taken(instance, &name).into());
@@ -929,7 +1207,11 @@ impl Daemon {
     }
 
     /// restore
-    pub async fn restore(&self, mut call: Call<pb::RestoreRequest, pb::RestoreReply>, req: pb::RestoreRequest) -> Result<(), Status> {
+    pub async fn restore(
+        &self,
+        mut call: Call<pb::RestoreRequest, pb::RestoreReply>,
+        req: pb::RestoreRequest,
+    ) -> Result<(), Status> {
         let check = |d: &Daemon| -> Result<(), Status> {
             let i = d.operative(&req.instance)?;
             if !i.snapshots.iter().any(|s| s.name == req.snapshot) {
@@ -944,7 +1226,12 @@ impl Daemon {
                 let _g = self.main_thread("restore", &req.instance).await;
                 check(self)?;
             }
-            let answer = call.prompt(pb::RestoreReply { confirm_destructive: true, ..Default::default() }).await?;
+            let answer = call
+                .prompt(pb::RestoreReply {
+                    confirm_destructive: true,
+                    ..Default::default()
+                })
+                .await?;
             destructive = answer.destructive;
         }
         let _g = self.main_thread("restore", &req.instance).await;
@@ -952,17 +1239,34 @@ impl Daemon {
         check(self)?;
         self.maybe_fail("restore")?;
         if !destructive {
-            call.send(pb::RestoreReply { reply_message: format!("Taking snapshot before restoring {}", req.snapshot), ..Default::default() })
-                .await;
-            let taken = self.take_snapshot(&req.instance, "", &format!("Before restoring {}", req.snapshot)).await?;
-            call.send(pb::RestoreReply { reply_message: format!("Snapshot taken: {}.{taken}\n", req.instance), ..Default::default() })
-                .await;
+            call.send(pb::RestoreReply {
+                reply_message: format!("Taking snapshot before restoring {}", req.snapshot),
+                ..Default::default()
+            })
+            .await;
+            let taken = self
+                .take_snapshot(
+                    &req.instance,
+                    "",
+                    &format!("Before restoring {}", req.snapshot),
+                )
+                .await?;
+            call.send(pb::RestoreReply {
+                reply_message: format!("Snapshot taken: {}.{taken}\n", req.instance),
+                ..Default::default()
+            })
+            .await;
         }
-        call.send(pb::RestoreReply { reply_message: "Restoring snapshot".into(), ..Default::default() }).await;
+        call.send(pb::RestoreReply {
+            reply_message: "Restoring snapshot".into(),
+            ..Default::default()
+        })
+        .await;
         self.emit("restore", &req.instance, EventKind::Working);
         let root = self.root(&req.instance);
         replace_tree(self.snapshot_dir(&req.instance, &req.snapshot), root).await?;
-        self.work("restore", &req.instance, self.profile.restore).await;
+        self.work("restore", &req.instance, self.profile.restore)
+            .await;
         if let Some(i) = self.st()?.instances.get_mut(&req.instance) {
             i.current_snapshot = req.snapshot.clone();
         }
@@ -972,13 +1276,20 @@ impl Daemon {
     }
 
     /// clone
-    pub async fn clone_instance(&self, call: Call<pb::CloneRequest, pb::CloneReply>, req: pb::CloneRequest) -> Result<(), Status> {
+    pub async fn clone_instance(
+        &self,
+        call: Call<pb::CloneRequest, pb::CloneReply>,
+        req: pb::CloneRequest,
+    ) -> Result<(), Status> {
         let src = req.source_name.clone();
         let _g = self.main_thread("clone", &src).await;
         self.work("clone", &src, Duration::ZERO).await;
         let i = self.operative(&src)?;
         rules::clone(i.state)?;
-        let dest = req.destination_name.clone().unwrap_or_else(|| format!("{src}-clone{}", i.clone_count + 1));
+        let dest = req
+            .destination_name
+            .clone()
+            .unwrap_or_else(|| format!("{src}-clone{}", i.clone_count + 1));
         rules::clone_destination(&dest)?;
         if self.st()?.instances.contains_key(&dest) {
             return Err(Refusal::exists(&dest).into());
@@ -1005,16 +1316,27 @@ impl Daemon {
             st.instances.insert(dest.clone(), copy);
         }
         self.save()?;
-        call.send(pb::CloneReply { reply_message: format!("Cloned from {src} to {dest}.\n"), ..Default::default() }).await;
+        call.send(pb::CloneReply {
+            reply_message: format!("Cloned from {src} to {dest}.\n"),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// delet
-    pub async fn delete(&self, mut call: Call<pb::DeleteRequest, pb::DeleteReply>, req: pb::DeleteRequest) -> Result<(), Status> {
+    pub async fn delete(
+        &self,
+        mut call: Call<pb::DeleteRequest, pb::DeleteReply>,
+        req: pb::DeleteRequest,
+    ) -> Result<(), Status> {
         let pairs = if req.instance_snapshot_pairs.is_empty() {
             self.all_names(true)?
                 .into_iter()
-                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .map(|n| pb::InstanceSnapshotPair {
+                    instance_name: n,
+                    snapshot_name: None,
+                })
                 .collect()
         } else {
             req.instance_snapshot_pairs.clone()
@@ -1035,7 +1357,12 @@ impl Daemon {
             }
         }
         if has_snapshots && !req.purge && !req.purge_snapshots {
-            let answer = call.prompt(pb::DeleteReply { confirm_snapshot_purging: true, ..Default::default() }).await?;
+            let answer = call
+                .prompt(pb::DeleteReply {
+                    confirm_snapshot_purging: true,
+                    ..Default::default()
+                })
+                .await?;
             if !answer.purge_snapshots {
                 return Err(Status::cancelled("Cancelled."));
             }
@@ -1073,32 +1400,60 @@ impl Daemon {
             }
             self.save()?;
         }
-        call.send(pb::DeleteReply { purged_instances: purged, ..Default::default() }).await;
+        call.send(pb::DeleteReply {
+            purged_instances: purged,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// purge
-    pub async fn purge(&self, call: Call<pb::PurgeRequest, pb::PurgeReply>, _req: pb::PurgeRequest) -> Result<(), Status> {
+    pub async fn purge(
+        &self,
+        call: Call<pb::PurgeRequest, pb::PurgeReply>,
+        _req: pb::PurgeRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("purge", "").await;
         self.work("purge", "", Duration::ZERO).await;
         self.maybe_fail("purge")?;
-        let names: Vec<String> = self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect();
+        let names: Vec<String> = self
+            .st()?
+            .instances
+            .values()
+            .filter(|i| i.deleted)
+            .map(|i| i.name.clone())
+            .collect();
         for n in &names {
             self.st()?.instances.remove(n);
             remove_tree(self.dir(n)).await?;
         }
         self.save()?;
-        call.send(pb::PurgeReply { purged_instances: names, ..Default::default() }).await;
+        call.send(pb::PurgeReply {
+            purged_instances: names,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// recover
-    pub async fn recover(&self, call: Call<pb::RecoverRequest, pb::RecoverReply>, req: pb::RecoverRequest) -> Result<(), Status> {
+    pub async fn recover(
+        &self,
+        call: Call<pb::RecoverRequest, pb::RecoverReply>,
+        req: pb::RecoverRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("recover", "").await;
         self.work("recover", "", Duration::ZERO).await;
         let names = match req.instance_names {
             Some(n) if !n.instance_name.is_empty() => n.instance_name,
-            _ => self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect(),
+            _ => self
+                .st()?
+                .instances
+                .values()
+                .filter(|i| i.deleted)
+                .map(|i| i.name.clone())
+                .collect(),
         };
         for n in &names {
             self.instance(n)?;
@@ -1115,7 +1470,11 @@ impl Daemon {
     }
 
     /// ssh_info
-    pub async fn ssh_info(&self, call: Call<pb::SshInfoRequest, pb::SshInfoReply>, req: pb::SshInfoRequest) -> Result<(), Status> {
+    pub async fn ssh_info(
+        &self,
+        call: Call<pb::SshInfoRequest, pb::SshInfoReply>,
+        req: pb::SshInfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("ssh_info", "").await;
         self.work("ssh_info", "", Duration::ZERO).await;
         let mut map = std::collections::HashMap::new();
@@ -1126,28 +1485,45 @@ impl Daemon {
                 Some(t) => (t.host.clone(), t.port, t.user.clone()),
                 None => {
                     let port = self.endpoint(n).map(|e| e.port()).ok_or_else(|| {
-                        Status::failed_precondition(format!("instance \"{n}\" has no SSH endpoint yet"))
+                        Status::failed_precondition(format!(
+                            "instance \"{n}\" has no SSH endpoint yet"
+                        ))
                     })?;
                     ("127.0.0.1".to_string(), port, "ubuntu".to_string())
                 }
             };
-            map.insert(n.clone(), pb::SshInfo {
-                port: i32::from(port),
-                priv_key_base64: self.keys.client_key_text().to_string(),
-                host,
-                username: user,
-            });
+            map.insert(
+                n.clone(),
+                pb::SshInfo {
+                    port: i32::from(port),
+                    priv_key_base64: self.keys.client_key_text().to_string(),
+                    host,
+                    username: user,
+                },
+            );
         }
-        call.send(pb::SshInfoReply { ssh_info: map, ..Default::default() }).await;
+        call.send(pb::SshInfoReply {
+            ssh_info: map,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     fn passphrase(&self) -> Option<String> {
-        self.cfg.passphrase.clone().or_else(|| self.st().ok().and_then(|s| s.passphrase.clone()))
+        self.cfg
+            .passphrase
+            .clone()
+            .or_else(|| self.st().ok().and_then(|s| s.passphrase.clone()))
     }
 
     /// authenticate (no trust check before it)
-    pub async fn authenticate(&self, call: Call<pb::AuthenticateRequest, pb::AuthenticateReply>, req: pb::AuthenticateRequest, cert: Option<Vec<u8>>) -> Result<(), Status> {
+    pub async fn authenticate(
+        &self,
+        call: Call<pb::AuthenticateRequest, pb::AuthenticateReply>,
+        req: pb::AuthenticateRequest,
+        cert: Option<Vec<u8>>,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("authenticate", "").await;
         let Some(expected) = self.passphrase() else {
             return Err(Status::failed_precondition(
@@ -1155,40 +1531,76 @@ impl Daemon {
             ));
         };
         if req.passphrase != expected {
-            return Err(Status::invalid_argument("Passphrase is not correct. Please try again."));
+            return Err(Status::invalid_argument(
+                "Passphrase is not correct. Please try again.",
+            ));
         }
         let cert = cert.ok_or_else(|| Status::internal("invalid certificate data"))?;
-        self.trust.add(&cert).map_err(|e| Status::internal(e.to_string()))?;
+        self.trust
+            .add(&cert)
+            .map_err(|e| Status::internal(e.to_string()))?;
         super::server::open_socket_permissions(&self.cfg);
         call.send(pb::AuthenticateReply::default()).await;
         Ok(())
     }
 
     /// get
-    pub async fn get(&self, call: Call<pb::GetRequest, pb::GetReply>, req: pb::GetRequest) -> Result<(), Status> {
+    pub async fn get(
+        &self,
+        call: Call<pb::GetRequest, pb::GetReply>,
+        req: pb::GetRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("get", "").await;
         let value = match req.key.as_str() {
             "local.driver" => "qemu".to_string(),
-            "local.passphrase" => if self.passphrase().is_some() { "true".into() } else { "false".into() },
+            "local.passphrase" => {
+                if self.passphrase().is_some() {
+                    "true".into()
+                } else {
+                    "false".into()
+                }
+            }
             "local.privileged-mounts" => "true".into(),
             "local.bridged-network" | "local.image.mirror" => String::new(),
-            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "Unrecognized settings key: '{k}'"
+                )));
+            }
         };
-        call.send(pb::GetReply { value, ..Default::default() }).await;
+        call.send(pb::GetReply {
+            value,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// set: replies, then asks the process to exit with code 42 (multipassd restarts on any
     /// daemon setting change).
-    pub async fn set(&self, call: Call<pb::SetRequest, pb::SetReply>, req: pb::SetRequest) -> Result<(), Status> {
+    pub async fn set(
+        &self,
+        call: Call<pb::SetRequest, pb::SetReply>,
+        req: pb::SetRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("set", "").await;
         match req.key.as_str() {
             "local.passphrase" => self.st()?.passphrase = Some(req.val.clone()),
             "local.driver" if req.val != "qemu" => {
-                return Err(Status::invalid_argument(format!("Invalid driver '{}': mpool sim only simulates qemu", req.val)));
+                return Err(Status::invalid_argument(format!(
+                    "Invalid driver '{}': mpool sim only simulates qemu",
+                    req.val
+                )));
             }
-            "local.driver" | "local.privileged-mounts" | "local.bridged-network" | "local.image.mirror" => {}
-            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+            "local.driver"
+            | "local.privileged-mounts"
+            | "local.bridged-network"
+            | "local.image.mirror" => {}
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "Unrecognized settings key: '{k}'"
+                )));
+            }
         }
         self.save()?;
         call.send(pb::SetReply::default()).await;
@@ -1197,49 +1609,99 @@ impl Daemon {
     }
 
     /// keys
-    pub async fn keys(&self, call: Call<pb::KeysRequest, pb::KeysReply>, _req: pb::KeysRequest) -> Result<(), Status> {
-        let settings_keys = ["local.bridged-network", "local.driver", "local.image.mirror", "local.passphrase", "local.privileged-mounts"]
-            .map(String::from)
-            .to_vec();
-        call.send(pb::KeysReply { settings_keys, ..Default::default() }).await;
+    pub async fn keys(
+        &self,
+        call: Call<pb::KeysRequest, pb::KeysReply>,
+        _req: pb::KeysRequest,
+    ) -> Result<(), Status> {
+        let settings_keys = [
+            "local.bridged-network",
+            "local.driver",
+            "local.image.mirror",
+            "local.passphrase",
+            "local.privileged-mounts",
+        ]
+        .map(String::from)
+        .to_vec();
+        call.send(pb::KeysReply {
+            settings_keys,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// daemon_info
-    pub async fn daemon_info(&self, call: Call<pb::DaemonInfoRequest, pb::DaemonInfoReply>, _req: pb::DaemonInfoRequest) -> Result<(), Status> {
+    pub async fn daemon_info(
+        &self,
+        call: Call<pb::DaemonInfoRequest, pb::DaemonInfoReply>,
+        _req: pb::DaemonInfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("daemon_info", "").await;
-        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         let memory = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .map(|kb| kb * 1024)
             .unwrap_or(0);
-        call.send(pb::DaemonInfoReply { available_space: 100 << 30, cpus, memory, ..Default::default() }).await;
+        call.send(pb::DaemonInfoReply {
+            available_space: 100 << 30,
+            cpus,
+            memory,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// find: one image, so `launch` has something to name.
-    pub async fn find(&self, call: Call<pb::FindRequest, pb::FindReply>, _req: pb::FindRequest) -> Result<(), Status> {
+    pub async fn find(
+        &self,
+        call: Call<pb::FindRequest, pb::FindReply>,
+        _req: pb::FindRequest,
+    ) -> Result<(), Status> {
         let image = pb::find_reply::ImageInfo {
             os: "Ubuntu".into(),
             release: "24.04 LTS".into(),
             version: "20260501".into(),
-            aliases_info: vec![pb::find_reply::AliasInfo { remote_name: String::new(), alias: "noble".into() }],
+            aliases_info: vec![pb::find_reply::AliasInfo {
+                remote_name: String::new(),
+                alias: "noble".into(),
+            }],
             codename: "noble".into(),
         };
-        call.send(pb::FindReply { show_images: true, images_info: vec![image], ..Default::default() }).await;
+        call.send(pb::FindReply {
+            show_images: true,
+            images_info: vec![image],
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// networks: none to bridge.
-    pub async fn networks(&self, call: Call<pb::NetworksRequest, pb::NetworksReply>, _req: pb::NetworksRequest) -> Result<(), Status> {
+    pub async fn networks(
+        &self,
+        call: Call<pb::NetworksRequest, pb::NetworksReply>,
+        _req: pb::NetworksRequest,
+    ) -> Result<(), Status> {
         call.send(pb::NetworksReply::default()).await;
         Ok(())
     }
 }
 
 fn status(i: &Instance) -> pb::InstanceStatus {
-    let s = if i.deleted { pb::instance_status::Status::Deleted } else { i.state.status() };
+    let s = if i.deleted {
+        pb::instance_status::Status::Deleted
+    } else {
+        i.state.status()
+    };
     pb::InstanceStatus { status: s as i32 }
 }
 
@@ -1262,9 +1724,17 @@ fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {
 
 /// A multipass-style generated name.
 fn pet_name() -> String {
-    const A: &[&str] = &["brisk", "calm", "eager", "gentle", "jolly", "lucid", "merry", "proud", "quiet", "vivid"];
-    const N: &[&str] = &["badger", "crane", "falcon", "heron", "lynx", "marten", "otter", "plover", "stoat", "wren"];
-    format!("{}-{}", A[rand::random_range(0..A.len())], N[rand::random_range(0..N.len())])
+    const A: &[&str] = &[
+        "brisk", "calm", "eager", "gentle", "jolly", "lucid", "merry", "proud", "quiet", "vivid",
+    ];
+    const N: &[&str] = &[
+        "badger", "crane", "falcon", "heron", "lynx", "marten", "otter", "plover", "stoat", "wren",
+    ];
+    format!(
+        "{}-{}",
+        A[rand::random_range(0..A.len())],
+        N[rand::random_range(0..N.len())]
+    )
 }
 
 /// Copies a directory tree (files, dirs, symlinks, modes), replacing `to`.

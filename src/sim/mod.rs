@@ -123,8 +123,10 @@ impl Simulator {
     /// Loads or creates the state dir, opens the socket and resumes instances that were
     /// running or suspended (as multipassd does after a restart).
     pub async fn start(cfg: SimConfig) -> Result<Simulator, String> {
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
-        let certs = trust::ServerCerts::load_or_create(&cfg.state_dir, "localhost").map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+        let certs = trust::ServerCerts::load_or_create(&cfg.state_dir, "localhost")
+            .map_err(|e| e.to_string())?;
         if let Some(dir) = cfg.socket.parent()
             && dir != cfg.state_dir
         {
@@ -148,7 +150,11 @@ impl Simulator {
         let server = tokio::spawn(serve);
         let d = daemon.clone();
         tokio::spawn(async move { d.resume_after_restart().await });
-        Ok(Simulator { daemon, shutdown, server })
+        Ok(Simulator {
+            daemon,
+            shutdown,
+            server,
+        })
     }
 
     /// The daemon (state, events, fault knobs).
@@ -158,7 +164,10 @@ impl Simulator {
 
     /// The root CA certificate clients verify the simulator against.
     pub fn root_cert(&self) -> PathBuf {
-        self.daemon.cfg.state_dir.join(crate::multipass::trust::ROOT_CERT_FILE)
+        self.daemon
+            .cfg
+            .state_dir
+            .join(crate::multipass::trust::ROOT_CERT_FILE)
     }
 
     /// The socket path.
@@ -183,7 +192,10 @@ impl Simulator {
         self.shutdown.send_replace(true);
         // Let calls in flight finish, but not forever (a hung call must not block the exit).
         let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
         self.daemon.close_all_endpoints().await;

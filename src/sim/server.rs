@@ -24,7 +24,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections with `accept`, handshakes each in its own task, and queues the TLS
 /// streams for tonic.
-fn accept_loop<S, F, Fut>(mut accept: F, acceptor: tokio_rustls::TlsAcceptor) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<S>>>
+fn accept_loop<S, F, Fut>(
+    mut accept: F,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<S>>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: FnMut() -> Fut + Send + 'static,
@@ -75,7 +78,11 @@ pub fn serve(
         std::fs::create_dir_all(dir)?;
     }
     let unix = tokio::net::UnixListener::bind(&cfg.socket)?;
-    let mode = if daemon.trust.is_empty() { 0o660 } else { 0o666 };
+    let mode = if daemon.trust.is_empty() {
+        0o660
+    } else {
+        0o666
+    };
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
     let tcp = match cfg.tcp {
         Some(addr) => {
@@ -87,47 +94,53 @@ pub fn serve(
     };
     let service = Arc::new(Service::new(daemon.clone()));
     Ok(async move {
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
 
-    let mut servers = tokio::task::JoinSet::new();
-    let unix = Arc::new(unix);
-    let incoming = accept_loop(
-        move || {
-            let l = unix.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
-        },
-        acceptor.clone(),
-    );
-    let svc = RpcServer::from_arc(service.clone());
-    let sd = wait(shutdown.clone());
-    servers.spawn(async move {
-        tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(incoming, sd).await
-    });
-    if let Some(tcp) = tcp {
-        let tcp = Arc::new(tcp);
+        let mut servers = tokio::task::JoinSet::new();
+        let unix = Arc::new(unix);
         let incoming = accept_loop(
             move || {
-                let l = tcp.clone();
+                let l = unix.clone();
                 async move { l.accept().await.map(|(s, _)| s) }
             },
-            acceptor,
+            acceptor.clone(),
         );
-        let svc = RpcServer::from_arc(service);
+        let svc = RpcServer::from_arc(service.clone());
         let sd = wait(shutdown.clone());
         servers.spawn(async move {
-            tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(incoming, sd).await
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, sd)
+                .await
         });
-    }
-    while let Some(res) = servers.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
-            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        if let Some(tcp) = tcp {
+            let tcp = Arc::new(tcp);
+            let incoming = accept_loop(
+                move || {
+                    let l = tcp.clone();
+                    async move { l.accept().await.map(|(s, _)| s) }
+                },
+                acceptor,
+            );
+            let svc = RpcServer::from_arc(service);
+            let sd = wait(shutdown.clone());
+            servers.spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, sd)
+                    .await
+            });
         }
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    Ok(())
+        while let Some(res) = servers.join_next().await {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        let _ = std::fs::remove_file(&cfg.socket);
+        Ok(())
     })
 }

@@ -1016,7 +1016,6 @@ fn signal_name(signal: i32) -> String {
         .unwrap_or_else(|| signal.to_string())
 }
 
-
 fn sig_from_number(signal: i32) -> Sig {
     match signal_name(signal).as_str() {
         "ABRT" => Sig::ABRT,
