@@ -250,3 +250,139 @@ fn exec_reaches_a_real_sshd_through_ssh_target() {
         "the real sshd served it"
     );
 }
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `mpool multipass ARGS` with `input` on stdin.
+fn mp_with_stdin(sim: &SimProcess, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(MPOOL)
+        .arg("--data-dir")
+        .arg(sim.dir.path().join("client"))
+        .arg("multipass")
+        .arg("--daemon")
+        .arg(format!("unix:{}", sim.socket().display()))
+        .arg("--own-cert")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin); // EOF
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn info_shows_runtime_information_like_the_multipass_cli() {
+    let sim = SimProcess::start(&["--log-lines"]);
+    let out = sim.mp(&["launch", "--name", "vm1", "--cpus", "2", "--memory", "2G"]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(sim.dir.path().join("state/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
+    let out = sim.mp(&["info", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let info = stdout(&out);
+    for line in [
+        "Name:           vm1\n",
+        "State:          Running\n",
+        "IPv4:           127.0.0.1\n",
+        "Release:        24.04 LTS\n",
+        "CPU(s):         2\n",
+        "Load:           0.00 0.00 0.00\n",
+        "Memory usage:   256.0MiB out of 2.0GiB\n",
+    ] {
+        assert!(info.contains(line), "{line:?} in:\n{info}");
+    }
+    let disk = info.lines().find(|l| l.starts_with("Disk usage:")).unwrap_or_default();
+    assert!(disk.contains("MiB out of 5.0GiB"), "disk usage counts the instance's files: {disk}");
+    // Without runtime information those fields are unknown, as with the real daemon.
+    let out = sim.mp(&["info", "--no-runtime-information", "vm1"]);
+    let info = stdout(&out);
+    for line in ["IPv4:           --\n", "CPU(s):         --\n", "Load:           --\n", "Disk usage:     --\n"] {
+        assert!(info.contains(line), "{line:?} in:\n{info}");
+    }
+    let out = sim.mp(&["--json", "info", "vm1"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["cpus"], "2");
+    assert_eq!(v[0]["memory"], (2u64 << 30).to_string());
+}
+
+#[test]
+fn list_shows_ipv4_like_the_multipass_cli() {
+    let sim = SimProcess::start(&[]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    assert!(sim.mp(&["launch", "--name", "vm2"]).status.success());
+    assert!(sim.mp(&["stop", "vm2"]).status.success());
+    let list = stdout(&sim.mp(&["list"]));
+    let row = |name: &str| list.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+    assert!(list.starts_with("Name                    State             IPv4             Image\n"), "{list}");
+    assert!(row("vm1").contains("Running           127.0.0.1        Ubuntu 24.04 LTS"), "{list}");
+    assert!(row("vm2").contains("Stopped           --               Ubuntu 24.04 LTS"), "{list}");
+    let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "list"]).stdout).unwrap();
+    assert_eq!(v[0]["ipv4"][0], "127.0.0.1");
+}
+
+#[test]
+fn get_prints_passphrase_as_true_or_false_and_empty_values_as_empty() {
+    let sim = SimProcess::start(&[]);
+    let get = |args: &[&str]| {
+        let out = sim.mp(args);
+        assert!(out.status.success(), "{}", text(&out));
+        stdout(&out)
+    };
+    assert_eq!(get(&["get", "local.passphrase"]), "false\n");
+    assert_eq!(get(&["get", "local.bridged-network"]), "<empty>\n");
+    assert_eq!(get(&["get", "--raw", "local.bridged-network"]), "\n");
+    assert_eq!(get(&["get", "local.driver"]), "qemu\n");
+    let sim = SimProcess::start(&["--passphrase", "pw"]);
+    let out = sim.mp(&["get", "local.passphrase"]);
+    assert_eq!(stdout(&out), "true\n", "the daemon's hash is shown as `true`: {}", text(&out));
+}
+
+#[test]
+fn exec_forwards_stdin_and_closes_it_at_eof() {
+    let sim = SimProcess::start(&[]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    // `cat` ends only when its stdin is closed: it sees our EOF.
+    let out = mp_with_stdin(&sim, &["exec", "vm1", "--", "cat"], b"x\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(stdout(&out), "x\n");
+    let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let out = mp_with_stdin(&sim, &["exec", "vm1", "--", "sh", "-c", "wc -c"], &big);
+    assert_eq!(stdout(&out).trim(), (1 << 20).to_string(), "{}", text(&out));
+}
+
+#[test]
+fn start_takes_a_timeout() {
+    let sim = SimProcess::start(&[]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    assert!(sim.mp(&["stop", "vm1"]).status.success());
+    let out = sim.mp(&["start", "--timeout", "120", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = sim.mp(&["start", "--timeout", "-1", "vm1"]);
+    assert_eq!(out.status.code(), Some(2), "a negative timeout is refused: {}", text(&out));
+}
+
+#[test]
+fn find_lists_the_catalogue_like_the_multipass_cli() {
+    let sim = SimProcess::start(&[]);
+    let out = sim.mp(&["find"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let found = stdout(&out);
+    assert!(found.starts_with("Image                       Aliases           Version          Description\n"), "{found}");
+    assert!(found.contains("\n24.04                       noble,lts         "), "{found}");
+    assert!(found.contains("\ndaily:25.10                 questing,devel    "), "{found}");
+    assert!(found.contains("\nBlueprint (deprecated)"), "{found}");
+    assert!(found.contains("\ndocker  "), "{found}");
+    let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "find", "daily:devel"]).stdout).unwrap();
+    assert_eq!(v["images"][0]["aliases"][0]["remote"], "daily");
+    assert_eq!(v["images"][0]["codename"], "questing");
+    assert_eq!(v["blueprints"], serde_json::json!([]));
+    let out = sim.mp(&["find", "nosuch:noble"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("Remote 'nosuch' is not found"), "{}", text(&out));
+}

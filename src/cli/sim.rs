@@ -48,6 +48,10 @@ pub struct SimArgs {
     /// replies, as multipassd's logger does.
     #[arg(long)]
     log_lines: bool,
+    /// Model a host without access to the image servers: catalogue launches and `find` fail as
+    /// multipassd does (local `file://` images still work).
+    #[arg(long)]
+    no_image_servers: bool,
 }
 
 fn parse_target(s: &str) -> Result<SshTarget, String> {
@@ -110,6 +114,7 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     cfg.hang_ops = args.hang;
     cfg.daemon_version = args.daemon_version;
     cfg.log_lines = args.log_lines;
+    cfg.image_servers_reachable = !args.no_image_servers;
     let sim = Simulator::start(cfg).await?;
     tracing::info!(
         socket = %args.socket.display(),

@@ -150,7 +150,10 @@ pub struct SnapshotSummary {
     pub comment: String,
 }
 
-/// Detailed information on one instance (from `info` without runtime data).
+/// Detailed information on one instance. The runtime fields (CPUs, memory and disk totals
+/// and usage, load, addresses, current release) are gathered over SSH in the guest and are
+/// only filled by [`Client::info_with_runtime`] for a running instance; [`Client::info`] leaves
+/// them empty, as multipassd does (reference §0.3).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceInfo {
     /// Name.
@@ -158,16 +161,71 @@ pub struct InstanceInfo {
     /// State.
     #[serde(serialize_with = "ser_state")]
     pub state: InstanceState,
-    /// CPUs.
+    /// CPUs (runtime).
     pub cpus: String,
-    /// Memory.
+    /// Memory total in bytes (runtime).
     pub memory: String,
-    /// Disk.
+    /// Disk total in bytes (runtime).
     pub disk: String,
     /// Image release.
     pub image_release: String,
     /// Number of snapshots.
     pub snapshots: i32,
+    /// IPv4 addresses (runtime).
+    pub ipv4: Vec<String>,
+    /// Load averages, e.g. `0.00 0.00 0.00` (runtime).
+    pub load: String,
+    /// Memory in use, bytes (runtime).
+    pub memory_usage: String,
+    /// Disk in use, bytes (runtime).
+    pub disk_usage: String,
+    /// The release the guest reports (runtime).
+    pub current_release: String,
+    /// The image's hash.
+    pub image_hash: String,
+}
+
+/// One image or blueprint alias as `find` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImageAlias {
+    /// The remote to name with it (empty: the default remote).
+    pub remote: String,
+    /// The alias.
+    pub alias: String,
+}
+
+impl std::fmt::Display for ImageAlias {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.remote.is_empty() {
+            write!(f, "{}", self.alias)
+        } else {
+            write!(f, "{}:{}", self.remote, self.alias)
+        }
+    }
+}
+
+/// One image or blueprint `find` reports.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImageEntry {
+    /// Its aliases; the first is how the multipass CLI names it.
+    pub aliases: Vec<ImageAlias>,
+    /// OS (`Ubuntu`; empty for blueprints).
+    pub os: String,
+    /// Release or description.
+    pub release: String,
+    /// Version.
+    pub version: String,
+    /// Code name.
+    pub codename: String,
+}
+
+/// What `find` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FindResult {
+    /// Images.
+    pub images: Vec<ImageEntry>,
+    /// Blueprints.
+    pub blueprints: Vec<ImageEntry>,
 }
 
 /// How to reach an instance over SSH.
@@ -211,7 +269,9 @@ pub struct DaemonInfo {
 pub struct LaunchOptions {
     /// Instance name (required: mpool never lets the daemon pick one).
     pub name: String,
-    /// Image, e.g. "24.04" (empty: the daemon's default).
+    /// Image as multipass takes it: `[remote:]image` (`24.04`, `daily:noble`, an alias or a
+    /// blueprint), `file:///path` or an `http(s)://` URL (empty: the daemon's default). It is
+    /// split into the request's image and remote name as the multipass CLI does.
     pub image: String,
     /// CPUs (0: default).
     pub cpus: i32,
@@ -501,10 +561,21 @@ impl Client {
 
     /// Instances, cheaply (no IP collection over SSH).
     pub async fn list(&self) -> Result<Vec<InstanceSummary>, Error> {
+        self.list_request(false).await
+    }
+
+    /// All instances with their IPv4 addresses, as `multipass list` shows them. multipassd
+    /// asks each running guest over SSH on its main thread, blocking every other call
+    /// meanwhile (reference §7): an operator's command, never a hot path.
+    pub async fn list_with_ipv4(&self) -> Result<Vec<InstanceSummary>, Error> {
+        self.list_request(true).await
+    }
+
+    async fn list_request(&self, request_ipv4: bool) -> Result<Vec<InstanceSummary>, Error> {
         let req = pb::ListRequest {
             verbosity_level: 0,
             snapshots: false,
-            request_ipv4: false,
+            request_ipv4,
         };
         let r = self
             .bidi(
@@ -570,12 +641,25 @@ impl Client {
         }
     }
 
-    /// Details of instances, without runtime data (no SSH inside the daemon).
+    /// Details of instances, without runtime information: cheap, no SSH inside the daemon;
+    /// the runtime fields stay empty.
     pub async fn info(&self, names: &Names) -> Result<Vec<InstanceInfo>, Error> {
+        self.info_request(names, false).await
+    }
+
+    /// Details of instances with runtime information (CPUs, memory, disk usage, load, IPv4),
+    /// as `multipass info` shows them. multipassd gathers them over SSH in each running guest
+    /// on its main thread, blocking every other call meanwhile (reference §0.4): an operator's
+    /// command, never a hot path.
+    pub async fn info_with_runtime(&self, names: &Names) -> Result<Vec<InstanceInfo>, Error> {
+        self.info_request(names, true).await
+    }
+
+    async fn info_request(&self, names: &Names, runtime: bool) -> Result<Vec<InstanceInfo>, Error> {
         let req = pb::InfoRequest {
             instance_snapshot_pairs: names.pairs(),
             verbosity_level: 0,
-            no_runtime_information: true,
+            no_runtime_information: !runtime,
             snapshots: false,
         };
         let r = self
@@ -590,11 +674,9 @@ impl Client {
             .details
             .into_iter()
             .map(|d| {
-                let (image_release, snapshots) = match d.extra_info {
-                    Some(pb::detailed_info_item::ExtraInfo::InstanceInfo(i)) => {
-                        (i.image_release, i.num_snapshots.unwrap_or(0))
-                    }
-                    _ => (String::new(), 0),
+                let i = match d.extra_info {
+                    Some(pb::detailed_info_item::ExtraInfo::InstanceInfo(i)) => i,
+                    _ => pb::InstanceDetails::default(),
                 };
                 InstanceInfo {
                     state: status_of(d.instance_status.as_ref()),
@@ -602,11 +684,65 @@ impl Client {
                     cpus: d.cpu_count,
                     memory: d.memory_total,
                     disk: d.disk_total,
-                    image_release,
-                    snapshots,
+                    image_release: i.image_release,
+                    snapshots: i.num_snapshots.unwrap_or(0),
+                    ipv4: i.ipv4,
+                    load: i.load,
+                    memory_usage: i.memory_usage,
+                    disk_usage: i.disk_usage,
+                    current_release: i.current_release,
+                    image_hash: i.id,
                 }
             })
             .collect())
+    }
+
+    /// Images and blueprints the daemon can launch: `search` as the multipass CLI takes it
+    /// (`[remote:]string`, empty for all), optionally only images or only blueprints.
+    pub async fn find(&self, search: &str, images: bool, blueprints: bool, unsupported: bool) -> Result<FindResult, Error> {
+        let (remote, search) = match search.split(':').count() {
+            1 => ("", search),
+            2 => search.split_once(':').unwrap_or(("", search)),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{search:?}: invalid remote and search string supplied (expected [remote:]string)"
+                )));
+            }
+        };
+        let req = pb::FindRequest {
+            search_string: search.to_string(),
+            remote_name: remote.to_string(),
+            verbosity_level: 0,
+            allow_unsupported: unsupported,
+            show_images: images,
+            show_blueprints: blueprints,
+            force_manifest_network_download: false,
+        };
+        let r = self
+            .bidi(
+                "find",
+                req,
+                |mut c, s| async move { c.find(s).await },
+                |_| None,
+            )
+            .await?;
+        let r = Self::need("find", r)?;
+        let convert = |list: Vec<pb::find_reply::ImageInfo>| {
+            list.into_iter()
+                .map(|i| ImageEntry {
+                    aliases: i
+                        .aliases_info
+                        .into_iter()
+                        .map(|a| ImageAlias { remote: a.remote_name, alias: a.alias })
+                        .collect(),
+                    os: i.os,
+                    release: i.release,
+                    version: i.version,
+                    codename: i.codename,
+                })
+                .collect()
+        };
+        Ok(FindResult { images: convert(r.images_info), blueprints: convert(r.blueprints_info) })
     }
 
     fn launch_request(o: &LaunchOptions) -> Result<pb::LaunchRequest, Error> {

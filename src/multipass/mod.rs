@@ -12,7 +12,7 @@ mod version;
 
 pub use address::{DaemonAddress, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
-    Client, ClientOptions, DaemonInfo, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions,
+    Client, ClientOptions, DaemonInfo, FindResult, ImageAlias, ImageEntry, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions,
     Names, SnapshotSummary, SshInfo,
 };
 pub use error::Error;

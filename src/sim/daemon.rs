@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Code, Status, Streaming};
 
+use super::images;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
 use super::ssh::{SshEndpoint, SshKeys};
 use super::trust::TrustStore;
@@ -47,6 +48,10 @@ pub struct Profile {
     pub clone: Duration,
     /// Delete.
     pub delete: Duration,
+    /// `info` with runtime information: commands over SSH in one guest (ON the main thread).
+    pub runtime_info: Duration,
+    /// `list` with IPv4: one guest's addresses over SSH (ON the main thread).
+    pub ip_query: Duration,
 }
 
 impl Default for Profile {
@@ -64,6 +69,8 @@ impl Default for Profile {
             restore: s(1),
             clone: s(8),
             delete: Duration::from_millis(300),
+            runtime_info: Duration::from_millis(300),
+            ip_query: Duration::from_millis(100),
         }
     }
 }
@@ -93,6 +100,16 @@ struct Instance {
     clone_count: u32,
     current_snapshot: String,
     created: u64,
+    /// The remote the image came from (`release`, `daily`; empty when none was named).
+    #[serde(default)]
+    remote: String,
+    /// The release text `list` and `info` report (None in state files of older simulators).
+    #[serde(default)]
+    release: Option<String>,
+    /// The SSH port of the instance's last endpoint: a restarted daemon never hands it out
+    /// again (multipassd's instances come back on new ports).
+    #[serde(default)]
+    last_ssh_port: u16,
 }
 
 /// What survives a restart.
@@ -100,6 +117,15 @@ struct Instance {
 struct Persisted {
     instances: BTreeMap<String, Instance>,
     passphrase: Option<String>,
+}
+
+/// Which instances a selection accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Selection {
+    /// Existing ones, deleted or not (info, delete, recover).
+    Existing,
+    /// Existing and not deleted (stop, suspend, restart, ssh_info).
+    Operative,
 }
 
 /// The SSH endpoint override (`--ssh-target [USER@]HOST:PORT`).
@@ -456,6 +482,32 @@ impl Daemon {
         Ok(i)
     }
 
+    /// multipassd's `select_instances_and_react`: every named instance must exist (and with
+    /// [`Selection::Operative`] not be deleted). All problems are reported at once, as "The
+    /// following errors occurred:" and one line each; the code is the last kind's (missing
+    /// instances are NOT_FOUND, deleted ones INVALID_ARGUMENT).
+    fn select(&self, names: &[String], how: Selection) -> Result<(), Status> {
+        let (mut deleted, mut missing) = (Vec::new(), Vec::new());
+        {
+            let st = self.st()?;
+            for n in names {
+                match st.instances.get(n) {
+                    None => missing.push(Refusal::missing(n)),
+                    Some(i) if i.deleted && how == Selection::Operative => deleted.push(Refusal::deleted(n)),
+                    Some(_) => {}
+                }
+            }
+        }
+        let all: Vec<Refusal> = deleted.into_iter().chain(missing).collect();
+        match all.last() {
+            None => Ok(()),
+            Some(last) => {
+                let lines: Vec<&str> = all.iter().map(|r| r.message.as_str()).collect();
+                Err(Status::new(last.code, format!("The following errors occurred:\n{}", lines.join("\n"))))
+            }
+        }
+    }
+
     fn dir(&self, name: &str) -> PathBuf {
         self.cfg.state_dir.join("instances").join(name)
     }
@@ -639,6 +691,11 @@ impl Daemon {
     ) -> Result<(), Status> {
         let _g = self.main_thread("list", "").await;
         self.work("list", "", Duration::ZERO).await;
+        if req.request_ipv4 && !req.snapshots {
+            // multipassd asks each running guest for its addresses, on its main thread.
+            let running = self.st()?.instances.values().filter(|i| !i.deleted && i.state.is_up()).count();
+            self.work("list", "", self.profile.ip_query * running as u32).await;
+        }
         let contents = {
             let st = self.st()?;
             if req.snapshots {
@@ -661,13 +718,13 @@ impl Daemon {
                     .map(|i| pb::ListVmInstance {
                         name: i.name.clone(),
                         instance_status: Some(status(i)),
-                        ipv4: if req.request_ipv4 && i.state.is_up() {
-                            vec!["127.0.0.1".into()]
+                        ipv4: if req.request_ipv4 && i.state.is_up() && !i.deleted {
+                            vec![GUEST_IPV4.into()]
                         } else {
                             vec![]
                         },
                         ipv6: vec![],
-                        current_release: release(&i.image),
+                        current_release: release_of(i),
                     })
                     .collect();
                 pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
@@ -700,10 +757,14 @@ impl Daemon {
         } else {
             req.instance_snapshot_pairs
         };
+        let names: Vec<String> = pairs.iter().map(|p| p.instance_name.clone()).collect();
+        self.select(&names, Selection::Existing)?;
         let mut details = Vec::new();
         for pair in pairs {
             let i = self.instance(&pair.instance_name)?;
-            let common = |extra| pb::DetailedInfoItem {
+            // A snapshot's specs are its own; an instance's come from the guest (runtime
+            // information), so without it the real daemon leaves them empty (reference §0.3).
+            let specs = |extra| pb::DetailedInfoItem {
                 name: i.name.clone(),
                 instance_status: Some(status(&i)),
                 memory_total: i.memory.clone(),
@@ -725,7 +786,7 @@ impl Daemon {
                         .filter(|c| c.parent == sn)
                         .map(|c| c.name.clone())
                         .collect();
-                    details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                    details.push(specs(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
                         pb::SnapshotDetails {
                             fundamentals: Some(fundamentals(s)),
                             size: String::new(),
@@ -735,7 +796,7 @@ impl Daemon {
                 }
                 None if req.snapshots => {
                     for s in &i.snapshots {
-                        details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                        details.push(specs(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
                             pb::SnapshotDetails {
                                 fundamentals: Some(fundamentals(s)),
                                 size: String::new(),
@@ -744,25 +805,10 @@ impl Daemon {
                         )));
                     }
                 }
-                None => details.push(common(pb::detailed_info_item::ExtraInfo::InstanceInfo(
-                    pb::InstanceDetails {
-                        image_release: release(&i.image),
-                        current_release: release(&i.image),
-                        ipv4: if i.state.is_up() {
-                            vec!["127.0.0.1".into()]
-                        } else {
-                            vec![]
-                        },
-                        num_snapshots: Some(i.snapshots.len() as i32),
-                        creation_timestamp: Some(timestamp(i.created)),
-                        load: if req.no_runtime_information || !i.state.is_up() {
-                            String::new()
-                        } else {
-                            "0.00 0.00 0.00".into()
-                        },
-                        ..Default::default()
-                    },
-                ))),
+                None => {
+                    let runtime = !req.no_runtime_information && i.state.is_up() && !i.deleted;
+                    details.push(self.instance_details(&i, runtime).await?);
+                }
             }
         }
         call.send(pb::InfoReply {
@@ -772,6 +818,46 @@ impl Daemon {
         })
         .await;
         Ok(())
+    }
+
+    /// `info` of one instance. With `runtime` (asked for, and the instance runs) the daemon
+    /// gathers CPUs, memory, disk, load and addresses over SSH in the guest, on its main thread
+    /// (the caller holds it): here disk usage is the size of the instance's directory and memory
+    /// is as configured. Without, those fields stay empty, as multipassd leaves them.
+    async fn instance_details(&self, i: &Instance, runtime: bool) -> Result<pb::DetailedInfoItem, Status> {
+        let mut item = pb::DetailedInfoItem {
+            name: i.name.clone(),
+            instance_status: Some(status(i)),
+            mount_info: Some(pb::MountInfo::default()),
+            ..Default::default()
+        };
+        let mut details = pb::InstanceDetails {
+            image_release: release_of(i),
+            num_snapshots: Some(i.snapshots.len() as i32),
+            creation_timestamp: Some(timestamp(i.created)),
+            id: image_id(&i.image),
+            ..Default::default()
+        };
+        if runtime {
+            self.work("info", &i.name, self.profile.runtime_info).await;
+            let memory = rules::parse_size(&i.memory).unwrap_or(rules::DEFAULT_MEMORY);
+            let root = self.root(&i.name);
+            let used = tokio::task::spawn_blocking(move || tree_size(&root))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            item.cpu_count = i.cpus.to_string();
+            item.memory_total = memory.to_string();
+            item.disk_total = rules::parse_size(&i.disk).unwrap_or(rules::DEFAULT_DISK).to_string();
+            details.memory_usage = (memory / 8).to_string();
+            details.disk_usage = used.to_string();
+            details.load = "0.00 0.00 0.00".into();
+            details.ipv4 = vec![GUEST_IPV4.into()];
+            details.current_release = release_of(i);
+            details.uptime = "0 minutes".into();
+            details.cpu_times = "cpu  0 0 0 0 0 0 0 0 0 0".into();
+        }
+        item.extra_info = Some(pb::detailed_info_item::ExtraInfo::InstanceInfo(details));
+        Ok(item)
     }
 
     /// launch and create
@@ -787,9 +873,19 @@ impl Daemon {
         } else {
             req.instance_name.clone()
         };
-        {
+        let servers = self.cfg.image_servers_reachable;
+        let image = {
             let _g = self.main_thread(op, &name).await;
             self.work(op, &name, Duration::ZERO).await;
+            // multipassd validates catalogue names first; local files and downloads are
+            // fetched (and fail) once the instance is being prepared.
+            let fetched_later = req.image.starts_with("file") || req.image.starts_with("http");
+            let image = images::resolve(&req.image, &req.remote_name, servers);
+            if let Err(refusal) = &image
+                && !fetched_later
+            {
+                return Err(refusal.clone().into());
+            }
             let mut errors = Vec::new();
             if !rules::valid_hostname(&name) {
                 errors.push(pb::launch_error::ErrorCodes::InvalidHostname);
@@ -814,13 +910,6 @@ impl Daemon {
                     prost::Message::encode_to_vec(&le).into(),
                 ));
             }
-            if let Some((remote, _)) = req.image.split_once(':')
-                && !matches!(remote, "release" | "daily" | "file" | "http" | "https")
-            {
-                return Err(Status::failed_precondition(format!(
-                    "Remote \"{remote}\" is unknown or unreachable."
-                )));
-            }
             if self.st()?.instances.contains_key(&name) {
                 return Err(Refusal::exists(&name).into());
             }
@@ -834,8 +923,12 @@ impl Daemon {
                     "instance \"{name}\" is being prepared"
                 )));
             }
-        }
-        let result = self.launch_body(&call, &req, &name, op, start).await;
+            image
+        };
+        let result = match image {
+            Ok(image) => self.launch_body(&call, &req, &name, op, start, image).await,
+            Err(refusal) => Err(refusal.into()),
+        };
         if let Ok(mut p) = self.preparing.lock() {
             p.remove(&name);
         }
@@ -849,8 +942,12 @@ impl Daemon {
         name: &str,
         op: &'static str,
         start: bool,
+        image: images::Resolved,
     ) -> Result<(), Status> {
         use pb::launch_reply::CreateOneof;
+        if let images::Resolved::Blueprint(_) = image {
+            call.log("*** Warning! Blueprints are deprecated and will be removed in a future release. ***").await;
+        }
         self.maybe_fail(op)?;
         let msg = |m: CreateOneof| pb::LaunchReply {
             create_oneof: Some(m),
@@ -881,7 +978,7 @@ impl Daemon {
                 state: VmState::Stopped,
                 deleted: false,
                 image: if req.image.is_empty() {
-                    "24.04".into()
+                    "default".into()
                 } else {
                     req.image.clone()
                 },
@@ -902,6 +999,9 @@ impl Daemon {
                 clone_count: 0,
                 current_snapshot: String::new(),
                 created: now(),
+                remote: req.remote_name.clone(),
+                release: Some(image.release_text()),
+                last_ssh_port: 0,
             };
             self.st()?.instances.insert(name.to_string(), inst);
             self.save()?;
@@ -1044,6 +1144,7 @@ impl Daemon {
             .main_thread("stop", names.first().map_or("", |s| s))
             .await;
         self.work("stop", "", Duration::ZERO).await;
+        self.select(&names, Selection::Operative)?;
         let mut plans = Vec::new();
         for n in &names {
             let i = self.operative(n)?;
@@ -1097,6 +1198,7 @@ impl Daemon {
             .main_thread("suspend", names.first().map_or("", |s| s))
             .await;
         self.work("suspend", "", Duration::ZERO).await;
+        self.select(&names, Selection::Operative)?;
         let mut todo = Vec::new();
         for n in &names {
             let i = self.operative(n)?;
@@ -1133,6 +1235,7 @@ impl Daemon {
             let _g = self
                 .main_thread("restart", names.first().map_or("", |s| s))
                 .await;
+            self.select(&names, Selection::Operative)?;
             for n in &names {
                 rules::restart(n, self.operative(n)?.state)?;
             }
@@ -1344,6 +1447,8 @@ impl Daemon {
         let has_snapshots = pairs.iter().any(|p| p.snapshot_name.is_some());
         {
             let _g = self.main_thread("delete", "").await;
+            let names: Vec<String> = pairs.iter().map(|p| p.instance_name.clone()).collect();
+            self.select(&names, Selection::Existing)?;
             for p in &pairs {
                 let i = self.instance(&p.instance_name)?;
                 if let Some(s) = &p.snapshot_name {
@@ -1455,9 +1560,7 @@ impl Daemon {
                 .map(|i| i.name.clone())
                 .collect(),
         };
-        for n in &names {
-            self.instance(n)?;
-        }
+        self.select(&names, Selection::Existing)?;
         self.maybe_fail("recover")?;
         for n in &names {
             if let Some(i) = self.st()?.instances.get_mut(n) {
@@ -1477,6 +1580,7 @@ impl Daemon {
     ) -> Result<(), Status> {
         let _g = self.main_thread("ssh_info", "").await;
         self.work("ssh_info", "", Duration::ZERO).await;
+        self.select(&req.instance_name, Selection::Operative)?;
         let mut map = std::collections::HashMap::new();
         for n in &req.instance_name {
             let i = self.operative(n)?;
@@ -1553,13 +1657,9 @@ impl Daemon {
         let _g = self.main_thread("get", "").await;
         let value = match req.key.as_str() {
             "local.driver" => "qemu".to_string(),
-            "local.passphrase" => {
-                if self.passphrase().is_some() {
-                    "true".into()
-                } else {
-                    "false".into()
-                }
-            }
+            // multipassd returns what it stores: the passphrase's hash (the CLI prints
+            // true/false instead; reference §0.3).
+            "local.passphrase" => self.passphrase().map(|p| passphrase_hash(&p)).unwrap_or_default(),
             "local.privileged-mounts" => "true".into(),
             "local.bridged-network" | "local.image.mirror" => String::new(),
             k => {
@@ -1660,28 +1760,17 @@ impl Daemon {
         Ok(())
     }
 
-    /// find: one image, so `launch` has something to name.
+    /// find: the fixed catalogue (see [`images`]), with multipassd's rules for search strings,
+    /// remotes and which remote names an alias carries.
     pub async fn find(
         &self,
         call: Call<pb::FindRequest, pb::FindReply>,
-        _req: pb::FindRequest,
+        req: pb::FindRequest,
     ) -> Result<(), Status> {
-        let image = pb::find_reply::ImageInfo {
-            os: "Ubuntu".into(),
-            release: "24.04 LTS".into(),
-            version: "20260501".into(),
-            aliases_info: vec![pb::find_reply::AliasInfo {
-                remote_name: String::new(),
-                alias: "noble".into(),
-            }],
-            codename: "noble".into(),
-        };
-        call.send(pb::FindReply {
-            show_images: true,
-            images_info: vec![image],
-            ..Default::default()
-        })
-        .await;
+        let _g = self.main_thread("find", "").await;
+        self.work("find", "", Duration::ZERO).await;
+        let reply = images::find(&req, self.cfg.image_servers_reachable)?;
+        call.send(reply).await;
         Ok(())
     }
 
@@ -1705,12 +1794,44 @@ fn status(i: &Instance) -> pb::InstanceStatus {
     pb::InstanceStatus { status: s as i32 }
 }
 
-fn release(image: &str) -> String {
-    match image {
-        "22.04" | "jammy" => "Ubuntu 22.04 LTS".into(),
-        "24.04" | "noble" | "lts" | "" => "Ubuntu 24.04 LTS".into(),
-        other => other.to_string(),
+/// The release text of an instance (state files of older simulators carry only the image).
+fn release_of(i: &Instance) -> String {
+    if let Some(r) = &i.release {
+        return r.clone();
     }
+    images::resolve(&i.image, &i.remote, true).map(|r| r.release_text()).unwrap_or_default()
+}
+
+/// What multipassd stores for `local.passphrase`: a 64-byte hash as 128 hex digits (scrypt
+/// there, SHA-512 here; only the shape matters to clients).
+fn passphrase_hash(passphrase: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA512, passphrase.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stable stand-in for the image's hash (`info`'s "Image hash").
+fn image_id(image: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The address `list`/`info` report for a running instance (its SSH endpoint's host).
+const GUEST_IPV4: &str = "127.0.0.1";
+
+/// Bytes used by a directory tree (what `df` inside the guest would count); unreadable parts
+/// count as empty.
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {

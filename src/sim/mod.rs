@@ -6,6 +6,7 @@
 //! the protocol reference says multipassd behaves a way, the simulator behaves that way.
 
 mod daemon;
+pub mod images;
 pub mod rules;
 mod server;
 mod service;
@@ -48,6 +49,9 @@ pub struct SimConfig {
     /// Interleave replies carrying only a log line before, between and after every call's
     /// replies, as multipassd's logger does (`--log-lines`).
     pub log_lines: bool,
+    /// Whether the image servers answer (`--no-image-servers` turns them off: launches from
+    /// the catalogue then fail with `Remote "" is unknown or unreachable.`, reference §0.1).
+    pub image_servers_reachable: bool,
 }
 
 impl SimConfig {
@@ -65,6 +69,7 @@ impl SimConfig {
             hang_ops: vec![],
             daemon_version: "1.16.3".into(),
             log_lines: false,
+            image_servers_reachable: true,
         }
     }
 }

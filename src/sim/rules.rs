@@ -140,6 +140,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
 pub const MIN_MEMORY: u64 = 128 << 20;
 /// Smallest disk multipass accepts.
 pub const MIN_DISK: u64 = 512 << 20;
+/// Memory of an instance launched without a size.
+pub const DEFAULT_MEMORY: u64 = 1 << 30;
+/// Disk of an instance launched without a size.
+pub const DEFAULT_DISK: u64 = 5 << 30;
 
 /// What `start` does to an instance in a given state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,14 +222,17 @@ pub fn suspend(name: &str, state: VmState) -> Result<bool, Refusal> {
     }
 }
 
-/// The restart rule: only running or delayed-shutdown instances.
+/// The restart rule: only running or delayed-shutdown instances; anything else gets
+/// multipassd's (odd but real) "already running, but in an unknown state" (reference §0.3).
 pub fn restart(name: &str, state: VmState) -> Result<(), Refusal> {
     if state.is_up() {
         Ok(())
     } else {
         Err(Refusal::new(
             Code::FailedPrecondition,
-            format!("Instance \"{name}\" is not running"),
+            format!(
+                "Instance '{name}' is already running, but in an unknown state.\nTry to stop and start it instead."
+            ),
         ))
     }
 }
