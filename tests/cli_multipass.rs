@@ -386,3 +386,48 @@ fn find_lists_the_catalogue_like_the_multipass_cli() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("Remote 'nosuch' is not found"), "{}", text(&out));
 }
+
+#[test]
+fn serve_check_tells_whether_pool_images_are_known() {
+    let sim = SimProcess::start(&[]);
+    let config = sim.dir.path().join("mpool.toml");
+    let write = |images: &[(&str, &str)]| {
+        let mut text = format!(
+            "[daemon]\naddress = \"unix:{}\"\nroot_cert = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            sim.socket().display(),
+            sim.dir.path().join("multipass_root_cert.pem").display(),
+            sim.dir.path().join("client/client-cert.pem").display(),
+            sim.dir.path().join("client/client-key.pem").display(),
+        );
+        for (name, image) in images {
+            text.push_str(&format!("\n[[pools]]\nname = \"{name}\"\nimage = \"{image}\"\n"));
+        }
+        std::fs::write(&config, text).unwrap();
+    };
+    // A client certificate the simulator trusts (the first client's).
+    assert!(sim.mp(&["version"]).status.success());
+    let check = || {
+        Command::new(MPOOL)
+            .args(["--data-dir"])
+            .arg(sim.dir.path().join("client"))
+            .args(["serve", "--check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    write(&[("ci", "24.04"), ("nightly", "daily:devel"), ("dock", "docker")]);
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(said.contains("pool ci: image 24.04: known (Ubuntu 24.04 LTS)"), "{said}");
+    assert!(said.contains("pool nightly: image daily:devel: known (Ubuntu 25.10)"), "{said}");
+    assert!(said.contains("pool dock: image docker: known (blueprint"), "{said}");
+
+    write(&[("ci", "24.04"), ("typo", "nobel"), ("far", "nosuch:noble")]);
+    let out = check();
+    assert_eq!(out.status.code(), Some(2), "an unknown image fails the check: {}", text(&out));
+    let said = stdout(&out);
+    assert!(said.contains("pool typo: image nobel: UNKNOWN to multipassd"), "{said}");
+    assert!(said.contains("pool far: image nosuch:noble: UNKNOWN to multipassd"), "{said}");
+    assert!(said.contains("Remote 'nosuch' is not found"), "{said}");
+}

@@ -196,3 +196,40 @@ async fn fact_launch_errors_carry_the_real_messages() {
     default_image.image = String::new();
     assert_eq!(daemon_message(&c.launch(&default_image).await.unwrap_err()), "Remote \"\" is unknown or unreachable.");
 }
+
+#[tokio::test]
+async fn images_as_multipass_takes_them() {
+    let ts = TestSim::start(|_| {}).await;
+    let c = ts.client("ops").await;
+    for (name, image, release) in [
+        ("a", "release:24.04", "24.04 LTS"),
+        ("b", "daily:noble", "24.04 LTS"),
+        ("c", "jammy", "22.04 LTS"),
+        ("d", "lts", "24.04 LTS"),
+        ("e", "docker", "24.04 LTS"),
+        ("f", "daily:devel", "25.10"),
+    ] {
+        let mut o = launch_opts(name);
+        o.image = image.into();
+        c.launch(&o).await.unwrap_or_else(|e| panic!("{image}: {e}"));
+        let listed = c.list().await.unwrap();
+        let row = listed.iter().find(|i| i.name == name).unwrap();
+        assert_eq!(row.release, release, "{image}");
+    }
+    for (image, message) in [
+        ("nosuch:noble", "Remote 'nosuch' is not found. Please use `multipass find` for supported remotes and images."),
+        ("release:devel", "Unable to find an image matching \"devel\" in remote \"release\"."),
+        ("https://example.invalid/x.img", "failed to download from 'https://example.invalid/x.img': Host example.invalid not found"),
+    ] {
+        let mut o = launch_opts("z");
+        o.image = image.into();
+        let err = c.launch(&o).await.unwrap_err();
+        assert_eq!((err.code(), daemon_message(&err).as_str()), (Code::FailedPrecondition, message), "{image}");
+    }
+    let mut o = launch_opts("z");
+    o.image = "a:b:c".into();
+    let err = c.launch(&o).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "refused before anything is sent: {err}");
+    assert!(c.list().await.unwrap().iter().all(|i| i.name != "z"));
+}
+

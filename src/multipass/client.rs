@@ -751,9 +751,11 @@ impl Client {
                 "launch needs an instance name".into(),
             ));
         }
+        let image = super::ImageRef::parse(&o.image)?;
         Ok(pb::LaunchRequest {
             instance_name: o.name.clone(),
-            image: o.image.clone(),
+            image: image.image,
+            remote_name: image.remote,
             num_cores: o.cpus,
             mem_size: o.memory.clone(),
             disk_space: o.disk.clone(),

@@ -7,6 +7,7 @@
 mod address;
 mod client;
 mod error;
+mod image;
 pub mod trust;
 mod version;
 
@@ -16,5 +17,6 @@ pub use client::{
     Names, SnapshotSummary, SshInfo,
 };
 pub use error::Error;
+pub use image::{ImageCheck, ImageKind, ImageRef, check_pool_images, serve_check_images};
 pub use trust::{ClientIdentity, ServerVerification};
 pub use version::Version;
