@@ -276,7 +276,9 @@ impl fmt::Display for ResetStrategy {
 pub struct PoolConfig {
     /// `name` (required): `[a-z][a-z0-9-]*`, at most [`MAX_POOL_NAME_LEN`] characters, unique.
     pub name: String,
-    /// `image` (default `24.04`): the Multipass image to launch.
+    /// `image` (default `24.04`): the Multipass image to launch, as multipass takes it:
+    /// `[remote:]image` (`daily:noble`, an alias, a blueprint), `file:///path` or an
+    /// `http(s)://` URL.
     pub image: String,
     /// `cpus` (default 1, at least 1).
     pub cpus: u32,
@@ -1019,6 +1021,8 @@ impl Checker<'_> {
         if let Some(img) = &raw.image {
             if img.get_ref().trim().is_empty() {
                 self.fail(&key("image"), Some(img.span()), "empty; name a Multipass image such as \"24.04\" or remove the key");
+            } else if let Err(e) = crate::multipass::ImageRef::parse(img.get_ref().trim()) {
+                self.fail(&key("image"), Some(img.span()), e.to_string());
             } else {
                 p.image = img.get_ref().trim().to_string();
             }
@@ -1373,6 +1377,7 @@ reset = "recreate"
         assert_error(&p("readiness_timeout = \"-5s\""), &["readiness_timeout", "negative"]);
         assert_error(&p("idle_timeout = \"15\""), &["idle_timeout", "no unit"]);
         assert_error(&p("image = \" \""), &["pools[0] (\"ci\").image", "empty"]);
+        assert_error(&p("image = \"a:b:c\""), &["pools[0] (\"ci\").image", "[remote:]image"]);
         assert_error(
             &p("cloud_init = \"#cloud-config\"\ncloud_init_file = \"ci.yaml\""),
             &["pools[0] (\"ci\").cloud_init_file", "exclusive"],
