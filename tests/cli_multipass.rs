@@ -282,7 +282,11 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
     let sim = SimProcess::start(&["--log-lines"]);
     let out = sim.mp(&["launch", "--name", "vm1", "--cpus", "2", "--memory", "2G"]);
     assert!(out.status.success(), "{}", text(&out));
-    std::fs::write(sim.dir.path().join("state/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
+    std::fs::write(
+        sim.dir.path().join("state/instances/vm1/root/blob"),
+        vec![0u8; 3 << 20],
+    )
+    .unwrap();
     let out = sim.mp(&["info", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     let info = stdout(&out);
@@ -297,12 +301,23 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
     ] {
         assert!(info.contains(line), "{line:?} in:\n{info}");
     }
-    let disk = info.lines().find(|l| l.starts_with("Disk usage:")).unwrap_or_default();
-    assert!(disk.contains("MiB out of 5.0GiB"), "disk usage counts the instance's files: {disk}");
+    let disk = info
+        .lines()
+        .find(|l| l.starts_with("Disk usage:"))
+        .unwrap_or_default();
+    assert!(
+        disk.contains("MiB out of 5.0GiB"),
+        "disk usage counts the instance's files: {disk}"
+    );
     // Without runtime information those fields are unknown, as with the real daemon.
     let out = sim.mp(&["info", "--no-runtime-information", "vm1"]);
     let info = stdout(&out);
-    for line in ["IPv4:           --\n", "CPU(s):         --\n", "Load:           --\n", "Disk usage:     --\n"] {
+    for line in [
+        "IPv4:           --\n",
+        "CPU(s):         --\n",
+        "Load:           --\n",
+        "Disk usage:     --\n",
+    ] {
         assert!(info.contains(line), "{line:?} in:\n{info}");
     }
     let out = sim.mp(&["--json", "info", "vm1"]);
@@ -318,10 +333,24 @@ fn list_shows_ipv4_like_the_multipass_cli() {
     assert!(sim.mp(&["launch", "--name", "vm2"]).status.success());
     assert!(sim.mp(&["stop", "vm2"]).status.success());
     let list = stdout(&sim.mp(&["list"]));
-    let row = |name: &str| list.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
-    assert!(list.starts_with("Name                    State             IPv4             Image\n"), "{list}");
-    assert!(row("vm1").contains("Running           127.0.0.1        Ubuntu 24.04 LTS"), "{list}");
-    assert!(row("vm2").contains("Stopped           --               Ubuntu 24.04 LTS"), "{list}");
+    let row = |name: &str| {
+        list.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        list.starts_with("Name                    State             IPv4             Image\n"),
+        "{list}"
+    );
+    assert!(
+        row("vm1").contains("Running           127.0.0.1        Ubuntu 24.04 LTS"),
+        "{list}"
+    );
+    assert!(
+        row("vm2").contains("Stopped           --               Ubuntu 24.04 LTS"),
+        "{list}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "list"]).stdout).unwrap();
     assert_eq!(v[0]["ipv4"][0], "127.0.0.1");
 }
@@ -340,7 +369,12 @@ fn get_prints_passphrase_as_true_or_false_and_empty_values_as_empty() {
     assert_eq!(get(&["get", "local.driver"]), "qemu\n");
     let sim = SimProcess::start(&["--passphrase", "pw"]);
     let out = sim.mp(&["get", "local.passphrase"]);
-    assert_eq!(stdout(&out), "true\n", "the daemon's hash is shown as `true`: {}", text(&out));
+    assert_eq!(
+        stdout(&out),
+        "true\n",
+        "the daemon's hash is shown as `true`: {}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -364,7 +398,12 @@ fn start_takes_a_timeout() {
     let out = sim.mp(&["start", "--timeout", "120", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = sim.mp(&["start", "--timeout", "-1", "vm1"]);
-    assert_eq!(out.status.code(), Some(2), "a negative timeout is refused: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a negative timeout is refused: {}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -373,18 +412,34 @@ fn find_lists_the_catalogue_like_the_multipass_cli() {
     let out = sim.mp(&["find"]);
     assert!(out.status.success(), "{}", text(&out));
     let found = stdout(&out);
-    assert!(found.starts_with("Image                       Aliases           Version          Description\n"), "{found}");
-    assert!(found.contains("\n24.04                       noble,lts         "), "{found}");
-    assert!(found.contains("\ndaily:25.10                 questing,devel    "), "{found}");
+    assert!(
+        found.starts_with(
+            "Image                       Aliases           Version          Description\n"
+        ),
+        "{found}"
+    );
+    assert!(
+        found.contains("\n24.04                       noble,lts         "),
+        "{found}"
+    );
+    assert!(
+        found.contains("\ndaily:25.10                 questing,devel    "),
+        "{found}"
+    );
     assert!(found.contains("\nBlueprint (deprecated)"), "{found}");
     assert!(found.contains("\ndocker  "), "{found}");
-    let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "find", "daily:devel"]).stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&sim.mp(&["--json", "find", "daily:devel"]).stdout).unwrap();
     assert_eq!(v["images"][0]["aliases"][0]["remote"], "daily");
     assert_eq!(v["images"][0]["codename"], "questing");
     assert_eq!(v["blueprints"], serde_json::json!([]));
     let out = sim.mp(&["find", "nosuch:noble"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("Remote 'nosuch' is not found"), "{}", text(&out));
+    assert!(
+        text(&out).contains("Remote 'nosuch' is not found"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -400,7 +455,9 @@ fn serve_check_tells_whether_pool_images_are_known() {
             sim.dir.path().join("client/client-key.pem").display(),
         );
         for (name, image) in images {
-            text.push_str(&format!("\n[[pools]]\nname = \"{name}\"\nimage = \"{image}\"\n"));
+            text.push_str(&format!(
+                "\n[[pools]]\nname = \"{name}\"\nimage = \"{image}\"\n"
+            ));
         }
         std::fs::write(&config, text).unwrap();
     };
@@ -415,19 +472,43 @@ fn serve_check_tells_whether_pool_images_are_known() {
             .output()
             .unwrap()
     };
-    write(&[("ci", "24.04"), ("nightly", "daily:devel"), ("dock", "docker")]);
+    write(&[
+        ("ci", "24.04"),
+        ("nightly", "daily:devel"),
+        ("dock", "docker"),
+    ]);
     let out = check();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let said = stdout(&out);
-    assert!(said.contains("pool ci: image 24.04: known (Ubuntu 24.04 LTS)"), "{said}");
-    assert!(said.contains("pool nightly: image daily:devel: known (Ubuntu 25.10)"), "{said}");
-    assert!(said.contains("pool dock: image docker: known (blueprint"), "{said}");
+    assert!(
+        said.contains("pool ci: image 24.04: known (Ubuntu 24.04 LTS)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("pool nightly: image daily:devel: known (Ubuntu 25.10)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("pool dock: image docker: known (blueprint"),
+        "{said}"
+    );
 
     write(&[("ci", "24.04"), ("typo", "nobel"), ("far", "nosuch:noble")]);
     let out = check();
-    assert_eq!(out.status.code(), Some(2), "an unknown image fails the check: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown image fails the check: {}",
+        text(&out)
+    );
     let said = stdout(&out);
-    assert!(said.contains("pool typo: image nobel: UNKNOWN to multipassd"), "{said}");
-    assert!(said.contains("pool far: image nosuch:noble: UNKNOWN to multipassd"), "{said}");
+    assert!(
+        said.contains("pool typo: image nobel: UNKNOWN to multipassd"),
+        "{said}"
+    );
+    assert!(
+        said.contains("pool far: image nosuch:noble: UNKNOWN to multipassd"),
+        "{said}"
+    );
     assert!(said.contains("Remote 'nosuch' is not found"), "{said}");
 }

@@ -488,3 +488,78 @@ async fn unreachable_daemon_is_unavailable() {
     let err = Client::connect(o).await.err().expect("no daemon");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
 }
+
+/// Every call the simulator received (its `Received` events) until `until` happens.
+async fn calls_until(
+    ev: &mut tokio::sync::broadcast::Receiver<mpool::sim::SimEvent>,
+    until: &'static str,
+) -> Vec<&'static str> {
+    let mut calls = Vec::new();
+    loop {
+        let e = wait_event(ev, |e| e.kind == EventKind::Received).await;
+        if e.op == until {
+            return calls;
+        }
+        calls.push(e.op);
+    }
+}
+
+#[tokio::test]
+async fn connecting_takes_one_call_and_the_version_needs_no_other() {
+    let ts = TestSim::start(|_| {}).await;
+    ts.client("ops").await; // trusted by the first-client rule
+    let mut ev = ts.sim.events();
+    let c = Client::connect(ts.options("ops")).await.unwrap();
+    assert_eq!(c.daemon_version_text(), "1.16.3");
+    assert_eq!(c.daemon_version().to_string(), "1.16.3");
+    c.list().await.unwrap();
+    assert_eq!(
+        calls_until(&mut ev, "list").await,
+        vec!["version"],
+        "one call to connect a trusted client"
+    );
+
+    // An untrusted client with the passphrase: version (refused), authenticate, version.
+    let ts = TestSim::start(|c| c.passphrase = Some("pw".into())).await;
+    ts.client("first").await;
+    let mut ev = ts.sim.events();
+    let mut o = ts.options("second");
+    o.passphrase = Some("pw".into());
+    let c = Client::connect(o).await.unwrap();
+    c.list().await.unwrap();
+    assert_eq!(
+        calls_until(&mut ev, "list").await,
+        vec!["version", "authenticate", "version"]
+    );
+}
+
+#[tokio::test]
+async fn the_version_command_is_one_call() {
+    let ts = TestSim::start(|_| {}).await;
+    let mut ev = ts.sim.events();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mpool"))
+        .arg("--data-dir")
+        .arg(ts.dir.path().join("clients/cli"))
+        .args(["multipass", "--own-cert", "--daemon"])
+        .arg(format!("unix:{}", ts.sim.socket().display()))
+        .arg("--root-cert")
+        .arg(ts.sim.root_cert())
+        .arg("version")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1.16.3"));
+    // A marker call after the process ended: everything before it was the process's.
+    ts.client("cli").await.list().await.unwrap();
+    let calls = calls_until(&mut ev, "list").await;
+    assert_eq!(
+        calls,
+        vec!["version", "version"],
+        "the process's one call, then the marker client's connect"
+    );
+}

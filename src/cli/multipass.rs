@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 
 use crate::multipass::{
     Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names,
-    ServerVerification,
+    PassphraseOrigin, ServerVerification,
 };
 
 /// `mpool multipass` flags.
@@ -273,12 +273,14 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")
                 .map_err(Error::InvalidArgument)?,
         );
+        opts.passphrase_origin = Some(PassphraseOrigin::FlagFile(f.clone()));
     }
     if let Verb::Authenticate {
         passphrase: Some(p),
     } = &args.verb
     {
         opts.passphrase = Some(p.clone());
+        opts.passphrase_origin = Some(PassphraseOrigin::Argument);
     }
     opts.allow_untested_daemon = args.allow_untested_daemon;
     opts.call_timeout = Duration::from_secs(args.timeout);
@@ -294,7 +296,8 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
     };
     match args.verb {
         Verb::Version => {
-            let v = client.version_text().await?;
+            // Read while connecting: one call in all.
+            let v = client.daemon_version_text().to_string();
             if json {
                 print_json(&serde_json::json!({ "daemon": v, "mpool": env!("CARGO_PKG_VERSION") }));
             } else {
@@ -553,8 +556,16 @@ fn format_list(list: &[crate::multipass::InstanceSummary]) -> String {
     if list.is_empty() {
         return "No instances found.\n".into();
     }
-    let width = list.iter().map(|i| i.name.len() + 1).max().unwrap_or(0).max(24);
-    let mut out = format!("{:<width$}{:<18}{:<17}{}\n", "Name", "State", "IPv4", "Image");
+    let width = list
+        .iter()
+        .map(|i| i.name.len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(24);
+    let mut out = format!(
+        "{:<width$}{:<18}{:<17}{}\n",
+        "Name", "State", "IPv4", "Image"
+    );
     for i in list {
         let image = if i.release.is_empty() {
             "Not Available".to_string()
@@ -562,7 +573,13 @@ fn format_list(list: &[crate::multipass::InstanceSummary]) -> String {
             format!("Ubuntu {}", i.release)
         };
         let ip = i.ipv4.first().map(String::as_str).unwrap_or("--");
-        out.push_str(&format!("{:<width$}{:<18}{:<17}{}\n", i.name, title(i.state.as_str_name()), ip, image));
+        out.push_str(&format!(
+            "{:<width$}{:<18}{:<17}{}\n",
+            i.name,
+            title(i.state.as_str_name()),
+            ip,
+            image
+        ));
         for extra in i.ipv4.iter().skip(1) {
             out.push_str(&format!("{:<width$}{:<18}{}\n", "", "", extra));
         }
@@ -586,7 +603,11 @@ fn format_info(i: &crate::multipass::InstanceInfo) -> String {
         "Not Available".to_string()
     } else {
         let short: String = i.image_hash.chars().take(12).collect();
-        if i.image_release.is_empty() { short } else { format!("{short} (Ubuntu {})", i.image_release) }
+        if i.image_release.is_empty() {
+            short
+        } else {
+            format!("{short} (Ubuntu {})", i.image_release)
+        }
     };
     line("Image hash:", &hash);
     line("CPU(s):", or_dashes(&i.cpus));
@@ -601,12 +622,25 @@ fn format_info(i: &crate::multipass::InstanceInfo) -> String {
 fn format_find(found: &crate::multipass::FindResult, images: bool, blueprints: bool) -> String {
     let mut out = String::new();
     let mut table = |kind: &str, list: &[crate::multipass::ImageEntry]| {
-        out.push_str(&format!("{:<28}{:<18}{:<17}{}\n", kind, "Aliases", "Version", "Description"));
+        out.push_str(&format!(
+            "{:<28}{:<18}{:<17}{}\n",
+            kind, "Aliases", "Version", "Description"
+        ));
         for e in list {
             let name = e.aliases.first().map(|a| a.to_string()).unwrap_or_default();
             let aliases: Vec<&str> = e.aliases.iter().skip(1).map(|a| a.alias.as_str()).collect();
-            let description = if e.os.is_empty() { e.release.clone() } else { format!("{} {}", e.os, e.release) };
-            out.push_str(&format!("{:<28}{:<18}{:<17}{}\n", name, aliases.join(","), e.version, description));
+            let description = if e.os.is_empty() {
+                e.release.clone()
+            } else {
+                format!("{} {}", e.os, e.release)
+            };
+            out.push_str(&format!(
+                "{:<28}{:<18}{:<17}{}\n",
+                name,
+                aliases.join(","),
+                e.version,
+                description
+            ));
         }
         out.push('\n');
     };

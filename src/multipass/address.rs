@@ -56,25 +56,79 @@ impl DaemonAddress {
     /// Finds the daemon: `MULTIPASS_SERVER_ADDRESS`, then the snap socket, then `/run/multipass_socket`.
     /// When neither socket exists, the snap socket is returned so the error names it.
     pub fn discover() -> Result<DaemonAddress, Error> {
-        if let Ok(addr) = std::env::var("MULTIPASS_SERVER_ADDRESS")
-            && !addr.trim().is_empty()
-        {
-            return DaemonAddress::parse(&addr);
-        }
-        for path in [SNAP_SOCKET, RUN_SOCKET] {
-            if std::path::Path::new(path).exists() {
-                return Ok(DaemonAddress::Unix(path.into()));
-            }
-        }
-        Ok(DaemonAddress::Unix(SNAP_SOCKET.into()))
+        Ok(Discovered::find()?.address)
     }
 
-    /// The TLS server name: `localhost` on a Unix socket, the host on TCP.
+    /// The TLS server name:    /// The TLS server name: `localhost` on a Unix socket, the host on TCP.
     pub fn server_name(&self) -> &str {
         match self {
             DaemonAddress::Unix(_) => "localhost",
             DaemonAddress::Tcp { host, .. } => host,
         }
+    }
+}
+
+/// Where discovery looked, so an unreachable daemon's error names every path tried (during a
+/// daemon restart `/run/multipass_socket` can be missing, and the fallback is the wrong socket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    /// The address chosen.
+    pub address: DaemonAddress,
+    /// Whether it came from `MULTIPASS_SERVER_ADDRESS`.
+    pub from_env: bool,
+    /// The socket paths looked at, in order.
+    pub tried: Vec<PathBuf>,
+}
+
+impl Discovered {
+    /// `MULTIPASS_SERVER_ADDRESS`, else the first of the snap socket and `/run/multipass_socket`
+    /// that exists, else the snap socket.
+    pub fn find() -> Result<Discovered, Error> {
+        if let Ok(addr) = std::env::var("MULTIPASS_SERVER_ADDRESS")
+            && !addr.trim().is_empty()
+        {
+            return Ok(Discovered {
+                address: DaemonAddress::parse(&addr)?,
+                from_env: true,
+                tried: vec![],
+            });
+        }
+        let tried: Vec<PathBuf> = [SNAP_SOCKET, RUN_SOCKET]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let path = tried
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(SNAP_SOCKET));
+        Ok(Discovered {
+            address: DaemonAddress::Unix(path),
+            from_env: false,
+            tried,
+        })
+    }
+
+    /// Each path tried and what is there now, for an error message.
+    pub fn explain(&self) -> String {
+        if self.from_env {
+            return "from $MULTIPASS_SERVER_ADDRESS".into();
+        }
+        let each: Vec<String> = self
+            .tried
+            .iter()
+            .map(|p| match std::fs::symlink_metadata(p) {
+                Ok(_) => format!("{} (exists)", p.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    format!("{} (no such file)", p.display())
+                }
+                Err(e) => format!("{} ({e})", p.display()),
+            })
+            .collect();
+        format!(
+            "discovered; tried {}; $MULTIPASS_SERVER_ADDRESS is not set",
+            each.join(", ")
+        )
     }
 }
 

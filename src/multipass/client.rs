@@ -35,6 +35,9 @@ pub struct ClientOptions {
     pub verification: ServerVerification,
     /// The daemon's `local.passphrase`, used to `authenticate` when we are not trusted yet.
     pub passphrase: Option<String>,
+    /// How the passphrase was given, so a refusal's hint names the right place (None: the
+    /// config's `[daemon] passphrase_file`).
+    pub passphrase_origin: Option<PassphraseOrigin>,
     /// Talk to daemons outside the tested 1.13-1.16 range anyway.
     pub allow_untested_daemon: bool,
     /// Deadline for establishing the connection.
@@ -69,9 +72,47 @@ impl ClientOptions {
             identity: ClientIdentity::Auto,
             verification: ServerVerification::Auto,
             passphrase: None,
+            passphrase_origin: None,
             allow_untested_daemon: false,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a passphrase came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PassphraseOrigin {
+    /// `[daemon] passphrase_file` of mpool's config.
+    ConfigFile(PathBuf),
+    /// A `--passphrase-file` flag.
+    FlagFile(PathBuf),
+    /// Typed on the command line (`mpool multipass authenticate PASSPHRASE`).
+    Argument,
+}
+
+impl PassphraseOrigin {
+    fn describe(origin: Option<&PassphraseOrigin>) -> String {
+        match origin {
+            Some(PassphraseOrigin::ConfigFile(p)) => format!(
+                "the passphrase in `[daemon] passphrase_file` ({})",
+                p.display()
+            ),
+            Some(PassphraseOrigin::FlagFile(p)) => {
+                format!("the passphrase in --passphrase-file {}", p.display())
+            }
+            Some(PassphraseOrigin::Argument) => "the passphrase given to `authenticate`".into(),
+            None => "the configured passphrase (`[daemon] passphrase_file`)".into(),
+        }
+    }
+
+    fn fix(origin: Option<&PassphraseOrigin>) -> &'static str {
+        match origin {
+            Some(PassphraseOrigin::Argument) => {
+                "check what you typed against `multipass get local.passphrase` on a trusted client (it prints true/false; set it anew with `multipass set local.passphrase`)"
+            }
+            Some(PassphraseOrigin::FlagFile(_)) => "check the file's first line",
+            _ => "check `passphrase_file`",
         }
     }
 }
@@ -340,19 +381,24 @@ pub struct Client {
     rpc: RpcClient<Channel>,
     address: Arc<DaemonAddress>,
     version: Version,
+    version_text: Arc<str>,
     timeout: Duration,
     passphrase: Option<Arc<str>>,
+    passphrase_origin: Option<PassphraseOrigin>,
+    /// Why the daemon's certificate last failed verification (see [`trust::TrustFailureSlot`]).
+    trust_failures: trust::TrustFailureSlot,
 }
 
 type Rpc = RpcClient<Channel>;
 
 impl Client {
-    /// Connects, establishes trust (ping; first-client trust on a Unix socket; `authenticate`
-    /// with the passphrase) and checks the daemon's version.
+    /// Connects, establishes trust and reads the daemon's version, in one call where one is
+    /// enough: `version` (on a Unix socket with an empty trust store it trusts us, as any call
+    /// but `ping` does); if the daemon does not trust us, `authenticate` with the passphrase
+    /// and `version` again. Then checks the version is one mpool speaks.
     pub async fn connect(opts: ClientOptions) -> Result<Client, Error> {
         let mut client = Client::open(&opts).await?;
-        client.establish_trust().await?;
-        let text = client.version_text().await?;
+        let text = client.trusted_version().await?;
         let version = Version::parse(&text).ok_or_else(|| {
             Error::Unsupported(format!(
                 "multipassd reported an unreadable version {text:?}"
@@ -365,20 +411,34 @@ impl Client {
             )));
         }
         client.version = version;
+        client.version_text = Arc::from(text);
         Ok(client)
     }
 
     /// Opens the TLS channel only: no trust handshake, no version check (its version reads as
     /// 0.0.0). For diagnostics and tests of the daemon's trust rules; use [`Client::connect`].
     pub async fn open(opts: &ClientOptions) -> Result<Client, Error> {
-        let address = match &opts.address {
-            Some(a) => a.clone(),
-            None => DaemonAddress::discover()?,
+        let (address, discovered) = match &opts.address {
+            Some(a) => (a.clone(), None),
+            None => {
+                let d = super::Discovered::find()?;
+                (d.address.clone(), Some(d))
+            }
         };
         let identity = trust::load_identity(&opts.identity, &opts.data_dir)?;
-        let verifier = trust::server_verifier(&opts.verification, &address)?;
+        let failures = trust::TrustFailureSlot::default();
+        let (verifier, _) =
+            trust::checked_server_verifier(&opts.verification, &address, failures.clone())?;
         let tls = Arc::new(trust::client_config(identity, verifier)?);
-        let channel = channel(&address, tls, opts.connect_timeout).await?;
+        let channel = channel(&address, tls, opts.connect_timeout, &failures)
+            .await
+            .map_err(|e| match (e, &discovered) {
+                (Error::Unavailable { address, detail }, Some(d)) => Error::Unavailable {
+                    address: format!("{address} ({})", d.explain()),
+                    detail,
+                },
+                (e, _) => e,
+            })?;
         Ok(Client {
             rpc: RpcClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
             address: Arc::new(address),
@@ -387,14 +447,23 @@ impl Client {
                 minor: 0,
                 patch: 0,
             },
+            version_text: Arc::from(""),
             timeout: opts.call_timeout,
             passphrase: opts.passphrase.as_deref().map(Arc::from),
+            passphrase_origin: opts.passphrase_origin.clone(),
+            trust_failures: failures,
         })
     }
 
     /// The daemon's version (read at connect).
     pub fn daemon_version(&self) -> Version {
         self.version
+    }
+
+    /// The daemon's version as it reported it at connect, e.g. "1.16.3" (empty from
+    /// [`Client::open`]).
+    pub fn daemon_version_text(&self) -> &str {
+        &self.version_text
     }
 
     /// The daemon's address.
@@ -410,15 +479,11 @@ impl Client {
         }
     }
 
-    async fn establish_trust(&self) -> Result<(), Error> {
-        match self.ping().await {
-            Ok(()) => return Ok(()),
-            Err(Error::Untrusted { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        // On a Unix socket with an empty trust store, any call but ping trusts us.
+    /// `version`, authenticating first if the daemon does not trust us (and we have a
+    /// passphrase). On a Unix socket with an empty trust store, `version` itself trusts us.
+    async fn trusted_version(&self) -> Result<String, Error> {
         match self.version_text().await {
-            Ok(_) => return Ok(()),
+            Ok(text) => return Ok(text),
             Err(Error::Untrusted { message }) if self.passphrase.is_none() => {
                 return Err(Error::Untrusted { message });
             }
@@ -426,6 +491,7 @@ impl Client {
             Err(e) => return Err(e),
         }
         let passphrase = self.passphrase.clone().unwrap_or_else(|| Arc::from(""));
+        let origin = self.passphrase_origin.as_ref();
         self.authenticate(&passphrase).await.map_err(|e| match e {
             Error::Daemon {
                 op,
@@ -436,7 +502,9 @@ impl Client {
                 op,
                 code: tonic::Code::InvalidArgument,
                 message: format!(
-                    "{message} (the configured passphrase was refused; check `passphrase_file`)"
+                    "{message} ({} was refused; {})",
+                    PassphraseOrigin::describe(origin),
+                    PassphraseOrigin::fix(origin)
                 ),
                 launch_error: None,
                 start_error: None,
@@ -447,11 +515,13 @@ impl Client {
                 ..
             } => Error::Untrusted {
                 message: format!(
-                    "{message} (mpool tried to authenticate with its configured passphrase.)"
+                    "{message} (mpool tried to authenticate with {}.)",
+                    PassphraseOrigin::describe(origin)
                 ),
             },
             other => other,
-        })
+        })?;
+        self.version_text().await
     }
 
     /// Runs one bidirectional call: sends `first` before awaiting the call, answers prompts
@@ -471,7 +541,7 @@ impl Client {
         Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>>,
     {
         let addr = self.address.to_string();
-        let to_err = |s: tonic::Status| Error::from_status(op, &addr, s);
+        let to_err = |s: tonic::Status| self.call_error(op, &addr, s);
         let work = async {
             let (tx, rx) = mpsc::channel(4);
             // The receiver is alive: this cannot fail. Sending first avoids the header deadlock.
@@ -509,6 +579,22 @@ impl Client {
             })?
     }
 
+    /// The error of a failed call. A call that could not reach the daemon because its
+    /// certificate no longer verifies (e.g. regenerated after a daemon upgrade) is a trust
+    /// problem, not an outage.
+    fn call_error(&self, op: &'static str, addr: &str, status: tonic::Status) -> Error {
+        let err = Error::from_status(op, addr, status);
+        if err.is_unavailable()
+            && let Some(what) = self.trust_failures.lock().ok().and_then(|s| s.clone())
+        {
+            return Error::ServerNotTrusted {
+                address: addr.to_string(),
+                detail: format!("{what} (on reconnecting)"),
+            };
+        }
+        err
+    }
+
     fn need<T>(op: &'static str, reply: Option<T>) -> Result<T, Error> {
         reply.ok_or(Error::Protocol {
             op,
@@ -526,7 +612,7 @@ impl Client {
                 op: "ping",
                 after: self.timeout,
             })?
-            .map_err(|s| Error::from_status("ping", &addr, s))?;
+            .map_err(|s| self.call_error("ping", &addr, s))?;
         Ok(())
     }
 
@@ -699,7 +785,13 @@ impl Client {
 
     /// Images and blueprints the daemon can launch: `search` as the multipass CLI takes it
     /// (`[remote:]string`, empty for all), optionally only images or only blueprints.
-    pub async fn find(&self, search: &str, images: bool, blueprints: bool, unsupported: bool) -> Result<FindResult, Error> {
+    pub async fn find(
+        &self,
+        search: &str,
+        images: bool,
+        blueprints: bool,
+        unsupported: bool,
+    ) -> Result<FindResult, Error> {
         let (remote, search) = match search.split(':').count() {
             1 => ("", search),
             2 => search.split_once(':').unwrap_or(("", search)),
@@ -733,7 +825,10 @@ impl Client {
                     aliases: i
                         .aliases_info
                         .into_iter()
-                        .map(|a| ImageAlias { remote: a.remote_name, alias: a.alias })
+                        .map(|a| ImageAlias {
+                            remote: a.remote_name,
+                            alias: a.alias,
+                        })
                         .collect(),
                     os: i.os,
                     release: i.release,
@@ -742,7 +837,10 @@ impl Client {
                 })
                 .collect()
         };
-        Ok(FindResult { images: convert(r.images_info), blueprints: convert(r.blueprints_info) })
+        Ok(FindResult {
+            images: convert(r.images_info),
+            blueprints: convert(r.blueprints_info),
+        })
     }
 
     fn launch_request(o: &LaunchOptions) -> Result<pb::LaunchRequest, Error> {
@@ -1154,6 +1252,7 @@ async fn channel(
     address: &DaemonAddress,
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
+    trust_failures: &trust::TrustFailureSlot,
 ) -> Result<Channel, Error> {
     let server_name = ServerName::try_from(address.server_name().to_string())
         .map_err(|e| Error::Tls(format!("server name {:?}: {e}", address.server_name())))?;
@@ -1183,12 +1282,47 @@ async fn channel(
         .await
         .map_err(|_| Error::Unavailable {
             address: address.to_string(),
-            detail: format!("no connection within {connect_timeout:?}"),
+            detail: format!(
+                "no connection within {connect_timeout:?}. Is multipassd running (`snap services multipass`), or frozen?"
+            ),
         })?
-        .map_err(|e| Error::Unavailable {
+        .map_err(|e| connect_error(address, &e, trust_failures))
+}
+
+/// Why the channel could not be opened: a certificate that did not verify is a trust problem
+/// (which certificate, checked against what, and the fix); anything else names the errno.
+fn connect_error(
+    address: &DaemonAddress,
+    e: &(dyn std::error::Error + 'static),
+    trust_failures: &trust::TrustFailureSlot,
+) -> Error {
+    use super::reach::{self, Server};
+    let recorded = trust_failures.lock().ok().and_then(|s| s.clone());
+    let cert_failed = reach::tls_cause(e).is_some_and(reach::is_certificate_failure);
+    if let Some(what) = recorded.filter(|_| cert_failed) {
+        return Error::ServerNotTrusted {
             address: address.to_string(),
-            detail: source_chain(&e),
-        })
+            detail: format!(
+                "{what}. Point mpool at the daemon's own multipass_root_cert.pem (`--root-cert` / \
+                 `[daemon] root_cert`; on a snap install /var/snap/multipass/common/data/multipassd/\
+                 multipass_root_cert.pem), or pin its certificate (`--pin-cert` / `[daemon] pin_cert`)"
+            ),
+        };
+    }
+    let detail = match reach::io_cause(e) {
+        Some(_) if let Some(t) = reach::tls_cause(e) => format!(
+            "the TLS handshake failed ({t}). Is this multipassd's socket, and a Multipass 1.13-1.16 daemon?"
+        ),
+        Some(io) => reach::describe_io(Server::Multipassd, io),
+        None => format!(
+            "{}. Is multipassd running (`snap services multipass`), and is the address right?",
+            source_chain(e)
+        ),
+    };
+    Error::Unavailable {
+        address: address.to_string(),
+        detail,
+    }
 }
 
 /// The error and its sources on one line (tonic's transport errors hide the cause).

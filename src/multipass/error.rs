@@ -11,17 +11,40 @@ use crate::proto::multipass::{LaunchError, StartError, launch_error, start_error
 /// Everything that can go wrong talking to multipassd.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The daemon could not be reached (socket missing, refused, TLS failed, daemon restarting).
-    #[error(
-        "multipassd at {address} is unreachable: {detail}. Is multipassd running (`snap services multipass`), and is the address right?"
-    )]
+    /// The daemon could not be reached (no socket, refused, permission denied, restarting):
+    /// `detail` names the errno and the fix (and, when the address was discovered, every
+    /// path tried).
+    #[error("multipassd at {address} is unreachable: {detail}")]
     Unavailable {
         /// The address we tried.
         address: String,
-        /// What failed.
+        /// What failed, and what to do.
         detail: String,
     },
-    /// Our TLS setup or the daemon's certificate is unusable.
+    /// The daemon's certificate did not verify: a trust problem, not reachability. `detail`
+    /// says which certificate was checked against what, why it failed, and the fix.
+    #[error("mpool does not trust multipassd at {address}: {detail}")]
+    ServerNotTrusted {
+        /// The daemon's address.
+        address: String,
+        /// Which certificate was checked against what, and the fix.
+        detail: String,
+    },
+    /// A call was cut mid-way by its connection (an HTTP/2 error, a reset, the daemon gone):
+    /// multipassd aborted or restarted under it. Whether the operation happened is unknown.
+    #[error(
+        "multipassd {op} was cut off: {detail} (the daemon at {address} aborted or restarted during the call)"
+    )]
+    ConnectionLost {
+        /// The RPC.
+        op: &'static str,
+        /// The daemon's address.
+        address: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// Our TLS setup is unusable (our certificate or key, or no certificate to verify the
+    /// daemon with).
     #[error("TLS with multipassd: {0}")]
     Tls(String),
     /// The daemon does not trust our client certificate.
@@ -100,7 +123,10 @@ impl Error {
     /// The gRPC code that best describes this error (for mapping to mpool's own API).
     pub fn code(&self) -> Code {
         match self {
-            Error::Unavailable { .. } | Error::Tls(_) | Error::Timeout { .. } => Code::Unavailable,
+            Error::Unavailable { .. } | Error::Timeout { .. } | Error::ConnectionLost { .. } => {
+                Code::Unavailable
+            }
+            Error::Tls(_) | Error::ServerNotTrusted { .. } => Code::FailedPrecondition,
             Error::Untrusted { .. } => Code::Unauthenticated,
             Error::Daemon { code, .. } => *code,
             Error::Unsupported(_) => Code::FailedPrecondition,

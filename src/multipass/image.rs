@@ -33,11 +33,20 @@ impl ImageRef {
     /// Parses `[remote:]image`, `file://...` or `http(s)://...`. More than one colon outside a
     /// URL, or a remote without an image, is refused (the CLI and the daemon refuse them).
     pub fn parse(s: &str) -> Result<ImageRef, Error> {
-        if ["http://", "https://", "file://"].iter().any(|p| s.starts_with(p)) {
-            return Ok(ImageRef { image: s.to_string(), remote: String::new() });
+        if ["http://", "https://", "file://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+        {
+            return Ok(ImageRef {
+                image: s.to_string(),
+                remote: String::new(),
+            });
         }
         match s.split(':').count() {
-            1 => Ok(ImageRef { image: s.to_string(), remote: String::new() }),
+            1 => Ok(ImageRef {
+                image: s.to_string(),
+                remote: String::new(),
+            }),
             2 => {
                 let (remote, image) = s.split_once(':').unwrap_or(("", s));
                 if image.is_empty() {
@@ -45,7 +54,10 @@ impl ImageRef {
                         "image {s:?}: a remote needs an image after it, e.g. `{remote}:24.04`"
                     )));
                 }
-                Ok(ImageRef { image: image.to_string(), remote: remote.to_string() })
+                Ok(ImageRef {
+                    image: image.to_string(),
+                    remote: remote.to_string(),
+                })
             }
             _ => Err(Error::InvalidArgument(format!(
                 "image {s:?}: invalid remote and source image name supplied; expected \
@@ -62,7 +74,11 @@ impl ImageRef {
         if self.image.starts_with("http://") || self.image.starts_with("https://") {
             return ImageKind::Url;
         }
-        if self.image.is_empty() { ImageKind::Default } else { ImageKind::Named }
+        if self.image.is_empty() {
+            ImageKind::Default
+        } else {
+            ImageKind::Named
+        }
     }
 }
 
@@ -97,11 +113,16 @@ impl Client {
             Err(e) => return Ok(ImageCheck::Unknown(e.to_string())),
         };
         match r.kind() {
-            ImageKind::Url => Ok(ImageCheck::NotChecked("a URL is downloaded when a VM is launched".into())),
-            ImageKind::File(path) if path.is_file() => Ok(ImageCheck::Known(format!("local image {}", path.display()))),
-            ImageKind::File(path) => {
-                Ok(ImageCheck::Unknown(format!("Custom image `{}` does not exist.", path.display())))
+            ImageKind::Url => Ok(ImageCheck::NotChecked(
+                "a URL is downloaded when a VM is launched".into(),
+            )),
+            ImageKind::File(path) if path.is_file() => {
+                Ok(ImageCheck::Known(format!("local image {}", path.display())))
             }
+            ImageKind::File(path) => Ok(ImageCheck::Unknown(format!(
+                "Custom image `{}` does not exist.",
+                path.display()
+            ))),
             ImageKind::Default => {
                 let found = self.find("", true, false, false).await?;
                 Ok(match found.images.first() {
@@ -112,14 +133,22 @@ impl Client {
                 })
             }
             ImageKind::Named => {
-                let search = if r.remote.is_empty() { r.image.clone() } else { format!("{}:{}", r.remote, r.image) };
+                let search = if r.remote.is_empty() {
+                    r.image.clone()
+                } else {
+                    format!("{}:{}", r.remote, r.image)
+                };
                 let found = match self.find(&search, true, true, false).await {
                     Ok(f) => f,
                     Err(e @ Error::Daemon { .. }) => return Ok(ImageCheck::Unknown(e.to_string())),
                     Err(e) => return Err(e),
                 };
                 let describe = |e: &super::ImageEntry| {
-                    if e.os.is_empty() { e.release.clone() } else { format!("{} {}", e.os, e.release) }
+                    if e.os.is_empty() {
+                        e.release.clone()
+                    } else {
+                        format!("{} {}", e.os, e.release)
+                    }
                 };
                 if let Some(e) = found.images.first() {
                     return Ok(ImageCheck::Known(describe(e)));
@@ -145,7 +174,11 @@ pub async fn check_pool_images(
     let client = Client::connect(opts.clone()).await?;
     let mut out = Vec::with_capacity(pools.len());
     for (pool, image) in pools {
-        out.push((pool.clone(), image.clone(), client.check_image(image).await?));
+        out.push((
+            pool.clone(),
+            image.clone(),
+            client.check_image(image).await?,
+        ));
     }
     Ok(out)
 }
@@ -153,7 +186,10 @@ pub async fn check_pool_images(
 /// `mpool serve --check`'s image part: connects (once, with a short deadline) and prints, per
 /// pool, whether multipassd can launch its image. Exit code 2 when an image is unknown; an
 /// unreachable daemon is reported but does not fail the check (serve waits for it).
-pub async fn serve_check_images(opts: Result<ClientOptions, String>, pools: &[(String, String)]) -> std::process::ExitCode {
+pub async fn serve_check_images(
+    opts: Result<ClientOptions, String>,
+    pools: &[(String, String)],
+) -> std::process::ExitCode {
     let mut opts = match opts {
         Ok(o) => o,
         Err(e) => {
@@ -172,17 +208,27 @@ pub async fn serve_check_images(opts: Result<ClientOptions, String>, pools: &[(S
     };
     let mut unknown = false;
     for (pool, image, check) in checks {
-        let image = if image.is_empty() { "(default)".to_string() } else { image };
+        let image = if image.is_empty() {
+            "(default)".to_string()
+        } else {
+            image
+        };
         match check {
             ImageCheck::Known(what) => println!("pool {pool}: image {image}: known ({what})"),
-            ImageCheck::NotChecked(why) => println!("pool {pool}: image {image}: not checked ({why})"),
+            ImageCheck::NotChecked(why) => {
+                println!("pool {pool}: image {image}: not checked ({why})")
+            }
             ImageCheck::Unknown(why) => {
                 unknown = true;
                 println!("pool {pool}: image {image}: UNKNOWN to multipassd: {why}");
             }
         }
     }
-    if unknown { std::process::ExitCode::from(2) } else { std::process::ExitCode::SUCCESS }
+    if unknown {
+        std::process::ExitCode::from(2)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }
 
 #[cfg(test)]
@@ -201,12 +247,24 @@ mod tests {
         assert_eq!(split("daily:noble"), ("daily".into(), "noble".into()));
         assert_eq!(split(""), ("".into(), "".into()));
         assert_eq!(split(":noble"), ("".into(), "noble".into()));
-        assert_eq!(split("file:///tmp/x.img"), ("".into(), "file:///tmp/x.img".into()));
-        assert_eq!(split("https://h:8080/x.img"), ("".into(), "https://h:8080/x.img".into()));
+        assert_eq!(
+            split("file:///tmp/x.img"),
+            ("".into(), "file:///tmp/x.img".into())
+        );
+        assert_eq!(
+            split("https://h:8080/x.img"),
+            ("".into(), "https://h:8080/x.img".into())
+        );
         assert!(ImageRef::parse("a:b:c").is_err());
         assert!(ImageRef::parse("daily:").is_err());
-        assert_eq!(ImageRef::parse("file:///tmp/x.img").unwrap().kind(), ImageKind::File("/tmp/x.img".into()));
-        assert_eq!(ImageRef::parse("http://h/x").unwrap().kind(), ImageKind::Url);
+        assert_eq!(
+            ImageRef::parse("file:///tmp/x.img").unwrap().kind(),
+            ImageKind::File("/tmp/x.img".into())
+        );
+        assert_eq!(
+            ImageRef::parse("http://h/x").unwrap().kind(),
+            ImageKind::Url
+        );
         assert_eq!(ImageRef::parse("").unwrap().kind(), ImageKind::Default);
         assert_eq!(ImageRef::parse("docker").unwrap().kind(), ImageKind::Named);
     }

@@ -8,13 +8,15 @@ mod address;
 mod client;
 mod error;
 mod image;
+pub mod reach;
 pub mod trust;
 mod version;
 
-pub use address::{DaemonAddress, RUN_SOCKET, SNAP_SOCKET};
+pub use address::{DaemonAddress, Discovered, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
-    Client, ClientOptions, DaemonInfo, FindResult, ImageAlias, ImageEntry, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions,
-    Names, SnapshotSummary, SshInfo,
+    Client, ClientOptions, DaemonInfo, FindResult, ImageAlias, ImageEntry, InstanceInfo,
+    InstanceState, InstanceSummary, LaunchOptions, Names, PassphraseOrigin, SnapshotSummary,
+    SshInfo,
 };
 pub use error::Error;
 pub use image::{ImageCheck, ImageKind, ImageRef, check_pool_images, serve_check_images};

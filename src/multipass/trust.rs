@@ -156,14 +156,37 @@ pub fn server_verifier(
     choice: &ServerVerification,
     address: &DaemonAddress,
 ) -> Result<Arc<dyn ServerCertVerifier>, Error> {
+    let (verifier, _) = checked_server_verifier(choice, address, Arc::default())?;
+    Ok(verifier)
+}
+
+/// Why the daemon's certificate last failed verification ("its certificate ... was checked
+/// against ..."), shared between a client's verifier and its error paths.
+pub type TrustFailureSlot = Arc<std::sync::Mutex<Option<String>>>;
+
+/// [`server_verifier`] that also records, in `failures`, which certificate was checked against
+/// what whenever verification fails; returns what it checks against, for messages.
+pub fn checked_server_verifier(
+    choice: &ServerVerification,
+    address: &DaemonAddress,
+    failures: TrustFailureSlot,
+) -> Result<(Arc<dyn ServerCertVerifier>, String), Error> {
     let provider = tls::provider();
     let tls_err = |e: tls::TlsError| Error::Tls(e.to_string());
-    let root = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
-        let certs = tls::certs_from_pem(
+    let load = |path: &Path| -> Result<Vec<CertificateDer<'static>>, Error> {
+        tls::certs_from_pem(
             &path.display().to_string(),
             &tls::read(path).map_err(tls_err)?,
         )
-        .map_err(tls_err)?;
+        .map_err(tls_err)
+    };
+    let root = |path: &Path| -> Result<(Arc<dyn ServerCertVerifier>, String), Error> {
+        let certs = load(path)?;
+        let against = format!(
+            "the root certificate {} ({})",
+            path.display(),
+            certs.first().map(|c| fingerprint(c)).unwrap_or_default()
+        );
         let mut roots = rustls::RootCertStore::empty();
         for c in certs {
             roots
@@ -176,26 +199,31 @@ pub fn server_verifier(
         )
         .build()
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-        Ok(v)
+        Ok((v, against))
     };
-    let pin = |path: &Path| -> Result<Arc<dyn ServerCertVerifier>, Error> {
-        let certs = tls::certs_from_pem(
-            &path.display().to_string(),
-            &tls::read(path).map_err(tls_err)?,
-        )
-        .map_err(tls_err)?;
-        Ok(Arc::new(AnyOrPinned {
+    let pin = |path: &Path| -> Result<(Arc<dyn ServerCertVerifier>, String), Error> {
+        let certs = load(path)?;
+        let against = format!(
+            "the pinned certificate {} ({})",
+            path.display(),
+            certs.first().map(|c| fingerprint(c)).unwrap_or_default()
+        );
+        let v: Arc<dyn ServerCertVerifier> = Arc::new(AnyOrPinned {
             pinned: certs.into_iter().next(),
             sigs: tls::Signatures(provider.clone()),
-        }))
+        });
+        Ok((v, against))
     };
-    match choice {
-        ServerVerification::RootCert(p) => root(p),
-        ServerVerification::Pin(p) => pin(p),
-        ServerVerification::InsecureSkipVerify => Ok(Arc::new(AnyOrPinned {
-            pinned: None,
-            sigs: tls::Signatures(provider.clone()),
-        })),
+    let (inner, against) = match choice {
+        ServerVerification::RootCert(p) => root(p)?,
+        ServerVerification::Pin(p) => pin(p)?,
+        ServerVerification::InsecureSkipVerify => (
+            Arc::new(AnyOrPinned {
+                pinned: None,
+                sigs: tls::Signatures(provider.clone()),
+            }) as Arc<dyn ServerCertVerifier>,
+            "nothing (--insecure-skip-verify)".to_string(),
+        ),
         ServerVerification::Auto => {
             let mut candidates: Vec<PathBuf> = Vec::new();
             if let DaemonAddress::Unix(sock) = address
@@ -204,30 +232,144 @@ pub fn server_verifier(
                 candidates.push(dir.join(ROOT_CERT_FILE));
             }
             candidates.extend(ROOT_CERT_PATHS.iter().map(PathBuf::from));
+            let mut found = None;
             for c in &candidates {
                 if std::fs::File::open(c).is_ok() {
                     tracing::debug!(root = %c.display(), "verifying multipassd against its root CA");
-                    return root(c);
+                    found = Some(root(c)?);
+                    break;
                 }
             }
-            for c in SERVER_CERT_PATHS {
-                if std::fs::File::open(c).is_ok() {
-                    tracing::debug!(pin = c, "pinning multipassd's server certificate");
-                    return pin(Path::new(c));
+            if found.is_none() {
+                for c in SERVER_CERT_PATHS {
+                    if std::fs::File::open(c).is_ok() {
+                        tracing::debug!(pin = c, "pinning multipassd's server certificate");
+                        found = Some(pin(Path::new(c))?);
+                        break;
+                    }
                 }
             }
-            let tried: Vec<String> = candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .chain(SERVER_CERT_PATHS.iter().map(|s| s.to_string()))
-                .collect();
-            Err(Error::Tls(format!(
-                "cannot verify multipassd: no readable root certificate or server certificate (tried {}). \
-                 Point mpool at the daemon's multipass_root_cert.pem (`--root-cert` / `[daemon] root_cert`), \
-                 or, for a Multipass <= 1.15 daemon whose certificate you cannot read, set `insecure_skip_verify`",
-                tried.join(", ")
-            )))
+            match found {
+                Some(f) => f,
+                None => {
+                    let tried: Vec<String> = candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .chain(SERVER_CERT_PATHS.iter().map(|s| s.to_string()))
+                        .collect();
+                    return Err(Error::Tls(format!(
+                        "cannot verify multipassd: no readable root certificate or server certificate (tried {}). \
+                         Point mpool at the daemon's multipass_root_cert.pem (`--root-cert` / `[daemon] root_cert`), \
+                         or, for a Multipass <= 1.15 daemon whose certificate you cannot read, set `insecure_skip_verify`",
+                        tried.join(", ")
+                    )));
+                }
+            }
         }
+    };
+    let verifier = Arc::new(Recording {
+        inner,
+        against: against.clone(),
+        failures,
+    });
+    Ok((verifier, against))
+}
+
+/// A certificate's SHA-256 fingerprint, `sha256:` and hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// What a certificate verification error means, in words.
+fn certificate_problem(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "it is not signed by that certificate (UnknownIssuer)".into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "it is not issued for the name mpool checks (`localhost` on a Unix socket, the host on TCP)".into()
+            }
+            C::Expired | C::ExpiredContext { .. } => "it has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".into(),
+            C::ApplicationVerificationFailure => "it is not the pinned certificate".into(),
+            C::BadSignature => {
+                "it is not signed by that certificate's key (BadSignature: another CA of the same name, \
+                 e.g. the daemon regenerated its root certificate)"
+                    .into()
+            }
+            other => format!("{other:?}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Delegates verification and records each failure (which certificate, against what, why).
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn ServerCertVerifier>,
+    against: String,
+    failures: TrustFailureSlot,
+}
+
+impl Recording {
+    fn record(&self, what: Option<String>) {
+        if let Ok(mut slot) = self.failures.lock() {
+            *slot = what;
+        }
+    }
+}
+
+impl ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(v) => {
+                self.record(None);
+                Ok(v)
+            }
+            Err(e) => {
+                self.record(Some(format!(
+                    "its certificate ({}) was checked against {}: {}",
+                    fingerprint(end_entity),
+                    self.against,
+                    certificate_problem(&e)
+                )));
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -493,7 +493,9 @@ impl Daemon {
             for n in names {
                 match st.instances.get(n) {
                     None => missing.push(Refusal::missing(n)),
-                    Some(i) if i.deleted && how == Selection::Operative => deleted.push(Refusal::deleted(n)),
+                    Some(i) if i.deleted && how == Selection::Operative => {
+                        deleted.push(Refusal::deleted(n))
+                    }
                     Some(_) => {}
                 }
             }
@@ -503,7 +505,10 @@ impl Daemon {
             None => Ok(()),
             Some(last) => {
                 let lines: Vec<&str> = all.iter().map(|r| r.message.as_str()).collect();
-                Err(Status::new(last.code, format!("The following errors occurred:\n{}", lines.join("\n"))))
+                Err(Status::new(
+                    last.code,
+                    format!("The following errors occurred:\n{}", lines.join("\n")),
+                ))
             }
         }
     }
@@ -693,8 +698,14 @@ impl Daemon {
         self.work("list", "", Duration::ZERO).await;
         if req.request_ipv4 && !req.snapshots {
             // multipassd asks each running guest for its addresses, on its main thread.
-            let running = self.st()?.instances.values().filter(|i| !i.deleted && i.state.is_up()).count();
-            self.work("list", "", self.profile.ip_query * running as u32).await;
+            let running = self
+                .st()?
+                .instances
+                .values()
+                .filter(|i| !i.deleted && i.state.is_up())
+                .count();
+            self.work("list", "", self.profile.ip_query * running as u32)
+                .await;
         }
         let contents = {
             let st = self.st()?;
@@ -824,7 +835,11 @@ impl Daemon {
     /// gathers CPUs, memory, disk, load and addresses over SSH in the guest, on its main thread
     /// (the caller holds it): here disk usage is the size of the instance's directory and memory
     /// is as configured. Without, those fields stay empty, as multipassd leaves them.
-    async fn instance_details(&self, i: &Instance, runtime: bool) -> Result<pb::DetailedInfoItem, Status> {
+    async fn instance_details(
+        &self,
+        i: &Instance,
+        runtime: bool,
+    ) -> Result<pb::DetailedInfoItem, Status> {
         let mut item = pb::DetailedInfoItem {
             name: i.name.clone(),
             instance_status: Some(status(i)),
@@ -847,7 +862,9 @@ impl Daemon {
                 .map_err(|e| Status::internal(e.to_string()))?;
             item.cpu_count = i.cpus.to_string();
             item.memory_total = memory.to_string();
-            item.disk_total = rules::parse_size(&i.disk).unwrap_or(rules::DEFAULT_DISK).to_string();
+            item.disk_total = rules::parse_size(&i.disk)
+                .unwrap_or(rules::DEFAULT_DISK)
+                .to_string();
             details.memory_usage = (memory / 8).to_string();
             details.disk_usage = used.to_string();
             details.load = "0.00 0.00 0.00".into();
@@ -1659,7 +1676,10 @@ impl Daemon {
             "local.driver" => "qemu".to_string(),
             // multipassd returns what it stores: the passphrase's hash (the CLI prints
             // true/false instead; reference §0.3).
-            "local.passphrase" => self.passphrase().map(|p| passphrase_hash(&p)).unwrap_or_default(),
+            "local.passphrase" => self
+                .passphrase()
+                .map(|p| passphrase_hash(&p))
+                .unwrap_or_default(),
             "local.privileged-mounts" => "true".into(),
             "local.bridged-network" | "local.image.mirror" => String::new(),
             k => {
@@ -1799,7 +1819,9 @@ fn release_of(i: &Instance) -> String {
     if let Some(r) = &i.release {
         return r.clone();
     }
-    images::resolve(&i.image, &i.remote, true).map(|r| r.release_text()).unwrap_or_default()
+    images::resolve(&i.image, &i.remote, true)
+        .map(|r| r.release_text())
+        .unwrap_or_default()
 }
 
 /// What multipassd stores for `local.passphrase`: a 64-byte hash as 128 hex digits (scrypt

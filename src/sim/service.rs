@@ -360,6 +360,7 @@ impl Rpc for Service {
         request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingReply>, Status> {
         // ping never trusts on first use; an untrusted client gets UNAUTHENTICATED with no message.
+        self.daemon.emit("ping", "", EventKind::Received);
         let (cert, _) = peer(&request);
         let Some(cert) = cert else {
             return Err(Status::internal("invalid certificate data"));
