@@ -226,7 +226,7 @@ pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mpool multipass: {e}");
-            if e.is_unavailable() {
+            if e.is_unavailable() && !e.is_trust_problem() {
                 ExitCode::from(3)
             } else {
                 ExitCode::from(2)

@@ -123,16 +123,27 @@ impl Error {
     /// The gRPC code that best describes this error (for mapping to mpool's own API).
     pub fn code(&self) -> Code {
         match self {
-            Error::Unavailable { .. } | Error::Timeout { .. } | Error::ConnectionLost { .. } => {
-                Code::Unavailable
-            }
-            Error::Tls(_) | Error::ServerNotTrusted { .. } => Code::FailedPrecondition,
+            // A daemon mpool cannot trust is, to the engine and the API, a daemon it cannot
+            // use now (its certificate may be regenerated, e.g. by an upgrade): UNAVAILABLE,
+            // retried like an outage. The CLI tells them apart (see `is_trust_problem`).
+            Error::Unavailable { .. }
+            | Error::Timeout { .. }
+            | Error::ConnectionLost { .. }
+            | Error::Tls(_)
+            | Error::ServerNotTrusted { .. } => Code::Unavailable,
             Error::Untrusted { .. } => Code::Unauthenticated,
             Error::Daemon { code, .. } => *code,
             Error::Unsupported(_) => Code::FailedPrecondition,
             Error::Protocol { .. } => Code::Internal,
             Error::InvalidArgument(_) => Code::InvalidArgument,
         }
+    }
+
+    /// True when the trouble is trust, not reachability: the daemon's certificate did not
+    /// verify, or mpool's TLS setup (its certificate, the root to check with) is unusable. The
+    /// command line exits 2 for these, not 3 ("unreachable").
+    pub fn is_trust_problem(&self) -> bool {
+        matches!(self, Error::ServerNotTrusted { .. } | Error::Tls(_))
     }
 
     /// True when the daemon could not be reached or did not answer in time: retry later.
