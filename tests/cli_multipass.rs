@@ -512,3 +512,70 @@ fn serve_check_tells_whether_pool_images_are_known() {
     );
     assert!(said.contains("Remote 'nosuch' is not found"), "{said}");
 }
+
+#[test]
+fn fail_mode_abort_cuts_the_call_and_exits_like_an_abort() {
+    let mut sim = SimProcess::start(&["--fail-mode", "abort", "--fail", "list"]);
+    assert!(sim.mp(&["version"]).status.success(), "other calls work");
+    let out = sim.mp(&["list"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("was cut off"), "{}", text(&out));
+    let status = sim.child.wait().unwrap();
+    assert_eq!(status.code(), Some(134), "exits as an abort");
+    assert!(
+        sim.socket().exists(),
+        "the dead daemon's socket file stays behind"
+    );
+    let out = sim.mp(&["version"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out).contains("connection refused"), "{}", text(&out));
+}
+
+#[test]
+fn a_set_with_a_call_in_flight_wedges_the_simulator() {
+    let sim = SimProcess::start(&["--set-wedges-if-busy", "--hang", "boot"]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    assert!(sim.mp(&["stop", "vm1"]).status.success());
+    // A start whose guest never comes up stays in flight.
+    let mut start = Command::new(MPOOL)
+        .arg("--data-dir")
+        .arg(sim.dir.path().join("client"))
+        .args(["multipass", "--own-cert", "--timeout", "600", "--daemon"])
+        .arg(format!("unix:{}", sim.socket().display()))
+        .args(["start", "vm1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = String::from_utf8_lossy(&sim.mp(&["list"]).stdout).into_owned();
+        if list.contains("Starting") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the start never began: {list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = sim.mp(&["set", "local.passphrase=new"]);
+    assert!(out.status.success(), "the set is answered: {}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sim.socket().exists() {
+        assert!(Instant::now() < deadline, "the socket did not go away");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut sim = sim;
+    assert!(
+        sim.child.try_wait().unwrap().is_none(),
+        "the process stays alive"
+    );
+    // SIGTERM does not end it either; only SIGKILL (the Drop) does.
+    unsafe { libc::kill(sim.child.id() as i32, libc::SIGTERM) };
+    let out = sim.mp(&["version"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        sim.child.try_wait().unwrap().is_none(),
+        "still alive after SIGTERM"
+    );
+    let _ = start.kill();
+    let _ = start.wait();
+}

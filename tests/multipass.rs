@@ -427,7 +427,7 @@ async fn state_survives_a_restart_and_running_instances_are_resumed() {
         .iter()
         .any(|i| i.name != "c" && i.state != InstanceState::Running)
     {
-        wait_event(&mut ev, |e| e.op == "start").await;
+        wait_event(&mut ev, |e| e.op == "autostart").await;
     }
     let list = c.list().await.unwrap();
     assert_eq!(list.len(), 3);

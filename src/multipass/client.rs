@@ -44,6 +44,11 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Deadline of every call unless a method says otherwise.
     pub call_timeout: Duration,
+    /// At most this many daemon calls in flight at once, across all clones of the client
+    /// (0: no cap). Default [`DEFAULT_MAX_IN_FLIGHT`]; see [`ClientOptions::with_max_in_flight`].
+    pub max_in_flight: usize,
+    /// When reads cut by their connection are sent again (see [`SAFE_TO_RETRY`]).
+    pub retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -76,7 +81,22 @@ impl ClientOptions {
             allow_untested_daemon: false,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(60),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            retry: RetryPolicy::default(),
         }
+    }
+
+    /// Caps the daemon calls in flight at once (0: no cap). A call waits for a slot within
+    /// its deadline. Fewer concurrent calls make multipassd's abort on a log-writer race rarer.
+    pub fn with_max_in_flight(mut self, calls: usize) -> ClientOptions {
+        self.max_in_flight = calls;
+        self
+    }
+
+    /// Sets when cut reads are sent again ([`RetryPolicy::NONE`]: never).
+    pub fn with_retry(mut self, policy: RetryPolicy) -> ClientOptions {
+        self.retry = policy;
+        self
     }
 }
 
@@ -387,6 +407,71 @@ pub struct Client {
     passphrase_origin: Option<PassphraseOrigin>,
     /// Why the daemon's certificate last failed verification (see [`trust::TrustFailureSlot`]).
     trust_failures: trust::TrustFailureSlot,
+    /// The in-flight cap, shared by all clones (None: no cap).
+    cap: Option<Arc<tokio::sync::Semaphore>>,
+    cap_size: Option<usize>,
+    /// Calls waiting for a slot under the cap.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// When to send a cut read again.
+    retry: RetryPolicy,
+}
+
+/// The calls a client sends again when their connection was cut (an HTTP/2 error: multipassd
+/// aborted or restarted under them) or could not be made: reads that change nothing in the
+/// daemon, so a second copy is harmless whether or not the first one ran. Everything else
+/// (launch, start, stop, suspend, snapshot, restore, clone, delete, purge, recover, set,
+/// authenticate, ...) is not sent again: a cut one may or may not have happened (a second
+/// `snapshot` without a name takes a second snapshot, a second `launch` finds the half-made
+/// instance), so it fails with [`Error::ConnectionLost`] and the caller re-observes the
+/// daemon's state before acting again.
+pub const SAFE_TO_RETRY: &[&str] = &[
+    "ping",
+    "version",
+    "list",
+    "info",
+    "find",
+    "ssh_info",
+    "get",
+    "keys",
+    "daemon_info",
+    "networks",
+];
+
+/// The in-flight cap of [`ClientOptions::new`]: small, as fewer concurrent calls make
+/// multipassd's abort on a log-writer race rarer (reference §0.3).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
+/// When a client sends a cut read again (see [`SAFE_TO_RETRY`]). The call's deadline bounds
+/// all attempts together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: never again).
+    pub attempts: u32,
+    /// The wait before the second attempt; it doubles after each.
+    pub first_backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// No second attempt.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        attempts: 1,
+        first_backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+    };
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, 200 ms then 400 ms apart: rides out a cut connection and a daemon that
+    /// is back within a second or so; longer outages surface as unavailable.
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
 }
 
 type Rpc = RpcClient<Channel>;
@@ -452,6 +537,11 @@ impl Client {
             passphrase: opts.passphrase.as_deref().map(Arc::from),
             passphrase_origin: opts.passphrase_origin.clone(),
             trust_failures: failures,
+            cap: (opts.max_in_flight > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight))),
+            cap_size: (opts.max_in_flight > 0).then_some(opts.max_in_flight),
+            queued: Arc::default(),
+            retry: opts.retry,
         })
     }
 
@@ -469,6 +559,15 @@ impl Client {
     /// The daemon's address.
     pub fn address(&self) -> &DaemonAddress {
         &self.address
+    }
+
+    /// A clone of this client (sharing its in-flight cap) that sends cut reads again per
+    /// `policy` instead.
+    pub fn with_retry(&self, policy: RetryPolicy) -> Client {
+        Client {
+            retry: policy,
+            ..self.clone()
+        }
     }
 
     /// A clone of this client whose calls use `deadline` instead.
@@ -526,57 +625,146 @@ impl Client {
 
     /// Runs one bidirectional call: sends `first` before awaiting the call, answers prompts
     /// with `answer`, forwards log lines to tracing, and returns the last reply that carries
-    /// more than a log line.
+    /// more than a log line. Waits for a slot under the in-flight cap first; a read (see
+    /// [`SAFE_TO_RETRY`]) cut by its connection or refused by a restarting daemon is sent
+    /// again per the retry policy. All of it within the call's deadline.
     async fn bidi<Req, Rep, F, Fut>(
         &self,
         op: &'static str,
         first: Req,
         call: F,
-        mut answer: impl FnMut(&Rep) -> Option<Req> + Send,
+        answer: impl Fn(&Rep) -> Option<Req> + Send + Sync,
     ) -> Result<Option<Rep>, Error>
     where
-        Req: Send + 'static,
+        Req: Clone + Send + 'static,
         Rep: Reply,
-        F: FnOnce(Rpc, ReceiverStream<Req>) -> Fut,
+        F: Fn(Rpc, ReceiverStream<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>>,
     {
-        let addr = self.address.to_string();
-        let to_err = |s: tonic::Status| self.call_error(op, &addr, s);
-        let work = async {
-            let (tx, rx) = mpsc::channel(4);
-            // The receiver is alive: this cannot fail. Sending first avoids the header deadlock.
-            let _ = tx.send(first).await;
-            let mut stream = call(self.rpc.clone(), ReceiverStream::new(rx))
-                .await
-                .map_err(to_err)?
-                .into_inner();
-            let mut last = None;
-            while let Some(reply) = stream.message().await.map_err(to_err)? {
-                let line = reply.log_line().trim_end();
-                if !line.is_empty() {
-                    tracing::debug!(target: "multipassd", op, "{line}");
-                }
-                // A log-only reply is never the answer (nor a prompt), wherever it comes.
-                if !reply.carries_answer() {
-                    continue;
-                }
-                if let Some(req) = answer(&reply) {
-                    tx.send(req).await.map_err(|_| Error::Protocol {
-                        op,
-                        detail: "the call ended while answering a prompt".into(),
-                    })?;
-                }
-                last = Some(reply);
-            }
-            drop(tx);
-            Ok(last)
-        };
+        let work = self.retrying(op, || {
+            let first = first.clone();
+            let (call, answer) = (&call, &answer);
+            async move { self.bidi_once(op, first, call, answer).await }
+        });
         tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| Error::Timeout {
                 op,
                 after: self.timeout,
             })?
+    }
+
+    /// Runs `attempt` under the in-flight cap, again after a retryable failure of a safe call
+    /// (with backoff), until it succeeds, fails otherwise, or the policy's attempts run out.
+    async fn retrying<T, Fut>(
+        &self,
+        op: &'static str,
+        mut attempt: impl FnMut() -> Fut,
+    ) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let safe = SAFE_TO_RETRY.contains(&op);
+        let mut backoff = self.retry.first_backoff;
+        let mut tries = 0u32;
+        let mut cut: Option<Error> = None;
+        loop {
+            tries += 1;
+            let result = {
+                let _slot = self.slot().await;
+                attempt().await
+            };
+            match result {
+                Err(e) if safe && e.is_retryable() && tries < self.retry.attempts => {
+                    tracing::debug!(op, tries, "sending again after: {e}");
+                    if e.is_connection_lost() && cut.is_none() {
+                        cut = Some(e);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                }
+                // The call was cut, and the daemon is not back: say both.
+                Err(Error::Unavailable { detail: later, .. })
+                    if let Some(Error::ConnectionLost {
+                        op,
+                        address,
+                        detail,
+                    }) = cut =>
+                {
+                    return Err(Error::ConnectionLost {
+                        op,
+                        address,
+                        detail: format!("{detail}; sent again {} times: {later}", tries - 1),
+                    });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A slot under the in-flight cap (none when the cap is off).
+    async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let cap = self.cap.as_ref()?;
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let permit = cap.clone().acquire_owned().await.ok();
+        self.queued
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        permit
+    }
+
+    /// Calls waiting for a slot under the in-flight cap right now (shared by all clones).
+    pub fn queued_calls(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The cap on concurrent daemon calls (shared by all clones; None: no cap).
+    pub fn max_in_flight(&self) -> Option<usize> {
+        self.cap_size
+    }
+
+    async fn bidi_once<Req, Rep, F, Fut>(
+        &self,
+        op: &'static str,
+        first: Req,
+        call: &F,
+        answer: &(impl Fn(&Rep) -> Option<Req> + Send + Sync),
+    ) -> Result<Option<Rep>, Error>
+    where
+        Req: Send + 'static,
+        Rep: Reply,
+        F: Fn(Rpc, ReceiverStream<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>>,
+    {
+        let addr = self.address.to_string();
+        let to_err = |s: tonic::Status| self.call_error(op, &addr, s);
+        let (tx, rx) = mpsc::channel(4);
+        // The receiver is alive: this cannot fail. Sending first avoids the header deadlock.
+        let _ = tx.send(first).await;
+        let mut stream = call(self.rpc.clone(), ReceiverStream::new(rx))
+            .await
+            .map_err(to_err)?
+            .into_inner();
+        let mut last = None;
+        while let Some(reply) = stream.message().await.map_err(to_err)? {
+            let line = reply.log_line().trim_end();
+            if !line.is_empty() {
+                tracing::debug!(target: "multipassd", op, "{line}");
+            }
+            // A log-only reply is never the answer (nor a prompt), wherever it comes.
+            if !reply.carries_answer() {
+                continue;
+            }
+            if let Some(req) = answer(&reply) {
+                tx.send(req).await.map_err(|_| Error::Protocol {
+                    op,
+                    detail: "the call ended while answering a prompt".into(),
+                })?;
+            }
+            last = Some(reply);
+        }
+        drop(tx);
+        Ok(last)
     }
 
     /// The error of a failed call. A call that could not reach the daemon because its
@@ -605,15 +793,19 @@ impl Client {
     /// `ping`: OK only if our certificate is trusted (never trusts on first use).
     pub async fn ping(&self) -> Result<(), Error> {
         let addr = self.address.to_string();
-        let mut rpc = self.rpc.clone();
-        tokio::time::timeout(self.timeout, rpc.ping(pb::PingRequest {}))
+        let work = self.retrying("ping", || async {
+            let mut rpc = self.rpc.clone();
+            rpc.ping(pb::PingRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| self.call_error("ping", &addr, s))
+        });
+        tokio::time::timeout(self.timeout, work)
             .await
             .map_err(|_| Error::Timeout {
                 op: "ping",
                 after: self.timeout,
             })?
-            .map_err(|s| self.call_error("ping", &addr, s))?;
-        Ok(())
     }
 
     /// The daemon's version text, e.g. "1.16.3".

@@ -146,6 +146,21 @@ impl Error {
         matches!(self, Error::ServerNotTrusted { .. } | Error::Tls(_))
     }
 
+    /// True when the call may be sent again (if it is a read, see
+    /// [`super::SAFE_TO_RETRY`]): its connection was cut, or none could be made.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionLost { .. } | Error::Unavailable { .. }
+        )
+    }
+
+    /// True when the call was cut mid-way by its connection: multipassd aborted or restarted
+    /// during it, so whether a mutating call happened is unknown; re-observe the state.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, Error::ConnectionLost { .. })
+    }
+
     /// True when the daemon could not be reached or did not answer in time: retry later.
     pub fn is_unavailable(&self) -> bool {
         self.code() == Code::Unavailable
@@ -155,34 +170,42 @@ impl Error {
     pub(crate) fn from_status(op: &'static str, address: &str, status: tonic::Status) -> Error {
         let code = status.code();
         let message = status.message().to_string();
-        if code == Code::Unavailable {
-            return Error::Unavailable {
-                address: address.to_string(),
-                detail: message,
-            };
-        }
         if code == Code::Unauthenticated {
             return Error::Untrusted {
                 message: untrusted_hint(&message),
             };
         }
-        // The TLS layer rejecting our certificate shows up on the first RPC as Unknown or
-        // Cancelled with a transport error rather than at connect time.
-        if matches!(code, Code::Unknown | Code::Cancelled)
-            && [
-                "transport error",
-                "broken pipe",
-                "accessdenied",
-                "decrypterror",
-                "connection reset",
-            ]
-            .iter()
-            .any(|p| message.to_ascii_lowercase().contains(p))
-        {
-            return Error::Untrusted {
-                message: format!(
-                    "the connection was cut on the first call ({message}); the server likely refused our client certificate"
-                ),
+        // A status made by the transport (it carries a source error) rather than sent by the
+        // daemon: either no connection could be made (nothing was sent), or the call was cut.
+        if let Some(source) = std::error::Error::source(&status) {
+            use super::reach::{self, Server};
+            if code == Code::Unavailable {
+                let detail = match reach::io_cause(source) {
+                    Some(io) => reach::describe_io(Server::Multipassd, io),
+                    None => super::client::source_chain(source),
+                };
+                return Error::Unavailable {
+                    address: address.to_string(),
+                    detail,
+                };
+            }
+            // rustls' note on a missing close_notify carries a documentation URL: not news.
+            let chain = super::client::source_chain(source);
+            let detail = chain
+                .split(": https://")
+                .next()
+                .unwrap_or(&chain)
+                .to_string();
+            return Error::ConnectionLost {
+                op,
+                address: address.to_string(),
+                detail,
+            };
+        }
+        if code == Code::Unavailable {
+            return Error::Unavailable {
+                address: address.to_string(),
+                detail: message,
             };
         }
         let details = status.details();

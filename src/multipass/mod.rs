@@ -14,9 +14,9 @@ mod version;
 
 pub use address::{DaemonAddress, Discovered, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
-    Client, ClientOptions, DaemonInfo, FindResult, ImageAlias, ImageEntry, InstanceInfo,
-    InstanceState, InstanceSummary, LaunchOptions, Names, PassphraseOrigin, SnapshotSummary,
-    SshInfo,
+    Client, ClientOptions, DEFAULT_MAX_IN_FLIGHT, DaemonInfo, FindResult, ImageAlias, ImageEntry,
+    InstanceInfo, InstanceState, InstanceSummary, LaunchOptions, Names, PassphraseOrigin,
+    RetryPolicy, SAFE_TO_RETRY, SnapshotSummary, SshInfo,
 };
 pub use error::Error;
 pub use image::{ImageCheck, ImageKind, ImageRef, check_pool_images, serve_check_images};

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,9 +19,10 @@ use tonic::{Code, Status, Streaming};
 
 use super::images;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
+use super::server::OwnedSocket;
 use super::ssh::{SshEndpoint, SshKeys};
 use super::trust::TrustStore;
-use super::{EventKind, SimConfig, SimEvent};
+use super::{EventKind, Exit, FailMode, SimConfig, SimEvent};
 use crate::proto::multipass as pb;
 
 /// The timing profile of real Multipass (qemu on Linux), before `--time-scale`.
@@ -203,21 +205,26 @@ pub struct Replier<Rep> {
     /// Interleave log-only replies (see [`Daemon::set_log_lines`]).
     log_lines: bool,
     events: broadcast::Sender<SimEvent>,
+    /// True once the daemon wedged: nothing is sent any more.
+    wedged: watch::Receiver<bool>,
+    /// True once the simulator is shut down (a wedged call may end then).
+    shut: watch::Receiver<bool>,
 }
 
 impl<Rep: LogReply> Replier<Rep> {
-    /// A replier for `op` writing to `tx`.
+    /// A replier for `op` of `daemon`'s calls, writing to `tx`.
     pub fn new(
         tx: mpsc::Sender<Result<Rep, Status>>,
         op: &'static str,
-        log_lines: bool,
-        events: broadcast::Sender<SimEvent>,
+        daemon: &Daemon,
     ) -> Replier<Rep> {
         Replier {
             tx,
             op,
-            log_lines,
-            events,
+            log_lines: daemon.log_lines(),
+            events: daemon.events.clone(),
+            wedged: daemon.wedged.subscribe(),
+            shut: daemon.shut.subscribe(),
         }
     }
 
@@ -229,26 +236,42 @@ impl<Rep: LogReply> Replier<Rep> {
         });
     }
 
+    /// A wedged daemon answers nothing: wait (until the simulator is shut down).
+    async fn hold_if_wedged(&self) {
+        if *self.wedged.borrow() {
+            let mut shut = self.shut.clone();
+            let _ = shut.wait_for(|s| *s).await;
+        }
+    }
+
     /// Sends a log-only reply if log lines are on (a gone client is ignored).
     pub async fn log(&self, what: &str) {
         if self.log_lines {
-            let _ = self
-                .tx
-                .send(Ok(Rep::log_only(log_line(self.op, what))))
-                .await;
-            self.emit(EventKind::LogLine);
+            self.log_anyway(what).await;
         }
+    }
+
+    /// Sends a log-only reply, log lines on or not.
+    pub async fn log_anyway(&self, what: &str) {
+        self.hold_if_wedged().await;
+        let _ = self
+            .tx
+            .send(Ok(Rep::log_only(log_line(self.op, what))))
+            .await;
+        self.emit(EventKind::LogLine);
     }
 
     /// Sends a reply, preceded by a log-only one if log lines are on.
     pub async fn reply(&self, rep: Rep) {
         self.log("about to reply").await;
+        self.hold_if_wedged().await;
         let _ = self.tx.send(Ok(rep)).await;
         self.emit(EventKind::Replied);
     }
 
     /// Ends the call with an error status.
     pub async fn fail(&self, status: Status) {
+        self.hold_if_wedged().await;
         let _ = self.tx.send(Err(status)).await;
     }
 }
@@ -260,6 +283,8 @@ impl<Rep> Clone for Replier<Rep> {
             op: self.op,
             log_lines: self.log_lines,
             events: self.events.clone(),
+            wedged: self.wedged.clone(),
+            shut: self.shut.clone(),
         }
     }
 }
@@ -313,9 +338,35 @@ pub struct Daemon {
     pub(super) keys: Arc<SshKeys>,
     pub(super) trust: TrustStore,
     events: broadcast::Sender<SimEvent>,
-    /// Set by `set`: the process should exit with code 42 once the reply is out.
-    pub(super) restart: watch::Sender<bool>,
+    /// Set when the daemon ends by itself: a `set` (exit 42 once the reply is out) or an
+    /// abort mid-call.
+    exit: watch::Sender<Option<Exit>>,
+    /// Turns true to cut every client connection at once (abort, kill).
+    kill: watch::Sender<bool>,
+    /// Turns true when the daemon wedged: socket gone, process alive, nothing answers.
+    wedged: watch::Sender<bool>,
+    /// Turns true when the simulator is shut down (releases calls left hanging).
+    shut: watch::Sender<bool>,
+    /// The socket file this daemon's server bound.
+    socket: std::sync::OnceLock<OwnedSocket>,
+    /// A `set` with other calls in flight: wedge once it has ended (the count of the others).
+    pending_wedge: Mutex<Option<usize>>,
+    /// Operations whose next call aborts the daemon (in-process fault injection).
+    abort_next: Mutex<HashMap<String, u32>>,
+    /// Calls between their first request and their end.
+    in_flight: AtomicUsize,
+    /// The most calls ever in flight at once.
+    max_in_flight: AtomicUsize,
     profile: Profile,
+}
+
+/// A call counted in flight until dropped.
+pub(super) struct InFlight<'a>(&'a Daemon);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn now() -> u64 {
@@ -330,6 +381,14 @@ fn timestamp(secs: u64) -> prost_types::Timestamp {
         seconds: secs as i64,
         nanos: 0,
     }
+}
+
+/// The fault-injection name of the wait for a guest to come up during `op`, off the daemon's
+/// main thread: `boot` for a client's `start` (so `--hang boot` holds a start in Starting
+/// without freezing the daemon, as a guest that never answers does), `autostart` for the
+/// instances a restarted daemon brings back.
+fn guest_wait(op: &'static str) -> &'static str {
+    if op == "start" { "boot" } else { op }
 }
 
 /// Normalises an operation name for fault injection (`delet` and `delete` are the same).
@@ -376,7 +435,15 @@ impl Daemon {
             keys,
             trust,
             events: broadcast::channel(4096).0,
-            restart: watch::channel(false).0,
+            exit: watch::channel(None).0,
+            kill: watch::channel(false).0,
+            wedged: watch::channel(false).0,
+            shut: watch::channel(false).0,
+            socket: std::sync::OnceLock::new(),
+            pending_wedge: Mutex::new(None),
+            abort_next: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             profile: Profile::default(),
             cfg,
         })
@@ -392,9 +459,137 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    /// The event log's sender (for the repliers of calls).
-    pub(super) fn event_sender(&self) -> broadcast::Sender<SimEvent> {
-        self.events.clone()
+    /// Counts a call in flight until the guard is dropped.
+    pub(super) fn call_started(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    /// Calls in flight now (between their first request and their end; `ping` not counted).
+    pub fn calls_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most calls that were ever in flight at once.
+    pub fn max_calls_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next `times` calls of `op` abort the daemon mid-call, as multipassd's
+    /// `proto_buffer_writer` assertion does (reference §0.3): the connection drops, the
+    /// simulator stops serving and [`crate::sim::Simulator::exited`] returns
+    /// [`Exit::Aborted`]. Its socket file is left behind, as a dead process leaves it.
+    pub fn abort_next(&self, op: &str, times: u32) {
+        if let Ok(mut a) = self.abort_next.lock() {
+            a.insert(op_name(op), times);
+        }
+    }
+
+    /// Whether this call of `op` aborts the daemon: [`Daemon::abort_next`], or `--fail OP` /
+    /// `--fail-rate P` in [`FailMode::Abort`].
+    pub(super) fn aborts(&self, op: &'static str) -> bool {
+        if let Ok(mut a) = self.abort_next.lock()
+            && let Some(n) = a.get_mut(op)
+            && *n > 0
+        {
+            *n -= 1;
+            return true;
+        }
+        if self.cfg.fail_mode != FailMode::Abort {
+            return false;
+        }
+        if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
+            return true;
+        }
+        let rate = self.fail_rate.lock().map(|r| *r).unwrap_or(0.0);
+        rate > 0.0 && MUTATING.contains(&op) && rand::random::<f64>() < rate
+    }
+
+    /// Dies mid-call: cuts every connection, stops serving, drops the running instances'
+    /// SSH endpoints and processes (the VMs die with the daemon), and ends with
+    /// [`Exit::Aborted`]. No clean-shutdown record is written.
+    pub(super) async fn abort(&self, op: &'static str) {
+        tracing::warn!(
+            op,
+            "simulating multipassd's abort mid-call (proto_buffer_writer.h assertion)"
+        );
+        self.emit(op, "", EventKind::Aborted);
+        self.exit.send_if_modified(|e| {
+            if e.is_none() {
+                *e = Some(Exit::Aborted);
+                true
+            } else {
+                false
+            }
+        });
+        self.kill.send_replace(true);
+        self.close_all_endpoints().await;
+    }
+
+    /// Cuts every client connection (the daemon process died).
+    pub(super) fn kill_connections(&self) {
+        self.kill.send_replace(true);
+    }
+
+    /// Follows [`Daemon::kill_connections`].
+    pub(super) fn connection_kill_switch(&self) -> watch::Receiver<bool> {
+        self.kill.subscribe()
+    }
+
+    /// Whether the daemon aborted.
+    pub(super) fn aborted(&self) -> bool {
+        *self.exit.borrow() == Some(Exit::Aborted)
+    }
+
+    /// Resolves once the daemon stopped serving by itself (aborted or wedged).
+    pub(super) async fn stopped_serving(&self) {
+        let mut exit = self.exit.subscribe();
+        let mut wedged = self.wedged.subscribe();
+        tokio::select! {
+            _ = exit.wait_for(|e| *e == Some(Exit::Aborted)) => {}
+            _ = wedged.wait_for(|w| *w) => {}
+        }
+    }
+
+    /// Resolves when the daemon ends by itself (never for a wedge).
+    pub(super) async fn exited(&self) -> Exit {
+        let mut rx = self.exit.subscribe();
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.unwrap_or(Exit::Shutdown),
+            Err(_) => Exit::Shutdown,
+        }
+    }
+
+    /// Why the daemon ended by itself, if it did ([`Exit::SettingsChanged`], [`Exit::Aborted`]).
+    pub fn exit_reason(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Whether the daemon wedged (see [`SimConfig::set_wedges_if_busy`]).
+    pub fn is_wedged(&self) -> bool {
+        *self.wedged.borrow()
+    }
+
+    /// Records the socket file the server bound.
+    pub(super) fn set_socket(&self, socket: OwnedSocket) {
+        let _ = self.socket.set(socket);
+    }
+
+    /// The socket file the server bound.
+    pub(super) fn owned_socket(&self) -> Option<&OwnedSocket> {
+        self.socket.get()
+    }
+
+    /// Marks the simulator shut down (calls left hanging by a wedge end).
+    pub(super) fn mark_shut(&self) {
+        self.shut.send_replace(true);
+    }
+
+    /// Resolves once the simulator is shut down.
+    pub(super) async fn shut_down(&self) {
+        let mut rx = self.shut.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     pub(super) fn emit(&self, op: &'static str, instance: &str, kind: EventKind) {
@@ -579,6 +774,10 @@ impl Daemon {
 
     /// Fault injection: `--fail OP` always, `--fail-rate P` at random for mutating calls.
     fn maybe_fail(&self, op: &'static str) -> Result<(), Status> {
+        if self.cfg.fail_mode == FailMode::Abort {
+            // Decided when the call arrived (see `aborts`).
+            return Ok(());
+        }
         if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
             return Err(Status::internal(format!(
                 "simulated failure of {op} (--fail {op})"
@@ -593,16 +792,50 @@ impl Daemon {
         Ok(())
     }
 
+    /// Where an instance keeps its SSH host key (made at its first boot; a cold boot after
+    /// the daemon was killed makes a new one).
+    fn host_key_path(&self, name: &str) -> PathBuf {
+        self.dir(name).join("ssh_host_ed25519_key")
+    }
+
+    /// Opens the instance's SSH endpoint: its own host key, and a port it never had before
+    /// (a restarted multipassd's instances come back on new ports).
     async fn open_endpoint(&self, name: &str) -> Result<(), Status> {
         if self.cfg.ssh_target.is_some() {
             return Ok(());
         }
-        let root = self.root(name);
-        let ep = SshEndpoint::start(root, self.keys.clone(), 0)
+        let err = |e: std::io::Error| {
+            Status::internal(format!("cannot open the SSH endpoint of {name}: {e}"))
+        };
+        let key_path = self.host_key_path(name);
+        tokio::fs::create_dir_all(self.dir(name))
             .await
-            .map_err(|e| {
-                Status::internal(format!("cannot open the SSH endpoint of {name}: {e}"))
-            })?;
+            .map_err(err)?;
+        let host_key =
+            tokio::task::spawn_blocking(move || super::ssh::instance_host_key(&key_path))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(err)?;
+        let last = self
+            .st()?
+            .instances
+            .get(name)
+            .map(|i| i.last_ssh_port)
+            .unwrap_or(0);
+        let root = self.root(name);
+        let mut ep =
+            SshEndpoint::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0)
+                .await
+                .map_err(err)?;
+        if ep.port() == last {
+            // The kernel handed back the old port: take another while holding this one.
+            let other = SshEndpoint::start_with_host_key(root, self.keys.clone(), host_key, 0)
+                .await
+                .map_err(err)?;
+            ep.shutdown().await;
+            ep = other;
+        }
+        let port = ep.port();
         let old = self
             .endpoints
             .lock()
@@ -611,7 +844,10 @@ impl Daemon {
         if let Some(old) = old {
             old.shutdown().await;
         }
-        Ok(())
+        if let Some(i) = self.st()?.instances.get_mut(name) {
+            i.last_ssh_port = port;
+        }
+        self.save()
     }
 
     async fn close_endpoint(&self, name: &str) {
@@ -642,30 +878,45 @@ impl Daemon {
     }
 
     /// Like multipassd after a restart: resumes instances that were running or suspended.
-    pub async fn resume_after_restart(self: &Arc<Self>) {
-        let names: Vec<(String, VmState)> = match self.st() {
+    pub async fn resume_after_restart(self: &Arc<Self>, killed: bool) {
+        let plans: Vec<(String, StartPlan, bool)> = match self.st() {
             Ok(mut st) => st
                 .instances
                 .values_mut()
                 .filter(|i| !i.deleted && i.state != VmState::Stopped)
                 .map(|i| {
-                    // Whatever was in flight when we went down settles first.
-                    i.state = match i.state {
-                        VmState::Suspended | VmState::Suspending => VmState::Suspended,
-                        _ => VmState::Stopped,
+                    // A suspended instance resumes from its suspend image, unless the daemon
+                    // was killed: then the image is lost and it boots cold. Whatever else was
+                    // running or in flight boots.
+                    let suspended = matches!(i.state, VmState::Suspended | VmState::Suspending);
+                    let plan = if suspended && !killed {
+                        StartPlan::Resume
+                    } else {
+                        StartPlan::Boot
                     };
-                    (i.name.clone(), i.state)
+                    i.state = VmState::Starting;
+                    (i.name.clone(), plan, suspended)
                 })
                 .collect(),
             Err(_) => return,
         };
-        if names.is_empty() {
+        if plans.is_empty() {
             return;
         }
+        for (name, plan, suspended) in &plans {
+            if *suspended && *plan == StartPlan::Boot {
+                // A suspended guest booted cold makes new SSH host keys (reference §0.3).
+                let _ = std::fs::remove_file(self.host_key_path(name));
+            }
+        }
         let _ = self.save();
-        for (name, _) in names {
-            if let Err(e) = self.start_one(&name).await {
-                tracing::warn!(instance = %name, "auto-resume after restart failed: {}", e.message());
+        for (name, plan, _) in plans {
+            match self.run_start("autostart", &name, plan).await {
+                Ok(()) => self.emit("autostart", &name, EventKind::Done),
+                Err(e) => {
+                    tracing::warn!(instance = %name, "auto-start after restart failed: {}", e.message());
+                    self.emit("autostart", &name, EventKind::Failed(e.code()));
+                }
             }
         }
     }
@@ -1115,19 +1366,29 @@ impl Daemon {
             }
             plan
         };
+        self.run_start("start", name, plan).await
+    }
+
+    /// Boots or resumes an instance already marked Starting (or joins a start in progress).
+    /// `op` names the work for events and fault injection (`start`, or `autostart` after a
+    /// daemon restart).
+    async fn run_start(&self, op: &'static str, name: &str, plan: StartPlan) -> Result<(), Status> {
         match plan {
             StartPlan::Boot => {
-                self.emit("start", name, EventKind::Working);
-                self.work("start", name, self.profile.boot).await;
+                self.emit(op, name, EventKind::Working);
+                self.work(guest_wait(op), name, self.profile.boot).await;
+                self.come_up(name).await
             }
             StartPlan::Resume => {
-                self.emit("start", name, EventKind::Working);
-                self.work("start", name, self.profile.resume).await;
+                self.emit(op, name, EventKind::Working);
+                self.work(guest_wait(op), name, self.profile.resume).await;
+                self.still_starting(name)?;
                 self.open_endpoint(name).await?;
                 // multipassd syncs the guest clock over SSH after a resume, on its main thread.
-                let _g = self.main_thread("start", name).await;
-                self.work("start", name, self.profile.clock_sync).await;
-                return self.set_state(name, VmState::Running);
+                let _g = self.main_thread(op, name).await;
+                self.work(op, name, self.profile.clock_sync).await;
+                self.still_starting(name)?;
+                self.set_state(name, VmState::Running)
             }
             StartPlan::Join => {
                 let mut rx = self.changed.subscribe();
@@ -1144,8 +1405,23 @@ impl Daemon {
                     let _ = rx.changed().await;
                 }
             }
-            StartPlan::Nothing | StartPlan::CancelShutdown => return Ok(()),
+            StartPlan::Nothing | StartPlan::CancelShutdown => Ok(()),
         }
+    }
+
+    /// Refuses to finish a start that was overtaken (a forced stop or a delete meanwhile).
+    fn still_starting(&self, name: &str) -> Result<(), Status> {
+        match self.operative(name)?.state {
+            VmState::Starting => Ok(()),
+            _ => Err(Status::failed_precondition(format!(
+                "instance {name} stopped while starting"
+            ))),
+        }
+    }
+
+    /// The guest answers over SSH: a new endpoint, Running.
+    async fn come_up(&self, name: &str) -> Result<(), Status> {
+        self.still_starting(name)?;
         self.open_endpoint(name).await?;
         self.set_state(name, VmState::Running)
     }
@@ -1723,9 +1999,45 @@ impl Daemon {
             }
         }
         self.save()?;
+        let others = self.calls_in_flight().saturating_sub(1);
         call.send(pb::SetReply::default()).await;
-        self.restart.send_replace(true);
+        if others > 0 && self.cfg.set_wedges_if_busy {
+            // Once this call has ended (its reply and trailers are out), as multipassd's.
+            if let Ok(mut w) = self.pending_wedge.lock() {
+                *w = Some(others);
+            }
+        } else {
+            self.exit.send_if_modified(|e| {
+                let first = e.is_none();
+                if first {
+                    *e = Some(Exit::SettingsChanged);
+                }
+                first
+            });
+        }
         Ok(())
+    }
+
+    /// Wedges the daemon if a `set` that just ended asked for it.
+    pub(super) fn wedge_if_pending(&self) {
+        let others = self.pending_wedge.lock().ok().and_then(|mut w| w.take());
+        if let Some(others) = others {
+            self.wedge(others);
+        }
+    }
+
+    /// What multipassd did when a setting changed while another call was in flight (reference
+    /// §0.3): its socket disappears, it never exits, and nothing answers any more.
+    fn wedge(&self, others: usize) {
+        tracing::warn!(
+            others,
+            "a setting changed with calls in flight: wedged (socket gone, process alive), as multipassd"
+        );
+        self.emit("set", "", EventKind::Wedged);
+        if let Some(socket) = self.owned_socket() {
+            socket.remove();
+        }
+        self.wedged.send_replace(true);
     }
 
     /// keys

@@ -94,14 +94,30 @@ impl Service {
         }
         let (tx, rx) = mpsc::channel(16);
         let daemon = self.daemon.clone();
-        let out = Replier::new(tx, op, daemon.log_lines(), daemon.event_sender());
+        let out = Replier::new(tx, op, &daemon);
+        if daemon.aborts(op) {
+            tokio::spawn(async move {
+                // multipassd's logger writes into the call as its handler does, and the
+                // process dies on the assertion: the client has the stream open, then the
+                // connection is gone.
+                out.log_anyway("writing the reply").await;
+                daemon.abort(op).await;
+                // Keep the stream open until the connection is cut (or the simulator ends).
+                daemon.shut_down().await;
+                drop(out);
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         tokio::spawn(async move {
+            let _in_flight = daemon.call_started();
             let call = Call::new(out.clone(), incoming);
             match handler(daemon.clone(), call, req, cert).await {
                 Ok(()) => {
                     // The daemon's logger may write into the call after the answer, too.
                     out.log("call finished").await;
-                    daemon.emit(op, "", EventKind::Done)
+                    daemon.emit(op, "", EventKind::Done);
+                    drop(out);
+                    daemon.wedge_if_pending();
                 }
                 Err(status) => {
                     out.log("call failed").await;

@@ -156,6 +156,16 @@ impl SshKeys {
     }
 }
 
+/// Loads the Ed25519 host key at `path`, or generates one there (mode 0600): an instance's
+/// own SSH host key, as a guest makes at its first boot. Blocks (file I/O).
+pub fn instance_host_key(path: &Path) -> io::Result<PrivateKey> {
+    let (_, key) = load_or_generate(path, || {
+        let pair = Ed25519Keypair::random(&mut KeyRng(rand::rng()));
+        PrivateKey::new(KeypairData::from(pair), "mpool-sim-instance").map_err(invalid_data)
+    })?;
+    Ok(key)
+}
+
 /// Adapts rand 0.9's thread RNG (a CSPRNG) to the rand_core 0.10 traits ssh-key wants.
 struct KeyRng(rand::rngs::ThreadRng);
 
@@ -277,13 +287,25 @@ struct Ctx {
 
 impl SshEndpoint {
     /// Starts listening on 127.0.0.1 (port 0 = any free port) serving `root` (created if
-    /// missing).
+    /// missing), with the shared host key of `keys`.
     pub async fn start(root: PathBuf, keys: Arc<SshKeys>, port: u16) -> io::Result<SshEndpoint> {
+        let host_key = keys.host_key.clone();
+        SshEndpoint::start_with_host_key(root, keys, host_key, port).await
+    }
+
+    /// [`SshEndpoint::start`] with this host key (each simulated instance has its own, see
+    /// [`instance_host_key`]).
+    pub async fn start_with_host_key(
+        root: PathBuf,
+        keys: Arc<SshKeys>,
+        host_key: PrivateKey,
+        port: u16,
+    ) -> io::Result<SshEndpoint> {
         tokio::fs::create_dir_all(&root).await?;
         let root = tokio::fs::canonicalize(&root).await?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
         let port = listener.local_addr()?.port();
-        let config = Arc::new(server_config(&keys));
+        let config = Arc::new(server_config(host_key));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tracker_tx, done_rx) = mpsc::channel(1);
         let accepted = Arc::new(AtomicU64::new(0));
@@ -372,14 +394,14 @@ impl Drop for SshEndpoint {
     }
 }
 
-fn server_config(keys: &SshKeys) -> russh::server::Config {
+fn server_config(host_key: PrivateKey) -> russh::server::Config {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     russh::server::Config {
         methods,
         auth_rejection_time: Duration::from_millis(100),
         auth_rejection_time_initial: Some(Duration::ZERO),
-        keys: vec![keys.host_key.clone()],
+        keys: vec![host_key],
         // Connections are pooled and may idle for long; dead peers are found by keepalives.
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
