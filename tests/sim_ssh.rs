@@ -903,3 +903,91 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
     })
     .await
 }
+
+/// Swaps two directory entries atomically (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: valid NUL-terminated paths; renameat2 has no other preconditions.
+    unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
+    within(async {
+        let sim = Sim::start().await;
+        let root = sim.root();
+        let outside = sim.dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret.txt"), b"OUTSIDE").unwrap();
+        std::fs::create_dir(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/secret.txt"), b"inside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("decoy")).unwrap();
+        assert!(
+            exchange(&root.join("dir"), &root.join("decoy")),
+            "renameat2(RENAME_EXCHANGE) is needed for this test"
+        );
+        assert!(exchange(&root.join("dir"), &root.join("decoy")));
+
+        // A task in the VM flips `dir` between the real directory and a link out of the VM,
+        // as fast as it can, while the client reads `dir/secret.txt`.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flips = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let swapper = {
+            let (stop, flips, root) = (stop.clone(), flips.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if exchange(&root.join("dir"), &root.join("decoy")) {
+                        flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let ssh = sim.connect().await;
+        let sftp = sftp(&ssh).await;
+        let (mut inside, mut refused) = (0u32, 0u32);
+        for _ in 0..3000 {
+            match sftp.read("dir/secret.txt").await {
+                Ok(data) => {
+                    assert_ne!(
+                        data, b"OUTSIDE",
+                        "read a file outside the instance through a swapped-in symlink"
+                    );
+                    inside += 1;
+                }
+                Err(_) => refused += 1,
+            }
+            // Writes too must never land outside.
+            if let Ok(mut f) = sftp.create("dir/written.txt").await {
+                let _ = f.write_all(b"x").await;
+                let _ = f.shutdown().await;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(
+            !outside.join("written.txt").exists(),
+            "a write landed outside the instance"
+        );
+        assert!(
+            flips.load(std::sync::atomic::Ordering::Relaxed) > 0 && inside > 0,
+            "the race ran ({inside} reads inside, {refused} refused)"
+        );
+        sim.endpoint.shutdown().await;
+    })
+    .await
+}

@@ -5,6 +5,7 @@
 //! It replaces only multipassd, and only because multipassd cannot run on our machines: when
 //! the protocol reference says multipassd behaves a way, the simulator behaves that way.
 
+pub mod beneath;
 mod daemon;
 pub mod images;
 pub mod rules;
