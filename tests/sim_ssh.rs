@@ -991,3 +991,39 @@ async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
     })
     .await
 }
+
+#[tokio::test]
+async fn shutdown_kills_processes_however_they_detached() {
+    within(async {
+        let sim = Sim::start().await;
+        let ssh = sim.connect().await;
+        // A setsid'd loop, a double-forked daemon and a nohup'd sleep: none is in the
+        // command's process group, and two are not even below its process.
+        let out = exec(
+            &ssh,
+            "setsid sh -c 'echo $$ > setsid.pid; while :; do sleep 1; done' </dev/null >/dev/null 2>&1 &
+             (sh -c 'echo $$ > daemon.pid; exec sleep 1000' </dev/null >/dev/null 2>&1 &) ;
+             nohup sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > nohup.pid",
+        )
+        .await;
+        assert_eq!(out.status, Some(0), "{}", out.stderr());
+        let root = sim.root();
+        eventually("the pid files", Duration::from_secs(20), || {
+            ["setsid.pid", "daemon.pid", "nohup.pid"].iter().all(|f| read_pid(&root.join(f)).is_some())
+        })
+        .await;
+        let pids: Vec<u32> = ["setsid.pid", "daemon.pid", "nohup.pid"]
+            .iter()
+            .map(|f| read_pid(&root.join(f)).unwrap())
+            .collect();
+        for pid in &pids {
+            assert!(process_running(*pid), "{pid} runs after its command ended, as under sshd");
+        }
+        sim.endpoint.shutdown().await;
+        // shutdown returns once every process of the instance is gone.
+        for pid in &pids {
+            assert!(!process_running(*pid), "process {pid} survived the instance's stop");
+        }
+    })
+    .await
+}

@@ -13,6 +13,7 @@ mod server;
 mod service;
 pub mod ssh;
 pub mod trust;
+pub mod vm_processes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

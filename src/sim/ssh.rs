@@ -27,11 +27,11 @@ use std::fmt;
 use std::fs::{File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,9 +53,9 @@ use russh_sftp::protocol::{
 use russh_sftp::server::StatusReply;
 
 use super::beneath::{Confined, OpenMode};
+use super::vm_processes::{Command as VmCommand, Supervised, VmSupervisor};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdin};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -252,7 +252,8 @@ pub struct SshEndpoint {
     accepted: Arc<AtomicU64>,
     shutdown_tx: watch::Sender<bool>,
     stop: tokio::sync::Mutex<Option<StopState>>,
-    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
+    /// The instance's processes (see [`super::vm_processes`]).
+    processes: Arc<VmSupervisor>,
 }
 
 impl fmt::Debug for SshEndpoint {
@@ -283,8 +284,8 @@ struct Ctx {
     /// Canonical absolute path of the instance's root directory.
     root: PathBuf,
     keys: Arc<SshKeys>,
-    /// Processes that finished commands left running; killed by `shutdown`.
-    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
+    /// Starts the commands; everything they start dies with the endpoint.
+    processes: Arc<VmSupervisor>,
 }
 
 impl SshEndpoint {
@@ -311,11 +312,11 @@ impl SshEndpoint {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tracker_tx, done_rx) = mpsc::channel(1);
         let accepted = Arc::new(AtomicU64::new(0));
-        let leftovers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let processes = Arc::new(VmSupervisor::start()?);
         let ctx = Arc::new(Ctx {
             root,
             keys,
-            leftovers: leftovers.clone(),
+            processes: processes.clone(),
         });
         info!(port, root = %ctx.root.display(), "ssh endpoint listening");
         let accept_task = tokio::spawn(accept_loop(
@@ -334,7 +335,7 @@ impl SshEndpoint {
                 accept_task,
                 done_rx,
             })),
-            leftovers,
+            processes,
         })
     }
 
@@ -352,10 +353,11 @@ impl SshEndpoint {
     /// Stops listening, closes every session and kills every running command (whole process
     /// group). Idempotent.
     ///
-    /// Processes that finished commands left behind (`nohup server &`: sshd lets them run,
-    /// and so does the endpoint while it is up) are killed too, as they die with a stopped
-    /// VM. Returns once the port is closed and the sessions and commands have ended (or,
-    /// should something hang, after a bounded wait).
+    /// Every process the instance's commands started is killed too, however it detached
+    /// (`nohup server &`, `setsid`, a double fork: sshd lets them run, and so does the endpoint
+    /// while it is up), as they die with a stopped VM (see [`super::vm_processes`]). Returns
+    /// once the port is closed and the sessions and processes have ended (or, should
+    /// something hang, after a bounded wait).
     pub async fn shutdown(&self) {
         self.shutdown_tx.send_replace(true);
         let mut stop = self.stop.lock().await;
@@ -364,6 +366,10 @@ impl SshEndpoint {
         };
         if let Err(e) = (&mut state.accept_task).await {
             warn!(port = self.port, "ssh accept loop failed: {e}");
+        }
+        // A stopped VM's processes all die at once, however they detached.
+        if let Err(e) = self.processes.kill_all().await {
+            warn!(port = self.port, "killing the instance's processes: {e}");
         }
         if tokio::time::timeout(SHUTDOWN_WAIT, state.done_rx.recv())
             .await
@@ -374,16 +380,9 @@ impl SshEndpoint {
                 "ssh endpoint tasks still running after shutdown wait"
             );
         }
-        let leftovers = std::mem::take(&mut *lock_leftovers(&self.leftovers));
-        if !leftovers.is_empty() {
-            let killed =
-                tokio::task::spawn_blocking(move || leftovers.iter().filter(|p| p.kill()).count())
-                    .await
-                    .unwrap_or(0);
-            debug!(
-                port = self.port,
-                killed, "killed processes left by commands"
-            );
+        // Anything a command started while its session wound down.
+        if let Err(e) = self.processes.kill_all().await {
+            warn!(port = self.port, "killing the instance's processes: {e}");
         }
         info!(port = self.port, "ssh endpoint stopped");
     }
@@ -885,7 +884,7 @@ fn signal_group(pgid: i32, signal: i32) -> bool {
 }
 
 /// SIGTERM to the group, SIGKILL after [`KILL_GRACE`] if anything is left, leader reaped.
-async fn terminate_group(pgid: i32, child: &mut Child, leader_exited: bool) {
+async fn terminate_group(pgid: i32, child: &mut Supervised, leader_exited: bool) {
     signal_group(pgid, libc::SIGTERM);
     let deadline = tokio::time::Instant::now() + KILL_GRACE;
     if !leader_exited {
@@ -901,104 +900,6 @@ async fn terminate_group(pgid: i32, child: &mut Child, leader_exited: bool) {
             .is_err()
     {
         warn!(pgid, "command did not exit after SIGKILL");
-    }
-}
-
-/// A process a finished command left running, identified beyond pid reuse by its start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Leftover {
-    pid: i32,
-    /// The process group of the command that started it.
-    pgid: i32,
-    /// Start time in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
-    start: u64,
-}
-
-impl Leftover {
-    /// Whether the process still runs (a zombie counts as gone).
-    fn alive(&self) -> bool {
-        proc_stat(self.pid).is_some_and(|st| st.start == self.start && st.state != 'Z')
-    }
-
-    /// SIGKILLs the process, and its command's process group if it is still in it (which
-    /// gets what it spawned since). True if it was still running.
-    fn kill(&self) -> bool {
-        let Some(st) = proc_stat(self.pid) else {
-            return false;
-        };
-        if st.start != self.start || st.state == 'Z' {
-            return false;
-        }
-        if st.pgrp == self.pgid {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-        if self.pid > 1 {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        }
-        true
-    }
-}
-
-/// What the endpoint needs from `/proc/<pid>/stat`.
-struct ProcStat {
-    state: char,
-    pgrp: i32,
-    start: u64,
-}
-
-fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after the last ')'.
-    let rest = text.get(text.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat {
-        state: fields.first()?.chars().next()?,
-        pgrp: fields.get(2)?.parse().ok()?,
-        start: fields.get(19)?.parse().ok()?,
-    })
-}
-
-/// The running processes of process group `pgid`.
-fn group_members(pgid: i32) -> Vec<Leftover> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let st = proc_stat(pid)?;
-            (st.pgrp == pgid && st.state != 'Z').then_some(Leftover {
-                pid,
-                pgid,
-                start: st.start,
-            })
-        })
-        .collect()
-}
-
-fn lock_leftovers(
-    leftovers: &std::sync::Mutex<Vec<Leftover>>,
-) -> std::sync::MutexGuard<'_, Vec<Leftover>> {
-    leftovers
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Remembers what a finished command left running in its process group.
-async fn record_leftovers(pgid: i32, leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>) {
-    if !signal_group(pgid, 0) {
-        return; // The common case: nothing left.
-    }
-    let recorded = tokio::task::spawn_blocking(move || {
-        let found = group_members(pgid);
-        let mut list = lock_leftovers(&leftovers);
-        list.retain(Leftover::alive);
-        list.extend(found.iter().copied());
-        found.len()
-    })
-    .await;
-    if let Ok(count) = recorded {
-        debug!(pgid, count, "command left processes running");
     }
 }
 
@@ -1128,7 +1029,7 @@ async fn pump(
 
 /// Writes queued channel data to the child's stdin; closes stdin when the queue closes.
 async fn feed_stdin(
-    mut stdin: ChildStdin,
+    mut stdin: tokio::net::unix::pipe::Sender,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     flow: Arc<StdinFlow>,
 ) {
@@ -1180,23 +1081,32 @@ async fn run_exec(
 ) {
     let id = tx.id();
     debug!(command = %String::from_utf8_lossy(&command), "ssh exec");
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(OsString::from_vec(command))
-        .current_dir(&ctx.root)
-        .env_clear()
-        .env("HOME", &ctx.root)
-        .env("USER", USER)
-        .env("LOGNAME", USER)
-        .env("SHELL", "/bin/sh")
-        .env("PATH", PATH_ENV)
-        .envs(env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
-    let mut child = match cmd.spawn() {
+    let var = |k: &str, v: &std::ffi::OsStr| {
+        let mut kv = OsString::from(k);
+        kv.push("=");
+        kv.push(v);
+        kv
+    };
+    let mut vars = vec![
+        var("HOME", ctx.root.as_os_str()),
+        var("USER", USER.as_ref()),
+        var("LOGNAME", USER.as_ref()),
+        var("SHELL", "/bin/sh".as_ref()),
+        var("PATH", PATH_ENV.as_ref()),
+    ];
+    for (k, v) in env {
+        // A later definition of a name replaces an earlier one, as with `Command::envs`.
+        let prefix = format!("{k}=");
+        vars.retain(|kv| !kv.as_bytes().starts_with(prefix.as_bytes()));
+        vars.push(var(&k, v.as_ref()));
+    }
+    let cmd = VmCommand {
+        program: "/bin/sh".into(),
+        args: vec!["sh".into(), "-c".into(), OsString::from_vec(command)],
+        env: vars,
+        cwd: ctx.root.clone(),
+    };
+    let mut child = match ctx.processes.spawn(&cmd).await {
         Ok(child) => child,
         Err(e) => {
             warn!("cannot start command: {e}");
@@ -1208,10 +1118,7 @@ async fn run_exec(
             return;
         }
     };
-    let pgid = child
-        .id()
-        .and_then(|pid| i32::try_from(pid).ok())
-        .unwrap_or(0);
+    let pgid = child.pid;
     let mut guard = GroupGuard { pgid, armed: true };
 
     let flow = Arc::new(StdinFlow::default());
@@ -1254,13 +1161,7 @@ async fn run_exec(
         }
         tokio::select! {
             status = child.wait(), if exit.is_none() => {
-                exit = Some(match status {
-                    Ok(status) => Exit::from(status),
-                    Err(e) => {
-                        warn!("waiting for command failed: {e}");
-                        Exit::Code(255)
-                    }
-                });
+                exit = Some(Exit::from(status));
                 // Nobody reads stdin any more (background jobs excepted): close it.
                 stdin_queue = None;
                 pending = None;
@@ -1329,7 +1230,8 @@ async fn run_exec(
             }
             let _ = tx.eof().await;
             let _ = tx.close().await;
-            record_leftovers(pgid, ctx.leftovers.clone()).await;
+            // What it left running in the background keeps running, as under sshd, until
+            // the instance stops (its supervisor then kills it).
         }
         ExecEnd::ClientGone | ExecEnd::Shutdown => {
             debug!(
@@ -1825,28 +1727,6 @@ mod tests {
         assert!(matches!(sig_from_number(libc::SIGTERM), Sig::TERM));
         assert!(matches!(sig_from_number(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
         assert_eq!(crate::ssh::signal_name(&Sig::INT), "INT");
-    }
-
-    #[test]
-    fn proc_stat_parses_own_process() {
-        let me = i32::try_from(std::process::id()).unwrap();
-        let st = proc_stat(me).unwrap();
-        assert_ne!(st.state, 'Z');
-        // SAFETY: getpgrp(2) has no preconditions.
-        assert_eq!(st.pgrp, unsafe { libc::getpgrp() });
-        assert!(st.start > 0);
-        assert!(group_members(st.pgrp).iter().any(|p| p.pid == me));
-        let leftover = Leftover {
-            pid: me,
-            pgid: st.pgrp,
-            start: st.start,
-        };
-        assert!(leftover.alive());
-        let other = Leftover {
-            start: st.start + 1,
-            ..leftover
-        };
-        assert!(!other.alive(), "a reused pid must not match");
     }
 
     #[test]
