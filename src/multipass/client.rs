@@ -510,11 +510,14 @@ impl Client {
                 (d.address.clone(), Some(d))
             }
         };
+        super::startup::mark("open");
         let identity = trust::load_identity(&opts.identity, &opts.data_dir)?;
+        super::startup::mark("identity-loaded");
         let failures = trust::TrustFailureSlot::default();
         let (verifier, _) =
             trust::checked_server_verifier(&opts.verification, &address, failures.clone())?;
         let tls = Arc::new(trust::client_config(identity, verifier)?);
+        super::startup::mark("tls-config-built");
         let channel = channel(&address, tls, opts.connect_timeout, &failures)
             .await
             .map_err(|e| match (e, &discovered) {
@@ -1454,11 +1457,15 @@ async fn channel(
     let svc = tower::service_fn(move |_: Uri| {
         let (connector, server_name, addr) = (connector.clone(), server_name.clone(), addr.clone());
         async move {
+            super::startup::mark("socket-connect");
             let tls = match &addr {
                 DaemonAddress::Unix(path) => {
                     let s = tokio::net::UnixStream::connect(path).await?;
-                    tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?)
-                        .into_boxed()
+                    super::startup::mark("socket-connected");
+                    let t = tokio_rustls::TlsStream::from(connector.connect(server_name, s).await?)
+                        .into_boxed();
+                    super::startup::mark("tls-handshake-done");
+                    t
                 }
                 DaemonAddress::Tcp { host, port } => {
                     let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;

@@ -9,6 +9,7 @@ mod client;
 mod error;
 mod image;
 pub mod reach;
+pub mod startup;
 pub mod trust;
 mod version;
 
