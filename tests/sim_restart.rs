@@ -56,9 +56,7 @@ async fn restart(
     how: Stop,
     tweak: impl FnOnce(&mut mpool::sim::SimConfig),
 ) -> TestSim {
-    let TestSim { dir, sim } = ts;
-    let sim = sim.restart_with(how, tweak).await.expect("restarted");
-    TestSim { dir, sim }
+    ts.restart(how, tweak).await
 }
 
 #[tokio::test]

@@ -42,6 +42,19 @@ impl TestSim {
         Client::connect(self.options(who)).await.expect("client connects")
     }
 
+    /// Restarts the simulator on the same state dir and socket, as multipassd's service
+    /// manager would: `Stop::Graceful` after a clean stop, `Stop::Killed` after `kill -9` (or an
+    /// abort). Instances that were running or suspended come back through Starting, on new SSH
+    /// ports; after a kill, suspended ones cold-boot with new SSH host keys. `tweak` adjusts
+    /// the new simulator's config, e.g. `c.hang_ops = vec!["autostart".into()]` holds the
+    /// auto-started instances in Starting until `daemon().set_hang("autostart", false)`.
+    /// See `mpool::sim::Simulator::restart_with`.
+    pub async fn restart(self, how: mpool::sim::Stop, tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
+        let TestSim { dir, sim } = self;
+        let sim = sim.restart_with(how, tweak).await.expect("simulator restarts");
+        TestSim { dir, sim }
+    }
+
     /// The instance's root directory on the host.
     pub fn root(&self, name: &str) -> PathBuf {
         self.sim.daemon().root(name)
