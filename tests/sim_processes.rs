@@ -10,6 +10,22 @@ use std::time::{Duration, Instant};
 use common::sim::TestSim;
 use mpool::multipass::{Client, LaunchOptions, Names};
 
+/// Kills a test's process when dropped, so a failing test leaves nothing behind (only if the
+/// pid still runs a command of ours: it may have been reused).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let ours = std::fs::read(format!("/proc/{}/cmdline", self.0)).is_ok_and(|c| {
+            c.starts_with(b"sh\0-c\0echo $$ > writer.pid") || c.starts_with(b"sleep\01000")
+        });
+        if ours {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
@@ -74,6 +90,7 @@ async fn a_forced_stop_kills_what_a_task_left_behind_with_setsid() {
 
     // Tenant A leaves a writer behind, detached from everything it was started with.
     let pid = detached_writer(&ts, &c, vm).await;
+    let _cleanup = KillOnDrop(pid);
     assert!(running(pid), "the writer runs after A's command ended");
 
     // The pool resets the VM: forced stop, restore, start.
@@ -131,6 +148,7 @@ fn a_killed_simulator_takes_its_vms_processes_with_it() {
         .trim()
         .parse()
         .expect("a pid");
+    let _cleanup = KillOnDrop(pid);
     assert!(running(pid));
     sim.kill().unwrap();
     sim.wait().unwrap();

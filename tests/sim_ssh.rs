@@ -945,7 +945,16 @@ async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
 
         // A task in the VM flips `dir` between the real directory and a link out of the VM,
         // as fast as it can, while the client reads `dir/secret.txt`.
+        /// Stops the swapper however the test ends (a failed assertion must not leave it
+        /// spinning on a core other tests need).
+        struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _stop_swapper = StopOnDrop(stop.clone());
         let flips = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let swapper = {
             let (stop, flips, root) = (stop.clone(), flips.clone(), root.clone());
@@ -1016,6 +1025,22 @@ async fn shutdown_kills_processes_however_they_detached() {
             .iter()
             .map(|f| read_pid(&root.join(f)).unwrap())
             .collect();
+        // Should the endpoint fail to, the test does not leave them behind.
+        // (Only pids that still run one of these commands: a pid may have been reused.)
+        struct KillOnDrop(Vec<u32>);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                for pid in &self.0 {
+                    let ours = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.contains("sleep") || c.contains("setsid.pid"));
+                    if ours {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let _cleanup = KillOnDrop(pids.clone());
         for pid in &pids {
             assert!(process_running(*pid), "{pid} runs after its command ended, as under sshd");
         }

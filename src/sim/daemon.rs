@@ -2153,19 +2153,25 @@ fn image_id(image: &str) -> String {
 const GUEST_IPV4: &str = "127.0.0.1";
 
 /// Bytes used by a directory tree (what `df` inside the guest would count); unreadable parts
-/// count as empty.
+/// count as empty. Iterative: a task's deep directory nesting cannot exhaust the stack.
 fn tree_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_size(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
-        })
-        .sum()
+    let mut total = 0u64;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    total = total.saturating_add(e.metadata().map(|m| m.len()).unwrap_or(0))
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {
