@@ -17,7 +17,7 @@ struct KillOnDrop(u32);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let ours = std::fs::read(format!("/proc/{}/cmdline", self.0)).is_ok_and(|c| {
-            c.starts_with(b"sh\0-c\0echo $$ > writer.pid") || c.starts_with(b"sleep\01000")
+            c.starts_with(b"sh\0-c\0echo $$ > writer.pid") || c.starts_with(b"sleep\x001000")
         });
         if ours {
             // SAFETY: kill has no memory preconditions.
