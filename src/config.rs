@@ -88,6 +88,10 @@ pub struct DaemonConfig {
     /// `blocking_call_timeout` (default 120s): deadline of calls that take the daemon's lock or
     /// boot a VM (stop, suspend, snapshot, restore, clone, delete, start, launch).
     pub blocking_call_timeout: Duration,
+    /// `max_in_flight` (default 8, 1-256): daemon calls mpool has open at once; more wait for a
+    /// slot (within their deadline). Few calls in flight narrow multipassd's abort when a log
+    /// line races a handler (reference §0.3).
+    pub max_in_flight: usize,
 }
 
 impl Default for DaemonConfig {
@@ -104,6 +108,7 @@ impl Default for DaemonConfig {
             data_dir: None,
             call_timeout: Duration::from_secs(30),
             blocking_call_timeout: Duration::from_secs(120),
+            max_in_flight: crate::multipass::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -280,7 +285,9 @@ impl fmt::Display for ResetStrategy {
 pub struct PoolConfig {
     /// `name` (required): `[a-z][a-z0-9-]*`, at most [`MAX_POOL_NAME_LEN`] characters, unique.
     pub name: String,
-    /// `image` (default `24.04`): the Multipass image to launch.
+    /// `image` (default `24.04`): the Multipass image to launch, as multipass takes it:
+    /// `[remote:]image` (`daily:noble`, an alias, a blueprint), `file:///path` or an
+    /// `http(s)://` URL.
     pub image: String,
     /// `cpus` (default 1, at least 1).
     pub cpus: u32,
@@ -575,6 +582,7 @@ struct RawDaemon {
     data_dir: Field<String>,
     call_timeout: Field<RawDuration>,
     blocking_call_timeout: Field<RawDuration>,
+    max_in_flight: Field<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -822,6 +830,14 @@ impl Checker<'_> {
                 d.blocking_call_timeout,
                 true,
             ),
+            max_in_flight: match &raw.max_in_flight {
+                None => d.max_in_flight,
+                Some(v) if (1..=256).contains(v.get_ref()) => *v.get_ref() as usize,
+                Some(v) => {
+                    self.fail("daemon.max_in_flight", Some(v.span()), "must be between 1 and 256");
+                    d.max_in_flight
+                }
+            },
         }
     }
 
@@ -1031,6 +1047,8 @@ impl Checker<'_> {
         if let Some(img) = &raw.image {
             if img.get_ref().trim().is_empty() {
                 self.fail(&key("image"), Some(img.span()), "empty; name a Multipass image such as \"24.04\" or remove the key");
+            } else if let Err(e) = crate::multipass::ImageRef::parse(img.get_ref().trim()) {
+                self.fail(&key("image"), Some(img.span()), e.to_string());
             } else {
                 p.image = img.get_ref().trim().to_string();
             }
@@ -1184,11 +1202,18 @@ mod tests {
     const MIN: &str = "[[pools]]\nname = \"ci\"\n";
 
     #[test]
+    fn max_in_flight_is_bounded() {
+        assert_error(&format!("[daemon]\nmax_in_flight = 0\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
+        assert_error(&format!("[daemon]\nmax_in_flight = 1000\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
+    }
+
+    #[test]
     fn minimal_config_defaults() {
         let c = parse(MIN).unwrap();
         assert_eq!(c.daemon, DaemonConfig::default());
         assert_eq!(c.daemon.call_timeout, Duration::from_secs(30));
         assert_eq!(c.daemon.blocking_call_timeout, Duration::from_secs(120));
+        assert_eq!(c.daemon.max_in_flight, crate::multipass::DEFAULT_MAX_IN_FLIGHT);
         assert_eq!(c.daemon.address, None);
         assert!(!c.daemon.insecure_skip_verify && !c.daemon.allow_untested_daemon);
         assert_eq!(c.api.listen, vec![Listen::Unix("/run/mpool/mpool.sock".into())]);
@@ -1241,6 +1266,7 @@ allow_untested_daemon = true
 data_dir = "data"
 call_timeout = "10s"
 blocking_call_timeout = "5m"
+max_in_flight = 3
 
 [api]
 listen = ["unix:mpool.sock", "127.0.0.1:7070", "[::1]:7071"]
@@ -1294,6 +1320,7 @@ reset = "recreate"
         assert_eq!(d.client_key, Some("/cfg/k.pem".into()));
         assert_eq!(d.data_dir, Some("/cfg/data".into()));
         assert!(d.allow_untested_daemon);
+        assert_eq!(d.max_in_flight, 3);
         assert_eq!(d.call_timeout, Duration::from_secs(10));
         assert_eq!(d.blocking_call_timeout, Duration::from_secs(300));
         assert!(matches!(d.server_verification(), ServerVerification::Pin(p) if p == Path::new("/etc/pin.pem")));
@@ -1385,6 +1412,7 @@ reset = "recreate"
         assert_error(&p("readiness_timeout = \"-5s\""), &["readiness_timeout", "negative"]);
         assert_error(&p("idle_timeout = \"15\""), &["idle_timeout", "no unit"]);
         assert_error(&p("image = \" \""), &["pools[0] (\"ci\").image", "empty"]);
+        assert_error(&p("image = \"a:b:c\""), &["pools[0] (\"ci\").image", "[remote:]image"]);
         assert_error(
             &p("cloud_init = \"#cloud-config\"\ncloud_init_file = \"ci.yaml\""),
             &["pools[0] (\"ci\").cloud_init_file", "exclusive"],

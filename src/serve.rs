@@ -61,6 +61,7 @@ pub fn client_options(cfg: &Config, data_dir: PathBuf) -> Result<ClientOptions, 
     };
     o.allow_untested_daemon = cfg.daemon.allow_untested_daemon;
     o.call_timeout = cfg.daemon.call_timeout;
+    o.max_in_flight = cfg.daemon.max_in_flight;
     Ok(o)
 }
 

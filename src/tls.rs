@@ -50,22 +50,33 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn certs_from_pem(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem { what: what.into(), detail: e.to_string() })?;
+        .map_err(|e| TlsError::Pem {
+            what: what.into(),
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem { what: what.into(), detail: "no CERTIFICATE block".into() });
+        return Err(TlsError::Pem {
+            what: what.into(),
+            detail: "no CERTIFICATE block".into(),
+        });
     }
     Ok(certs)
 }
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM text.
 pub fn key_from_pem(what: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|e| TlsError::Pem { what: what.into(), detail: e.to_string() })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
+        what: what.into(),
+        detail: e.to_string(),
+    })
 }
 
 /// Reads a file, naming it in the error.
 pub fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Writes a file readable only by its owner (mode 0600), creating parent directories.
@@ -78,7 +89,10 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
 pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let io_err = |source| TlsError::Io { path: path.display().to_string(), source };
+    let io_err = |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
@@ -109,7 +123,12 @@ impl Signatures {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     /// A TLS 1.3 handshake signature.
@@ -119,7 +138,12 @@ impl Signatures {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     /// The schemes the provider verifies.
@@ -149,9 +173,14 @@ pub fn generate_client_cert() -> Result<PemPair, TlsError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, random_id());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, random_id());
     params.is_ca = IsCa::ExplicitNoCa;
-    Ok(PemPair { cert_pem: params.self_signed(&key)?.pem(), key_pem: key.serialize_pem() })
+    Ok(PemPair {
+        cert_pem: params.self_signed(&key)?.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// A root CA and a server certificate it signed for `server_name`, shaped like multipassd
@@ -162,23 +191,40 @@ pub fn generate_ca_and_server(server_name: &str) -> Result<(PemPair, PemPair), T
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = DistinguishedName::new();
     ca_params.distinguished_name.push(DnType::CountryName, "US");
-    ca_params.distinguished_name.push(DnType::OrganizationName, "Canonical");
-    ca_params.distinguished_name.push(DnType::CommonName, "Multipass Root CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Canonical");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Multipass Root CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages =
-        vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
-    let ca_pair = PemPair { cert_pem: ca.pem(), key_pem: ca.key().serialize_pem() };
+    let ca_pair = PemPair {
+        cert_pem: ca.pem(),
+        key_pem: ca.key().serialize_pem(),
+    };
 
     let leaf_key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(vec![server_name.to_string()])?;
     leaf.distinguished_name = DistinguishedName::new();
     leaf.distinguished_name.push(DnType::CountryName, "US");
-    leaf.distinguished_name.push(DnType::OrganizationName, "Canonical");
-    leaf.distinguished_name.push(DnType::CommonName, server_name);
+    leaf.distinguished_name
+        .push(DnType::OrganizationName, "Canonical");
+    leaf.distinguished_name
+        .push(DnType::CommonName, server_name);
     leaf.is_ca = IsCa::ExplicitNoCa;
     let cert = leaf.signed_by(&leaf_key, &ca)?;
-    Ok((ca_pair, PemPair { cert_pem: cert.pem(), key_pem: leaf_key.serialize_pem() }))
+    Ok((
+        ca_pair,
+        PemPair {
+            cert_pem: cert.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -188,7 +234,12 @@ mod tests {
     #[test]
     fn generated_pairs_parse_back() {
         let client = generate_client_cert().unwrap();
-        assert_eq!(certs_from_pem("client", client.cert_pem.as_bytes()).unwrap().len(), 1);
+        assert_eq!(
+            certs_from_pem("client", client.cert_pem.as_bytes())
+                .unwrap()
+                .len(),
+            1
+        );
         key_from_pem("client key", client.key_pem.as_bytes()).unwrap();
         let (ca, leaf) = generate_ca_and_server("localhost").unwrap();
         assert_ne!(ca.cert_pem, leaf.cert_pem);

@@ -166,7 +166,7 @@ async fn acquire_exec_renew_release_and_listings() {
     let gone = format!("unix:{}", stack.path().join("nothing-here.sock").display());
     let o = mpool(&["--endpoint", &gone, "status"]).await;
     o.expect_code(2, "no server");
-    assert!(o.stderr.contains("cannot reach mpool") && o.stderr.contains("mpool serve"), "{}", o.stderr);
+    assert!(o.stderr.contains(&format!("mpool serve at {gone} is unreachable: no such file")), "{}", o.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,8 +77,10 @@ async fn killed_while_waking_a_vm_for_an_acquire() {
     assert!(pending.await.unwrap().is_err(), "the caller sees the failure");
     stack.sim().daemon().set_hang("start", false);
     stack.start_serve();
+    // The VM being woken is reset; a replacement whose build had begun before the kill resumes
+    // (builds are kept, not thrown away), so the pool may hold max_size VMs for a while.
     let vms = accounted(&stack, 2).await;
-    assert_eq!(vms.len(), 2, "{vms:?}");
+    assert!((2..=3).contains(&vms.len()), "min_ready to max_size VMs, all accounted for: {vms:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -903,3 +903,152 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
     })
     .await
 }
+
+/// Swaps two directory entries atomically (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: valid NUL-terminated paths; renameat2 has no other preconditions.
+    unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
+    within(async {
+        let sim = Sim::start().await;
+        let root = sim.root();
+        let outside = sim.dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret.txt"), b"OUTSIDE").unwrap();
+        std::fs::create_dir(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/secret.txt"), b"inside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("decoy")).unwrap();
+        assert!(
+            exchange(&root.join("dir"), &root.join("decoy")),
+            "renameat2(RENAME_EXCHANGE) is needed for this test"
+        );
+        assert!(exchange(&root.join("dir"), &root.join("decoy")));
+
+        // A task in the VM flips `dir` between the real directory and a link out of the VM,
+        // as fast as it can, while the client reads `dir/secret.txt`.
+        /// Stops the swapper however the test ends (a failed assertion must not leave it
+        /// spinning on a core other tests need).
+        struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _stop_swapper = StopOnDrop(stop.clone());
+        let flips = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let swapper = {
+            let (stop, flips, root) = (stop.clone(), flips.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if exchange(&root.join("dir"), &root.join("decoy")) {
+                        flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let ssh = sim.connect().await;
+        let sftp = sftp(&ssh).await;
+        let (mut inside, mut refused) = (0u32, 0u32);
+        for _ in 0..3000 {
+            match sftp.read("dir/secret.txt").await {
+                Ok(data) => {
+                    assert_ne!(
+                        data, b"OUTSIDE",
+                        "read a file outside the instance through a swapped-in symlink"
+                    );
+                    inside += 1;
+                }
+                Err(_) => refused += 1,
+            }
+            // Writes too must never land outside.
+            if let Ok(mut f) = sftp.create("dir/written.txt").await {
+                let _ = f.write_all(b"x").await;
+                let _ = f.shutdown().await;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(
+            !outside.join("written.txt").exists(),
+            "a write landed outside the instance"
+        );
+        assert!(
+            flips.load(std::sync::atomic::Ordering::Relaxed) > 0 && inside > 0,
+            "the race ran ({inside} reads inside, {refused} refused)"
+        );
+        sim.endpoint.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_kills_processes_however_they_detached() {
+    within(async {
+        let sim = Sim::start().await;
+        let ssh = sim.connect().await;
+        // A setsid'd loop, a double-forked daemon and a nohup'd sleep: none is in the
+        // command's process group, and two are not even below its process.
+        let out = exec(
+            &ssh,
+            "setsid sh -c 'echo $$ > setsid.pid; while :; do sleep 1; done' </dev/null >/dev/null 2>&1 &
+             (sh -c 'echo $$ > daemon.pid; exec sleep 1000' </dev/null >/dev/null 2>&1 &) ;
+             nohup sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > nohup.pid",
+        )
+        .await;
+        assert_eq!(out.status, Some(0), "{}", out.stderr());
+        let root = sim.root();
+        eventually("the pid files", Duration::from_secs(20), || {
+            ["setsid.pid", "daemon.pid", "nohup.pid"].iter().all(|f| read_pid(&root.join(f)).is_some())
+        })
+        .await;
+        let pids: Vec<u32> = ["setsid.pid", "daemon.pid", "nohup.pid"]
+            .iter()
+            .map(|f| read_pid(&root.join(f)).unwrap())
+            .collect();
+        // Should the endpoint fail to, the test does not leave them behind.
+        // (Only pids that still run one of these commands: a pid may have been reused.)
+        struct KillOnDrop(Vec<u32>);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                for pid in &self.0 {
+                    let ours = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.contains("sleep") || c.contains("setsid.pid"));
+                    if ours {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let _cleanup = KillOnDrop(pids.clone());
+        for pid in &pids {
+            assert!(process_running(*pid), "{pid} runs after its command ended, as under sshd");
+        }
+        sim.endpoint.shutdown().await;
+        // shutdown returns once every process of the instance is gone.
+        for pid in &pids {
+            assert!(!process_running(*pid), "process {pid} survived the instance's stop");
+        }
+    })
+    .await
+}

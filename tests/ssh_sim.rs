@@ -13,9 +13,18 @@ use mpool::multipass::LaunchOptions;
 async fn remote() -> (TestSim, Remote) {
     let ts = TestSim::start(|_| {}).await;
     let c = ts.client("ssh").await;
-    c.launch(&LaunchOptions { name: "vm".into(), ..Default::default() }).await.unwrap();
+    c.launch(&LaunchOptions {
+        name: "vm".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let info = c.ssh_info("vm").await.unwrap();
-    let endpoint = ts.sim.daemon().endpoint("vm").expect("running instance has an endpoint");
+    let endpoint = ts
+        .sim
+        .daemon()
+        .endpoint("vm")
+        .expect("running instance has an endpoint");
     let scratch = ts.root("vm").join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let r = Remote {

@@ -77,16 +77,7 @@ pub async fn connect(c: &Connect) -> Result<Client, String> {
         }
         ep.connect().await
     }
-    .map_err(|e| {
-        format!(
-            "cannot reach mpool at {}: {}. Is `mpool serve` running there?",
-            c.endpoint,
-            crate::multipass::Error::Unavailable {
-                address: c.endpoint.clone(),
-                detail: e.to_string()
-            }
-        )
-    })?;
+    .map_err(|e| crate::multipass::reach::describe_connect_failure(crate::multipass::reach::Server::MpoolServe, &c.endpoint, &e))?;
     let token = match &c.token {
         Some(t) => Some(
             format!("Bearer {t}")

@@ -113,22 +113,26 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
 
 /// Entry point of the `mpool` binary.
 pub fn main() -> ExitCode {
+    crate::multipass::startup::mark("main");
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Sim(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
     init_logging(cli.log_format, cli.verbose, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One-shot commands (one connection, a few calls) need no worker threads: a thread
+    // pool's start-up would be most of their run.
+    let one_shot = matches!(cli.command, Command::Multipass(_));
+    let mut builder =
+        if one_shot { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             output::err_line(&format!("mpool: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
+    crate::multipass::startup::mark("runtime-built");
     let data_dir = data_dir(cli.data_dir);
     runtime.block_on(async move {
         match cli.command {

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names, ServerVerification};
+use crate::multipass::{
+    Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names,
+    PassphraseOrigin, ServerVerification,
+};
 
 /// `mpool multipass` flags.
 #[derive(Args, Debug)]
@@ -56,11 +59,30 @@ enum Verb {
         #[arg(long)]
         snapshots: bool,
     },
-    /// Details of instances.
+    /// Details of instances, with runtime information (CPUs, load, disk and memory usage,
+    /// IPv4) as `multipass info` shows them.
     Info {
+        /// Leave out runtime information (no SSH inside the daemon; those fields show `--`).
+        #[arg(long)]
+        no_runtime_information: bool,
         /// Instances.
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// Images and blueprints to launch: `find [REMOTE:][STRING]`.
+    Find {
+        /// Show only images.
+        #[arg(long, conflicts_with = "only_blueprints")]
+        only_images: bool,
+        /// Show only blueprints.
+        #[arg(long)]
+        only_blueprints: bool,
+        /// Show unsupported cloud images too.
+        #[arg(long)]
+        show_unsupported: bool,
+        /// What to look for, `[remote:]string`.
+        #[arg(default_value = "")]
+        search: String,
     },
     /// Create and start an instance.
     Launch {
@@ -88,6 +110,9 @@ enum Verb {
     },
     /// Start (or resume) instances.
     Start {
+        /// Seconds to wait for the instances to come up (0: the daemon's 300).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..))]
+        timeout: i32,
         /// Instances.
         #[arg(required = true)]
         names: Vec<String>,
@@ -167,8 +192,11 @@ enum Verb {
         /// Instance.
         name: String,
     },
-    /// Read a daemon setting.
+    /// Read a daemon setting (`local.passphrase` prints whether one is set: true/false).
     Get {
+        /// Print an empty value as nothing instead of `<empty>`.
+        #[arg(long)]
+        raw: bool,
         /// Key, e.g. local.driver.
         key: String,
     },
@@ -198,7 +226,11 @@ pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mpool multipass: {e}");
-            if e.is_unavailable() { ExitCode::from(3) } else { ExitCode::from(2) }
+            if e.is_unavailable() && !e.is_trust_problem() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
@@ -222,7 +254,11 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, Error> {
     let mut opts = ClientOptions::new(data_dir);
-    opts.address = args.daemon.as_deref().map(DaemonAddress::parse).transpose()?;
+    opts.address = args
+        .daemon
+        .as_deref()
+        .map(DaemonAddress::parse)
+        .transpose()?;
     opts.verification = match (&args.root_cert, &args.pin_cert, args.insecure_skip_verify) {
         (Some(p), _, _) => ServerVerification::RootCert(p.clone()),
         (_, Some(p), _) => ServerVerification::Pin(p.clone()),
@@ -233,11 +269,18 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         opts.identity = ClientIdentity::Own;
     }
     if let Some(f) = &args.passphrase_file {
-        opts.passphrase =
-            Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file").map_err(Error::InvalidArgument)?);
+        opts.passphrase = Some(
+            crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")
+                .map_err(Error::InvalidArgument)?,
+        );
+        opts.passphrase_origin = Some(PassphraseOrigin::FlagFile(f.clone()));
     }
-    if let Verb::Authenticate { passphrase: Some(p) } = &args.verb {
+    if let Verb::Authenticate {
+        passphrase: Some(p),
+    } = &args.verb
+    {
         opts.passphrase = Some(p.clone());
+        opts.passphrase_origin = Some(PassphraseOrigin::Argument);
     }
     opts.allow_untested_daemon = args.allow_untested_daemon;
     opts.call_timeout = Duration::from_secs(args.timeout);
@@ -253,7 +296,8 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
     };
     match args.verb {
         Verb::Version => {
-            let v = client.version_text().await?;
+            // Read while connecting: one call in all.
+            let v = client.daemon_version_text().to_string();
             if json {
                 print_json(&serde_json::json!({ "daemon": v, "mpool": env!("CARGO_PKG_VERSION") }));
             } else {
@@ -262,17 +306,12 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             Ok(ExitCode::SUCCESS)
         }
         Verb::List { snapshots: false } => {
-            let list = client.list().await?;
+            // Like the multipass CLI, ask for the addresses (the daemon collects them over SSH).
+            let list = client.list_with_ipv4().await?;
             if json {
                 print_json(&list);
-            } else if list.is_empty() {
-                println!("No instances found.");
             } else {
-                println!("{:<24} {:<18} {:<16} Release", "Name", "State", "IPv4");
-                for i in list {
-                    let ip = i.ipv4.first().cloned().unwrap_or_else(|| "--".into());
-                    println!("{:<24} {:<18} {:<16} {}", i.name, title(i.state.as_str_name()), ip, i.release);
-                }
+                print!("{}", format_list(&list));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -283,40 +322,87 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             } else if list.is_empty() {
                 println!("No snapshots found.");
             } else {
-                println!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent");
+                println!(
+                    "{:<24} {:<16} {:<16} Comment",
+                    "Instance", "Snapshot", "Parent"
+                );
                 for s in list {
-                    let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
-                    println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Verb::Info { names: n } => {
-            let info = client.info(&names(n)?).await?;
-            if json {
-                print_json(&info);
-            } else {
-                for i in info {
+                    let parent = if s.parent.is_empty() {
+                        "--".to_string()
+                    } else {
+                        s.parent
+                    };
                     println!(
-                        "Name:       {}\nState:      {}\nSnapshots:  {}\nRelease:    {}\nCPUs:       {}\nMemory:     {}\nDisk:       {}\n",
-                        i.name, title(i.state.as_str_name()), i.snapshots, i.image_release, i.cpus, i.memory, i.disk
+                        "{:<24} {:<16} {:<16} {}",
+                        s.instance, s.name, parent, s.comment
                     );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Launch { name, cpus, memory, disk, cloud_init, launch_timeout, image } => {
+        Verb::Info {
+            no_runtime_information,
+            names: n,
+        } => {
+            let n = names(n)?;
+            let info = if no_runtime_information {
+                client.info(&n).await?
+            } else {
+                client.info_with_runtime(&n).await?
+            };
+            if json {
+                print_json(&info);
+            } else {
+                let blocks: Vec<String> = info.iter().map(format_info).collect();
+                print!("{}", blocks.join("\n"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Find {
+            only_images,
+            only_blueprints,
+            show_unsupported,
+            search,
+        } => {
+            let found = client
+                .find(&search, !only_blueprints, !only_images, show_unsupported)
+                .await?;
+            if json {
+                print_json(&found);
+            } else {
+                print!("{}", format_find(&found, !only_blueprints, !only_images));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Launch {
+            name,
+            cpus,
+            memory,
+            disk,
+            cloud_init,
+            launch_timeout,
+            image,
+        } => {
             let cloud_init = match cloud_init {
-                Some(f) => std::fs::read_to_string(&f)
-                    .map_err(|e| Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display())))?,
+                Some(f) => std::fs::read_to_string(&f).map_err(|e| {
+                    Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display()))
+                })?,
                 None => String::new(),
             };
-            let opts = LaunchOptions { name, image, cpus, memory, disk, cloud_init, timeout_secs: launch_timeout };
+            let opts = LaunchOptions {
+                name,
+                image,
+                cpus,
+                memory,
+                disk,
+                cloud_init,
+                timeout_secs: launch_timeout,
+            };
             let n = client.launch(&opts).await?;
             ok(format!("Launched: {n}"))
         }
-        Verb::Start { names: n } => {
-            client.start(&names(n)?, 0).await?;
+        Verb::Start { timeout, names: n } => {
+            client.start(&names(n)?, timeout).await?;
             ok(String::new())
         }
         Verb::Stop { force, names: n } => {
@@ -331,8 +417,14 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             client.restart(&names(n)?, 0).await?;
             ok(String::new())
         }
-        Verb::Snapshot { instance, name, comment } => {
-            let s = client.snapshot(&instance, name.as_deref(), &comment).await?;
+        Verb::Snapshot {
+            instance,
+            name,
+            comment,
+        } => {
+            let s = client
+                .snapshot(&instance, name.as_deref(), &comment)
+                .await?;
             if json {
                 print_json(&serde_json::json!({ "instance": instance, "snapshot": s }));
                 Ok(ExitCode::SUCCESS)
@@ -340,7 +432,10 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 ok(format!("Snapshot taken: {instance}.{s}"))
             }
         }
-        Verb::Restore { target, destructive } => {
+        Verb::Restore {
+            target,
+            destructive,
+        } => {
             let (i, s) = split_snapshot(&target)?;
             client.restore(i, s, destructive).await?;
             ok(format!("Snapshot restored: {i}.{s}"))
@@ -383,11 +478,19 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Get { key } => ok(client.get(&key).await?),
+        Verb::Get { raw, key } => {
+            let value = setting_text(&key, &client.get(&key).await?, raw);
+            if json {
+                print_json(&serde_json::json!({ "key": key, "value": value }));
+            } else {
+                println!("{value}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Verb::Set { assignment } => {
-            let (k, v) = assignment
-                .split_once('=')
-                .ok_or_else(|| Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE")))?;
+            let (k, v) = assignment.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE"))
+            })?;
             client.set(k, v).await?;
             ok(String::new())
         }
@@ -396,12 +499,158 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&d);
             } else {
-                println!("CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes", d.cpus, d.memory, d.available_space);
+                println!(
+                    "CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes",
+                    d.cpus, d.memory, d.available_space
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Exec { name, working_directory, argv } => exec(&client, &name, working_directory, argv).await,
+        Verb::Exec {
+            name,
+            working_directory,
+            argv,
+        } => exec(&client, &name, working_directory, argv).await,
     }
+}
+
+/// A setting as the multipass CLI prints it: `local.passphrase` as whether one is set (the
+/// daemon returns its hash), an empty value as `<empty>` unless `raw`.
+fn setting_text(key: &str, value: &str, raw: bool) -> String {
+    if key == "local.passphrase" {
+        return if value.is_empty() { "false" } else { "true" }.into();
+    }
+    if value.is_empty() && !raw {
+        return "<empty>".into();
+    }
+    value.to_string()
+}
+
+/// Bytes as the multipass CLI shows sizes (`MemorySize::human_readable`: one decimal, binary
+/// units).
+fn human_size(bytes: &str) -> Option<String> {
+    let b: f64 = bytes.trim().parse().ok()?;
+    for (unit, suffix) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        let q = b / unit as f64;
+        if q >= 1.0 {
+            return Some(format!("{q:.1}{suffix}"));
+        }
+    }
+    Some(format!("{b}B"))
+}
+
+/// `USED out of TOTAL`, or `--` when either is unknown.
+fn usage(used: &str, total: &str) -> String {
+    match (human_size(used), human_size(total)) {
+        (Some(u), Some(t)) if !used.is_empty() && !total.is_empty() => format!("{u} out of {t}"),
+        _ => "--".into(),
+    }
+}
+
+fn or_dashes(s: &str) -> &str {
+    if s.is_empty() { "--" } else { s }
+}
+
+/// `list` as the multipass CLI prints it.
+fn format_list(list: &[crate::multipass::InstanceSummary]) -> String {
+    if list.is_empty() {
+        return "No instances found.\n".into();
+    }
+    let width = list
+        .iter()
+        .map(|i| i.name.len() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(24);
+    let mut out = format!(
+        "{:<width$}{:<18}{:<17}{}\n",
+        "Name", "State", "IPv4", "Image"
+    );
+    for i in list {
+        let image = if i.release.is_empty() {
+            "Not Available".to_string()
+        } else {
+            format!("Ubuntu {}", i.release)
+        };
+        let ip = i.ipv4.first().map(String::as_str).unwrap_or("--");
+        out.push_str(&format!(
+            "{:<width$}{:<18}{:<17}{}\n",
+            i.name,
+            title(i.state.as_str_name()),
+            ip,
+            image
+        ));
+        for extra in i.ipv4.iter().skip(1) {
+            out.push_str(&format!("{:<width$}{:<18}{}\n", "", "", extra));
+        }
+    }
+    out
+}
+
+/// One instance of `info` as the multipass CLI prints it.
+fn format_info(i: &crate::multipass::InstanceInfo) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: &str| out.push_str(&format!("{k:<16}{v}\n"));
+    line("Name:", &i.name);
+    line("State:", &title(i.state.as_str_name()));
+    line("Snapshots:", &i.snapshots.to_string());
+    line("IPv4:", i.ipv4.first().map(String::as_str).unwrap_or("--"));
+    for extra in i.ipv4.iter().skip(1) {
+        line("", extra);
+    }
+    line("Release:", or_dashes(&i.current_release));
+    let hash = if i.image_hash.is_empty() {
+        "Not Available".to_string()
+    } else {
+        let short: String = i.image_hash.chars().take(12).collect();
+        if i.image_release.is_empty() {
+            short
+        } else {
+            format!("{short} (Ubuntu {})", i.image_release)
+        }
+    };
+    line("Image hash:", &hash);
+    line("CPU(s):", or_dashes(&i.cpus));
+    line("Load:", or_dashes(&i.load));
+    line("Disk usage:", &usage(&i.disk_usage, &i.disk));
+    line("Memory usage:", &usage(&i.memory_usage, &i.memory));
+    line("Mounts:", "--");
+    out
+}
+
+/// `find` as the multipass CLI prints it.
+fn format_find(found: &crate::multipass::FindResult, images: bool, blueprints: bool) -> String {
+    let mut out = String::new();
+    let mut table = |kind: &str, list: &[crate::multipass::ImageEntry]| {
+        out.push_str(&format!(
+            "{:<28}{:<18}{:<17}{}\n",
+            kind, "Aliases", "Version", "Description"
+        ));
+        for e in list {
+            let name = e.aliases.first().map(|a| a.to_string()).unwrap_or_default();
+            let aliases: Vec<&str> = e.aliases.iter().skip(1).map(|a| a.alias.as_str()).collect();
+            let description = if e.os.is_empty() {
+                e.release.clone()
+            } else {
+                format!("{} {}", e.os, e.release)
+            };
+            out.push_str(&format!(
+                "{:<28}{:<18}{:<17}{}\n",
+                name,
+                aliases.join(","),
+                e.version,
+                description
+            ));
+        }
+        out.push('\n');
+    };
+    if images {
+        table("Image", &found.images);
+    }
+    if blueprints {
+        table("Blueprint (deprecated)", &found.blueprints);
+    }
+    out
 }
 
 fn title(s: &str) -> String {
@@ -415,9 +664,17 @@ fn title(s: &str) -> String {
 
 /// `exec`: ssh_info (starting the instance first if it is not running, as the multipass CLI
 /// does), then one SSH connection streaming stdout/stderr; exits with the remote code.
-async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<String>) -> Result<ExitCode, Error> {
+async fn exec(
+    client: &Client,
+    name: &str,
+    workdir: Option<String>,
+    argv: Vec<String>,
+) -> Result<ExitCode, Error> {
     let info = match client.ssh_info(name).await {
-        Err(Error::Daemon { code: tonic::Code::Aborted, .. }) => {
+        Err(Error::Daemon {
+            code: tonic::Code::Aborted,
+            ..
+        }) => {
             client.start(&Names::one(name), 0).await?;
             client.ssh_info(name).await?
         }
@@ -425,8 +682,10 @@ async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<St
     };
     let target = crate::pool::ports::ssh_target(&info);
     let exec_err = |e: crate::ssh::SshError| Error::InvalidArgument(format!("exec failed: {e}"));
-    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default()).await.map_err(exec_err)?;
-    let mut req = crate::ssh::ExecRequest::argv(argv);
+    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default())
+        .await
+        .map_err(exec_err)?;
+    let mut req = crate::ssh::ExecRequest::argv(argv).stdin_stream(forward_stdin());
     if let Some(dir) = workdir {
         req = req.cwd(dir);
     }
@@ -434,6 +693,40 @@ async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<St
     let code = relay(&mut handle).await;
     conn.close().await;
     Ok(ExitCode::from(code))
+}
+
+/// Our stdin as it arrives, for the remote command (as `multipass exec` forwards it): read on
+/// a thread of its own (a terminal may never reach EOF; the process exits without waiting for
+/// it), closed at EOF or on a read error.
+fn forward_stdin() -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = bytes::Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+                        if tx.blocking_send(chunk).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!("reading stdin: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot forward stdin: {e}");
+    }
+    rx
 }
 
 /// Copies an exec's output to our stdout/stderr as it arrives; returns the exit code to exit
@@ -452,8 +745,12 @@ pub async fn relay(handle: &mut crate::ssh::ExecHandle) -> u8 {
                 let _ = err.write_all(&b);
                 let _ = err.flush();
             }
-            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => return u8::try_from(c).unwrap_or(255),
-            crate::ssh::ExecEvent::Exit { signal: Some(s), .. } => return 128u8.saturating_add(signal_number(&s)),
+            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => {
+                return u8::try_from(c).unwrap_or(255);
+            }
+            crate::ssh::ExecEvent::Exit {
+                signal: Some(s), ..
+            } => return 128u8.saturating_add(signal_number(&s)),
             crate::ssh::ExecEvent::Exit { .. } => return 255,
         }
     }

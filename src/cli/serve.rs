@@ -17,7 +17,7 @@ pub struct ServeArgs {
     /// The config file (see deploy/mpool.toml).
     #[arg(long, env = "MPOOL_CONFIG")]
     config: PathBuf,
-    /// Check the config and exit.
+    /// Check the config (and, if multipassd answers, that it knows each pool's image) and exit.
     #[arg(long)]
     check: bool,
     /// Turn the daemon scheduler's priorities off (for benchmarks only).
@@ -43,12 +43,9 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
             crate::cli::output::err_line(&format!("mpool serve: {}: {e}", args.config.display()));
             return ExitCode::from(2);
         }
-        crate::cli::output::line(&format!(
-            "{}: OK ({} pools)",
-            args.config.display(),
-            cfg.pools.len()
-        ));
-        return ExitCode::SUCCESS;
+        crate::cli::output::line(&format!("{}: OK ({} pools)", args.config.display(), cfg.pools.len()));
+        let images: Vec<(String, String)> = cfg.pools.iter().map(|p| (p.name.clone(), p.image.clone())).collect();
+        return crate::multipass::serve_check_images(crate::serve::client_options(&cfg, data_dir), &images).await;
     }
     let opts =
         Options { data_dir, priorities: !args.no_priorities, daemon_wait: None, store_faults: args.inject_store_faults };

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::sim::{SimConfig, Simulator, SshTarget};
+use crate::sim::{Exit, FailMode, SimConfig, Simulator, SshTarget};
 
 /// `mpool sim` flags.
 #[derive(Args, Debug)]
@@ -35,6 +35,15 @@ pub struct SimArgs {
     /// Probability (0-1) that a mutating call fails with INTERNAL.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
+    /// What --fail and --fail-rate do: `error` (INTERNAL) or `abort` (the daemon dies
+    /// mid-call, as multipassd's log-writer race made it: connection cut, exit 134, socket
+    /// file left behind).
+    #[arg(long, value_enum, default_value_t = FailModeArg::Error)]
+    fail_mode: FailModeArg,
+    /// A `set` while other calls are in flight wedges the daemon as multipassd 1.16.3 did:
+    /// socket gone, process alive (only SIGKILL ends it), nothing answers.
+    #[arg(long)]
+    set_wedges_if_busy: bool,
     /// Make this operation always fail (repeatable), e.g. `--fail suspend`.
     #[arg(long = "fail", value_name = "OP")]
     fail: Vec<String>,
@@ -44,6 +53,23 @@ pub struct SimArgs {
     /// The version the simulator reports.
     #[arg(long, default_value = "1.16.3")]
     daemon_version: String,
+    /// Interleave replies that carry only a log line before, between and after every call's
+    /// replies, as multipassd's logger does.
+    #[arg(long)]
+    log_lines: bool,
+    /// Model a host without access to the image servers: catalogue launches and `find` fail as
+    /// multipassd does (local `file://` images still work).
+    #[arg(long)]
+    no_image_servers: bool,
+}
+
+/// `--fail-mode` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FailModeArg {
+    /// The call ends with INTERNAL.
+    Error,
+    /// The daemon aborts mid-call.
+    Abort,
 }
 
 fn parse_target(s: &str) -> Result<SshTarget, String> {
@@ -51,9 +77,17 @@ fn parse_target(s: &str) -> Result<SshTarget, String> {
         Some((u, hp)) => (u.to_string(), hp),
         None => ("ubuntu".to_string(), s),
     };
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
-    let port = port.parse().map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
-    Ok(SshTarget { user, host: host.to_string(), port })
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
+    Ok(SshTarget {
+        user,
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// Runs the simulator.
@@ -69,14 +103,23 @@ pub async fn run(args: SimArgs) -> ExitCode {
 
 async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(format!("--fail-rate {} is not a probability between 0 and 1", args.fail_rate));
+        return Err(format!(
+            "--fail-rate {} is not a probability between 0 and 1",
+            args.fail_rate
+        ));
     }
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
-        return Err(format!("--time-scale {} must be a finite number >= 0", args.time_scale));
+        return Err(format!(
+            "--time-scale {} must be a finite number >= 0",
+            args.time_scale
+        ));
     }
     let passphrase = match (&args.passphrase, &args.passphrase_file) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")?),
+        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(
+            f,
+            "--passphrase-file",
+        )?),
         (None, None) => None,
     };
     let mut cfg = SimConfig::new(&args.socket, &args.state_dir);
@@ -88,6 +131,13 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     cfg.fail_ops = args.fail;
     cfg.hang_ops = args.hang;
     cfg.daemon_version = args.daemon_version;
+    cfg.log_lines = args.log_lines;
+    cfg.fail_mode = match args.fail_mode {
+        FailModeArg::Error => FailMode::Error,
+        FailModeArg::Abort => FailMode::Abort,
+    };
+    cfg.set_wedges_if_busy = args.set_wedges_if_busy;
+    cfg.image_servers_reachable = !args.no_image_servers;
     let sim = Simulator::start(cfg).await?;
     tracing::info!(
         socket = %args.socket.display(),
@@ -100,11 +150,31 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     let code = tokio::select! {
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
         _ = term.recv() => ExitCode::SUCCESS,
-        _ = sim.settings_changed() => {
-            tracing::info!("a daemon setting changed: exiting with code 42 to be restarted, as multipassd does");
-            ExitCode::from(42)
-        }
+        exit = sim.exited() => match exit {
+            Exit::SettingsChanged => {
+                tracing::info!("a daemon setting changed: exiting with code 42 to be restarted, as multipassd does");
+                ExitCode::from(42)
+            }
+            Exit::Aborted => {
+                tracing::error!("aborted mid-call (simulated proto_buffer_writer.h assertion): exiting with 134, as SIGABRT");
+                sim.kill().await;
+                return Ok(ExitCode::from(134));
+            }
+            Exit::Shutdown => ExitCode::SUCCESS,
+        },
     };
+    if sim.daemon().is_wedged() {
+        // multipassd never exited after this; neither do we (only SIGKILL ends the process).
+        tracing::error!(
+            "wedged: socket gone, process alive; only SIGKILL ends this process, as with multipassd"
+        );
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+    }
     sim.shutdown().await;
     Ok(code)
 }

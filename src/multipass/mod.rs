@@ -7,14 +7,19 @@
 mod address;
 mod client;
 mod error;
+mod image;
+pub mod reach;
+pub mod startup;
 pub mod trust;
 mod version;
 
-pub use address::{DaemonAddress, RUN_SOCKET, SNAP_SOCKET};
+pub use address::{DaemonAddress, Discovered, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
-    Client, ClientOptions, DaemonInfo, InstanceInfo, InstanceState, InstanceSummary, LaunchOptions, Names,
-    SnapshotSummary, SshInfo,
+    Client, ClientOptions, DEFAULT_MAX_IN_FLIGHT, DaemonInfo, FindResult, ImageAlias, ImageEntry,
+    InstanceInfo, InstanceState, InstanceSummary, LaunchOptions, Names, PassphraseOrigin,
+    RetryPolicy, SAFE_TO_RETRY, SnapshotSummary, SshInfo,
 };
 pub use error::Error;
+pub use image::{ImageCheck, ImageKind, ImageRef, check_pool_images, serve_check_images};
 pub use trust::{ClientIdentity, ServerVerification};
 pub use version::Version;

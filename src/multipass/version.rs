@@ -14,9 +14,17 @@ pub struct Version {
 }
 
 /// The oldest daemon whose wire layout mpool speaks (snapshots, restore, new list/info/delete).
-pub const OLDEST: Version = Version { major: 1, minor: 13, patch: 0 };
+pub const OLDEST: Version = Version {
+    major: 1,
+    minor: 13,
+    patch: 0,
+};
 /// The first version mpool has not been tested with.
-pub const FIRST_UNTESTED: Version = Version { major: 1, minor: 17, patch: 0 };
+pub const FIRST_UNTESTED: Version = Version {
+    major: 1,
+    minor: 17,
+    patch: 0,
+};
 
 impl Version {
     /// Parses `1.16.3`, `1.17.0-dev.12+gabc`, `1.16.3+mac`.
@@ -26,7 +34,11 @@ impl Version {
         let major = parts.next()??;
         let minor = parts.next()??;
         let patch = parts.next().flatten().unwrap_or(0);
-        Some(Version { major, minor, patch })
+        Some(Version {
+            major,
+            minor,
+            patch,
+        })
     }
 
     /// Inside the tested range 1.13.0 - 1.16.x.
@@ -36,12 +48,22 @@ impl Version {
 
     /// `clone` exists (1.15+).
     pub fn has_clone(&self) -> bool {
-        *self >= Version { major: 1, minor: 15, patch: 0 }
+        *self
+            >= Version {
+                major: 1,
+                minor: 15,
+                patch: 0,
+            }
     }
 
     /// `stop` takes `force_stop` (1.14+).
     pub fn has_force_stop(&self) -> bool {
-        *self >= Version { major: 1, minor: 14, patch: 0 }
+        *self
+            >= Version {
+                major: 1,
+                minor: 14,
+                patch: 0,
+            }
     }
 }
 
@@ -58,8 +80,22 @@ mod tests {
     #[test]
     fn parses_and_gates() {
         let v = |s| Version::parse(s).unwrap();
-        assert_eq!(v("1.16.3"), Version { major: 1, minor: 16, patch: 3 });
-        assert_eq!(v("1.17.0-dev.12+gabc"), Version { major: 1, minor: 17, patch: 0 });
+        assert_eq!(
+            v("1.16.3"),
+            Version {
+                major: 1,
+                minor: 16,
+                patch: 3
+            }
+        );
+        assert_eq!(
+            v("1.17.0-dev.12+gabc"),
+            Version {
+                major: 1,
+                minor: 17,
+                patch: 0
+            }
+        );
         assert!(v("1.16.3+mac").is_tested());
         assert!(v("1.13.0").is_tested());
         assert!(!v("1.12.2").is_tested());

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +17,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Code, Status, Streaming};
 
+use super::images;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
+use super::server::OwnedSocket;
 use super::ssh::{SshEndpoint, SshKeys};
 use super::trust::TrustStore;
-use super::{EventKind, SimConfig, SimEvent};
+use super::{EventKind, Exit, FailMode, SimConfig, SimEvent};
 use crate::proto::multipass as pb;
 
 /// The timing profile of real Multipass (qemu on Linux), before `--time-scale`.
@@ -47,6 +50,10 @@ pub struct Profile {
     pub clone: Duration,
     /// Delete.
     pub delete: Duration,
+    /// `info` with runtime information: commands over SSH in one guest (ON the main thread).
+    pub runtime_info: Duration,
+    /// `list` with IPv4: one guest's addresses over SSH (ON the main thread).
+    pub ip_query: Duration,
 }
 
 impl Default for Profile {
@@ -64,6 +71,8 @@ impl Default for Profile {
             restore: s(1),
             clone: s(8),
             delete: Duration::from_millis(300),
+            runtime_info: Duration::from_millis(300),
+            ip_query: Duration::from_millis(100),
         }
     }
 }
@@ -93,6 +102,16 @@ struct Instance {
     clone_count: u32,
     current_snapshot: String,
     created: u64,
+    /// The remote the image came from (`release`, `daily`; empty when none was named).
+    #[serde(default)]
+    remote: String,
+    /// The release text `list` and `info` report (None in state files of older simulators).
+    #[serde(default)]
+    release: Option<String>,
+    /// The SSH port of the instance's last endpoint: a restarted daemon never hands it out
+    /// again (multipassd's instances come back on new ports).
+    #[serde(default)]
+    last_ssh_port: u16,
 }
 
 /// What survives a restart.
@@ -100,6 +119,15 @@ struct Instance {
 struct Persisted {
     instances: BTreeMap<String, Instance>,
     passphrase: Option<String>,
+}
+
+/// Which instances a selection accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Selection {
+    /// Existing ones, deleted or not (info, delete, recover).
+    Existing,
+    /// Existing and not deleted (stop, suspend, restart, ssh_info).
+    Operative,
 }
 
 /// The SSH endpoint override (`--ssh-target [USER@]HOST:PORT`).
@@ -113,21 +141,174 @@ pub struct SshTarget {
     pub port: u16,
 }
 
-/// One call in progress: its reply sender and the rest of its request stream (for prompts).
-pub struct Call<Req, Rep> {
+/// A reply type that can carry a log line alone, as multipassd writes its log into every call
+/// in flight.
+pub trait LogReply: Sized {
+    /// A reply carrying only `line`.
+    fn log_only(line: String) -> Self;
+}
+
+macro_rules! log_replies {
+    ($($t:ty),* $(,)?) => { $(impl LogReply for $t {
+        fn log_only(line: String) -> Self {
+            let mut reply = <$t>::default();
+            reply.log_line = line;
+            reply
+        }
+    })* };
+}
+
+log_replies!(
+    pb::LaunchReply,
+    pb::PurgeReply,
+    pb::FindReply,
+    pb::InfoReply,
+    pb::ListReply,
+    pb::NetworksReply,
+    pb::RecoverReply,
+    pb::SshInfoReply,
+    pb::StartReply,
+    pb::StopReply,
+    pb::SuspendReply,
+    pb::RestartReply,
+    pb::DeleteReply,
+    pb::VersionReply,
+    pb::GetReply,
+    pb::SetReply,
+    pb::KeysReply,
+    pb::AuthenticateReply,
+    pb::SnapshotReply,
+    pb::RestoreReply,
+    pb::CloneReply,
+    pb::DaemonInfoReply,
+    pb::MountReply,
+    pb::UmountReply,
+);
+
+/// A log line as multipassd forwards it: `[timestamp] [level] [category] message`.
+fn log_line(op: &str, what: &str) -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "[{}.{:03}] [debug] [daemon] {op}: {what}\n",
+        t.as_secs(),
+        t.subsec_millis()
+    )
+}
+
+/// The reply side of a call: sends replies, interleaving log-only ones when asked, and records
+/// each in the event log.
+pub struct Replier<Rep> {
     tx: mpsc::Sender<Result<Rep, Status>>,
+    op: &'static str,
+    /// Interleave log-only replies (see [`Daemon::set_log_lines`]).
+    log_lines: bool,
+    events: broadcast::Sender<SimEvent>,
+    /// True once the daemon wedged: nothing is sent any more.
+    wedged: watch::Receiver<bool>,
+    /// True once the simulator is shut down (a wedged call may end then).
+    shut: watch::Receiver<bool>,
+}
+
+impl<Rep: LogReply> Replier<Rep> {
+    /// A replier for `op` of `daemon`'s calls, writing to `tx`.
+    pub fn new(
+        tx: mpsc::Sender<Result<Rep, Status>>,
+        op: &'static str,
+        daemon: &Daemon,
+    ) -> Replier<Rep> {
+        Replier {
+            tx,
+            op,
+            log_lines: daemon.log_lines(),
+            events: daemon.events.clone(),
+            wedged: daemon.wedged.subscribe(),
+            shut: daemon.shut.subscribe(),
+        }
+    }
+
+    fn emit(&self, kind: EventKind) {
+        let _ = self.events.send(SimEvent {
+            op: self.op,
+            instance: String::new(),
+            kind,
+        });
+    }
+
+    /// A wedged daemon answers nothing: wait (until the simulator is shut down).
+    async fn hold_if_wedged(&self) {
+        if *self.wedged.borrow() {
+            let mut shut = self.shut.clone();
+            let _ = shut.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Sends a log-only reply if log lines are on (a gone client is ignored).
+    pub async fn log(&self, what: &str) {
+        if self.log_lines {
+            self.log_anyway(what).await;
+        }
+    }
+
+    /// Sends a log-only reply, log lines on or not.
+    pub async fn log_anyway(&self, what: &str) {
+        self.hold_if_wedged().await;
+        let _ = self
+            .tx
+            .send(Ok(Rep::log_only(log_line(self.op, what))))
+            .await;
+        self.emit(EventKind::LogLine);
+    }
+
+    /// Sends a reply, preceded by a log-only one if log lines are on.
+    pub async fn reply(&self, rep: Rep) {
+        self.log("about to reply").await;
+        self.hold_if_wedged().await;
+        let _ = self.tx.send(Ok(rep)).await;
+        self.emit(EventKind::Replied);
+    }
+
+    /// Ends the call with an error status.
+    pub async fn fail(&self, status: Status) {
+        self.hold_if_wedged().await;
+        let _ = self.tx.send(Err(status)).await;
+    }
+}
+
+impl<Rep> Clone for Replier<Rep> {
+    fn clone(&self) -> Self {
+        Replier {
+            tx: self.tx.clone(),
+            op: self.op,
+            log_lines: self.log_lines,
+            events: self.events.clone(),
+            wedged: self.wedged.clone(),
+            shut: self.shut.clone(),
+        }
+    }
+}
+
+/// One call in progress: its replier and the rest of its request stream (for prompts).
+pub struct Call<Req, Rep> {
+    out: Replier<Rep>,
     rx: Streaming<Req>,
 }
 
-impl<Req, Rep> Call<Req, Rep> {
+impl<Req, Rep: LogReply> Call<Req, Rep> {
     /// Wraps a call.
-    pub fn new(tx: mpsc::Sender<Result<Rep, Status>>, rx: Streaming<Req>) -> Call<Req, Rep> {
-        Call { tx, rx }
+    pub fn new(out: Replier<Rep>, rx: Streaming<Req>) -> Call<Req, Rep> {
+        Call { out, rx }
+    }
+
+    /// Sends a log-only reply if log lines are on.
+    pub async fn log(&self, what: &str) {
+        self.out.log(what).await;
     }
 
     /// Sends a reply (a gone client is ignored, as the daemon carries on).
     async fn send(&self, rep: Rep) {
-        let _ = self.tx.send(Ok(rep)).await;
+        self.out.reply(rep).await;
     }
 
     /// Sends a prompt and reads the answer. A client that half-closed cannot answer.
@@ -135,7 +316,9 @@ impl<Req, Rep> Call<Req, Rep> {
         self.send(rep).await;
         match self.rx.message().await {
             Ok(Some(req)) => Ok(req),
-            _ => Err(Status::internal("Cannot get confirmation from client. Aborting...")),
+            _ => Err(Status::internal(
+                "Cannot get confirmation from client. Aborting...",
+            )),
         }
     }
 }
@@ -151,20 +334,61 @@ pub struct Daemon {
     hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
     fail_rate: Mutex<f64>,
     time_scale: Mutex<f64>,
+    log_lines: std::sync::atomic::AtomicBool,
     pub(super) keys: Arc<SshKeys>,
     pub(super) trust: TrustStore,
     events: broadcast::Sender<SimEvent>,
-    /// Set by `set`: the process should exit with code 42 once the reply is out.
-    pub(super) restart: watch::Sender<bool>,
+    /// Set when the daemon ends by itself: a `set` (exit 42 once the reply is out) or an
+    /// abort mid-call.
+    exit: watch::Sender<Option<Exit>>,
+    /// Turns true to cut every client connection at once (abort, kill).
+    kill: watch::Sender<bool>,
+    /// Turns true when the daemon wedged: socket gone, process alive, nothing answers.
+    wedged: watch::Sender<bool>,
+    /// Turns true when the simulator is shut down (releases calls left hanging).
+    shut: watch::Sender<bool>,
+    /// The socket file this daemon's server bound.
+    socket: std::sync::OnceLock<OwnedSocket>,
+    /// A `set` with other calls in flight: wedge once it has ended (the count of the others).
+    pending_wedge: Mutex<Option<usize>>,
+    /// Operations whose next call aborts the daemon (in-process fault injection).
+    abort_next: Mutex<HashMap<String, u32>>,
+    /// Calls between their first request and their end.
+    in_flight: AtomicUsize,
+    /// The most calls ever in flight at once.
+    max_in_flight: AtomicUsize,
     profile: Profile,
 }
 
+/// A call counted in flight until dropped.
+pub(super) struct InFlight<'a>(&'a Daemon);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn timestamp(secs: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+    prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    }
+}
+
+/// The fault-injection name of the wait for a guest to come up during `op`, off the daemon's
+/// main thread: `boot` for a client's `start` (so `--hang boot` holds a start in Starting
+/// without freezing the daemon, as a guest that never answers does), `autostart` for the
+/// instances a restarted daemon brings back.
+fn guest_wait(op: &'static str) -> &'static str {
+    if op == "start" { "boot" } else { op }
 }
 
 /// Normalises an operation name for fault injection (`delet` and `delete` are the same).
@@ -177,8 +401,8 @@ pub fn op_name(op: &str) -> String {
 }
 
 const MUTATING: &[&str] = &[
-    "launch", "create", "start", "stop", "suspend", "restart", "delete", "purge", "recover", "snapshot", "restore",
-    "clone",
+    "launch", "create", "start", "stop", "suspend", "restart", "delete", "purge", "recover",
+    "snapshot", "restore", "clone",
 ];
 
 impl Daemon {
@@ -186,12 +410,17 @@ impl Daemon {
     pub fn load(cfg: SimConfig, keys: Arc<SshKeys>, trust: TrustStore) -> Result<Daemon, String> {
         let path = cfg.state_dir.join("state.json");
         let state: Persisted = if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
         } else {
             Persisted::default()
         };
-        let hangs = cfg.hang_ops.iter().map(|op| (op_name(op), watch::channel(true).0)).collect();
+        let hangs = cfg
+            .hang_ops
+            .iter()
+            .map(|op| (op_name(op), watch::channel(true).0))
+            .collect();
         let fail_rate = cfg.fail_rate;
         Ok(Daemon {
             main: tokio::sync::Mutex::new(()),
@@ -202,10 +431,19 @@ impl Daemon {
             hangs: Mutex::new(hangs),
             fail_rate: Mutex::new(fail_rate),
             time_scale: Mutex::new(cfg.time_scale),
+            log_lines: std::sync::atomic::AtomicBool::new(cfg.log_lines),
             keys,
             trust,
             events: broadcast::channel(4096).0,
-            restart: watch::channel(false).0,
+            exit: watch::channel(None).0,
+            kill: watch::channel(false).0,
+            wedged: watch::channel(false).0,
+            shut: watch::channel(false).0,
+            socket: std::sync::OnceLock::new(),
+            pending_wedge: Mutex::new(None),
+            abort_next: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             profile: Profile::default(),
             cfg,
         })
@@ -221,14 +459,153 @@ impl Daemon {
         self.events.subscribe()
     }
 
+    /// Counts a call in flight until the guard is dropped.
+    pub(super) fn call_started(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    /// Calls in flight now (between their first request and their end; `ping` not counted).
+    pub fn calls_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most calls that were ever in flight at once.
+    pub fn max_calls_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next `times` calls of `op` abort the daemon mid-call, as multipassd's
+    /// `proto_buffer_writer` assertion does (reference §0.3): the connection drops, the
+    /// simulator stops serving and [`crate::sim::Simulator::exited`] returns
+    /// [`Exit::Aborted`]. Its socket file is left behind, as a dead process leaves it.
+    pub fn abort_next(&self, op: &str, times: u32) {
+        if let Ok(mut a) = self.abort_next.lock() {
+            a.insert(op_name(op), times);
+        }
+    }
+
+    /// Whether this call of `op` aborts the daemon: [`Daemon::abort_next`], or `--fail OP` /
+    /// `--fail-rate P` in [`FailMode::Abort`].
+    pub(super) fn aborts(&self, op: &'static str) -> bool {
+        if let Ok(mut a) = self.abort_next.lock()
+            && let Some(n) = a.get_mut(op)
+            && *n > 0
+        {
+            *n -= 1;
+            return true;
+        }
+        if self.cfg.fail_mode != FailMode::Abort {
+            return false;
+        }
+        if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
+            return true;
+        }
+        let rate = self.fail_rate.lock().map(|r| *r).unwrap_or(0.0);
+        rate > 0.0 && MUTATING.contains(&op) && rand::random::<f64>() < rate
+    }
+
+    /// Dies mid-call: cuts every connection, stops serving, drops the running instances'
+    /// SSH endpoints and processes (the VMs die with the daemon), and ends with
+    /// [`Exit::Aborted`]. No clean-shutdown record is written.
+    pub(super) async fn abort(&self, op: &'static str) {
+        tracing::warn!(
+            op,
+            "simulating multipassd's abort mid-call (proto_buffer_writer.h assertion)"
+        );
+        self.emit(op, "", EventKind::Aborted);
+        self.exit.send_if_modified(|e| {
+            if e.is_none() {
+                *e = Some(Exit::Aborted);
+                true
+            } else {
+                false
+            }
+        });
+        self.kill.send_replace(true);
+        self.close_all_endpoints().await;
+    }
+
+    /// Cuts every client connection (the daemon process died).
+    pub(super) fn kill_connections(&self) {
+        self.kill.send_replace(true);
+    }
+
+    /// Follows [`Daemon::kill_connections`].
+    pub(super) fn connection_kill_switch(&self) -> watch::Receiver<bool> {
+        self.kill.subscribe()
+    }
+
+    /// Whether the daemon aborted.
+    pub(super) fn aborted(&self) -> bool {
+        *self.exit.borrow() == Some(Exit::Aborted)
+    }
+
+    /// Resolves once the daemon stopped serving by itself (aborted or wedged).
+    pub(super) async fn stopped_serving(&self) {
+        let mut exit = self.exit.subscribe();
+        let mut wedged = self.wedged.subscribe();
+        tokio::select! {
+            _ = exit.wait_for(|e| *e == Some(Exit::Aborted)) => {}
+            _ = wedged.wait_for(|w| *w) => {}
+        }
+    }
+
+    /// Resolves when the daemon ends by itself (never for a wedge).
+    pub(super) async fn exited(&self) -> Exit {
+        let mut rx = self.exit.subscribe();
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.unwrap_or(Exit::Shutdown),
+            Err(_) => Exit::Shutdown,
+        }
+    }
+
+    /// Why the daemon ended by itself, if it did ([`Exit::SettingsChanged`], [`Exit::Aborted`]).
+    pub fn exit_reason(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Whether the daemon wedged (see [`SimConfig::set_wedges_if_busy`]).
+    pub fn is_wedged(&self) -> bool {
+        *self.wedged.borrow()
+    }
+
+    /// Records the socket file the server bound.
+    pub(super) fn set_socket(&self, socket: OwnedSocket) {
+        let _ = self.socket.set(socket);
+    }
+
+    /// The socket file the server bound.
+    pub(super) fn owned_socket(&self) -> Option<&OwnedSocket> {
+        self.socket.get()
+    }
+
+    /// Marks the simulator shut down (calls left hanging by a wedge end).
+    pub(super) fn mark_shut(&self) {
+        self.shut.send_replace(true);
+    }
+
+    /// Resolves once the simulator is shut down.
+    pub(super) async fn shut_down(&self) {
+        let mut rx = self.shut.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
     pub(super) fn emit(&self, op: &'static str, instance: &str, kind: EventKind) {
-        let _ = self.events.send(SimEvent { op, instance: instance.to_string(), kind });
+        let _ = self.events.send(SimEvent {
+            op,
+            instance: instance.to_string(),
+            kind,
+        });
     }
 
     /// Makes `op` hang (true) or lets hung calls of it go on (false).
     pub fn set_hang(&self, op: &str, hang: bool) {
         if let Ok(mut h) = self.hangs.lock() {
-            h.entry(op_name(op)).or_insert_with(|| watch::channel(false).0).send_replace(hang);
+            h.entry(op_name(op))
+                .or_insert_with(|| watch::channel(false).0)
+                .send_replace(hang);
         }
     }
 
@@ -239,6 +616,18 @@ impl Daemon {
         }
     }
 
+    /// Interleaves replies carrying only a log line before, between and after the replies of
+    /// every call (on), as multipassd's logger does; off by default, tests turn it on.
+    pub fn set_log_lines(&self, on: bool) {
+        self.log_lines
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether log-only replies are interleaved.
+    pub fn log_lines(&self) -> bool {
+        self.log_lines.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Changes the random failure rate of mutating calls.
     pub fn set_fail_rate(&self, p: f64) {
         if let Ok(mut r) = self.fail_rate.lock() {
@@ -247,7 +636,9 @@ impl Daemon {
     }
 
     fn st(&self) -> Result<MutexGuard<'_, Persisted>, Status> {
-        self.state.lock().map_err(|_| Status::internal("simulator state lock poisoned"))
+        self.state
+            .lock()
+            .map_err(|_| Status::internal("simulator state lock poisoned"))
     }
 
     /// Writes state.json (atomically). Called after every change.
@@ -270,7 +661,11 @@ impl Daemon {
     }
 
     fn instance(&self, name: &str) -> Result<Instance, Status> {
-        self.st()?.instances.get(name).cloned().ok_or_else(|| Refusal::missing(name).into())
+        self.st()?
+            .instances
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Refusal::missing(name).into())
     }
 
     /// An operative (existing, not deleted) instance.
@@ -280,6 +675,37 @@ impl Daemon {
             return Err(Refusal::deleted(name).into());
         }
         Ok(i)
+    }
+
+    /// multipassd's `select_instances_and_react`: every named instance must exist (and with
+    /// [`Selection::Operative`] not be deleted). All problems are reported at once, as "The
+    /// following errors occurred:" and one line each; the code is the last kind's (missing
+    /// instances are NOT_FOUND, deleted ones INVALID_ARGUMENT).
+    fn select(&self, names: &[String], how: Selection) -> Result<(), Status> {
+        let (mut deleted, mut missing) = (Vec::new(), Vec::new());
+        {
+            let st = self.st()?;
+            for n in names {
+                match st.instances.get(n) {
+                    None => missing.push(Refusal::missing(n)),
+                    Some(i) if i.deleted && how == Selection::Operative => {
+                        deleted.push(Refusal::deleted(n))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let all: Vec<Refusal> = deleted.into_iter().chain(missing).collect();
+        match all.last() {
+            None => Ok(()),
+            Some(last) => {
+                let lines: Vec<&str> = all.iter().map(|r| r.message.as_str()).collect();
+                Err(Status::new(
+                    last.code,
+                    format!("The following errors occurred:\n{}", lines.join("\n")),
+                ))
+            }
+        }
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -297,11 +723,21 @@ impl Daemon {
 
     /// All operative instance names (for the "empty list means all" rule).
     fn all_names(&self, include_deleted: bool) -> Result<Vec<String>, Status> {
-        Ok(self.st()?.instances.values().filter(|i| include_deleted || !i.deleted).map(|i| i.name.clone()).collect())
+        Ok(self
+            .st()?
+            .instances
+            .values()
+            .filter(|i| include_deleted || !i.deleted)
+            .map(|i| i.name.clone())
+            .collect())
     }
 
     /// Takes the main-thread lock, recording whether the call had to wait for it.
-    pub(super) async fn main_thread(&self, op: &'static str, instance: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(super) async fn main_thread(
+        &self,
+        op: &'static str,
+        instance: &str,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
         match self.main.try_lock() {
             Ok(g) => {
                 self.emit(op, instance, EventKind::LockAcquired);
@@ -318,7 +754,11 @@ impl Daemon {
 
     /// Simulated work: waits while `op` is hung, then sleeps `base` times the time scale.
     async fn work(&self, op: &'static str, instance: &str, base: Duration) {
-        let hang = self.hangs.lock().ok().and_then(|h| h.get(op).map(|s| s.subscribe()));
+        let hang = self
+            .hangs
+            .lock()
+            .ok()
+            .and_then(|h| h.get(op).map(|s| s.subscribe()));
         if let Some(mut rx) = hang
             && *rx.borrow()
         {
@@ -334,29 +774,80 @@ impl Daemon {
 
     /// Fault injection: `--fail OP` always, `--fail-rate P` at random for mutating calls.
     fn maybe_fail(&self, op: &'static str) -> Result<(), Status> {
+        if self.cfg.fail_mode == FailMode::Abort {
+            // Decided when the call arrived (see `aborts`).
+            return Ok(());
+        }
         if self.cfg.fail_ops.iter().any(|f| op_name(f) == op) {
-            return Err(Status::internal(format!("simulated failure of {op} (--fail {op})")));
+            return Err(Status::internal(format!(
+                "simulated failure of {op} (--fail {op})"
+            )));
         }
         let rate = self.fail_rate.lock().map(|r| *r).unwrap_or(0.0);
         if rate > 0.0 && MUTATING.contains(&op) && rand::random::<f64>() < rate {
-            return Err(Status::internal(format!("simulated failure of {op} (--fail-rate {rate})")));
+            return Err(Status::internal(format!(
+                "simulated failure of {op} (--fail-rate {rate})"
+            )));
         }
         Ok(())
     }
 
+    /// Where an instance keeps its SSH host key (made at its first boot; a cold boot after
+    /// the daemon was killed makes a new one).
+    fn host_key_path(&self, name: &str) -> PathBuf {
+        self.dir(name).join("ssh_host_ed25519_key")
+    }
+
+    /// Opens the instance's SSH endpoint: its own host key, and a port it never had before
+    /// (a restarted multipassd's instances come back on new ports).
     async fn open_endpoint(&self, name: &str) -> Result<(), Status> {
         if self.cfg.ssh_target.is_some() {
             return Ok(());
         }
-        let root = self.root(name);
-        let ep = SshEndpoint::start(root, self.keys.clone(), 0)
+        let err = |e: std::io::Error| {
+            Status::internal(format!("cannot open the SSH endpoint of {name}: {e}"))
+        };
+        let key_path = self.host_key_path(name);
+        tokio::fs::create_dir_all(self.dir(name))
             .await
-            .map_err(|e| Status::internal(format!("cannot open the SSH endpoint of {name}: {e}")))?;
-        let old = self.endpoints.lock().ok().and_then(|mut m| m.insert(name.to_string(), Arc::new(ep)));
+            .map_err(err)?;
+        let host_key =
+            tokio::task::spawn_blocking(move || super::ssh::instance_host_key(&key_path))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(err)?;
+        let last = self
+            .st()?
+            .instances
+            .get(name)
+            .map(|i| i.last_ssh_port)
+            .unwrap_or(0);
+        let root = self.root(name);
+        let mut ep =
+            SshEndpoint::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0)
+                .await
+                .map_err(err)?;
+        if ep.port() == last {
+            // The kernel handed back the old port: take another while holding this one.
+            let other = SshEndpoint::start_with_host_key(root, self.keys.clone(), host_key, 0)
+                .await
+                .map_err(err)?;
+            ep.shutdown().await;
+            ep = other;
+        }
+        let port = ep.port();
+        let old = self
+            .endpoints
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(name.to_string(), Arc::new(ep)));
         if let Some(old) = old {
             old.shutdown().await;
         }
-        Ok(())
+        if let Some(i) = self.st()?.instances.get_mut(name) {
+            i.last_ssh_port = port;
+        }
+        self.save()
     }
 
     async fn close_endpoint(&self, name: &str) {
@@ -368,42 +859,64 @@ impl Daemon {
 
     /// The SSH endpoint of a running instance (tests read its connection count).
     pub fn endpoint(&self, name: &str) -> Option<Arc<SshEndpoint>> {
-        self.endpoints.lock().ok().and_then(|m| m.get(name).cloned())
+        self.endpoints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
     }
 
     /// Closes every SSH endpoint (simulator shutdown).
     pub async fn close_all_endpoints(&self) {
-        let all: Vec<_> = self.endpoints.lock().map(|mut m| m.drain().map(|(_, e)| e).collect()).unwrap_or_default();
+        let all: Vec<_> = self
+            .endpoints
+            .lock()
+            .map(|mut m| m.drain().map(|(_, e)| e).collect())
+            .unwrap_or_default();
         for ep in all {
             ep.shutdown().await;
         }
     }
 
     /// Like multipassd after a restart: resumes instances that were running or suspended.
-    pub async fn resume_after_restart(self: &Arc<Self>) {
-        let names: Vec<(String, VmState)> = match self.st() {
+    pub async fn resume_after_restart(self: &Arc<Self>, killed: bool) {
+        let plans: Vec<(String, StartPlan, bool)> = match self.st() {
             Ok(mut st) => st
                 .instances
                 .values_mut()
                 .filter(|i| !i.deleted && i.state != VmState::Stopped)
                 .map(|i| {
-                    // Whatever was in flight when we went down settles first.
-                    i.state = match i.state {
-                        VmState::Suspended | VmState::Suspending => VmState::Suspended,
-                        _ => VmState::Stopped,
+                    // A suspended instance resumes from its suspend image, unless the daemon
+                    // was killed: then the image is lost and it boots cold. Whatever else was
+                    // running or in flight boots.
+                    let suspended = matches!(i.state, VmState::Suspended | VmState::Suspending);
+                    let plan = if suspended && !killed {
+                        StartPlan::Resume
+                    } else {
+                        StartPlan::Boot
                     };
-                    (i.name.clone(), i.state)
+                    i.state = VmState::Starting;
+                    (i.name.clone(), plan, suspended)
                 })
                 .collect(),
             Err(_) => return,
         };
-        if names.is_empty() {
+        if plans.is_empty() {
             return;
         }
+        for (name, plan, suspended) in &plans {
+            if *suspended && *plan == StartPlan::Boot {
+                // A suspended guest booted cold makes new SSH host keys (reference §0.3).
+                let _ = std::fs::remove_file(self.host_key_path(name));
+            }
+        }
         let _ = self.save();
-        for (name, _) in names {
-            if let Err(e) = self.start_one(&name).await {
-                tracing::warn!(instance = %name, "auto-resume after restart failed: {}", e.message());
+        for (name, plan, _) in plans {
+            match self.run_start("autostart", &name, plan).await {
+                Ok(()) => self.emit("autostart", &name, EventKind::Done),
+                Err(e) => {
+                    tracing::warn!(instance = %name, "auto-start after restart failed: {}", e.message());
+                    self.emit("autostart", &name, EventKind::Failed(e.code()));
+                }
             }
         }
     }
@@ -411,67 +924,109 @@ impl Daemon {
     // ---------------------------------------------------------------- RPC handlers
 
     /// version
-    pub async fn version(&self, call: Call<pb::VersionRequest, pb::VersionReply>, _req: pb::VersionRequest) -> Result<(), Status> {
+    pub async fn version(
+        &self,
+        call: Call<pb::VersionRequest, pb::VersionReply>,
+        _req: pb::VersionRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("version", "").await;
         self.work("version", "", Duration::ZERO).await;
-        call.send(pb::VersionReply { version: self.cfg.daemon_version.clone(), ..Default::default() }).await;
+        call.send(pb::VersionReply {
+            version: self.cfg.daemon_version.clone(),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// list
-    pub async fn list(&self, call: Call<pb::ListRequest, pb::ListReply>, req: pb::ListRequest) -> Result<(), Status> {
+    pub async fn list(
+        &self,
+        call: Call<pb::ListRequest, pb::ListReply>,
+        req: pb::ListRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("list", "").await;
         self.work("list", "", Duration::ZERO).await;
-        let contents = {
-        let st = self.st()?;
-        if req.snapshots {
-            let snapshots = st
+        if req.request_ipv4 && !req.snapshots {
+            // multipassd asks each running guest for its addresses, on its main thread.
+            let running = self
+                .st()?
                 .instances
                 .values()
-                .filter(|i| !i.deleted)
-                .flat_map(|i| {
-                    i.snapshots.iter().map(|s| pb::ListVmSnapshot {
-                        name: i.name.clone(),
-                        fundamentals: Some(fundamentals(s)),
-                    })
-                })
-                .collect();
-            pb::list_reply::ListContents::SnapshotList(pb::SnapshotsList { snapshots })
-        } else {
-            let instances = st
-                .instances
-                .values()
-                .map(|i| pb::ListVmInstance {
-                    name: i.name.clone(),
-                    instance_status: Some(status(i)),
-                    ipv4: if req.request_ipv4 && i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
-                    ipv6: vec![],
-                    current_release: release(&i.image),
-                })
-                .collect();
-            pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
+                .filter(|i| !i.deleted && i.state.is_up())
+                .count();
+            self.work("list", "", self.profile.ip_query * running as u32)
+                .await;
         }
+        let contents = {
+            let st = self.st()?;
+            if req.snapshots {
+                let snapshots = st
+                    .instances
+                    .values()
+                    .filter(|i| !i.deleted)
+                    .flat_map(|i| {
+                        i.snapshots.iter().map(|s| pb::ListVmSnapshot {
+                            name: i.name.clone(),
+                            fundamentals: Some(fundamentals(s)),
+                        })
+                    })
+                    .collect();
+                pb::list_reply::ListContents::SnapshotList(pb::SnapshotsList { snapshots })
+            } else {
+                let instances = st
+                    .instances
+                    .values()
+                    .map(|i| pb::ListVmInstance {
+                        name: i.name.clone(),
+                        instance_status: Some(status(i)),
+                        ipv4: if req.request_ipv4 && i.state.is_up() && !i.deleted {
+                            vec![GUEST_IPV4.into()]
+                        } else {
+                            vec![]
+                        },
+                        ipv6: vec![],
+                        current_release: release_of(i),
+                    })
+                    .collect();
+                pb::list_reply::ListContents::InstanceList(pb::InstancesList { instances })
+            }
         };
-        call.send(pb::ListReply { list_contents: Some(contents), ..Default::default() }).await;
+        call.send(pb::ListReply {
+            list_contents: Some(contents),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// info
-    pub async fn info(&self, call: Call<pb::InfoRequest, pb::InfoReply>, req: pb::InfoRequest) -> Result<(), Status> {
+    pub async fn info(
+        &self,
+        call: Call<pb::InfoRequest, pb::InfoReply>,
+        req: pb::InfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("info", "").await;
         self.work("info", "", Duration::ZERO).await;
         let pairs = if req.instance_snapshot_pairs.is_empty() {
             self.all_names(true)?
                 .into_iter()
-                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .map(|n| pb::InstanceSnapshotPair {
+                    instance_name: n,
+                    snapshot_name: None,
+                })
                 .collect()
         } else {
             req.instance_snapshot_pairs
         };
+        let names: Vec<String> = pairs.iter().map(|p| p.instance_name.clone()).collect();
+        self.select(&names, Selection::Existing)?;
         let mut details = Vec::new();
         for pair in pairs {
             let i = self.instance(&pair.instance_name)?;
-            let common = |extra| pb::DetailedInfoItem {
+            // A snapshot's specs are its own; an instance's come from the guest (runtime
+            // information), so without it the real daemon leaves them empty (reference §0.3).
+            let specs = |extra| pb::DetailedInfoItem {
                 name: i.name.clone(),
                 instance_status: Some(status(&i)),
                 memory_total: i.memory.clone(),
@@ -482,87 +1037,192 @@ impl Daemon {
             };
             match pair.snapshot_name {
                 Some(sn) => {
-                    let s = i.snapshots.iter().find(|s| s.name == sn).ok_or_else(|| Status::from(rules::no_such_snapshot(&i.name, &sn)))?;
-                    let children = i.snapshots.iter().filter(|c| c.parent == sn).map(|c| c.name.clone()).collect();
-                    details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
-                        fundamentals: Some(fundamentals(s)),
-                        size: String::new(),
-                        children,
-                    })));
+                    let s = i
+                        .snapshots
+                        .iter()
+                        .find(|s| s.name == sn)
+                        .ok_or_else(|| Status::from(rules::no_such_snapshot(&i.name, &sn)))?;
+                    let children = i
+                        .snapshots
+                        .iter()
+                        .filter(|c| c.parent == sn)
+                        .map(|c| c.name.clone())
+                        .collect();
+                    details.push(specs(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                        pb::SnapshotDetails {
+                            fundamentals: Some(fundamentals(s)),
+                            size: String::new(),
+                            children,
+                        },
+                    )));
                 }
                 None if req.snapshots => {
                     for s in &i.snapshots {
-                        details.push(common(pb::detailed_info_item::ExtraInfo::SnapshotInfo(pb::SnapshotDetails {
-                            fundamentals: Some(fundamentals(s)),
-                            size: String::new(),
-                            children: vec![],
-                        })));
+                        details.push(specs(pb::detailed_info_item::ExtraInfo::SnapshotInfo(
+                            pb::SnapshotDetails {
+                                fundamentals: Some(fundamentals(s)),
+                                size: String::new(),
+                                children: vec![],
+                            },
+                        )));
                     }
                 }
-                None => details.push(common(pb::detailed_info_item::ExtraInfo::InstanceInfo(pb::InstanceDetails {
-                    image_release: release(&i.image),
-                    current_release: release(&i.image),
-                    ipv4: if i.state.is_up() { vec!["127.0.0.1".into()] } else { vec![] },
-                    num_snapshots: Some(i.snapshots.len() as i32),
-                    creation_timestamp: Some(timestamp(i.created)),
-                    load: if req.no_runtime_information || !i.state.is_up() { String::new() } else { "0.00 0.00 0.00".into() },
-                    ..Default::default()
-                }))),
+                None => {
+                    let runtime = !req.no_runtime_information && i.state.is_up() && !i.deleted;
+                    details.push(self.instance_details(&i, runtime).await?);
+                }
             }
         }
-        call.send(pb::InfoReply { details, snapshots: req.snapshots, ..Default::default() }).await;
+        call.send(pb::InfoReply {
+            details,
+            snapshots: req.snapshots,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
+    /// `info` of one instance. With `runtime` (asked for, and the instance runs) the daemon
+    /// gathers CPUs, memory, disk, load and addresses over SSH in the guest, on its main thread
+    /// (the caller holds it): here disk usage is the size of the instance's directory and memory
+    /// is as configured. Without, those fields stay empty, as multipassd leaves them.
+    async fn instance_details(
+        &self,
+        i: &Instance,
+        runtime: bool,
+    ) -> Result<pb::DetailedInfoItem, Status> {
+        let mut item = pb::DetailedInfoItem {
+            name: i.name.clone(),
+            instance_status: Some(status(i)),
+            mount_info: Some(pb::MountInfo::default()),
+            ..Default::default()
+        };
+        let mut details = pb::InstanceDetails {
+            image_release: release_of(i),
+            num_snapshots: Some(i.snapshots.len() as i32),
+            creation_timestamp: Some(timestamp(i.created)),
+            id: image_id(&i.image),
+            ..Default::default()
+        };
+        if runtime {
+            self.work("info", &i.name, self.profile.runtime_info).await;
+            let memory = rules::parse_size(&i.memory).unwrap_or(rules::DEFAULT_MEMORY);
+            let root = self.root(&i.name);
+            let used = tokio::task::spawn_blocking(move || tree_size(&root))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            item.cpu_count = i.cpus.to_string();
+            item.memory_total = memory.to_string();
+            item.disk_total = rules::parse_size(&i.disk)
+                .unwrap_or(rules::DEFAULT_DISK)
+                .to_string();
+            details.memory_usage = (memory / 8).to_string();
+            details.disk_usage = used.to_string();
+            details.load = "0.00 0.00 0.00".into();
+            details.ipv4 = vec![GUEST_IPV4.into()];
+            details.current_release = release_of(i);
+            details.uptime = "0 minutes".into();
+            details.cpu_times = "cpu  0 0 0 0 0 0 0 0 0 0".into();
+        }
+        item.extra_info = Some(pb::detailed_info_item::ExtraInfo::InstanceInfo(details));
+        Ok(item)
+    }
+
     /// launch and create
-    pub async fn launch(&self, call: Call<pb::LaunchRequest, pb::LaunchReply>, req: pb::LaunchRequest, start: bool) -> Result<(), Status> {
+    pub async fn launch(
+        &self,
+        call: Call<pb::LaunchRequest, pb::LaunchReply>,
+        req: pb::LaunchRequest,
+        start: bool,
+    ) -> Result<(), Status> {
         let op = if start { "launch" } else { "create" };
-        let name = if req.instance_name.is_empty() { pet_name() } else { req.instance_name.clone() };
-        {
+        let name = if req.instance_name.is_empty() {
+            pet_name()
+        } else {
+            req.instance_name.clone()
+        };
+        let servers = self.cfg.image_servers_reachable;
+        let image = {
             let _g = self.main_thread(op, &name).await;
             self.work(op, &name, Duration::ZERO).await;
+            // multipassd validates catalogue names first; local files and downloads are
+            // fetched (and fail) once the instance is being prepared.
+            let fetched_later = req.image.starts_with("file") || req.image.starts_with("http");
+            let image = images::resolve(&req.image, &req.remote_name, servers);
+            if let Err(refusal) = &image
+                && !fetched_later
+            {
+                return Err(refusal.clone().into());
+            }
             let mut errors = Vec::new();
             if !rules::valid_hostname(&name) {
                 errors.push(pb::launch_error::ErrorCodes::InvalidHostname);
             }
-            if !req.mem_size.is_empty() && rules::parse_size(&req.mem_size).is_none_or(|b| b < rules::MIN_MEMORY) {
+            if !req.mem_size.is_empty()
+                && rules::parse_size(&req.mem_size).is_none_or(|b| b < rules::MIN_MEMORY)
+            {
                 errors.push(pb::launch_error::ErrorCodes::InvalidMemSize);
             }
-            if !req.disk_space.is_empty() && rules::parse_size(&req.disk_space).is_none_or(|b| b < rules::MIN_DISK) {
+            if !req.disk_space.is_empty()
+                && rules::parse_size(&req.disk_space).is_none_or(|b| b < rules::MIN_DISK)
+            {
                 errors.push(pb::launch_error::ErrorCodes::InvalidDiskSize);
             }
             if !errors.is_empty() {
-                let le = pb::LaunchError { error_codes: errors.into_iter().map(|e| e as i32).collect() };
+                let le = pb::LaunchError {
+                    error_codes: errors.into_iter().map(|e| e as i32).collect(),
+                };
                 return Err(Status::with_details(
                     Code::InvalidArgument,
                     "Invalid arguments supplied",
                     prost::Message::encode_to_vec(&le).into(),
                 ));
             }
-            if let Some((remote, _)) = req.image.split_once(':')
-                && !matches!(remote, "release" | "daily" | "file" | "http" | "https")
-            {
-                return Err(Status::failed_precondition(format!("Remote \"{remote}\" is unknown or unreachable.")));
-            }
             if self.st()?.instances.contains_key(&name) {
                 return Err(Refusal::exists(&name).into());
             }
-            if !self.preparing.lock().map(|mut p| p.insert(name.clone())).unwrap_or(false) {
-                return Err(Status::invalid_argument(format!("instance \"{name}\" is being prepared")));
+            if !self
+                .preparing
+                .lock()
+                .map(|mut p| p.insert(name.clone()))
+                .unwrap_or(false)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "instance \"{name}\" is being prepared"
+                )));
             }
-        }
-        let result = self.launch_body(&call, &req, &name, op, start).await;
+            image
+        };
+        let result = match image {
+            Ok(image) => self.launch_body(&call, &req, &name, op, start, image).await,
+            Err(refusal) => Err(refusal.into()),
+        };
         if let Ok(mut p) = self.preparing.lock() {
             p.remove(&name);
         }
         result
     }
 
-    async fn launch_body(&self, call: &Call<pb::LaunchRequest, pb::LaunchReply>, req: &pb::LaunchRequest, name: &str, op: &'static str, start: bool) -> Result<(), Status> {
+    async fn launch_body(
+        &self,
+        call: &Call<pb::LaunchRequest, pb::LaunchReply>,
+        req: &pb::LaunchRequest,
+        name: &str,
+        op: &'static str,
+        start: bool,
+        image: images::Resolved,
+    ) -> Result<(), Status> {
         use pb::launch_reply::CreateOneof;
+        if let images::Resolved::Blueprint(_) = image {
+            call.log("*** Warning! Blueprints are deprecated and will be removed in a future release. ***").await;
+        }
         self.maybe_fail(op)?;
-        let msg = |m: CreateOneof| pb::LaunchReply { create_oneof: Some(m), ..Default::default() };
-        call.send(msg(CreateOneof::CreateMessage(format!("Creating {name}")))).await;
+        let msg = |m: CreateOneof| pb::LaunchReply {
+            create_oneof: Some(m),
+            ..Default::default()
+        };
+        call.send(msg(CreateOneof::CreateMessage(format!("Creating {name}"))))
+            .await;
         for pct in ["0", "25", "50", "75", "100"] {
             call.send(msg(CreateOneof::LaunchProgress(pb::LaunchProgress {
                 r#type: pb::launch_progress::ProgressTypes::Image as i32,
@@ -571,41 +1231,69 @@ impl Daemon {
             .await;
             self.work(op, name, self.profile.prepare / 5).await;
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Preparing image for {name}")))).await;
+        call.send(msg(CreateOneof::CreateMessage(format!(
+            "Preparing image for {name}"
+        ))))
+        .await;
         let root = self.root(name);
-        tokio::fs::create_dir_all(&root).await.map_err(|e| Status::internal(format!("{}: {e}", root.display())))?;
+        tokio::fs::create_dir_all(&root)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", root.display())))?;
         {
             let _g = self.main_thread(op, name).await;
             let inst = Instance {
                 name: name.to_string(),
                 state: VmState::Stopped,
                 deleted: false,
-                image: if req.image.is_empty() { "24.04".into() } else { req.image.clone() },
+                image: if req.image.is_empty() {
+                    "default".into()
+                } else {
+                    req.image.clone()
+                },
                 cpus: req.num_cores.max(1),
-                memory: if req.mem_size.is_empty() { "1G".into() } else { req.mem_size.clone() },
-                disk: if req.disk_space.is_empty() { "5G".into() } else { req.disk_space.clone() },
+                memory: if req.mem_size.is_empty() {
+                    "1G".into()
+                } else {
+                    req.mem_size.clone()
+                },
+                disk: if req.disk_space.is_empty() {
+                    "5G".into()
+                } else {
+                    req.disk_space.clone()
+                },
                 cloud_init: req.cloud_init_user_data.clone(),
                 snapshots: vec![],
                 snapshot_count: 0,
                 clone_count: 0,
                 current_snapshot: String::new(),
                 created: now(),
+                remote: req.remote_name.clone(),
+                release: Some(image.release_text()),
+                last_ssh_port: 0,
             };
             self.st()?.instances.insert(name.to_string(), inst);
             self.save()?;
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Configuring {name}")))).await;
+        call.send(msg(CreateOneof::CreateMessage(format!(
+            "Configuring {name}"
+        ))))
+        .await;
         if !start {
             return Ok(());
         }
-        call.send(msg(CreateOneof::CreateMessage(format!("Starting {name}")))).await;
-        self.set_state(name, VmState::Starting)?;
-        call.send(pb::LaunchReply { reply_message: "Waiting for initialization to complete".into(), ..Default::default() })
+        call.send(msg(CreateOneof::CreateMessage(format!("Starting {name}"))))
             .await;
+        self.set_state(name, VmState::Starting)?;
+        call.send(pb::LaunchReply {
+            reply_message: "Waiting for initialization to complete".into(),
+            ..Default::default()
+        })
+        .await;
         self.work(op, name, self.profile.boot).await;
         self.open_endpoint(name).await?;
         self.set_state(name, VmState::Running)?;
-        call.send(msg(CreateOneof::VmInstanceName(name.to_string()))).await;
+        call.send(msg(CreateOneof::VmInstanceName(name.to_string())))
+            .await;
         Ok(())
     }
 
@@ -618,19 +1306,30 @@ impl Daemon {
     }
 
     /// start
-    pub async fn start(&self, call: Call<pb::StartRequest, pb::StartReply>, req: pb::StartRequest) -> Result<(), Status> {
+    pub async fn start(
+        &self,
+        call: Call<pb::StartRequest, pb::StartReply>,
+        req: pb::StartRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
         {
-            let _g = self.main_thread("start", names.first().map_or("", |s| s)).await;
+            let _g = self
+                .main_thread("start", names.first().map_or("", |s| s))
+                .await;
             self.work("start", "", Duration::ZERO).await;
             let mut missing = pb::StartError::default();
             for n in &names {
                 match self.st()?.instances.get(n) {
                     None => {
-                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::DoesNotExist as i32);
+                        missing
+                            .instance_errors
+                            .insert(n.clone(), pb::start_error::ErrorCode::DoesNotExist as i32);
                     }
                     Some(i) if i.deleted => {
-                        missing.instance_errors.insert(n.clone(), pb::start_error::ErrorCode::InstanceDeleted as i32);
+                        missing.instance_errors.insert(
+                            n.clone(),
+                            pb::start_error::ErrorCode::InstanceDeleted as i32,
+                        );
                     }
                     Some(_) => {}
                 }
@@ -667,19 +1366,29 @@ impl Daemon {
             }
             plan
         };
+        self.run_start("start", name, plan).await
+    }
+
+    /// Boots or resumes an instance already marked Starting (or joins a start in progress).
+    /// `op` names the work for events and fault injection (`start`, or `autostart` after a
+    /// daemon restart).
+    async fn run_start(&self, op: &'static str, name: &str, plan: StartPlan) -> Result<(), Status> {
         match plan {
             StartPlan::Boot => {
-                self.emit("start", name, EventKind::Working);
-                self.work("start", name, self.profile.boot).await;
+                self.emit(op, name, EventKind::Working);
+                self.work(guest_wait(op), name, self.profile.boot).await;
+                self.come_up(name).await
             }
             StartPlan::Resume => {
-                self.emit("start", name, EventKind::Working);
-                self.work("start", name, self.profile.resume).await;
+                self.emit(op, name, EventKind::Working);
+                self.work(guest_wait(op), name, self.profile.resume).await;
+                self.still_starting(name)?;
                 self.open_endpoint(name).await?;
                 // multipassd syncs the guest clock over SSH after a resume, on its main thread.
-                let _g = self.main_thread("start", name).await;
-                self.work("start", name, self.profile.clock_sync).await;
-                return self.set_state(name, VmState::Running);
+                let _g = self.main_thread(op, name).await;
+                self.work(op, name, self.profile.clock_sync).await;
+                self.still_starting(name)?;
+                self.set_state(name, VmState::Running)
             }
             StartPlan::Join => {
                 let mut rx = self.changed.subscribe();
@@ -689,22 +1398,46 @@ impl Daemon {
                         return Ok(());
                     }
                     if !matches!(s, VmState::Starting | VmState::Restarting) {
-                        return Err(Status::failed_precondition(format!("instance {name} stopped while starting")));
+                        return Err(Status::failed_precondition(format!(
+                            "instance {name} stopped while starting"
+                        )));
                     }
                     let _ = rx.changed().await;
                 }
             }
-            StartPlan::Nothing | StartPlan::CancelShutdown => return Ok(()),
+            StartPlan::Nothing | StartPlan::CancelShutdown => Ok(()),
         }
+    }
+
+    /// Refuses to finish a start that was overtaken (a forced stop or a delete meanwhile).
+    fn still_starting(&self, name: &str) -> Result<(), Status> {
+        match self.operative(name)?.state {
+            VmState::Starting => Ok(()),
+            _ => Err(Status::failed_precondition(format!(
+                "instance {name} stopped while starting"
+            ))),
+        }
+    }
+
+    /// The guest answers over SSH: a new endpoint, Running.
+    async fn come_up(&self, name: &str) -> Result<(), Status> {
+        self.still_starting(name)?;
         self.open_endpoint(name).await?;
         self.set_state(name, VmState::Running)
     }
 
     /// stop
-    pub async fn stop(&self, call: Call<pb::StopRequest, pb::StopReply>, req: pb::StopRequest) -> Result<(), Status> {
+    pub async fn stop(
+        &self,
+        call: Call<pb::StopRequest, pb::StopReply>,
+        req: pb::StopRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
-        let _g = self.main_thread("stop", names.first().map_or("", |s| s)).await;
+        let _g = self
+            .main_thread("stop", names.first().map_or("", |s| s))
+            .await;
         self.work("stop", "", Duration::ZERO).await;
+        self.select(&names, Selection::Operative)?;
         let mut plans = Vec::new();
         for n in &names {
             let i = self.operative(n)?;
@@ -716,7 +1449,9 @@ impl Daemon {
             }
             if req.time_minutes > 0 {
                 if !i.state.is_up() {
-                    return Err(Status::failed_precondition(format!("Cannot delay the shutdown of {n}: it is not running.")));
+                    return Err(Status::failed_precondition(format!(
+                        "Cannot delay the shutdown of {n}: it is not running."
+                    )));
                 }
                 plans.push((n.clone(), Some(StopPlan::Graceful)));
                 continue;
@@ -731,7 +1466,11 @@ impl Daemon {
                 Some(StopPlan::Nothing) => {}
                 Some(p) => {
                     self.close_endpoint(&n).await;
-                    let d = if p == StopPlan::Force { self.profile.force_stop } else { self.profile.stop };
+                    let d = if p == StopPlan::Force {
+                        self.profile.force_stop
+                    } else {
+                        self.profile.stop
+                    };
                     self.work("stop", &n, d).await;
                     self.set_state(&n, VmState::Stopped)?;
                 }
@@ -742,10 +1481,17 @@ impl Daemon {
     }
 
     /// suspend
-    pub async fn suspend(&self, call: Call<pb::SuspendRequest, pb::SuspendReply>, req: pb::SuspendRequest) -> Result<(), Status> {
+    pub async fn suspend(
+        &self,
+        call: Call<pb::SuspendRequest, pb::SuspendReply>,
+        req: pb::SuspendRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
-        let _g = self.main_thread("suspend", names.first().map_or("", |s| s)).await;
+        let _g = self
+            .main_thread("suspend", names.first().map_or("", |s| s))
+            .await;
         self.work("suspend", "", Duration::ZERO).await;
+        self.select(&names, Selection::Operative)?;
         let mut todo = Vec::new();
         for n in &names {
             let i = self.operative(n)?;
@@ -753,7 +1499,9 @@ impl Daemon {
                 todo.push(n.clone());
             } else {
                 call.send(pb::SuspendReply {
-                    log_line: format!("[sim] Ignoring suspend issued while stopped/suspended: {n}\n"),
+                    log_line: format!(
+                        "[sim] Ignoring suspend issued while stopped/suspended: {n}\n"
+                    ),
                 })
                 .await;
             }
@@ -770,10 +1518,17 @@ impl Daemon {
     }
 
     /// restart
-    pub async fn restart(&self, call: Call<pb::RestartRequest, pb::RestartReply>, req: pb::RestartRequest) -> Result<(), Status> {
+    pub async fn restart(
+        &self,
+        call: Call<pb::RestartRequest, pb::RestartReply>,
+        req: pb::RestartRequest,
+    ) -> Result<(), Status> {
         let names = self.names_or_all(req.instance_names)?;
         {
-            let _g = self.main_thread("restart", names.first().map_or("", |s| s)).await;
+            let _g = self
+                .main_thread("restart", names.first().map_or("", |s| s))
+                .await;
+            self.select(&names, Selection::Operative)?;
             for n in &names {
                 rules::restart(n, self.operative(n)?.state)?;
             }
@@ -793,19 +1548,38 @@ impl Daemon {
     }
 
     /// snapshot
-    pub async fn snapshot(&self, call: Call<pb::SnapshotRequest, pb::SnapshotReply>, req: pb::SnapshotRequest) -> Result<(), Status> {
+    pub async fn snapshot(
+        &self,
+        call: Call<pb::SnapshotRequest, pb::SnapshotReply>,
+        req: pb::SnapshotRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("snapshot", &req.instance).await;
         self.work("snapshot", &req.instance, Duration::ZERO).await;
-        let name = self.take_snapshot(&req.instance, &req.snapshot, &req.comment).await?;
-        call.send(pb::SnapshotReply { snapshot: name, ..Default::default() }).await;
+        let name = self
+            .take_snapshot(&req.instance, &req.snapshot, &req.comment)
+            .await?;
+        call.send(pb::SnapshotReply {
+            snapshot: name,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// Takes a snapshot (the caller holds the main thread). Returns its name.
-    async fn take_snapshot(&self, instance: &str, requested: &str, comment: &str) -> Result<String, Status> {
+    async fn take_snapshot(
+        &self,
+        instance: &str,
+        requested: &str,
+        comment: &str,
+    ) -> Result<String, Status> {
         let i = self.operative(instance)?;
         rules::snapshot(i.state)?;
-        let name = if requested.is_empty() { format!("snapshot{}", i.snapshot_count + 1) } else { requested.to_string() };
+        let name = if requested.is_empty() {
+            format!("snapshot{}", i.snapshot_count + 1)
+        } else {
+            requested.to_string()
+        };
         rules::snapshot_name(&name)?;
         if i.snapshots.iter().any(|s| s.name == name) {
             return Err(rules::snapshot_taken(instance, &name).into());
@@ -829,7 +1603,11 @@ impl Daemon {
     }
 
     /// restore
-    pub async fn restore(&self, mut call: Call<pb::RestoreRequest, pb::RestoreReply>, req: pb::RestoreRequest) -> Result<(), Status> {
+    pub async fn restore(
+        &self,
+        mut call: Call<pb::RestoreRequest, pb::RestoreReply>,
+        req: pb::RestoreRequest,
+    ) -> Result<(), Status> {
         let check = |d: &Daemon| -> Result<(), Status> {
             let i = d.operative(&req.instance)?;
             if !i.snapshots.iter().any(|s| s.name == req.snapshot) {
@@ -844,7 +1622,12 @@ impl Daemon {
                 let _g = self.main_thread("restore", &req.instance).await;
                 check(self)?;
             }
-            let answer = call.prompt(pb::RestoreReply { confirm_destructive: true, ..Default::default() }).await?;
+            let answer = call
+                .prompt(pb::RestoreReply {
+                    confirm_destructive: true,
+                    ..Default::default()
+                })
+                .await?;
             destructive = answer.destructive;
         }
         let _g = self.main_thread("restore", &req.instance).await;
@@ -852,17 +1635,34 @@ impl Daemon {
         check(self)?;
         self.maybe_fail("restore")?;
         if !destructive {
-            call.send(pb::RestoreReply { reply_message: format!("Taking snapshot before restoring {}", req.snapshot), ..Default::default() })
-                .await;
-            let taken = self.take_snapshot(&req.instance, "", &format!("Before restoring {}", req.snapshot)).await?;
-            call.send(pb::RestoreReply { reply_message: format!("Snapshot taken: {}.{taken}\n", req.instance), ..Default::default() })
-                .await;
+            call.send(pb::RestoreReply {
+                reply_message: format!("Taking snapshot before restoring {}", req.snapshot),
+                ..Default::default()
+            })
+            .await;
+            let taken = self
+                .take_snapshot(
+                    &req.instance,
+                    "",
+                    &format!("Before restoring {}", req.snapshot),
+                )
+                .await?;
+            call.send(pb::RestoreReply {
+                reply_message: format!("Snapshot taken: {}.{taken}\n", req.instance),
+                ..Default::default()
+            })
+            .await;
         }
-        call.send(pb::RestoreReply { reply_message: "Restoring snapshot".into(), ..Default::default() }).await;
+        call.send(pb::RestoreReply {
+            reply_message: "Restoring snapshot".into(),
+            ..Default::default()
+        })
+        .await;
         self.emit("restore", &req.instance, EventKind::Working);
         let root = self.root(&req.instance);
         replace_tree(self.snapshot_dir(&req.instance, &req.snapshot), root).await?;
-        self.work("restore", &req.instance, self.profile.restore).await;
+        self.work("restore", &req.instance, self.profile.restore)
+            .await;
         if let Some(i) = self.st()?.instances.get_mut(&req.instance) {
             i.current_snapshot = req.snapshot.clone();
         }
@@ -872,13 +1672,20 @@ impl Daemon {
     }
 
     /// clone
-    pub async fn clone_instance(&self, call: Call<pb::CloneRequest, pb::CloneReply>, req: pb::CloneRequest) -> Result<(), Status> {
+    pub async fn clone_instance(
+        &self,
+        call: Call<pb::CloneRequest, pb::CloneReply>,
+        req: pb::CloneRequest,
+    ) -> Result<(), Status> {
         let src = req.source_name.clone();
         let _g = self.main_thread("clone", &src).await;
         self.work("clone", &src, Duration::ZERO).await;
         let i = self.operative(&src)?;
         rules::clone(i.state)?;
-        let dest = req.destination_name.clone().unwrap_or_else(|| format!("{src}-clone{}", i.clone_count + 1));
+        let dest = req
+            .destination_name
+            .clone()
+            .unwrap_or_else(|| format!("{src}-clone{}", i.clone_count + 1));
         rules::clone_destination(&dest)?;
         if self.st()?.instances.contains_key(&dest) {
             return Err(Refusal::exists(&dest).into());
@@ -905,16 +1712,27 @@ impl Daemon {
             st.instances.insert(dest.clone(), copy);
         }
         self.save()?;
-        call.send(pb::CloneReply { reply_message: format!("Cloned from {src} to {dest}.\n"), ..Default::default() }).await;
+        call.send(pb::CloneReply {
+            reply_message: format!("Cloned from {src} to {dest}.\n"),
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// delet
-    pub async fn delete(&self, mut call: Call<pb::DeleteRequest, pb::DeleteReply>, req: pb::DeleteRequest) -> Result<(), Status> {
+    pub async fn delete(
+        &self,
+        mut call: Call<pb::DeleteRequest, pb::DeleteReply>,
+        req: pb::DeleteRequest,
+    ) -> Result<(), Status> {
         let pairs = if req.instance_snapshot_pairs.is_empty() {
             self.all_names(true)?
                 .into_iter()
-                .map(|n| pb::InstanceSnapshotPair { instance_name: n, snapshot_name: None })
+                .map(|n| pb::InstanceSnapshotPair {
+                    instance_name: n,
+                    snapshot_name: None,
+                })
                 .collect()
         } else {
             req.instance_snapshot_pairs.clone()
@@ -922,6 +1740,8 @@ impl Daemon {
         let has_snapshots = pairs.iter().any(|p| p.snapshot_name.is_some());
         {
             let _g = self.main_thread("delete", "").await;
+            let names: Vec<String> = pairs.iter().map(|p| p.instance_name.clone()).collect();
+            self.select(&names, Selection::Existing)?;
             for p in &pairs {
                 let i = self.instance(&p.instance_name)?;
                 if let Some(s) = &p.snapshot_name {
@@ -935,7 +1755,12 @@ impl Daemon {
             }
         }
         if has_snapshots && !req.purge && !req.purge_snapshots {
-            let answer = call.prompt(pb::DeleteReply { confirm_snapshot_purging: true, ..Default::default() }).await?;
+            let answer = call
+                .prompt(pb::DeleteReply {
+                    confirm_snapshot_purging: true,
+                    ..Default::default()
+                })
+                .await?;
             if !answer.purge_snapshots {
                 return Err(Status::cancelled("Cancelled."));
             }
@@ -973,36 +1798,62 @@ impl Daemon {
             }
             self.save()?;
         }
-        call.send(pb::DeleteReply { purged_instances: purged, ..Default::default() }).await;
+        call.send(pb::DeleteReply {
+            purged_instances: purged,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// purge
-    pub async fn purge(&self, call: Call<pb::PurgeRequest, pb::PurgeReply>, _req: pb::PurgeRequest) -> Result<(), Status> {
+    pub async fn purge(
+        &self,
+        call: Call<pb::PurgeRequest, pb::PurgeReply>,
+        _req: pb::PurgeRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("purge", "").await;
         self.work("purge", "", Duration::ZERO).await;
         self.maybe_fail("purge")?;
-        let names: Vec<String> = self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect();
+        let names: Vec<String> = self
+            .st()?
+            .instances
+            .values()
+            .filter(|i| i.deleted)
+            .map(|i| i.name.clone())
+            .collect();
         for n in &names {
             self.st()?.instances.remove(n);
             remove_tree(self.dir(n)).await?;
         }
         self.save()?;
-        call.send(pb::PurgeReply { purged_instances: names, ..Default::default() }).await;
+        call.send(pb::PurgeReply {
+            purged_instances: names,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// recover
-    pub async fn recover(&self, call: Call<pb::RecoverRequest, pb::RecoverReply>, req: pb::RecoverRequest) -> Result<(), Status> {
+    pub async fn recover(
+        &self,
+        call: Call<pb::RecoverRequest, pb::RecoverReply>,
+        req: pb::RecoverRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("recover", "").await;
         self.work("recover", "", Duration::ZERO).await;
         let names = match req.instance_names {
             Some(n) if !n.instance_name.is_empty() => n.instance_name,
-            _ => self.st()?.instances.values().filter(|i| i.deleted).map(|i| i.name.clone()).collect(),
+            _ => self
+                .st()?
+                .instances
+                .values()
+                .filter(|i| i.deleted)
+                .map(|i| i.name.clone())
+                .collect(),
         };
-        for n in &names {
-            self.instance(n)?;
-        }
+        self.select(&names, Selection::Existing)?;
         self.maybe_fail("recover")?;
         for n in &names {
             if let Some(i) = self.st()?.instances.get_mut(n) {
@@ -1015,9 +1866,14 @@ impl Daemon {
     }
 
     /// ssh_info
-    pub async fn ssh_info(&self, call: Call<pb::SshInfoRequest, pb::SshInfoReply>, req: pb::SshInfoRequest) -> Result<(), Status> {
+    pub async fn ssh_info(
+        &self,
+        call: Call<pb::SshInfoRequest, pb::SshInfoReply>,
+        req: pb::SshInfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("ssh_info", "").await;
         self.work("ssh_info", "", Duration::ZERO).await;
+        self.select(&req.instance_name, Selection::Operative)?;
         let mut map = std::collections::HashMap::new();
         for n in &req.instance_name {
             let i = self.operative(n)?;
@@ -1026,28 +1882,45 @@ impl Daemon {
                 Some(t) => (t.host.clone(), t.port, t.user.clone()),
                 None => {
                     let port = self.endpoint(n).map(|e| e.port()).ok_or_else(|| {
-                        Status::failed_precondition(format!("instance \"{n}\" has no SSH endpoint yet"))
+                        Status::failed_precondition(format!(
+                            "instance \"{n}\" has no SSH endpoint yet"
+                        ))
                     })?;
                     ("127.0.0.1".to_string(), port, "ubuntu".to_string())
                 }
             };
-            map.insert(n.clone(), pb::SshInfo {
-                port: i32::from(port),
-                priv_key_base64: self.keys.client_key_text().to_string(),
-                host,
-                username: user,
-            });
+            map.insert(
+                n.clone(),
+                pb::SshInfo {
+                    port: i32::from(port),
+                    priv_key_base64: self.keys.client_key_text().to_string(),
+                    host,
+                    username: user,
+                },
+            );
         }
-        call.send(pb::SshInfoReply { ssh_info: map, ..Default::default() }).await;
+        call.send(pb::SshInfoReply {
+            ssh_info: map,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     fn passphrase(&self) -> Option<String> {
-        self.cfg.passphrase.clone().or_else(|| self.st().ok().and_then(|s| s.passphrase.clone()))
+        self.cfg
+            .passphrase
+            .clone()
+            .or_else(|| self.st().ok().and_then(|s| s.passphrase.clone()))
     }
 
     /// authenticate (no trust check before it)
-    pub async fn authenticate(&self, call: Call<pb::AuthenticateRequest, pb::AuthenticateReply>, req: pb::AuthenticateRequest, cert: Option<Vec<u8>>) -> Result<(), Status> {
+    pub async fn authenticate(
+        &self,
+        call: Call<pb::AuthenticateRequest, pb::AuthenticateReply>,
+        req: pb::AuthenticateRequest,
+        cert: Option<Vec<u8>>,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("authenticate", "").await;
         let Some(expected) = self.passphrase() else {
             return Err(Status::failed_precondition(
@@ -1055,100 +1928,250 @@ impl Daemon {
             ));
         };
         if req.passphrase != expected {
-            return Err(Status::invalid_argument("Passphrase is not correct. Please try again."));
+            return Err(Status::invalid_argument(
+                "Passphrase is not correct. Please try again.",
+            ));
         }
         let cert = cert.ok_or_else(|| Status::internal("invalid certificate data"))?;
-        self.trust.add(&cert).map_err(|e| Status::internal(e.to_string()))?;
+        self.trust
+            .add(&cert)
+            .map_err(|e| Status::internal(e.to_string()))?;
         super::server::open_socket_permissions(&self.cfg);
         call.send(pb::AuthenticateReply::default()).await;
         Ok(())
     }
 
     /// get
-    pub async fn get(&self, call: Call<pb::GetRequest, pb::GetReply>, req: pb::GetRequest) -> Result<(), Status> {
+    pub async fn get(
+        &self,
+        call: Call<pb::GetRequest, pb::GetReply>,
+        req: pb::GetRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("get", "").await;
         let value = match req.key.as_str() {
             "local.driver" => "qemu".to_string(),
-            "local.passphrase" => if self.passphrase().is_some() { "true".into() } else { "false".into() },
+            // multipassd returns what it stores: the passphrase's hash (the CLI prints
+            // true/false instead; reference §0.3).
+            "local.passphrase" => self
+                .passphrase()
+                .map(|p| passphrase_hash(&p))
+                .unwrap_or_default(),
             "local.privileged-mounts" => "true".into(),
             "local.bridged-network" | "local.image.mirror" => String::new(),
-            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "Unrecognized settings key: '{k}'"
+                )));
+            }
         };
-        call.send(pb::GetReply { value, ..Default::default() }).await;
+        call.send(pb::GetReply {
+            value,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// set: replies, then asks the process to exit with code 42 (multipassd restarts on any
     /// daemon setting change).
-    pub async fn set(&self, call: Call<pb::SetRequest, pb::SetReply>, req: pb::SetRequest) -> Result<(), Status> {
+    pub async fn set(
+        &self,
+        call: Call<pb::SetRequest, pb::SetReply>,
+        req: pb::SetRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("set", "").await;
         match req.key.as_str() {
             "local.passphrase" => self.st()?.passphrase = Some(req.val.clone()),
             "local.driver" if req.val != "qemu" => {
-                return Err(Status::invalid_argument(format!("Invalid driver '{}': mpool sim only simulates qemu", req.val)));
+                return Err(Status::invalid_argument(format!(
+                    "Invalid driver '{}': mpool sim only simulates qemu",
+                    req.val
+                )));
             }
-            "local.driver" | "local.privileged-mounts" | "local.bridged-network" | "local.image.mirror" => {}
-            k => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+            "local.driver"
+            | "local.privileged-mounts"
+            | "local.bridged-network"
+            | "local.image.mirror" => {}
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "Unrecognized settings key: '{k}'"
+                )));
+            }
         }
         self.save()?;
+        let others = self.calls_in_flight().saturating_sub(1);
         call.send(pb::SetReply::default()).await;
-        self.restart.send_replace(true);
+        if others > 0 && self.cfg.set_wedges_if_busy {
+            // Once this call has ended (its reply and trailers are out), as multipassd's.
+            if let Ok(mut w) = self.pending_wedge.lock() {
+                *w = Some(others);
+            }
+        } else {
+            self.exit.send_if_modified(|e| {
+                let first = e.is_none();
+                if first {
+                    *e = Some(Exit::SettingsChanged);
+                }
+                first
+            });
+        }
         Ok(())
     }
 
+    /// Wedges the daemon if a `set` that just ended asked for it.
+    pub(super) fn wedge_if_pending(&self) {
+        let others = self.pending_wedge.lock().ok().and_then(|mut w| w.take());
+        if let Some(others) = others {
+            self.wedge(others);
+        }
+    }
+
+    /// What multipassd did when a setting changed while another call was in flight (reference
+    /// §0.3): its socket disappears, it never exits, and nothing answers any more.
+    fn wedge(&self, others: usize) {
+        tracing::warn!(
+            others,
+            "a setting changed with calls in flight: wedged (socket gone, process alive), as multipassd"
+        );
+        self.emit("set", "", EventKind::Wedged);
+        if let Some(socket) = self.owned_socket() {
+            socket.remove();
+        }
+        self.wedged.send_replace(true);
+    }
+
     /// keys
-    pub async fn keys(&self, call: Call<pb::KeysRequest, pb::KeysReply>, _req: pb::KeysRequest) -> Result<(), Status> {
-        let settings_keys = ["local.bridged-network", "local.driver", "local.image.mirror", "local.passphrase", "local.privileged-mounts"]
-            .map(String::from)
-            .to_vec();
-        call.send(pb::KeysReply { settings_keys, ..Default::default() }).await;
+    pub async fn keys(
+        &self,
+        call: Call<pb::KeysRequest, pb::KeysReply>,
+        _req: pb::KeysRequest,
+    ) -> Result<(), Status> {
+        let settings_keys = [
+            "local.bridged-network",
+            "local.driver",
+            "local.image.mirror",
+            "local.passphrase",
+            "local.privileged-mounts",
+        ]
+        .map(String::from)
+        .to_vec();
+        call.send(pb::KeysReply {
+            settings_keys,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
     /// daemon_info
-    pub async fn daemon_info(&self, call: Call<pb::DaemonInfoRequest, pb::DaemonInfoReply>, _req: pb::DaemonInfoRequest) -> Result<(), Status> {
+    pub async fn daemon_info(
+        &self,
+        call: Call<pb::DaemonInfoRequest, pb::DaemonInfoReply>,
+        _req: pb::DaemonInfoRequest,
+    ) -> Result<(), Status> {
         let _g = self.main_thread("daemon_info", "").await;
-        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         let memory = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .map(|kb| kb * 1024)
             .unwrap_or(0);
-        call.send(pb::DaemonInfoReply { available_space: 100 << 30, cpus, memory, ..Default::default() }).await;
+        call.send(pb::DaemonInfoReply {
+            available_space: 100 << 30,
+            cpus,
+            memory,
+            ..Default::default()
+        })
+        .await;
         Ok(())
     }
 
-    /// find: one image, so `launch` has something to name.
-    pub async fn find(&self, call: Call<pb::FindRequest, pb::FindReply>, _req: pb::FindRequest) -> Result<(), Status> {
-        let image = pb::find_reply::ImageInfo {
-            os: "Ubuntu".into(),
-            release: "24.04 LTS".into(),
-            version: "20260501".into(),
-            aliases_info: vec![pb::find_reply::AliasInfo { remote_name: String::new(), alias: "noble".into() }],
-            codename: "noble".into(),
-        };
-        call.send(pb::FindReply { show_images: true, images_info: vec![image], ..Default::default() }).await;
+    /// find: the fixed catalogue (see [`images`]), with multipassd's rules for search strings,
+    /// remotes and which remote names an alias carries.
+    pub async fn find(
+        &self,
+        call: Call<pb::FindRequest, pb::FindReply>,
+        req: pb::FindRequest,
+    ) -> Result<(), Status> {
+        let _g = self.main_thread("find", "").await;
+        self.work("find", "", Duration::ZERO).await;
+        let reply = images::find(&req, self.cfg.image_servers_reachable)?;
+        call.send(reply).await;
         Ok(())
     }
 
     /// networks: none to bridge.
-    pub async fn networks(&self, call: Call<pb::NetworksRequest, pb::NetworksReply>, _req: pb::NetworksRequest) -> Result<(), Status> {
+    pub async fn networks(
+        &self,
+        call: Call<pb::NetworksRequest, pb::NetworksReply>,
+        _req: pb::NetworksRequest,
+    ) -> Result<(), Status> {
         call.send(pb::NetworksReply::default()).await;
         Ok(())
     }
 }
 
 fn status(i: &Instance) -> pb::InstanceStatus {
-    let s = if i.deleted { pb::instance_status::Status::Deleted } else { i.state.status() };
+    let s = if i.deleted {
+        pb::instance_status::Status::Deleted
+    } else {
+        i.state.status()
+    };
     pb::InstanceStatus { status: s as i32 }
 }
 
-fn release(image: &str) -> String {
-    match image {
-        "22.04" | "jammy" => "Ubuntu 22.04 LTS".into(),
-        "24.04" | "noble" | "lts" | "" => "Ubuntu 24.04 LTS".into(),
-        other => other.to_string(),
+/// The release text of an instance (state files of older simulators carry only the image).
+fn release_of(i: &Instance) -> String {
+    if let Some(r) = &i.release {
+        return r.clone();
     }
+    images::resolve(&i.image, &i.remote, true)
+        .map(|r| r.release_text())
+        .unwrap_or_default()
+}
+
+/// What multipassd stores for `local.passphrase`: a 64-byte hash as 128 hex digits (scrypt
+/// there, SHA-512 here; only the shape matters to clients).
+fn passphrase_hash(passphrase: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA512, passphrase.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stable stand-in for the image's hash (`info`'s "Image hash").
+fn image_id(image: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The address `list`/`info` report for a running instance (its SSH endpoint's host).
+const GUEST_IPV4: &str = "127.0.0.1";
+
+/// Bytes used by a directory tree (what `df` inside the guest would count); unreadable parts
+/// count as empty. Iterative: a task's deep directory nesting cannot exhaust the stack.
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    total = total.saturating_add(e.metadata().map(|m| m.len()).unwrap_or(0))
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {
@@ -1162,9 +2185,17 @@ fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {
 
 /// A multipass-style generated name.
 fn pet_name() -> String {
-    const A: &[&str] = &["brisk", "calm", "eager", "gentle", "jolly", "lucid", "merry", "proud", "quiet", "vivid"];
-    const N: &[&str] = &["badger", "crane", "falcon", "heron", "lynx", "marten", "otter", "plover", "stoat", "wren"];
-    format!("{}-{}", A[rand::random_range(0..A.len())], N[rand::random_range(0..N.len())])
+    const A: &[&str] = &[
+        "brisk", "calm", "eager", "gentle", "jolly", "lucid", "merry", "proud", "quiet", "vivid",
+    ];
+    const N: &[&str] = &[
+        "badger", "crane", "falcon", "heron", "lynx", "marten", "otter", "plover", "stoat", "wren",
+    ];
+    format!(
+        "{}-{}",
+        A[rand::random_range(0..A.len())],
+        N[rand::random_range(0..N.len())]
+    )
 }
 
 /// Copies a directory tree (files, dirs, symlinks, modes), replacing `to`.

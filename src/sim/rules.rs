@@ -57,22 +57,34 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(code: Code, message: impl Into<String>) -> Refusal {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 
     /// `instance "x" does not exist` (NOT_FOUND).
     pub fn missing(name: &str) -> Refusal {
-        Refusal::new(Code::NotFound, format!("instance \"{name}\" does not exist"))
+        Refusal::new(
+            Code::NotFound,
+            format!("instance \"{name}\" does not exist"),
+        )
     }
 
     /// `instance "x" is deleted` (INVALID_ARGUMENT).
     pub fn deleted(name: &str) -> Refusal {
-        Refusal::new(Code::InvalidArgument, format!("instance \"{name}\" is deleted"))
+        Refusal::new(
+            Code::InvalidArgument,
+            format!("instance \"{name}\" is deleted"),
+        )
     }
 
     /// `instance "x" already exists` (INVALID_ARGUMENT).
     pub fn exists(name: &str) -> Refusal {
-        Refusal::new(Code::InvalidArgument, format!("instance \"{name}\" already exists"))
+        Refusal::new(
+            Code::InvalidArgument,
+            format!("instance \"{name}\" already exists"),
+        )
     }
 }
 
@@ -91,7 +103,9 @@ pub fn valid_hostname(name: &str) -> bool {
         [first, middle @ .., last] => {
             first.is_ascii_alphabetic()
                 && last.is_ascii_alphanumeric()
-                && middle.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+                && middle
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || *c == b'-')
         }
     }
 }
@@ -101,7 +115,9 @@ pub fn valid_hostname(name: &str) -> bool {
 /// are bytes. Returns bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num.parse().ok()?;
     let unit = unit.to_ascii_uppercase();
@@ -124,6 +140,10 @@ pub fn parse_size(s: &str) -> Option<u64> {
 pub const MIN_MEMORY: u64 = 128 << 20;
 /// Smallest disk multipass accepts.
 pub const MIN_DISK: u64 = 512 << 20;
+/// Memory of an instance launched without a size.
+pub const DEFAULT_MEMORY: u64 = 1 << 30;
+/// Disk of an instance launched without a size.
+pub const DEFAULT_DISK: u64 = 5 << 30;
 
 /// What `start` does to an instance in a given state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,17 +214,26 @@ pub fn suspend(name: &str, state: VmState) -> Result<bool, Refusal> {
         VmState::Stopped | VmState::Suspended => Ok(false),
         VmState::Starting | VmState::Restarting | VmState::Suspending => Err(Refusal::new(
             Code::FailedPrecondition,
-            format!("Cannot suspend instance {name} while it is {}.", state.status().as_str_name().to_lowercase()),
+            format!(
+                "Cannot suspend instance {name} while it is {}.",
+                state.status().as_str_name().to_lowercase()
+            ),
         )),
     }
 }
 
-/// The restart rule: only running or delayed-shutdown instances.
+/// The restart rule: only running or delayed-shutdown instances; anything else gets
+/// multipassd's (odd but real) "already running, but in an unknown state" (reference §0.3).
 pub fn restart(name: &str, state: VmState) -> Result<(), Refusal> {
     if state.is_up() {
         Ok(())
     } else {
-        Err(Refusal::new(Code::FailedPrecondition, format!("Instance \"{name}\" is not running")))
+        Err(Refusal::new(
+            Code::FailedPrecondition,
+            format!(
+                "Instance '{name}' is already running, but in an unknown state.\nTry to stop and start it instead."
+            ),
+        ))
     }
 }
 
@@ -213,7 +242,10 @@ pub fn snapshot(state: VmState) -> Result<(), Refusal> {
     if state == VmState::Stopped {
         Ok(())
     } else {
-        Err(Refusal::new(Code::FailedPrecondition, "Multipass can only take snapshots of stopped instances."))
+        Err(Refusal::new(
+            Code::FailedPrecondition,
+            "Multipass can only take snapshots of stopped instances.",
+        ))
     }
 }
 
@@ -222,7 +254,10 @@ pub fn restore(state: VmState) -> Result<(), Refusal> {
     if state == VmState::Stopped {
         Ok(())
     } else {
-        Err(Refusal::new(Code::FailedPrecondition, "Multipass can only restore snapshots of stopped instances."))
+        Err(Refusal::new(
+            Code::FailedPrecondition,
+            "Multipass can only restore snapshots of stopped instances.",
+        ))
     }
 }
 
@@ -231,7 +266,10 @@ pub fn clone(state: VmState) -> Result<(), Refusal> {
     if state == VmState::Stopped {
         Ok(())
     } else {
-        Err(Refusal::new(Code::FailedPrecondition, "Multipass can only clone stopped instances."))
+        Err(Refusal::new(
+            Code::FailedPrecondition,
+            "Multipass can only clone stopped instances.",
+        ))
     }
 }
 
@@ -240,7 +278,10 @@ pub fn ssh(name: &str, state: VmState) -> Result<(), Refusal> {
     if state.is_up() {
         Ok(())
     } else {
-        Err(Refusal::new(Code::Aborted, format!("instance \"{name}\" is not running")))
+        Err(Refusal::new(
+            Code::Aborted,
+            format!("instance \"{name}\" is not running"),
+        ))
     }
 }
 
@@ -249,18 +290,27 @@ pub fn snapshot_name(name: &str) -> Result<(), Refusal> {
     if valid_hostname(name) {
         Ok(())
     } else {
-        Err(Refusal::new(Code::InvalidArgument, format!("Invalid snapshot name: \"{name}\".")))
+        Err(Refusal::new(
+            Code::InvalidArgument,
+            format!("Invalid snapshot name: \"{name}\"."),
+        ))
     }
 }
 
 /// The refusal for a snapshot name already taken on `instance`.
 pub fn snapshot_taken(instance: &str, name: &str) -> Refusal {
-    Refusal::new(Code::InvalidArgument, format!("Snapshot name taken: {instance}.{name}"))
+    Refusal::new(
+        Code::InvalidArgument,
+        format!("Snapshot name taken: {instance}.{name}"),
+    )
 }
 
 /// The refusal for a missing snapshot.
 pub fn no_such_snapshot(instance: &str, name: &str) -> Refusal {
-    Refusal::new(Code::NotFound, format!("No such snapshot: {instance}.{name}"))
+    Refusal::new(
+        Code::NotFound,
+        format!("No such snapshot: {instance}.{name}"),
+    )
 }
 
 /// A clone destination check.
@@ -268,7 +318,10 @@ pub fn clone_destination(name: &str) -> Result<(), Refusal> {
     if valid_hostname(name) {
         Ok(())
     } else {
-        Err(Refusal::new(Code::InvalidArgument, format!("Invalid destination instance name: \"{name}\".")))
+        Err(Refusal::new(
+            Code::InvalidArgument,
+            format!("Invalid destination instance name: \"{name}\"."),
+        ))
     }
 }
 
@@ -304,17 +357,29 @@ mod tests {
         assert_eq!(start("a", VmState::Stopped), Ok(StartPlan::Boot));
         assert_eq!(start("a", VmState::Running), Ok(StartPlan::Nothing));
         assert_eq!(start("a", VmState::Starting), Ok(StartPlan::Join));
-        assert_eq!(start("a", VmState::Suspending).unwrap_err().code, Code::FailedPrecondition);
+        assert_eq!(
+            start("a", VmState::Suspending).unwrap_err().code,
+            Code::FailedPrecondition
+        );
     }
 
     #[test]
     fn stop_of_suspended_needs_force() {
         let r = stop("a", VmState::Suspended, false).unwrap_err();
-        assert_eq!(r, Refusal::new(Code::FailedPrecondition, "Cannot shut down suspended instance a."));
+        assert_eq!(
+            r,
+            Refusal::new(
+                Code::FailedPrecondition,
+                "Cannot shut down suspended instance a."
+            )
+        );
         assert_eq!(stop("a", VmState::Suspended, true), Ok(StopPlan::Force));
         assert_eq!(stop("a", VmState::Stopped, true), Ok(StopPlan::Nothing));
         assert_eq!(stop("a", VmState::Running, false), Ok(StopPlan::Graceful));
-        assert_eq!(stop("a", VmState::Starting, false).unwrap_err().code, Code::FailedPrecondition);
+        assert_eq!(
+            stop("a", VmState::Starting, false).unwrap_err().code,
+            Code::FailedPrecondition
+        );
     }
 
     #[test]
@@ -327,17 +392,30 @@ mod tests {
     #[test]
     fn snapshot_restore_clone_need_stopped() {
         for s in [VmState::Running, VmState::Suspended, VmState::Starting] {
-            assert_eq!(snapshot(s).unwrap_err().message, "Multipass can only take snapshots of stopped instances.");
+            assert_eq!(
+                snapshot(s).unwrap_err().message,
+                "Multipass can only take snapshots of stopped instances."
+            );
             assert_eq!(restore(s).unwrap_err().code, Code::FailedPrecondition);
-            assert_eq!(clone(s).unwrap_err().message, "Multipass can only clone stopped instances.");
+            assert_eq!(
+                clone(s).unwrap_err().message,
+                "Multipass can only clone stopped instances."
+            );
         }
-        assert!(snapshot(VmState::Stopped).is_ok() && restore(VmState::Stopped).is_ok() && clone(VmState::Stopped).is_ok());
+        assert!(
+            snapshot(VmState::Stopped).is_ok()
+                && restore(VmState::Stopped).is_ok()
+                && clone(VmState::Stopped).is_ok()
+        );
     }
 
     #[test]
     fn ssh_needs_running() {
         assert!(ssh("a", VmState::Running).is_ok());
         let r = ssh("a", VmState::Suspended).unwrap_err();
-        assert_eq!((r.code, r.message.as_str()), (Code::Aborted, "instance \"a\" is not running"));
+        assert_eq!(
+            (r.code, r.message.as_str()),
+            (Code::Aborted, "instance \"a\" is not running")
+        );
     }
 }

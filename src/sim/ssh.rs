@@ -27,11 +27,11 @@ use std::fmt;
 use std::fs::{File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Component, Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,9 +51,11 @@ use russh_sftp::protocol::{
     Status, StatusCode, Version,
 };
 use russh_sftp::server::StatusReply;
+
+use super::beneath::{Confined, OpenMode};
+use super::vm_processes::{Command as VmCommand, Supervised, VmSupervisor};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdin};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -156,6 +158,16 @@ impl SshKeys {
     }
 }
 
+/// Loads the Ed25519 host key at `path`, or generates one there (mode 0600): an instance's
+/// own SSH host key, as a guest makes at its first boot. Blocks (file I/O).
+pub fn instance_host_key(path: &Path) -> io::Result<PrivateKey> {
+    let (_, key) = load_or_generate(path, || {
+        let pair = Ed25519Keypair::random(&mut KeyRng(rand::rng()));
+        PrivateKey::new(KeypairData::from(pair), "mpool-sim-instance").map_err(invalid_data)
+    })?;
+    Ok(key)
+}
+
 /// Adapts rand 0.9's thread RNG (a CSPRNG) to the rand_core 0.10 traits ssh-key wants.
 struct KeyRng(rand::rngs::ThreadRng);
 
@@ -240,7 +252,8 @@ pub struct SshEndpoint {
     accepted: Arc<AtomicU64>,
     shutdown_tx: watch::Sender<bool>,
     stop: tokio::sync::Mutex<Option<StopState>>,
-    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
+    /// The instance's processes (see [`super::vm_processes`]).
+    processes: Arc<VmSupervisor>,
 }
 
 impl fmt::Debug for SshEndpoint {
@@ -271,27 +284,39 @@ struct Ctx {
     /// Canonical absolute path of the instance's root directory.
     root: PathBuf,
     keys: Arc<SshKeys>,
-    /// Processes that finished commands left running; killed by `shutdown`.
-    leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>,
+    /// Starts the commands; everything they start dies with the endpoint.
+    processes: Arc<VmSupervisor>,
 }
 
 impl SshEndpoint {
     /// Starts listening on 127.0.0.1 (port 0 = any free port) serving `root` (created if
-    /// missing).
+    /// missing), with the shared host key of `keys`.
     pub async fn start(root: PathBuf, keys: Arc<SshKeys>, port: u16) -> io::Result<SshEndpoint> {
+        let host_key = keys.host_key.clone();
+        SshEndpoint::start_with_host_key(root, keys, host_key, port).await
+    }
+
+    /// [`SshEndpoint::start`] with this host key (each simulated instance has its own, see
+    /// [`instance_host_key`]).
+    pub async fn start_with_host_key(
+        root: PathBuf,
+        keys: Arc<SshKeys>,
+        host_key: PrivateKey,
+        port: u16,
+    ) -> io::Result<SshEndpoint> {
         tokio::fs::create_dir_all(&root).await?;
         let root = tokio::fs::canonicalize(&root).await?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
         let port = listener.local_addr()?.port();
-        let config = Arc::new(server_config(&keys));
+        let config = Arc::new(server_config(host_key));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tracker_tx, done_rx) = mpsc::channel(1);
         let accepted = Arc::new(AtomicU64::new(0));
-        let leftovers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let processes = Arc::new(VmSupervisor::start()?);
         let ctx = Arc::new(Ctx {
             root,
             keys,
-            leftovers: leftovers.clone(),
+            processes: processes.clone(),
         });
         info!(port, root = %ctx.root.display(), "ssh endpoint listening");
         let accept_task = tokio::spawn(accept_loop(
@@ -310,7 +335,7 @@ impl SshEndpoint {
                 accept_task,
                 done_rx,
             })),
-            leftovers,
+            processes,
         })
     }
 
@@ -328,10 +353,11 @@ impl SshEndpoint {
     /// Stops listening, closes every session and kills every running command (whole process
     /// group). Idempotent.
     ///
-    /// Processes that finished commands left behind (`nohup server &`: sshd lets them run,
-    /// and so does the endpoint while it is up) are killed too, as they die with a stopped
-    /// VM. Returns once the port is closed and the sessions and commands have ended (or,
-    /// should something hang, after a bounded wait).
+    /// Every process the instance's commands started is killed too, however it detached
+    /// (`nohup server &`, `setsid`, a double fork: sshd lets them run, and so does the endpoint
+    /// while it is up), as they die with a stopped VM (see [`super::vm_processes`]). Returns
+    /// once the port is closed and the sessions and processes have ended (or, should
+    /// something hang, after a bounded wait).
     pub async fn shutdown(&self) {
         self.shutdown_tx.send_replace(true);
         let mut stop = self.stop.lock().await;
@@ -340,6 +366,10 @@ impl SshEndpoint {
         };
         if let Err(e) = (&mut state.accept_task).await {
             warn!(port = self.port, "ssh accept loop failed: {e}");
+        }
+        // A stopped VM's processes all die at once, however they detached.
+        if let Err(e) = self.processes.kill_all().await {
+            warn!(port = self.port, "killing the instance's processes: {e}");
         }
         if tokio::time::timeout(SHUTDOWN_WAIT, state.done_rx.recv())
             .await
@@ -350,16 +380,9 @@ impl SshEndpoint {
                 "ssh endpoint tasks still running after shutdown wait"
             );
         }
-        let leftovers = std::mem::take(&mut *lock_leftovers(&self.leftovers));
-        if !leftovers.is_empty() {
-            let killed =
-                tokio::task::spawn_blocking(move || leftovers.iter().filter(|p| p.kill()).count())
-                    .await
-                    .unwrap_or(0);
-            debug!(
-                port = self.port,
-                killed, "killed processes left by commands"
-            );
+        // Anything a command started while its session wound down.
+        if let Err(e) = self.processes.kill_all().await {
+            warn!(port = self.port, "killing the instance's processes: {e}");
         }
         info!(port = self.port, "ssh endpoint stopped");
     }
@@ -372,14 +395,14 @@ impl Drop for SshEndpoint {
     }
 }
 
-fn server_config(keys: &SshKeys) -> russh::server::Config {
+fn server_config(host_key: PrivateKey) -> russh::server::Config {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     russh::server::Config {
         methods,
         auth_rejection_time: Duration::from_millis(100),
         auth_rejection_time_initial: Some(Duration::ZERO),
-        keys: vec![keys.host_key.clone()],
+        keys: vec![host_key],
         // Connections are pooled and may idle for long; dead peers are found by keepalives.
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
@@ -714,11 +737,21 @@ async fn run_sftp(
     tracker: Tracker,
 ) {
     debug!(root = %ctx.root.display(), "sftp session started");
+    let root = ctx.root.clone();
+    let confined = match tokio::task::spawn_blocking(move || Confined::open(&root)).await {
+        Ok(Ok(c)) => Arc::new(c),
+        other => {
+            warn!(root = %ctx.root.display(), "cannot open the instance directory for SFTP: {other:?}");
+            let _ = tx.exit_status(1).await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
     let (ours, theirs) = tokio::io::duplex(SFTP_PIPE);
     russh_sftp::server::run(
         theirs,
         SftpSession {
-            root: ctx.root.clone(),
+            root: confined,
             handles: HashMap::new(),
             next_handle: 0,
             initialized: false,
@@ -851,7 +884,7 @@ fn signal_group(pgid: i32, signal: i32) -> bool {
 }
 
 /// SIGTERM to the group, SIGKILL after [`KILL_GRACE`] if anything is left, leader reaped.
-async fn terminate_group(pgid: i32, child: &mut Child, leader_exited: bool) {
+async fn terminate_group(pgid: i32, child: &mut Supervised, leader_exited: bool) {
     signal_group(pgid, libc::SIGTERM);
     let deadline = tokio::time::Instant::now() + KILL_GRACE;
     if !leader_exited {
@@ -867,104 +900,6 @@ async fn terminate_group(pgid: i32, child: &mut Child, leader_exited: bool) {
             .is_err()
     {
         warn!(pgid, "command did not exit after SIGKILL");
-    }
-}
-
-/// A process a finished command left running, identified beyond pid reuse by its start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Leftover {
-    pid: i32,
-    /// The process group of the command that started it.
-    pgid: i32,
-    /// Start time in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
-    start: u64,
-}
-
-impl Leftover {
-    /// Whether the process still runs (a zombie counts as gone).
-    fn alive(&self) -> bool {
-        proc_stat(self.pid).is_some_and(|st| st.start == self.start && st.state != 'Z')
-    }
-
-    /// SIGKILLs the process, and its command's process group if it is still in it (which
-    /// gets what it spawned since). True if it was still running.
-    fn kill(&self) -> bool {
-        let Some(st) = proc_stat(self.pid) else {
-            return false;
-        };
-        if st.start != self.start || st.state == 'Z' {
-            return false;
-        }
-        if st.pgrp == self.pgid {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-        if self.pid > 1 {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        }
-        true
-    }
-}
-
-/// What the endpoint needs from `/proc/<pid>/stat`.
-struct ProcStat {
-    state: char,
-    pgrp: i32,
-    start: u64,
-}
-
-fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after the last ')'.
-    let rest = text.get(text.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat {
-        state: fields.first()?.chars().next()?,
-        pgrp: fields.get(2)?.parse().ok()?,
-        start: fields.get(19)?.parse().ok()?,
-    })
-}
-
-/// The running processes of process group `pgid`.
-fn group_members(pgid: i32) -> Vec<Leftover> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let st = proc_stat(pid)?;
-            (st.pgrp == pgid && st.state != 'Z').then_some(Leftover {
-                pid,
-                pgid,
-                start: st.start,
-            })
-        })
-        .collect()
-}
-
-fn lock_leftovers(
-    leftovers: &std::sync::Mutex<Vec<Leftover>>,
-) -> std::sync::MutexGuard<'_, Vec<Leftover>> {
-    leftovers
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Remembers what a finished command left running in its process group.
-async fn record_leftovers(pgid: i32, leftovers: Arc<std::sync::Mutex<Vec<Leftover>>>) {
-    if !signal_group(pgid, 0) {
-        return; // The common case: nothing left.
-    }
-    let recorded = tokio::task::spawn_blocking(move || {
-        let found = group_members(pgid);
-        let mut list = lock_leftovers(&leftovers);
-        list.retain(Leftover::alive);
-        list.extend(found.iter().copied());
-        found.len()
-    })
-    .await;
-    if let Ok(count) = recorded {
-        debug!(pgid, count, "command left processes running");
     }
 }
 
@@ -1015,7 +950,6 @@ fn signal_name(signal: i32) -> String {
         .map(|(n, _)| (*n).to_string())
         .unwrap_or_else(|| signal.to_string())
 }
-
 
 fn sig_from_number(signal: i32) -> Sig {
     match signal_name(signal).as_str() {
@@ -1095,7 +1029,7 @@ async fn pump(
 
 /// Writes queued channel data to the child's stdin; closes stdin when the queue closes.
 async fn feed_stdin(
-    mut stdin: ChildStdin,
+    mut stdin: tokio::net::unix::pipe::Sender,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     flow: Arc<StdinFlow>,
 ) {
@@ -1147,23 +1081,32 @@ async fn run_exec(
 ) {
     let id = tx.id();
     debug!(command = %String::from_utf8_lossy(&command), "ssh exec");
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(OsString::from_vec(command))
-        .current_dir(&ctx.root)
-        .env_clear()
-        .env("HOME", &ctx.root)
-        .env("USER", USER)
-        .env("LOGNAME", USER)
-        .env("SHELL", "/bin/sh")
-        .env("PATH", PATH_ENV)
-        .envs(env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
-    let mut child = match cmd.spawn() {
+    let var = |k: &str, v: &std::ffi::OsStr| {
+        let mut kv = OsString::from(k);
+        kv.push("=");
+        kv.push(v);
+        kv
+    };
+    let mut vars = vec![
+        var("HOME", ctx.root.as_os_str()),
+        var("USER", USER.as_ref()),
+        var("LOGNAME", USER.as_ref()),
+        var("SHELL", "/bin/sh".as_ref()),
+        var("PATH", PATH_ENV.as_ref()),
+    ];
+    for (k, v) in env {
+        // A later definition of a name replaces an earlier one, as with `Command::envs`.
+        let prefix = format!("{k}=");
+        vars.retain(|kv| !kv.as_bytes().starts_with(prefix.as_bytes()));
+        vars.push(var(&k, v.as_ref()));
+    }
+    let cmd = VmCommand {
+        program: "/bin/sh".into(),
+        args: vec!["sh".into(), "-c".into(), OsString::from_vec(command)],
+        env: vars,
+        cwd: ctx.root.clone(),
+    };
+    let mut child = match ctx.processes.spawn(&cmd).await {
         Ok(child) => child,
         Err(e) => {
             warn!("cannot start command: {e}");
@@ -1175,10 +1118,7 @@ async fn run_exec(
             return;
         }
     };
-    let pgid = child
-        .id()
-        .and_then(|pid| i32::try_from(pid).ok())
-        .unwrap_or(0);
+    let pgid = child.pid;
     let mut guard = GroupGuard { pgid, armed: true };
 
     let flow = Arc::new(StdinFlow::default());
@@ -1221,13 +1161,7 @@ async fn run_exec(
         }
         tokio::select! {
             status = child.wait(), if exit.is_none() => {
-                exit = Some(match status {
-                    Ok(status) => Exit::from(status),
-                    Err(e) => {
-                        warn!("waiting for command failed: {e}");
-                        Exit::Code(255)
-                    }
-                });
+                exit = Some(Exit::from(status));
                 // Nobody reads stdin any more (background jobs excepted): close it.
                 stdin_queue = None;
                 pending = None;
@@ -1296,7 +1230,8 @@ async fn run_exec(
             }
             let _ = tx.eof().await;
             let _ = tx.close().await;
-            record_leftovers(pgid, ctx.leftovers.clone()).await;
+            // What it left running in the background keeps running, as under sshd, until
+            // the instance stops (its supervisor then kills it).
         }
         ExecEnd::ClientGone | ExecEnd::Shutdown => {
             debug!(
@@ -1323,7 +1258,8 @@ async fn run_exec(
 enum SftpHandle {
     File(Arc<File>),
     Dir {
-        path: PathBuf,
+        /// The open directory (for its attributes).
+        dir: Arc<File>,
         /// `None` once exhausted (or while a batch is being read).
         entries: Option<std::fs::ReadDir>,
         /// Whether "." and ".." are still to be listed.
@@ -1331,9 +1267,11 @@ enum SftpHandle {
     },
 }
 
-/// SFTP server of one channel, confined to the instance root.
+/// SFTP server of one channel, confined to the instance root: every path is resolved by the
+/// kernel beneath it (see [`super::beneath`]), so no symlink, not even one swapped in while a
+/// call runs, leads out of it.
 struct SftpSession {
-    root: PathBuf,
+    root: Arc<Confined>,
     handles: HashMap<String, SftpHandle>,
     next_handle: u64,
     initialized: bool,
@@ -1359,10 +1297,7 @@ fn io_status(e: io::Error) -> StatusReply {
 }
 
 fn outside_root() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        "path is outside the instance's directory",
-    )
+    super::beneath::outside()
 }
 
 fn invalid_handle() -> StatusReply {
@@ -1377,94 +1312,6 @@ async fn blocking<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(io_status(e)),
         Err(e) => Err(StatusCode::Failure.with_message(format!("internal error: {e}"))),
-    }
-}
-
-/// Removes `.` and `..` lexically from an absolute path (`..` at `/` stays at `/`).
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::from("/");
-    for component in path.components() {
-        match component {
-            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(name) => out.push(name),
-        }
-    }
-    out
-}
-
-/// Canonicalizes the longest existing ancestor of `path` and appends the rest.
-fn canonicalize_prefix(path: &Path) -> io::Result<PathBuf> {
-    let mut existing = path.to_path_buf();
-    let mut rest: Vec<OsString> = Vec::new();
-    loop {
-        match std::fs::canonicalize(&existing) {
-            Ok(mut real) => {
-                for name in rest.iter().rev() {
-                    real.push(name);
-                }
-                return Ok(real);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match (existing.file_name(), existing.parent()) {
-                    (Some(name), Some(parent)) => {
-                        rest.push(name.to_owned());
-                        existing = parent.to_path_buf();
-                    }
-                    _ => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Maps an SFTP path to a host path inside `root`, or fails with PermissionDenied.
-///
-/// Relative paths are taken from `root`; `.` and `..` are removed lexically; symlinks in the
-/// directories leading to the last component are resolved. With `follow`, a last component
-/// that is a symlink is resolved too (and a dangling one refused), as opening or stat-ing it
-/// would; without, the link itself is meant (lstat, remove, rename, mkdir, readlink).
-fn resolve(root: &Path, raw: &str, follow: bool) -> io::Result<PathBuf> {
-    if raw.contains('\0') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "path contains a NUL byte",
-        ));
-    }
-    let joined = if raw.starts_with('/') {
-        PathBuf::from(raw)
-    } else {
-        root.join(raw)
-    };
-    let lexical = normalize(&joined);
-    let candidate = match (lexical.parent(), lexical.file_name()) {
-        (Some(parent), Some(name)) => canonicalize_prefix(parent)?.join(name),
-        _ => lexical,
-    };
-    if !candidate.starts_with(root) {
-        return Err(outside_root());
-    }
-    if !follow {
-        return Ok(candidate);
-    }
-    match std::fs::canonicalize(&candidate) {
-        Ok(real) if real.starts_with(root) => Ok(real),
-        Ok(_) => Err(outside_root()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if std::fs::symlink_metadata(&candidate).is_ok() {
-                // A dangling symlink: its target is unknown territory.
-                Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "dangling symbolic link",
-                ))
-            } else {
-                Ok(candidate)
-            }
-        }
-        Err(e) => Err(e),
     }
 }
 
@@ -1557,13 +1404,13 @@ fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 
 /// Lists up to [`READDIR_BATCH`] entries (with lstat attributes) of an open directory.
 fn read_dir_batch(
-    path: &Path,
+    dir: &File,
     mut entries: std::fs::ReadDir,
     dots_pending: bool,
 ) -> io::Result<(Vec<SftpFile>, Option<std::fs::ReadDir>)> {
     let mut files = Vec::new();
     if dots_pending {
-        let attrs = attrs_of(&std::fs::metadata(path)?);
+        let attrs = attrs_of(&dir.metadata()?);
         files.push(SftpFile::new(".", attrs.clone()));
         files.push(SftpFile::new("..", attrs));
     }
@@ -1603,14 +1450,19 @@ impl SftpSession {
     }
 
     /// Resolves `path` inside the root on a blocking thread and runs `f` on the result.
+    /// Maps `path` into the root on a blocking thread and runs `f` with the root and the
+    /// relative path (which `f` must use through the root, confined).
     async fn at_path<T: Send + 'static>(
         &self,
         path: String,
-        follow: bool,
-        f: impl FnOnce(PathBuf) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(&Confined, PathBuf) -> io::Result<T> + Send + 'static,
     ) -> Result<T, StatusReply> {
         let root = self.root.clone();
-        blocking(move || f(resolve(&root, &path, follow)?)).await
+        blocking(move || {
+            let rel = root.relative(&path)?;
+            f(&root, rel)
+        })
+        .await
     }
 }
 
@@ -1641,13 +1493,17 @@ impl russh_sftp::server::Handler for SftpSession {
         pflags: OpenFlags,
         attrs: FileAttributes,
     ) -> Result<SftpHandleReply, Self::Error> {
-        let mode = attrs.permissions.map_or(0o666, |m| m & 0o7777);
+        let how = OpenMode {
+            read: pflags.contains(OpenFlags::READ),
+            write: pflags.contains(OpenFlags::WRITE),
+            append: pflags.contains(OpenFlags::APPEND),
+            create: pflags.contains(OpenFlags::CREATE),
+            create_new: pflags.contains(OpenFlags::CREATE) && pflags.contains(OpenFlags::EXCLUDE),
+            truncate: pflags.contains(OpenFlags::TRUNCATE),
+            mode: attrs.permissions.map_or(0o666, |m| m & 0o7777),
+        };
         let file = self
-            .at_path(filename, true, move |path| {
-                let mut options = OpenOptions::from(pflags);
-                options.mode(mode);
-                options.open(path)
-            })
+            .at_path(filename, move |root, rel| root.open_file(&rel, how))
             .await?;
         let handle = self.insert_handle(SftpHandle::File(Arc::new(file)))?;
         Ok(SftpHandleReply { id, handle })
@@ -1689,7 +1545,9 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn lstat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
-        let meta = self.at_path(path, false, std::fs::symlink_metadata).await?;
+        let meta = self
+            .at_path(path, |root, rel| root.metadata(&rel, false))
+            .await?;
         Ok(Attrs {
             id,
             attrs: attrs_of(&meta),
@@ -1697,7 +1555,9 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn stat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
-        let meta = self.at_path(path, true, std::fs::metadata).await?;
+        let meta = self
+            .at_path(path, |root, rel| root.metadata(&rel, true))
+            .await?;
         Ok(Attrs {
             id,
             attrs: attrs_of(&meta),
@@ -1710,9 +1570,9 @@ impl russh_sftp::server::Handler for SftpSession {
                 let file = file.clone();
                 blocking(move || file.metadata()).await?
             }
-            Some(SftpHandle::Dir { path, .. }) => {
-                let path = path.clone();
-                blocking(move || std::fs::metadata(path)).await?
+            Some(SftpHandle::Dir { dir, .. }) => {
+                let dir = dir.clone();
+                blocking(move || dir.metadata()).await?
             }
             None => return Err(invalid_handle()),
         };
@@ -1728,8 +1588,10 @@ impl russh_sftp::server::Handler for SftpSession {
         path: String,
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
-        self.at_path(path, true, move |path| apply_attrs_path(&path, &attrs))
-            .await?;
+        self.at_path(path, move |root, rel| {
+            root.with_resolved(&rel, |p| apply_attrs_path(p, &attrs))
+        })
+        .await?;
         Ok(status_ok(id))
     }
 
@@ -1744,9 +1606,9 @@ impl russh_sftp::server::Handler for SftpSession {
                 let file = file.clone();
                 blocking(move || apply_attrs_file(&file, &attrs)).await?;
             }
-            Some(SftpHandle::Dir { path, .. }) => {
-                let path = path.clone();
-                blocking(move || apply_attrs_path(&path, &attrs)).await?;
+            Some(SftpHandle::Dir { dir, .. }) => {
+                let dir = dir.clone();
+                blocking(move || apply_attrs_file(&dir, &attrs)).await?;
             }
             None => return Err(invalid_handle()),
         }
@@ -1754,14 +1616,9 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<SftpHandleReply, Self::Error> {
-        let (path, entries) = self
-            .at_path(path, true, |path| {
-                let entries = std::fs::read_dir(&path)?;
-                Ok((path, entries))
-            })
-            .await?;
+        let (dir, entries) = self.at_path(path, |root, rel| root.read_dir(&rel)).await?;
         let handle = self.insert_handle(SftpHandle::Dir {
-            path,
+            dir: Arc::new(dir),
             entries: Some(entries),
             dots_pending: true,
         })?;
@@ -1770,7 +1627,7 @@ impl russh_sftp::server::Handler for SftpSession {
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
         let Some(SftpHandle::Dir {
-            path,
+            dir,
             entries,
             dots_pending,
         }) = self.handles.get_mut(&handle)
@@ -1781,7 +1638,7 @@ impl russh_sftp::server::Handler for SftpSession {
             return Err(StatusReply::new(StatusCode::Eof));
         };
         let dots = std::mem::replace(dots_pending, false);
-        let dir = path.clone();
+        let dir = dir.clone();
         let (files, rest) = blocking(move || read_dir_batch(&dir, iter, dots)).await?;
         if let Some(SftpHandle::Dir { entries, .. }) = self.handles.get_mut(&handle) {
             *entries = rest;
@@ -1793,7 +1650,8 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn remove(&mut self, id: u32, filename: String) -> Result<Status, Self::Error> {
-        self.at_path(filename, false, std::fs::remove_file).await?;
+        self.at_path(filename, |root, rel| root.remove_file(&rel))
+            .await?;
         Ok(status_ok(id))
     }
 
@@ -1804,27 +1662,24 @@ impl russh_sftp::server::Handler for SftpSession {
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         let mode = attrs.permissions.map_or(0o777, |m| m & 0o7777);
-        self.at_path(path, false, move |path| {
-            std::fs::DirBuilder::new().mode(mode).create(path)
-        })
-        .await?;
+        self.at_path(path, move |root, rel| root.create_dir(&rel, mode))
+            .await?;
         Ok(status_ok(id))
     }
 
     async fn rmdir(&mut self, id: u32, path: String) -> Result<Status, Self::Error> {
-        let root = self.root.clone();
-        self.at_path(path, false, move |path| {
-            if path == root {
+        self.at_path(path, |root, rel| {
+            if rel.as_os_str().is_empty() {
                 return Err(outside_root());
             }
-            std::fs::remove_dir(path)
+            root.remove_dir(&rel)
         })
         .await?;
         Ok(status_ok(id))
     }
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
-        let real = self.at_path(path, true, Ok).await?;
+        let real = self.at_path(path, |root, rel| root.real_path(&rel)).await?;
         Ok(Name {
             id,
             files: vec![SftpFile::dummy(real.to_string_lossy())],
@@ -1838,21 +1693,19 @@ impl russh_sftp::server::Handler for SftpSession {
         newpath: String,
     ) -> Result<Status, Self::Error> {
         let root = self.root.clone();
-        let old = resolve(&root, &oldpath, false);
-        let new = resolve(&root, &newpath, false);
         blocking(move || {
-            let (old, new) = (old?, new?);
-            if old == root || new == root {
+            let (old, new) = (root.relative(&oldpath)?, root.relative(&newpath)?);
+            if old.as_os_str().is_empty() || new.as_os_str().is_empty() {
                 return Err(outside_root());
             }
-            std::fs::rename(old, new)
+            root.rename(&old, &new)
         })
         .await?;
         Ok(status_ok(id))
     }
 
     async fn readlink(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
-        let target = self.at_path(path, false, std::fs::read_link).await?;
+        let target = self.at_path(path, |root, rel| root.read_link(&rel)).await?;
         Ok(Name {
             id,
             files: vec![SftpFile::dummy(target.to_string_lossy())],
@@ -1865,88 +1718,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalize_removes_dots() {
-        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
-        assert_eq!(normalize(Path::new("/../../x")), PathBuf::from("/x"));
-        assert_eq!(normalize(Path::new("/a/b/..")), PathBuf::from("/a"));
-        assert_eq!(normalize(Path::new("/")), PathBuf::from("/"));
-    }
-
-    fn temp_root() -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let root = std::fs::canonicalize(root).unwrap();
-        (dir, root)
-    }
-
-    #[test]
-    fn resolve_confines_paths_to_root() {
-        let (dir, root) = temp_root();
-        std::fs::create_dir(root.join("sub")).unwrap();
-        std::fs::write(root.join("sub/f"), b"x").unwrap();
-
-        assert_eq!(resolve(&root, "", true).unwrap(), root);
-        assert_eq!(resolve(&root, ".", true).unwrap(), root);
-        assert_eq!(resolve(&root, "sub/f", true).unwrap(), root.join("sub/f"));
-        assert_eq!(
-            resolve(&root, "sub/../new", true).unwrap(),
-            root.join("new")
-        );
-        let abs = root.join("sub/f");
-        assert_eq!(resolve(&root, abs.to_str().unwrap(), true).unwrap(), abs);
-        assert_eq!(
-            resolve(&root, "missing/dir/x", true).unwrap(),
-            root.join("missing/dir/x")
-        );
-
-        for bad in ["..", "../x", "sub/../../x", "/etc/passwd", "/", "a\0b"] {
-            let err = resolve(&root, bad, true).unwrap_err();
-            assert!(
-                matches!(
-                    err.kind(),
-                    io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
-                ),
-                "{bad}: {err}"
-            );
-        }
-        // A sibling whose name shares the root's prefix is still outside.
-        let sibling = format!("{}2/x", root.display());
-        assert!(resolve(&root, &sibling, true).is_err());
-        drop(dir);
-    }
-
-    #[test]
-    fn resolve_checks_symlinks() {
-        let (dir, root) = temp_root();
-        let outside = dir.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        std::os::unix::fs::symlink(&outside, root.join("out")).unwrap();
-        std::os::unix::fs::symlink("sub", root.join("in")).unwrap();
-        std::os::unix::fs::symlink(dir.path().join("nowhere"), root.join("dangling")).unwrap();
-        std::fs::create_dir(root.join("sub")).unwrap();
-
-        // Through a link to outside: refused, whether following the last component or not.
-        assert!(resolve(&root, "out", true).is_err());
-        assert!(resolve(&root, "out/x", false).is_err());
-        assert!(resolve(&root, "out/x", true).is_err());
-        // The link itself is inside (lstat/remove may name it).
-        assert_eq!(resolve(&root, "out", false).unwrap(), root.join("out"));
-        // Links within the root are fine.
-        assert_eq!(resolve(&root, "in", true).unwrap(), root.join("sub"));
-        assert_eq!(
-            resolve(&root, "in/new", true).unwrap(),
-            root.join("sub/new")
-        );
-        // A dangling link is not followed.
-        assert!(resolve(&root, "dangling", true).is_err());
-        assert_eq!(
-            resolve(&root, "dangling", false).unwrap(),
-            root.join("dangling")
-        );
-    }
-
-    #[test]
     fn signal_names_round_trip() {
         assert_eq!(signal_number("TERM"), Some(libc::SIGTERM));
         assert_eq!(signal_number("SIGKILL"), Some(libc::SIGKILL));
@@ -1956,28 +1727,6 @@ mod tests {
         assert!(matches!(sig_from_number(libc::SIGTERM), Sig::TERM));
         assert!(matches!(sig_from_number(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
         assert_eq!(crate::ssh::signal_name(&Sig::INT), "INT");
-    }
-
-    #[test]
-    fn proc_stat_parses_own_process() {
-        let me = i32::try_from(std::process::id()).unwrap();
-        let st = proc_stat(me).unwrap();
-        assert_ne!(st.state, 'Z');
-        // SAFETY: getpgrp(2) has no preconditions.
-        assert_eq!(st.pgrp, unsafe { libc::getpgrp() });
-        assert!(st.start > 0);
-        assert!(group_members(st.pgrp).iter().any(|p| p.pid == me));
-        let leftover = Leftover {
-            pid: me,
-            pgid: st.pgrp,
-            start: st.start,
-        };
-        assert!(leftover.alive());
-        let other = Leftover {
-            start: st.start + 1,
-            ..leftover
-        };
-        assert!(!other.alive(), "a reused pid must not match");
     }
 
     #[test]

@@ -32,16 +32,25 @@ impl ServerCerts {
         let root_cert = state_dir.join(ROOT_CERT_FILE);
         if !(cert.is_file() && key.is_file() && root_cert.is_file()) {
             let (ca, leaf) = tls::generate_ca_and_server(server_name)?;
-            tls::write_private(&dir.join(format!("{server_name}_root_key.pem")), ca.key_pem.as_bytes())?;
+            tls::write_private(
+                &dir.join(format!("{server_name}_root_key.pem")),
+                ca.key_pem.as_bytes(),
+            )?;
             tls::write_with_mode(&root_cert, ca.cert_pem.as_bytes(), 0o644)?;
             tls::write_private(&key, leaf.key_pem.as_bytes())?;
             tls::write_with_mode(&cert, leaf.cert_pem.as_bytes(), 0o644)?;
         }
         let read_string = |p: &Path| -> Result<String, TlsError> {
-            String::from_utf8(tls::read(p)?)
-                .map_err(|e| TlsError::Pem { what: p.display().to_string(), detail: e.to_string() })
+            String::from_utf8(tls::read(p)?).map_err(|e| TlsError::Pem {
+                what: p.display().to_string(),
+                detail: e.to_string(),
+            })
         };
-        Ok(ServerCerts { root_cert, cert_pem: read_string(&cert)?, key_pem: read_string(&key)? })
+        Ok(ServerCerts {
+            root_cert,
+            cert_pem: read_string(&cert)?,
+            key_pem: read_string(&key)?,
+        })
     }
 
     /// A rustls server config: our chain, client certificates requested but accepted
@@ -52,7 +61,9 @@ impl ServerCerts {
         let key = tls::key_from_pem("server key", self.key_pem.as_bytes())?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(Arc::new(RequestButDontVerify { sigs: tls::Signatures(provider) }))
+            .with_client_cert_verifier(Arc::new(RequestButDontVerify {
+                sigs: tls::Signatures(provider),
+            }))
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(cfg)
@@ -121,18 +132,26 @@ pub struct TrustStore {
 impl TrustStore {
     /// Loads the store (empty when the file does not exist).
     pub fn load(state_dir: &Path) -> Result<TrustStore, TlsError> {
-        let path = state_dir.join("authenticated-certs").join("multipass_client_certs.pem");
+        let path = state_dir
+            .join("authenticated-certs")
+            .join("multipass_client_certs.pem");
         let certs = if path.is_file() {
             let pem = tls::read(&path)?;
             if pem.iter().all(u8::is_ascii_whitespace) {
                 Vec::new()
             } else {
-                tls::certs_from_pem(&path.display().to_string(), &pem)?.into_iter().map(|c| c.to_vec()).collect()
+                tls::certs_from_pem(&path.display().to_string(), &pem)?
+                    .into_iter()
+                    .map(|c| c.to_vec())
+                    .collect()
             }
         } else {
             Vec::new()
         };
-        Ok(TrustStore { path, certs: Mutex::new(certs) })
+        Ok(TrustStore {
+            path,
+            certs: Mutex::new(certs),
+        })
     }
 
     /// No client is trusted yet.
@@ -142,13 +161,19 @@ impl TrustStore {
 
     /// This certificate (DER) is trusted.
     pub fn contains(&self, der: &[u8]) -> bool {
-        self.certs.lock().map(|c| c.iter().any(|t| t == der)).unwrap_or(false)
+        self.certs
+            .lock()
+            .map(|c| c.iter().any(|t| t == der))
+            .unwrap_or(false)
     }
 
     /// Trusts a certificate and persists the store.
     pub fn add(&self, der: &[u8]) -> Result<(), TlsError> {
         let Ok(mut certs) = self.certs.lock() else {
-            return Err(TlsError::Pem { what: "trust store".into(), detail: "poisoned lock".into() });
+            return Err(TlsError::Pem {
+                what: "trust store".into(),
+                detail: "poisoned lock".into(),
+            });
         };
         if certs.iter().any(|t| t == der) {
             return Ok(());
@@ -199,7 +224,9 @@ mod tests {
         let store = TrustStore::load(dir.path()).unwrap();
         assert!(store.is_empty());
         let pair = tls::generate_client_cert().unwrap();
-        let der = tls::certs_from_pem("c", pair.cert_pem.as_bytes()).unwrap().remove(0);
+        let der = tls::certs_from_pem("c", pair.cert_pem.as_bytes())
+            .unwrap()
+            .remove(0);
         store.add(&der).unwrap();
         let again = TrustStore::load(dir.path()).unwrap();
         assert!(again.contains(&der));

@@ -70,7 +70,19 @@ pub struct ExecRequest {
     env: Vec<(String, String)>,
     cwd: Option<String>,
     stdin: Option<Bytes>,
+    /// Stdin streamed from a channel (taken by the first exec of this request or its clones).
+    stdin_stream: Option<Arc<std::sync::Mutex<Option<mpsc::Receiver<Bytes>>>>>,
     timeout: Option<Duration>,
+}
+
+/// What a command reads on stdin.
+pub(crate) enum Stdin {
+    /// Nothing: closed at once.
+    None,
+    /// These bytes, then EOF.
+    Bytes(Bytes),
+    /// What arrives on the channel, then EOF when it closes.
+    Stream(mpsc::Receiver<Bytes>),
 }
 
 impl ExecRequest {
@@ -98,7 +110,7 @@ impl ExecRequest {
     }
 
     fn with(program: Program) -> ExecRequest {
-        ExecRequest { program, env: Vec::new(), cwd: None, stdin: None, timeout: None }
+        ExecRequest { program, env: Vec::new(), cwd: None, stdin: None, stdin_stream: None, timeout: None }
     }
 
     /// Positional parameters (`$1`...) for a script; ignored for argv commands.
@@ -133,6 +145,15 @@ impl ExecRequest {
         self
     }
 
+    /// Streams the command's stdin from `chunks` as they arrive, closing it (EOF) when the
+    /// sender is dropped; replaces [`ExecRequest::stdin`]. Clones of the request share the
+    /// stream: only the first command started takes it.
+    pub fn stdin_stream(mut self, chunks: mpsc::Receiver<Bytes>) -> ExecRequest {
+        self.stdin = None;
+        self.stdin_stream = Some(Arc::new(std::sync::Mutex::new(Some(chunks))));
+        self
+    }
+
     /// Kills the command (and its process group) if it runs longer than this.
     pub fn timeout(mut self, limit: Duration) -> ExecRequest {
         self.timeout = Some(limit);
@@ -156,7 +177,7 @@ impl ExecRequest {
         let argv = match &self.program {
             Program::Argv(argv) => argv.clone(),
             Program::Script { shell, args, .. } => {
-                if self.stdin.is_some() {
+                if self.stdin.is_some() || self.stdin_stream.is_some() {
                     return Err(SshError::InvalidRequest(
                         "a script is sent on stdin; it cannot have other stdin data".into(),
                     ));
@@ -176,6 +197,19 @@ impl ExecRequest {
         match &self.program {
             Program::Script { script, .. } => Some(script.clone()),
             Program::Argv(_) => self.stdin.clone(),
+        }
+    }
+
+    /// What the command reads on stdin (takes a streamed stdin).
+    fn take_stdin(&self) -> Stdin {
+        if let Some(shared) = &self.stdin_stream
+            && let Some(rx) = shared.lock().ok().and_then(|mut slot| slot.take())
+        {
+            return Stdin::Stream(rx);
+        }
+        match self.stdin_bytes() {
+            Some(b) => Stdin::Bytes(b),
+            None => Stdin::None,
         }
     }
 }
@@ -430,7 +464,7 @@ pub(crate) async fn start(opened: Opened, prepared: Prepared) -> Result<ExecHand
         guard,
         _permit: permit,
     };
-    tokio::spawn(task.run(request.stdin_bytes()));
+    tokio::spawn(task.run(request.take_stdin()));
     Ok(ExecHandle {
         events: rx,
         canceller: ExecCanceller(Arc::new(cancel_tx)),

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::connection::{Connection, TaskGuard};
 use super::error::SshError;
-use super::exec::ExecEvent;
+use super::exec::{ExecEvent, Stdin};
 
 /// Why streaming stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub(super) struct ExecTask {
 
 impl ExecTask {
     /// Streams until the end, then sends the `Exit` event.
-    pub(super) async fn run(mut self, stdin: Option<Bytes>) {
+    pub(super) async fn run(mut self, stdin: Stdin) {
         let stop = self.stream(stdin).await;
         let leftover = match stop {
             None => self.marker.finish(),
@@ -72,14 +72,24 @@ impl ExecTask {
     }
 
     /// Forwards output until the channel closes, or until cancel/timeout/consumer gone.
-    async fn stream(&mut self, stdin: Option<Bytes>) -> Option<Stop> {
+    async fn stream(&mut self, stdin: Stdin) -> Option<Stop> {
         let ExecTask {
             write, read, early, tx, cancel, deadline, marker, code, signal, guard, ..
         } = self;
         let write: &ChannelWriteHalf<Msg> = write;
         let stdin = async move {
-            if let Some(data) = stdin {
-                let _ = write.data_bytes(data).await;
+            match stdin {
+                Stdin::None => {}
+                Stdin::Bytes(data) => {
+                    let _ = write.data_bytes(data).await;
+                }
+                Stdin::Stream(mut chunks) => {
+                    while let Some(data) = chunks.recv().await {
+                        if write.data_bytes(data).await.is_err() {
+                            break;
+                        }
+                    }
+                }
             }
             let _ = write.eof().await;
         };

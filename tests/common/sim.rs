@@ -15,11 +15,13 @@ pub struct TestSim {
 }
 
 impl TestSim {
-    /// Starts a simulator at time scale 0, after `tweak` adjusts its config.
+    /// Starts a simulator at time scale 0 that interleaves log-only replies as multipassd does
+    /// (reference §0.3), after `tweak` adjusts its config.
     pub async fn start(tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = SimConfig::new(dir.path().join("sim.sock"), dir.path().join("state"));
         cfg.time_scale = 0.0;
+        cfg.log_lines = true;
         tweak(&mut cfg);
         let sim = Simulator::start(cfg).await.expect("simulator starts");
         TestSim { dir, sim }
@@ -38,6 +40,19 @@ impl TestSim {
     /// A connected client (the first one is trusted by the first-client rule).
     pub async fn client(&self, who: &str) -> Client {
         Client::connect(self.options(who)).await.expect("client connects")
+    }
+
+    /// Restarts the simulator on the same state dir and socket, as multipassd's service
+    /// manager would: `Stop::Graceful` after a clean stop, `Stop::Killed` after `kill -9` (or an
+    /// abort). Instances that were running or suspended come back through Starting, on new SSH
+    /// ports; after a kill, suspended ones cold-boot with new SSH host keys. `tweak` adjusts
+    /// the new simulator's config, e.g. `c.hang_ops = vec!["autostart".into()]` holds the
+    /// auto-started instances in Starting until `daemon().set_hang("autostart", false)`.
+    /// See `mpool::sim::Simulator::restart_with`.
+    pub async fn restart(self, how: mpool::sim::Stop, tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
+        let TestSim { dir, sim } = self;
+        let sim = sim.restart_with(how, tweak).await.expect("simulator restarts");
+        TestSim { dir, sim }
     }
 
     /// The instance's root directory on the host.

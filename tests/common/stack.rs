@@ -71,6 +71,7 @@ impl Stack {
         let root = dir.path();
         let mut sc = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
         sc.time_scale = 0.0;
+        sc.log_lines = true;
         tweak(&mut sc);
         let sim = Simulator::start(sc).await.expect("simulator");
         let events_from_start = Some(sim.events());
