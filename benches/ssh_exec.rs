@@ -8,7 +8,7 @@ mod sshd;
 
 use std::time::{Duration, Instant};
 
-use mpool::ssh::{Connection, ExecRequest, SshOptions};
+use mpool_ssh::{Connection, ExecRequest, SshOptions};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -19,11 +19,7 @@ fn summary(name: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     let median = percentile(&samples, 0.5);
     let p99 = percentile(&samples, 0.99);
-    println!(
-        "{name:<34} median {:>9.3} ms   p99 {:>9.3} ms",
-        median.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3
-    );
+    println!("{name:<34} median {:>9.3} ms   p99 {:>9.3} ms", median.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
     median
 }
 
@@ -34,11 +30,8 @@ async fn run_true(conn: &Connection) {
 
 fn main() {
     let n: usize = std::env::var("MPOOL_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         let server = sshd::Sshd::start();
         let target = server.target();
@@ -68,9 +61,6 @@ fn main() {
         println!("`true` x {n} against OpenSSH on 127.0.0.1 (RSA-2048 key)");
         let pooled = summary("pooled connection", pooled);
         let fresh = summary("fresh connection + login each", fresh);
-        println!(
-            "ratio fresh/pooled (median)        {:.1}x",
-            fresh.as_secs_f64() / pooled.as_secs_f64()
-        );
+        println!("ratio fresh/pooled (median)        {:.1}x", fresh.as_secs_f64() / pooled.as_secs_f64());
     });
 }

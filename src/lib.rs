@@ -1,32 +1,18 @@
-//! mpool: warm pools of Multipass VMs for workflow tasks.
+//! mpool: warm pools of Multipass VMs for workflow tasks. This package is the `mpool` command
+//! ([`cli`]) and its benchmark suite ([`bench`]); the parts live in the workspace's crates:
 //!
-//! The map of the crate, one concept per module:
-//! - [`proto`]: code generated from `proto/` (multipassd's wire protocol, later `mpool.v1`).
-//! - [`tls`]: rustls plumbing shared by the client and the simulator (one crypto provider,
-//!   PEM parsing, certificate generation).
-//! - [`multipass`]: the multipassd client: transport, trust, typed calls that hide the
-//!   bidi-stream traps, version gating, one error type.
-//! - [`sim`]: `mpool sim`, a multipassd stand-in speaking the same protocol, with its state
-//!   rules, daemon-wide lock, timings, SSH endpoints and fault injection.
-//! - [`ssh`]: SSH sessions to VMs: pooled connections, exec, SFTP.
-//! - [`pool`]: the engine: warm VMs, leases, background resets, reconciliation.
-//! - [`store`]: crash-safe state (VMs, leases, request ids, generations) in one redb file.
-//! - [`config`]: the `mpool serve` config file (TOML): parsing, defaults, validation.
-//! - [`api`]: the public gRPC API `mpool.v1` (auth, health, reflection, metrics).
-//! - [`metrics`]: Prometheus counters and histograms.
-//! - [`cli`]: the `mpool` command line.
-//! - [`bench`]: `mpool bench`, the benchmark suite (figures, baselines, ratios).
+//! | crate | what |
+//! |---|---|
+//! | `mpool-core` | the pure core: pool decisions, leases, plans as steps, ports, store records |
+//! | `mpool-engine` | the actor that performs the core's decisions; plans; the daemon scheduler |
+//! | `mpool-store` | the state store: redb file, in-memory double, fault injector |
+//! | `mpool-multipass` | the multipassd client (and the engine's daemon port over it) |
+//! | `mpool-ssh` | pooled SSH connections, exec, SFTP (and the engine's SSH port) |
+//! | `mpool-config` | the `mpool serve` config file |
+//! | `mpool-api` | `mpool.v1` over gRPC and HTTP/JSON, auth, the serve wiring, an API client |
+//! | `mpool-sim` | `mpool sim`, a multipassd stand-in |
+//! | `mpool-metrics`, `mpool-tls` | Prometheus metrics; rustls plumbing |
+//! | `mpool-testkit` | what tests and benchmarks start |
 
-pub mod api;
 pub mod bench;
 pub mod cli;
-pub mod config;
-pub mod metrics;
-pub mod multipass;
-pub mod pool;
-pub mod proto;
-pub mod serve;
-pub mod sim;
-pub mod ssh;
-pub mod store;
-pub mod tls;

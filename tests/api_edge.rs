@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::stack::{MPOOL, Stack, StackOptions, acquire, exec};
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 use serde_json::json;
 use tonic::Code;
 
@@ -22,10 +22,9 @@ async fn run_error(c: &mut mpool::cli::client::Client, req: v1::RunRequest) -> t
     match c.run(futures::stream::iter([req])).await {
         Ok(mut s) => loop {
             match s.get_mut().message().await {
-                Ok(Some(ev)) => assert!(
-                    !matches!(ev.event, Some(v1::run_event::Event::Result(_))),
-                    "the Run succeeded: {ev:?}"
-                ),
+                Ok(Some(ev)) => {
+                    assert!(!matches!(ev.event, Some(v1::run_event::Event::Result(_))), "the Run succeeded: {ev:?}")
+                }
                 Ok(None) => panic!("the Run ended without an error"),
                 Err(e) => break e,
             }
@@ -37,31 +36,13 @@ async fn run_error(c: &mut mpool::cli::client::Client, req: v1::RunRequest) -> t
 /// The serve process is still alive and a normal lease cycle works.
 async fn still_serving(stack: &mut Stack) {
     if let Some(c) = stack.serve.as_mut() {
-        assert!(
-            c.try_wait().expect("try_wait").is_none(),
-            "mpool serve exited; log:\n{}",
-            stack.log()
-        );
+        assert!(c.try_wait().expect("try_wait").is_none(), "mpool serve exited; log:\n{}", stack.log());
     }
     let mut c = stack.client().await;
-    let lease = acquire(&mut c, "ci", "after")
-        .await
-        .expect("acquire after the bad calls");
-    assert_eq!(
-        exec(&mut c, &lease.id, &["echo", "ok"])
-            .await
-            .expect("exec")
-            .1,
-        "ok\n"
-    );
-    c.release(v1::ReleaseRequest { lease_id: lease.id })
-        .await
-        .expect("release");
-    assert!(
-        !stack.log().contains("panicked"),
-        "a panic in the log:\n{}",
-        stack.log()
-    );
+    let lease = acquire(&mut c, "ci", "after").await.expect("acquire after the bad calls");
+    assert_eq!(exec(&mut c, &lease.id, &["echo", "ok"]).await.expect("exec").1, "ok\n");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    assert!(!stack.log().contains("panicked"), "a panic in the log:\n{}", stack.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,125 +50,54 @@ async fn huge_durations_are_invalid_argument_over_grpc_and_http() {
     let mut stack = Stack::start(POOLS, |_| {}).await;
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
-    let huge = prost_types::Duration {
-        seconds: i64::MAX,
-        nanos: 0,
-    };
+    let huge = prost_types::Duration { seconds: i64::MAX, nanos: 0 };
     let lease = acquire(&mut c, "ci", "durations").await.expect("acquire");
-    let cmd = v1::Command {
-        argv: vec!["true".into()],
-        timeout: Some(huge),
-        ..Default::default()
-    };
+    let cmd = v1::Command { argv: vec!["true".into()], timeout: Some(huge), ..Default::default() };
 
     let e = c
-        .exec(v1::ExecRequest {
-            lease_id: lease.id.clone(),
-            command: Some(cmd.clone()),
-            exec_id: String::new(),
-        })
+        .exec(v1::ExecRequest { lease_id: lease.id.clone(), command: Some(cmd.clone()), exec_id: String::new() })
         .await
         .expect_err("Exec with a huge timeout");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(
-        e.message().contains("command.timeout") && e.message().contains("31622400s"),
-        "{}",
-        e.message()
-    );
+    assert!(e.message().contains("command.timeout") && e.message().contains("31622400s"), "{}", e.message());
 
-    let e = run_error(
-        &mut c,
-        v1::RunRequest {
-            pool: "ci".into(),
-            command: Some(cmd),
-            ..Default::default()
-        },
-    )
-    .await;
+    let e = run_error(&mut c, v1::RunRequest { pool: "ci".into(), command: Some(cmd), ..Default::default() }).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     for (field, req) in [
-        (
-            "ttl",
-            v1::AcquireRequest {
-                pool: "ci".into(),
-                ttl: Some(huge),
-                ..Default::default()
-            },
-        ),
-        (
-            "wait",
-            v1::AcquireRequest {
-                pool: "ci".into(),
-                wait: Some(huge),
-                ..Default::default()
-            },
-        ),
+        ("ttl", v1::AcquireRequest { pool: "ci".into(), ttl: Some(huge), ..Default::default() }),
+        ("wait", v1::AcquireRequest { pool: "ci".into(), wait: Some(huge), ..Default::default() }),
     ] {
         let e = c.acquire(req).await.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().contains(field), "{field}: {}", e.message());
     }
-    let e = c
-        .renew(v1::RenewRequest {
-            lease_id: lease.id.clone(),
-            ttl: Some(huge),
-        })
-        .await
-        .expect_err("renew");
+    let e = c.renew(v1::RenewRequest { lease_id: lease.id.clone(), ttl: Some(huge) }).await.expect_err("renew");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // The same over the HTTP/JSON facade.
     let t = Some(stack.token.as_str());
     let body = json!({"command": {"argv": ["true"], "timeout": "9223372036854775807s"}});
-    let a = stack
-        .http(
-            "POST",
-            &format!("/v1/leases/{}/exec", lease.id),
-            t,
-            Some(&body),
-        )
-        .await;
-    assert_eq!(
-        (a.status, a.json["code"].as_str()),
-        (400, Some("INVALID_ARGUMENT")),
-        "{a:?}"
-    );
-    assert!(
-        a.json["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("command.timeout")),
-        "{a:?}"
-    );
+    let a = stack.http("POST", &format!("/v1/leases/{}/exec", lease.id), t, Some(&body)).await;
+    assert_eq!((a.status, a.json["code"].as_str()), (400, Some("INVALID_ARGUMENT")), "{a:?}");
+    assert!(a.json["message"].as_str().is_some_and(|m| m.contains("command.timeout")), "{a:?}");
     let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&body)).await;
-    assert_eq!(
-        (a.status, a.json["code"].as_str()),
-        (400, Some("INVALID_ARGUMENT")),
-        "{a:?}"
-    );
-    c.release(v1::ReleaseRequest { lease_id: lease.id })
-        .await
-        .expect("release");
+    assert_eq!((a.status, a.json["code"].as_str()), (400, Some("INVALID_ARGUMENT")), "{a:?}");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
     still_serving(&mut stack).await;
 }
 
 /// A GET of `/metrics`.
 async fn metrics(stack: &Stack) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(stack.metrics)
-        .await
-        .expect("connect to metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
+    let mut s = tokio::net::TcpStream::connect(stack.metrics).await.expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("send");
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.expect("read");
     raw
 }
 
 fn series(text: &str, name: &str) -> usize {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .count()
+    text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,9 +110,7 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
             }
         }))
         .await
@@ -211,47 +119,28 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
     let mut grpc = tonic::client::Grpc::new(channel);
     for i in 0..1000 {
         grpc.ready().await.expect("ready");
-        let path: tonic::codegen::http::uri::PathAndQuery = format!(
-            "/mpool.v1.Pool/NoSuchMethod{i}x{:08x}",
-            rand::random::<u32>()
-        )
-        .parse()
-        .expect("path");
-        let codec =
-            tonic_prost::ProstCodec::<v1::ListPoolsRequest, v1::ListPoolsResponse>::default();
-        let e = grpc
-            .unary(tonic::Request::new(v1::ListPoolsRequest {}), path, codec)
-            .await
-            .expect_err("unknown method");
+        let path: tonic::codegen::http::uri::PathAndQuery =
+            format!("/mpool.v1.Pool/NoSuchMethod{i}x{:08x}", rand::random::<u32>()).parse().expect("path");
+        let codec = tonic_prost::ProstCodec::<v1::ListPoolsRequest, v1::ListPoolsResponse>::default();
+        let e =
+            grpc.unary(tonic::Request::new(v1::ListPoolsRequest {}), path, codec).await.expect_err("unknown method");
         assert_eq!(e.code(), Code::Unimplemented);
     }
     // Unknown pools, with and without a token.
     let mut c = stack.client().await;
     for i in 0..50 {
-        let e = acquire(&mut c, &format!("no-such-pool-{i}"), "x")
-            .await
-            .expect_err("unknown pool");
+        let e = acquire(&mut c, &format!("no-such-pool-{i}"), "x").await.expect_err("unknown pool");
         assert_eq!(e.code(), Code::NotFound);
     }
     let after = metrics(&stack).await;
-    let grew =
-        series(&after, "mpool_grpc_errors_total") - series(&before, "mpool_grpc_errors_total");
-    assert!(
-        grew <= 2,
-        "1000 unknown methods and 50 unknown pools added {grew} error series:\n{after}"
-    );
+    let grew = series(&after, "mpool_grpc_errors_total") - series(&before, "mpool_grpc_errors_total");
+    assert!(grew <= 2, "1000 unknown methods and 50 unknown pools added {grew} error series:\n{after}");
     assert!(
         !after.contains("NoSuchMethod") && !after.contains("no-such-pool"),
         "caller names leaked into labels:\n{after}"
     );
-    assert!(
-        after.contains("mpool_grpc_errors_total{method=\"unknown\",code=\"Unimplemented\"} 1000"),
-        "{after}"
-    );
-    assert!(
-        after.contains("mpool_acquires_total{pool=\"unknown\",outcome=\"error\"} 50"),
-        "{after}"
-    );
+    assert!(after.contains("mpool_grpc_errors_total{method=\"unknown\",code=\"Unimplemented\"} 1000"), "{after}");
+    assert!(after.contains("mpool_acquires_total{pool=\"unknown\",outcome=\"error\"} 50"), "{after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,63 +156,31 @@ async fn free_text_fields_are_capped() {
     // A 7 MiB holder (under the 8 MiB message limit) used to be stored and break ListLeases.
     let big = "h".repeat(7 << 20);
     let e = c
-        .acquire(v1::AcquireRequest {
-            pool: "ci".into(),
-            holder: big.clone(),
-            ..Default::default()
-        })
+        .acquire(v1::AcquireRequest { pool: "ci".into(), holder: big.clone(), ..Default::default() })
         .await
         .expect_err("7 MiB holder");
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("holder") && e.message().contains("256 bytes"),
-        "{}",
-        e.message()
-    );
+    assert!(e.message().contains("holder") && e.message().contains("256 bytes"), "{}", e.message());
     for (field, req) in [
-        (
-            "request_id",
-            v1::AcquireRequest {
-                pool: "ci".into(),
-                request_id: "r".repeat(4096),
-                ..Default::default()
-            },
-        ),
-        (
-            "pool",
-            v1::AcquireRequest {
-                pool: "p".repeat(4096),
-                ..Default::default()
-            },
-        ),
+        ("request_id", v1::AcquireRequest { pool: "ci".into(), request_id: "r".repeat(4096), ..Default::default() }),
+        ("pool", v1::AcquireRequest { pool: "p".repeat(4096), ..Default::default() }),
     ] {
         let e = c.acquire(req).await.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field}");
-        assert!(
-            e.message().contains(field) && e.message().contains("limit"),
-            "{field}: {}",
-            e.message()
-        );
+        assert!(e.message().contains(field) && e.message().contains("limit"), "{field}: {}", e.message());
     }
     let e = run_error(
         &mut c,
         v1::RunRequest {
             pool: "ci".into(),
             holder: big,
-            command: Some(v1::Command {
-                argv: vec!["true".into()],
-                ..Default::default()
-            }),
+            command: Some(v1::Command { argv: vec!["true".into()], ..Default::default() }),
             ..Default::default()
         },
     )
     .await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(
-        c.list_leases(v1::ListLeasesRequest::default())
-            .await
-            .is_ok()
-    );
+    assert!(c.list_leases(v1::ListLeasesRequest::default()).await.is_ok());
 
     still_serving(&mut stack).await;
 }
@@ -341,26 +198,17 @@ async fn a_duplicate_exec_id_is_refused() {
     let mine = acquire(&mut c, "ci", "first").await.expect("acquire");
     let sleep = |id: &str| v1::ExecRequest {
         lease_id: mine.id.clone(),
-        command: Some(v1::Command {
-            argv: vec!["sleep".into(), "600".into()],
-            ..Default::default()
-        }),
+        command: Some(v1::Command { argv: vec!["sleep".into(), "600".into()], ..Default::default() }),
         exec_id: id.into(),
     };
     let mut first = c.exec(sleep("job")).await.expect("first exec").into_inner();
     let started = first.message().await.expect("event").expect("started");
-    assert!(
-        matches!(started.event, Some(v1::exec_event::Event::Started(ref id)) if id == "job"),
-        "{started:?}"
-    );
+    assert!(matches!(started.event, Some(v1::exec_event::Event::Started(ref id)) if id == "job"), "{started:?}");
     let e = c.exec(sleep("job")).await.expect_err("duplicate exec id");
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(e.message().contains("job"), "{}", e.message());
     let cancelled = c
-        .cancel_exec(v1::CancelExecRequest {
-            lease_id: mine.id.clone(),
-            exec_id: "job".into(),
-        })
+        .cancel_exec(v1::CancelExecRequest { lease_id: mine.id.clone(), exec_id: "job".into() })
         .await
         .expect("cancel");
     assert!(cancelled.into_inner().cancelled);
@@ -370,14 +218,9 @@ async fn a_duplicate_exec_id_is_refused() {
             exit = Some(x);
         }
     }
-    assert!(
-        exit.is_some_and(|x| x.cancelled),
-        "the first exec was the one cancelled"
-    );
+    assert!(exit.is_some_and(|x| x.cancelled), "the first exec was the one cancelled");
 
-    c.release(v1::ReleaseRequest { lease_id: mine.id })
-        .await
-        .expect("release");
+    c.release(v1::ReleaseRequest { lease_id: mine.id }).await.expect("release");
     still_serving(&mut stack).await;
 }
 
@@ -393,51 +236,23 @@ async fn scoped_tokens_see_only_their_own_lease_ids_and_leases_show_no_unspecifi
     let mine = acquire(&mut c, "ci", "first").await.expect("acquire");
     // A scoped token sees VMs, but only its own lease ids.
     let mut scoped = stack.tcp_client(Some("scoped-token")).await;
-    let theirs = acquire(&mut scoped, "ci", "scoped")
-        .await
-        .expect("scoped acquire");
-    let vms = scoped
-        .list_vms(v1::ListVmsRequest::default())
-        .await
-        .expect("list vms")
-        .into_inner()
-        .vms;
-    let ids: Vec<&str> = vms
-        .iter()
-        .map(|v| v.lease_id.as_str())
-        .filter(|s| !s.is_empty())
-        .collect();
-    assert_eq!(
-        ids,
-        vec![theirs.id.as_str()],
-        "a scoped token sees only its own lease ids: {vms:?}"
-    );
+    let theirs = acquire(&mut scoped, "ci", "scoped").await.expect("scoped acquire");
+    let vms = scoped.list_vms(v1::ListVmsRequest::default()).await.expect("list vms").into_inner().vms;
+    let ids: Vec<&str> = vms.iter().map(|v| v.lease_id.as_str()).filter(|s| !s.is_empty()).collect();
+    assert_eq!(ids, vec![theirs.id.as_str()], "a scoped token sees only its own lease ids: {vms:?}");
     assert!(
-        vms.iter()
-            .any(|v| v.state == "leased" && v.lease_id.is_empty()),
+        vms.iter().any(|v| v.state == "leased" && v.lease_id.is_empty()),
         "the other lease's VM is listed, its id hidden: {vms:?}"
     );
     // The Unix socket (no token) sees everything.
-    let all = c
-        .list_vms(v1::ListVmsRequest::default())
-        .await
-        .expect("list vms")
-        .into_inner()
-        .vms;
-    assert!(
-        all.iter().any(|v| v.lease_id == mine.id) && all.iter().any(|v| v.lease_id == theirs.id),
-        "{all:?}"
-    );
+    let all = c.list_vms(v1::ListVmsRequest::default()).await.expect("list vms").into_inner().vms;
+    assert!(all.iter().any(|v| v.lease_id == mine.id) && all.iter().any(|v| v.lease_id == theirs.id), "{all:?}");
 
     // `mpool leases` shows no SERVED_UNSPECIFIED.
     let ep = format!("unix:{}", stack.socket.display());
     let o = common::tools::run(Path::new(MPOOL), &["--endpoint", &ep, "leases"], None, &[]).await;
     o.expect_code(0, "leases");
-    assert!(
-        o.stdout.contains(&mine.id) && !o.stdout.contains("UNSPECIFIED"),
-        "{}",
-        o.stdout
-    );
+    assert!(o.stdout.contains(&mine.id) && !o.stdout.contains("UNSPECIFIED"), "{}", o.stdout);
     still_serving(&mut stack).await;
 }
 
@@ -502,20 +317,8 @@ async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
             ),
             "needs TLS",
         ),
-        (
-            format!(
-                "listen = [\"unix:{}\", \"127.0.0.1:{port}\"]",
-                sock.display()
-            ),
-            "authenticate",
-        ),
-        (
-            format!(
-                "listen = [\"unix:{}\"]\nhttp_listen = \"127.0.0.1:{port}\"",
-                sock.display()
-            ),
-            "authenticate",
-        ),
+        (format!("listen = [\"unix:{}\", \"127.0.0.1:{port}\"]", sock.display()), "authenticate"),
+        (format!("listen = [\"unix:{}\"]\nhttp_listen = \"127.0.0.1:{port}\"", sock.display()), "authenticate"),
     ] {
         std::fs::write(dir.path().join("tokens.toml"), "tokens = []\n").expect("tokens");
         let cfg = config(dir.path(), &api);
@@ -526,27 +329,14 @@ async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
             &[],
         )
         .await;
-        assert_ne!(
-            check.code, 0,
-            "serve --check accepted {api}: {}",
-            check.stdout
-        );
+        assert_ne!(check.code, 0, "serve --check accepted {api}: {}", check.stdout);
         assert!(check.stderr.contains(why), "{api}: {}", check.stderr);
         // serve itself refuses at once (before waiting for multipassd), binding no Unix socket.
-        let serve = common::tools::run(
-            Path::new(MPOOL),
-            &["serve", "--config", &cfg.display().to_string()],
-            None,
-            &[],
-        )
-        .await;
+        let serve =
+            common::tools::run(Path::new(MPOOL), &["serve", "--config", &cfg.display().to_string()], None, &[]).await;
         assert_ne!(serve.code, 0, "serve accepted {api}");
         assert!(serve.stderr.contains(why), "{api}: {}", serve.stderr);
-        assert!(
-            !sock.exists(),
-            "serve left {} behind for {api}",
-            sock.display()
-        );
+        assert!(!sock.exists(), "serve left {} behind for {api}", sock.display());
     }
 }
 
@@ -556,21 +346,10 @@ async fn serve_removes_its_unix_socket_when_it_exits() {
     stack.wait_idle("ci", 1).await;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let meta = std::fs::metadata(&stack.socket).expect("the API socket");
-    assert!(
-        meta.file_type().is_socket() && meta.permissions().mode() & 0o777 == 0o660,
-        "{meta:?}"
-    );
+    assert!(meta.file_type().is_socket() && meta.permissions().mode() & 0o777 == 0o660, "{meta:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = stack.term_serve().expect("serve was running");
     assert!(Instant::now() < deadline);
-    assert!(
-        status.success(),
-        "serve exit status {status}; log:\n{}",
-        stack.log()
-    );
-    assert!(
-        !stack.socket.exists(),
-        "the API socket {} is left behind",
-        stack.socket.display()
-    );
+    assert!(status.success(), "serve exit status {status}; log:\n{}", stack.log());
+    assert!(!stack.socket.exists(), "the API socket {} is left behind", stack.socket.display());
 }

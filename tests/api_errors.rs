@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::stack::{Stack, StackOptions, acquire, exec};
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 use tonic::Code;
 
 const POOLS: &str = r#"
@@ -41,7 +41,9 @@ impl Table {
     fn row<T: std::fmt::Debug>(&mut self, case: &str, result: Result<T, tonic::Status>, code: Code, hints: &[&str]) {
         match result {
             Ok(v) => self.wrong.push(format!("{case}: expected {code:?}, got success: {v:?}")),
-            Err(s) if s.code() != code => self.wrong.push(format!("{case}: expected {code:?}, got {:?}: {}", s.code(), s.message())),
+            Err(s) if s.code() != code => {
+                self.wrong.push(format!("{case}: expected {code:?}, got {:?}: {}", s.code(), s.message()))
+            }
             Err(s) => {
                 let missing: Vec<&&str> = hints.iter().filter(|h| !s.message().contains(**h)).collect();
                 if missing.is_empty() {
@@ -80,18 +82,37 @@ fn exec_req(lease: &str, command: Option<v1::Command>) -> v1::ExecRequest {
 }
 
 /// An upload stream: lease/path/base in the first message, `data` split in two.
-fn upload(lease: &str, path: &str, base: &str, data: Vec<u8>) -> impl tokio_stream::Stream<Item = v1::UploadRequest> + Send + 'static {
+fn upload(
+    lease: &str,
+    path: &str,
+    base: &str,
+    data: Vec<u8>,
+) -> impl tokio_stream::Stream<Item = v1::UploadRequest> + Send + 'static {
     let half = data.len() / 2;
     let (a, b) = (data[..half].to_vec(), data[half..].to_vec());
     tokio_stream::iter(vec![
-        v1::UploadRequest { lease_id: lease.into(), path: path.into(), base: base.into(), data: a, ..Default::default() },
+        v1::UploadRequest {
+            lease_id: lease.into(),
+            path: path.into(),
+            base: base.into(),
+            data: a,
+            ..Default::default()
+        },
         v1::UploadRequest { data: b, ..Default::default() },
     ])
 }
 
 /// Drains a Download stream (errors may come with the first message).
-async fn download(c: &mut mpool::cli::client::Client, lease: &str, path: &str, base: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut s = c.download(v1::DownloadRequest { lease_id: lease.into(), path: path.into(), base: base.into() }).await?.into_inner();
+async fn download(
+    c: &mut mpool::cli::client::Client,
+    lease: &str,
+    path: &str,
+    base: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = c
+        .download(v1::DownloadRequest { lease_id: lease.into(), path: path.into(), base: base.into() })
+        .await?
+        .into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = s.message().await? {
         out.extend_from_slice(&chunk.data);
@@ -116,7 +137,13 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Acquire on an unknown pool", r, Code::NotFound, &["no pool named \"nope\"", "`mpool status` lists"]);
     let r = c.get_pool(v1::GetPoolRequest { pool: "nope".into() }).await;
     t.row("GetPool of an unknown pool", r, Code::NotFound, &["mpool status"]);
-    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "nope".into(), command: argv(&["true"]), ..Default::default() }])).await;
+    let r = c
+        .run(futures::stream::iter([v1::RunRequest {
+            pool: "nope".into(),
+            command: argv(&["true"]),
+            ..Default::default()
+        }]))
+        .await;
     t.row("Run on an unknown pool", r, Code::NotFound, &["mpool status"]);
     let r = c.acquire(v1::AcquireRequest::default()).await;
     t.row("Acquire without a pool", r, Code::InvalidArgument, &["pool is required", "ListPools"]);
@@ -148,7 +175,8 @@ async fn bad_input_gets_a_precise_status_and_advice() {
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let leases = c.list_leases(v1::ListLeasesRequest { pool: "ci".into() }).await.expect("ListLeases").into_inner().leases;
+        let leases =
+            c.list_leases(v1::ListLeasesRequest { pool: "ci".into() }).await.expect("ListLeases").into_inner().leases;
         if !leases.iter().any(|l| l.id == short.id) {
             break;
         }
@@ -175,9 +203,18 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let r = c.exec(exec_req(&id, Some(script_stdin))).await;
     t.row("Exec of a script with stdin", r, Code::InvalidArgument, &["script is sent on stdin"]);
     for name in ["1ABC", "A-B", "A B", ""] {
-        let cmd = v1::Command { argv: vec!["true".into()], env: [(name.to_string(), "v".to_string())].into(), ..Default::default() };
+        let cmd = v1::Command {
+            argv: vec!["true".into()],
+            env: [(name.to_string(), "v".to_string())].into(),
+            ..Default::default()
+        };
         let r = c.exec(exec_req(&id, Some(cmd))).await;
-        t.row(&format!("Exec with env name {name:?}"), r, Code::InvalidArgument, &["env name", "letters, digits and underscores"]);
+        t.row(
+            &format!("Exec with env name {name:?}"),
+            r,
+            Code::InvalidArgument,
+            &["env name", "letters, digits and underscores"],
+        );
     }
     let nul = v1::Command { argv: vec!["echo".into(), "a\0b".into()], ..Default::default() };
     let r = c.exec(exec_req(&id, Some(nul))).await;
@@ -186,21 +223,45 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let r = c.exec(exec_req(&id, Some(zero))).await;
     t.row("Exec with a zero timeout", r, Code::InvalidArgument, &["above zero", "omit it"]);
     let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["true"]), exec_id: "x".repeat(200) }).await;
-    t.row("Exec with a 200-byte exec id", r, Code::InvalidArgument, &["exec_id is 200 bytes", "limit is 128 bytes", "omit it"]);
-    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&[]), ..Default::default() }])).await;
+    t.row(
+        "Exec with a 200-byte exec id",
+        r,
+        Code::InvalidArgument,
+        &["exec_id is 200 bytes", "limit is 128 bytes", "omit it"],
+    );
+    let r = c
+        .run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&[]), ..Default::default() }]))
+        .await;
     t.row("Run with an empty argv", r, Code::InvalidArgument, &["give argv"]);
 
     // Files: the size limit and paths that leave their base.
     let r = c.upload(upload(&id, "big.bin", "", vec![7u8; MAX_UPLOAD + 1])).await;
-    t.row("Upload above [api] max_upload", r, Code::ResourceExhausted, &[&format!("{MAX_UPLOAD} byte limit"), "max_upload"]);
+    t.row(
+        "Upload above [api] max_upload",
+        r,
+        Code::ResourceExhausted,
+        &[&format!("{MAX_UPLOAD} byte limit"), "max_upload"],
+    );
     t.ok("Upload at exactly [api] max_upload", c.upload(upload(&id, "fits.bin", "", vec![7u8; MAX_UPLOAD])).await);
     let big = v1::InputFile { path: "in.bin".into(), data: vec![1u8; MAX_UPLOAD + 1], ..Default::default() };
-    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), inputs: vec![big], ..Default::default() }])).await;
+    let r = c
+        .run(futures::stream::iter([v1::RunRequest {
+            pool: "ci".into(),
+            command: argv(&["true"]),
+            inputs: vec![big],
+            ..Default::default()
+        }]))
+        .await;
     t.row("Run with inputs above [api] max_upload", r, Code::ResourceExhausted, &["max_upload"]);
     let (_, home, _) = exec(&mut c, &id, &["pwd"]).await.expect("pwd");
     let home = home.trim().to_string();
     let r = c.upload(upload(&id, "../../etc/evil", &home, b"x".to_vec())).await;
-    t.row("Upload to a path with `..` outside its base", r, Code::InvalidArgument, &["escapes the base directory", "use a path inside the base"]);
+    t.row(
+        "Upload to a path with `..` outside its base",
+        r,
+        Code::InvalidArgument,
+        &["escapes the base directory", "use a path inside the base"],
+    );
     let r = c.upload(upload(&id, "/etc/evil", &home, b"x".to_vec())).await;
     t.row("Upload to an absolute path outside its base", r, Code::InvalidArgument, &["escapes the base directory"]);
     let r = c.upload(upload(&id, "x", "relative/base", b"x".to_vec())).await;
@@ -226,29 +287,54 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Acquire with wait above max_wait", r, Code::InvalidArgument, &["wait", "max_wait", "30s"]);
     let r = c.renew(v1::RenewRequest { lease_id: id.clone(), ttl: dur(7200) }).await;
     t.row("Renew with ttl above max_ttl", r, Code::InvalidArgument, &["max_ttl"]);
-    let r = c.run(futures::stream::iter([v1::RunRequest { pool: "ci".into(), command: argv(&["true"]), ttl: neg, ..Default::default() }])).await;
+    let r = c
+        .run(futures::stream::iter([v1::RunRequest {
+            pool: "ci".into(),
+            command: argv(&["true"]),
+            ttl: neg,
+            ..Default::default()
+        }]))
+        .await;
     t.row("Run with a negative ttl", r, Code::InvalidArgument, &["non-negative"]);
 
     // No VM within the wait.
     let only = acquire(&mut c, "other", "hog").await.expect("the only VM of pool other");
     let r = c.acquire(v1::AcquireRequest { pool: "other".into(), wait: dur(0), ..Default::default() }).await;
-    t.row("Acquire with wait 0 on a full pool", r, Code::ResourceExhausted, &["no free VM", "retry later", "raise max_size"]);
+    t.row(
+        "Acquire with wait 0 on a full pool",
+        r,
+        Code::ResourceExhausted,
+        &["no free VM", "retry later", "raise max_size"],
+    );
     c.release(v1::ReleaseRequest { lease_id: only.id.clone() }).await.expect("release");
 
     // A message above the server's 8 MiB limit: RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE.
     let huge = "h".repeat(10_000_000);
     let r = c.acquire(v1::AcquireRequest { pool: "ci".into(), holder: huge.clone(), ..Default::default() }).await;
     t.row("Acquire with a 10 MB holder", r, Code::ResourceExhausted, &["request message too large", "10000", "Upload"]);
-    let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &huge]), exec_id: String::new() }).await;
+    let r =
+        c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &huge]), exec_id: String::new() }).await;
     t.row("Exec with a 10 MB argv", r, Code::ResourceExhausted, &["too large"]);
     let one_arg = "a".repeat(2 << 20);
-    let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &one_arg]), exec_id: String::new() }).await;
+    let r = c
+        .exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &one_arg]), exec_id: String::new() })
+        .await;
     t.row("Exec with a 2 MiB argv", r, Code::InvalidArgument, &["argv is", "send large inputs with Upload"]);
-    let single = v1::UploadRequest { lease_id: id.clone(), path: "huge.bin".into(), data: huge.clone().into_bytes(), ..Default::default() };
+    let single = v1::UploadRequest {
+        lease_id: id.clone(),
+        path: "huge.bin".into(),
+        data: huge.clone().into_bytes(),
+        ..Default::default()
+    };
     let r = c.upload(tokio_stream::iter(vec![single])).await;
     t.row("Upload in one 10 MB message", r, Code::ResourceExhausted, &["request message too large", "in chunks"]);
     let r = c.upload(upload(&id, "huge.bin", "", huge.clone().into_bytes())).await;
-    t.row("Upload in two 5 MB messages (each within 8 MiB) above max_upload", r, Code::ResourceExhausted, &["max_upload"]);
+    t.row(
+        "Upload in two 5 MB messages (each within 8 MiB) above max_upload",
+        r,
+        Code::ResourceExhausted,
+        &["max_upload"],
+    );
 
     // Tokens: another token's lease, a pool the token may not use, no token, a wrong one.
     let mut bot = stack.tcp_client(Some(&stack.token)).await;
@@ -256,18 +342,35 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let mut ci_only = stack.tcp_client(Some("ci-only-token")).await;
     let mine = acquire(&mut bot, "ci", "bot").await.expect("acquire over TCP");
     let r = exec(&mut other, &mine.id, &["true"]).await;
-    t.row("Exec on another token's lease", r, Code::PermissionDenied, &["belongs to another client", "acquire your own lease"]);
+    t.row(
+        "Exec on another token's lease",
+        r,
+        Code::PermissionDenied,
+        &["belongs to another client", "acquire your own lease"],
+    );
     let r = other.renew(v1::RenewRequest { lease_id: mine.id.clone(), ttl: None }).await;
     t.row("Renew of another token's lease", r, Code::PermissionDenied, &["belongs to another client"]);
     let r = other.release(v1::ReleaseRequest { lease_id: mine.id.clone() }).await;
     t.row("Release of another token's lease", r, Code::PermissionDenied, &["belongs to another client"]);
-    let r = other.download(v1::DownloadRequest { lease_id: mine.id.clone(), path: "x".into(), base: String::new() }).await;
+    let r =
+        other.download(v1::DownloadRequest { lease_id: mine.id.clone(), path: "x".into(), base: String::new() }).await;
     t.row("Download from another token's lease", r, Code::PermissionDenied, &["belongs to another client"]);
     let theirs = other.list_leases(v1::ListLeasesRequest::default()).await.expect("ListLeases").into_inner().leases;
     assert!(theirs.iter().all(|l| l.id != mine.id), "another token does not see the lease: {theirs:?}");
     let r = ci_only.acquire(v1::AcquireRequest { pool: "other".into(), ..Default::default() }).await;
-    t.row("Acquire on a pool the token may not use", r, Code::PermissionDenied, &["may not use pool \"other\"", "tokens file"]);
-    let r = ci_only.run(futures::stream::iter([v1::RunRequest { pool: "other".into(), command: argv(&["true"]), ..Default::default() }])).await;
+    t.row(
+        "Acquire on a pool the token may not use",
+        r,
+        Code::PermissionDenied,
+        &["may not use pool \"other\"", "tokens file"],
+    );
+    let r = ci_only
+        .run(futures::stream::iter([v1::RunRequest {
+            pool: "other".into(),
+            command: argv(&["true"]),
+            ..Default::default()
+        }]))
+        .await;
     t.row("Run on a pool the token may not use", r, Code::PermissionDenied, &["may not use pool"]);
     let r = ci_only.get_pool(v1::GetPoolRequest { pool: "other".into() }).await;
     t.row("GetPool of a pool the token may not use", r, Code::PermissionDenied, &["may not use pool"]);
@@ -284,7 +387,11 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.assert();
 
     // The server is still up and still works.
-    assert!(stack.serve.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "mpool serve is running; log:\n{}", stack.log());
+    assert!(
+        stack.serve.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "mpool serve is running; log:\n{}",
+        stack.log()
+    );
     let (code, out, _) = exec(&mut c, &id, &["echo", "still here"]).await.expect("exec after the bad input");
     assert_eq!((code, out.as_str()), (0, "still here\n"));
     c.release(v1::ReleaseRequest { lease_id: id }).await.expect("release");

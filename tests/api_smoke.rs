@@ -2,7 +2,7 @@
 mod common;
 
 use common::stack::{Stack, acquire, exec};
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_cycle_over_the_unix_socket() {

@@ -30,11 +30,14 @@ async fn run_passes_output_and_exit_codes_through() {
     stack.wait_idle("ci", 1).await;
     let ep = unix(&stack);
 
-    let o = mpool(&["--endpoint", &ep, "run", "--pool", "ci", "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2"]).await;
+    let o = mpool(&["--endpoint", &ep, "run", "--pool", "ci", "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2"])
+        .await;
     o.expect_code(0, "run exit 0");
     assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("to-stdout\n", "to-stderr\n"));
 
-    let o = mpool(&["--endpoint", &ep, "run", "--pool", "ci", "--", "sh", "-c", "echo partial; echo failing >&2; exit 3"]).await;
+    let o =
+        mpool(&["--endpoint", &ep, "run", "--pool", "ci", "--", "sh", "-c", "echo partial; echo failing >&2; exit 3"])
+            .await;
     o.expect_code(3, "run exit 3");
     assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("partial\n", "failing\n"));
 
@@ -44,8 +47,21 @@ async fn run_passes_output_and_exit_codes_through() {
 
     // argv arrives intact (no word splitting or globbing); env and workdir apply.
     let o = mpool(&[
-        "--endpoint", &ep, "run", "--pool", "ci", "--env", "GREETING=hello world", "--workdir", "/", "--", "sh", "-c",
-        "printf '[%s]' \"$GREETING\" \"$1\" \"$(pwd)\"", "sh", "two  spaces *",
+        "--endpoint",
+        &ep,
+        "run",
+        "--pool",
+        "ci",
+        "--env",
+        "GREETING=hello world",
+        "--workdir",
+        "/",
+        "--",
+        "sh",
+        "-c",
+        "printf '[%s]' \"$GREETING\" \"$1\" \"$(pwd)\"",
+        "sh",
+        "two  spaces *",
     ])
     .await;
     o.expect_code(0, "run with env and workdir");
@@ -70,7 +86,8 @@ async fn put_and_get_round_trip_content_and_mode() {
     let bytes: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
     std::fs::write(&data, &bytes).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o604)).unwrap();
-    let (back_tool, back_data, made) = (dir.path().join("back.sh"), dir.path().join("back.bin"), dir.path().join("made.txt"));
+    let (back_tool, back_data, made) =
+        (dir.path().join("back.sh"), dir.path().join("back.bin"), dir.path().join("made.txt"));
 
     let put_tool = format!("{}:bin/tool.sh", tool.display());
     let put_data = format!("{}:data.bin", data.display());
@@ -79,8 +96,26 @@ async fn put_and_get_round_trip_content_and_mode() {
     let get_made = format!("made.txt:{}", made.display());
     let get_missing = format!("absent.txt:{}", dir.path().join("absent.txt").display());
     let o = mpool(&[
-        "--endpoint", &ep, "run", "--pool", "ci", "--put", &put_tool, "--put", &put_data, "--get", &get_tool, "--get", &get_data,
-        "--get", &get_made, "--get", &get_missing, "--", "sh", "-c",
+        "--endpoint",
+        &ep,
+        "run",
+        "--pool",
+        "ci",
+        "--put",
+        &put_tool,
+        "--put",
+        &put_data,
+        "--get",
+        &get_tool,
+        "--get",
+        &get_data,
+        "--get",
+        &get_made,
+        "--get",
+        &get_missing,
+        "--",
+        "sh",
+        "-c",
         // The tool is executable in the VM (mode kept), the data arrived whole.
         "./bin/tool.sh arg && stat -c %a bin/tool.sh data.bin && cksum < data.bin > made.txt && chmod 0640 made.txt",
     ])
@@ -109,27 +144,52 @@ async fn acquire_exec_renew_release_and_listings() {
     let a = mpool(&["--endpoint", &ep, "acquire", "--pool", "ci", "--holder", "cli-test", "--ttl", "10m"]).await;
     a.expect_code(0, "acquire");
     let lease = a.stdout.trim().to_string();
-    assert!(lease.starts_with("lease-") && a.stdout.lines().count() == 1, "acquire prints the lease id only: {:?}", a.stdout);
+    assert!(
+        lease.starts_with("lease-") && a.stdout.lines().count() == 1,
+        "acquire prints the lease id only: {:?}",
+        a.stdout
+    );
 
     let j = mpool(&["--endpoint", &ep, "acquire", "--pool", "ci", "--json", "--request-id", "cli-rid"]).await;
     j.expect_code(0, "acquire --json");
     let v: serde_json::Value = serde_json::from_str(j.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", j.stdout));
     let second = v["id"].as_str().expect("id").to_string();
     assert!(second.starts_with("lease-") && second != lease, "{v}");
-    assert_eq!((v["pool"].as_str(), v["holder"].as_str(), v["requestId"].as_str()), (Some("ci"), Some("cli"), Some("cli-rid")), "{v}");
+    assert_eq!(
+        (v["pool"].as_str(), v["holder"].as_str(), v["requestId"].as_str()),
+        (Some("ci"), Some("cli"), Some("cli-rid")),
+        "{v}"
+    );
     assert!(v["vm"].as_str().is_some_and(|s| s.starts_with("mpool-ci-")), "{v}");
-    assert!(v["expiresAt"].as_str().is_some_and(|s| !s.is_empty()) && v["served"].as_str().is_some_and(|s| s.starts_with("SERVED_")), "{v}");
+    assert!(
+        v["expiresAt"].as_str().is_some_and(|s| !s.is_empty())
+            && v["served"].as_str().is_some_and(|s| s.starts_with("SERVED_")),
+        "{v}"
+    );
     // The same request id: the same lease.
     let again = mpool(&["--endpoint", &ep, "acquire", "--pool", "ci", "--request-id", "cli-rid"]).await;
     assert_eq!(again.expect_code(0, "repeat").stdout.trim(), second);
 
-    let e = mpool(&["--endpoint", &ep, "exec", &lease, "--env", "X=42", "--", "sh", "-c", "echo x=$X; echo err >&2; exit 7"]).await;
+    let e = mpool(&[
+        "--endpoint",
+        &ep,
+        "exec",
+        &lease,
+        "--env",
+        "X=42",
+        "--",
+        "sh",
+        "-c",
+        "echo x=$X; echo err >&2; exit 7",
+    ])
+    .await;
     e.expect_code(7, "exec");
     assert_eq!((e.stdout.as_str(), e.stderr.as_str()), ("x=42\n", "err\n"));
     mpool(&["--endpoint", &ep, "exec", &lease, "--", "true"]).await.expect_code(0, "exec true");
 
     let r = mpool(&["--endpoint", &ep, "renew", &lease, "--ttl", "20m"]).await;
-    let v: serde_json::Value = serde_json::from_str(r.expect_code(0, "renew").stdout.trim()).expect("renew prints the lease");
+    let v: serde_json::Value =
+        serde_json::from_str(r.expect_code(0, "renew").stdout.trim()).expect("renew prints the lease");
     assert_eq!(v["id"].as_str(), Some(lease.as_str()));
 
     let s = mpool(&["--endpoint", &ep, "status"]).await;
@@ -138,11 +198,16 @@ async fn acquire_exec_renew_release_and_listings() {
     for col in ["POOL", "HOT", "WARM", "LEASED", "RESETTING", "PROVISIONING", "WAITERS", "MAX"] {
         assert!(header.split_whitespace().any(|c| c == col), "status header has {col}: {header}");
     }
-    let row: Vec<&str> = s.stdout.lines().find(|l| l.starts_with("ci ")).expect("a row for pool ci").split_whitespace().collect();
+    let row: Vec<&str> =
+        s.stdout.lines().find(|l| l.starts_with("ci ")).expect("a row for pool ci").split_whitespace().collect();
     assert_eq!((row[3], row[8]), ("2", "3"), "two leased, max 3: {row:?}");
     let sj = mpool(&["--endpoint", &ep, "status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_str(&sj.expect_code(0, "status --json").stdout).expect("JSON");
-    assert_eq!((v[0]["name"].as_str(), v[0]["vms"]["leased"].as_u64(), v[0]["daemon_ok"].as_bool()), (Some("ci"), Some(2), Some(true)), "{v}");
+    assert_eq!(
+        (v[0]["name"].as_str(), v[0]["vms"]["leased"].as_u64(), v[0]["daemon_ok"].as_bool()),
+        (Some("ci"), Some(2), Some(true)),
+        "{v}"
+    );
 
     let vms = mpool(&["--endpoint", &ep, "vms", "--pool", "ci"]).await;
     vms.expect_code(0, "vms");

@@ -69,11 +69,7 @@ impl Drop for SimProcess {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]
@@ -83,54 +79,29 @@ fn operator_commands_with_multipass_shapes() {
     let out = sim.mp(&["version"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("1.16.3"));
-    assert!(
-        sim.mp(&["launch", "--name", "vm1", "24.04"])
-            .status
-            .success()
-    );
+    assert!(sim.mp(&["launch", "--name", "vm1", "24.04"]).status.success());
     let out = sim.mp(&["--json", "list"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["name"], "vm1");
     assert_eq!(list[0]["state"], "RUNNING");
 
     let out = sim.mp(&["snapshot", "vm1", "--name", "clean"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a refused command exits 2: {}",
-        text(&out)
-    );
+    assert_eq!(out.status.code(), Some(2), "a refused command exits 2: {}", text(&out));
     assert!(text(&out).contains("only take snapshots of stopped instances"));
     assert!(sim.mp(&["stop", "vm1"]).status.success());
-    assert!(
-        sim.mp(&["snapshot", "vm1", "--name", "clean"])
-            .status
-            .success()
-    );
+    assert!(sim.mp(&["snapshot", "vm1", "--name", "clean"]).status.success());
     assert!(sim.mp(&["clone", "vm1", "--name", "vm2"]).status.success());
-    assert!(
-        sim.mp(&["restore", "vm1.clean", "--destructive"])
-            .status
-            .success()
-    );
+    assert!(sim.mp(&["restore", "vm1.clean", "--destructive"]).status.success());
     let out = sim.mp(&["list", "--snapshots"]);
     assert!(text(&out).contains("clean"), "{}", text(&out));
-    assert!(
-        sim.mp(&["delete", "--purge", "vm1", "vm2"])
-            .status
-            .success()
-    );
+    assert!(sim.mp(&["delete", "--purge", "vm1", "vm2"]).status.success());
     assert!(text(&sim.mp(&["list"])).contains("No instances found"));
 }
 
 #[test]
 fn unreachable_daemon_exits_3() {
     let dir = tempfile::tempdir().unwrap();
-    let out = mp_at(
-        dir.path(),
-        &dir.path().join("none.sock"),
-        &["--insecure-skip-verify", "list"],
-    );
+    let out = mp_at(dir.path(), &dir.path().join("none.sock"), &["--insecure-skip-verify", "list"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("unreachable"), "{}", text(&out));
 }
@@ -139,20 +110,13 @@ fn unreachable_daemon_exits_3() {
 fn set_makes_the_simulator_exit_42() {
     let mut sim = SimProcess::start(&["--passphrase", "pw"]);
     let out = sim.mp(&["set", "local.passphrase=new"]);
-    assert!(
-        out.status.success(),
-        "the reply arrives before the exit: {}",
-        text(&out)
-    );
+    assert!(out.status.success(), "the reply arrives before the exit: {}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = sim.child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "simulator did not exit after set"
-        );
+        assert!(Instant::now() < deadline, "simulator did not exit after set");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(42));
@@ -170,11 +134,7 @@ fn bad_flags_are_refused_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("not a probability"), "{}", text(&out));
-    let out = mp_at(
-        dir.path(),
-        &dir.path().join("s"),
-        &["restore", "no-dot", "--insecure-skip-verify"],
-    );
+    let out = mp_at(dir.path(), &dir.path().join("s"), &["restore", "no-dot", "--insecure-skip-verify"]);
     assert!(!out.status.success());
 }
 
@@ -182,48 +142,18 @@ fn bad_flags_are_refused_with_a_message() {
 fn exec_runs_in_the_instance_and_exits_with_its_code() {
     let sim = SimProcess::start(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
-    let out = sim.mp(&[
-        "exec",
-        "vm1",
-        "--",
-        "sh",
-        "-c",
-        "echo out; echo err >&2; exit 3",
-    ]);
+    let out = sim.mp(&["exec", "vm1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
     // argv arrives intact: no shell injection.
-    let out = sim.mp(&[
-        "exec",
-        "vm1",
-        "--",
-        "printf",
-        "[%s]",
-        "a b",
-        "$HOME",
-        "; touch pwned",
-        "",
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "[a b][$HOME][; touch pwned][]"
-    );
-    assert!(
-        !sim.dir
-            .path()
-            .join("state/instances/vm1/root/pwned")
-            .exists()
-    );
+    let out = sim.mp(&["exec", "vm1", "--", "printf", "[%s]", "a b", "$HOME", "; touch pwned", ""]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[a b][$HOME][; touch pwned][]");
+    assert!(!sim.dir.path().join("state/instances/vm1/root/pwned").exists());
     // A suspended instance is started first, as the multipass CLI does.
     assert!(sim.mp(&["suspend", "vm1"]).status.success());
     let out = sim.mp(&["exec", "vm1", "--working-directory", "/tmp", "--", "pwd"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "/tmp\n",
-        "{}",
-        text(&out)
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp\n", "{}", text(&out));
 }
 
 #[test]
@@ -231,24 +161,17 @@ fn exec_reaches_a_real_sshd_through_ssh_target() {
     let sshd = common::sshd::Sshd::start();
     let dir = tempfile::tempdir().unwrap();
     // The simulator's key (the one ssh_info hands out) is authorized on the real sshd.
-    let keys = mpool::sim::ssh::SshKeys::load_or_create(&dir.path().join("state")).unwrap();
+    let keys = mpool_sim::ssh::SshKeys::load_or_create(&dir.path().join("state")).unwrap();
     sshd.authorize_public(&keys.client_public_openssh());
     let target = format!("{}@127.0.0.1:{}", sshd.user(), sshd.port());
     let sim = SimProcess::start_in(dir, &["--ssh-target", &target]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     let marker = sshd.scratch_dir().join("marker");
-    let cmd = format!(
-        "echo from-real-sshd > {}; cat {}; exit 7",
-        marker.display(),
-        marker.display()
-    );
+    let cmd = format!("echo from-real-sshd > {}; cat {}; exit 7", marker.display(), marker.display());
     let out = sim.mp(&["exec", "vm1", "--", "sh", "-c", &cmd]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from-real-sshd\n");
-    assert!(
-        sshd.log().contains("Accepted publickey"),
-        "the real sshd served it"
-    );
+    assert!(sshd.log().contains("Accepted publickey"), "the real sshd served it");
 }
 
 fn stdout(o: &Output) -> String {
@@ -282,11 +205,7 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
     let sim = SimProcess::start(&["--log-lines"]);
     let out = sim.mp(&["launch", "--name", "vm1", "--cpus", "2", "--memory", "2G"]);
     assert!(out.status.success(), "{}", text(&out));
-    std::fs::write(
-        sim.dir.path().join("state/instances/vm1/root/blob"),
-        vec![0u8; 3 << 20],
-    )
-    .unwrap();
+    std::fs::write(sim.dir.path().join("state/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
     let out = sim.mp(&["info", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     let info = stdout(&out);
@@ -301,23 +220,12 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
     ] {
         assert!(info.contains(line), "{line:?} in:\n{info}");
     }
-    let disk = info
-        .lines()
-        .find(|l| l.starts_with("Disk usage:"))
-        .unwrap_or_default();
-    assert!(
-        disk.contains("MiB out of 5.0GiB"),
-        "disk usage counts the instance's files: {disk}"
-    );
+    let disk = info.lines().find(|l| l.starts_with("Disk usage:")).unwrap_or_default();
+    assert!(disk.contains("MiB out of 5.0GiB"), "disk usage counts the instance's files: {disk}");
     // Without runtime information those fields are unknown, as with the real daemon.
     let out = sim.mp(&["info", "--no-runtime-information", "vm1"]);
     let info = stdout(&out);
-    for line in [
-        "IPv4:           --\n",
-        "CPU(s):         --\n",
-        "Load:           --\n",
-        "Disk usage:     --\n",
-    ] {
+    for line in ["IPv4:           --\n", "CPU(s):         --\n", "Load:           --\n", "Disk usage:     --\n"] {
         assert!(info.contains(line), "{line:?} in:\n{info}");
     }
     let out = sim.mp(&["--json", "info", "vm1"]);
@@ -333,24 +241,10 @@ fn list_shows_ipv4_like_the_multipass_cli() {
     assert!(sim.mp(&["launch", "--name", "vm2"]).status.success());
     assert!(sim.mp(&["stop", "vm2"]).status.success());
     let list = stdout(&sim.mp(&["list"]));
-    let row = |name: &str| {
-        list.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_default()
-            .to_string()
-    };
-    assert!(
-        list.starts_with("Name                    State             IPv4             Image\n"),
-        "{list}"
-    );
-    assert!(
-        row("vm1").contains("Running           127.0.0.1        Ubuntu 24.04 LTS"),
-        "{list}"
-    );
-    assert!(
-        row("vm2").contains("Stopped           --               Ubuntu 24.04 LTS"),
-        "{list}"
-    );
+    let row = |name: &str| list.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+    assert!(list.starts_with("Name                    State             IPv4             Image\n"), "{list}");
+    assert!(row("vm1").contains("Running           127.0.0.1        Ubuntu 24.04 LTS"), "{list}");
+    assert!(row("vm2").contains("Stopped           --               Ubuntu 24.04 LTS"), "{list}");
     let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "list"]).stdout).unwrap();
     assert_eq!(v[0]["ipv4"][0], "127.0.0.1");
 }
@@ -369,12 +263,7 @@ fn get_prints_passphrase_as_true_or_false_and_empty_values_as_empty() {
     assert_eq!(get(&["get", "local.driver"]), "qemu\n");
     let sim = SimProcess::start(&["--passphrase", "pw"]);
     let out = sim.mp(&["get", "local.passphrase"]);
-    assert_eq!(
-        stdout(&out),
-        "true\n",
-        "the daemon's hash is shown as `true`: {}",
-        text(&out)
-    );
+    assert_eq!(stdout(&out), "true\n", "the daemon's hash is shown as `true`: {}", text(&out));
 }
 
 #[test]
@@ -398,12 +287,7 @@ fn start_takes_a_timeout() {
     let out = sim.mp(&["start", "--timeout", "120", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = sim.mp(&["start", "--timeout", "-1", "vm1"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a negative timeout is refused: {}",
-        text(&out)
-    );
+    assert_eq!(out.status.code(), Some(2), "a negative timeout is refused: {}", text(&out));
 }
 
 #[test]
@@ -413,33 +297,20 @@ fn find_lists_the_catalogue_like_the_multipass_cli() {
     assert!(out.status.success(), "{}", text(&out));
     let found = stdout(&out);
     assert!(
-        found.starts_with(
-            "Image                       Aliases           Version          Description\n"
-        ),
+        found.starts_with("Image                       Aliases           Version          Description\n"),
         "{found}"
     );
-    assert!(
-        found.contains("\n24.04                       noble,lts         "),
-        "{found}"
-    );
-    assert!(
-        found.contains("\ndaily:25.10                 questing,devel    "),
-        "{found}"
-    );
+    assert!(found.contains("\n24.04                       noble,lts         "), "{found}");
+    assert!(found.contains("\ndaily:25.10                 questing,devel    "), "{found}");
     assert!(found.contains("\nBlueprint (deprecated)"), "{found}");
     assert!(found.contains("\ndocker  "), "{found}");
-    let v: serde_json::Value =
-        serde_json::from_slice(&sim.mp(&["--json", "find", "daily:devel"]).stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&sim.mp(&["--json", "find", "daily:devel"]).stdout).unwrap();
     assert_eq!(v["images"][0]["aliases"][0]["remote"], "daily");
     assert_eq!(v["images"][0]["codename"], "questing");
     assert_eq!(v["blueprints"], serde_json::json!([]));
     let out = sim.mp(&["find", "nosuch:noble"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("Remote 'nosuch' is not found"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("Remote 'nosuch' is not found"), "{}", text(&out));
 }
 
 #[test]
@@ -455,9 +326,7 @@ fn serve_check_tells_whether_pool_images_are_known() {
             sim.dir.path().join("client/client-key.pem").display(),
         );
         for (name, image) in images {
-            text.push_str(&format!(
-                "\n[[pools]]\nname = \"{name}\"\nimage = \"{image}\"\n"
-            ));
+            text.push_str(&format!("\n[[pools]]\nname = \"{name}\"\nimage = \"{image}\"\n"));
         }
         std::fs::write(&config, text).unwrap();
     };
@@ -472,44 +341,20 @@ fn serve_check_tells_whether_pool_images_are_known() {
             .output()
             .unwrap()
     };
-    write(&[
-        ("ci", "24.04"),
-        ("nightly", "daily:devel"),
-        ("dock", "docker"),
-    ]);
+    write(&[("ci", "24.04"), ("nightly", "daily:devel"), ("dock", "docker")]);
     let out = check();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let said = stdout(&out);
-    assert!(
-        said.contains("pool ci: image 24.04: known (Ubuntu 24.04 LTS)"),
-        "{said}"
-    );
-    assert!(
-        said.contains("pool nightly: image daily:devel: known (Ubuntu 25.10)"),
-        "{said}"
-    );
-    assert!(
-        said.contains("pool dock: image docker: known (blueprint"),
-        "{said}"
-    );
+    assert!(said.contains("pool ci: image 24.04: known (Ubuntu 24.04 LTS)"), "{said}");
+    assert!(said.contains("pool nightly: image daily:devel: known (Ubuntu 25.10)"), "{said}");
+    assert!(said.contains("pool dock: image docker: known (blueprint"), "{said}");
 
     write(&[("ci", "24.04"), ("typo", "nobel"), ("far", "nosuch:noble")]);
     let out = check();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "an unknown image fails the check: {}",
-        text(&out)
-    );
+    assert_eq!(out.status.code(), Some(2), "an unknown image fails the check: {}", text(&out));
     let said = stdout(&out);
-    assert!(
-        said.contains("pool typo: image nobel: UNKNOWN to multipassd"),
-        "{said}"
-    );
-    assert!(
-        said.contains("pool far: image nosuch:noble: UNKNOWN to multipassd"),
-        "{said}"
-    );
+    assert!(said.contains("pool typo: image nobel: UNKNOWN to multipassd"), "{said}");
+    assert!(said.contains("pool far: image nosuch:noble: UNKNOWN to multipassd"), "{said}");
     assert!(said.contains("Remote 'nosuch' is not found"), "{said}");
 }
 
@@ -522,10 +367,7 @@ fn fail_mode_abort_cuts_the_call_and_exits_like_an_abort() {
     assert!(text(&out).contains("was cut off"), "{}", text(&out));
     let status = sim.child.wait().unwrap();
     assert_eq!(status.code(), Some(134), "exits as an abort");
-    assert!(
-        sim.socket().exists(),
-        "the dead daemon's socket file stays behind"
-    );
+    assert!(sim.socket().exists(), "the dead daemon's socket file stays behind");
     let out = sim.mp(&["version"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(text(&out).contains("connection refused"), "{}", text(&out));
@@ -564,18 +406,12 @@ fn a_set_with_a_call_in_flight_wedges_the_simulator() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut sim = sim;
-    assert!(
-        sim.child.try_wait().unwrap().is_none(),
-        "the process stays alive"
-    );
+    assert!(sim.child.try_wait().unwrap().is_none(), "the process stays alive");
     // SIGTERM does not end it either; only SIGKILL (the Drop) does.
     unsafe { libc::kill(sim.child.id() as i32, libc::SIGTERM) };
     let out = sim.mp(&["version"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(
-        sim.child.try_wait().unwrap().is_none(),
-        "still alive after SIGTERM"
-    );
+    assert!(sim.child.try_wait().unwrap().is_none(), "still alive after SIGTERM");
     let _ = start.kill();
     let _ = start.wait();
 }

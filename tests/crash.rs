@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::sim::wait_event;
 use common::stack::{Stack, acquire, exec};
-use mpool::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, LaunchOptions, ServerVerification};
-use mpool::proto::v1;
-use mpool::sim::EventKind;
+use mpool_api::proto::v1;
+use mpool_multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, LaunchOptions, ServerVerification};
+use mpool_sim::EventKind;
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nmax_size = 3\n";
 
@@ -123,7 +123,10 @@ async fn a_live_lease_survives_a_crash_and_strays_are_cleaned() {
     stack.start_serve();
     let vms = accounted(&stack, 2).await;
     assert!(!vms.contains("mpool-ci-stray"), "stray deleted");
-    assert!(d.list().await.unwrap().iter().any(|i| i.name == "somebody-else"), "never touch instances without our prefix");
+    assert!(
+        d.list().await.unwrap().iter().any(|i| i.name == "somebody-else"),
+        "never touch instances without our prefix"
+    );
     let mut c = stack.client().await;
     let (code, out, _) = exec(&mut c, &lease.id, &["cat", "work.txt"]).await.expect("the lease still works");
     assert_eq!((code, out.as_str()), (0, "kept\n"), "and its VM was not reset under it");

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::stack::{Stack, acquire, exec};
-use mpool::proto::v1;
-use mpool::sim::Stop;
+use mpool_api::proto::v1;
+use mpool_sim::Stop;
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nhot = 1\nmax_size = 3\n";
 
@@ -57,7 +57,11 @@ async fn a_daemon_restart_keeps_healthy_vms_and_leases_working() {
         if settled && names == before {
             break;
         }
-        assert!(names.is_superset(&before), "a healthy VM was replaced: before {before:?}, now {names:?}\nlog:\n{}", stack.log());
+        assert!(
+            names.is_superset(&before),
+            "a healthy VM was replaced: before {before:?}, now {names:?}\nlog:\n{}",
+            stack.log()
+        );
         assert!(Instant::now() < deadline, "never settled: {now:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

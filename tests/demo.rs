@@ -15,7 +15,11 @@ fn demo_exits_zero_and_shows_its_steps() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "mpool demo exited {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status.code());
     let row = |step: &str| {
-        stdout.lines().find(|l| l.trim_start().starts_with(step)).unwrap_or_else(|| panic!("no {step:?} row:\n{stdout}")).to_string()
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(step))
+            .unwrap_or_else(|| panic!("no {step:?} row:\n{stdout}"))
+            .to_string()
     };
     assert!(row("acquire from pool hot").contains("(hot)"), "{stdout}");
     assert!(row("acquire from pool warm").contains("(warm)"), "{stdout}");

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 fn unit() -> HashMap<String, Vec<String>> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.service")).expect("deploy/mpool.service");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.service"))
+        .expect("deploy/mpool.service");
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
     let mut section = String::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -43,16 +44,24 @@ fn the_unit_runs_mpool_serve_as_a_hardened_dedicated_user() {
     ] {
         assert_eq!(one(k), v, "{k}");
     }
-    assert!(u.get("Service.ExecStartPre").is_some_and(|v| v.iter().any(|c| c.ends_with("--check"))), "the config is checked first");
+    assert!(
+        u.get("Service.ExecStartPre").is_some_and(|v| v.iter().any(|c| c.ends_with("--check"))),
+        "the config is checked first"
+    );
     assert!(!u.contains_key("Service.PrivateNetwork"), "mpool needs the network to reach its VMs");
 }
 
 #[test]
 fn the_example_config_uses_the_units_directories() {
-    let cfg = mpool::config::Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = mpool_config::Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
     // RuntimeDirectory=mpool is /run/mpool; StateDirectory=mpool is /var/lib/mpool.
     assert!(cfg.api.listen.iter().any(|l| l.to_string() == "unix:/run/mpool/mpool.sock"), "{:?}", cfg.api.listen);
     assert!(cfg.store.path.starts_with("/var/lib/mpool"), "{}", cfg.store.path.display());
     assert!(cfg.daemon.data_dir.as_ref().is_some_and(|d| d.starts_with("/var/lib/mpool")), "{:?}", cfg.daemon.data_dir);
-    assert_eq!(mpool::cli::client::DEFAULT_ENDPOINT, "unix:/run/mpool/mpool.sock", "the CLI's default endpoint is the unit's socket");
+    assert_eq!(
+        mpool::cli::client::DEFAULT_ENDPOINT,
+        "unix:/run/mpool/mpool.sock",
+        "the CLI's default endpoint is the unit's socket"
+    );
 }

@@ -110,7 +110,11 @@ fn base64(data: &[u8]) -> String {
 /// stdout, stderr and the exit event of an Exec stream.
 fn exec_events(o: &Output) -> (String, String, Value) {
     let events = o.json();
-    assert!(events.first().is_some_and(|e| e["started"].as_str().is_some_and(|s| !s.is_empty())), "first event is `started`:\n{}", o.stdout);
+    assert!(
+        events.first().is_some_and(|e| e["started"].as_str().is_some_and(|s| !s.is_empty())),
+        "first event is `started`:\n{}",
+        o.stdout
+    );
     let (mut out, mut err, mut exit) = (String::new(), String::new(), None);
     for e in &events {
         assert_camel(e);
@@ -151,7 +155,17 @@ async fn reflection_lists_and_describes_the_api_with_its_comments() {
     let methods = g.unix(&[], &["list", "mpool.v1.Pool"]).await;
     methods.expect_code(0, "list mpool.v1.Pool");
     for m in [
-        "Acquire", "Renew", "Release", "Exec", "CancelExec", "Upload", "Download", "Run", "ListPools", "GetPool", "ListVms",
+        "Acquire",
+        "Renew",
+        "Release",
+        "Exec",
+        "CancelExec",
+        "Upload",
+        "Download",
+        "Run",
+        "ListPools",
+        "GetPool",
+        "ListVms",
         "ListLeases",
     ] {
         assert!(methods.stdout.lines().any(|l| l == format!("mpool.v1.Pool.{m}")), "{m} listed:\n{}", methods.stdout);
@@ -163,17 +177,33 @@ async fn reflection_lists_and_describes_the_api_with_its_comments() {
     assert!(d.stdout.contains("// The pool service."), "service comment:\n{}", d.stdout);
     assert!(d.stdout.contains("// Leases a clean VM from a pool, waiting"), "RPC comments:\n{}", d.stdout);
     assert!(d.stdout.contains("// Ends a lease; its VM is reset in the background."), "RPC comments:\n{}", d.stdout);
-    assert!(d.stdout.contains("rpc Exec ( .mpool.v1.ExecRequest ) returns ( stream .mpool.v1.ExecEvent );"), "{}", d.stdout);
-    assert!(d.stdout.contains("rpc Upload ( stream .mpool.v1.UploadRequest ) returns ( .mpool.v1.UploadResponse );"), "{}", d.stdout);
+    assert!(
+        d.stdout.contains("rpc Exec ( .mpool.v1.ExecRequest ) returns ( stream .mpool.v1.ExecEvent );"),
+        "{}",
+        d.stdout
+    );
+    assert!(
+        d.stdout.contains("rpc Upload ( stream .mpool.v1.UploadRequest ) returns ( .mpool.v1.UploadResponse );"),
+        "{}",
+        d.stdout
+    );
 
     let d = g.unix(&[], &["describe", "mpool.v1.AcquireRequest"]).await;
     d.expect_code(0, "describe mpool.v1.AcquireRequest");
-    assert!(d.stdout.contains("// Idempotency key: the same key (per pool) returns the same lease"), "field comments:\n{}", d.stdout);
+    assert!(
+        d.stdout.contains("// Idempotency key: the same key (per pool) returns the same lease"),
+        "field comments:\n{}",
+        d.stdout
+    );
     assert!(d.stdout.contains(".google.protobuf.Duration ttl = 4;"), "{}", d.stdout);
 
     let d = g.unix(&[], &["describe", "mpool.v1.Command"]).await;
     d.expect_code(0, "describe mpool.v1.Command");
-    assert!(d.stdout.contains("map<string, string> env = 4;") && d.stdout.contains("// Environment variables"), "{}", d.stdout);
+    assert!(
+        d.stdout.contains("map<string, string> env = 4;") && d.stdout.contains("// Environment variables"),
+        "{}",
+        d.stdout
+    );
 
     // The health service is described too (grpcurl needs its schema to call it).
     g.unix(&[], &["describe", "grpc.health.v1.Health"]).await.expect_code(0, "describe health");
@@ -190,13 +220,18 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     }
 
     // Acquire: snake_case accepted in the request, lowerCamelCase in the answer.
-    let a = g.call("mpool.v1.Pool/Acquire", r#"{"pool": "ci", "holder": "grpcurl", "ttl": "600s", "request_id": "rid-1"}"#).await;
+    let a = g
+        .call("mpool.v1.Pool/Acquire", r#"{"pool": "ci", "holder": "grpcurl", "ttl": "600s", "request_id": "rid-1"}"#)
+        .await;
     a.expect_code(0, "Acquire");
     let lease = one(&a);
     assert_camel(&lease);
     let id = lease["id"].as_str().expect("lease id").to_string();
     assert!(id.starts_with("lease-"), "{lease}");
-    assert_eq!((lease["pool"].as_str(), lease["holder"].as_str(), lease["requestId"].as_str()), (Some("ci"), Some("grpcurl"), Some("rid-1")));
+    assert_eq!(
+        (lease["pool"].as_str(), lease["holder"].as_str(), lease["requestId"].as_str()),
+        (Some("ci"), Some("grpcurl"), Some("rid-1"))
+    );
     for k in ["vm", "grantedAt", "expiresAt", "waited"] {
         assert!(lease[k].as_str().is_some_and(|s| !s.is_empty()), "{k} in {lease}");
     }
@@ -211,7 +246,12 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
 
     // Exec: started, stdout, stderr, exit code.
     let e = g
-        .call("mpool.v1.Pool/Exec", &format!(r#"{{"leaseId": "{id}", "command": {{"argv": ["sh", "-c", "echo hello; echo oops >&2; exit 3"]}}}}"#))
+        .call(
+            "mpool.v1.Pool/Exec",
+            &format!(
+                r#"{{"leaseId": "{id}", "command": {{"argv": ["sh", "-c", "echo hello; echo oops >&2; exit 3"]}}}}"#
+            ),
+        )
         .await;
     e.expect_code(0, "Exec");
     let (out, err, exit) = exec_events(&e);
@@ -220,11 +260,18 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     assert!(exit["duration"].as_str().is_some_and(|d| d.ends_with('s')), "{exit}");
     // Exit code 0 is a default value: shown with -emit-defaults.
     let e = g
-        .unix(&["-emit-defaults", "-d", &format!(r#"{{"leaseId": "{id}", "command": {{"argv": ["uname", "-s"]}}}}"#)], &["mpool.v1.Pool/Exec"])
+        .unix(
+            &["-emit-defaults", "-d", &format!(r#"{{"leaseId": "{id}", "command": {{"argv": ["uname", "-s"]}}}}"#)],
+            &["mpool.v1.Pool/Exec"],
+        )
         .await;
     let (out, _, exit) = exec_events(e.expect_code(0, "Exec uname"));
     assert_eq!(out, "Linux\n");
-    assert_eq!((exit["code"].as_i64(), exit["timedOut"].as_bool(), exit["cancelled"].as_bool()), (Some(0), Some(false), Some(false)), "{exit}");
+    assert_eq!(
+        (exit["code"].as_i64(), exit["timedOut"].as_bool(), exit["cancelled"].as_bool()),
+        (Some(0), Some(false), Some(false)),
+        "{exit}"
+    );
     // A script with env (no quoting at all).
     let e = g
         .call(
@@ -237,7 +284,10 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
 
     // Upload text, Download it back (bytes are base64; uint64 is a string).
     let u = g
-        .call("mpool.v1.Pool/Upload", &format!(r#"{{"leaseId": "{id}", "path": "note.txt", "text": "written by grpcurl\n", "mode": 416}}"#))
+        .call(
+            "mpool.v1.Pool/Upload",
+            &format!(r#"{{"leaseId": "{id}", "path": "note.txt", "text": "written by grpcurl\n", "mode": 416}}"#),
+        )
         .await;
     let up = one(u.expect_code(0, "Upload"));
     assert_eq!(up["size"], "19", "{up}");
@@ -245,7 +295,10 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     let pwd = g.call("mpool.v1.Pool/Exec", &format!(r#"{{"leaseId": "{id}", "command": {{"argv": ["pwd"]}}}}"#)).await;
     let home = exec_events(pwd.expect_code(0, "pwd")).0.trim().to_string();
     let u = g
-        .call("mpool.v1.Pool/Upload", &format!(r#"{{"leaseId": "{id}", "path": "{home}/sub/../abs.txt", "text": "x"}}"#))
+        .call(
+            "mpool.v1.Pool/Upload",
+            &format!(r#"{{"leaseId": "{id}", "path": "{home}/sub/../abs.txt", "text": "x"}}"#),
+        )
         .await;
     assert_eq!(one(u.expect_code(0, "Upload absolute"))["path"].as_str(), Some(format!("{home}/abs.txt").as_str()));
     let d = g.call("mpool.v1.Pool/Download", &format!(r#"{{"leaseId": "{id}", "path": "note.txt"}}"#)).await;
@@ -287,7 +340,10 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     assert_eq!(chunks.len(), 1, "one chunk for the small output: {events:?}");
     assert_eq!(chunks[0]["data"].as_str(), Some(base64(b"result\n").as_str()), "{events:?}");
     assert_eq!(result["outputs"][0]["size"], "7", "{result}");
-    assert_eq!((result["outputs"][1]["path"].as_str(), result["outputs"][1]["missing"].as_bool()), (Some("absent.txt"), Some(true)));
+    assert_eq!(
+        (result["outputs"][1]["path"].as_str(), result["outputs"][1]["missing"].as_bool()),
+        (Some("absent.txt"), Some(true))
+    );
     for k in ["acquire", "upload", "exec", "download", "total"] {
         assert!(result["timings"][k].as_str().is_some_and(|d| d.ends_with('s')), "timings.{k}: {result}");
     }
@@ -300,7 +356,11 @@ async fn lease_cycle_run_and_health_as_json_over_the_unix_socket() {
     args.extend_from_slice(&[&g.unix, "mpool.v1.Pool/Acquire"]);
     let o = g.raw(&args, Some(big.as_bytes())).await;
     o.expect_code(64 + 8, "a 10 MB JSON string");
-    assert!(o.stderr.contains("Code: ResourceExhausted") && o.stderr.contains("request message too large"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("Code: ResourceExhausted") && o.stderr.contains("request message too large"),
+        "{}",
+        o.stderr
+    );
     let h = g.call("grpc.health.v1.Health/Check", "{}").await;
     assert_eq!(one(h.expect_code(0, "health after the big message"))["status"], "SERVING");
 }
@@ -318,7 +378,18 @@ async fn tls_and_bearer_tokens_over_tcp() {
     let ip = format!("127.0.0.1:{}", stack.tcp.port());
     let a = g
         .raw(
-            &["-cacert", &g.ca, "-authority", "localhost", "-H", &bearer, "-d", r#"{"pool": "ci", "holder": "tls"}"#, &ip, "mpool.v1.Pool/Acquire"],
+            &[
+                "-cacert",
+                &g.ca,
+                "-authority",
+                "localhost",
+                "-H",
+                &bearer,
+                "-d",
+                r#"{"pool": "ci", "holder": "tls"}"#,
+                &ip,
+                "mpool.v1.Pool/Acquire",
+            ],
             None,
         )
         .await;
@@ -336,7 +407,11 @@ async fn tls_and_bearer_tokens_over_tcp() {
     // Another token may not touch this lease.
     let e = exec("authorization: Bearer other-token".into()).await;
     e.expect_code(64 + 7, "Exec with another token");
-    assert!(e.stderr.contains("Code: PermissionDenied") && e.stderr.contains("belongs to another client"), "{}", e.stderr);
+    assert!(
+        e.stderr.contains("Code: PermissionDenied") && e.stderr.contains("belongs to another client"),
+        "{}",
+        e.stderr
+    );
 
     let r = g.tls(&["-H", &bearer, "-d", &format!(r#"{{"leaseId": "{id}"}}"#)], &["mpool.v1.Pool/Release"]).await;
     r.expect_code(0, "Release over TLS");
@@ -344,12 +419,20 @@ async fn tls_and_bearer_tokens_over_tcp() {
     // Without a token, or with a wrong one: UNAUTHENTICATED, saying how to send one.
     let no = g.tls(&[], &["mpool.v1.Pool/ListPools"]).await;
     no.expect_code(64 + 16, "no token");
-    assert!(no.stderr.contains("Code: Unauthenticated") && no.stderr.contains("authorization: Bearer"), "{}", no.stderr);
+    assert!(
+        no.stderr.contains("Code: Unauthenticated") && no.stderr.contains("authorization: Bearer"),
+        "{}",
+        no.stderr
+    );
     let acq = g.tls(&["-d", r#"{"pool": "ci"}"#], &["mpool.v1.Pool/Acquire"]).await;
     acq.expect_code(64 + 16, "Acquire without a token");
     let wrong = g.tls(&["-H", "authorization: Bearer not-a-token"], &["mpool.v1.Pool/ListPools"]).await;
     wrong.expect_code(64 + 16, "wrong token");
-    assert!(wrong.stderr.contains("Code: Unauthenticated") && wrong.stderr.contains("invalid token"), "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("Code: Unauthenticated") && wrong.stderr.contains("invalid token"),
+        "{}",
+        wrong.stderr
+    );
 
     // Health and reflection stay open for probes and `list`.
     let h = g.tls(&[], &["grpc.health.v1.Health/Check"]).await;
@@ -433,15 +516,24 @@ async fn the_cheat_sheet_runs_as_written() {
 
     for (i, c) in commands.iter().enumerate() {
         let begin = format!("@@@ begin {i}\n");
-        let start = o.stdout.find(&begin).unwrap_or_else(|| panic!("command {i} did not run: {}\n{}", c.text, o.stdout)) + begin.len();
+        let start =
+            o.stdout.find(&begin).unwrap_or_else(|| panic!("command {i} did not run: {}\n{}", c.text, o.stdout))
+                + begin.len();
         let rest = &o.stdout[start..];
         let end_marker = format!("@@@ end {i} ");
-        let end = rest.find(&end_marker).unwrap_or_else(|| panic!("command {i} did not finish: {}\n{}", c.text, o.stdout));
+        let end =
+            rest.find(&end_marker).unwrap_or_else(|| panic!("command {i} did not finish: {}\n{}", c.text, o.stdout));
         let output = &rest[..end];
-        let code: i32 = rest[end + end_marker.len()..].lines().next().and_then(|n| n.trim().parse().ok()).expect("exit code");
-        assert_eq!(code, c.exit, "cheat sheet command exited {code}, expected {}:\n  {}\noutput:\n{output}", c.exit, c.text);
+        let code: i32 =
+            rest[end + end_marker.len()..].lines().next().and_then(|n| n.trim().parse().ok()).expect("exit code");
+        assert_eq!(
+            code, c.exit,
+            "cheat sheet command exited {code}, expected {}:\n  {}\noutput:\n{output}",
+            c.exit, c.text
+        );
         let t = &c.text;
-        let must = |needle: &str| assert!(output.contains(needle), "`{t}` should print {needle:?}; it printed:\n{output}");
+        let must =
+            |needle: &str| assert!(output.contains(needle), "`{t}` should print {needle:?}; it printed:\n{output}");
         if c.exit != 0 {
             assert!(output.contains("Code: ") || output.contains("\"code\":"), "`{t}` prints the status:\n{output}");
             continue;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use common::stack::{Stack, exec};
 use serde_json::json;
 
-const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n\n[[pools]]\nname = \"one\"\nmin_ready = 1\nmax_size = 1\n";
+const POOLS: &str =
+    "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n\n[[pools]]\nname = \"one\"\nmin_ready = 1\nmax_size = 1\n";
 
 fn s(v: &serde_json::Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
@@ -50,12 +51,13 @@ async fn run_returns_exit_output_files_and_timings() {
     let outs = j["outputs"].as_array().unwrap();
     assert_eq!(outs.len(), 2);
     assert_eq!(outs[0]["path"], "out.txt");
-    assert_eq!(mpool::api::json::base64_decode(s(&outs[0]["data"])).unwrap(), b"from text");
+    assert_eq!(mpool_api::json::base64_decode(s(&outs[0]["data"])).unwrap(), b"from text");
     assert_eq!(outs[0]["missing"], false);
     assert_eq!(outs[1]["missing"], true);
 
     // argv commands and a zero exit.
-    let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"command": {"argv": ["echo", "a b", "$HOME"]}}))).await;
+    let a =
+        stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"command": {"argv": ["echo", "a b", "$HOME"]}}))).await;
     assert_eq!((a.status, &a.json["exitCode"], &a.json["stdout"]), (200, &json!(0), &json!("a b $HOME\n")), "{a:?}");
 
     // The command's own timeout.
@@ -90,7 +92,8 @@ async fn tokens_and_errors_map_to_http_statuses() {
     let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"comand": {"argv": ["true"]}}))).await;
     assert_eq!(a.status, 400, "{a:?}");
     assert!(s(&a.json["message"]).contains("comand"), "{a:?}");
-    let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"command": {"argv": ["true"], "timeout": "5m"}}))).await;
+    let a =
+        stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"command": {"argv": ["true"], "timeout": "5m"}}))).await;
     assert_eq!(a.status, 400, "{a:?}");
     let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({}))).await;
     assert_eq!(a.status, 400, "{a:?}");
@@ -100,7 +103,8 @@ async fn tokens_and_errors_map_to_http_statuses() {
     // Pool exhausted: 503 with Retry-After.
     let lease = stack.http("POST", "/v1/pools/one/leases", t, Some(&json!({"holder": "h", "wait": "30s"}))).await;
     assert_eq!(lease.status, 200, "{lease:?}");
-    let a = stack.http("POST", "/v1/pools/one/run", t, Some(&json!({"command": {"argv": ["true"]}, "wait": "0s"}))).await;
+    let a =
+        stack.http("POST", "/v1/pools/one/run", t, Some(&json!({"command": {"argv": ["true"]}, "wait": "0s"}))).await;
     assert_eq!((a.status, s(&a.json["code"])), (503, "RESOURCE_EXHAUSTED"), "{a:?}");
     assert!(a.header("retry-after").is_some_and(|v| v.parse::<u32>().is_ok()), "{a:?}");
 
@@ -135,7 +139,12 @@ async fn lease_endpoints_acquire_exec_renew_release() {
     assert_eq!((s(&again.json["id"]), s(&again.json["served"])), (id.as_str(), "SERVED_REPEAT"), "{again:?}");
 
     let a = stack
-        .http("POST", &format!("/v1/leases/{id}/exec"), t, Some(&json!({"command": {"script": "echo one > state; echo first"}})))
+        .http(
+            "POST",
+            &format!("/v1/leases/{id}/exec"),
+            t,
+            Some(&json!({"command": {"script": "echo one > state; echo first"}})),
+        )
         .await;
     assert_eq!((a.status, &a.json["exitCode"], &a.json["stdout"]), (200, &json!(0), &json!("first\n")), "{a:?}");
     assert!(!s(&a.json["execId"]).is_empty());
@@ -147,7 +156,10 @@ async fn lease_endpoints_acquire_exec_renew_release() {
             Some(&json!({"command": {"argv": ["sh", "-c", "cat state; exit 7"]}, "execId": "second"})),
         )
         .await;
-    assert_eq!((a.status, &a.json["exitCode"], &a.json["stdout"], &a.json["execId"]), (200, &json!(7), &json!("one\n"), &json!("second")));
+    assert_eq!(
+        (a.status, &a.json["exitCode"], &a.json["stdout"], &a.json["execId"]),
+        (200, &json!(7), &json!("one\n"), &json!("second"))
+    );
 
     let a = stack.http("POST", &format!("/v1/leases/{id}/renew"), t, Some(&json!({"ttl": "600s"}))).await;
     assert_eq!(a.status, 200, "{a:?}");
@@ -177,7 +189,7 @@ async fn large_output_is_capped_and_flagged() {
     let a = stack.http("POST", "/v1/pools/ci/run", t, Some(&json!({"command": {"script": script}}))).await;
     assert_eq!(a.status, 200, "{:?}", a.status);
     assert_eq!(a.json["stdoutTruncated"], true);
-    assert_eq!(s(&a.json["stdout"]).len(), mpool::api::json::MAX_STREAM);
+    assert_eq!(s(&a.json["stdout"]).len(), mpool_api::json::MAX_STREAM);
     assert_eq!((&a.json["stderr"], &a.json["stderrTruncated"]), (&json!("small\n"), &json!(false)));
 }
 

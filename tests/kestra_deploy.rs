@@ -32,7 +32,8 @@ fn script_of(flow: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpcurl_flow_runs_as_written() {
     let Some(grpcurl) = tools::grpcurl() else { return };
-    let flow = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kestra/grpcurl.yaml")).unwrap();
+    let flow =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kestra/grpcurl.yaml")).unwrap();
     let script = script_of(&flow);
     assert!(script.contains("mpool.v1.Pool/Run") && script.contains("mpool.v1.Pool/Release"), "{script}");
     // Nothing Kestra would render: the script is plain shell, its inputs come from env.
@@ -52,18 +53,33 @@ async fn the_grpcurl_flow_runs_as_written() {
         Path::new("/bin/sh"),
         &["-c", &format!("cd '{}' && {script}", work.path().display())],
         None,
-        &[("PATH", &path), ("MPOOL_ADDR", &addr), ("MPOOL_CACERT", &ca), ("MPOOL_TOKEN", &stack.token), ("MPOOL_POOL", "ci")],
+        &[
+            ("PATH", &path),
+            ("MPOOL_ADDR", &addr),
+            ("MPOOL_CACERT", &ca),
+            ("MPOOL_TOKEN", &stack.token),
+            ("MPOOL_POOL", "ci"),
+        ],
     )
     .await;
     out.expect_code(0, "the grpcurl flow's script");
-    let outputs = out.stdout.lines().find(|l| l.starts_with("::{\"outputs\"")).unwrap_or_else(|| panic!("no outputs line:\n{}", out.stdout));
+    let outputs = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("::{\"outputs\""))
+        .unwrap_or_else(|| panic!("no outputs line:\n{}", out.stdout));
     let v: serde_json::Value = serde_json::from_str(outputs.trim_start_matches("::").trim_end_matches("::")).unwrap();
     assert_eq!(v["outputs"]["exitCode"], 0, "{outputs}");
     assert!(v["outputs"]["vm"].as_str().is_some_and(|s| s.starts_with("mpool-")), "{outputs}");
     assert!(out.stdout.contains("done\n") && out.stdout.contains("step on "), "{}", out.stdout);
     // The hand-made lease was released.
     let mut c = stack.client().await;
-    let leases = c.list_leases(mpool::proto::v1::ListLeasesRequest { pool: String::new() }).await.unwrap().into_inner().leases;
+    let leases = c
+        .list_leases(mpool_api::proto::v1::ListLeasesRequest { pool: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
     assert!(leases.is_empty(), "{leases:?}");
 }
 

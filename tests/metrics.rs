@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::stack::{Stack, acquire};
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A GET over a fresh connection: (status, headers lower-cased, body).
@@ -25,7 +25,11 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, HashMap<String, String>, Str
     let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("status line {status_line:?}"));
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line {status_line:?}"));
     assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
     let headers: HashMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
@@ -167,7 +171,11 @@ fn parse(text: &str) -> Result<Exposition, String> {
         if !valid_name(name) {
             return Err(at(format!("metric name {name:?}")));
         }
-        let (labels, rest) = if line[name_end..].starts_with('{') { parse_labels(&line[name_end..]).map_err(at)? } else { (BTreeMap::new(), &line[name_end..]) };
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..]).map_err(at)?
+        } else {
+            (BTreeMap::new(), &line[name_end..])
+        };
         let mut fields = rest.split_whitespace();
         let value = parse_value(fields.next().ok_or_else(|| at("no value".into()))?).map_err(at)?;
         if let Some(ts) = fields.next() {
@@ -215,7 +223,8 @@ fn check_histograms(e: &Exposition) -> Result<(), String> {
                 return Err(format!("{fam}{key:?}: no +Inf bucket"));
             }
             let labels: BTreeMap<String, String> = key.iter().cloned().collect();
-            let count = e.samples.iter().find(|s| s.name == format!("{fam}_count") && s.labels == labels).map(|s| s.value);
+            let count =
+                e.samples.iter().find(|s| s.name == format!("{fam}_count") && s.labels == labels).map(|s| s.value);
             if count != Some(inf) {
                 return Err(format!("{fam}{key:?}: +Inf bucket {inf} but _count {count:?}"));
             }
@@ -251,14 +260,14 @@ fn the_parser_refuses_what_prometheus_would() {
     let e = parse(ok).expect("valid");
     assert_eq!(e.samples[0].labels["y"], "q\"\n");
     for bad in [
-        "a 1\n",                                                                     // no TYPE
-        "# TYPE a counter\na one\n",                                                 // not a float
-        "# TYPE a counter\na{x=1} 1\n",                                              // unquoted label
-        "# TYPE a counter\na -1\n",                                                  // negative counter
-        "# TYPE a countr\na 1\n",                                                    // bad type
+        "a 1\n",                                                                                   // no TYPE
+        "# TYPE a counter\na one\n",                                                               // not a float
+        "# TYPE a counter\na{x=1} 1\n",                                                            // unquoted label
+        "# TYPE a counter\na -1\n",                                                                // negative counter
+        "# TYPE a countr\na 1\n",                                                                  // bad type
         "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n", // decreasing
         "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 2\n", // +Inf != count
-        "# TYPE 9a gauge\n9a 1\n",                                                   // bad name
+        "# TYPE 9a gauge\n9a 1\n",                                                                 // bad name
     ] {
         assert!(parse(bad).is_err(), "accepted: {bad:?}");
     }
@@ -292,17 +301,27 @@ async fn metrics_parse_and_counters_move_with_calls() {
     // An acquire, a NOT_FOUND, and a release (whose reset calls multipassd).
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "metrics").await.expect("acquire");
-    let err = c.acquire(v1::AcquireRequest { pool: "nope".into(), ..Default::default() }).await.expect_err("unknown pool");
+    let err =
+        c.acquire(v1::AcquireRequest { pool: "nope".into(), ..Default::default() }).await.expect_err("unknown pool");
     assert_eq!(err.code(), tonic::Code::NotFound);
     let during = scrape(&stack).await;
-    assert_eq!(during.sum("mpool_acquires_total", &[("pool", "ci")]), before.sum("mpool_acquires_total", &[("pool", "ci")]) + 1.0);
-    let idle_served = ["hot", "warm"].iter().map(|o| during.sum("mpool_acquires_total", &[("pool", "ci"), ("outcome", o)])).sum::<f64>();
+    assert_eq!(
+        during.sum("mpool_acquires_total", &[("pool", "ci")]),
+        before.sum("mpool_acquires_total", &[("pool", "ci")]) + 1.0
+    );
+    let idle_served = ["hot", "warm"]
+        .iter()
+        .map(|o| during.sum("mpool_acquires_total", &[("pool", "ci"), ("outcome", o)]))
+        .sum::<f64>();
     assert_eq!(idle_served, 1.0, "an idle VM served it");
     // An unknown pool is not a label value of its own (callers could add series at will).
     assert_eq!(during.sum("mpool_acquires_total", &[("pool", "unknown"), ("outcome", "error")]), 1.0);
     assert_eq!(during.sum("mpool_acquires_total", &[("pool", "nope")]), 0.0);
     let not_found = [("method", "Acquire"), ("code", "NotFound")];
-    assert_eq!(during.sum("mpool_grpc_errors_total", &not_found), before.sum("mpool_grpc_errors_total", &not_found) + 1.0);
+    assert_eq!(
+        during.sum("mpool_grpc_errors_total", &not_found),
+        before.sum("mpool_grpc_errors_total", &not_found) + 1.0
+    );
     assert_eq!(during.sum("mpool_acquire_seconds_count", &[("pool", "ci")]), 1.0);
     assert_eq!(during.sum("mpool_leases", &[("pool", "ci")]), 1.0);
     assert_eq!(during.sum("mpool_vms", &[("pool", "ci"), ("state", "leased")]), 1.0);
@@ -313,7 +332,8 @@ async fn metrics_parse_and_counters_move_with_calls() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = scrape(&stack).await;
-        if now.sum("mpool_daemon_call_seconds_count", &[]) > calls && now.sum("mpool_leases", &[("pool", "ci")]) == 0.0 {
+        if now.sum("mpool_daemon_call_seconds_count", &[]) > calls && now.sum("mpool_leases", &[("pool", "ci")]) == 0.0
+        {
             break;
         }
         assert!(Instant::now() < deadline, "no daemon call counted after the release; log:\n{}", stack.log());

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::sim::TestSim;
-use mpool::config::{PoolConfig, ResetStrategy};
-use mpool::pool::engine::{AcquireRequest, Engine, LeaseInfo, Settings, Status};
-use mpool::pool::ports::{MultipassPort, Ports, SshAdapter, ssh_target};
-use mpool::sim::EventKind;
-use mpool::ssh::{ConnectionCache, ExecRequest, SshOptions};
-use mpool::store::Store;
+use mpool_config::{PoolConfig, ResetStrategy};
+use mpool_core::ports::Ports;
+use mpool_engine::{AcquireRequest, Engine, LeaseInfo, Settings, Status};
+use mpool_multipass::port::MultipassPort;
+use mpool_sim::EventKind;
+use mpool_ssh::port::SshAdapter;
+use mpool_ssh::{ConnectionCache, ExecRequest, SshOptions};
+use mpool_store::Store;
 
 struct Rig {
     ts: TestSim,
@@ -31,12 +33,12 @@ fn pool(name: &str, min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
     p
 }
 
-async fn rig(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool::sim::SimConfig)) -> Rig {
+async fn rig(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool_sim::SimConfig)) -> Rig {
     rig_with(pools, tweak, Duration::from_secs(30)).await
 }
 
 /// A rig whose quick daemon calls (list, ssh_info, ...) time out after `quick`.
-async fn rig_with(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool::sim::SimConfig), quick: Duration) -> Rig {
+async fn rig_with(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool_sim::SimConfig), quick: Duration) -> Rig {
     let ts = TestSim::start(tweak).await;
     let client = ts.client("engine").await;
     let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
@@ -79,14 +81,15 @@ fn req(pool: &str, holder: &str) -> AcquireRequest {
 /// Our instances as the simulator lists them.
 async fn instances(ts: &TestSim) -> Vec<String> {
     let c = ts.client("engine").await;
-    let mut v: Vec<String> = c.list().await.unwrap().into_iter().map(|i| i.name).filter(|n| n.starts_with("mpool-")).collect();
+    let mut v: Vec<String> =
+        c.list().await.unwrap().into_iter().map(|i| i.name).filter(|n| n.starts_with("mpool-")).collect();
     v.sort();
     v
 }
 
 async fn sh(r: &Rig, lease: &LeaseInfo, line: &str) -> (Option<u32>, String) {
     let info = lease.ssh.clone().expect("lease carries its SSH endpoint");
-    let out = r.ssh.run(&lease.record.vm, &ssh_target(&info), ExecRequest::shell(line)).await.unwrap();
+    let out = r.ssh.run(&lease.record.vm, &info, ExecRequest::shell(line)).await.unwrap();
     (out.code, out.stdout_text())
 }
 
@@ -173,13 +176,17 @@ async fn an_unrenewed_lease_expires_and_its_vm_returns_reset() {
     let r = rig(vec![pool("ci", 1, 0, 1)], |_| {}).await;
     until(&r.engine, "ready", |s| idle(s, "ci") == 1).await;
     let mut ev = r.ts.sim.events();
-    let lease = r.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(1)), ..req("ci", "forgetful") }).await.unwrap();
+    let lease =
+        r.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(1)), ..req("ci", "forgetful") }).await.unwrap();
     let (code, _) = sh(&r, &lease, "touch dirty").await;
     assert_eq!(code, Some(0));
     until(&r.engine, "expired and back", |s| s.leases.is_empty() && idle(s, "ci") == 1).await;
-    common::sim::wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Working && e.instance == lease.record.vm).await;
+    common::sim::wait_event(&mut ev, |e| {
+        e.op == "restore" && e.kind == EventKind::Working && e.instance == lease.record.vm
+    })
+    .await;
     let err = r.engine.begin_use(&lease.record.id, None).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(err.kind(), mpool_engine::ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains("expired"), "{err}");
     let again = r.engine.acquire(req("ci", "next")).await.unwrap();
     let (_, out) = sh(&r, &again, "ls").await;
@@ -210,7 +217,10 @@ async fn random_daemon_failures_are_absorbed_and_nothing_leaks() {
         if names.iter().all(|n| known_now.contains(n)) && known_now.iter().all(|k| names.contains(k)) {
             break;
         }
-        assert!(Instant::now() < deadline, "leaked or lost instances: daemon {names:?}, engine {known_now:?} (was {known:?})");
+        assert!(
+            Instant::now() < deadline,
+            "leaked or lost instances: daemon {names:?}, engine {known_now:?} (was {known:?})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -244,7 +254,7 @@ async fn a_warm_acquire_jumps_a_burst_of_twenty_resets() {
     });
     let warm = r.engine.acquire(req("ci", "urgent")).await.unwrap();
     let during = log.lock().unwrap().len();
-    let blocking = |e: &mpool::sim::SimEvent| {
+    let blocking = |e: &mpool_sim::SimEvent| {
         e.kind == EventKind::LockAcquired && matches!(e.op, "stop" | "restore" | "suspend" | "snapshot" | "delete")
     };
     let jumped_over = {
@@ -254,8 +264,11 @@ async fn a_warm_acquire_jumps_a_burst_of_twenty_resets() {
     until(&r.engine, "burst done", |s| idle(s, "ci") == 20).await;
     let after = log.lock().unwrap()[during..].iter().filter(|e| blocking(e)).count();
     recorder.abort();
-    assert_eq!(warm.served, mpool::pool::engine::Served::Warm);
-    assert!(jumped_over <= 6, "the acquire waited for at most a few in-flight blocking ops, not the queue: {jumped_over}");
+    assert_eq!(warm.served, mpool_engine::Served::Warm);
+    assert!(
+        jumped_over <= 6,
+        "the acquire waited for at most a few in-flight blocking ops, not the queue: {jumped_over}"
+    );
     assert!(after >= 20, "most of the burst's blocking ops ran after the acquire was served: {after}");
 }
 
@@ -271,7 +284,7 @@ async fn a_frozen_daemon_turns_health_off_and_acquires_fail_fast() {
     healthy.wait_for(|h| !*h).await.unwrap();
     // The daemon is still frozen: an answer at all proves the acquire did not hang with it.
     let err = r.engine.acquire(req("ci", "t")).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert_eq!(err.kind(), mpool_engine::ErrorKind::Unavailable, "{err}");
     // It thaws: the engine notices by itself and serves again.
     r.ts.sim.daemon().set_hang("list", false);
     r.ts.sim.daemon().set_hang("start", false);
@@ -288,7 +301,7 @@ async fn after_a_daemon_restart_resumed_vms_are_re_parked() {
     let Rig { ts, engine, ssh: _ssh } = r;
     let TestSim { dir, sim } = ts;
     sim.shutdown().await;
-    let sim = mpool::sim::Simulator::start(cfg).await.unwrap();
+    let sim = mpool_sim::Simulator::start(cfg).await.unwrap();
     let ts = TestSim { dir, sim };
     let c = ts.client("engine").await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -298,7 +311,7 @@ async fn after_a_daemon_restart_resumed_vms_are_re_parked() {
             let s = engine.status().await.unwrap();
             s.daemon_ok && idle(&s, "ci") == 2 && s.vms.iter().all(|v| !v.busy)
         };
-        if engine_ok && states.iter().all(|s| *s == mpool::multipass::InstanceState::Suspended) {
+        if engine_ok && states.iter().all(|s| *s == mpool_multipass::InstanceState::Suspended) {
             break;
         }
         assert!(Instant::now() < deadline, "VMs not re-parked: {states:?}");

@@ -58,7 +58,9 @@ async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
     .await;
     run.expect_code(0, "tests/python/client.py");
     let lines: Vec<&str> = run.stdout.lines().collect();
-    let has = |prefix: &str| assert!(lines.iter().any(|l| l.starts_with(prefix)), "client.py printed {prefix:?}:\n{}", run.stdout);
+    let has = |prefix: &str| {
+        assert!(lines.iter().any(|l| l.starts_with(prefix)), "client.py printed {prefix:?}:\n{}", run.stdout)
+    };
     has("ok run exit=5 stdout='from python\\n'");
     has("ok acquire lease-");
     has("ok exec exit=7 stdout='env-a arg with space\\n'");
@@ -75,6 +77,10 @@ async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
 
     // The server is still there, and the leases are gone.
     let mut c = stack.client().await;
-    let leases = c.list_leases(mpool::proto::v1::ListLeasesRequest { pool: String::new() }).await.expect("ListLeases").into_inner();
+    let leases = c
+        .list_leases(mpool_api::proto::v1::ListLeasesRequest { pool: String::new() })
+        .await
+        .expect("ListLeases")
+        .into_inner();
     assert!(leases.leases.is_empty(), "{:?}", leases.leases);
 }

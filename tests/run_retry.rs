@@ -7,7 +7,7 @@
 mod common;
 
 use common::stack::Stack;
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nhot = 2\nmax_size = 3\n";
 

@@ -4,17 +4,13 @@
 mod common;
 
 use common::sim::{TestSim, wait_event};
-use mpool::multipass::{Error, InstanceState, LaunchOptions, Names};
-use mpool::proto::multipass::start_error;
-use mpool::sim::EventKind;
+use mpool_multipass::proto::multipass::start_error;
+use mpool_multipass::{Error, InstanceState, LaunchOptions, Names};
+use mpool_sim::EventKind;
 use tonic::Code;
 
 fn launch_opts(name: &str) -> LaunchOptions {
-    LaunchOptions {
-        name: name.into(),
-        image: "24.04".into(),
-        ..Default::default()
-    }
+    LaunchOptions { name: name.into(), image: "24.04".into(), ..Default::default() }
 }
 
 fn daemon_message(e: &Error) -> String {
@@ -31,17 +27,9 @@ async fn fact_log_lines_inside_replies_can_arrive_at_any_point() {
     let ts = TestSim::start(|c| c.log_lines = true).await;
     let c = ts.client("ops").await;
     let mut ev = ts.sim.events();
-    assert_eq!(
-        c.launch(&launch_opts("vm")).await.unwrap(),
-        "vm",
-        "launch names the instance"
-    );
+    assert_eq!(c.launch(&launch_opts("vm")).await.unwrap(), "vm", "launch names the instance");
     let listed = c.list().await.unwrap();
-    assert_eq!(
-        listed.len(),
-        1,
-        "a trailing log-only reply is not an empty list: {listed:?}"
-    );
+    assert_eq!(listed.len(), 1, "a trailing log-only reply is not an empty list: {listed:?}");
     assert_eq!(listed[0].state, InstanceState::Running);
     // The simulator did write log lines before and after the list's answer.
     let mut seen = Vec::new();
@@ -53,18 +41,9 @@ async fn fact_log_lines_inside_replies_can_arrive_at_any_point() {
             break;
         }
     }
-    let replied = seen
-        .iter()
-        .position(|k| *k == EventKind::Replied)
-        .expect("an answer");
-    assert!(
-        seen[..replied].contains(&EventKind::LogLine),
-        "a log line before the answer: {seen:?}"
-    );
-    assert!(
-        seen[replied..].contains(&EventKind::LogLine),
-        "a log line after the answer: {seen:?}"
-    );
+    let replied = seen.iter().position(|k| *k == EventKind::Replied).expect("an answer");
+    assert!(seen[..replied].contains(&EventKind::LogLine), "a log line before the answer: {seen:?}");
+    assert!(seen[replied..].contains(&EventKind::LogLine), "a log line after the answer: {seen:?}");
 
     assert_eq!(c.version_text().await.unwrap(), "1.16.3");
     assert_eq!(c.ssh_info("vm").await.unwrap().username, "ubuntu");
@@ -74,15 +53,8 @@ async fn fact_log_lines_inside_replies_can_arrive_at_any_point() {
     assert_eq!(c.snapshot("vm", None, "").await.unwrap(), "snapshot1");
     // A prompt (non-destructive restore) is answered, never a log line.
     c.restore("vm", "snapshot1", false).await.unwrap();
-    assert_eq!(
-        c.list_snapshots().await.unwrap().len(),
-        2,
-        "the safety snapshot was taken"
-    );
-    assert_eq!(
-        c.delete(&Names::one("vm"), true).await.unwrap(),
-        vec!["vm".to_string()]
-    );
+    assert_eq!(c.list_snapshots().await.unwrap().len(), 2, "the safety snapshot was taken");
+    assert_eq!(c.delete(&Names::one("vm"), true).await.unwrap(), vec!["vm".to_string()]);
 }
 
 #[tokio::test]
@@ -106,44 +78,23 @@ async fn fact_info_without_runtime_information_leaves_runtime_fields_empty() {
         ("disk_usage", &cheap.disk_usage),
         ("load", &cheap.load),
     ] {
-        assert!(
-            value.is_empty(),
-            "{field} is gathered in the guest: empty without runtime information, got {value:?}"
-        );
+        assert!(value.is_empty(), "{field} is gathered in the guest: empty without runtime information, got {value:?}");
     }
     assert!(cheap.ipv4.is_empty(), "{:?}", cheap.ipv4);
 
-    let full = c
-        .info_with_runtime(&Names::one("vm"))
-        .await
-        .unwrap()
-        .remove(0);
+    let full = c.info_with_runtime(&Names::one("vm")).await.unwrap().remove(0);
     assert_eq!(full.cpus, "2");
-    assert_eq!(
-        full.memory,
-        (2u64 << 30).to_string(),
-        "memory as configured"
-    );
+    assert_eq!(full.memory, (2u64 << 30).to_string(), "memory as configured");
     assert_eq!(full.disk, (8u64 << 30).to_string());
     let used: u64 = full.disk_usage.parse().unwrap();
-    assert!(
-        used >= 1 << 20,
-        "disk usage is the instance directory's size: {used}"
-    );
+    assert!(used >= 1 << 20, "disk usage is the instance directory's size: {used}");
     assert!(!full.load.is_empty() && !full.memory_usage.is_empty());
     assert_eq!(full.ipv4, vec!["127.0.0.1".to_string()]);
 
     // A stopped instance has nothing to report even when asked.
     c.stop(&Names::one("vm"), false).await.unwrap();
-    let stopped = c
-        .info_with_runtime(&Names::one("vm"))
-        .await
-        .unwrap()
-        .remove(0);
-    assert!(
-        stopped.cpus.is_empty() && stopped.ipv4.is_empty() && stopped.load.is_empty(),
-        "{stopped:?}"
-    );
+    let stopped = c.info_with_runtime(&Names::one("vm")).await.unwrap().remove(0);
+    assert!(stopped.cpus.is_empty() && stopped.ipv4.is_empty() && stopped.load.is_empty(), "{stopped:?}");
 }
 
 #[tokio::test]
@@ -166,15 +117,7 @@ async fn fact_get_local_passphrase_returns_the_stored_hash() {
     assert!(hash.chars().all(|ch| ch.is_ascii_hexdigit()), "{hash:?}");
     assert_ne!(hash, "true");
     let unset = TestSim::start(|_| {}).await;
-    assert_eq!(
-        unset
-            .client("ops")
-            .await
-            .get("local.passphrase")
-            .await
-            .unwrap(),
-        ""
-    );
+    assert_eq!(unset.client("ops").await.get("local.passphrase").await.unwrap(), "");
 }
 
 #[tokio::test]
@@ -195,37 +138,24 @@ async fn fact_restart_of_a_stopped_instance_is_an_unknown_state_error() {
 async fn fact_unknown_instances_info_and_stop_are_not_found_start_is_aborted_with_start_error() {
     let ts = TestSim::start(|_| {}).await;
     let c = ts.client("ops").await;
-    for err in [
-        c.info(&Names::one("nosuch")).await.unwrap_err(),
-        c.stop(&Names::one("nosuch"), false).await.unwrap_err(),
-    ] {
+    for err in
+        [c.info(&Names::one("nosuch")).await.unwrap_err(), c.stop(&Names::one("nosuch"), false).await.unwrap_err()]
+    {
         assert_eq!(err.code(), Code::NotFound, "{err}");
-        assert_eq!(
-            daemon_message(&err),
-            "The following errors occurred:\ninstance \"nosuch\" does not exist"
-        );
+        assert_eq!(daemon_message(&err), "The following errors occurred:\ninstance \"nosuch\" does not exist");
     }
     let err = c.start(&Names::one("nosuch"), 0).await.unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{err}");
     match &err {
-        Error::Daemon {
-            start_error: Some(se),
-            ..
-        } => {
-            assert_eq!(
-                se.instance_errors["nosuch"],
-                start_error::ErrorCode::DoesNotExist as i32
-            )
+        Error::Daemon { start_error: Some(se), .. } => {
+            assert_eq!(se.instance_errors["nosuch"], start_error::ErrorCode::DoesNotExist as i32)
         }
         other => panic!("expected a StartError detail, got {other:?}"),
     }
     // Several problems at once: one line each, the code of the last kind (missing).
     c.launch(&launch_opts("gone")).await.unwrap();
     c.delete(&Names::one("gone"), false).await.unwrap();
-    let err = c
-        .suspend(&Names::new(vec!["gone".into(), "nosuch".into()]).unwrap())
-        .await
-        .unwrap_err();
+    let err = c.suspend(&Names::new(vec!["gone".into(), "nosuch".into()]).unwrap()).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
     assert_eq!(
         daemon_message(&err),
@@ -246,10 +176,7 @@ async fn fact_launch_errors_carry_the_real_messages() {
     missing.image = "file:///nonexistent/tiny.img".into();
     let err = c.launch(&missing).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert_eq!(
-        daemon_message(&err),
-        "Custom image `/nonexistent/tiny.img` does not exist."
-    );
+    assert_eq!(daemon_message(&err), "Custom image `/nonexistent/tiny.img` does not exist.");
 
     // A file:// image that exists launches.
     let img = ts.dir.path().join("tiny.img");
@@ -263,16 +190,10 @@ async fn fact_launch_errors_carry_the_real_messages() {
     let c = offline.client("ops").await;
     let err = c.launch(&launch_opts("vm6")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert_eq!(
-        daemon_message(&err),
-        "Remote \"\" is unknown or unreachable."
-    );
+    assert_eq!(daemon_message(&err), "Remote \"\" is unknown or unreachable.");
     let mut default_image = launch_opts("vm6");
     default_image.image = String::new();
-    assert_eq!(
-        daemon_message(&c.launch(&default_image).await.unwrap_err()),
-        "Remote \"\" is unknown or unreachable."
-    );
+    assert_eq!(daemon_message(&c.launch(&default_image).await.unwrap_err()), "Remote \"\" is unknown or unreachable.");
 }
 
 #[tokio::test]
@@ -289,22 +210,14 @@ async fn images_as_multipass_takes_them() {
     ] {
         let mut o = launch_opts(name);
         o.image = image.into();
-        c.launch(&o)
-            .await
-            .unwrap_or_else(|e| panic!("{image}: {e}"));
+        c.launch(&o).await.unwrap_or_else(|e| panic!("{image}: {e}"));
         let listed = c.list().await.unwrap();
         let row = listed.iter().find(|i| i.name == name).unwrap();
         assert_eq!(row.release, release, "{image}");
     }
     for (image, message) in [
-        (
-            "nosuch:noble",
-            "Remote 'nosuch' is not found. Please use `multipass find` for supported remotes and images.",
-        ),
-        (
-            "release:devel",
-            "Unable to find an image matching \"devel\" in remote \"release\".",
-        ),
+        ("nosuch:noble", "Remote 'nosuch' is not found. Please use `multipass find` for supported remotes and images."),
+        ("release:devel", "Unable to find an image matching \"devel\" in remote \"release\"."),
         (
             "https://example.invalid/x.img",
             "failed to download from 'https://example.invalid/x.img': Host example.invalid not found",
@@ -313,19 +226,11 @@ async fn images_as_multipass_takes_them() {
         let mut o = launch_opts("z");
         o.image = image.into();
         let err = c.launch(&o).await.unwrap_err();
-        assert_eq!(
-            (err.code(), daemon_message(&err).as_str()),
-            (Code::FailedPrecondition, message),
-            "{image}"
-        );
+        assert_eq!((err.code(), daemon_message(&err).as_str()), (Code::FailedPrecondition, message), "{image}");
     }
     let mut o = launch_opts("z");
     o.image = "a:b:c".into();
     let err = c.launch(&o).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::InvalidArgument,
-        "refused before anything is sent: {err}"
-    );
+    assert_eq!(err.code(), Code::InvalidArgument, "refused before anything is sent: {err}");
     assert!(c.list().await.unwrap().iter().all(|i| i.name != "z"));
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::sim::TestSim;
-use mpool::multipass::{Client, LaunchOptions, Names};
+use mpool_multipass::{Client, LaunchOptions, Names};
 
 /// Kills a test's process when dropped, so a failing test leaves nothing behind (only if the
 /// pid still runs a command of ours: it may have been reused).
@@ -16,9 +16,8 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let ours = std::fs::read(format!("/proc/{}/cmdline", self.0)).is_ok_and(|c| {
-            c.starts_with(b"sh\0-c\0echo $$ > writer.pid") || c.starts_with(b"sleep\x001000")
-        });
+        let ours = std::fs::read(format!("/proc/{}/cmdline", self.0))
+            .is_ok_and(|c| c.starts_with(b"sh\0-c\0echo $$ > writer.pid") || c.starts_with(b"sleep\x001000"));
         if ours {
             // SAFETY: kill has no memory preconditions.
             unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
@@ -28,24 +27,14 @@ impl Drop for KillOnDrop {
 
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z")
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
     })
 }
 
-async fn exec(c: &Client, vm: &str, line: &str) -> mpool::ssh::ExecOutput {
+async fn exec(c: &Client, vm: &str, line: &str) -> mpool_ssh::ExecOutput {
     let info = c.ssh_info(vm).await.unwrap();
-    let conn = mpool::ssh::Connection::connect(
-        &mpool::pool::ports::ssh_target(&info),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    let out = conn
-        .run(mpool::ssh::ExecRequest::shell(line))
-        .await
-        .unwrap();
+    let conn = mpool_ssh::Connection::connect(&info, &Default::default()).await.unwrap();
+    let out = conn.run(mpool_ssh::ExecRequest::shell(line)).await.unwrap();
     conn.close().await;
     out
 }
@@ -62,10 +51,7 @@ async fn detached_writer(ts: &TestSim, c: &Client, vm: &str) -> u32 {
     let file = ts.root(vm).join("writer.pid");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(pid) = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
+        if let Some(pid) = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok()) {
             return pid;
         }
         assert!(Instant::now() < deadline, "the writer never started");
@@ -78,12 +64,7 @@ async fn a_forced_stop_kills_what_a_task_left_behind_with_setsid() {
     let ts = TestSim::start(|_| {}).await;
     let c = ts.client("ops").await;
     let vm = "mpool-ci-1";
-    c.launch(&LaunchOptions {
-        name: vm.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.launch(&LaunchOptions { name: vm.into(), ..Default::default() }).await.unwrap();
     c.stop(&Names::one(vm), false).await.unwrap();
     c.snapshot(vm, Some("clean"), "").await.unwrap();
     c.start(&Names::one(vm), 0).await.unwrap();
@@ -136,23 +117,11 @@ fn a_killed_simulator_takes_its_vms_processes_with_it() {
             .unwrap()
     };
     assert!(mp(&["launch", "--name", "vm1"]).status.success());
-    let out = mp(&[
-        "exec",
-        "vm1",
-        "--",
-        "sh",
-        "-c",
-        "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!",
-    ]);
-    let pid: u32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("a pid");
+    let out = mp(&["exec", "vm1", "--", "sh", "-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"]);
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a pid");
     let _cleanup = KillOnDrop(pid);
     assert!(running(pid));
     sim.kill().unwrap();
     sim.wait().unwrap();
-    wait_for("the VM's process to die with the simulator", &|| {
-        !running(pid)
-    });
+    wait_for("the VM's process to die with the simulator", &|| !running(pid));
 }

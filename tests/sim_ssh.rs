@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mpool::sim::ssh::{SshEndpoint, SshKeys};
+use mpool_sim::ssh::{SshEndpoint, SshKeys};
 use russh::client;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate, decode_secret_key};
 use russh::{ChannelMsg, Sig};
@@ -19,19 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_DEADLINE, fut)
-        .await
-        .expect("test exceeded its deadline")
+    tokio::time::timeout(TEST_DEADLINE, fut).await.expect("test exceeded its deadline")
 }
 
 /// Polls `cond` every few milliseconds until it holds; panics after `limit`.
 async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -46,14 +41,8 @@ impl Sim {
     async fn start() -> Sim {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(SshKeys::load_or_create(dir.path()).unwrap());
-        let endpoint = SshEndpoint::start(dir.path().join("root"), keys.clone(), 0)
-            .await
-            .unwrap();
-        Sim {
-            dir,
-            keys,
-            endpoint,
-        }
+        let endpoint = SshEndpoint::start(dir.path().join("root"), keys.clone(), 0).await.unwrap();
+        Sim { dir, keys, endpoint }
     }
 
     /// The instance root as the server sees it (canonical).
@@ -66,9 +55,7 @@ impl Sim {
     }
 
     async fn connect(&self) -> client::Handle<Client> {
-        connect_as(self.endpoint.port(), self.keys.client_key_text(), "ubuntu")
-            .await
-            .unwrap()
+        connect_as(self.endpoint.port(), self.keys.client_key_text(), "ubuntu").await.unwrap()
     }
 }
 
@@ -77,29 +64,16 @@ struct Client;
 impl client::Handler for Client {
     type Error = russh::Error;
 
-    async fn check_server_key(
-        &mut self,
-        _key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, _key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
 
-async fn connect_as(
-    port: u16,
-    key_text: &str,
-    user: &str,
-) -> Result<client::Handle<Client>, String> {
+async fn connect_as(port: u16, key_text: &str, user: &str) -> Result<client::Handle<Client>, String> {
     let config = Arc::new(client::Config::default());
-    let mut handle = client::connect(config, ("127.0.0.1", port), Client)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut handle = client::connect(config, ("127.0.0.1", port), Client).await.map_err(|e| format!("connect: {e}"))?;
     let key = decode_secret_key(key_text, None).map_err(|e| format!("key: {e}"))?;
-    let hash = handle
-        .best_supported_rsa_hash()
-        .await
-        .map_err(|e| format!("rsa hash: {e}"))?
-        .flatten();
+    let hash = handle.best_supported_rsa_hash().await.map_err(|e| format!("rsa hash: {e}"))?.flatten();
     let auth = handle
         .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
         .await
@@ -135,9 +109,7 @@ async fn collect(channel: &mut russh::ChannelReadHalf) -> Output {
             ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
             ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
             ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-            ChannelMsg::ExitSignal { signal_name, .. } => {
-                out.signal = Some(format!("{signal_name:?}"))
-            }
+            ChannelMsg::ExitSignal { signal_name, .. } => out.signal = Some(format!("{signal_name:?}")),
             ChannelMsg::Close => break,
             _ => {}
         }
@@ -188,10 +160,7 @@ async fn exec_env_request_applies() {
         let sim = Sim::start().await;
         let ssh = sim.connect().await;
         let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .set_env(true, "GREETING", "hello there")
-            .await
-            .unwrap();
+        channel.set_env(true, "GREETING", "hello there").await.unwrap();
         channel.exec(true, "echo \"$GREETING\"").await.unwrap();
         let (mut rx, _tx) = channel.split();
         let out = collect(&mut rx).await;
@@ -204,14 +173,10 @@ async fn exec_env_request_applies() {
 
 /// Pseudo-random but reproducible bytes.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 33) as u8
         })
         .collect()
@@ -264,19 +229,14 @@ async fn exec_streams_output_before_exit() {
         // The command only exits after it got input, and the input is only sent once
         // "ready" has arrived: this completes only if output is streamed as it comes.
         let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .exec(true, "echo ready; echo warming >&2; read x; echo got $x")
-            .await
-            .unwrap();
+        channel.exec(true, "echo ready; echo warming >&2; read x; echo got $x").await.unwrap();
         let (mut rx, tx) = channel.split();
         let mut seen = Vec::new();
         let mut seen_err = Vec::new();
         while !(seen.ends_with(b"ready\n") && seen_err.ends_with(b"warming\n")) {
             match rx.wait().await {
                 Some(ChannelMsg::Data { data }) => seen.extend_from_slice(&data),
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
-                    seen_err.extend_from_slice(&data)
-                }
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => seen_err.extend_from_slice(&data),
                 Some(ChannelMsg::Success) => {}
                 Some(other) => panic!("unexpected {other:?} before the input was sent"),
                 None => panic!("channel ended early"),
@@ -305,17 +265,13 @@ async fn exec_signal_request_reaches_the_command() {
         let ssh = sim.connect().await;
         for (signal, name) in [(Sig::INT, "INT"), (Sig::HUP, "HUP"), (Sig::KILL, "KILL")] {
             let channel = ssh.channel_open_session().await.unwrap();
-            channel
-                .exec(true, "echo $$ > sig.pid; exec sleep 1000")
-                .await
-                .unwrap();
+            channel.exec(true, "echo $$ > sig.pid; exec sleep 1000").await.unwrap();
             // Signal only once the shell has become `sleep`: a shell that is still running
             // may catch SIGINT and lose it when it execs.
             let pid_file = sim.root().join("sig.pid");
             eventually("sleep to run", Duration::from_secs(20), || {
                 read_pid(&pid_file).is_some_and(|pid| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .is_ok_and(|comm| comm == "sleep\n")
+                    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm == "sleep\n")
                 })
             })
             .await;
@@ -343,9 +299,7 @@ fn process_exists(pid: u32) -> bool {
 /// Whether `pid` runs (exists and is not a zombie waiting for a parent that is not us).
 fn process_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z")
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
     })
 }
 
@@ -355,13 +309,7 @@ async fn closing_the_channel_kills_the_command() {
         let sim = Sim::start().await;
         let ssh = sim.connect().await;
         let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .exec(
-                true,
-                "sleep 1000 & echo $! > child.pid; echo $$ > pid; exec sleep 1000",
-            )
-            .await
-            .unwrap();
+        channel.exec(true, "sleep 1000 & echo $! > child.pid; echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
         let child_file = sim.root().join("child.pid");
         eventually("the pid files", Duration::from_secs(20), || {
@@ -373,17 +321,9 @@ async fn closing_the_channel_kills_the_command() {
         assert!(process_exists(pid) && process_exists(child));
 
         channel.close().await.unwrap();
-        eventually("the command to be killed", Duration::from_secs(20), || {
-            !process_exists(pid)
-        })
-        .await;
+        eventually("the command to be killed", Duration::from_secs(20), || !process_exists(pid)).await;
         // The background job of the same process group went too.
-        eventually(
-            "the background job to be killed",
-            Duration::from_secs(20),
-            || !process_running(child),
-        )
-        .await;
+        eventually("the background job to be killed", Duration::from_secs(20), || !process_running(child)).await;
 
         // The connection is still usable.
         let out = exec(&ssh, "echo still here").await;
@@ -399,26 +339,15 @@ async fn disconnecting_kills_the_command() {
         let sim = Sim::start().await;
         let ssh = sim.connect().await;
         let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .exec(true, "echo $$ > pid; exec sleep 1000")
-            .await
-            .unwrap();
+        channel.exec(true, "echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
-        eventually("the pid file", Duration::from_secs(20), || {
-            read_pid(&pid_file).is_some()
-        })
-        .await;
+        eventually("the pid file", Duration::from_secs(20), || read_pid(&pid_file).is_some()).await;
         let pid = read_pid(&pid_file).unwrap();
 
-        ssh.disconnect(russh::Disconnect::ByApplication, "bye", "en")
-            .await
-            .unwrap();
+        ssh.disconnect(russh::Disconnect::ByApplication, "bye", "en").await.unwrap();
         drop(channel);
         drop(ssh);
-        eventually("the command to be killed", Duration::from_secs(20), || {
-            !process_exists(pid)
-        })
-        .await;
+        eventually("the command to be killed", Duration::from_secs(20), || !process_exists(pid)).await;
         sim.endpoint.shutdown().await;
     })
     .await
@@ -431,40 +360,21 @@ async fn shutdown_closes_port_sessions_and_commands() {
         let port = sim.endpoint.port();
         let ssh = sim.connect().await;
         let channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .exec(true, "echo $$ > pid; exec sleep 1000")
-            .await
-            .unwrap();
+        channel.exec(true, "echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
-        eventually("the pid file", Duration::from_secs(20), || {
-            read_pid(&pid_file).is_some()
-        })
-        .await;
+        eventually("the pid file", Duration::from_secs(20), || read_pid(&pid_file).is_some()).await;
         let pid = read_pid(&pid_file).unwrap();
 
         sim.endpoint.shutdown().await;
         // shutdown returns after the commands were killed and reaped.
         assert!(!process_exists(pid), "command survived shutdown");
-        assert!(
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-        );
-        assert!(
-            connect_as(port, sim.keys.client_key_text(), "ubuntu")
-                .await
-                .is_err()
-        );
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+        assert!(connect_as(port, sim.keys.client_key_text(), "ubuntu").await.is_err());
 
         // The live session was ended: the channel ends and the connection closes.
         let (mut rx, _tx) = channel.split();
         while rx.wait().await.is_some() {}
-        eventually(
-            "the client to see the disconnect",
-            Duration::from_secs(20),
-            || ssh.is_closed(),
-        )
-        .await;
+        eventually("the client to see the disconnect", Duration::from_secs(20), || ssh.is_closed()).await;
 
         // Idempotent.
         sim.endpoint.shutdown().await;
@@ -500,24 +410,15 @@ async fn wrong_key_and_wrong_user_are_refused() {
         let other = SshKeys::load_or_create(other_dir.path()).unwrap();
         let port = sim.endpoint.port();
 
-        let err = connect_as(port, other.client_key_text(), "ubuntu")
-            .await
-            .err();
+        let err = connect_as(port, other.client_key_text(), "ubuntu").await.err();
         assert_eq!(err.as_deref(), Some("authentication refused"));
-        let err = connect_as(port, sim.keys.client_key_text(), "root")
-            .await
-            .err();
+        let err = connect_as(port, sim.keys.client_key_text(), "root").await.err();
         assert_eq!(err.as_deref(), Some("authentication refused"));
 
         // Password authentication is not offered at all.
         let config = Arc::new(client::Config::default());
-        let mut handle = client::connect(config, ("127.0.0.1", port), Client)
-            .await
-            .unwrap();
-        let auth = handle
-            .authenticate_password("ubuntu", "ubuntu")
-            .await
-            .unwrap();
+        let mut handle = client::connect(config, ("127.0.0.1", port), Client).await.unwrap();
+        let auth = handle.authenticate_password("ubuntu", "ubuntu").await.unwrap();
         assert!(!auth.success());
 
         // The right key still works.
@@ -689,33 +590,20 @@ async fn sftp_files_and_confinement() {
         let sftp = sftp(&ssh).await;
         let root = sim.root();
 
-        assert_eq!(
-            sftp.canonicalize(".").await.unwrap(),
-            root.to_str().unwrap()
-        );
+        assert_eq!(sftp.canonicalize(".").await.unwrap(), root.to_str().unwrap());
 
         let mut file = sftp.create("hello.txt").await.unwrap();
         file.write_all(b"hello sftp").await.unwrap();
         file.shutdown().await.unwrap();
         assert_eq!(sftp.read("hello.txt").await.unwrap(), b"hello sftp");
-        assert_eq!(
-            std::fs::read(root.join("hello.txt")).unwrap(),
-            b"hello sftp"
-        );
+        assert_eq!(std::fs::read(root.join("hello.txt")).unwrap(), b"hello sftp");
         // Absolute paths inside the root are fine.
         let abs = root.join("hello.txt");
-        assert_eq!(
-            sftp.read(abs.to_str().unwrap()).await.unwrap(),
-            b"hello sftp"
-        );
+        assert_eq!(sftp.read(abs.to_str().unwrap()).await.unwrap(), b"hello sftp");
         assert_eq!(sftp.metadata("hello.txt").await.unwrap().size, Some(10));
 
         // Escapes are refused.
-        for path in [
-            "../escape.txt",
-            "sub/../../escape.txt",
-            "/tmp/mpool-sim-escape.txt",
-        ] {
+        for path in ["../escape.txt", "sub/../../escape.txt", "/tmp/mpool-sim-escape.txt"] {
             let err = sftp.create(path).await.err().unwrap();
             assert_eq!(status_of(err), StatusCode::PermissionDenied, "{path}");
         }
@@ -736,12 +624,7 @@ async fn sftp_files_and_confinement() {
         let mut file = sftp.create("dir/a.txt").await.unwrap();
         file.write_all(b"a").await.unwrap();
         file.shutdown().await.unwrap();
-        let mut names: Vec<String> = sftp
-            .read_dir("dir")
-            .await
-            .unwrap()
-            .map(|entry| entry.file_name())
-            .collect();
+        let mut names: Vec<String> = sftp.read_dir("dir").await.unwrap().map(|entry| entry.file_name()).collect();
         names.sort();
         assert_eq!(names, ["a.txt", "inner"]);
         assert!(sftp.metadata("dir/inner").await.unwrap().is_dir());
@@ -758,11 +641,8 @@ async fn sftp_files_and_confinement() {
         let mut meta = sftp.metadata("hello.txt").await.unwrap();
         meta.permissions = Some(0o640);
         sftp.set_metadata("hello.txt", meta).await.unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(root.join("hello.txt"))
-                .unwrap()
-                .permissions(),
-        );
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(root.join("hello.txt")).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o640);
 
         // A symlink out of the root is not followed.
@@ -805,10 +685,7 @@ async fn sftp_large_file_round_trip() {
             .unwrap();
         file.write_all(b"tail").await.unwrap();
         file.shutdown().await.unwrap();
-        assert_eq!(
-            std::fs::metadata(sim.root().join("big.bin")).unwrap().len(),
-            data.len() as u64 + 4
-        );
+        assert_eq!(std::fs::metadata(sim.root().join("big.bin")).unwrap().len(), data.len() as u64 + 4);
 
         sim.endpoint.shutdown().await;
     })
@@ -849,10 +726,7 @@ async fn shell_and_pty_are_refused_but_exec_works() {
         assert!(matches!(channel.wait().await, Some(ChannelMsg::Failure)));
 
         let mut channel = ssh.channel_open_session().await.unwrap();
-        channel
-            .request_pty(true, "xterm", 80, 24, 0, 0, &[])
-            .await
-            .unwrap();
+        channel.request_pty(true, "xterm", 80, 24, 0, 0, &[]).await.unwrap();
         assert!(matches!(channel.wait().await, Some(ChannelMsg::Failure)));
         channel.exec(true, "echo fine").await.unwrap();
         let (mut rx, _tx) = channel.split();
@@ -881,11 +755,7 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
     within(async {
         let sim = Sim::start().await;
         let ssh = sim.connect().await;
-        let out = exec(
-            &ssh,
-            "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > bg.pid",
-        )
-        .await;
+        let out = exec(&ssh, "sleep 1000 </dev/null >/dev/null 2>&1 & echo $! > bg.pid").await;
         assert_eq!(out.status, Some(0));
         let pid = read_pid(&sim.root().join("bg.pid")).unwrap();
         // Like under sshd, the background process outlives its command and channel.
@@ -894,12 +764,7 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
         assert!(process_running(pid));
 
         sim.endpoint.shutdown().await;
-        eventually(
-            "the left-over process to be killed",
-            Duration::from_secs(20),
-            || !process_running(pid),
-        )
-        .await;
+        eventually("the left-over process to be killed", Duration::from_secs(20), || !process_running(pid)).await;
     })
     .await
 }
@@ -907,10 +772,9 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
 /// Swaps two directory entries atomically (renameat2 RENAME_EXCHANGE).
 fn exchange(a: &Path, b: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let (Ok(a), Ok(b)) = (
-        std::ffi::CString::new(a.as_os_str().as_bytes()),
-        std::ffi::CString::new(b.as_os_str().as_bytes()),
-    ) else {
+    let (Ok(a), Ok(b)) =
+        (std::ffi::CString::new(a.as_os_str().as_bytes()), std::ffi::CString::new(b.as_os_str().as_bytes()))
+    else {
         return false;
     };
     // SAFETY: valid NUL-terminated paths; renameat2 has no other preconditions.
@@ -937,10 +801,7 @@ async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
         std::fs::create_dir(root.join("dir")).unwrap();
         std::fs::write(root.join("dir/secret.txt"), b"inside").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("decoy")).unwrap();
-        assert!(
-            exchange(&root.join("dir"), &root.join("decoy")),
-            "renameat2(RENAME_EXCHANGE) is needed for this test"
-        );
+        assert!(exchange(&root.join("dir"), &root.join("decoy")), "renameat2(RENAME_EXCHANGE) is needed for this test");
         assert!(exchange(&root.join("dir"), &root.join("decoy")));
 
         // A task in the VM flips `dir` between the real directory and a link out of the VM,
@@ -972,10 +833,7 @@ async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
         for _ in 0..3000 {
             match sftp.read("dir/secret.txt").await {
                 Ok(data) => {
-                    assert_ne!(
-                        data, b"OUTSIDE",
-                        "read a file outside the instance through a swapped-in symlink"
-                    );
+                    assert_ne!(data, b"OUTSIDE", "read a file outside the instance through a swapped-in symlink");
                     inside += 1;
                 }
                 Err(_) => refused += 1,
@@ -988,10 +846,7 @@ async fn sftp_never_follows_a_swapped_in_symlink_out_of_the_root() {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         swapper.join().unwrap();
-        assert!(
-            !outside.join("written.txt").exists(),
-            "a write landed outside the instance"
-        );
+        assert!(!outside.join("written.txt").exists(), "a write landed outside the instance");
         assert!(
             flips.load(std::sync::atomic::Ordering::Relaxed) > 0 && inside > 0,
             "the race ran ({inside} reads inside, {refused} refused)"
@@ -1021,10 +876,8 @@ async fn shutdown_kills_processes_however_they_detached() {
             ["setsid.pid", "daemon.pid", "nohup.pid"].iter().all(|f| read_pid(&root.join(f)).is_some())
         })
         .await;
-        let pids: Vec<u32> = ["setsid.pid", "daemon.pid", "nohup.pid"]
-            .iter()
-            .map(|f| read_pid(&root.join(f)).unwrap())
-            .collect();
+        let pids: Vec<u32> =
+            ["setsid.pid", "daemon.pid", "nohup.pid"].iter().map(|f| read_pid(&root.join(f)).unwrap()).collect();
         // Should the endpoint fail to, the test does not leave them behind.
         // (Only pids that still run one of these commands: a pid may have been reused.)
         struct KillOnDrop(Vec<u32>);

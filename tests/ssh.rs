@@ -1,4 +1,4 @@
-//! `mpool::ssh` against a real OpenSSH sshd on loopback (started per test by
+//! `mpool_ssh` against a real OpenSSH sshd on loopback (started per test by
 //! `common::sshd::Sshd`): the shared exec/transfer suite, plus OpenSSH-specific checks (key
 //! formats, errors, host key pinning, reconnecting).
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::sshd::Sshd;
 use common::{openssh_remote, suite};
-use mpool::ssh::{Connection, ConnectionCache, ExecRequest, SshError, SshOptions, SshTarget};
+use mpool_ssh::{Connection, ConnectionCache, ExecRequest, SshError, SshOptions, SshTarget};
 
 fn temp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("mpool-ssh-test-").tempdir().unwrap()
@@ -110,9 +110,8 @@ async fn key_formats() {
         // Keys copied through JSON or Windows tools may carry CRLF line ends.
         for text in [key.clone(), key.replace('\n', "\r\n")] {
             let target = SshTarget { private_key: text, ..server.target() };
-            let conn = Connection::connect(&target, &SshOptions::default())
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let conn =
+                Connection::connect(&target, &SshOptions::default()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
             let out = conn.run(ExecRequest::argv(["echo", name])).await.unwrap();
             assert_eq!(out.stdout_text(), format!("{name}\n"));
             conn.close().await;
@@ -128,8 +127,7 @@ async fn clear_connect_errors() {
     let server = Sshd::start();
     let options = SshOptions { connect_timeout: Duration::from_secs(2), ..SshOptions::default() };
 
-    let closed_port =
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let target = SshTarget { port: closed_port, ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::Unreachable { .. }), "{err}");
@@ -178,9 +176,7 @@ async fn host_key_change_is_refused() {
     }
     assert!(err.to_string().contains("different machine"), "{err}");
 
-    let err = Connection::connect_pinned(&target, &SshOptions::default(), Some(&pinned))
-        .await
-        .unwrap_err();
+    let err = Connection::connect_pinned(&target, &SshOptions::default(), Some(&pinned)).await.unwrap_err();
     assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err}");
 
     assert!(cache.close("lease").await);
@@ -245,14 +241,11 @@ async fn file_errors() {
     let local = temp();
     let small = local.path().join("small.txt");
     std::fs::write(&small, "x").unwrap();
-    let opts = mpool::ssh::TransferOptions::default();
+    let opts = mpool_ssh::TransferOptions::default();
 
     // Refused even for root: sysfs attributes without write permission.
     let err = conn.upload(&small, "/sys/kernel/notes", &opts).await.unwrap_err();
-    assert!(
-        matches!(err, SshError::PermissionDenied { side: mpool::ssh::Side::Remote, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SshError::PermissionDenied { side: mpool_ssh::Side::Remote, .. }), "{err}");
     assert!(err.to_string().contains("check the owner and mode"), "{err}");
 
     let big = local.path().join("big.bin");
@@ -263,7 +256,7 @@ async fn file_errors() {
     };
     let remote = format!("{}/big.bin", full.0.display());
     let err = conn.upload(&big, &remote, &opts).await.unwrap_err();
-    assert!(matches!(err, SshError::DiskFull { side: mpool::ssh::Side::Remote, .. }), "{err}");
+    assert!(matches!(err, SshError::DiskFull { side: mpool_ssh::Side::Remote, .. }), "{err}");
     assert!(err.to_string().contains("df -h"), "{err}");
     assert!(!full.0.join("big.bin").exists(), "the truncated upload was removed");
 
@@ -271,6 +264,6 @@ async fn file_errors() {
     std::fs::copy(&big, &source).unwrap();
     let target = full.0.join("download.bin");
     let err = conn.download(&source, &target, &opts).await.unwrap_err();
-    assert!(matches!(err, SshError::DiskFull { side: mpool::ssh::Side::Local, .. }), "{err}");
+    assert!(matches!(err, SshError::DiskFull { side: mpool_ssh::Side::Local, .. }), "{err}");
     assert!(!target.exists(), "the partial download was removed");
 }

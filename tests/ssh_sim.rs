@@ -7,28 +7,19 @@ use std::sync::Arc;
 
 use common::sim::TestSim;
 use common::suite::{self, Remote};
-use mpool::multipass::LaunchOptions;
+use mpool_multipass::LaunchOptions;
 
 /// A simulator with one running instance, and the suite's view of its SSH endpoint.
 async fn remote() -> (TestSim, Remote) {
     let ts = TestSim::start(|_| {}).await;
     let c = ts.client("ssh").await;
-    c.launch(&LaunchOptions {
-        name: "vm".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.launch(&LaunchOptions { name: "vm".into(), ..Default::default() }).await.unwrap();
     let info = c.ssh_info("vm").await.unwrap();
-    let endpoint = ts
-        .sim
-        .daemon()
-        .endpoint("vm")
-        .expect("running instance has an endpoint");
+    let endpoint = ts.sim.daemon().endpoint("vm").expect("running instance has an endpoint");
     let scratch = ts.root("vm").join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let r = Remote {
-        target: mpool::pool::ports::ssh_target(&info),
+        target: info.clone(),
         connections: Arc::new(move || endpoint.connections_accepted() as usize),
         scratch: scratch.display().to_string(),
     };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::stack::{Stack, StackOptions, acquire, exec};
 use hyper_util::rt::TokioIo;
-use mpool::proto::v1;
+use mpool_api::proto::v1;
 use tonic::transport::{Endpoint, Uri};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -141,7 +141,8 @@ async fn a_full_disk_under_the_store_fails_requests_and_mpool_serves_again_once_
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_ne!(fresh.vm, kept.vm);
-    let (code, out, _) = exec(&mut c, &kept.id, &["cat", "work.txt"]).await.expect("the acknowledged lease still works");
+    let (code, out, _) =
+        exec(&mut c, &kept.id, &["cat", "work.txt"]).await.expect("the acknowledged lease still works");
     assert_eq!((code, out.as_str()), (0, "mine\n"), "and its VM was not reset under it");
     assert_eq!(stack.serve.as_ref().map(|c| c.id()), Some(pid), "the same process: no restart");
     assert!(stack.log().contains("state store takes writes again"), "{}", stack.log());

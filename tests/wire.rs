@@ -1,7 +1,7 @@
 //! Wire facts: hand-built protobuf bytes (as multipassd 1.16 puts them on the wire) decode to
 //! the fields our `.proto` promises.
 
-use mpool::proto::multipass as pb;
+use mpool_multipass::proto::multipass as pb;
 use prost::Message;
 
 #[test]
@@ -21,7 +21,10 @@ fn ssh_info_reply() {
     bytes.extend_from_slice(&[0x12, 0x01, b'l']);
     let r = pb::SshInfoReply::decode(bytes.as_slice()).unwrap();
     let i = &r.ssh_info["vm"];
-    assert_eq!((i.port, i.priv_key_base64.as_str(), i.host.as_str(), i.username.as_str()), (2222, "KEY", "10.0.0.5", "ubuntu"));
+    assert_eq!(
+        (i.port, i.priv_key_base64.as_str(), i.host.as_str(), i.username.as_str()),
+        (2222, "KEY", "10.0.0.5", "ubuntu")
+    );
     assert_eq!(r.log_line, "l");
 }
 

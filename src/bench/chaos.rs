@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use super::stack::{Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row};
 use crate::cli::client::Client;
-use crate::proto::v1;
+use mpool_api::proto::v1;
 
 const POOL: &str = "chaos";
 
@@ -242,7 +242,10 @@ async fn tenant(
                     // ended before its answer arrived: a new request.
                     counts.refused.fetch_add(1, Ordering::Relaxed);
                     if s.code() != tonic::Code::ResourceExhausted && s.code() != tonic::Code::FailedPrecondition {
-                        counts.problem(&counts.lost, format!("acquire {rid}: unexpected {:?}: {}", s.code(), s.message()));
+                        counts.problem(
+                            &counts.lost,
+                            format!("acquire {rid}: unexpected {:?}: {}", s.code(), s.message()),
+                        );
                     }
                     break None;
                 }
@@ -252,7 +255,8 @@ async fn tenant(
         counts.acknowledged.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut h) = holders.lock() {
             if let Some(other) = h.get(&lease.vm).filter(|other| **other != lease.id) {
-                counts.problem(&counts.double, format!("{} handed out as {} while {other} holds it", lease.vm, lease.id));
+                counts
+                    .problem(&counts.double, format!("{} handed out as {} while {other} holds it", lease.vm, lease.id));
             }
             h.insert(lease.vm.clone(), lease.id.clone());
         }
@@ -425,7 +429,10 @@ async fn settle_and_count_leaks(stack: &Stack, limit: Duration) -> Result<BTreeS
             if idle && leaked.is_empty() && on_daemon == known {
                 return Ok(leaked);
             }
-            last = format!("mpool {:?}, daemon {on_daemon:?}", vms.iter().map(|v| (&v.name, &v.state)).collect::<Vec<_>>());
+            last = format!(
+                "mpool {:?}, daemon {on_daemon:?}",
+                vms.iter().map(|v| (&v.name, &v.state)).collect::<Vec<_>>()
+            );
             if t.elapsed() > limit {
                 return if idle { Ok(leaked) } else { Err(format!("the pool did not settle after the chaos: {last}")) };
             }

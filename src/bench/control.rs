@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::stack::{self, Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row, Summary, summarize};
-use crate::proto::v1;
+use mpool_api::proto::v1;
 
 #[derive(serde::Serialize)]
 struct Config {
@@ -56,7 +56,9 @@ async fn measure(
                     let mut v = Vec::new();
                     for _ in 0..per {
                         let t = Instant::now();
-                        c.get_pool(v1::GetPoolRequest { pool: "hot".into() }).await.map_err(|e| e.message().to_string())?;
+                        c.get_pool(v1::GetPoolRequest { pool: "hot".into() })
+                            .await
+                            .map_err(|e| e.message().to_string())?;
                         v.push(t.elapsed());
                     }
                     Ok::<_, String>(v)
@@ -162,7 +164,15 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
                 f.p50_ms
             );
             p.insert((t, c), (a, f));
-            configs.push(Config { transport: t, store: "disk", clients: c, acquire: a, floor_get_pool: f, acquires_per_s: rate, served });
+            configs.push(Config {
+                transport: t,
+                store: "disk",
+                clients: c,
+                acquire: a,
+                floor_get_pool: f,
+                acquires_per_s: rate,
+                served,
+            });
         }
     }
     // The shell recipe's equivalent step at the same concurrency.
@@ -170,7 +180,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     for &c in &counts {
         let per = (ctx.pick(48, 12) / c).max(1);
         let s = summarize(&cli_select(ctx, &stack, c, per).await?);
-        println!("  CLI way       {c:>2} clients: `list | grep Running | head -1` p50 {:.1} ms p99 {:.1} ms ({} samples)", s.p50_ms, s.p99_ms, s.n);
+        println!(
+            "  CLI way       {c:>2} clients: `list | grep Running | head -1` p50 {:.1} ms p99 {:.1} ms ({} samples)",
+            s.p50_ms, s.p99_ms, s.n
+        );
         cli.insert(c, s);
     }
     stack.stop().await;
@@ -198,24 +211,34 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     for &c in &counts {
         let (a, _) = p[&(Transport::Tcp, c)];
         let b = cli[&c];
-        let mut r = Row::new(format!("hot acquire p50, {c} client(s), TCP+TLS"), a.p50_ms, "ms").vs("CLI list|grep p50", b.p50_ms);
+        let mut r = Row::new(format!("hot acquire p50, {c} client(s), TCP+TLS"), a.p50_ms, "ms")
+            .vs("CLI list|grep p50", b.p50_ms);
         if c == 32 {
             r = r.target("p50 <= 1 ms", a.p50_ms <= 1.0);
         }
         report.row(r);
-        let mut r = Row::new(format!("hot acquire p99, {c} client(s), TCP+TLS"), a.p99_ms, "ms").vs("CLI list|grep p99", b.p99_ms);
+        let mut r = Row::new(format!("hot acquire p99, {c} client(s), TCP+TLS"), a.p99_ms, "ms")
+            .vs("CLI list|grep p99", b.p99_ms);
         if c == 32 {
             r = r.target("p99 <= 5 ms", a.p99_ms <= 5.0);
         }
         report.row(r);
     }
     let (u, uf) = p[&(Transport::Unix, 32)];
-    report.row(Row::new("hot acquire p50, 32 clients, Unix socket", u.p50_ms, "ms").vs("CLI list|grep p50", cli[&32].p50_ms));
-    let (t32, f32) = p[&(Transport::Tcp, 32)];
-    report.row(Row::new("hot acquire p50, 32 clients, store on tmpfs", tmp.p50_ms, "ms").of("same, store on disk", t32.p50_ms, "x of disk"));
     report.row(
-        Row::new("hot acquire p50, 32 clients, TCP+TLS", t32.p50_ms, "ms").of("GetPool p50, same connections (floor)", f32.p50_ms, "x of floor"),
+        Row::new("hot acquire p50, 32 clients, Unix socket", u.p50_ms, "ms").vs("CLI list|grep p50", cli[&32].p50_ms),
     );
+    let (t32, f32) = p[&(Transport::Tcp, 32)];
+    report.row(Row::new("hot acquire p50, 32 clients, store on tmpfs", tmp.p50_ms, "ms").of(
+        "same, store on disk",
+        t32.p50_ms,
+        "x of disk",
+    ));
+    report.row(Row::new("hot acquire p50, 32 clients, TCP+TLS", t32.p50_ms, "ms").of(
+        "GetPool p50, same connections (floor)",
+        f32.p50_ms,
+        "x of floor",
+    ));
     report.note(format!(
         "Each hot acquire = two turns of the engine's actor + a keepalive round trip on the VM's pooled SSH connection + \
          a durable store write (one fsync per batch of concurrent acquires) before the reply. Unix socket at 32 clients: \
@@ -227,7 +250,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         counts[2]
     ));
     report.detail("configs", &configs);
-    report.detail("cli_select", cli.iter().map(|(c, s)| (c.to_string(), *s)).collect::<std::collections::BTreeMap<_, _>>());
+    report.detail(
+        "cli_select",
+        cli.iter().map(|(c, s)| (c.to_string(), *s)).collect::<std::collections::BTreeMap<_, _>>(),
+    );
     report.detail("pool_hot_vms", hot);
     report.detail("rounds", rounds);
     Ok(report)

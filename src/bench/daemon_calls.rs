@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::stack::{self, Stack, StackOptions};
 use super::{Ctx, Report, Row, Summary, summarize};
-use crate::multipass::{LaunchOptions, Names};
+use mpool_multipass::{LaunchOptions, Names};
 
 #[derive(serde::Serialize)]
 struct Op {
@@ -39,12 +39,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     o.serve = false;
     let stack = Stack::start(o).await?;
     let d = stack.daemon_client().await?;
-    d.launch(&LaunchOptions {
-        name: "vm1".into(),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    d.launch(&LaunchOptions { name: "vm1".into(), ..Default::default() }).await.map_err(|e| e.to_string())?;
     let vm1 = Names::one("vm1");
 
     let mut ops = Vec::new();
@@ -76,30 +71,15 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         }
         let (c, p) = (summarize(&channel), summarize(&process));
         let ratio = p.p50_ms / c.p50_ms.max(1e-9);
-        println!(
-            "  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x",
-            c.p50_ms, p.p50_ms
-        );
-        ops.push(Op {
-            op,
-            channel: c,
-            process: p,
-            ratio_p50: ratio,
-        });
+        println!("  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x", c.p50_ms, p.p50_ms);
+        ops.push(Op { op, channel: c, process: p, ratio_p50: ratio });
     }
     let one_shot = one_shots(ctx, &stack, &d, m).await?;
     stack.stop().await;
 
     for o in &ops {
-        let mut r = Row::new(
-            format!("`{}` on the persistent channel, p50", o.op),
-            o.channel.p50_ms,
-            "ms",
-        )
-        .vs(
-            format!("`mpool multipass {}` process", o.op),
-            o.process.p50_ms,
-        );
+        let mut r = Row::new(format!("`{}` on the persistent channel, p50", o.op), o.channel.p50_ms, "ms")
+            .vs(format!("`mpool multipass {}` process", o.op), o.process.p50_ms);
         if o.op == "start" {
             r = r.target(">= 20x", o.ratio_p50 >= 20.0);
         }
@@ -118,33 +98,17 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             "x of the open channel",
         ));
         if let Some(base) = &o.base {
-            report.row(
-                Row::new(figure, o.process.p50_ms, "ms")
-                    .vs("the same process of the base binary", base.p50_ms),
-            );
+            report.row(Row::new(figure, o.process.p50_ms, "ms").vs("the same process of the base binary", base.p50_ms));
         }
     }
     if !one_shot.phases.is_empty() {
-        let before_socket = one_shot
-            .phases
-            .iter()
-            .find(|p| p.phase == "socket-connect")
-            .map(|p| p.p50_ms)
-            .unwrap_or_default();
-        report.row(Row::new(
-            "one-shot `version`: spawn to its first syscall on the socket, p50",
-            before_socket,
-            "ms",
-        ));
+        let before_socket =
+            one_shot.phases.iter().find(|p| p.phase == "socket-connect").map(|p| p.p50_ms).unwrap_or_default();
+        report.row(Row::new("one-shot `version`: spawn to its first syscall on the socket, p50", before_socket, "ms"));
         report.note(format!(
             "Before its first byte on the socket a one-shot `mpool multipass version` spends (median ms since spawn, \
              from MPOOL_STARTUP_TRACE marks): {}",
-            one_shot
-                .phases
-                .iter()
-                .map(|p| format!("{} {:.2}", p.phase, p.p50_ms))
-                .collect::<Vec<_>>()
-                .join(", ")
+            one_shot.phases.iter().map(|p| format!("{} {:.2}", p.phase, p.p50_ms)).collect::<Vec<_>>().join(", ")
         ));
     }
     report.detail("one_shot", &one_shot);
@@ -197,9 +161,9 @@ async fn one_shot(
         cmd.env(k, v);
     }
     if trace {
-        cmd.env(crate::multipass::startup::STARTUP_TRACE_ENV, "1");
+        cmd.env(mpool_multipass::startup::STARTUP_TRACE_ENV, "1");
     }
-    let spawned_ns = crate::multipass::startup::monotonic_ns();
+    let spawned_ns = mpool_multipass::startup::monotonic_ns();
     let t = Instant::now();
     let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
@@ -221,10 +185,7 @@ async fn one_shot(
         if let (Some("mpool-startup"), Some(phase), Some(ns)) = (f.next(), f.next(), f.next())
             && let Ok(ns) = ns.parse::<u128>()
         {
-            phases.push((
-                phase.to_string(),
-                ns.saturating_sub(spawned_ns) as f64 / 1e6,
-            ));
+            phases.push((phase.to_string(), ns.saturating_sub(spawned_ns) as f64 / 1e6));
         }
     }
     Ok((wall, phases))
@@ -232,43 +193,25 @@ async fn one_shot(
 
 /// One-shot `version` and `exec -- true` processes (this binary, and the base binary if
 /// `MPOOL_BENCH_BASE_EXE` names one) beside the same work on open channels.
-async fn one_shots(
-    ctx: &Ctx,
-    stack: &Stack,
-    d: &crate::multipass::Client,
-    m: usize,
-) -> Result<OneShots, String> {
-    let base = std::env::var_os("MPOOL_BENCH_BASE_EXE")
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.is_file());
+async fn one_shots(ctx: &Ctx, stack: &Stack, d: &mpool_multipass::Client, m: usize) -> Result<OneShots, String> {
+    let base = std::env::var_os("MPOOL_BENCH_BASE_EXE").map(std::path::PathBuf::from).filter(|p| p.is_file());
     let env = stack.cli_env();
     let n = m * 5;
     // Open channels: `version` on the persistent TLS channel, `true` on a pooled SSH connection.
     let mut version_channel = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        d.version_text()
-            .await
-            .map_err(|e| format!("version: {e}"))?;
+        d.version_text().await.map_err(|e| format!("version: {e}"))?;
         version_channel.push(t.elapsed());
     }
-    let info = d
-        .ssh_info("vm1")
+    let info = d.ssh_info("vm1").await.map_err(|e| format!("ssh_info: {e}"))?;
+    let conn = mpool_ssh::Connection::connect(&info.clone(), &mpool_ssh::SshOptions::default())
         .await
-        .map_err(|e| format!("ssh_info: {e}"))?;
-    let conn = crate::ssh::Connection::connect(
-        &crate::pool::ports::ssh_target(&info),
-        &crate::ssh::SshOptions::default(),
-    )
-    .await
-    .map_err(|e| format!("ssh: {e}"))?;
+        .map_err(|e| format!("ssh: {e}"))?;
     let mut exec_channel = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let out = conn
-            .run(crate::ssh::ExecRequest::argv(["true"]))
-            .await
-            .map_err(|e| format!("exec: {e}"))?;
+        let out = conn.run(mpool_ssh::ExecRequest::argv(["true"])).await.map_err(|e| format!("exec: {e}"))?;
         if !out.success() {
             return Err("`true` failed".into());
         }
@@ -280,12 +223,7 @@ async fn one_shots(
     let mut phases: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     for (op, args, channel_what, channel) in [
         ("version", vec!["version"], "`version`", &version_channel),
-        (
-            "exec -- true",
-            vec!["exec", "vm1", "--", "true"],
-            "`true` over a pooled SSH connection",
-            &exec_channel,
-        ),
+        ("exec -- true", vec!["exec", "vm1", "--", "true"], "`true` over a pooled SSH connection", &exec_channel),
     ] {
         // Interleave the two binaries so drift on a noisy machine hits both alike.
         let (mut ours, mut theirs) = (Vec::with_capacity(m), Vec::with_capacity(m));
@@ -302,10 +240,7 @@ async fn one_shots(
         if op == "version" {
             for _ in 0..m {
                 for (phase, ms) in one_shot(&ctx.exe, &args, &env, true).await?.1 {
-                    phases
-                        .entry(phase)
-                        .or_default()
-                        .push(Duration::from_secs_f64(ms / 1e3));
+                    phases.entry(phase).or_default().push(Duration::from_secs_f64(ms / 1e3));
                 }
             }
         }
@@ -316,30 +251,12 @@ async fn one_shots(
                 "  one-shot {op:<13} process p50 {:.1} ms (base {:.1} ms), open channel p50 {:.3} ms",
                 p.p50_ms, b.p50_ms, c.p50_ms
             ),
-            None => println!(
-                "  one-shot {op:<13} process p50 {:.1} ms, open channel p50 {:.3} ms",
-                p.p50_ms, c.p50_ms
-            ),
+            None => println!("  one-shot {op:<13} process p50 {:.1} ms, open channel p50 {:.3} ms", p.p50_ms, c.p50_ms),
         }
-        ops.push(OneShotOp {
-            op,
-            channel_what,
-            channel: c,
-            process: p,
-            base: b,
-        });
+        ops.push(OneShotOp { op, channel_what, channel: c, process: p, base: b });
     }
-    let mut phases: Vec<Phase> = phases
-        .into_iter()
-        .map(|(phase, v)| Phase {
-            phase,
-            p50_ms: summarize(&v).p50_ms,
-        })
-        .collect();
+    let mut phases: Vec<Phase> =
+        phases.into_iter().map(|(phase, v)| Phase { phase, p50_ms: summarize(&v).p50_ms }).collect();
     phases.sort_by(|a, b| a.p50_ms.total_cmp(&b.p50_ms));
-    Ok(OneShots {
-        ops,
-        phases,
-        base_exe: base.map(|b| b.display().to_string()),
-    })
+    Ok(OneShots { ops, phases, base_exe: base.map(|b| b.display().to_string()) })
 }

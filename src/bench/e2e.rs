@@ -117,14 +117,18 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         stack.settled("cold", 1, settle).await?;
         m.back_in_pool.push(secs(r0.elapsed()));
     }
-    println!("  mpool cold first output {:?} s, turnaround {:?} s, back in pool {:?} s", m.cold_first_output, m.turnaround, m.back_in_pool);
+    println!(
+        "  mpool cold first output {:?} s, turnaround {:?} s, back in pool {:?} s",
+        m.cold_first_output, m.turnaround, m.back_in_pool
+    );
 
     // The shell recipe, one process per step.
     let mut r = Side::default();
     let exe = ctx.exe.clone();
     for i in 0..recipes {
         let t0 = Instant::now();
-        let pick = stack::sh(&exe, &stack, "\"$MPOOL\" multipass list | grep '^recipe-' | grep Suspended | head -1").await?;
+        let pick =
+            stack::sh(&exe, &stack, "\"$MPOOL\" multipass list | grep '^recipe-' | grep Suspended | head -1").await?;
         let vm = pick.stdout.split_whitespace().next().ok_or("the recipe found no suspended VM")?.to_string();
         if vm != format!("recipe-{i:02}") {
             return Err(format!("the recipe picked {vm}, expected recipe-{i:02}"));
@@ -170,8 +174,12 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     // of a stopped instance), so every run after its first boots the VM.
     let steady = med(&r.cold_first_output);
     let steady_task = med(&r.cold_task_wall);
-    report.row(Row::new("first output, hot VM", med(&m.hot_first_output), unit).vs("recipe, steady state (boots)", steady));
-    report.row(Row::new("first output, warm VM", med(&m.warm_first_output), unit).vs("recipe, steady state (boots)", steady));
+    report.row(
+        Row::new("first output, hot VM", med(&m.hot_first_output), unit).vs("recipe, steady state (boots)", steady),
+    );
+    report.row(
+        Row::new("first output, warm VM", med(&m.warm_first_output), unit).vs("recipe, steady state (boots)", steady),
+    );
     report.row(
         Row::new("first output, warm VM", med(&m.warm_first_output), unit)
             .vs("recipe, first run (a suspended VM)", med(&r.warm_first_output)),
@@ -180,10 +188,14 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         Row::new("first output, cold: asked as the VM's last task ends", med(&m.turnaround), unit)
             .vs("recipe: its cleanup, then the next run", med(&r.turnaround)),
     );
-    report.row(Row::new("task wall time, hot", med(&m.hot_task_wall), unit).vs("recipe task, steady state", steady_task));
-    report.row(Row::new("task wall time, warm", med(&m.warm_task_wall), unit).vs("recipe task, steady state", steady_task));
+    report
+        .row(Row::new("task wall time, hot", med(&m.hot_task_wall), unit).vs("recipe task, steady state", steady_task));
     report.row(
-        Row::new("task wall time, warm", med(&m.warm_task_wall), unit).vs("recipe task, first run", med(&r.warm_task_wall)),
+        Row::new("task wall time, warm", med(&m.warm_task_wall), unit).vs("recipe task, steady state", steady_task),
+    );
+    report.row(
+        Row::new("task wall time, warm", med(&m.warm_task_wall), unit)
+            .vs("recipe task, first run", med(&r.warm_task_wall)),
     );
     report.row(
         Row::new("VM back in the pool after release (warm)", med(&m.back_in_pool), unit)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::stack::{self, Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row, Summary, summarize};
-use crate::ssh::{Connection, ExecRequest, SshOptions};
+use mpool_ssh::{Connection, ExecRequest, SshOptions};
 
 #[derive(serde::Serialize)]
 struct Target {
@@ -31,11 +31,12 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
     let (n, m, p) = (ctx.pick(300, 40), ctx.pick(100, 15), ctx.pick(20, 4));
     let mut o = StackOptions::new(stack::pool("x", 1, 1, 1));
     o.serve = false;
-    o.ssh_target = sshd.map(|s| crate::sim::SshTarget { user: s.user().into(), host: "127.0.0.1".into(), port: s.port() });
+    o.ssh_target =
+        sshd.map(|s| mpool_sim::SshTarget { user: s.user().into(), host: "127.0.0.1".into(), port: s.port() });
     let mut stack = Stack::start(o).await?;
     if let Some(s) = sshd {
         // The key the simulator's ssh_info hands out is authorized on the real sshd.
-        let keys = crate::sim::ssh::SshKeys::load_or_create(&stack.sim_state()).map_err(|e| e.to_string())?;
+        let keys = mpool_sim::ssh::SshKeys::load_or_create(&stack.sim_state()).map_err(|e| e.to_string())?;
         s.authorize_public(&keys.client_public_openssh())?;
     }
     stack.start_serve(true).await?;
@@ -62,7 +63,7 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
     }
 
     let info = stack.daemon_client().await?.ssh_info(&lease.vm).await.map_err(|e| e.to_string())?;
-    let target = crate::pool::ports::ssh_target(&info);
+    let target = info.clone();
     let opts = SshOptions::default();
     let conn = Connection::connect(&target, &opts).await.map_err(|e| e.to_string())?;
     let mut raw = Vec::with_capacity(n);
@@ -141,13 +142,21 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     for t in &targets {
         let ratio = t.fresh_connection.p50_ms / t.api_exec_on_lease.p50_ms.max(1e-9);
         report.row(
-            Row::new(format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server), t.api_exec_on_lease.p50_ms, "ms")
-                .vs("fresh SSH connection per command", t.fresh_connection.p50_ms)
-                .target(">= 10x", ratio >= 10.0),
+            Row::new(
+                format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server),
+                t.api_exec_on_lease.p50_ms,
+                "ms",
+            )
+            .vs("fresh SSH connection per command", t.fresh_connection.p50_ms)
+            .target(">= 10x", ratio >= 10.0),
         );
         report.row(
-            Row::new(format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server), t.api_exec_on_lease.p50_ms, "ms")
-                .vs("`mpool multipass exec` process", t.multipass_exec_process.p50_ms),
+            Row::new(
+                format!("exec `true` on a lease (API, pooled SSH), {}, p50", t.server),
+                t.api_exec_on_lease.p50_ms,
+                "ms",
+            )
+            .vs("`mpool multipass exec` process", t.multipass_exec_process.p50_ms),
         );
     }
     report.note(

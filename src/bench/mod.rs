@@ -65,7 +65,9 @@ type Run = for<'a> fn(&'a Ctx) -> Pin<Box<dyn Future<Output = Result<Report, Str
 /// The scenarios, in order: (name, number, what it measures, entry point).
 pub const SCENARIOS: &[(&str, u8, &str, Run)] = &[
     ("control", 1, "control-plane overhead: hot acquire over gRPC, 1/8/32 clients", |c| Box::pin(control::run(c))),
-    ("throughput", 2, "lease throughput: acquire -> release -> reset complete, 16 VMs", |c| Box::pin(throughput::run(c))),
+    ("throughput", 2, "lease throughput: acquire -> release -> reset complete, 16 VMs", |c| {
+        Box::pin(throughput::run(c))
+    }),
     ("daemon-calls", 3, "daemon call overhead: persistent TLS channel vs a process per call", |c| {
         Box::pin(daemon_calls::run(c))
     }),
@@ -254,11 +256,8 @@ pub struct Report {
 impl Report {
     /// An empty report for `scenario`.
     pub fn new(scenario: &str) -> Report {
-        let (number, title) = SCENARIOS
-            .iter()
-            .find(|s| s.0 == scenario)
-            .map(|s| (s.1, s.2.to_string()))
-            .unwrap_or((0, String::new()));
+        let (number, title) =
+            SCENARIOS.iter().find(|s| s.0 == scenario).map(|s| (s.1, s.2.to_string())).unwrap_or((0, String::new()));
         Report {
             scenario: scenario.into(),
             number,
@@ -374,21 +373,34 @@ pub fn print_table(rows: &[(String, Row)]) {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
 fn meminfo_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|kb| kb / 1024)
         .unwrap_or(0)
 }
 
 /// The 1-minute load average.
 pub fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok())).unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// Median latency of 20 fsyncs of a 4 KiB write in `dir`.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::stack::{self, Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row};
-use crate::proto::v1;
+use mpool_api::proto::v1;
 
 const POOLS: usize = 10;
 
@@ -100,7 +100,9 @@ async fn wait_ready(stack: &Stack, per: usize, limit: Duration, peak_fds: &mut u
         if let Ok(r) = c.list_pools(v1::ListPoolsRequest {}).await {
             let pools = r.into_inner().pools;
             let ready = pools.len() == POOLS
-                && pools.iter().all(|p| p.vms.get("warm").copied().unwrap_or(0) + p.vms.get("hot").copied().unwrap_or(0) >= per as u32);
+                && pools.iter().all(|p| {
+                    p.vms.get("warm").copied().unwrap_or(0) + p.vms.get("hot").copied().unwrap_or(0) >= per as u32
+                });
             if ready {
                 return Ok(t.elapsed());
             }
@@ -170,7 +172,9 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
                 }
             }
         }
-        if reconciled.is_none() && std::fs::read_to_string(&log).unwrap_or_default().matches("reconciled with multipassd").count() >= 2 {
+        if reconciled.is_none()
+            && std::fs::read_to_string(&log).unwrap_or_default().matches("reconciled with multipassd").count() >= 2
+        {
             reconciled = Some(t1.elapsed());
         }
         m.restart_reconciled_s = reconciled.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
@@ -206,10 +210,18 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let per_vm = (large.rss_kib as f64 - small.rss_kib as f64) * 1024.0 / (large.vms - small.vms) as f64;
     report.row(Row::new("bytes per additional VM (RSS difference)", per_vm / 1024.0, "KB"));
     report.row(
-        Row::new(format!("restart after kill -9 to all pools ready, {} VMs", large.vms), large.restart_ready_s * 1e3, "ms")
-            .of(format!("{} VMs", small.vms), small.restart_ready_s * 1e3, "x of baseline"),
+        Row::new(
+            format!("restart after kill -9 to all pools ready, {} VMs", large.vms),
+            large.restart_ready_s * 1e3,
+            "ms",
+        )
+        .of(format!("{} VMs", small.vms), small.restart_ready_s * 1e3, "x of baseline"),
     );
-    report.row(Row::new(format!("restart after kill -9 to reconciled, {} VMs", large.vms), large.restart_reconciled_s * 1e3, "ms"));
+    report.row(Row::new(
+        format!("restart after kill -9 to reconciled, {} VMs", large.vms),
+        large.restart_reconciled_s * 1e3,
+        "ms",
+    ));
     report.note(format!(
         "VmHWM (peak) during warm-up with {} VMs: {:.1} MB; VmRSS after the restart: {:.1} MB. Simulator (this process): \
          {:.0} MB RSS, {} fds at rest, {} at peak.",

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::ssh::SshTarget;
+use mpool_ssh::SshTarget;
 
 /// Where sshd is expected.
 pub const SSHD: &str = "/usr/sbin/sshd";
@@ -90,7 +90,11 @@ impl Sshd {
 
     fn launch(&mut self) -> Result<bool, String> {
         let dir = self.dir.path();
-        let sftp = if Path::new("/usr/lib/openssh/sftp-server").exists() { "/usr/lib/openssh/sftp-server" } else { "internal-sftp" };
+        let sftp = if Path::new("/usr/lib/openssh/sftp-server").exists() {
+            "/usr/lib/openssh/sftp-server"
+        } else {
+            "internal-sftp"
+        };
         let config = format!(
             "ListenAddress 127.0.0.1\nPort {port}\nHostKey {dir}/host_ed25519\nAuthorizedKeysFile {dir}/authorized_keys\n\
              StrictModes no\nUsePAM no\nPidFile none\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
@@ -101,7 +105,8 @@ impl Sshd {
         );
         let cfg = dir.join("sshd_config");
         std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).map_err(|e| e.to_string())?;
         let before = self.log().len();
         let mut child = Command::new(SSHD)
             .arg("-D")
@@ -154,7 +159,12 @@ impl Sshd {
 
     /// The current user with the authorized RSA key.
     pub fn target(&self) -> SshTarget {
-        SshTarget { host: "127.0.0.1".into(), port: self.port, username: self.user.clone(), private_key: self.client_key.clone() }
+        SshTarget {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            username: self.user.clone(),
+            private_key: self.client_key.clone(),
+        }
     }
 }
 

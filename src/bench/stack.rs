@@ -13,12 +13,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::cli::client::{Client, Connect, connect};
-use crate::config::Config;
-use crate::multipass::{self, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
-use crate::pool::engine::{Engine, Status};
-use crate::proto::v1;
-use crate::serve::{Options, Running};
-use crate::sim::{SimConfig, Simulator, SshTarget};
+use mpool_api::proto::v1;
+use mpool_api::serve::{Options, Running};
+use mpool_config::Config;
+use mpool_engine::{Engine, Status};
+use mpool_multipass::{self as multipass, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
+use mpool_sim::{SimConfig, Simulator, SshTarget};
 
 /// How to reach the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -72,7 +72,9 @@ impl StackOptions {
 
 /// A pool table for the config.
 pub fn pool(name: &str, min_ready: u32, hot: u32, max_size: u32) -> String {
-    format!("[[pools]]\nname = \"{name}\"\nmin_ready = {min_ready}\nhot = {hot}\nmax_size = {max_size}\nmax_wait = \"10m\"\n\n")
+    format!(
+        "[[pools]]\nname = \"{name}\"\nmin_ready = {min_ready}\nhot = {hot}\nmax_size = {max_size}\nmax_wait = \"10m\"\n\n"
+    )
 }
 
 /// A directory on tmpfs when there is one, else under the normal temp dir.
@@ -121,13 +123,13 @@ impl Stack {
         sc.ssh_target = o.ssh_target.clone();
         let sim = Simulator::start(sc).await?;
 
-        let (ca, leaf) = crate::tls::generate_ca_and_server("localhost").map_err(|e| e.to_string())?;
+        let (ca, leaf) = mpool_tls::generate_ca_and_server("localhost").map_err(|e| e.to_string())?;
         let w = |name: &str, text: &str| std::fs::write(root.join(name), text).map_err(|e| e.to_string());
         w("api-ca.pem", &ca.cert_pem)?;
         w("api-cert.pem", &leaf.cert_pem)?;
         w("api-key.pem", &leaf.key_pem)?;
-        let token = crate::api::auth::new_token();
-        let hash = crate::api::auth::hex(&crate::api::auth::hash(&token));
+        let token = mpool_api::auth::new_token();
+        let hash = mpool_api::auth::hex(&mpool_api::auth::hash(&token));
         w("tokens.toml", &format!("[[tokens]]\nname = \"bench\"\nsha256 = \"{hash}\"\npools = [\"*\"]\n"))?;
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().map_err(|e| format!("{e}"))?;
         let store_dir = if o.store_on_tmpfs { fast.path().to_path_buf() } else { root.clone() };
@@ -158,16 +160,8 @@ shutdown_grace = "1s"
         );
         let config_path = root.join("mpool.toml");
         std::fs::write(&config_path, &config).map_err(|e| e.to_string())?;
-        let mut stack = Stack {
-            ca: root.join("api-ca.pem"),
-            dir,
-            fast,
-            sim: Some(sim),
-            running: None,
-            config_path,
-            tcp,
-            token,
-        };
+        let mut stack =
+            Stack { ca: root.join("api-ca.pem"), dir, fast, sim: Some(sim), running: None, config_path, tcp, token };
         if o.serve {
             stack.start_serve(o.priorities).await?;
         }
@@ -179,8 +173,12 @@ shutdown_grace = "1s"
         let text = std::fs::read_to_string(&self.config_path).map_err(|e| e.to_string())?;
         let root = self.root().to_path_buf();
         let cfg = Config::parse(&text, &root).map_err(|e| e.to_string())?;
-        let opts =
-            Options { data_dir: root.join("data"), priorities, daemon_wait: Some(Duration::from_secs(10)), store_faults: 0.0 };
+        let opts = Options {
+            data_dir: root.join("data"),
+            priorities,
+            daemon_wait: Some(Duration::from_secs(10)),
+            store_faults: 0.0,
+        };
         self.running = Some(Running::start(cfg, opts).await?);
         Ok(())
     }
@@ -218,7 +216,9 @@ shutdown_grace = "1s"
     /// A new API client (its own connection).
     pub async fn client(&self, t: Transport) -> Result<Client, String> {
         let c = match t {
-            Transport::Unix => Connect { endpoint: format!("unix:{}", self.api_socket().display()), token: None, ca: None },
+            Transport::Unix => {
+                Connect { endpoint: format!("unix:{}", self.api_socket().display()), token: None, ca: None }
+            }
             Transport::Tcp => Connect {
                 endpoint: format!("https://localhost:{}", self.tcp.port()),
                 token: Some(self.token.clone()),
@@ -262,7 +262,10 @@ shutdown_grace = "1s"
             }
             if t.elapsed() > limit {
                 let p = s.pools.iter().find(|p| p.name == pool);
-                return Err(format!("pool {pool} did not settle with {idle} idle VMs within {limit:?}: {:?}", p.map(|p| &p.counts)));
+                return Err(format!(
+                    "pool {pool} did not settle with {idle} idle VMs within {limit:?}: {:?}",
+                    p.map(|p| &p.counts)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -349,7 +352,9 @@ pub async fn exec(c: &mut Client, lease: &str, argv: &[&str]) -> Result<ExecTime
     while let Some(ev) = s.message().await.map_err(|e| format!("exec: {}", e.message()))? {
         match ev.event {
             Some(v1::exec_event::Event::Stdout(_)) if first.is_none() => first = Some(t.elapsed()),
-            Some(v1::exec_event::Event::Exit(x)) => return Ok(ExecTimes { first_output: first, total: t.elapsed(), code: x.code }),
+            Some(v1::exec_event::Event::Exit(x)) => {
+                return Ok(ExecTimes { first_output: first, total: t.elapsed(), code: x.code });
+            }
             _ => {}
         }
     }
@@ -407,7 +412,8 @@ pub async fn run_process(
         let status = child.wait().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((status, out, marker_at))
     };
-    let (status, stdout, marker_at) = tokio::time::timeout(limit, body).await.map_err(|_| format!("{what}: no exit within {limit:?}"))??;
+    let (status, stdout, marker_at) =
+        tokio::time::timeout(limit, body).await.map_err(|_| format!("{what}: no exit within {limit:?}"))??;
     let wall = t.elapsed();
     if !status.success() {
         let err = err_task.await.unwrap_or_default();
@@ -447,7 +453,10 @@ pub async fn recipe_vm(d: &multipass::Client, name: &str) -> Result<(), String> 
 pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
-        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok())
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::stack::{self, Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row, Summary, summarize};
-use crate::sim::EventKind;
+use mpool_sim::EventKind;
 
 const STORM: usize = 20;
 const SCALE: f64 = 0.01;
@@ -116,15 +116,14 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             .of("idle daemon p95", on.idle.p95_ms, "x of idle")
             .target("<= 1.5x idle", ratio_on <= 1.5),
     );
+    report.row(Row::new("warm acquire p95, 20 resets pending, priorities off", off.storm.p95_ms, "ms").of(
+        "idle daemon p95",
+        off.idle.p95_ms,
+        "x of idle",
+    ));
     report.row(
-        Row::new("warm acquire p95, 20 resets pending, priorities off", off.storm.p95_ms, "ms").of(
-            "idle daemon p95",
-            off.idle.p95_ms,
-            "x of idle",
-        ),
-    );
-    report.row(
-        Row::new("warm acquire p95 during the storm, priorities on", on.storm.p95_ms, "ms").vs("priorities off", off.storm.p95_ms),
+        Row::new("warm acquire p95 during the storm, priorities on", on.storm.p95_ms, "ms")
+            .vs("priorities off", off.storm.p95_ms),
     );
     report.note(
         "With priorities on, a warm acquire's resume waits for at most the one daemon-blocking operation already in flight \

@@ -89,14 +89,20 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
                 let limit = Duration::from_secs(120);
                 let sh = std::path::Path::new("/bin/sh");
                 for _ in 0..cli_per {
-                    stack::run_process(sh, &["-c", "\"$MPOOL\" multipass list | grep Suspended | head -1"], &env, None, limit).await?;
-                    for step in [vec!["multipass", "start", &vm], vec!["multipass", "stop", &vm], vec![
-                        "multipass",
-                        "restore",
-                        &snap,
-                        "--destructive",
-                    ], vec!["multipass", "suspend", &vm]]
-                    {
+                    stack::run_process(
+                        sh,
+                        &["-c", "\"$MPOOL\" multipass list | grep Suspended | head -1"],
+                        &env,
+                        None,
+                        limit,
+                    )
+                    .await?;
+                    for step in [
+                        vec!["multipass", "start", &vm],
+                        vec!["multipass", "stop", &vm],
+                        vec!["multipass", "restore", &snap, "--destructive"],
+                        vec!["multipass", "suspend", &vm],
+                    ] {
                         stack::run_process(&exe, &step, &env, None, limit).await?;
                     }
                 }

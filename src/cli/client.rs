@@ -8,16 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::output;
-use crate::proto::v1;
-use crate::proto::v1::pool_client::PoolClient;
-
-/// The default API socket of a systemd install.
-pub const DEFAULT_ENDPOINT: &str = "unix:/run/mpool/mpool.sock";
+pub use mpool_api::client::{Client, DEFAULT_ENDPOINT};
+use mpool_api::proto::v1;
 
 /// How to reach `mpool serve`.
 #[derive(Args, Debug, Clone)]
@@ -33,63 +27,14 @@ pub struct Connect {
     pub ca: Option<PathBuf>,
 }
 
-/// A client with the token attached to every call.
-pub type Client =
-    PoolClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>;
-
-/// Adds `authorization: Bearer <token>`.
-#[derive(Clone)]
-pub struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for TokenInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
 /// Connects to the API.
 pub async fn connect(c: &Connect) -> Result<Client, String> {
-    let channel = if let Some(path) = c.endpoint.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-    } else {
-        let mut ep = Endpoint::from_shared(c.endpoint.clone())
-            .map_err(|e| format!("--endpoint {:?}: {e}", c.endpoint))?;
-        if c.endpoint.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_enabled_roots();
-            if let Some(ca) = &c.ca {
-                let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            ep = ep.tls_config(tls).map_err(|e| e.to_string())?;
-        }
-        ep.connect().await
-    }
-    .map_err(|e| crate::multipass::reach::describe_connect_failure(crate::multipass::reach::Server::MpoolServe, &c.endpoint, &e))?;
-    let token = match &c.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| "--token contains characters not allowed in a header".to_string())?,
-        ),
-        None => None,
-    };
-    Ok(
-        PoolClient::with_interceptor(channel, TokenInterceptor(token))
-            .max_decoding_message_size(64 << 20),
-    )
+    mpool_api::client::connect(&mpool_api::client::Connect {
+        endpoint: c.endpoint.clone(),
+        token: c.token.clone(),
+        ca: c.ca.clone(),
+    })
+    .await
 }
 
 /// Client subcommands.
@@ -214,8 +159,8 @@ pub struct ExecArgs {
 fn dur(flag: &str, s: &Option<String>) -> Result<Option<prost_types::Duration>, String> {
     s.as_deref()
         .map(|s| {
-            crate::config::parse_duration(s)
-                .map(crate::api::convert::proto_duration)
+            mpool_config::parse_duration(s)
+                .map(mpool_api::convert::proto_duration)
                 .map_err(|e| format!("{flag} {s:?}: {e}"))
         })
         .transpose()
@@ -303,11 +248,7 @@ impl Drop for Waiting {
 /// Passes remote output through. A closed pipe ends `mpool` quietly (see [`output`]); the
 /// server then sees the call go away and stops the command.
 fn write_out(stdout: bool, text: &str) {
-    if stdout {
-        output::text(text)
-    } else {
-        output::err_text(text)
-    }
+    if stdout { output::text(text) } else { output::err_text(text) }
 }
 
 fn exit_code(x: &v1::ExitStatus) -> ExitCode {
@@ -363,29 +304,18 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         }
         ClientCommand::Renew { lease, ttl } => {
             let l = client
-                .renew(v1::RenewRequest {
-                    lease_id: lease,
-                    ttl: dur("--ttl", &ttl)?,
-                })
+                .renew(v1::RenewRequest { lease_id: lease, ttl: dur("--ttl", &ttl)? })
                 .await
                 .map_err(status_err)?;
             output::line(&lease_json(l.get_ref()));
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Release { lease } => {
-            client
-                .release(v1::ReleaseRequest { lease_id: lease })
-                .await
-                .map_err(status_err)?;
+            client.release(v1::ReleaseRequest { lease_id: lease }).await.map_err(status_err)?;
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Status { json } => {
-            let pools = client
-                .list_pools(v1::ListPoolsRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner()
-                .pools;
+            let pools = client.list_pools(v1::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
             if json {
                 let v: Vec<_> = pools
                     .iter()
@@ -396,25 +326,12 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
             }
             output::line(&format!(
                 "{:<16} {:>5} {:>5} {:>7} {:>10} {:>13} {:>6} {:>8} {:>7}",
-                "POOL",
-                "HOT",
-                "WARM",
-                "LEASED",
-                "RESETTING",
-                "PROVISIONING",
-                "OTHER",
-                "WAITERS",
-                "MAX"
+                "POOL", "HOT", "WARM", "LEASED", "RESETTING", "PROVISIONING", "OTHER", "WAITERS", "MAX"
             ));
             for p in pools {
                 let get = |k: &str| p.vms.get(k).copied().unwrap_or(0);
                 let known = ["hot", "warm", "leased", "resetting", "provisioning"];
-                let other: u32 = p
-                    .vms
-                    .iter()
-                    .filter(|(k, _)| !known.contains(&k.as_str()))
-                    .map(|(_, v)| v)
-                    .sum();
+                let other: u32 = p.vms.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(_, v)| v).sum();
                 let max = p.config.as_ref().map(|c| c.max_size).unwrap_or(0);
                 output::line(&format!(
                     "{:<16} {:>5} {:>5} {:>7} {:>10} {:>13} {:>6} {:>8} {:>7}",
@@ -433,9 +350,7 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         }
         ClientCommand::Vms { pool, json } => {
             let vms = client
-                .list_vms(v1::ListVmsRequest {
-                    pool: pool.unwrap_or_default(),
-                })
+                .list_vms(v1::ListVmsRequest { pool: pool.unwrap_or_default() })
                 .await
                 .map_err(status_err)?
                 .into_inner()
@@ -448,10 +363,7 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
                 output::line(&serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
-            output::line(&format!(
-                "{:<28} {:<12} {:<12} {:>4} {:>5} LEASE",
-                "VM", "POOL", "STATE", "GEN", "USES"
-            ));
+            output::line(&format!("{:<28} {:<12} {:<12} {:>4} {:>5} LEASE", "VM", "POOL", "STATE", "GEN", "USES"));
             for m in vms {
                 output::line(&format!(
                     "{:<28} {:<12} {:<12} {:>4} {:>5} {}",
@@ -462,9 +374,7 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         }
         ClientCommand::Leases { pool } => {
             let leases = client
-                .list_leases(v1::ListLeasesRequest {
-                    pool: pool.unwrap_or_default(),
-                })
+                .list_leases(v1::ListLeasesRequest { pool: pool.unwrap_or_default() })
                 .await
                 .map_err(status_err)?
                 .into_inner()
@@ -499,12 +409,7 @@ fn run_requests(
 ) -> impl futures::Stream<Item = v1::RunRequest> + Send + 'static {
     use futures::StreamExt;
     use tokio::io::AsyncReadExt;
-    let state = (
-        0usize,
-        None::<tokio::fs::File>,
-        std::sync::Arc::new(puts),
-        failed,
-    );
+    let state = (0usize, None::<tokio::fs::File>, std::sync::Arc::new(puts), failed);
     let rest = futures::stream::unfold(state, |(mut index, mut file, puts, failed)| async move {
         loop {
             if index >= puts.len() {
@@ -535,13 +440,8 @@ fn run_requests(
                 file = None;
                 continue;
             }
-            let chunk = v1::RunRequest {
-                chunk: Some(v1::InputChunk {
-                    input: index as u32,
-                    data: buf,
-                }),
-                ..Default::default()
-            };
+            let chunk =
+                v1::RunRequest { chunk: Some(v1::InputChunk { input: index as u32, data: buf }), ..Default::default() };
             return Some((chunk, (index, file, puts, failed)));
         }
     });
@@ -564,14 +464,10 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
     let mut inputs = Vec::new();
     let mut puts = Vec::new();
     for p in &a.put {
-        let (local, remote) = p
-            .split_once(':')
-            .ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
+        let (local, remote) = p.split_once(':').ok_or_else(|| format!("--put {p:?}: expected LOCAL:REMOTE"))?;
         let meta = std::fs::metadata(local).map_err(|e| format!("--put {local}: {e}"))?;
         if !meta.is_file() {
-            return Err(format!(
-                "--put {local}: not a regular file (pack a directory with tar first)"
-            ));
+            return Err(format!("--put {local}: not a regular file (pack a directory with tar first)"));
         }
         inputs.push(v1::InputFile {
             path: remote.into(),
@@ -582,16 +478,8 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
     }
     let mut gets = Vec::new();
     for g in &a.get {
-        let (remote, local) = g
-            .split_once(':')
-            .ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
-        gets.push((
-            remote.to_string(),
-            Getting {
-                local: PathBuf::from(local),
-                file: None,
-            },
-        ));
+        let (remote, local) = g.split_once(':').ok_or_else(|| format!("--get {g:?}: expected REMOTE:LOCAL"))?;
+        gets.push((remote.to_string(), Getting { local: PathBuf::from(local), file: None }));
     }
     let first = v1::RunRequest {
         pool: a.pool.clone(),
@@ -640,23 +528,15 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
                 }
                 if let Some(f) = g.file.as_mut() {
                     use std::io::Write;
-                    f.write_all(&c.data)
-                        .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
+                    f.write_all(&c.data).map_err(|e| format!("--get {}: {e}", g.local.display()))?;
                 }
             }
             Some(Event::Result(r)) => {
-                let code = r
-                    .exit
-                    .as_ref()
-                    .map(exit_code)
-                    .unwrap_or(ExitCode::from(255));
+                let code = r.exit.as_ref().map(exit_code).unwrap_or(ExitCode::from(255));
                 let mut failed = false;
                 for (f, (_, g)) in r.outputs.iter().zip(gets.iter_mut()) {
                     if f.missing {
-                        output::err_line(&format!(
-                            "mpool: --get {}: no such file in the VM",
-                            f.path
-                        ));
+                        output::err_line(&format!("mpool: --get {}: no such file in the VM", f.path));
                     } else if !f.error.is_empty() {
                         output::err_line(&format!("mpool: --get {}: {}", f.path, f.error));
                         failed = true;
@@ -671,9 +551,8 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
                             )
                             .map_err(|e| format!("--get {}: {e}", g.local.display()))?,
                         };
-                        let file = file
-                            .persist(&g.local)
-                            .map_err(|e| format!("--get {}: {}", g.local.display(), e.error))?;
+                        let file =
+                            file.persist(&g.local).map_err(|e| format!("--get {}: {}", g.local.display(), e.error))?;
                         if f.mode != 0 {
                             file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
                                 .map_err(|e| format!("--get {}: {e}", g.local.display()))?;
@@ -682,11 +561,7 @@ async fn run_command(client: &mut Client, a: RunArgs) -> Result<ExitCode, String
                 }
                 // An output that could not be fetched fails a run that otherwise succeeded.
                 let ok = r.exit.as_ref().is_some_and(|x| x.code == 0);
-                return Ok(if failed && ok {
-                    ExitCode::from(2)
-                } else {
-                    code
-                });
+                return Ok(if failed && ok { ExitCode::from(2) } else { code });
             }
             None => {}
         }

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::cli::client::{Connect, connect};
-use crate::config::Config;
-use crate::proto::v1;
-use crate::serve::{Options, Running};
-use crate::sim::{SimConfig, Simulator};
+use mpool_api::proto::v1;
+use mpool_api::serve::{Options, Running};
+use mpool_config::Config;
+use mpool_sim::{SimConfig, Simulator};
 
 /// `mpool demo` flags.
 #[derive(clap::Args, Debug)]
@@ -107,7 +107,11 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let total = Instant::now();
     let dir = tempfile::Builder::new().prefix("mpool-demo-").tempdir().map_err(|e| e.to_string())?;
     let root = dir.path().to_path_buf();
-    println!("mpool demo: simulator (time scale {}) + pool daemon in this process, under {}", args.time_scale, root.display());
+    println!(
+        "mpool demo: simulator (time scale {}) + pool daemon in this process, under {}",
+        args.time_scale,
+        root.display()
+    );
 
     let mut sim_cfg = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
     sim_cfg.time_scale = args.time_scale;
@@ -146,17 +150,24 @@ max_size = 1
     let cfg = Config::parse(&config, &root).map_err(|e| e.to_string())?;
     let running = Running::start(
         cfg,
-        Options { data_dir: root.join("data"), priorities: true, daemon_wait: Some(Duration::from_secs(10)), store_faults: 0.0 },
+        Options {
+            data_dir: root.join("data"),
+            priorities: true,
+            daemon_wait: Some(Duration::from_secs(10)),
+            store_faults: 0.0,
+        },
     )
     .await?;
-    let mut c = connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
+    let mut c =
+        connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
     let mut t = Table(Vec::new());
     println!("\n  {:<44} {:<28} {:>10}", "step", "result", "time");
 
     // 1. Wait for the pools to warm up.
     let start = Instant::now();
     loop {
-        let pools = c.list_pools(v1::ListPoolsRequest {}).await.map_err(|e| e.message().to_string())?.into_inner().pools;
+        let pools =
+            c.list_pools(v1::ListPoolsRequest {}).await.map_err(|e| e.message().to_string())?.into_inner().pools;
         let ready = |p: &v1::PoolInfo| {
             let idle = p.vms.get("hot").copied().unwrap_or(0) + p.vms.get("warm").copied().unwrap_or(0);
             idle >= p.config.as_ref().map(|c| c.min_ready).unwrap_or(0)

@@ -87,9 +87,7 @@ pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("mpool");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/mpool")
 }
 
@@ -102,9 +100,7 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MPOOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -113,7 +109,7 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
 
 /// Entry point of the `mpool` binary.
 pub fn main() -> ExitCode {
-    crate::multipass::startup::mark("main");
+    mpool_multipass::startup::mark("main");
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Sim(_) | Command::Serve(_) => "info",
@@ -123,8 +119,11 @@ pub fn main() -> ExitCode {
     // One-shot commands (one connection, a few calls) need no worker threads: a thread
     // pool's start-up would be most of their run.
     let one_shot = matches!(cli.command, Command::Multipass(_));
-    let mut builder =
-        if one_shot { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    let mut builder = if one_shot {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -132,7 +131,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    crate::multipass::startup::mark("runtime-built");
+    mpool_multipass::startup::mark("runtime-built");
     let data_dir = data_dir(cli.data_dir);
     runtime.block_on(async move {
         match cli.command {
@@ -142,8 +141,8 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
             Command::Token(TokenCommand::New { name, pools, admin }) => {
-                let token = crate::api::auth::new_token();
-                let hash = crate::api::auth::hex(&crate::api::auth::hash(&token));
+                let token = mpool_api::auth::new_token();
+                let hash = mpool_api::auth::hex(&mpool_api::auth::hash(&token));
                 output::line(&format!("token (give it to the client; it is not stored):\n  {token}\n"));
                 output::line(&format!(
                     "add to the tokens file:\n[[tokens]]\nname = {name:?}\nsha256 = \"{hash}\"\npools = {pools:?}\nadmin = {admin}"

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::multipass::{
-    Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names,
-    PassphraseOrigin, ServerVerification,
+use mpool_multipass::{
+    Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names, PassphraseOrigin,
+    ServerVerification,
 };
 
 /// `mpool multipass` flags.
@@ -226,11 +226,7 @@ pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mpool multipass: {e}");
-            if e.is_unavailable() && !e.is_trust_problem() {
-                ExitCode::from(3)
-            } else {
-                ExitCode::from(2)
-            }
+            if e.is_unavailable() && !e.is_trust_problem() { ExitCode::from(3) } else { ExitCode::from(2) }
         }
     }
 }
@@ -254,11 +250,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, Error> {
     let mut opts = ClientOptions::new(data_dir);
-    opts.address = args
-        .daemon
-        .as_deref()
-        .map(DaemonAddress::parse)
-        .transpose()?;
+    opts.address = args.daemon.as_deref().map(DaemonAddress::parse).transpose()?;
     opts.verification = match (&args.root_cert, &args.pin_cert, args.insecure_skip_verify) {
         (Some(p), _, _) => ServerVerification::RootCert(p.clone()),
         (_, Some(p), _) => ServerVerification::Pin(p.clone()),
@@ -269,16 +261,11 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         opts.identity = ClientIdentity::Own;
     }
     if let Some(f) = &args.passphrase_file {
-        opts.passphrase = Some(
-            crate::multipass::trust::read_passphrase_file(f, "--passphrase-file")
-                .map_err(Error::InvalidArgument)?,
-        );
+        opts.passphrase =
+            Some(mpool_multipass::trust::read_passphrase_file(f, "--passphrase-file").map_err(Error::InvalidArgument)?);
         opts.passphrase_origin = Some(PassphraseOrigin::FlagFile(f.clone()));
     }
-    if let Verb::Authenticate {
-        passphrase: Some(p),
-    } = &args.verb
-    {
+    if let Verb::Authenticate { passphrase: Some(p) } = &args.verb {
         opts.passphrase = Some(p.clone());
         opts.passphrase_origin = Some(PassphraseOrigin::Argument);
     }
@@ -322,34 +309,18 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             } else if list.is_empty() {
                 println!("No snapshots found.");
             } else {
-                println!(
-                    "{:<24} {:<16} {:<16} Comment",
-                    "Instance", "Snapshot", "Parent"
-                );
+                println!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent");
                 for s in list {
-                    let parent = if s.parent.is_empty() {
-                        "--".to_string()
-                    } else {
-                        s.parent
-                    };
-                    println!(
-                        "{:<24} {:<16} {:<16} {}",
-                        s.instance, s.name, parent, s.comment
-                    );
+                    let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
+                    println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Info {
-            no_runtime_information,
-            names: n,
-        } => {
+        Verb::Info { no_runtime_information, names: n } => {
             let n = names(n)?;
-            let info = if no_runtime_information {
-                client.info(&n).await?
-            } else {
-                client.info_with_runtime(&n).await?
-            };
+            let info =
+                if no_runtime_information { client.info(&n).await? } else { client.info_with_runtime(&n).await? };
             if json {
                 print_json(&info);
             } else {
@@ -358,15 +329,8 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Find {
-            only_images,
-            only_blueprints,
-            show_unsupported,
-            search,
-        } => {
-            let found = client
-                .find(&search, !only_blueprints, !only_images, show_unsupported)
-                .await?;
+        Verb::Find { only_images, only_blueprints, show_unsupported, search } => {
+            let found = client.find(&search, !only_blueprints, !only_images, show_unsupported).await?;
             if json {
                 print_json(&found);
             } else {
@@ -374,30 +338,13 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Launch {
-            name,
-            cpus,
-            memory,
-            disk,
-            cloud_init,
-            launch_timeout,
-            image,
-        } => {
+        Verb::Launch { name, cpus, memory, disk, cloud_init, launch_timeout, image } => {
             let cloud_init = match cloud_init {
-                Some(f) => std::fs::read_to_string(&f).map_err(|e| {
-                    Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display()))
-                })?,
+                Some(f) => std::fs::read_to_string(&f)
+                    .map_err(|e| Error::InvalidArgument(format!("--cloud-init {}: {e}", f.display())))?,
                 None => String::new(),
             };
-            let opts = LaunchOptions {
-                name,
-                image,
-                cpus,
-                memory,
-                disk,
-                cloud_init,
-                timeout_secs: launch_timeout,
-            };
+            let opts = LaunchOptions { name, image, cpus, memory, disk, cloud_init, timeout_secs: launch_timeout };
             let n = client.launch(&opts).await?;
             ok(format!("Launched: {n}"))
         }
@@ -417,14 +364,8 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             client.restart(&names(n)?, 0).await?;
             ok(String::new())
         }
-        Verb::Snapshot {
-            instance,
-            name,
-            comment,
-        } => {
-            let s = client
-                .snapshot(&instance, name.as_deref(), &comment)
-                .await?;
+        Verb::Snapshot { instance, name, comment } => {
+            let s = client.snapshot(&instance, name.as_deref(), &comment).await?;
             if json {
                 print_json(&serde_json::json!({ "instance": instance, "snapshot": s }));
                 Ok(ExitCode::SUCCESS)
@@ -432,10 +373,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 ok(format!("Snapshot taken: {instance}.{s}"))
             }
         }
-        Verb::Restore {
-            target,
-            destructive,
-        } => {
+        Verb::Restore { target, destructive } => {
             let (i, s) = split_snapshot(&target)?;
             client.restore(i, s, destructive).await?;
             ok(format!("Snapshot restored: {i}.{s}"))
@@ -488,9 +426,9 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             Ok(ExitCode::SUCCESS)
         }
         Verb::Set { assignment } => {
-            let (k, v) = assignment.split_once('=').ok_or_else(|| {
-                Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE"))
-            })?;
+            let (k, v) = assignment
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidArgument(format!("{assignment:?}: expected KEY=VALUE")))?;
             client.set(k, v).await?;
             ok(String::new())
         }
@@ -499,18 +437,11 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&d);
             } else {
-                println!(
-                    "CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes",
-                    d.cpus, d.memory, d.available_space
-                );
+                println!("CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes", d.cpus, d.memory, d.available_space);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Exec {
-            name,
-            working_directory,
-            argv,
-        } => exec(&client, &name, working_directory, argv).await,
+        Verb::Exec { name, working_directory, argv } => exec(&client, &name, working_directory, argv).await,
     }
 }
 
@@ -552,34 +483,16 @@ fn or_dashes(s: &str) -> &str {
 }
 
 /// `list` as the multipass CLI prints it.
-fn format_list(list: &[crate::multipass::InstanceSummary]) -> String {
+fn format_list(list: &[mpool_multipass::InstanceSummary]) -> String {
     if list.is_empty() {
         return "No instances found.\n".into();
     }
-    let width = list
-        .iter()
-        .map(|i| i.name.len() + 1)
-        .max()
-        .unwrap_or(0)
-        .max(24);
-    let mut out = format!(
-        "{:<width$}{:<18}{:<17}{}\n",
-        "Name", "State", "IPv4", "Image"
-    );
+    let width = list.iter().map(|i| i.name.len() + 1).max().unwrap_or(0).max(24);
+    let mut out = format!("{:<width$}{:<18}{:<17}{}\n", "Name", "State", "IPv4", "Image");
     for i in list {
-        let image = if i.release.is_empty() {
-            "Not Available".to_string()
-        } else {
-            format!("Ubuntu {}", i.release)
-        };
+        let image = if i.release.is_empty() { "Not Available".to_string() } else { format!("Ubuntu {}", i.release) };
         let ip = i.ipv4.first().map(String::as_str).unwrap_or("--");
-        out.push_str(&format!(
-            "{:<width$}{:<18}{:<17}{}\n",
-            i.name,
-            title(i.state.as_str_name()),
-            ip,
-            image
-        ));
+        out.push_str(&format!("{:<width$}{:<18}{:<17}{}\n", i.name, title(i.state.as_str_name()), ip, image));
         for extra in i.ipv4.iter().skip(1) {
             out.push_str(&format!("{:<width$}{:<18}{}\n", "", "", extra));
         }
@@ -588,7 +501,7 @@ fn format_list(list: &[crate::multipass::InstanceSummary]) -> String {
 }
 
 /// One instance of `info` as the multipass CLI prints it.
-fn format_info(i: &crate::multipass::InstanceInfo) -> String {
+fn format_info(i: &mpool_multipass::InstanceInfo) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: &str| out.push_str(&format!("{k:<16}{v}\n"));
     line("Name:", &i.name);
@@ -603,11 +516,7 @@ fn format_info(i: &crate::multipass::InstanceInfo) -> String {
         "Not Available".to_string()
     } else {
         let short: String = i.image_hash.chars().take(12).collect();
-        if i.image_release.is_empty() {
-            short
-        } else {
-            format!("{short} (Ubuntu {})", i.image_release)
-        }
+        if i.image_release.is_empty() { short } else { format!("{short} (Ubuntu {})", i.image_release) }
     };
     line("Image hash:", &hash);
     line("CPU(s):", or_dashes(&i.cpus));
@@ -619,28 +528,15 @@ fn format_info(i: &crate::multipass::InstanceInfo) -> String {
 }
 
 /// `find` as the multipass CLI prints it.
-fn format_find(found: &crate::multipass::FindResult, images: bool, blueprints: bool) -> String {
+fn format_find(found: &mpool_multipass::FindResult, images: bool, blueprints: bool) -> String {
     let mut out = String::new();
-    let mut table = |kind: &str, list: &[crate::multipass::ImageEntry]| {
-        out.push_str(&format!(
-            "{:<28}{:<18}{:<17}{}\n",
-            kind, "Aliases", "Version", "Description"
-        ));
+    let mut table = |kind: &str, list: &[mpool_multipass::ImageEntry]| {
+        out.push_str(&format!("{:<28}{:<18}{:<17}{}\n", kind, "Aliases", "Version", "Description"));
         for e in list {
             let name = e.aliases.first().map(|a| a.to_string()).unwrap_or_default();
             let aliases: Vec<&str> = e.aliases.iter().skip(1).map(|a| a.alias.as_str()).collect();
-            let description = if e.os.is_empty() {
-                e.release.clone()
-            } else {
-                format!("{} {}", e.os, e.release)
-            };
-            out.push_str(&format!(
-                "{:<28}{:<18}{:<17}{}\n",
-                name,
-                aliases.join(","),
-                e.version,
-                description
-            ));
+            let description = if e.os.is_empty() { e.release.clone() } else { format!("{} {}", e.os, e.release) };
+            out.push_str(&format!("{:<28}{:<18}{:<17}{}\n", name, aliases.join(","), e.version, description));
         }
         out.push('\n');
     };
@@ -664,28 +560,18 @@ fn title(s: &str) -> String {
 
 /// `exec`: ssh_info (starting the instance first if it is not running, as the multipass CLI
 /// does), then one SSH connection streaming stdout/stderr; exits with the remote code.
-async fn exec(
-    client: &Client,
-    name: &str,
-    workdir: Option<String>,
-    argv: Vec<String>,
-) -> Result<ExitCode, Error> {
+async fn exec(client: &Client, name: &str, workdir: Option<String>, argv: Vec<String>) -> Result<ExitCode, Error> {
     let info = match client.ssh_info(name).await {
-        Err(Error::Daemon {
-            code: tonic::Code::Aborted,
-            ..
-        }) => {
+        Err(Error::Daemon { code: tonic::Code::Aborted, .. }) => {
             client.start(&Names::one(name), 0).await?;
             client.ssh_info(name).await?
         }
         other => other?,
     };
-    let target = crate::pool::ports::ssh_target(&info);
-    let exec_err = |e: crate::ssh::SshError| Error::InvalidArgument(format!("exec failed: {e}"));
-    let conn = crate::ssh::Connection::connect(&target, &crate::ssh::SshOptions::default())
-        .await
-        .map_err(exec_err)?;
-    let mut req = crate::ssh::ExecRequest::argv(argv).stdin_stream(forward_stdin());
+    let target = info.clone();
+    let exec_err = |e: mpool_ssh::SshError| Error::InvalidArgument(format!("exec failed: {e}"));
+    let conn = mpool_ssh::Connection::connect(&target, &mpool_ssh::SshOptions::default()).await.map_err(exec_err)?;
+    let mut req = mpool_ssh::ExecRequest::argv(argv).stdin_stream(forward_stdin());
     if let Some(dir) = workdir {
         req = req.cwd(dir);
     }
@@ -700,29 +586,27 @@ async fn exec(
 /// it), closed at EOF or on a read error.
 fn forward_stdin() -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let spawned = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            use std::io::Read;
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        let chunk = bytes::Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
-                        if tx.blocking_send(chunk).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::debug!("reading stdin: {e}");
+    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let chunk = bytes::Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+                    if tx.blocking_send(chunk).is_err() {
                         return;
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!("reading stdin: {e}");
+                    return;
+                }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::warn!("cannot forward stdin: {e}");
     }
@@ -731,27 +615,25 @@ fn forward_stdin() -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
 
 /// Copies an exec's output to our stdout/stderr as it arrives; returns the exit code to exit
 /// with (128+N for a signal, as shells do; 255 when the connection was lost).
-pub async fn relay(handle: &mut crate::ssh::ExecHandle) -> u8 {
+pub async fn relay(handle: &mut mpool_ssh::ExecHandle) -> u8 {
     use std::io::Write;
     while let Some(ev) = handle.next_event().await {
         match ev {
-            crate::ssh::ExecEvent::Stdout(b) => {
+            mpool_ssh::ExecEvent::Stdout(b) => {
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(&b);
                 let _ = out.flush();
             }
-            crate::ssh::ExecEvent::Stderr(b) => {
+            mpool_ssh::ExecEvent::Stderr(b) => {
                 let mut err = std::io::stderr().lock();
                 let _ = err.write_all(&b);
                 let _ = err.flush();
             }
-            crate::ssh::ExecEvent::Exit { code: Some(c), .. } => {
+            mpool_ssh::ExecEvent::Exit { code: Some(c), .. } => {
                 return u8::try_from(c).unwrap_or(255);
             }
-            crate::ssh::ExecEvent::Exit {
-                signal: Some(s), ..
-            } => return 128u8.saturating_add(signal_number(&s)),
-            crate::ssh::ExecEvent::Exit { .. } => return 255,
+            mpool_ssh::ExecEvent::Exit { signal: Some(s), .. } => return 128u8.saturating_add(signal_number(&s)),
+            mpool_ssh::ExecEvent::Exit { .. } => return 255,
         }
     }
     255

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::Config;
-use crate::serve::{Options, Running};
+use mpool_api::serve::{Options, Running};
+use mpool_config::Config;
 
 /// `mpool serve` flags.
 #[derive(Args, Debug)]
@@ -39,16 +39,20 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
     };
     if args.check {
         // The same validation `serve` runs before it binds anything.
-        if let Err(e) = crate::api::server::check(&cfg.api) {
+        if let Err(e) = mpool_api::server::check(&cfg.api) {
             crate::cli::output::err_line(&format!("mpool serve: {}: {e}", args.config.display()));
             return ExitCode::from(2);
         }
         crate::cli::output::line(&format!("{}: OK ({} pools)", args.config.display(), cfg.pools.len()));
         let images: Vec<(String, String)> = cfg.pools.iter().map(|p| (p.name.clone(), p.image.clone())).collect();
-        return crate::multipass::serve_check_images(crate::serve::client_options(&cfg, data_dir), &images).await;
+        return mpool_multipass::serve_check_images(mpool_api::serve::client_options(&cfg, data_dir), &images).await;
     }
-    let opts =
-        Options { data_dir, priorities: !args.no_priorities, daemon_wait: None, store_faults: args.inject_store_faults };
+    let opts = Options {
+        data_dir,
+        priorities: !args.no_priorities,
+        daemon_wait: None,
+        store_faults: args.inject_store_faults,
+    };
     let running = match Running::start(cfg.clone(), opts).await {
         Ok(r) => r,
         Err(e) => {
@@ -75,7 +79,7 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
 }
 
 /// Reports warm-up progress until every pool has its `min_ready` idle VMs.
-async fn show_warmup(engine: crate::pool::engine::Engine, cfg: Config) {
+async fn show_warmup(engine: mpool_engine::Engine, cfg: Config) {
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
     loop {
@@ -86,14 +90,10 @@ async fn show_warmup(engine: crate::pool::engine::Engine, cfg: Config) {
         let mut parts = Vec::new();
         for p in &status.pools {
             let want = cfg.pool(&p.name).map(|c| c.min_ready).unwrap_or(0) as usize;
-            let ready = p.counts.get("hot").copied().unwrap_or(0)
-                + p.counts.get("warm").copied().unwrap_or(0);
+            let ready = p.counts.get("hot").copied().unwrap_or(0) + p.counts.get("warm").copied().unwrap_or(0);
             let coming = p.counts.get("provisioning").copied().unwrap_or(0);
             done &= ready >= want;
-            parts.push(format!(
-                "{} {ready}/{want} ready ({coming} provisioning)",
-                p.name
-            ));
+            parts.push(format!("{} {ready}/{want} ready ({coming} provisioning)", p.name));
         }
         let line = format!("warming pools: {}", parts.join(", "));
         if tty {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::sim::{Exit, FailMode, SimConfig, Simulator, SshTarget};
+use mpool_sim::{Exit, FailMode, SimConfig, Simulator, SshTarget};
 
 /// `mpool sim` flags.
 #[derive(Args, Debug)]
@@ -77,17 +77,10 @@ fn parse_target(s: &str) -> Result<SshTarget, String> {
         Some((u, hp)) => (u.to_string(), hp),
         None => ("ubuntu".to_string(), s),
     };
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
-    Ok(SshTarget {
-        user,
-        host: host.to_string(),
-        port,
-    })
+    let (host, port) =
+        hostport.rsplit_once(':').ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
+    let port = port.parse().map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
+    Ok(SshTarget { user, host: host.to_string(), port })
 }
 
 /// Runs the simulator.
@@ -103,23 +96,14 @@ pub async fn run(args: SimArgs) -> ExitCode {
 
 async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
-        return Err(format!(
-            "--fail-rate {} is not a probability between 0 and 1",
-            args.fail_rate
-        ));
+        return Err(format!("--fail-rate {} is not a probability between 0 and 1", args.fail_rate));
     }
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
-        return Err(format!(
-            "--time-scale {} must be a finite number >= 0",
-            args.time_scale
-        ));
+        return Err(format!("--time-scale {} must be a finite number >= 0", args.time_scale));
     }
     let passphrase = match (&args.passphrase, &args.passphrase_file) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => Some(crate::multipass::trust::read_passphrase_file(
-            f,
-            "--passphrase-file",
-        )?),
+        (None, Some(f)) => Some(mpool_multipass::trust::read_passphrase_file(f, "--passphrase-file")?),
         (None, None) => None,
     };
     let mut cfg = SimConfig::new(&args.socket, &args.state_dir);
@@ -165,9 +149,7 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     };
     if sim.daemon().is_wedged() {
         // multipassd never exited after this; neither do we (only SIGKILL ends the process).
-        tracing::error!(
-            "wedged: socket gone, process alive; only SIGKILL ends this process, as with multipassd"
-        );
+        tracing::error!("wedged: socket gone, process alive; only SIGKILL ends this process, as with multipassd");
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}

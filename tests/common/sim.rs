@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mpool::multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
-use mpool::sim::{EventKind, SimConfig, SimEvent, Simulator};
+use mpool_multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
+use mpool_sim::{EventKind, SimConfig, SimEvent, Simulator};
 use tokio::sync::broadcast;
 
 /// A simulator on a temp dir.
@@ -48,8 +48,8 @@ impl TestSim {
     /// ports; after a kill, suspended ones cold-boot with new SSH host keys. `tweak` adjusts
     /// the new simulator's config, e.g. `c.hang_ops = vec!["autostart".into()]` holds the
     /// auto-started instances in Starting until `daemon().set_hang("autostart", false)`.
-    /// See `mpool::sim::Simulator::restart_with`.
-    pub async fn restart(self, how: mpool::sim::Stop, tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
+    /// See `mpool_sim::Simulator::restart_with`.
+    pub async fn restart(self, how: mpool_sim::Stop, tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
         let TestSim { dir, sim } = self;
         let sim = sim.restart_with(how, tweak).await.expect("simulator restarts");
         TestSim { dir, sim }

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mpool::ssh::SshTarget;
+use mpool_ssh::SshTarget;
 
 const SSHD: &str = "/usr/sbin/sshd";
 /// The external sftp-server, as on Ubuntu guests; `internal-sftp` where it is missing.
@@ -72,8 +72,7 @@ impl Sshd {
         let user = run(Command::new("id").arg("-un"));
         let key_path = keygen(dir.path(), "client_rsa", "rsa", Some("PEM"));
         let client_key = fs::read_to_string(&key_path).expect("reading client key");
-        fs::copy(key_path.with_extension("pub"), dir.path().join("authorized_keys"))
-            .expect("writing authorized_keys");
+        fs::copy(key_path.with_extension("pub"), dir.path().join("authorized_keys")).expect("writing authorized_keys");
         let mut sshd = Sshd { dir, port: 0, child: None, user, client_key, host_key_serial: 0 };
         // A free port can be taken between probing and binding; try a few.
         for _ in 0..5 {
@@ -129,11 +128,7 @@ impl Sshd {
         if run(Command::new("id").arg("-u")) == "0" && !Path::new("/run/sshd").exists() {
             fs::create_dir_all("/run/sshd").expect("creating /run/sshd");
         }
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("opening sshd log");
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("opening sshd log");
         let log_len = fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0) as usize;
         let mut child = Command::new(SSHD)
             .arg("-D")

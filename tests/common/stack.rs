@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mpool::cli::client::{Client, Connect, connect};
-use mpool::proto::v1;
-use mpool::sim::{SimConfig, Simulator};
+use mpool_api::client::{Client, Connect, connect};
+use mpool_api::proto::v1;
+use mpool_sim::{SimConfig, Simulator};
 
 /// The mpool binary under test.
 pub const MPOOL: &str = env!("CARGO_BIN_EXE_mpool");
@@ -39,7 +39,7 @@ pub struct Stack {
     /// The simulator (in-process).
     pub sim: Option<Simulator>,
     /// The simulator's events from before `mpool serve` started (take it to miss none).
-    pub events_from_start: Option<tokio::sync::broadcast::Receiver<mpool::sim::SimEvent>>,
+    pub events_from_start: Option<tokio::sync::broadcast::Receiver<mpool_sim::SimEvent>>,
     /// The `mpool serve` process.
     pub serve: Option<Child>,
     /// API Unix socket.
@@ -76,20 +76,20 @@ impl Stack {
         let sim = Simulator::start(sc).await.expect("simulator");
         let events_from_start = Some(sim.events());
 
-        let (ca, leaf) = mpool::tls::generate_ca_and_server("localhost").expect("certs");
+        let (ca, leaf) = mpool_tls::generate_ca_and_server("localhost").expect("certs");
         std::fs::write(root.join("api-ca.pem"), &ca.cert_pem).unwrap();
         std::fs::write(root.join("api-cert.pem"), &leaf.cert_pem).unwrap();
         std::fs::write(root.join("api-key.pem"), &leaf.key_pem).unwrap();
-        let token = mpool::api::auth::new_token();
-        let hash = mpool::api::auth::hex(&mpool::api::auth::hash(&token));
+        let token = mpool_api::auth::new_token();
+        let hash = mpool_api::auth::hex(&mpool_api::auth::hash(&token));
         let mut tokens = format!(
             "[[tokens]]\nname = \"ci-bot\"\nsha256 = \"{hash}\"\npools = [\"*\"]\n\n[[tokens]]\nname = \"other\"\nsha256 = \"{}\"\npools = [\"*\"]\n",
-            mpool::api::auth::hex(&mpool::api::auth::hash("other-token"))
+            mpool_api::auth::hex(&mpool_api::auth::hash("other-token"))
         );
         for (name, token, pools) in &opts.tokens {
             tokens.push_str(&format!(
                 "\n[[tokens]]\nname = {name:?}\nsha256 = \"{}\"\npools = {pools:?}\n",
-                mpool::api::auth::hex(&mpool::api::auth::hash(token))
+                mpool_api::auth::hex(&mpool_api::auth::hash(token))
             ));
         }
         std::fs::write(root.join("tokens.toml"), tokens).unwrap();
@@ -277,7 +277,13 @@ impl HttpAnswer {
 impl Stack {
     /// One HTTP/1.1 request to the facade over TLS (a hand-rolled client: `Connection: close`,
     /// the answer read to EOF).
-    pub async fn http(&self, method: &str, path: &str, token: Option<&str>, body: Option<&serde_json::Value>) -> HttpAnswer {
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> HttpAnswer {
         let mut tls = self.http_send(method, path, token, body, true).await;
         let mut buf = Vec::new();
         use tokio::io::AsyncReadExt;
@@ -297,10 +303,10 @@ impl Stack {
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use tokio::io::AsyncWriteExt;
         let mut roots = rustls::RootCertStore::empty();
-        for c in mpool::tls::certs_from_pem("ca", &std::fs::read(&self.ca).unwrap()).unwrap() {
+        for c in mpool_tls::certs_from_pem("ca", &std::fs::read(&self.ca).unwrap()).unwrap() {
             roots.add(c).unwrap();
         }
-        let cfg = rustls::ClientConfig::builder_with_provider(mpool::tls::provider())
+        let cfg = rustls::ClientConfig::builder_with_provider(mpool_tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -311,8 +317,10 @@ impl Stack {
         let mut tls = connector.connect(name, tcp).await.expect("TLS to http_listen");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let connection = if close { "close" } else { "keep-alive" };
-        let mut head =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\nContent-Length: {}\r\n", body.len());
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         if !body.is_empty() {
             head.push_str("Content-Type: application/json\r\n");
         }
@@ -365,5 +373,7 @@ pub async fn exec(c: &mut Client, lease: &str, argv: &[&str]) -> Result<(i32, St
 
 /// Acquires a lease.
 pub async fn acquire(c: &mut Client, pool: &str, holder: &str) -> Result<v1::Lease, tonic::Status> {
-    Ok(c.acquire(v1::AcquireRequest { pool: pool.into(), holder: holder.into(), ..Default::default() }).await?.into_inner())
+    Ok(c.acquire(v1::AcquireRequest { pool: pool.into(), holder: holder.into(), ..Default::default() })
+        .await?
+        .into_inner())
 }

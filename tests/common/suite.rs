@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mpool::ssh::{
-    Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshError,
-    SshOptions, SshTarget, TransferOptions,
+use mpool_ssh::{
+    Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshError, SshOptions, SshTarget,
+    TransferOptions,
 };
 
 /// What the suite needs to know about an endpoint.
@@ -54,9 +54,7 @@ async fn wait_until(conn: &Connection, what: &str, line: &str) {
 /// Waits until process `pid` no longer runs: gone from /proc, or a zombie (in containers
 /// whose PID 1 does not reap orphans, killed orphans stay zombies).
 async fn wait_process_dead(conn: &Connection, pid: u32) {
-    let line = format!(
-        "[ ! -e /proc/{pid} ] || grep -q '^State:[[:space:]]*[ZX]' /proc/{pid}/status 2>/dev/null"
-    );
+    let line = format!("[ ! -e /proc/{pid} ] || grep -q '^State:[[:space:]]*[ZX]' /proc/{pid}/status 2>/dev/null");
     wait_until(conn, &format!("process {pid} is dead"), &line).await;
 }
 
@@ -88,10 +86,7 @@ async fn drain_to_exit(handle: &mut ExecHandle) -> (Option<u32>, Option<String>,
 /// command-not-found helper); a signal exit; output written after the exit status still arrives.
 pub async fn exit_codes_and_streams(r: &Remote) {
     let conn = connect(r).await;
-    let out = conn
-        .run(ExecRequest::shell("for i in 1 2 3; do echo out$i; echo err$i >&2; done"))
-        .await
-        .unwrap();
+    let out = conn.run(ExecRequest::shell("for i in 1 2 3; do echo out$i; echo err$i >&2; done")).await.unwrap();
     assert_eq!(out.stdout_text(), "out1\nout2\nout3\n");
     assert_eq!(out.stderr_text(), "err1\nerr2\nerr3\n");
     assert_eq!(out.code, Some(0));
@@ -111,11 +106,9 @@ pub async fn exit_codes_and_streams(r: &Remote) {
     }
     assert_eq!((stdout.as_slice(), stderr.as_slice(), exits), (&b"a\nc\n"[..], &b"b\n"[..], 1));
 
-    for (req, code) in [
-        (ExecRequest::argv(["true"]), 0),
-        (ExecRequest::argv(["false"]), 1),
-        (ExecRequest::shell("exit 42"), 42),
-    ] {
+    for (req, code) in
+        [(ExecRequest::argv(["true"]), 0), (ExecRequest::argv(["false"]), 1), (ExecRequest::shell("exit 42"), 42)]
+    {
         let out = conn.run(req).await.unwrap();
         assert_eq!((out.code, out.signal.as_deref()), (Some(code), None), "{}", out.command);
     }
@@ -143,8 +136,7 @@ pub async fn exit_codes_and_streams(r: &Remote) {
 /// working directory (with spaces and `~`), and a bad env name refused before running.
 pub async fn stdin_env_cwd(r: &Remote) {
     let conn = connect(r).await;
-    let data: Vec<u8> =
-        (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let out = conn.run(ExecRequest::argv(["cat"]).stdin(data.clone())).await.unwrap();
     assert!(out.success());
     assert!(out.stdout == data, "stdin came back altered ({} bytes)", out.stdout.len());
@@ -215,17 +207,14 @@ pub async fn scripts(r: &Remote) {
     let script = "set -e\nname=\"$1\"\ncat <<'EOF'\nliteral $name `x` 'q'\nEOF\necho \"hello $name\"\n\
                   echo warn >&2\nexit 3\n";
     for shell in [ScriptShell::Sh, ScriptShell::Bash] {
-        let out =
-            conn.run(ExecRequest::script(shell, script).script_args(["it's me"])).await.unwrap();
+        let out = conn.run(ExecRequest::script(shell, script).script_args(["it's me"])).await.unwrap();
         assert_eq!(out.stdout_text(), "literal $name `x` 'q'\nhello it's me\n", "{shell:?}");
         assert_eq!(out.stderr_text(), "warn\n");
         assert_eq!(out.code, Some(3));
     }
     let out = conn
         .run(
-            ExecRequest::script(ScriptShell::Bash, "echo ${BASH_VERSION:+bash} \"$X\" \"$PWD\"")
-                .env("X", "y")
-                .cwd("/"),
+            ExecRequest::script(ScriptShell::Bash, "echo ${BASH_VERSION:+bash} \"$X\" \"$PWD\"").env("X", "y").cwd("/"),
         )
         .await
         .unwrap();
@@ -319,9 +308,7 @@ pub async fn large_file_round_trip(r: &Remote, local_dir: &Path) {
     assert!(remote_sum.starts_with(&hex(&want)), "remote copy differs: {remote_sum}");
     assert_eq!(hex(&sha256_file(&back)), hex(&want), "downloaded copy differs");
     let growth_mib = peak.saturating_sub(before) / 1024;
-    eprintln!(
-        "100 MiB up+down: RSS {before} KiB before, peak {peak} KiB ({growth_mib} MiB growth)"
-    );
+    eprintln!("100 MiB up+down: RSS {before} KiB before, peak {peak} KiB ({growth_mib} MiB growth)");
     assert!(growth_mib < 40, "peak RSS grew by {growth_mib} MiB moving 100 MiB");
     run_ok(&conn, ExecRequest::argv(["rm", "-f", &remote])).await;
 }
@@ -351,11 +338,8 @@ pub async fn tree_round_trip(r: &Remote, local_dir: &Path) {
     let up = conn.upload(&src, &remote, &TransferOptions::default()).await.expect("upload tree");
     assert_eq!((up.files, up.directories, up.bytes), (4, 5, 23), "{up:?}");
     assert_eq!(up.skipped.len(), 1, "the symlink is skipped: {up:?}");
-    let listing = run_ok(
-        &conn,
-        ExecRequest::shell(format!("cd '{remote}' && find . -printf '%p %m %s\\n' | sort")),
-    )
-    .await;
+    let listing =
+        run_ok(&conn, ExecRequest::shell(format!("cd '{remote}' && find . -printf '%p %m %s\\n' | sort"))).await;
     assert!(listing.contains("./run.sh 755 18\n"), "{listing}");
     assert!(listing.contains("./a/empty 600 0\n"), "{listing}");
     assert!(listing.contains("./a/b 750 "), "{listing}");
@@ -391,10 +375,7 @@ pub async fn paths_are_confined(r: &Remote, local_dir: &Path) {
         assert!(matches!(err, SshError::PathEscapesBase { .. }), "{bad}: {err}");
     }
     let out = conn
-        .run(ExecRequest::shell(format!(
-            "ls -A '{}' | grep -c escaped; test ! -e '{outside}'",
-            r.scratch
-        )))
+        .run(ExecRequest::shell(format!("ls -A '{}' | grep -c escaped; test ! -e '{outside}'", r.scratch)))
         .await
         .unwrap();
     assert_eq!(out.stdout_text().trim(), "0", "nothing was written outside");
@@ -402,10 +383,7 @@ pub async fn paths_are_confined(r: &Remote, local_dir: &Path) {
 
     let report = conn.upload(&src, "in/side.txt", &opts).await.expect("upload inside base");
     assert_eq!(report.bytes, 4);
-    assert_eq!(
-        run_ok(&conn, ExecRequest::argv(["cat", &format!("{base}/in/side.txt")])).await,
-        "data"
-    );
+    assert_eq!(run_ok(&conn, ExecRequest::argv(["cat", &format!("{base}/in/side.txt")])).await, "data");
 
     let err = conn.download("nope.txt", local_dir.join("nope"), &opts).await.unwrap_err();
     assert!(matches!(err, SshError::NoSuchFile { .. }), "{err}");
@@ -453,9 +431,7 @@ pub async fn timeout_and_cancel_kill_the_process_group(r: &Remote) {
     // A command that ignores TERM (inherited by its child, whose output goes elsewhere) is
     // KILLed after the grace period.
     let pidfile = format!("{dir}/stubborn.pid");
-    let stubborn = format!(
-        "trap '' TERM; sleep 1000 >/dev/null 2>&1 & echo $! > '{pidfile}'; echo ready; wait"
-    );
+    let stubborn = format!("trap '' TERM; sleep 1000 >/dev/null 2>&1 & echo $! > '{pidfile}'; echo ready; wait");
     let mut handle = conn.exec(ExecRequest::shell(stubborn)).await.unwrap();
     read_until_stdout(&mut handle, "ready").await;
     handle.cancel();

@@ -1,0 +1,1602 @@
+//! The configuration of `mpool serve --config FILE`: a TOML file with `[daemon]` (how to reach
+//! and trust multipassd), `[api]` (where mpool listens), `[store]` (its database), `[engine]`
+//! (instance naming and the reconcile loop) and one `[[pools]]` table per pool of VMs.
+//!
+//! Loading happens in two steps: the text is deserialised into raw tables (every key optional,
+//! unknown keys rejected by serde with toml's line and column), then [`Config::parse`] checks
+//! every value, fills in defaults and resolves relative paths against the config file's
+//! directory. Every problem found is reported at once; each names the file, the line, the key
+//! path (e.g. `pools[1] ("ci").max_size`), what is wrong and what to do about it.
+//!
+//! `deploy/mpool.toml` is the annotated example with every key and its default.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use mpool_multipass::sizes::{MIN_DISK, MIN_MEMORY};
+use mpool_multipass::{ClientIdentity, DaemonAddress, ServerVerification};
+
+/// Parses a memory/disk size as multipass does (`512M`, `1G`, `1.5G`, `2GiB`; plain digits are
+/// bytes) and returns bytes; `None` when the text is not a size.
+pub use mpool_core::sizes::parse_size;
+pub use mpool_core::{PoolConfig, ResetStrategy};
+
+/// The API listener used when `[api] listen` is absent.
+pub const DEFAULT_LISTEN: &str = "unix:/run/mpool/mpool.sock";
+/// The largest upload when `[api] max_upload` is absent: 1 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 1 << 30;
+/// The store path used when `[store] path` is absent.
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/mpool/mpool.redb";
+/// The instance-name prefix used when `[engine] name_prefix` is absent.
+pub const DEFAULT_NAME_PREFIX: &str = "mpool-";
+/// The longest pool name. VM names are prefix + pool + suffix and must stay hostnames of at
+/// most 63 characters.
+pub const MAX_POOL_NAME_LEN: usize = 20;
+/// The longest `[engine] name_prefix` (same reason as [`MAX_POOL_NAME_LEN`]).
+pub const MAX_PREFIX_LEN: usize = 20;
+
+/// The whole configuration, validated, with defaults filled in and paths resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `[daemon]`: how to reach and trust multipassd.
+    pub daemon: DaemonConfig,
+    /// `[api]`: where mpool's own API listens.
+    pub api: ApiConfig,
+    /// `[store]`: mpool's database.
+    pub store: StoreConfig,
+    /// `[engine]`: instance naming and the reconcile loop.
+    pub engine: EngineConfig,
+    /// `[[pools]]`: at least one pool, names unique.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// `[daemon]`: how to reach multipassd and how to trust it. Every key is optional.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonConfig {
+    /// `address`: `unix:PATH` or `HOST:PORT`; `None` discovers the daemon
+    /// (`$MULTIPASS_SERVER_ADDRESS`, the snap socket, `/run/multipass_socket`).
+    pub address: Option<String>,
+    /// `passphrase_file`: a file whose first line is multipassd's `local.passphrase`, used to
+    /// authenticate when the daemon does not trust mpool's client certificate yet.
+    pub passphrase_file: Option<PathBuf>,
+    /// `root_cert`: verify the daemon against this root CA (exclusive with `pin_cert` and
+    /// `insecure_skip_verify`).
+    pub root_cert: Option<PathBuf>,
+    /// `pin_cert`: accept exactly this daemon certificate (exclusive with `root_cert` and
+    /// `insecure_skip_verify`).
+    pub pin_cert: Option<PathBuf>,
+    /// `insecure_skip_verify`: do not verify the daemon's certificate (default false).
+    pub insecure_skip_verify: bool,
+    /// `client_cert`: the client certificate to present (together with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// `client_key`: the PKCS#8 key of `client_cert` (together with `client_cert`).
+    pub client_key: Option<PathBuf>,
+    /// `allow_untested_daemon`: talk to multipassd versions outside the tested range (default false).
+    pub allow_untested_daemon: bool,
+    /// `data_dir`: mpool's own files (its generated client certificate); `None` uses the CLI's
+    /// default data dir.
+    pub data_dir: Option<PathBuf>,
+    /// `call_timeout` (default 30s): deadline of quick daemon calls (list, info, version, ssh_info).
+    pub call_timeout: Duration,
+    /// `blocking_call_timeout` (default 120s): deadline of calls that take the daemon's lock or
+    /// boot a VM (stop, suspend, snapshot, restore, clone, delete, start, launch).
+    pub blocking_call_timeout: Duration,
+    /// `max_in_flight` (default 8, 1-256): daemon calls mpool has open at once; more wait for a
+    /// slot (within their deadline). Few calls in flight narrow multipassd's abort when a log
+    /// line races a handler (reference §0.3).
+    pub max_in_flight: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            address: None,
+            passphrase_file: None,
+            root_cert: None,
+            pin_cert: None,
+            insecure_skip_verify: false,
+            client_cert: None,
+            client_key: None,
+            allow_untested_daemon: false,
+            data_dir: None,
+            call_timeout: Duration::from_secs(30),
+            blocking_call_timeout: Duration::from_secs(120),
+            max_in_flight: mpool_multipass::DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// How the client should verify the daemon, from `root_cert`, `pin_cert` and
+    /// `insecure_skip_verify` (validation makes them exclusive).
+    pub fn server_verification(&self) -> ServerVerification {
+        match (&self.root_cert, &self.pin_cert, self.insecure_skip_verify) {
+            (Some(p), _, _) => ServerVerification::RootCert(p.clone()),
+            (_, Some(p), _) => ServerVerification::Pin(p.clone()),
+            (_, _, true) => ServerVerification::InsecureSkipVerify,
+            _ => ServerVerification::Auto,
+        }
+    }
+
+    /// Which client certificate to present: `client_cert`/`client_key` when given, else automatic.
+    pub fn client_identity(&self) -> ClientIdentity {
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => ClientIdentity::Files { cert: cert.clone(), key: key.clone() },
+            _ => ClientIdentity::Auto,
+        }
+    }
+}
+
+/// `[api]`: where mpool's gRPC API (and its optional companions) listen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    /// `listen` (default `["unix:/run/mpool/mpool.sock"]`): at least one of `unix:PATH` or
+    /// `IP:PORT` (IPv6 as `[::1]:PORT`); no duplicates.
+    pub listen: Vec<Listen>,
+    /// `tls_cert`: serve TLS on TCP listeners with this certificate chain (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// `tls_key`: the key of `tls_cert` (with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
+    /// `client_ca`: require client certificates signed by this CA (mutual TLS; needs `tls_cert`).
+    pub client_ca: Option<PathBuf>,
+    /// `tokens_file`: bearer tokens accepted by the API.
+    pub tokens_file: Option<PathBuf>,
+    /// `metrics_listen`: where Prometheus metrics are served (`IP:PORT`); `None` disables them.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `http_listen`: the HTTP/JSON facade (`unix:PATH` or `IP:PORT`); `None` disables it.
+    pub http_listen: Option<Listen>,
+    /// `max_upload` (default `1G`): the largest file an Upload (or all inputs of a Run together)
+    /// may write, in bytes; at least 1.
+    pub max_upload: u64,
+    /// `max_download` (default `1G`): the largest file a Download (or one output of a Run) may
+    /// read, in bytes, checked against the file's size before reading; at least 1.
+    pub max_download: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: vec![Listen::Unix(PathBuf::from(DEFAULT_LISTEN.trim_start_matches("unix:")))],
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            tokens_file: None,
+            metrics_listen: None,
+            http_listen: None,
+            max_upload: DEFAULT_MAX_UPLOAD,
+            max_download: DEFAULT_MAX_UPLOAD,
+        }
+    }
+}
+
+/// A listening address: `unix:PATH` or an IP socket address (`127.0.0.1:7070`, `[::1]:7070`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Listen {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP socket address.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    /// Parses `unix:PATH` or `IP:PORT`; host names are not resolved.
+    fn from_str(s: &str) -> Result<Listen, String> {
+        let t = s.trim();
+        if let Some(path) = t.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: `unix:` needs a socket path, e.g. \"unix:/run/mpool/mpool.sock\""));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        t.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+            format!(
+                "{s:?} is not a listen address: write \"unix:PATH\" or an IP address and port such as \
+                 \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not resolved)"
+            )
+        })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// `[store]`: mpool's database.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// `path` (default `/var/lib/mpool/mpool.redb`): the redb file of VMs, leases and pools.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { path: PathBuf::from(DEFAULT_STORE_PATH) }
+    }
+}
+
+/// `[engine]`: how mpool names its instances and how often it reconciles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// `name_prefix` (default `mpool-`): every instance mpool creates starts with it. A letter
+    /// first, then `[a-zA-Z0-9-]`, at most [`MAX_PREFIX_LEN`] characters.
+    pub name_prefix: String,
+    /// `delete_strays` (default true): delete instances with our prefix that the store has no
+    /// record of.
+    pub delete_strays: bool,
+    /// `reconcile_interval` (default 5s): how often pools are brought back to their targets.
+    pub reconcile_interval: Duration,
+    /// `health_interval` (default 30s): how often ready VMs are checked.
+    pub health_interval: Duration,
+    /// `shutdown_grace` (default 30s): how long shutdown waits for in-flight work.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            name_prefix: DEFAULT_NAME_PREFIX.to_string(),
+            delete_strays: true,
+            reconcile_interval: Duration::from_secs(5),
+            health_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One problem found while validating a config: where and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    /// The key path, e.g. `api.listen[1]` or `pools[1] ("ci").max_size`.
+    pub key: String,
+    /// The 1-based line of the offending value (or of the table missing a key), when known.
+    pub line: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}; check the path given to --config and that mpool may read it", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML, a key is unknown, or a value has the wrong type.
+    #[error("{file}: {message}\nFix the key or value shown above; every key is documented in deploy/mpool.toml.")]
+    Syntax {
+        /// The config file (or `config` for text without a file).
+        file: String,
+        /// toml's message, with line, column and the offending key.
+        message: String,
+    },
+    /// Values are well-formed TOML but break the rules; every problem is listed.
+    #[error("{file}: {}", IssuesDisplay(issues))]
+    Invalid {
+        /// The config file (or `config` for text without a file).
+        file: String,
+        /// The problems, by line (those without a line last).
+        issues: Vec<Issue>,
+    },
+}
+
+impl ConfigError {
+    /// The validation problems (empty for read and syntax errors).
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ConfigError::Invalid { issues, .. } => issues,
+            _ => &[],
+        }
+    }
+}
+
+struct IssuesDisplay<'a>(&'a [Issue]);
+
+impl fmt::Display for IssuesDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            [one] => write!(f, "{one}"),
+            many => {
+                write!(f, "{} problems:", many.len())?;
+                for issue in many {
+                    write!(f, "\n  {issue}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`; relative paths in it resolve
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = match absolute.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        parse_named(&text, &base, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        parse_named(text, base_dir, "config")
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// Parses a duration: one or more `<digits><unit>` parts with units `ms`, `s`, `m`, `h`, `d`
+/// (`250ms`, `30s`, `5m`, `1h30m`, `2d`), or a plain `0`. Negative, fractional, unit-less,
+/// empty and overflowing values are refused with a message saying what to write instead.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let example = "write a number with a unit (ms, s, m, h, d) such as \"30s\", \"5m\" or \"1h30m\"";
+    if t.is_empty() {
+        return Err(format!("empty duration; {example}"));
+    }
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if t.starts_with('-') {
+        return Err(format!("{s:?} is negative; durations must be 0 or more"));
+    }
+    if t.contains('.') || t.contains(',') {
+        return Err(format!("{s:?}: fractions are not supported; combine units instead, e.g. \"1h30m\" or \"1500ms\""));
+    }
+    let mut total: u64 = 0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("{s:?} is not a duration; {example}"));
+        }
+        let (num, after) = rest.split_at(digits);
+        let unit_len = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let millis_per: u64 = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err(format!("{s:?} has no unit; {example}")),
+            other => return Err(format!("{s:?}: unknown unit {other:?}; {example}")),
+        };
+        let overflow = || format!("{s:?} is too large");
+        let n: u64 = num.parse().map_err(|_| overflow())?;
+        let part = n.checked_mul(millis_per).ok_or_else(overflow)?;
+        total = total.checked_add(part).ok_or_else(overflow)?;
+        rest = next;
+    }
+    Ok(Duration::from_millis(total))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it (`1h30m`, `250ms`, `0s`); below a
+/// millisecond is dropped.
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw tables: what serde reads. Every key optional, unknown keys rejected, spans kept so
+// validation can name the line.
+
+type Field<T> = Option<Spanned<T>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    engine: RawEngine,
+    #[serde(default)]
+    pools: Vec<Spanned<RawPool>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    address: Field<String>,
+    passphrase_file: Field<String>,
+    root_cert: Field<String>,
+    pin_cert: Field<String>,
+    insecure_skip_verify: Field<bool>,
+    client_cert: Field<String>,
+    client_key: Field<String>,
+    allow_untested_daemon: Option<bool>,
+    data_dir: Field<String>,
+    call_timeout: Field<RawDuration>,
+    blocking_call_timeout: Field<RawDuration>,
+    max_in_flight: Field<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Field<Vec<Spanned<String>>>,
+    tls_cert: Field<String>,
+    tls_key: Field<String>,
+    client_ca: Field<String>,
+    tokens_file: Field<String>,
+    metrics_listen: Field<String>,
+    http_listen: Field<String>,
+    max_upload: Field<String>,
+    max_download: Field<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Field<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    name_prefix: Field<String>,
+    delete_strays: Option<bool>,
+    reconcile_interval: Field<RawDuration>,
+    health_interval: Field<RawDuration>,
+    shutdown_grace: Field<RawDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Field<String>,
+    image: Field<String>,
+    cpus: Field<u32>,
+    memory: Field<String>,
+    disk: Field<String>,
+    cloud_init: Field<String>,
+    cloud_init_file: Field<String>,
+    setup: Option<Vec<String>>,
+    min_ready: Field<u32>,
+    hot: Field<u32>,
+    max_size: Field<u32>,
+    reset: Option<ResetStrategy>,
+    max_uses: Option<u32>,
+    default_ttl: Field<RawDuration>,
+    max_ttl: Field<RawDuration>,
+    max_wait: Field<RawDuration>,
+    readiness_timeout: Field<RawDuration>,
+    idle_timeout: Field<RawDuration>,
+}
+
+/// A duration as written: a string, checked by [`parse_duration`] during validation. A bare
+/// number is refused here so toml's error shows where, with a hint.
+struct RawDuration(String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string with a unit, such as \"30s\", \"5m\" or \"1h30m\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_string()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+fn parse_named(text: &str, base_dir: &Path, file: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text)
+        .map_err(|e| ConfigError::Syntax { file: file.to_string(), message: e.to_string().trim_end().to_string() })?;
+    let mut check = Checker { text, base: base_dir, issues: Vec::new() };
+    let config = check.config(raw);
+    check.issues.sort_by_key(|issue| issue.line.unwrap_or(usize::MAX));
+    if check.issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid { file: file.to_string(), issues: check.issues })
+    }
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    base: &'a Path,
+    issues: Vec<Issue>,
+}
+
+impl Checker<'_> {
+    fn line(&self, span: Range<usize>) -> Option<usize> {
+        let end = span.start.min(self.text.len());
+        let prefix = self.text.get(..end)?;
+        Some(prefix.bytes().filter(|b| *b == b'\n').count() + 1)
+    }
+
+    fn fail(&mut self, key: &str, span: Option<Range<usize>>, message: impl Into<String>) {
+        let line = span.and_then(|s| self.line(s));
+        self.issues.push(Issue { key: key.to_string(), line, message: message.into() });
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) }
+    }
+
+    fn path(&mut self, key: &str, v: &Field<String>) -> Option<PathBuf> {
+        let v = v.as_ref()?;
+        if v.get_ref().trim().is_empty() {
+            self.fail(key, Some(v.span()), "empty path; give a file path or remove the key");
+            return None;
+        }
+        Some(self.resolve(v.get_ref()))
+    }
+
+    fn duration(&mut self, key: &str, v: &Field<RawDuration>, default: Duration, positive: bool) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(&v.get_ref().0) {
+            Ok(d) if positive && d.is_zero() => {
+                self.fail(
+                    key,
+                    Some(v.span()),
+                    format!("must be more than 0; the default is {}", format_duration(default)),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.fail(key, Some(v.span()), e);
+                default
+            }
+        }
+    }
+
+    fn listen(&mut self, key: &str, v: &Spanned<String>) -> Option<Listen> {
+        match v.get_ref().parse::<Listen>() {
+            Ok(Listen::Unix(p)) => Some(Listen::Unix(self.resolve(&p.to_string_lossy()))),
+            Ok(tcp) => Some(tcp),
+            Err(e) => {
+                self.fail(key, Some(v.span()), e);
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let daemon = self.daemon(raw.daemon);
+        let api = self.api(raw.api);
+        let store = StoreConfig {
+            path: self.path("store.path", &raw.store.path).unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)),
+        };
+        let engine = self.engine(raw.engine);
+        if raw.pools.is_empty() {
+            self.fail(
+                "pools",
+                None,
+                "no pools are configured; add at least one [[pools]] table, e.g.\n    [[pools]]\n    name = \"ci\"",
+            );
+        }
+        let mut pools: Vec<PoolConfig> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, raw_pool) in raw.pools.into_iter().enumerate() {
+            let span = raw_pool.span();
+            let name_span = raw_pool.get_ref().name.as_ref().map_or(span.clone(), |n| n.span());
+            let pool = self.pool(i, span, raw_pool.into_inner());
+            if !pool.name.is_empty() {
+                if let Some(first) = seen.get(&pool.name) {
+                    self.fail(
+                        &format!("pools[{i}] ({:?}).name", pool.name),
+                        Some(name_span),
+                        format!(
+                            "duplicate pool name; pools[{first}] is already called {:?}; pool names must be unique",
+                            pool.name
+                        ),
+                    );
+                } else {
+                    seen.insert(pool.name.clone(), i);
+                }
+            }
+            pools.push(pool);
+        }
+        Config { daemon, api, store, engine, pools }
+    }
+
+    fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
+        let d = DaemonConfig::default();
+        let address = raw.address.as_ref().and_then(|a| match DaemonAddress::parse(a.get_ref()) {
+            Ok(DaemonAddress::Unix(p)) => Some(format!("unix:{}", self.resolve(&p.to_string_lossy()).display())),
+            Ok(_) => Some(a.get_ref().trim().to_string()),
+            Err(e) => {
+                self.fail(
+                    "daemon.address",
+                    Some(a.span()),
+                    format!("{e} (e.g. \"unix:/var/snap/multipass/common/multipass_socket\" or \"localhost:50051\")"),
+                );
+                None
+            }
+        });
+        let root_cert = self.path("daemon.root_cert", &raw.root_cert);
+        let pin_cert = self.path("daemon.pin_cert", &raw.pin_cert);
+        let insecure = raw.insecure_skip_verify.as_ref().map(|s| (*s.get_ref(), s.span()));
+        let insecure_skip_verify = insecure.as_ref().is_some_and(|(b, _)| *b);
+        if let (Some(_), Some(pin)) = (&raw.root_cert, &raw.pin_cert) {
+            self.fail(
+                "daemon.pin_cert",
+                Some(pin.span()),
+                "daemon.root_cert and daemon.pin_cert are exclusive; keep root_cert (multipassd 1.16+) or pin_cert, not both",
+            );
+        }
+        if let Some((true, span)) = insecure
+            && (raw.root_cert.is_some() || raw.pin_cert.is_some())
+        {
+            self.fail(
+                "daemon.insecure_skip_verify",
+                Some(span),
+                "contradicts daemon.root_cert/daemon.pin_cert, which ask for verification; remove one of them",
+            );
+        }
+        let client_cert = self.path("daemon.client_cert", &raw.client_cert);
+        let client_key = self.path("daemon.client_key", &raw.client_key);
+        match (&raw.client_cert, &raw.client_key) {
+            (Some(c), None) => self.fail(
+                "daemon.client_key",
+                Some(c.span()),
+                "missing: daemon.client_cert is set, so give daemon.client_key too (or remove client_cert to use the automatic certificate)",
+            ),
+            (None, Some(k)) => self.fail(
+                "daemon.client_cert",
+                Some(k.span()),
+                "missing: daemon.client_key is set, so give daemon.client_cert too (or remove client_key to use the automatic certificate)",
+            ),
+            _ => {}
+        }
+        DaemonConfig {
+            address,
+            passphrase_file: self.path("daemon.passphrase_file", &raw.passphrase_file),
+            root_cert,
+            pin_cert,
+            insecure_skip_verify,
+            client_cert,
+            client_key,
+            allow_untested_daemon: raw.allow_untested_daemon.unwrap_or(false),
+            data_dir: self.path("daemon.data_dir", &raw.data_dir),
+            call_timeout: self.duration("daemon.call_timeout", &raw.call_timeout, d.call_timeout, true),
+            blocking_call_timeout: self.duration(
+                "daemon.blocking_call_timeout",
+                &raw.blocking_call_timeout,
+                d.blocking_call_timeout,
+                true,
+            ),
+            max_in_flight: match &raw.max_in_flight {
+                None => d.max_in_flight,
+                Some(v) if (1..=256).contains(v.get_ref()) => *v.get_ref() as usize,
+                Some(v) => {
+                    self.fail("daemon.max_in_flight", Some(v.span()), "must be between 1 and 256");
+                    d.max_in_flight
+                }
+            },
+        }
+    }
+
+    fn api(&mut self, raw: RawApi) -> ApiConfig {
+        let d = ApiConfig::default();
+        let mut listen = Vec::new();
+        let mut tcp_used: HashMap<SocketAddr, String> = HashMap::new();
+        match &raw.listen {
+            None => listen = d.listen.clone(),
+            Some(list) if list.get_ref().is_empty() => self.fail(
+                "api.listen",
+                Some(list.span()),
+                format!(
+                    "empty; give at least one address, e.g. [\"{DEFAULT_LISTEN}\"] (or remove the key for that default)"
+                ),
+            ),
+            Some(list) => {
+                for (i, entry) in list.get_ref().iter().enumerate() {
+                    let key = format!("api.listen[{i}]");
+                    let Some(l) = self.listen(&key, entry) else { continue };
+                    if let Some(j) = listen.iter().position(|x| *x == l) {
+                        self.fail(
+                            &key,
+                            Some(entry.span()),
+                            format!("{l} is already listed as api.listen[{j}]; remove the duplicate"),
+                        );
+                        continue;
+                    }
+                    if let Listen::Tcp(a) = l
+                        && a.port() != 0
+                    {
+                        tcp_used.insert(a, key.clone());
+                    }
+                    listen.push(l);
+                }
+            }
+        }
+        let tls_cert = self.path("api.tls_cert", &raw.tls_cert);
+        let tls_key = self.path("api.tls_key", &raw.tls_key);
+        match (&raw.tls_cert, &raw.tls_key) {
+            (Some(c), None) => self.fail(
+                "api.tls_key",
+                Some(c.span()),
+                "missing: api.tls_cert is set, so give api.tls_key (its private key) too",
+            ),
+            (None, Some(k)) => self.fail(
+                "api.tls_cert",
+                Some(k.span()),
+                "missing: api.tls_key is set, so give api.tls_cert (its certificate chain) too, or remove tls_key",
+            ),
+            _ => {}
+        }
+        let client_ca = self.path("api.client_ca", &raw.client_ca);
+        if let Some(ca) = &raw.client_ca
+            && raw.tls_cert.is_none()
+        {
+            self.fail(
+                "api.client_ca",
+                Some(ca.span()),
+                "client certificates need TLS: set api.tls_cert and api.tls_key, or remove client_ca",
+            );
+        }
+        let metrics_listen = raw.metrics_listen.as_ref().and_then(|m| match m.get_ref().trim().parse::<SocketAddr>() {
+            Ok(a) => Some((a, m.span())),
+            Err(_) => {
+                self.fail(
+                    "api.metrics_listen",
+                    Some(m.span()),
+                    format!(
+                        "{:?} is not an IP address and port; write e.g. \"127.0.0.1:9090\" or \"[::1]:9090\"",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+        let http_listen =
+            raw.http_listen.as_ref().and_then(|h| self.listen("api.http_listen", h).map(|l| (l, h.span())));
+        if let Some((Listen::Tcp(a), span)) = &http_listen
+            && a.port() != 0
+        {
+            if let Some(other) = tcp_used.get(a) {
+                self.fail(
+                    "api.http_listen",
+                    Some(span.clone()),
+                    format!("{a} is already used by {other}; pick another port"),
+                );
+            } else {
+                tcp_used.insert(*a, "api.http_listen".to_string());
+            }
+        }
+        if let Some((Listen::Unix(p), span)) = &http_listen
+            && listen.contains(&Listen::Unix(p.clone()))
+        {
+            self.fail(
+                "api.http_listen",
+                Some(span.clone()),
+                format!("unix:{} is already used by api.listen; pick another socket path", p.display()),
+            );
+        }
+        if let Some((a, span)) = &metrics_listen
+            && let Some(other) = tcp_used.get(a)
+        {
+            self.fail(
+                "api.metrics_listen",
+                Some(span.clone()),
+                format!("{a} is already used by {other}; pick another port"),
+            );
+        }
+        let max_upload = self.size_limit("api.max_upload", &raw.max_upload, d.max_upload);
+        let max_download = self.size_limit("api.max_download", &raw.max_download, d.max_download);
+        ApiConfig {
+            listen,
+            tls_cert,
+            tls_key,
+            client_ca,
+            tokens_file: self.path("api.tokens_file", &raw.tokens_file),
+            metrics_listen: metrics_listen.map(|(a, _)| a),
+            http_listen: http_listen.map(|(l, _)| l),
+            max_upload,
+            max_download,
+        }
+    }
+
+    /// A byte limit such as `max_upload`: a size of at least 1 byte, else `default`.
+    fn size_limit(&mut self, key: &str, raw: &Field<String>, default: u64) -> u64 {
+        match raw {
+            None => default,
+            Some(v) => match parse_size(v.get_ref()) {
+                Some(b) if b > 0 => b,
+                Some(_) => {
+                    self.fail(key, Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
+                    default
+                }
+                None => {
+                    self.fail(
+                        key,
+                        Some(v.span()),
+                        format!(
+                            "{:?} is not a size; write a number with K, M, G or T (e.g. \"64M\", \"1G\"), or plain digits for bytes",
+                            v.get_ref()
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn engine(&mut self, raw: RawEngine) -> EngineConfig {
+        let d = EngineConfig::default();
+        let name_prefix = match &raw.name_prefix {
+            None => d.name_prefix.clone(),
+            Some(p) => {
+                let s = p.get_ref();
+                let problem = if s.is_empty() {
+                    Some("empty".to_string())
+                } else if !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+                    Some(format!("{s:?} does not start with a letter"))
+                } else if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
+                    Some(format!("{s:?} contains {c:?}"))
+                } else if s.len() > MAX_PREFIX_LEN {
+                    Some(format!("{s:?} is {} characters long, more than {MAX_PREFIX_LEN}", s.len()))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    self.fail(
+                        "engine.name_prefix",
+                        Some(p.span()),
+                        format!(
+                            "{problem}; instance names must be valid hostnames, so the prefix must start with a letter, \
+                             use only letters, digits and '-', and be at most {MAX_PREFIX_LEN} characters (default \"{DEFAULT_NAME_PREFIX}\")"
+                        ),
+                    );
+                }
+                s.clone()
+            }
+        };
+        EngineConfig {
+            name_prefix,
+            delete_strays: raw.delete_strays.unwrap_or(d.delete_strays),
+            reconcile_interval: self.duration(
+                "engine.reconcile_interval",
+                &raw.reconcile_interval,
+                d.reconcile_interval,
+                true,
+            ),
+            health_interval: self.duration("engine.health_interval", &raw.health_interval, d.health_interval, true),
+            shutdown_grace: self.duration("engine.shutdown_grace", &raw.shutdown_grace, d.shutdown_grace, false),
+        }
+    }
+
+    fn pool(&mut self, i: usize, table: Range<usize>, raw: RawPool) -> PoolConfig {
+        let mut p = PoolConfig::with_defaults("");
+        let name = raw.name.as_ref().map(|n| n.get_ref().clone());
+        let at = match &name {
+            Some(n) => format!("pools[{i}] ({n:?})"),
+            None => format!("pools[{i}]"),
+        };
+        let key = |k: &str| format!("{at}.{k}");
+
+        match &raw.name {
+            None => self.fail(&key("name"), Some(table.clone()), "missing; every pool needs a name such as \"ci\""),
+            Some(n) => {
+                let s = n.get_ref();
+                let problem = if s.is_empty() {
+                    Some("empty".to_string())
+                } else if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+                    Some(format!("{s:?} does not start with a lowercase letter"))
+                } else if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+                {
+                    Some(format!("{s:?} contains {c:?}"))
+                } else if s.len() > MAX_POOL_NAME_LEN {
+                    Some(format!("{s:?} is {} characters long, more than {MAX_POOL_NAME_LEN}", s.len()))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    self.fail(
+                        &key("name"),
+                        Some(n.span()),
+                        format!(
+                            "{problem}; pool names are part of VM hostnames: start with a lowercase letter, then use \
+                             a-z, 0-9 and '-', at most {MAX_POOL_NAME_LEN} characters (e.g. \"ci\", \"build-arm\")"
+                        ),
+                    );
+                }
+                p.name = s.clone();
+            }
+        }
+
+        if let Some(img) = &raw.image {
+            if img.get_ref().trim().is_empty() {
+                self.fail(
+                    &key("image"),
+                    Some(img.span()),
+                    "empty; name a Multipass image such as \"24.04\" or remove the key",
+                );
+            } else if let Err(e) = mpool_multipass::ImageRef::parse(img.get_ref().trim()) {
+                self.fail(&key("image"), Some(img.span()), e.to_string());
+            } else {
+                p.image = img.get_ref().trim().to_string();
+            }
+        }
+        if let Some(c) = &raw.cpus {
+            if *c.get_ref() == 0 {
+                self.fail(&key("cpus"), Some(c.span()), "must be at least 1");
+            } else {
+                p.cpus = *c.get_ref();
+            }
+        }
+        for (k, v, min, min_text) in
+            [("memory", &raw.memory, MIN_MEMORY, "128M"), ("disk", &raw.disk, MIN_DISK, "512M")]
+        {
+            let Some(v) = v else { continue };
+            let s = v.get_ref();
+            match parse_size(s) {
+                None => self.fail(
+                    &key(k),
+                    Some(v.span()),
+                    format!("{s:?} is not a size; write a number with K, M, G or T (e.g. \"512M\", \"1G\", \"1.5G\", \"2GiB\"), or plain digits for bytes"),
+                ),
+                Some(b) if b < min => self.fail(
+                    &key(k),
+                    Some(v.span()),
+                    format!("{s:?} is below multipass's minimum of {min_text}; give at least {min_text}"),
+                ),
+                Some(_) => {
+                    let s = s.trim().to_string();
+                    if k == "memory" {
+                        p.memory = s;
+                    } else {
+                        p.disk = s;
+                    }
+                }
+            }
+        }
+
+        match (&raw.cloud_init, &raw.cloud_init_file) {
+            (Some(_), Some(f)) => self.fail(
+                &key("cloud_init_file"),
+                Some(f.span()),
+                "cloud_init and cloud_init_file are exclusive; keep the inline text or the file, not both",
+            ),
+            (Some(text), None) => p.cloud_init = Some(text.get_ref().clone()),
+            (None, Some(f)) => {
+                if f.get_ref().trim().is_empty() {
+                    self.fail(
+                        &key("cloud_init_file"),
+                        Some(f.span()),
+                        "empty path; give the cloud-init YAML file or remove the key",
+                    );
+                } else {
+                    let path = self.resolve(f.get_ref());
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => p.cloud_init = Some(text),
+                        Err(e) => self.fail(
+                            &key("cloud_init_file"),
+                            Some(f.span()),
+                            format!(
+                                "cannot read {}: {e}; create the file or fix the path (relative paths resolve against the config file's directory, {})",
+                                path.display(),
+                                self.base.display()
+                            ),
+                        ),
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        p.setup = raw.setup.unwrap_or_default();
+
+        p.min_ready = raw.min_ready.as_ref().map_or(p.min_ready, |v| *v.get_ref());
+        p.hot = raw.hot.as_ref().map_or(p.hot, |v| *v.get_ref());
+        p.max_size = match &raw.max_size {
+            None => p.min_ready.max(1),
+            Some(v) if *v.get_ref() == 0 => {
+                self.fail(
+                    &key("max_size"),
+                    Some(v.span()),
+                    "must be at least 1 (a pool of size 0 can never lease a VM)",
+                );
+                p.min_ready.max(1)
+            }
+            Some(v) => *v.get_ref(),
+        };
+        if let Some(v) = &raw.max_size
+            && *v.get_ref() != 0
+            && p.min_ready > p.max_size
+        {
+            self.fail(
+                &key("max_size"),
+                Some(v.span()),
+                format!(
+                    "{} is less than min_ready ({}); raise max_size to at least {} or lower min_ready",
+                    p.max_size, p.min_ready, p.min_ready
+                ),
+            );
+        }
+        if p.hot > p.min_ready {
+            let span = raw.hot.as_ref().map(|h| h.span());
+            self.fail(
+                &key("hot"),
+                span,
+                format!(
+                    "{} is more than min_ready ({}); hot VMs are the running part of the ready ones, so lower hot or raise min_ready to at least {}",
+                    p.hot, p.min_ready, p.hot
+                ),
+            );
+        }
+        p.reset = raw.reset.unwrap_or_default();
+        p.max_uses = raw.max_uses.unwrap_or(0);
+
+        p.default_ttl = self.duration(&key("default_ttl"), &raw.default_ttl, p.default_ttl, true);
+        p.max_ttl = self.duration(&key("max_ttl"), &raw.max_ttl, p.max_ttl, true);
+        if p.default_ttl > p.max_ttl {
+            let span = raw.default_ttl.as_ref().or(raw.max_ttl.as_ref()).map(|d| d.span());
+            self.fail(
+                &key("default_ttl"),
+                span,
+                format!(
+                    "{} is longer than max_ttl ({}); lower default_ttl or raise max_ttl",
+                    format_duration(p.default_ttl),
+                    format_duration(p.max_ttl)
+                ),
+            );
+        }
+        p.max_wait = self.duration(&key("max_wait"), &raw.max_wait, p.max_wait, false);
+        p.readiness_timeout =
+            self.duration(&key("readiness_timeout"), &raw.readiness_timeout, p.readiness_timeout, true);
+        p.idle_timeout = self.duration(&key("idle_timeout"), &raw.idle_timeout, p.idle_timeout, false);
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/mpool"))
+    }
+
+    /// Parses `text`, expects a failure, returns its message.
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("expected an error for:\n{text}\ngot {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_error(text: &str, needles: &[&str]) {
+        let msg = error(text);
+        for n in needles {
+            assert!(msg.contains(n), "error for:\n{text}\nshould contain {n:?}, got:\n{msg}");
+        }
+    }
+
+    const MIN: &str = "[[pools]]\nname = \"ci\"\n";
+
+    #[test]
+    fn max_in_flight_is_bounded() {
+        assert_error(&format!("[daemon]\nmax_in_flight = 0\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
+        assert_error(&format!("[daemon]\nmax_in_flight = 1000\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
+    }
+
+    #[test]
+    fn minimal_config_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.daemon, DaemonConfig::default());
+        assert_eq!(c.daemon.call_timeout, Duration::from_secs(30));
+        assert_eq!(c.daemon.blocking_call_timeout, Duration::from_secs(120));
+        assert_eq!(c.daemon.max_in_flight, mpool_multipass::DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(c.daemon.address, None);
+        assert!(!c.daemon.insecure_skip_verify && !c.daemon.allow_untested_daemon);
+        assert_eq!(c.api.listen, vec![Listen::Unix("/run/mpool/mpool.sock".into())]);
+        assert_eq!(c.api, ApiConfig::default());
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/mpool/mpool.redb"));
+        assert_eq!(c.engine, EngineConfig::default());
+        assert_eq!(c.engine.name_prefix, "mpool-");
+        assert!(c.engine.delete_strays);
+        assert_eq!(c.engine.reconcile_interval, Duration::from_secs(5));
+        assert_eq!(c.engine.health_interval, Duration::from_secs(30));
+        assert_eq!(c.engine.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.pools.len(), 1);
+        let p = &c.pools[0];
+        assert_eq!(*p, PoolConfig::with_defaults("ci"));
+        assert_eq!(p.image, "24.04");
+        assert_eq!((p.cpus, p.memory.as_str(), p.disk.as_str()), (1, "1G", "5G"));
+        assert_eq!((p.min_ready, p.hot, p.max_size, p.max_uses), (1, 0, 1, 0));
+        assert_eq!(p.reset, ResetStrategy::Snapshot);
+        assert_eq!(p.cloud_init, None);
+        assert!(p.setup.is_empty());
+        assert_eq!(p.default_ttl, Duration::from_secs(1800));
+        assert_eq!(p.max_ttl, Duration::from_secs(4 * 3600));
+        assert_eq!(p.max_wait, Duration::from_secs(300));
+        assert_eq!(p.readiness_timeout, Duration::from_secs(300));
+        assert_eq!(p.idle_timeout, Duration::from_secs(900));
+        assert!(c.pool("ci").is_some());
+        assert!(c.pool("nope").is_none());
+        assert!(matches!(c.daemon.server_verification(), ServerVerification::Auto));
+        assert!(matches!(c.daemon.client_identity(), ClientIdentity::Auto));
+    }
+
+    #[test]
+    fn max_size_defaults_to_min_ready() {
+        let c = parse("[[pools]]\nname = \"ci\"\nmin_ready = 4\n").unwrap();
+        assert_eq!(c.pools[0].max_size, 4);
+        let c = parse("[[pools]]\nname = \"ci\"\nmin_ready = 0\n").unwrap();
+        assert_eq!(c.pools[0].max_size, 1);
+    }
+
+    #[test]
+    fn full_config_values_and_relative_paths() {
+        let text = r##"
+[daemon]
+address = "unix:sock/multipass_socket"
+passphrase_file = "passphrase"
+pin_cert = "/etc/pin.pem"
+client_cert = "c.pem"
+client_key = "k.pem"
+allow_untested_daemon = true
+data_dir = "data"
+call_timeout = "10s"
+blocking_call_timeout = "5m"
+max_in_flight = 3
+
+[api]
+listen = ["unix:mpool.sock", "127.0.0.1:7070", "[::1]:7071"]
+tls_cert = "tls/cert.pem"
+tls_key = "tls/key.pem"
+client_ca = "tls/ca.pem"
+tokens_file = "/etc/mpool/tokens"
+metrics_listen = "127.0.0.1:9090"
+http_listen = "127.0.0.1:8080"
+max_upload = "64M"
+
+[store]
+path = "db/mpool.redb"
+
+[engine]
+name_prefix = "pool-"
+delete_strays = false
+reconcile_interval = "250ms"
+health_interval = "1m"
+shutdown_grace = "0"
+
+[[pools]]
+name = "ci"
+image = "22.04"
+cpus = 4
+memory = "4G"
+disk = "20G"
+cloud_init = "#cloud-config\npackages: [git]\n"
+setup = ["apt-get update", "apt-get install -y make"]
+min_ready = 3
+hot = 2
+max_size = 6
+reset = "clone"
+max_uses = 10
+default_ttl = "1h"
+max_ttl = "1d"
+max_wait = "0"
+readiness_timeout = "10m"
+idle_timeout = "1h30m"
+
+[[pools]]
+name = "build-arm"
+reset = "recreate"
+"##;
+        let c = Config::parse(text, Path::new("/cfg")).unwrap();
+        let d = &c.daemon;
+        assert_eq!(d.address.as_deref(), Some("unix:/cfg/sock/multipass_socket"));
+        assert_eq!(d.passphrase_file, Some("/cfg/passphrase".into()));
+        assert_eq!(d.pin_cert, Some("/etc/pin.pem".into()));
+        assert_eq!(d.client_cert, Some("/cfg/c.pem".into()));
+        assert_eq!(d.client_key, Some("/cfg/k.pem".into()));
+        assert_eq!(d.data_dir, Some("/cfg/data".into()));
+        assert!(d.allow_untested_daemon);
+        assert_eq!(d.max_in_flight, 3);
+        assert_eq!(d.call_timeout, Duration::from_secs(10));
+        assert_eq!(d.blocking_call_timeout, Duration::from_secs(300));
+        assert!(matches!(d.server_verification(), ServerVerification::Pin(p) if p == Path::new("/etc/pin.pem")));
+        assert!(matches!(d.client_identity(), ClientIdentity::Files { .. }));
+        let a = &c.api;
+        assert_eq!(
+            a.listen,
+            vec![
+                Listen::Unix("/cfg/mpool.sock".into()),
+                Listen::Tcp("127.0.0.1:7070".parse().unwrap()),
+                Listen::Tcp("[::1]:7071".parse().unwrap()),
+            ]
+        );
+        let shown: Vec<String> = a.listen.iter().map(|l| l.to_string()).collect();
+        assert_eq!(shown, ["unix:/cfg/mpool.sock", "127.0.0.1:7070", "[::1]:7071"]);
+        assert_eq!(a.tls_cert, Some("/cfg/tls/cert.pem".into()));
+        assert_eq!(a.tls_key, Some("/cfg/tls/key.pem".into()));
+        assert_eq!(a.client_ca, Some("/cfg/tls/ca.pem".into()));
+        assert_eq!(a.tokens_file, Some("/etc/mpool/tokens".into()));
+        assert_eq!(a.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(a.http_listen, Some(Listen::Tcp("127.0.0.1:8080".parse().unwrap())));
+        assert_eq!(a.max_upload, 64 << 20);
+        assert_eq!(c.store.path, PathBuf::from("/cfg/db/mpool.redb"));
+        let e = &c.engine;
+        assert_eq!(e.name_prefix, "pool-");
+        assert!(!e.delete_strays);
+        assert_eq!(e.reconcile_interval, Duration::from_millis(250));
+        assert_eq!(e.health_interval, Duration::from_secs(60));
+        assert_eq!(e.shutdown_grace, Duration::ZERO);
+        let p = c.pool("ci").unwrap();
+        assert_eq!(p.image, "22.04");
+        assert_eq!((p.cpus, p.memory.as_str(), p.disk.as_str()), (4, "4G", "20G"));
+        assert_eq!(p.cloud_init.as_deref(), Some("#cloud-config\npackages: [git]\n"));
+        assert_eq!(p.setup, ["apt-get update", "apt-get install -y make"]);
+        assert_eq!((p.min_ready, p.hot, p.max_size, p.max_uses), (3, 2, 6, 10));
+        assert_eq!(p.reset, ResetStrategy::Clone);
+        assert_eq!(p.default_ttl, Duration::from_secs(3600));
+        assert_eq!(p.max_ttl, Duration::from_secs(86400));
+        assert_eq!(p.max_wait, Duration::ZERO);
+        assert_eq!(p.readiness_timeout, Duration::from_secs(600));
+        assert_eq!(p.idle_timeout, Duration::from_secs(5400));
+        assert_eq!(c.pool("build-arm").unwrap().reset, ResetStrategy::Recreate);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name_and_line() {
+        let msg = error("bogus = 1\n[[pools]]\nname = \"ci\"\n");
+        assert!(msg.contains("bogus") && msg.contains("line 1"), "{msg}");
+        let msg = error("[daemon]\naddres = \"unix:/x\"\n[[pools]]\nname = \"ci\"\n");
+        assert!(msg.contains("addres") && msg.contains("line 2"), "{msg}");
+        let msg = error("[[pools]]\nname = \"ci\"\nmin_redy = 2\n");
+        assert!(msg.contains("min_redy") && msg.contains("line 3"), "{msg}");
+        assert_error("[[pool]]\nname = \"ci\"\n", &["pool", "pools"]);
+        for table in ["api", "store", "engine"] {
+            assert_error(&format!("[{table}]\nnope = 1\n{MIN}"), &["nope"]);
+        }
+    }
+
+    #[test]
+    fn syntax_and_type_errors_keep_toml_location() {
+        assert_error("[[pools]\nname = \"ci\"", &["line 1"]);
+        assert_error("[[pools]]\nname = \"ci\"\ncpus = \"two\"\n", &["line 3", "cpus"]);
+        assert_error("[[pools]]\nname = \"ci\"\nmin_ready = -1\n", &["line 3", "min_ready"]);
+        assert_error("[[pools]]\nname = \"ci\"\nreset = \"reboot\"\n", &["line 3", "reboot", "snapshot"]);
+        assert_error("[[pools]]\nname = \"ci\"\ndefault_ttl = 30\n", &["line 3", "default_ttl", "30s"]);
+    }
+
+    #[test]
+    fn empty_config_needs_a_pool() {
+        assert_error("", &["pools", "add at least one [[pools]] table"]);
+        assert_error("[daemon]\n", &["add at least one [[pools]] table"]);
+    }
+
+    #[test]
+    fn pool_errors_name_the_key() {
+        let p = |extra: &str| format!("[[pools]]\nname = \"ci\"\n{extra}\n");
+        assert_error(&p("max_size = 0"), &["pools[0] (\"ci\").max_size", "at least 1", "line 3"]);
+        assert_error(&p("min_ready = 3\nmax_size = 2"), &["pools[0] (\"ci\").max_size", "min_ready (3)"]);
+        assert_error(&p("hot = 2"), &["pools[0] (\"ci\").hot", "min_ready (1)"]);
+        assert_error(&p("cpus = 0"), &["pools[0] (\"ci\").cpus", "at least 1"]);
+        assert_error(&p("memory = \"lots\""), &["pools[0] (\"ci\").memory", "not a size"]);
+        assert_error(&p("memory = \"64M\""), &["pools[0] (\"ci\").memory", "128M"]);
+        assert_error(&p("disk = \"256M\""), &["pools[0] (\"ci\").disk", "512M"]);
+        assert_error(&p("disk = \"1.5\""), &["pools[0] (\"ci\").disk", "not a size"]);
+        assert_error(&p("default_ttl = \"5h\""), &["pools[0] (\"ci\").default_ttl", "max_ttl (4h)"]);
+        assert_error(&p("max_ttl = \"10m\""), &["pools[0] (\"ci\").default_ttl", "max_ttl (10m)"]);
+        assert_error(&p("default_ttl = \"0s\""), &["default_ttl", "more than 0"]);
+        assert_error(&p("max_wait = \"soon\""), &["pools[0] (\"ci\").max_wait", "soon"]);
+        assert_error(&p("readiness_timeout = \"-5s\""), &["readiness_timeout", "negative"]);
+        assert_error(&p("idle_timeout = \"15\""), &["idle_timeout", "no unit"]);
+        assert_error(&p("image = \" \""), &["pools[0] (\"ci\").image", "empty"]);
+        assert_error(&p("image = \"a:b:c\""), &["pools[0] (\"ci\").image", "[remote:]image"]);
+        assert_error(
+            &p("cloud_init = \"#cloud-config\"\ncloud_init_file = \"ci.yaml\""),
+            &["pools[0] (\"ci\").cloud_init_file", "exclusive"],
+        );
+        assert_error(
+            &p("cloud_init_file = \"does-not-exist.yaml\""),
+            &["cloud_init_file", "/etc/mpool/does-not-exist.yaml"],
+        );
+    }
+
+    #[test]
+    fn pool_names_are_checked() {
+        assert_error("[[pools]]\nimage = \"24.04\"\n", &["pools[0].name", "missing", "line 1"]);
+        for bad in ["", "CI", "1ci", "-ci", "ci_x", "ci.x", "abcdefghijklmnopqrstu"] {
+            let msg = error(&format!("[[pools]]\nname = {bad:?}\n"));
+            assert!(msg.contains(&format!("pools[0] ({bad:?}).name")), "{bad}: {msg}");
+        }
+        for good in ["ci", "c", "build-arm64", "abcdefghijklmnopqrst"] {
+            parse(&format!("[[pools]]\nname = {good:?}\n")).unwrap();
+        }
+        assert_error(
+            "[[pools]]\nname = \"ci\"\n[[pools]]\nname = \"ci\"\n",
+            &["pools[1] (\"ci\").name", "duplicate", "pools[0]", "line 4"],
+        );
+    }
+
+    #[test]
+    fn several_problems_are_reported_together() {
+        let e = parse("[[pools]]\nname = \"ci\"\ncpus = 0\nmax_size = 0\n[engine]\nname_prefix = \"9\"\n").unwrap_err();
+        assert_eq!(e.issues().len(), 3, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("3 problems") && msg.contains("cpus") && msg.contains("max_size"), "{msg}");
+        assert!(msg.contains("engine.name_prefix"), "{msg}");
+        assert!(msg.starts_with("config: "), "{msg}");
+    }
+
+    #[test]
+    fn engine_errors_name_the_key() {
+        for bad in ["", "9pool", "-x", "mpool_", "a.b", "abcdefghijklmnopqrstu"] {
+            assert_error(&format!("[engine]\nname_prefix = {bad:?}\n{MIN}"), &["engine.name_prefix"]);
+        }
+        for good in ["m", "mpool-", "Pool9-", "abcdefghijklmnopqrst"] {
+            parse(&format!("[engine]\nname_prefix = {good:?}\n{MIN}")).unwrap();
+        }
+        assert_error(
+            &format!("[engine]\nreconcile_interval = \"0\"\n{MIN}"),
+            &["engine.reconcile_interval", "more than 0"],
+        );
+        assert_error(
+            &format!("[engine]\nhealth_interval = \"1x\"\n{MIN}"),
+            &["engine.health_interval", "unknown unit"],
+        );
+    }
+
+    #[test]
+    fn daemon_errors_name_the_key() {
+        let d = |body: &str| format!("[daemon]\n{body}\n{MIN}");
+        assert_error(&d("address = \"nowhere\""), &["daemon.address", "unix:PATH"]);
+        assert_error(&d("address = \"unix:\""), &["daemon.address"]);
+        assert_error(&d("address = \"host:port\""), &["daemon.address"]);
+        parse(&d("address = \"localhost:50051\"")).unwrap();
+        assert_error(&d("root_cert = \"a.pem\"\npin_cert = \"b.pem\""), &["daemon.pin_cert", "exclusive"]);
+        assert_error(&d("root_cert = \"a.pem\"\ninsecure_skip_verify = true"), &["daemon.insecure_skip_verify"]);
+        let c = parse(&d("insecure_skip_verify = true")).unwrap();
+        assert!(matches!(c.daemon.server_verification(), ServerVerification::InsecureSkipVerify));
+        let c = parse(&d("root_cert = \"a.pem\"")).unwrap();
+        assert!(
+            matches!(c.daemon.server_verification(), ServerVerification::RootCert(p) if p == Path::new("/etc/mpool/a.pem"))
+        );
+        assert_error(&d("client_cert = \"c.pem\""), &["daemon.client_key", "missing"]);
+        assert_error(&d("client_key = \"k.pem\""), &["daemon.client_cert", "missing"]);
+        assert_error(&d("passphrase_file = \"\""), &["daemon.passphrase_file", "empty"]);
+        assert_error(&d("call_timeout = \"1.5s\""), &["daemon.call_timeout", "fractions"]);
+        assert_error(&d("blocking_call_timeout = \"0\""), &["daemon.blocking_call_timeout", "more than 0"]);
+    }
+
+    #[test]
+    fn api_errors_name_the_key() {
+        let a = |body: &str| format!("[api]\n{body}\n{MIN}");
+        assert_error(&a("listen = []"), &["api.listen", "at least one"]);
+        assert_error(
+            &a("listen = [\"unix:/a\", \"localhost:7070\"]"),
+            &["api.listen[1]", "localhost:7070", "127.0.0.1"],
+        );
+        assert_error(&a("listen = [\"unix:\"]"), &["api.listen[0]", "socket path"]);
+        assert_error(&a("listen = [\"127.0.0.1:99999\"]"), &["api.listen[0]"]);
+        assert_error(
+            &a("listen = [\"127.0.0.1:7070\", \"127.0.0.1:7070\"]"),
+            &["api.listen[1]", "api.listen[0]", "duplicate"],
+        );
+        assert_error(&a("tls_key = \"k.pem\""), &["api.tls_cert", "missing"]);
+        assert_error(&a("tls_cert = \"c.pem\""), &["api.tls_key", "missing"]);
+        assert_error(&a("client_ca = \"ca.pem\""), &["api.client_ca", "tls_cert"]);
+        assert_error(&a("metrics_listen = \"localhost:9090\""), &["api.metrics_listen", "127.0.0.1:9090"]);
+        assert_error(&a("http_listen = \"http://x\""), &["api.http_listen"]);
+        assert_error(&a("max_upload = \"lots\""), &["api.max_upload", "lots", "not a size"]);
+        assert_error(&a("max_upload = \"0\""), &["api.max_upload", "at least 1 byte"]);
+        assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
+        assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
+        assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
+        assert_error(
+            &a("listen = [\"127.0.0.1:7070\"]\nhttp_listen = \"127.0.0.1:7070\""),
+            &["api.http_listen", "already used by api.listen[0]"],
+        );
+        assert_error(
+            &a("listen = [\"127.0.0.1:7070\"]\nmetrics_listen = \"127.0.0.1:7070\""),
+            &["api.metrics_listen", "already used"],
+        );
+        assert_error(
+            &a("listen = [\"unix:/a.sock\"]\nhttp_listen = \"unix:/a.sock\""),
+            &["api.http_listen", "already used"],
+        );
+        let c = parse(&a("http_listen = \"unix:/run/mpool/http.sock\"")).unwrap();
+        assert_eq!(c.api.http_listen.map(|l| l.to_string()).as_deref(), Some("unix:/run/mpool/http.sock"));
+    }
+
+    #[test]
+    fn store_errors_name_the_key() {
+        assert_error(&format!("[store]\npath = \"\"\n{MIN}"), &["store.path", "empty"]);
+    }
+
+    #[test]
+    fn listen_parses_and_displays() {
+        for s in ["unix:/run/x.sock", "127.0.0.1:7070", "[::1]:7070", "0.0.0.0:0"] {
+            assert_eq!(s.parse::<Listen>().unwrap().to_string(), s);
+        }
+        for s in ["", "unix:", "7070", "localhost:1", "1.2.3.4", "[::1]", "1.2.3.4:-1"] {
+            assert!(s.parse::<Listen>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_and_reject() {
+        let ok = [
+            ("0", 0),
+            ("0s", 0),
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("1h30m", 5_400_000),
+            ("2d", 172_800_000),
+            ("1m30s500ms", 90_500),
+            (" 10s ", 10_000),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in [
+            "",
+            " ",
+            "-5s",
+            "5",
+            "00",
+            "1.5h",
+            "5x",
+            "s",
+            "h1",
+            "5S",
+            "1w",
+            "99999999999999999999s",
+            "213503982334601d",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(parse_duration("99999999999999999999s").unwrap_err().contains("too large"));
+        for ms in [0u64, 1, 250, 30_000, 5_400_000, 90_061_001] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+    }
+
+    #[test]
+    fn sizes_parse_and_reject() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        for bad in ["", "G", "1X", "1.5", "-1G", "one"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        parse("[[pools]]\nname = \"ci\"\nmemory = \"128M\"\ndisk = \"512M\"\n").unwrap();
+        parse("[[pools]]\nname = \"ci\"\nmemory = \"134217728\"\ndisk = \"2GiB\"\n").unwrap();
+    }
+
+    #[test]
+    fn cloud_init_file_resolves_against_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("ci")).unwrap();
+        std::fs::write(dir.path().join("ci/user-data.yaml"), "#cloud-config\npackages: [jq]\n").unwrap();
+        let cfg = dir.path().join("mpool.toml");
+        std::fs::write(
+            &cfg,
+            "[[pools]]\nname = \"ci\"\ncloud_init_file = \"ci/user-data.yaml\"\n[store]\npath = \"db.redb\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&cfg).unwrap();
+        assert_eq!(c.pools[0].cloud_init.as_deref(), Some("#cloud-config\npackages: [jq]\n"));
+        assert_eq!(c.store.path, dir.path().join("db.redb"));
+
+        // Loading through a relative path still resolves against the file's directory.
+        let cwd_relative = Path::new(".").join(pathdiff(&cfg));
+        if let Ok(c) = Config::load(&cwd_relative) {
+            assert_eq!(c.pools[0].cloud_init.as_deref(), Some("#cloud-config\npackages: [jq]\n"));
+        }
+
+        std::fs::write(&cfg, "[[pools]]\nname = \"ci\"\ncloud_init_file = \"missing.yaml\"\n").unwrap();
+        let msg = Config::load(&cfg).unwrap_err().to_string();
+        assert!(msg.contains(&cfg.display().to_string()), "{msg}");
+        assert!(msg.contains("pools[0] (\"ci\").cloud_init_file"), "{msg}");
+        assert!(msg.contains(&dir.path().join("missing.yaml").display().to_string()), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    /// `target` relative to the current directory when it lies below it, else unchanged.
+    fn pathdiff(target: &Path) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        target.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or_else(|_| target.to_path_buf())
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let e = Config::load(Path::new("/nonexistent/mpool.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().contains("/nonexistent/mpool.toml"), "{e}");
+    }
+
+    #[test]
+    fn deploy_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mpool.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.daemon.address.as_deref(), Some("unix:/var/snap/multipass/common/multipass_socket"));
+        assert_eq!(c.api.listen[0], Listen::Unix("/run/mpool/mpool.sock".into()));
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/mpool/mpool.redb"));
+        assert_eq!(c.api.max_upload, DEFAULT_MAX_UPLOAD);
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.pools[0].reset, ResetStrategy::Snapshot);
+        assert!(c.pools[0].hot > 0);
+        assert_eq!(c.pools[1].reset, ResetStrategy::Clone);
+    }
+
+    #[test]
+    fn never_panics_on_odd_input() {
+        let inputs = [
+            "\u{0}",
+            "[[pools]]\nname = \"ci\"\nmemory = \"99999999999999999999999999T\"\n",
+            "[[pools]]\nname = \"ci\"\nmax_ttl = \"18446744073709551615ms\"\n",
+            "[[pools]]\nname = \"ci\"\nmin_ready = 4294967295\nmax_size = 4294967295\nhot = 4294967295\n",
+            "[[pools]]\nname = \"ci\"\ncpus = 4294967296\n",
+            "pools = 5",
+            "pools = []",
+            "[api]\nlisten = \"unix:/x\"\n[[pools]]\nname = \"ci\"",
+            "[[pools]]\nname = \"é\"\n",
+            "[[pools]]\nname = \"ci\"\ndefault_ttl = \"1\u{301}s\"\n",
+        ];
+        for text in inputs {
+            let _ = parse(text);
+        }
+    }
+}

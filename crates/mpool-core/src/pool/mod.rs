@@ -1,0 +1,14 @@
+//! The pool's decisions, as plain functions and data: a VM's state machine ([`vm`]), what
+//! maintenance to do ([`decide`]), startup reconciliation ([`reconcile`]), what the daemon's
+//! view of idle VMs means ([`drift`]), what a plan's outcome means ([`outcome`]), the lease book
+//! ([`leases`]), plans as idempotent steps ([`steps`]) and the engine's errors ([`error`]).
+
+pub mod decide;
+pub mod drift;
+pub mod error;
+pub mod leases;
+pub mod outcome;
+pub mod reconcile;
+pub mod status;
+pub mod steps;
+pub mod vm;

@@ -1,0 +1,68 @@
+//! The engine's state as a report: pools, VMs, leases (for status, listings and metrics).
+
+use std::collections::BTreeMap;
+
+use crate::pool_config::PoolConfig;
+use crate::store::LeaseRecord;
+
+/// One VM in a status report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VmStatus {
+    /// Name.
+    pub name: String,
+    /// Pool.
+    pub pool: String,
+    /// State (`VmState` debug name).
+    pub state: String,
+    /// Config generation.
+    pub generation: u64,
+    /// Leases served since the last rebuild.
+    pub uses: u32,
+    /// Lease holding it.
+    pub lease: Option<String>,
+    /// The owner of that lease (empty when auth is off).
+    pub lease_owner: Option<String>,
+    /// A plan is running.
+    pub busy: bool,
+}
+
+/// One pool in a status report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolStatus {
+    /// Name.
+    pub name: String,
+    /// Generation.
+    pub generation: u64,
+    /// VMs per state.
+    pub counts: BTreeMap<String, usize>,
+    /// Callers waiting.
+    pub waiters: usize,
+    /// Leases.
+    pub leases: usize,
+    /// Golden VM ready (clone pools).
+    pub golden_ready: Option<bool>,
+    /// Config.
+    #[serde(skip)]
+    pub config: Option<PoolConfig>,
+}
+
+/// A snapshot of the engine's state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    /// The daemon answers.
+    pub daemon_ok: bool,
+    /// Startup reconciliation has run.
+    pub reconciled: bool,
+    /// The state store takes writes.
+    pub store_ok: bool,
+    /// Why it does not, while it does not.
+    pub store_error: Option<String>,
+    /// Pools.
+    pub pools: Vec<PoolStatus>,
+    /// VMs.
+    pub vms: Vec<VmStatus>,
+    /// Leases.
+    pub leases: Vec<LeaseRecord>,
+    /// Daemon calls waiting for the scheduler.
+    pub queued_daemon_calls: usize,
+}

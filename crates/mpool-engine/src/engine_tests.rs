@@ -1,0 +1,597 @@
+//! Engine unit tests: the actor against the scripted fake daemon, on tokio's paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ErrorKind;
+use crate::engine::{AcquireRequest, Engine, EngineError, Served, Settings, Status};
+use crate::fake::Fake;
+use mpool_core::ports::Ports;
+use mpool_core::{PoolConfig, ResetStrategy};
+use mpool_store::memory::MemStore;
+use mpool_store::{RequestKind, RunOutcome, StateStore, Store};
+
+fn pool(min_ready: u32, hot: u32, max_size: u32) -> PoolConfig {
+    let mut p = PoolConfig::with_defaults("ci");
+    (p.min_ready, p.hot, p.max_size) = (min_ready, hot, max_size);
+    p.default_ttl = Duration::from_secs(600);
+    p.max_ttl = Duration::from_secs(3600);
+    p.max_wait = Duration::from_secs(60);
+    p.idle_timeout = Duration::from_secs(300);
+    p
+}
+
+struct Harness {
+    fake: Fake,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+    store_path: std::path::PathBuf,
+}
+
+fn settings() -> Settings {
+    Settings {
+        health_interval: Duration::from_secs(30),
+        reconcile_interval: Duration::from_secs(1),
+        ..Settings::default()
+    }
+}
+
+fn start(cfg: PoolConfig) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("state.redb");
+    let fake = Fake::default();
+    let engine = restart(&fake, &store_path, cfg);
+    Harness { fake, engine, _dir: dir, store_path }
+}
+
+fn restart(fake: &Fake, store_path: &std::path::Path, cfg: PoolConfig) -> Engine {
+    start_on(fake, Arc::new(Store::open(store_path).unwrap()), cfg)
+}
+
+fn start_on(fake: &Fake, store: Arc<dyn StateStore>, cfg: PoolConfig) -> Engine {
+    let ports = Ports::new(Arc::new(fake.clone()), Arc::new(fake.clone()));
+    Engine::start(settings(), vec![cfg], ports, store).unwrap()
+}
+
+/// An engine on an in-memory store whose writes the test can make fail.
+fn start_mem(cfg: PoolConfig) -> (Fake, Arc<MemStore>, Engine) {
+    let fake = Fake::default();
+    let store = Arc::new(MemStore::new());
+    let engine = start_on(&fake, store.clone(), cfg);
+    (fake, store, engine)
+}
+
+/// Polls the engine's status until `pred` holds (bounded; time is paused, so this is cheap).
+async fn until(engine: &Engine, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+    for _ in 0..20_000 {
+        let s = engine.status().await.unwrap();
+        if pred(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never reached: {what}: {:?}", engine.status().await.unwrap());
+}
+
+fn count(s: &Status, state: &str) -> usize {
+    s.pools[0].counts.get(state).copied().unwrap_or(0)
+}
+
+fn req(holder: &str) -> AcquireRequest {
+    AcquireRequest { pool: "ci".into(), holder: holder.into(), ..Default::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pool_reaches_min_ready_with_its_hot_tier() {
+    let h = start(pool(3, 1, 5));
+    let s = until(&h.engine, "3 ready", |s| count(s, "hot") == 1 && count(s, "warm") == 2).await;
+    assert!(s.daemon_ok && s.reconciled);
+    assert_eq!(h.fake.count("launch"), 3);
+    assert_eq!(h.fake.count("snapshot"), 3, "each VM gets its clean snapshot");
+    assert_eq!(h.fake.count("suspend"), 2, "warm ones are suspended, the hot one is not");
+}
+
+#[tokio::test(start_paused = true)]
+async fn hot_acquire_makes_no_daemon_call_and_warm_acquire_one_resume() {
+    let h = start(pool(1, 1, 2));
+    let s = until(&h.engine, "ready", |s| count(s, "hot") == 1).await;
+    let vm = s.vms[0].name.clone();
+    let (starts, infos) = (h.fake.count(&format!("start {vm}")), h.fake.count(&format!("ssh_info {vm}")));
+    let hot = h.engine.acquire(req("a")).await.unwrap();
+    assert_eq!((hot.served, hot.record.vm.as_str()), (Served::Hot, vm.as_str()));
+    assert_eq!(
+        (h.fake.count(&format!("start {vm}")), h.fake.count(&format!("ssh_info {vm}"))),
+        (starts, infos),
+        "no daemon call for a hot VM"
+    );
+    assert!(hot.ssh.is_some());
+
+    let h = start(pool(1, 0, 2));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let vm = s.vms[0].name.clone();
+    let starts = h.fake.count(&format!("start {vm}"));
+    let warm = h.engine.acquire(req("b")).await.unwrap();
+    assert_eq!((warm.served, warm.record.vm.as_str()), (Served::Warm, vm.as_str()));
+    assert_eq!(h.fake.count(&format!("start {vm}")), starts + 1, "one resume");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_request_id_returns_the_same_lease() {
+    let h = start(pool(1, 0, 2));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let r = AcquireRequest { request_id: Some("task-1-attempt-1".into()), ..req("a") };
+    let (a, b) = tokio::join!(h.engine.acquire(r.clone()), h.engine.acquire(r.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.record.id, b.record.id, "concurrent duplicates share one lease");
+    let c = h.engine.acquire(r).await.unwrap();
+    assert_eq!((c.record.id.as_str(), c.served), (a.record.id.as_str(), Served::Repeat));
+    let s = h.engine.status().await.unwrap();
+    assert_eq!(s.leases.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_first_come_first_served() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = h.engine.acquire(req("first")).await.unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..4 {
+        let e = h.engine.clone();
+        waiting.push(tokio::spawn(async move { e.acquire(req(&format!("w{i}"))).await }));
+        until(&h.engine, "queued", |s| s.pools[0].waiters == i + 1).await;
+    }
+    h.engine.release(&first.record.id, None).await.unwrap();
+    let mut order = Vec::new();
+    for w in waiting {
+        let lease = w.await.unwrap().unwrap();
+        assert_eq!(lease.served, Served::Cold);
+        order.push(lease.record.holder.clone());
+        h.engine.release(&lease.record.id, None).await.unwrap();
+    }
+    assert_eq!(order, vec!["w0", "w1", "w2", "w3"]);
+    assert_eq!(h.fake.st.lock().unwrap().high_water, 1, "max_size 1 was never exceeded");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_reset_for_a_waiting_caller_is_handed_over_running() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = h.engine.acquire(req("first")).await.unwrap();
+    let vm = first.record.vm.clone();
+    let e = h.engine.clone();
+    let next = tokio::spawn(async move { e.acquire(req("next")).await });
+    until(&h.engine, "queued", |s| s.pools[0].waiters == 1).await;
+    let (suspends, starts) = (h.fake.count(&format!("suspend {vm}")), h.fake.count(&format!("start {vm}")));
+    h.engine.release(&first.record.id, None).await.unwrap();
+    let lease = next.await.unwrap().unwrap();
+    assert_eq!((lease.served, lease.record.vm.as_str()), (Served::Cold, vm.as_str()));
+    assert_eq!(h.fake.count(&format!("suspend {vm}")), suspends, "not suspended only to be resumed");
+    assert_eq!(h.fake.count(&format!("start {vm}")), starts + 1, "one boot after the restore, no resume");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_pool_answers_resource_exhausted_after_the_wait() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let _held = h.engine.acquire(req("a")).await.unwrap();
+    let err = h.engine.acquire(AcquireRequest { wait: Some(Duration::from_secs(5)), ..req("b") }).await.unwrap_err();
+    assert!(matches!(err, EngineError::Exhausted { .. }), "{err}");
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unrenewed_lease_expires_and_its_vm_is_reset() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(10)), ..req("a") }).await.unwrap();
+    h.engine.renew(&lease.record.id, Some(Duration::from_secs(20)), None).await.unwrap();
+    until(&h.engine, "expired and reset", |s| s.leases.is_empty() && count(s, "warm") == 1).await;
+    assert_eq!(h.fake.count(&format!("restore {}", lease.record.vm)), 1);
+    let err = h.engine.renew(&lease.record.id, None, None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_in_use_does_not_expire() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(10)), ..req("a") }).await.unwrap();
+    h.engine.begin_use(&lease.record.id, None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.engine.status().await.unwrap().leases.len(), 1);
+    h.engine.end_use(&lease.record.id).await;
+    until(&h.engine, "expired", |s| s.leases.is_empty()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_is_idempotent_and_unknown_leases_are_not_found() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    assert_eq!(h.engine.release("lease-nope", None).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(h.engine.begin_use(&lease.record.id, None).await.unwrap_err().kind(), ErrorKind::FailedPrecondition);
+    let err = h.engine.acquire(AcquireRequest { pool: "nope".into(), ..req("a") }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err =
+        h.engine.acquire(AcquireRequest { ttl: Some(Duration::from_secs(99_999)), ..req("a") }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_owners_lease_is_refused() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(AcquireRequest { owner: Some("alice".into()), ..req("a") }).await.unwrap();
+    let err = h.engine.begin_use(&lease.record.id, Some("bob".into())).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    h.engine.begin_use(&lease.record.id, Some("alice".into())).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_failing_its_readiness_check_is_replaced_and_the_caller_gets_another() {
+    let h = start(pool(2, 0, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let first = s.vms[0].name.clone();
+    h.fake.st.lock().unwrap().ssh_broken.insert(first.clone());
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    assert_ne!(lease.record.vm, first);
+    until(&h.engine, "broken one replaced", |s| !s.vms.iter().any(|v| v.name == first) && count(s, "warm") == 2).await;
+    assert_eq!(h.fake.count(&format!("delete {first}")), 1, "deleted once, as broken (a fresh build deletes nothing)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_reset_breaks_the_vm_and_a_replacement_is_provisioned() {
+    let h = start(pool(1, 0, 2));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.fake.st.lock().unwrap().fail_next.push(format!("restore {}", lease.record.vm));
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "replaced", |s| count(s, "warm") == 1 && !s.vms.iter().any(|v| v.name == lease.record.vm)).await;
+    assert!(!h.fake.st.lock().unwrap().instances.contains_key(&lease.record.vm), "broken VM deleted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_daemon_fails_acquires_fast_and_the_engine_recovers() {
+    let h = start(pool(1, 0, 2));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    h.fake.st.lock().unwrap().down = true;
+    until(&h.engine, "noticed", |s| !s.daemon_ok).await;
+    assert!(!*h.engine.healthy().borrow());
+    let err = h.engine.acquire(req("a")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    h.fake.st.lock().unwrap().down = false;
+    until(&h.engine, "back", |s| s.daemon_ok).await;
+    h.engine.acquire(req("a")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_vms_scale_down_to_min_ready() {
+    let h = start(pool(1, 0, 4));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let mut leases = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let e = h.engine.clone();
+        tasks.push(tokio::spawn(async move { e.acquire(req(&format!("t{i}"))).await }));
+    }
+    for t in tasks {
+        leases.push(t.await.unwrap().unwrap());
+    }
+    for l in &leases {
+        h.engine.release(&l.record.id, None).await.unwrap();
+    }
+    until(&h.engine, "all idle", |s| count(s, "warm") >= 3).await;
+    until(&h.engine, "scaled down", |s| s.vms.len() == 1 && count(s, "warm") == 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sixty_four_acquirers_never_share_a_vm_or_exceed_max_size() {
+    let h = start(pool(2, 1, 8));
+    until(&h.engine, "ready", |s| count(s, "hot") + count(s, "warm") == 2).await;
+    let holders = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (e, holders) = (h.engine.clone(), holders.clone());
+        tasks.push(tokio::spawn(async move {
+            let l = e
+                .acquire(AcquireRequest { wait: Some(Duration::from_secs(60)), ..req(&format!("t{i}")) })
+                .await
+                .unwrap();
+            assert!(holders.lock().unwrap().insert(l.record.vm.clone()), "{} handed out twice", l.record.vm);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(holders.lock().unwrap().remove(&l.record.vm));
+            e.release(&l.record.id, None).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(h.fake.st.lock().unwrap().high_water <= 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_leases_resets_the_rest_and_deletes_strays() {
+    let h = start(pool(2, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.engine.shutdown().await;
+    h.fake.st.lock().unwrap().instances.insert("mpool-ci-stray".into(), mpool_core::types::InstanceState::Running);
+    h.fake.st.lock().unwrap().instances.insert("not-ours".into(), mpool_core::types::InstanceState::Running);
+    let engine = restart(&h.fake, &h.store_path, pool(2, 0, 3));
+    until(&engine, "reconciled", |s| s.reconciled && count(s, "warm") == 2).await;
+    let again = engine.begin_use(&lease.record.id, None).await.unwrap();
+    assert_eq!(again.record.vm, lease.record.vm, "the lease survived the restart");
+    until(&engine, "stray gone", |_| !h.fake.st.lock().unwrap().instances.contains_key("mpool-ci-stray")).await;
+    assert!(h.fake.st.lock().unwrap().instances.contains_key("not-ours"), "never touch other instances");
+}
+
+#[tokio::test(start_paused = true)]
+async fn clone_pools_build_a_golden_vm_and_clone_it() {
+    let mut cfg = pool(2, 0, 2);
+    cfg.reset = ResetStrategy::Clone;
+    let h = start(cfg);
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    assert_eq!(s.pools[0].golden_ready, Some(true));
+    assert_eq!(h.fake.count("launch"), 1, "only the golden VM is launched");
+    assert_eq!(h.fake.count("clone"), 2);
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "recloned", |_| h.fake.count("clone") == 3).await;
+    until(&h.engine, "ready again", |s| count(s, "warm") == 2).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_uses_recycles_the_vm() {
+    let mut cfg = pool(1, 0, 1);
+    cfg.max_uses = 2;
+    let h = start(cfg);
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    for _ in 0..2 {
+        let l = h.engine.acquire(req("a")).await.unwrap();
+        h.engine.release(&l.record.id, None).await.unwrap();
+        until(&h.engine, "idle", |s| count(s, "warm") == 1).await;
+    }
+    assert_eq!(h.fake.count("launch"), 2, "rebuilt after two uses");
+    assert_eq!(h.fake.count("restore"), 1, "the first release was a plain reset");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_vm_found_stopped_is_replaced() {
+    let h = start(pool(1, 0, 2));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let vm = s.vms[0].name.clone();
+    // Someone stops it behind mpool's back.
+    h.fake.st.lock().unwrap().instances.insert(vm.clone(), mpool_core::types::InstanceState::Stopped);
+    until(&h.engine, "replaced", |s| count(s, "warm") == 1 && !s.vms.iter().any(|v| v.name == vm)).await;
+    assert!(!h.fake.st.lock().unwrap().instances.contains_key(&vm), "deleted with purge");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_config_generation_rotates_idle_vms() {
+    let h = start(pool(2, 0, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    assert_eq!(s.pools[0].generation, 1);
+    let old: Vec<String> = s.vms.iter().map(|v| v.name.clone()).collect();
+    h.engine.shutdown().await;
+    let mut changed = pool(2, 0, 3);
+    changed.image = "22.04".into();
+    let engine = restart(&h.fake, &h.store_path, changed);
+    let s = until(&engine, "rotated", |s| {
+        count(s, "warm") == 2 && s.vms.iter().all(|v| v.generation == 2 && !old.contains(&v.name))
+    })
+    .await;
+    assert_eq!(s.pools[0].generation, 2);
+    assert!(old.iter().all(|n| !h.fake.st.lock().unwrap().instances.contains_key(n)), "old VMs deleted");
+}
+
+/// Finding 1 of the reliability issue: with the store's disk full, Acquire answered with a lease
+/// and health stayed SERVING (the flush logged the error and sent its replies anyway).
+#[tokio::test(start_paused = true)]
+async fn a_failed_store_write_fails_the_acquire_and_health_then_recovers_without_a_restart() {
+    let (fake, store, engine) = start_mem(pool(1, 1, 2));
+    let s = until(&engine, "ready", |s| count(s, "hot") == 1).await;
+    let vm = s.vms[0].name.clone();
+    assert!(*engine.healthy().borrow());
+    store.set_failing(Some("No space left on device (os error 28)"));
+    let err = engine.acquire(req("a")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("No space left"), "the cause is named: {err}");
+    let s = until(&engine, "degraded", |s| !s.store_ok).await;
+    assert!(!*engine.healthy().borrow(), "health turns NOT_SERVING");
+    assert!(s.leases.is_empty());
+    assert!(store.durable().leases.is_empty(), "no lease was stored");
+    let err = engine.acquire(req("b")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "nothing is promised while the store fails: {err}");
+    let restores = fake.count(&format!("restore {vm}"));
+    store.set_failing(None);
+    until(&engine, "serving again", |s| s.store_ok && s.reconciled).await;
+    until(&engine, "healthy", |_| *engine.healthy().borrow()).await;
+    // The VM the failed batch touched is reset before anyone gets it.
+    until(&engine, "touched VM reset", |_| fake.count(&format!("restore {vm}")) > restores).await;
+    let lease = engine.acquire(req("c")).await.unwrap();
+    assert_eq!(store.durable().leases.len(), 1, "the lease is durable before the caller hears of it");
+    if lease.record.vm == vm {
+        assert!(fake.count(&format!("restore {vm}")) > restores);
+    }
+}
+
+/// Finding 1: a release whose write fails starts none of its daemon calls (no reset of a VM
+/// whose lease is still on disk), and the lease, acknowledged before, survives.
+#[tokio::test(start_paused = true)]
+async fn a_release_whose_write_fails_starts_no_reset_and_keeps_the_lease() {
+    let (fake, store, engine) = start_mem(pool(1, 0, 2));
+    until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = engine.acquire(req("a")).await.unwrap();
+    let vm = lease.record.vm.clone();
+    let stops = fake.count(&format!("stop {vm}"));
+    store.set_failing(Some("injected"));
+    let err = engine.release(&lease.record.id, None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fake.count(&format!("stop {vm}")), stops, "no daemon call of the failed batch");
+    assert_eq!(fake.count(&format!("restore {vm}")), 0);
+    store.set_failing(None);
+    let s = until(&engine, "back", |s| s.store_ok && s.reconciled).await;
+    assert_eq!(s.leases.len(), 1, "the acknowledged lease is still there");
+    let again = engine.begin_use(&lease.record.id, None).await.unwrap();
+    engine.end_use(&again.record.id).await;
+    engine.release(&lease.record.id, None).await.unwrap();
+    until(&engine, "reset", |_| fake.count(&format!("restore {vm}")) == 1).await;
+}
+
+/// Finding 4: min_ready 2 / hot 1 settled at 3 idle VMs, 4/2 at 6, and with a short idle
+/// timeout the pool launched and deleted VMs: a hot VM under its health check counted as
+/// neither idle nor coming.
+#[tokio::test(start_paused = true)]
+async fn an_idle_pool_settles_at_exactly_its_ready_target_without_churn() {
+    for (min_ready, hot) in [(2, 1), (4, 2)] {
+        let mut cfg = pool(min_ready, hot, 8);
+        cfg.idle_timeout = Duration::from_secs(5);
+        let h = start(cfg);
+        until(&h.engine, "ready", |s| {
+            count(s, "hot") == hot as usize && count(s, "warm") == (min_ready - hot) as usize
+        })
+        .await;
+        let launches = h.fake.count("launch");
+        let calls_before = h.fake.st.lock().unwrap().calls.len();
+        // Many health intervals (30 s each) later...
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let s = h.engine.status().await.unwrap();
+            assert!(s.vms.len() <= min_ready as usize, "never more VMs than the ready target: {:?}", s.pools[0].counts);
+        }
+        let s = h.engine.status().await.unwrap();
+        assert_eq!(s.vms.len(), min_ready as usize);
+        assert_eq!(h.fake.count("launch"), launches, "no churn");
+        let calls = h.fake.st.lock().unwrap().calls[calls_before..].to_vec();
+        assert!(
+            calls.iter().all(|c| c.starts_with("list") || c.starts_with("ssh-ready")),
+            "only health reads: {calls:?}"
+        );
+    }
+}
+
+/// Finding 5: Bob's Acquire with Alice's request id joined her request and got her lease.
+#[tokio::test(start_paused = true)]
+async fn request_ids_are_scoped_by_owner() {
+    let h = start(pool(2, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let rid = Some("task-1".to_string());
+    let alice = AcquireRequest { owner: Some("alice".into()), request_id: rid.clone(), ..req("a") };
+    let bob = AcquireRequest { owner: Some("bob".into()), request_id: rid, ..req("b") };
+    let (a, b) = tokio::join!(h.engine.acquire(alice.clone()), h.engine.acquire(bob));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.record.id, b.record.id, "two owners, two requests");
+    assert_ne!(a.record.vm, b.record.vm);
+    assert_eq!(b.record.owner, "bob");
+    let again = h.engine.acquire(alice).await.unwrap();
+    assert_eq!((again.record.id, again.served), (a.record.id.clone(), Served::Repeat));
+}
+
+/// Finding 6: a Run retried with its request id while the first runs is refused (it used to
+/// share the first's VM and release it under it); after the first ended, the retry gets its
+/// recorded outcome, also after a restart.
+#[tokio::test(start_paused = true)]
+async fn a_retried_run_never_disturbs_the_first_and_then_gets_its_outcome() {
+    let h = start(pool(2, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let run = AcquireRequest { request_id: Some("run-1".into()), kind: RequestKind::Run, ..req("r") };
+    let first = h.engine.acquire(run.clone()).await.unwrap();
+    let err = h.engine.acquire(run.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.to_string().contains(&first.record.id), "names the running lease: {err}");
+    let plain = AcquireRequest { kind: RequestKind::Acquire, ..run.clone() };
+    assert_eq!(h.engine.acquire(plain).await.unwrap_err().kind(), ErrorKind::AlreadyExists);
+    let outcome = RunOutcome { code: Some(3), vm: first.record.vm.clone(), duration_ms: 1500, ..Default::default() };
+    h.engine.release_with_outcome(&first.record.id, None, outcome.clone()).await.unwrap();
+    let ended = |e: EngineError| match e {
+        EngineError::RequestEnded { lease, outcome, .. } => (lease, outcome),
+        other => panic!("{other}"),
+    };
+    let (lease, got) = ended(h.engine.acquire(run.clone()).await.unwrap_err());
+    assert_eq!((lease.as_str(), got.as_deref()), (first.record.id.as_str(), Some(&outcome)));
+    h.engine.shutdown().await;
+    let engine = restart(&h.fake, &h.store_path, pool(2, 0, 3));
+    until(&engine, "reconciled", |s| s.reconciled).await;
+    let (_, got) = ended(engine.acquire(run).await.unwrap_err());
+    assert_eq!(got.as_deref(), Some(&outcome), "remembered across a restart");
+}
+
+/// A plain Acquire retried after its lease ended is told so (not given a second lease).
+#[tokio::test(start_paused = true)]
+async fn an_acquire_retried_after_its_lease_ended_is_told_it_ended() {
+    let h = start(pool(1, 0, 2));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let r = AcquireRequest { request_id: Some("once".into()), ..req("a") };
+    let lease = h.engine.acquire(r.clone()).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    let err = h.engine.acquire(r).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains(&lease.record.id), "{err}");
+}
+
+/// Issue 11, finding 2: auto-resumed instances pass through Starting after a daemon restart;
+/// they are transient, not broken, and a hot VM's pooled SSH connection is dropped so its
+/// (possibly new) host key is learnt again.
+#[tokio::test(start_paused = true)]
+async fn a_starting_vm_after_a_daemon_restart_is_waited_for_not_replaced() {
+    let h = start(pool(2, 1, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "hot") == 1 && count(s, "warm") == 1).await;
+    let names: Vec<String> = s.vms.iter().map(|v| v.name.clone()).collect();
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        for n in &names {
+            st.instances.insert(n.clone(), mpool_core::types::InstanceState::Starting);
+        }
+    }
+    // A few observations while they are Starting.
+    for _ in 0..90 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(names.iter().all(|n| h.fake.count(&format!("delete {n}")) == 0), "nothing replaced");
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        for n in &names {
+            st.instances.insert(n.clone(), mpool_core::types::InstanceState::Running);
+        }
+    }
+    until(&h.engine, "settled", |s| count(s, "hot") == 1 && count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy))
+        .await;
+    let s = h.engine.status().await.unwrap();
+    assert!(s.vms.iter().all(|v| names.contains(&v.name)), "the same VMs: {:?}", s.vms);
+    assert!(h.fake.count("forget") >= 1, "the hot VM's connection was dropped");
+}
+
+/// Issue 12 (plans of idempotent steps): a build cut short after its launch and setup is
+/// resumed from what the daemon shows, not thrown away and started over.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_build_resumes_without_relaunching() {
+    let mut cfg = pool(1, 0, 2);
+    cfg.setup = vec!["echo set up".into()];
+    let h = start(cfg.clone());
+    // The graceful stop after the setup is cut (the daemon stopped the VM, then aborted).
+    h.fake.st.lock().unwrap().fail_next.push("cut stop *".into());
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let vm = s.vms[0].name.clone();
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 1, "launched once");
+    assert_eq!(h.fake.count(&format!("delete {vm}")), 0, "never thrown away");
+    assert_eq!(h.fake.count(&format!("snapshot {vm}")), 1);
+    assert_eq!(h.fake.count(&format!("ssh-script {vm}")), 1, "the setup ran before the cut, and was not needed after");
+
+    // The same after a crash in the middle of a build: the restarted engine resumes it.
+    let h = start(cfg.clone());
+    h.fake.st.lock().unwrap().fail_next.push("cut snapshot *".into());
+    h.fake.st.lock().unwrap().down = false;
+    let s = until(&h.engine, "cut", |s| s.vms.len() == 1 && !s.vms[0].busy).await;
+    let vm = s.vms[0].name.clone();
+    h.engine.shutdown().await;
+    let engine = restart(&h.fake, &h.store_path, cfg);
+    until(&engine, "ready after the restart", |s| count(s, "warm") == 1).await;
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 1, "not relaunched after the restart");
+    assert_eq!(h.fake.count(&format!("delete {vm}")), 0);
+}

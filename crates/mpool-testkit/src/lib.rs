@@ -1,0 +1,1 @@
+//! What mpool's tests and benchmarks start.
