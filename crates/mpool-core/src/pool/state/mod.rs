@@ -1,0 +1,517 @@
+//! The engine's state and every decision it makes, as a plain state machine: inputs (callers'
+//! requests, plan outcomes, daemon observations, store probes, the passing of time) go in
+//! through [`EngineState::handle`] (and [`EngineState::maintain`] after each batch); what to do comes out as a [`Batch`] of store writes and
+//! [`Effect`]s (replies, plans to start, observations, probes). No I/O, no clock, no randomness:
+//! time and name parts arrive in an [`Env`]. The actor in `mpool-engine` feeds it and performs
+//! what it says.
+//!
+//! The batch protocol is the engine's promise: a batch's writes are stored (durably when any
+//! must be) before any of its effects happen; if the write fails, [`EngineState::store_failed`]
+//! makes the engine forget its memory as a crash would, and the batch's effects are dropped or
+//! answered with the store's error. Reconciliation then runs again once the store works.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use crate::pool_config::PoolConfig;
+use crate::ports::{Ids, Observed, StepError};
+use crate::store::{LeaseRecord, RunOutcome, Snapshot, VmRecord, Write};
+use crate::types::SshEndpoint;
+
+use super::error::EngineError;
+use super::leases::{AcquireRequest, LeaseBook, LeaseInfo, Served};
+use super::outcome::PlanKind;
+use super::status::{PoolStatus, Status, VmStatus};
+use super::vm::VmState;
+
+mod leasing;
+mod maintain;
+mod observe;
+mod plans;
+mod store;
+
+/// Identifies a caller waiting for an answer (the actor keeps its reply channel).
+pub type CallerId = u64;
+
+/// What a decision may read of the world: time, name parts, and whether a caller still waits.
+pub struct Env<'a> {
+    /// Now, monotonic.
+    pub now: Instant,
+    /// Now, on the wall clock (unix milliseconds).
+    pub wall_ms: u64,
+    /// Random name parts.
+    pub ids: &'a dyn Ids,
+    /// Whether a caller has gone away (its reply would reach nobody).
+    pub gone: &'a dyn Fn(CallerId) -> bool,
+}
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Input {
+    /// A caller wants a lease.
+    Acquire(AcquireRequest, CallerId),
+    /// A holder extends its lease by `ttl` (default: the pool's).
+    Renew {
+        /// Lease id.
+        id: String,
+        /// The new TTL from now.
+        ttl: Option<Duration>,
+        /// The caller's principal (`None`: any).
+        owner: Option<String>,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
+    /// A holder ends its lease (a Run records its outcome).
+    Release {
+        /// Lease id.
+        id: String,
+        /// The caller's principal.
+        owner: Option<String>,
+        /// A Run's outcome.
+        outcome: Option<RunOutcome>,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
+    /// An exec or transfer starts on a lease: it does not expire meanwhile.
+    BeginUse {
+        /// Lease id.
+        id: String,
+        /// The caller's principal.
+        owner: Option<String>,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
+    /// An exec or transfer ended.
+    EndUse {
+        /// Lease id.
+        id: String,
+    },
+    /// A holder wants its VM's SSH endpoint read again.
+    Refresh {
+        /// Lease id.
+        id: String,
+        /// The caller's principal.
+        owner: Option<String>,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
+    /// A plan ended.
+    PlanDone {
+        /// Its VM.
+        vm: String,
+        /// Which plan.
+        plan: PlanKind,
+        /// The SSH endpoint when the VM was left running, or why it failed.
+        result: Result<Option<SshEndpoint>, StepError>,
+    },
+    /// A golden VM's build ended.
+    GoldenDone {
+        /// Its pool.
+        pool: String,
+        /// The golden VM.
+        vm: String,
+        /// Whether it worked.
+        result: Result<(), StepError>,
+    },
+    /// The daemon's list of instances (or why it could not be read).
+    Observed(Result<Vec<Observed>, StepError>),
+    /// A probe of the failed store: what it holds, or why it still fails.
+    StoreProbed(Result<Snapshot, String>),
+    /// Time passed: deadlines and maintenance.
+    Tick,
+}
+
+/// An answer to a caller.
+// One answer per call, moved once to its caller: boxing the lease would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// A lease (acquire, renew, begin-use, refresh).
+    Lease(LeaseInfo),
+    /// Done (release).
+    Done,
+}
+
+/// A plan to run on a VM, with everything it needs.
+#[derive(Clone, Debug)]
+pub struct PlanOrder {
+    /// The VM.
+    pub vm: String,
+    /// Which plan.
+    pub kind: PlanKind,
+    /// Its pool's settings.
+    pub pool: PoolConfig,
+    /// The clone source (clone pools), when ready.
+    pub golden: Option<String>,
+    /// Rebuild instead of restoring.
+    pub rebuild: bool,
+    /// Read the instance's state from the daemon first (the engine cannot be sure of it).
+    pub observe: bool,
+    /// Its known SSH endpoint.
+    pub ssh: Option<SshEndpoint>,
+    /// Callers of its pool are waiting (its daemon calls go first).
+    pub for_waiters: bool,
+    /// Live count of its pool's waiting callers (a VM they need stays running).
+    pub waiting: Arc<AtomicUsize>,
+}
+
+/// What to do once the batch's writes are stored.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// Answer a caller.
+    Reply {
+        /// Who.
+        caller: CallerId,
+        /// What.
+        answer: Result<Answer, EngineError>,
+    },
+    /// Run a plan.
+    Start(PlanOrder),
+    /// Build a clone pool's golden VM.
+    BuildGolden {
+        /// Pool.
+        pool: PoolConfig,
+        /// The new golden VM's name.
+        vm: String,
+    },
+    /// Delete an instance with our prefix that the store does not know.
+    DeleteStray(String),
+    /// Drop a VM's pooled SSH connection (its host key may be new).
+    ForgetSsh(String),
+    /// Read the daemon's instances now.
+    Observe,
+    /// Probe the failed store with these writes, then read it.
+    ProbeStore(Vec<Write>),
+    /// A reset took this long (for metrics).
+    ResetTook {
+        /// Pool.
+        pool: String,
+        /// How long.
+        took: Duration,
+    },
+}
+
+/// The writes and effects of the inputs handled since the last [`EngineState::take_batch`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Store writes, in order.
+    pub writes: Vec<Write>,
+    /// Whether they must be durable (fsync).
+    pub durable: bool,
+    /// What to do once they are stored, in order.
+    pub effects: Vec<Effect>,
+}
+
+/// What the state machine is set up with.
+#[derive(Clone, Debug)]
+pub struct StateSettings {
+    /// Name prefix of every instance mpool owns.
+    pub prefix: String,
+    /// Delete instances with our prefix that the store does not know.
+    pub delete_strays: bool,
+    /// First pause before retrying a store that failed.
+    pub store_retry: Duration,
+    /// The longest pause between store retries.
+    pub store_retry_max: Duration,
+}
+
+struct Pool {
+    cfg: PoolConfig,
+    generation: u64,
+    waiters: VecDeque<Waiter>,
+    golden: Option<Golden>,
+    /// `waiters.len()` as of the last batch, for plans: a VM being reset or provisioned stays
+    /// running when callers wait for it.
+    waiting: Arc<AtomicUsize>,
+}
+
+struct Golden {
+    name: String,
+    generation: u64,
+    ready: bool,
+    busy: bool,
+}
+
+struct Vm {
+    name: String,
+    pool: String,
+    generation: u64,
+    state: VmState,
+    busy: bool,
+    uses: u32,
+    lease: Option<String>,
+    ssh: Option<SshEndpoint>,
+    target_hot: bool,
+    idle_since: Instant,
+    created_ms: u64,
+    /// Rebuild instead of restoring on the next reset.
+    rebuild: bool,
+    /// When the running plan started.
+    busy_since: Instant,
+    /// Since when the daemon reports it Starting or Restarting: transient, waited for up to
+    /// the pool's readiness timeout.
+    transient_since: Option<Instant>,
+    /// The engine cannot be sure what the daemon did last (a crash, a failed call): its next
+    /// plan reads the instance's state from the daemon first.
+    observe: bool,
+}
+
+impl Vm {
+    fn new(name: String, pool: &str, generation: u64, state: VmState, now: Instant, now_ms: u64) -> Vm {
+        Vm {
+            name,
+            pool: pool.to_string(),
+            generation,
+            state,
+            busy: false,
+            uses: 0,
+            lease: None,
+            ssh: None,
+            target_hot: false,
+            idle_since: now,
+            created_ms: now_ms,
+            rebuild: false,
+            busy_since: now,
+            transient_since: None,
+            observe: false,
+        }
+    }
+
+    fn record(&self) -> VmRecord {
+        VmRecord {
+            name: self.name.clone(),
+            pool: self.pool.clone(),
+            generation: self.generation,
+            phase: self.state.record(),
+            uses: self.uses,
+            lease: self.lease.clone(),
+            created_ms: self.created_ms,
+        }
+    }
+}
+
+struct Waiter {
+    req: AcquireRequest,
+    callers: Vec<CallerId>,
+    since: Instant,
+    deadline: Instant,
+    ttl: Duration,
+    /// How it was served (for reporting).
+    served: Served,
+    /// No VM was free when it arrived: it waited for one to be created or reset.
+    queued: bool,
+}
+
+impl Waiter {
+    fn gone(&self, env: &Env<'_>) -> bool {
+        self.callers.iter().all(|c| (env.gone)(*c))
+    }
+}
+
+/// The store failed: what the engine knows about its recovery.
+struct Degraded {
+    cause: String,
+    retry_at: Instant,
+    backoff: Duration,
+    probing: bool,
+}
+
+/// The engine's state.
+pub struct EngineState {
+    settings: StateSettings,
+    pools: BTreeMap<String, Pool>,
+    vms: BTreeMap<String, Vm>,
+    book: LeaseBook,
+    waking: HashMap<String, Waiter>,
+    /// Callers waiting for a leased VM's endpoint to be read again, by VM.
+    refreshing: HashMap<String, Vec<(CallerId, String)>>,
+    daemon_ok: bool,
+    reconciled: bool,
+    /// What the store held at start (or after a store recovery), until reconciliation.
+    store_snapshot: Option<Snapshot>,
+    /// VMs to reset before anyone gets them at the next reconciliation.
+    doubt: HashSet<String>,
+    /// Set while the store cannot be written.
+    degraded: Option<Degraded>,
+    batch: Batch,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl EngineState {
+    /// A state for these pools (with the generations the store gave them) and what the store
+    /// holds; it reconciles at the first observation of the daemon.
+    pub fn new(settings: StateSettings, pools: Vec<(PoolConfig, u64)>, snapshot: Snapshot) -> EngineState {
+        let pools = pools
+            .into_iter()
+            .map(|(cfg, generation)| {
+                (
+                    cfg.name.clone(),
+                    Pool { cfg, generation, waiters: VecDeque::new(), golden: None, waiting: Default::default() },
+                )
+            })
+            .collect();
+        EngineState {
+            settings,
+            pools,
+            vms: BTreeMap::new(),
+            book: LeaseBook::default(),
+            waking: HashMap::new(),
+            refreshing: HashMap::new(),
+            daemon_ok: false,
+            reconciled: false,
+            store_snapshot: Some(snapshot),
+            doubt: HashSet::new(),
+            degraded: None,
+            batch: Batch::default(),
+        }
+    }
+
+    /// What the batch of the inputs handled so far does; also updates the waiting counts plans
+    /// read.
+    pub fn take_batch(&mut self) -> Batch {
+        for p in self.pools.values() {
+            p.waiting.store(p.waiters.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Whether mpool can serve: the daemon answers and the store takes writes.
+    pub fn healthy(&self) -> bool {
+        self.daemon_ok && self.degraded.is_none()
+    }
+
+    /// When [`Input::Tick`] is next due (a waiter's or a lease's deadline, a store retry).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let waiters = self.pools.values().flat_map(|p| p.waiters.iter().map(|w| w.deadline));
+        let store = self.degraded.as_ref().filter(|d| !d.probing).map(|d| d.retry_at);
+        waiters.chain(self.book.next_deadline()).chain(store).min()
+    }
+
+    fn reply(&mut self, caller: CallerId, answer: Result<Answer, EngineError>) {
+        self.batch.effects.push(Effect::Reply { caller, answer });
+    }
+
+    fn reply_lease(&mut self, caller: CallerId, answer: Result<LeaseInfo, EngineError>) {
+        self.reply(caller, answer.map(Answer::Lease));
+    }
+
+    fn persist(&mut self, writes: &[Write], durable: bool) {
+        self.batch.writes.extend_from_slice(writes);
+        self.batch.durable |= durable;
+    }
+
+    fn persist_vm(&mut self, name: &str, durable: bool) {
+        if let Some(v) = self.vms.get(name) {
+            let rec = v.record();
+            self.persist(&[Write::PutVm(rec)], durable);
+        }
+    }
+
+    /// Handles one input.
+    pub fn handle(&mut self, env: &Env<'_>, input: Input) {
+        if let Some(d) = &self.degraded {
+            // Nothing can be promised while the store fails.
+            let err = EngineError::StoreUnavailable(d.cause.clone());
+            match input {
+                Input::Acquire(_, caller)
+                | Input::Renew { caller, .. }
+                | Input::Release { caller, .. }
+                | Input::BeginUse { caller, .. }
+                | Input::Refresh { caller, .. } => self.reply(caller, Err(err)),
+                Input::Observed(result) => self.observed_daemon(&result),
+                Input::StoreProbed(result) => self.store_probed(env, result),
+                Input::Tick => self.retry_store(env),
+                // Work of the memory that was dropped: stale.
+                Input::EndUse { .. } | Input::PlanDone { .. } | Input::GoldenDone { .. } => {}
+            }
+            return;
+        }
+        if !self.reconciled {
+            // Leases are restored at reconciliation: until then nobody can be told about one.
+            let err = EngineError::Unavailable("mpool has not reached multipassd yet".into());
+            match input {
+                Input::Renew { caller, .. }
+                | Input::Release { caller, .. }
+                | Input::BeginUse { caller, .. }
+                | Input::Refresh { caller, .. } => return self.reply(caller, Err(err)),
+                _ => {}
+            }
+        }
+        match input {
+            Input::Acquire(req, caller) => self.acquire(env, req, caller),
+            Input::Renew { id, ttl, owner, caller } => {
+                let r = self.renew(env, &id, ttl, owner.as_deref());
+                self.reply_lease(caller, r);
+            }
+            Input::Release { id, owner, outcome, caller } => {
+                let r = self.release(env, &id, owner.as_deref(), "released", outcome);
+                self.reply(caller, r.map(|_| Answer::Done));
+            }
+            Input::BeginUse { id, owner, caller } => {
+                let r = self.lease_info(&id, owner.as_deref());
+                if r.is_ok() {
+                    self.book.set_in_use(&id, true);
+                }
+                self.reply_lease(caller, r);
+            }
+            Input::EndUse { id } => self.book.set_in_use(&id, false),
+            Input::Refresh { id, owner, caller } => self.refresh(env, &id, owner.as_deref(), caller),
+            Input::PlanDone { vm, plan, result } => self.plan_done(env, &vm, plan, result),
+            Input::GoldenDone { pool, vm, result } => self.golden_done(env, &pool, &vm, result),
+            Input::Observed(result) => self.observed(env, result),
+            Input::StoreProbed(result) => self.store_probed(env, result),
+            Input::Tick => self.deadlines(env),
+        }
+    }
+
+    /// A report of the engine's state.
+    pub fn status(&self, queued_daemon_calls: usize) -> Status {
+        let mut pools = Vec::new();
+        for p in self.pools.values() {
+            let mut counts = BTreeMap::new();
+            for v in self.vms.values().filter(|v| v.pool == p.cfg.name) {
+                *counts.entry(format!("{:?}", v.state).to_lowercase()).or_insert(0) += 1;
+            }
+            pools.push(PoolStatus {
+                name: p.cfg.name.clone(),
+                generation: p.generation,
+                counts,
+                waiters: p.waiters.len() + self.waking.values().filter(|w| w.req.pool == p.cfg.name).count(),
+                leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
+                golden_ready: p.golden.as_ref().map(|g| g.ready),
+                config: Some(p.cfg.clone()),
+            });
+        }
+        let vms = self
+            .vms
+            .values()
+            .map(|v| VmStatus {
+                name: v.name.clone(),
+                pool: v.pool.clone(),
+                state: format!("{:?}", v.state).to_lowercase(),
+                generation: v.generation,
+                uses: v.uses,
+                lease: v.lease.clone(),
+                lease_owner: v.lease.as_ref().and_then(|id| self.book.get(id)).map(|l| l.record.owner.clone()),
+                busy: v.busy,
+            })
+            .collect();
+        let mut leases: Vec<LeaseRecord> = self.book.iter().map(|l| l.record.clone()).collect();
+        leases.sort_by(|a, b| a.granted_ms.cmp(&b.granted_ms).then(a.id.cmp(&b.id)));
+        Status {
+            daemon_ok: self.daemon_ok,
+            reconciled: self.reconciled,
+            store_ok: self.degraded.is_none(),
+            store_error: self.degraded.as_ref().map(|d| d.cause.clone()),
+            pools,
+            vms,
+            leases,
+            queued_daemon_calls,
+        }
+    }
+}
