@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::cli::client::{Connect, connect};
+use crate::cli::output;
 use mpool_api::proto::v1;
 use mpool_api::serve::{Options, Running};
 use mpool_config::Config;
@@ -29,7 +30,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     match demo(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mpool demo failed: {e}");
+            output::err_line(&format!("mpool demo failed: {e}"));
             ExitCode::from(1)
         }
     }
@@ -40,7 +41,7 @@ struct Table(Vec<(String, String, Duration)>);
 impl Table {
     fn add(&mut self, step: &str, result: impl Into<String>, took: Duration) {
         let result = result.into();
-        println!("  {step:<44} {result:<28} {:>10}", fmt(took));
+        output::line(&format!("  {step:<44} {result:<28} {:>10}", fmt(took)));
         self.0.push((step.into(), result, took));
     }
 }
@@ -107,11 +108,11 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let total = Instant::now();
     let dir = tempfile::Builder::new().prefix("mpool-demo-").tempdir().map_err(|e| e.to_string())?;
     let root = dir.path().to_path_buf();
-    println!(
+    output::line(&format!(
         "mpool demo: simulator (time scale {}) + pool daemon in this process, under {}",
         args.time_scale,
         root.display()
-    );
+    ));
 
     let mut sim_cfg = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
     sim_cfg.time_scale = args.time_scale;
@@ -161,7 +162,7 @@ max_size = 1
     let mut c =
         connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
     let mut t = Table(Vec::new());
-    println!("\n  {:<44} {:<28} {:>10}", "step", "result", "time");
+    output::line(&format!("\n  {:<44} {:<28} {:>10}", "step", "result", "time"));
 
     // 1. Wait for the pools to warm up.
     let start = Instant::now();
@@ -257,14 +258,14 @@ max_size = 1
 
     running.stop().await;
     sim.shutdown().await;
-    println!(
+    output::line(&format!(
         "\nDone in {}. Simulated Multipass durations are scaled by {} (launch ~40 s, resume ~4 s at scale 1).",
         fmt(total.elapsed()),
         args.time_scale
-    );
+    ));
     if args.keep {
         let kept = dir.keep();
-        println!("Kept {}", kept.display());
+        output::line(&format!("Kept {}", kept.display()));
     }
     Ok(())
 }

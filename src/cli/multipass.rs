@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use super::output;
 use mpool_multipass::{
     Client, ClientIdentity, ClientOptions, DaemonAddress, Error, LaunchOptions, Names, PassphraseOrigin,
     ServerVerification,
@@ -225,7 +226,7 @@ pub async fn run(args: MultipassArgs, data_dir: PathBuf) -> ExitCode {
     match run_inner(args, data_dir).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mpool multipass: {e}");
+            output::err_line(&format!("mpool multipass: {e}"));
             if e.is_unavailable() && !e.is_trust_problem() { ExitCode::from(3) } else { ExitCode::from(2) }
         }
     }
@@ -243,8 +244,8 @@ fn split_snapshot(s: &str) -> Result<(&str, &str), Error> {
 
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("cannot encode JSON: {e}"),
+        Ok(s) => output::line(&s),
+        Err(e) => output::err_line(&format!("cannot encode JSON: {e}")),
     }
 }
 
@@ -277,7 +278,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
         if json {
             print_json(&serde_json::json!({ "ok": true, "message": msg }));
         } else if !msg.is_empty() {
-            println!("{msg}");
+            output::line(&msg);
         }
         Ok(ExitCode::SUCCESS)
     };
@@ -288,7 +289,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&serde_json::json!({ "daemon": v, "mpool": env!("CARGO_PKG_VERSION") }));
             } else {
-                println!("multipassd  {v}\nmpool       {}", env!("CARGO_PKG_VERSION"));
+                output::line(&format!("multipassd  {v}\nmpool       {}", env!("CARGO_PKG_VERSION")));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -298,7 +299,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&list);
             } else {
-                print!("{}", format_list(&list));
+                output::text(&format_list(&list));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -307,12 +308,12 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&list);
             } else if list.is_empty() {
-                println!("No snapshots found.");
+                output::line("No snapshots found.");
             } else {
-                println!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent");
+                output::line(&format!("{:<24} {:<16} {:<16} Comment", "Instance", "Snapshot", "Parent"));
                 for s in list {
                     let parent = if s.parent.is_empty() { "--".to_string() } else { s.parent };
-                    println!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment);
+                    output::line(&format!("{:<24} {:<16} {:<16} {}", s.instance, s.name, parent, s.comment));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -325,7 +326,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
                 print_json(&info);
             } else {
                 let blocks: Vec<String> = info.iter().map(format_info).collect();
-                print!("{}", blocks.join("\n"));
+                output::text(&blocks.join("\n"));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -334,7 +335,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&found);
             } else {
-                print!("{}", format_find(&found, !only_blueprints, !only_images));
+                output::text(&format_find(&found, !only_blueprints, !only_images));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -412,7 +413,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&info);
             } else {
-                println!("{}@{}:{}", info.username, info.host, info.port);
+                output::line(&format!("{}@{}:{}", info.username, info.host, info.port));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -421,7 +422,7 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&serde_json::json!({ "key": key, "value": value }));
             } else {
-                println!("{value}");
+                output::line(&value);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -437,7 +438,10 @@ async fn run_inner(args: MultipassArgs, data_dir: PathBuf) -> Result<ExitCode, E
             if json {
                 print_json(&d);
             } else {
-                println!("CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes", d.cpus, d.memory, d.available_space);
+                output::line(&format!(
+                    "CPUs:    {}\nMemory:  {} bytes\nSpace:   {} bytes",
+                    d.cpus, d.memory, d.available_space
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -613,22 +617,14 @@ fn forward_stdin() -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
     rx
 }
 
-/// Copies an exec's output to our stdout/stderr as it arrives; returns the exit code to exit
+/// Copies an exec's output to our stdout/stderr as it arrives (a closed pipe ends `mpool`
+/// quietly, see [`output`], and with it the connection and the remote command); returns the exit code to exit
 /// with (128+N for a signal, as shells do; 255 when the connection was lost).
 pub async fn relay(handle: &mut mpool_ssh::ExecHandle) -> u8 {
-    use std::io::Write;
     while let Some(ev) = handle.next_event().await {
         match ev {
-            mpool_ssh::ExecEvent::Stdout(b) => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&b);
-                let _ = out.flush();
-            }
-            mpool_ssh::ExecEvent::Stderr(b) => {
-                let mut err = std::io::stderr().lock();
-                let _ = err.write_all(&b);
-                let _ = err.flush();
-            }
+            mpool_ssh::ExecEvent::Stdout(b) => output::bytes(&b),
+            mpool_ssh::ExecEvent::Stderr(b) => output::err_bytes(&b),
             mpool_ssh::ExecEvent::Exit { code: Some(c), .. } => {
                 return u8::try_from(c).unwrap_or(255);
             }

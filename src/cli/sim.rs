@@ -88,7 +88,7 @@ pub async fn run(args: SimArgs) -> ExitCode {
     match run_inner(args).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mpool sim: {e}");
+            crate::cli::output::err_line(&format!("mpool sim: {e}"));
             ExitCode::from(1)
         }
     }
