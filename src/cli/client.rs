@@ -255,7 +255,7 @@ fn exit_code(x: &v1::ExitStatus) -> ExitCode {
     if x.code >= 0 {
         ExitCode::from(u8::try_from(x.code).unwrap_or(255))
     } else {
-        ExitCode::from(128u8.saturating_add(super::multipass::signal_number(&x.signal)))
+        ExitCode::from(super::signal::exit_code(&x.signal))
     }
 }
 

@@ -7,6 +7,7 @@ mod demo;
 mod multipass;
 pub mod output;
 mod serve;
+mod signal;
 mod sim;
 
 use std::path::PathBuf;

@@ -628,25 +628,9 @@ pub async fn relay(handle: &mut mpool_ssh::ExecHandle) -> u8 {
             mpool_ssh::ExecEvent::Exit { code: Some(c), .. } => {
                 return u8::try_from(c).unwrap_or(255);
             }
-            mpool_ssh::ExecEvent::Exit { signal: Some(s), .. } => return 128u8.saturating_add(signal_number(&s)),
+            mpool_ssh::ExecEvent::Exit { signal: Some(s), .. } => return super::signal::exit_code(&s),
             mpool_ssh::ExecEvent::Exit { .. } => return 255,
         }
     }
     255
-}
-
-/// POSIX signal numbers of the common signals.
-pub fn signal_number(name: &str) -> u8 {
-    match name {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ABRT" => 6,
-        "KILL" => 9,
-        "SEGV" => 11,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        _ => 127,
-    }
 }
