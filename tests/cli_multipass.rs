@@ -415,3 +415,50 @@ fn a_set_with_a_call_in_flight_wedges_the_simulator() {
     let _ = start.kill();
     let _ = start.wait();
 }
+
+#[test]
+fn mpool_multipass_ends_quietly_on_a_closed_pipe() {
+    let sim = SimProcess::start(&[]);
+    assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
+    assert!(sim.mp(&["stop", "vm1"]).status.success());
+    assert!(sim.mp(&["snapshot", "vm1", "--name", "clean"]).status.success());
+    assert!(sim.mp(&["start", "vm1"]).status.success());
+    for args in [
+        &["version"][..],
+        &["--json", "version"],
+        &["list"],
+        &["--json", "list"],
+        &["list", "--snapshots"],
+        &["info", "vm1"],
+        &["find"],
+        &["get", "local.driver"],
+        &["ssh-info", "vm1"],
+        &["daemon-info"],
+        &["authenticate"],
+        &["exec", "vm1", "--", "echo", "out"],
+    ] {
+        // A pipe whose reader is gone before mpool writes (`mpool multipass list | head -0`):
+        // every write is EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(MPOOL)
+            .arg("--data-dir")
+            .arg(sim.dir.path().join("client"))
+            .arg("multipass")
+            .arg("--daemon")
+            .arg(format!("unix:{}", sim.socket().display()))
+            .arg("--own-cert")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(0) && stderr.is_empty(),
+            "mpool multipass {args:?} into a closed pipe: {:?} {stderr}",
+            out.status
+        );
+    }
+}

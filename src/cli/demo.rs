@@ -4,10 +4,12 @@
 //! acquire the same VM again and show the file is gone, and a one-shot Run. Prints what each
 //! step cost.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::cli::client::{Connect, connect};
+use crate::cli::client::{Client, Connect, connect};
+use crate::cli::output;
 use mpool_api::proto::v1;
 use mpool_api::serve::{Options, Running};
 use mpool_config::Config;
@@ -29,7 +31,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     match demo(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mpool demo failed: {e}");
+            output::err_line(&format!("mpool demo failed: {e}"));
             ExitCode::from(1)
         }
     }
@@ -40,7 +42,7 @@ struct Table(Vec<(String, String, Duration)>);
 impl Table {
     fn add(&mut self, step: &str, result: impl Into<String>, took: Duration) {
         let result = result.into();
-        println!("  {step:<44} {result:<28} {:>10}", fmt(took));
+        output::line(&format!("  {step:<44} {result:<28} {:>10}", fmt(took)));
         self.0.push((step.into(), result, took));
     }
 }
@@ -70,7 +72,7 @@ fn argv(a: &[&str]) -> Option<v1::Command> {
 }
 
 /// Runs a command on a lease; returns (exit code, stdout).
-async fn exec(c: &mut crate::cli::client::Client, lease: &str, cmd: &[&str]) -> Result<(i32, String), String> {
+async fn exec(c: &mut Client, lease: &str, cmd: &[&str]) -> Result<(i32, String), String> {
     let mut s = c
         .exec(v1::ExecRequest { lease_id: lease.into(), command: argv(cmd), exec_id: String::new() })
         .await
@@ -87,7 +89,7 @@ async fn exec(c: &mut crate::cli::client::Client, lease: &str, cmd: &[&str]) -> 
     Err("no exit status".into())
 }
 
-async fn acquire(c: &mut crate::cli::client::Client, pool: &str) -> Result<(v1::Lease, Duration), String> {
+async fn acquire(c: &mut Client, pool: &str) -> Result<(v1::Lease, Duration), String> {
     let t = Instant::now();
     let l = c
         .acquire(v1::AcquireRequest { pool: pool.into(), holder: "demo".into(), ..Default::default() })
@@ -97,7 +99,7 @@ async fn acquire(c: &mut crate::cli::client::Client, pool: &str) -> Result<(v1::
     Ok((l, t.elapsed()))
 }
 
-async fn release(c: &mut crate::cli::client::Client, lease: &str) -> Result<Duration, String> {
+async fn release(c: &mut Client, lease: &str) -> Result<Duration, String> {
     let t = Instant::now();
     c.release(v1::ReleaseRequest { lease_id: lease.into() }).await.map_err(|e| e.message().to_string())?;
     Ok(t.elapsed())
@@ -107,14 +109,46 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let total = Instant::now();
     let dir = tempfile::Builder::new().prefix("mpool-demo-").tempdir().map_err(|e| e.to_string())?;
     let root = dir.path().to_path_buf();
-    println!(
+    output::line(&format!(
         "mpool demo: simulator (time scale {}) + pool daemon in this process, under {}",
         args.time_scale,
         root.display()
-    );
+    ));
+    let (sim, running) = start(&root, args.time_scale).await?;
+    let mut c =
+        connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
+    let mut t = Table(Vec::new());
+    output::line(&format!("\n  {:<44} {:<28} {:>10}", "step", "result", "time"));
 
+    wait_for_pools(&mut c, &mut t).await?;
+    let (hot, warm, cold) = acquire_hot_warm_cold(&mut c, &mut t).await?;
+    let s = Instant::now();
+    let (code, out) = exec(&mut c, &hot.id, &["uname", "-s"]).await?;
+    t.add("exec `uname -s` on the hot lease", format!("exit {code}: {}", out.trim()), s.elapsed());
+    let again = release_resets_the_vm(&mut c, &mut t).await?;
+    for l in [&hot, &warm, &cold, &again] {
+        release(&mut c, &l.id).await?;
+    }
+    one_shot_run(&mut c, &mut t).await?;
+
+    running.stop().await;
+    sim.shutdown().await;
+    output::line(&format!(
+        "\nDone in {}. Simulated Multipass durations are scaled by {} (launch ~40 s, resume ~4 s at scale 1).",
+        fmt(total.elapsed()),
+        args.time_scale
+    ));
+    if args.keep {
+        let kept = dir.keep();
+        output::line(&format!("Kept {}", kept.display()));
+    }
+    Ok(())
+}
+
+/// The simulator and the pool daemon, with four small pools, under `root`.
+async fn start(root: &Path, time_scale: f64) -> Result<(Simulator, Running), String> {
     let mut sim_cfg = SimConfig::new(root.join("multipass.sock"), root.join("sim"));
-    sim_cfg.time_scale = args.time_scale;
+    sim_cfg.time_scale = time_scale;
     let sim = Simulator::start(sim_cfg).await?;
     let config = format!(
         r#"
@@ -147,7 +181,7 @@ max_size = 1
 "#,
         root = root.display()
     );
-    let cfg = Config::parse(&config, &root).map_err(|e| e.to_string())?;
+    let cfg = Config::parse(&config, root).map_err(|e| e.to_string())?;
     let running = Running::start(
         cfg,
         Options {
@@ -158,12 +192,11 @@ max_size = 1
         },
     )
     .await?;
-    let mut c =
-        connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
-    let mut t = Table(Vec::new());
-    println!("\n  {:<44} {:<28} {:>10}", "step", "result", "time");
+    Ok((sim, running))
+}
 
-    // 1. Wait for the pools to warm up.
+/// Step 1: waits for the pools to warm up (each has its idle VMs, one of them hot).
+async fn wait_for_pools(c: &mut Client, t: &mut Table) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let pools =
@@ -181,20 +214,24 @@ max_size = 1
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     t.add("wait for pools (launch, clean snapshot, park)", "4 pools ready", start.elapsed());
+    Ok(())
+}
 
-    // 2. Hot, warm and cold acquires.
-    let (hot, d) = acquire(&mut c, "hot").await?;
+/// Step 2: hot, warm and cold acquires.
+async fn acquire_hot_warm_cold(c: &mut Client, t: &mut Table) -> Result<(v1::Lease, v1::Lease, v1::Lease), String> {
+    let (hot, d) = acquire(c, "hot").await?;
     t.add("acquire from pool hot", format!("{} ({})", hot.vm, served(&hot)), d);
-    let (warm, d) = acquire(&mut c, "warm").await?;
+    let (warm, d) = acquire(c, "warm").await?;
     t.add("acquire from pool warm", format!("{} ({})", warm.vm, served(&warm)), d);
-    let (cold, d) = acquire(&mut c, "cold").await?;
+    let (cold, d) = acquire(c, "cold").await?;
     t.add("acquire from pool cold (min_ready 0)", format!("{} ({})", cold.vm, served(&cold)), d);
+    Ok((hot, warm, cold))
+}
 
-    // 3. A command, and a file written into the VM.
-    let s = Instant::now();
-    let (code, out) = exec(&mut c, &hot.id, &["uname", "-s"]).await?;
-    t.add("exec `uname -s` on the hot lease", format!("exit {code}: {}", out.trim()), s.elapsed());
-    let (r, d) = acquire(&mut c, "reset").await?;
+/// Steps 3 and 4: a file written into a leased VM is gone when the same VM is acquired again
+/// after its release; returns the second lease.
+async fn release_resets_the_vm(c: &mut Client, t: &mut Table) -> Result<v1::Lease, String> {
+    let (r, d) = acquire(c, "reset").await?;
     t.add("acquire from pool reset", format!("{} ({})", r.vm, served(&r)), d);
     let s = Instant::now();
     c.upload(tokio_stream::iter(vec![v1::UploadRequest {
@@ -206,30 +243,29 @@ max_size = 1
     .await
     .map_err(|e| format!("upload: {}", e.message()))?;
     t.add("upload note.txt", "ok", s.elapsed());
-    let (code, out) = exec(&mut c, &r.id, &["cat", "note.txt"]).await?;
+    let (code, out) = exec(c, &r.id, &["cat", "note.txt"]).await?;
     if code != 0 || !out.contains("written during the lease") {
         return Err(format!("note.txt was not written (exit {code}: {out})"));
     }
-    let d = release(&mut c, &r.id).await?;
+    let d = release(c, &r.id).await?;
     t.add("release (reset runs in the background)", "ok", d);
 
-    // 4. The same VM again: the file is gone.
-    let (again, d) = acquire(&mut c, "reset").await?;
+    let (again, d) = acquire(c, "reset").await?;
     t.add("acquire pool reset again (waits for reset)", format!("{} ({})", again.vm, served(&again)), d);
     if again.vm != r.vm {
         return Err(format!("expected the same VM {} again, got {}", r.vm, again.vm));
     }
     let s = Instant::now();
-    let (code, _) = exec(&mut c, &again.id, &["test", "-e", "note.txt"]).await?;
+    let (code, _) = exec(c, &again.id, &["test", "-e", "note.txt"]).await?;
     if code == 0 {
         return Err("note.txt survived the reset".into());
     }
     t.add("exec `test -e note.txt`", "gone: the VM was reset", s.elapsed());
+    Ok(again)
+}
 
-    // 5. A one-shot Run.
-    for l in [&hot, &warm, &cold, &again] {
-        release(&mut c, &l.id).await?;
-    }
+/// Step 5: a one-shot Run that writes a file and fetches it.
+async fn one_shot_run(c: &mut Client, t: &mut Table) -> Result<(), String> {
     let s = Instant::now();
     let mut stream = c
         .run(futures::stream::iter([v1::RunRequest {
@@ -254,17 +290,5 @@ max_size = 1
     let out = String::from_utf8_lossy(&data).trim().to_string();
     let code = r.exit.map(|x| x.code).unwrap_or(-1);
     t.add("run (acquire+exec+download+release)", format!("exit {code}, out.txt: {out}"), s.elapsed());
-
-    running.stop().await;
-    sim.shutdown().await;
-    println!(
-        "\nDone in {}. Simulated Multipass durations are scaled by {} (launch ~40 s, resume ~4 s at scale 1).",
-        fmt(total.elapsed()),
-        args.time_scale
-    );
-    if args.keep {
-        let kept = dir.keep();
-        println!("Kept {}", kept.display());
-    }
     Ok(())
 }

@@ -1,13 +1,18 @@
-//! The `mpool` command line: clap definitions and dispatch. Each subcommand's work lives in its
-//! own file (`sim.rs`, `multipass.rs`, ...; `output.rs` prints without panicking on a closed
-//! pipe); this file only parses and sets up logging.
+//! The `mpool` command line: the command tree, the async runtime each command runs on, and
+//! logging. Each command's work lives in a module of its own (`sim.rs`, `multipass/`,
+//! `serve.rs`, `demo.rs`, `token.rs`, the client commands in `client/`, benchmarks in
+//! [`crate::bench`]); `output.rs` prints without panicking on a closed pipe, `signal.rs` turns
+//! a remote signal into an exit code, `data_dir.rs` finds mpool's own files.
 
 pub mod client;
+mod data_dir;
 mod demo;
 mod multipass;
 pub mod output;
 mod serve;
+mod signal;
 mod sim;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,45 +62,59 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Manage API tokens.
     #[command(subcommand)]
-    Token(TokenCommand),
+    Token(token::TokenCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
 
-/// Token subcommands.
-#[derive(Subcommand, Debug)]
-enum TokenCommand {
-    /// Print a new random token and the line to add to the tokens file (only its hash is stored).
-    New {
-        /// The token's name (owner of the leases it acquires).
-        #[arg(long)]
-        name: String,
-        /// A pool it may use (repeatable; `*` for all).
-        #[arg(long = "pool", required_unless_present = "admin")]
-        pools: Vec<String>,
-        /// Admin: all pools, every lease.
-        #[arg(long)]
-        admin: bool,
-    },
+/// Entry point of the `mpool` binary.
+pub fn main() -> ExitCode {
+    mpool_multipass::startup::mark("main");
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.verbose, &cli.command);
+    let runtime = match runtime(&cli.command) {
+        Ok(rt) => rt,
+        Err(e) => {
+            output::err_line(&format!("mpool: cannot start the async runtime: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    mpool_multipass::startup::mark("runtime-built");
+    let data_dir = data_dir::data_dir(cli.data_dir);
+    runtime.block_on(run(cli.command, cli.connect, data_dir))
 }
 
-/// mpool's data dir: the flag/env, else `$XDG_DATA_HOME/mpool`, else `~/.local/share/mpool`.
-pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
-    if let Some(d) = flag {
-        return d;
-    }
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("mpool");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".local/share/mpool")
+/// The runtime `command` runs on. One-shot commands (one connection, a few calls) need no
+/// worker threads: a thread pool's start-up would be most of their run.
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::Multipass(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
 }
 
-fn init_logging(format: LogFormat, verbose: u8, default: &str) {
-    let level = match verbose {
-        0 => default,
-        1 => "info",
-        2 => "debug",
+/// Runs `command` to its exit code.
+async fn run(command: Command, connect: client::Connect, data_dir: PathBuf) -> ExitCode {
+    match command {
+        Command::Sim(args) => sim::run(args).await,
+        Command::Multipass(args) => multipass::run(args, data_dir).await,
+        Command::Serve(args) => serve::run(args, data_dir).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Token(cmd) => token::run(cmd),
+        Command::Client(cmd) => client::run(connect, cmd).await,
+    }
+}
+
+/// Logs to stderr: `-v`s choose the level (by default info for the daemons, warnings for the
+/// rest), `MPOOL_LOG` overrides it.
+fn init_logging(format: LogFormat, verbose: u8, command: &Command) {
+    let level = match (verbose, command) {
+        (0, Command::Sim(_) | Command::Serve(_)) => "info",
+        (0, _) => "warn",
+        (1, _) => "info",
+        (2, _) => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MPOOL_LOG")
@@ -105,51 +124,4 @@ fn init_logging(format: LogFormat, verbose: u8, default: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-}
-
-/// Entry point of the `mpool` binary.
-pub fn main() -> ExitCode {
-    mpool_multipass::startup::mark("main");
-    let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Sim(_) | Command::Serve(_) => "info",
-        _ => "warn",
-    };
-    init_logging(cli.log_format, cli.verbose, default_level);
-    // One-shot commands (one connection, a few calls) need no worker threads: a thread
-    // pool's start-up would be most of their run.
-    let one_shot = matches!(cli.command, Command::Multipass(_));
-    let mut builder = if one_shot {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            output::err_line(&format!("mpool: cannot start the async runtime: {e}"));
-            return ExitCode::from(1);
-        }
-    };
-    mpool_multipass::startup::mark("runtime-built");
-    let data_dir = data_dir(cli.data_dir);
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Sim(args) => sim::run(args).await,
-            Command::Multipass(args) => multipass::run(args, data_dir).await,
-            Command::Serve(args) => serve::run(args, data_dir).await,
-            Command::Demo(args) => demo::run(args).await,
-            Command::Bench(args) => crate::bench::run(args).await,
-            Command::Token(TokenCommand::New { name, pools, admin }) => {
-                let token = mpool_api::auth::new_token();
-                let hash = mpool_api::auth::hex(&mpool_api::auth::hash(&token));
-                output::line(&format!("token (give it to the client; it is not stored):\n  {token}\n"));
-                output::line(&format!(
-                    "add to the tokens file:\n[[tokens]]\nname = {name:?}\nsha256 = \"{hash}\"\npools = {pools:?}\nadmin = {admin}"
-                ));
-                ExitCode::SUCCESS
-            }
-            Command::Client(cmd) => client::run(cli.connect, cmd).await,
-        }
-    })
 }

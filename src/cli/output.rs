@@ -27,7 +27,12 @@ pub fn line(text: &str) {
 
 /// Writes `text` to stdout as is (no newline) and flushes.
 pub fn text(text: &str) {
-    write(std::io::stdout().lock(), text.as_bytes());
+    bytes(text.as_bytes());
+}
+
+/// Writes `bytes` to stdout as they are (a remote command's output) and flushes.
+pub fn bytes(bytes: &[u8]) {
+    write(std::io::stdout().lock(), bytes);
 }
 
 /// Writes `text` and a newline to stderr.
@@ -40,5 +45,10 @@ pub fn err_line(text: &str) {
 
 /// Writes `text` to stderr as is (no newline) and flushes.
 pub fn err_text(text: &str) {
-    write(std::io::stderr().lock(), text.as_bytes());
+    err_bytes(text.as_bytes());
+}
+
+/// Writes `bytes` to stderr as they are (a remote command's output) and flushes.
+pub fn err_bytes(bytes: &[u8]) {
+    write(std::io::stderr().lock(), bytes);
 }

@@ -88,13 +88,27 @@ pub async fn run(args: SimArgs) -> ExitCode {
     match run_inner(args).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mpool sim: {e}");
+            crate::cli::output::err_line(&format!("mpool sim: {e}"));
             ExitCode::from(1)
         }
     }
 }
 
 async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
+    let socket = args.socket.clone();
+    let time_scale = args.time_scale;
+    let sim = Simulator::start(config(args)?).await?;
+    tracing::info!(
+        socket = %socket.display(),
+        root_cert = %sim.root_cert().display(),
+        time_scale,
+        "mpool sim is serving multipassd's protocol"
+    );
+    serve_until_exit(sim).await
+}
+
+/// The simulator's configuration from the flags, checked.
+fn config(args: SimArgs) -> Result<SimConfig, String> {
     if !(0.0..=1.0).contains(&args.fail_rate) {
         return Err(format!("--fail-rate {} is not a probability between 0 and 1", args.fail_rate));
     }
@@ -122,13 +136,11 @@ async fn run_inner(args: SimArgs) -> Result<ExitCode, String> {
     };
     cfg.set_wedges_if_busy = args.set_wedges_if_busy;
     cfg.image_servers_reachable = !args.no_image_servers;
-    let sim = Simulator::start(cfg).await?;
-    tracing::info!(
-        socket = %args.socket.display(),
-        root_cert = %sim.root_cert().display(),
-        time_scale = args.time_scale,
-        "mpool sim is serving multipassd's protocol"
-    );
+    Ok(cfg)
+}
+
+/// Serves until SIGINT/SIGTERM or until the simulated daemon exits; returns the exit code.
+async fn serve_until_exit(sim: Simulator) -> Result<ExitCode, String> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     let code = tokio::select! {

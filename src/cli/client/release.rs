@@ -1,0 +1,23 @@
+//! `mpool release LEASE`: ends a lease (the server resets its VM in the background).
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use mpool_api::proto::v1;
+
+use super::Client;
+use super::print::status_err;
+
+/// `mpool release` flags.
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    /// Lease id.
+    lease: String,
+}
+
+/// Runs `mpool release`.
+pub async fn run(client: &mut Client, a: ReleaseArgs) -> Result<ExitCode, String> {
+    client.release(v1::ReleaseRequest { lease_id: a.lease }).await.map_err(status_err)?;
+    Ok(ExitCode::SUCCESS)
+}
