@@ -832,65 +832,12 @@ async fn terminate_group(pgid: i32, child: &mut Supervised, leader_exited: bool)
     }
 }
 
-/// Signal names as SSH carries them (no "SIG" prefix) and their numbers.
-const SIGNALS: &[(&str, i32)] = &[
-    ("HUP", libc::SIGHUP),
-    ("INT", libc::SIGINT),
-    ("QUIT", libc::SIGQUIT),
-    ("ILL", libc::SIGILL),
-    ("TRAP", libc::SIGTRAP),
-    ("ABRT", libc::SIGABRT),
-    ("BUS", libc::SIGBUS),
-    ("FPE", libc::SIGFPE),
-    ("KILL", libc::SIGKILL),
-    ("USR1", libc::SIGUSR1),
-    ("SEGV", libc::SIGSEGV),
-    ("USR2", libc::SIGUSR2),
-    ("PIPE", libc::SIGPIPE),
-    ("ALRM", libc::SIGALRM),
-    ("TERM", libc::SIGTERM),
-    ("CHLD", libc::SIGCHLD),
-    ("CONT", libc::SIGCONT),
-    ("STOP", libc::SIGSTOP),
-    ("TSTP", libc::SIGTSTP),
-    ("TTIN", libc::SIGTTIN),
-    ("TTOU", libc::SIGTTOU),
-    ("URG", libc::SIGURG),
-    ("XCPU", libc::SIGXCPU),
-    ("XFSZ", libc::SIGXFSZ),
-    ("VTALRM", libc::SIGVTALRM),
-    ("PROF", libc::SIGPROF),
-    ("WINCH", libc::SIGWINCH),
-    ("IO", libc::SIGIO),
-    ("SYS", libc::SIGSYS),
-];
-
-/// The number of an SSH signal name ("TERM", also tolerating "SIGTERM").
-fn signal_number(name: &str) -> Option<i32> {
-    let name = name.strip_prefix("SIG").unwrap_or(name);
-    SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
-}
-
-/// The SSH name of a signal number.
-fn signal_name(signal: i32) -> String {
-    SIGNALS.iter().find(|(_, s)| *s == signal).map(|(n, _)| (*n).to_string()).unwrap_or_else(|| signal.to_string())
-}
-
-fn sig_from_number(signal: i32) -> Sig {
-    match signal_name(signal).as_str() {
-        "ABRT" => Sig::ABRT,
-        "ALRM" => Sig::ALRM,
-        "FPE" => Sig::FPE,
-        "HUP" => Sig::HUP,
-        "ILL" => Sig::ILL,
-        "INT" => Sig::INT,
-        "KILL" => Sig::KILL,
-        "PIPE" => Sig::PIPE,
-        "QUIT" => Sig::QUIT,
-        "SEGV" => Sig::SEGV,
-        "TERM" => Sig::TERM,
-        "USR1" => Sig::USR1,
-        other => Sig::Custom(other.to_string()),
+/// The SSH form of a signal a command died of, for its exit-signal message (a number
+/// without a name travels as its digits).
+fn exit_signal(signal: i32) -> Sig {
+    match mpool_ssh::signal_name_of(signal) {
+        Some(name) => mpool_ssh::sig_from_name(name),
+        None => Sig::Custom(signal.to_string()),
     }
 }
 
@@ -1091,7 +1038,7 @@ async fn run_exec(
                 Some(ChannelMsg::Eof) => stdin_queue = None,
                 Some(ChannelMsg::Signal { signal }) => {
                     let name = mpool_ssh::signal_name(&signal);
-                    match signal_number(name) {
+                    match mpool_ssh::signal_number(name) {
                         Some(number) => {
                             debug!(pgid, signal = name, "delivering signal");
                             signal_group(pgid, number);
@@ -1118,7 +1065,7 @@ async fn run_exec(
                 }
                 Exit::Signal { signal, core_dumped } => {
                     let _ = handle
-                        .exit_signal_request(id, sig_from_number(signal), core_dumped, String::new(), "en".into())
+                        .exit_signal_request(id, exit_signal(signal), core_dumped, String::new(), "en".into())
                         .await;
                 }
             }
@@ -1530,15 +1477,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signal_names_round_trip() {
-        assert_eq!(signal_number("TERM"), Some(libc::SIGTERM));
-        assert_eq!(signal_number("SIGKILL"), Some(libc::SIGKILL));
-        assert_eq!(signal_number("NOPE"), None);
-        assert_eq!(signal_name(libc::SIGTERM), "TERM");
-        assert_eq!(signal_name(libc::SIGUSR2), "USR2");
-        assert!(matches!(sig_from_number(libc::SIGTERM), Sig::TERM));
-        assert!(matches!(sig_from_number(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
-        assert_eq!(mpool_ssh::signal_name(&Sig::INT), "INT");
+    fn exit_signals_carry_the_tables_names() {
+        assert!(matches!(exit_signal(libc::SIGTERM), Sig::TERM));
+        assert!(matches!(exit_signal(libc::SIGUSR2), Sig::Custom(ref n) if n == "USR2"));
+        assert!(matches!(exit_signal(4242), Sig::Custom(ref n) if n == "4242"));
     }
 
     #[test]
