@@ -20,7 +20,7 @@ use tonic::{Code, Status, Streaming};
 use super::images;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
 use super::server::OwnedSocket;
-use super::ssh::{SshEndpoint, SshKeys};
+use super::ssh::{SshKeys, SshServer};
 use super::trust::TrustStore;
 use super::{EventKind, Exit, FailMode, SimConfig, SimEvent};
 use mpool_multipass::proto::multipass as pb;
@@ -310,7 +310,7 @@ pub struct Daemon {
     main: tokio::sync::Mutex<()>,
     state: Mutex<Persisted>,
     preparing: Mutex<HashSet<String>>,
-    endpoints: Mutex<HashMap<String, Arc<SshEndpoint>>>,
+    endpoints: Mutex<HashMap<String, Arc<SshServer>>>,
     changed: watch::Sender<u64>,
     hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
     fail_rate: Mutex<f64>,
@@ -744,12 +744,11 @@ impl Daemon {
             .map_err(err)?;
         let last = self.st()?.instances.get(name).map(|i| i.last_ssh_port).unwrap_or(0);
         let root = self.root(name);
-        let mut ep = SshEndpoint::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0)
-            .await
-            .map_err(err)?;
+        let mut ep =
+            SshServer::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0).await.map_err(err)?;
         if ep.port() == last {
             // The kernel handed back the old port: take another while holding this one.
-            let other = SshEndpoint::start_with_host_key(root, self.keys.clone(), host_key, 0).await.map_err(err)?;
+            let other = SshServer::start_with_host_key(root, self.keys.clone(), host_key, 0).await.map_err(err)?;
             ep.shutdown().await;
             ep = other;
         }
@@ -772,7 +771,7 @@ impl Daemon {
     }
 
     /// The SSH endpoint of a running instance (tests read its connection count).
-    pub fn endpoint(&self, name: &str) -> Option<Arc<SshEndpoint>> {
+    pub fn endpoint(&self, name: &str) -> Option<Arc<SshServer>> {
         self.endpoints.lock().ok().and_then(|m| m.get(name).cloned())
     }
 

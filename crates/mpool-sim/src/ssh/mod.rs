@@ -7,7 +7,7 @@
 //! - `keys`: the key material, persisted under the simulator's data directory: the RSA
 //!   client key whose verbatim text `ssh_info` hands out (the same key serves every
 //!   instance, as with multipassd) and the Ed25519 host keys.
-//! - `server`: one instance's server ([`SshEndpoint`]): listening, public-key
+//! - `server`: one instance's server ([`SshServer`]): listening, public-key
 //!   authentication for user `ubuntu` with the client key only, sessions, and which channel
 //!   requests it grants; it hands each channel to `exec` or `sftp`.
 //! - `exec`: runs an `exec` request as `sh -c CMD` in the instance's root directory through
@@ -19,7 +19,7 @@
 //! This file holds only what those parts share: the user name, the endpoint's context, the
 //! tracker its tasks hold and its stop signal.
 //!
-//! Stopping an endpoint ([`SshEndpoint::shutdown`]) closes its port, ends its sessions and
+//! Stopping an endpoint ([`SshServer::shutdown`]) closes its port, ends its sessions and
 //! kills the process groups of the commands still running, and what finished commands left
 //! running in the background, as a stopped VM would.
 //!
@@ -41,7 +41,7 @@ use super::vm_processes::VmSupervisor;
 
 pub use keys::SshKeys;
 pub(crate) use keys::instance_host_key;
-pub use server::SshEndpoint;
+pub use server::SshServer;
 
 /// The only user name the endpoints accept.
 const USER: &str = "ubuntu";

@@ -35,8 +35,9 @@ const AUTH_DEADLINE: Duration = Duration::from_secs(120);
 /// Environment variables a client may set per channel.
 const MAX_CLIENT_ENV: usize = 256;
 
-/// One instance's SSH endpoint on 127.0.0.1.
-pub struct SshEndpoint {
+/// One instance's SSH server on 127.0.0.1 (the address clients reach it at is an
+/// `mpool_core::types::SshEndpoint`).
+pub struct SshServer {
     port: u16,
     accepted: Arc<AtomicU64>,
     shutdown_tx: watch::Sender<bool>,
@@ -45,9 +46,9 @@ pub struct SshEndpoint {
     processes: Arc<VmSupervisor>,
 }
 
-impl fmt::Debug for SshEndpoint {
+impl fmt::Debug for SshServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SshEndpoint")
+        f.debug_struct("SshServer")
             .field("port", &self.port)
             .field("connections_accepted", &self.connections_accepted())
             .field("stopped", &*self.shutdown_tx.borrow())
@@ -62,22 +63,22 @@ struct StopState {
     done_rx: mpsc::Receiver<()>,
 }
 
-impl SshEndpoint {
+impl SshServer {
     /// Starts listening on 127.0.0.1 (port 0 = any free port) serving `root` (created if
     /// missing), with the shared host key of `keys`.
-    pub async fn start(root: PathBuf, keys: Arc<SshKeys>, port: u16) -> io::Result<SshEndpoint> {
+    pub async fn start(root: PathBuf, keys: Arc<SshKeys>, port: u16) -> io::Result<SshServer> {
         let host_key = keys.host_key().clone();
-        SshEndpoint::start_with_host_key(root, keys, host_key, port).await
+        SshServer::start_with_host_key(root, keys, host_key, port).await
     }
 
-    /// [`SshEndpoint::start`] with this host key (each simulated instance has its own, see
+    /// [`SshServer::start`] with this host key (each simulated instance has its own, see
     /// `instance_host_key`).
     pub async fn start_with_host_key(
         root: PathBuf,
         keys: Arc<SshKeys>,
         host_key: PrivateKey,
         port: u16,
-    ) -> io::Result<SshEndpoint> {
+    ) -> io::Result<SshServer> {
         tokio::fs::create_dir_all(&root).await?;
         let root = tokio::fs::canonicalize(&root).await?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
@@ -97,7 +98,7 @@ impl SshEndpoint {
             shutdown_rx,
             Tracker { _alive: tracker_tx },
         ));
-        Ok(SshEndpoint {
+        Ok(SshServer {
             port,
             accepted,
             shutdown_tx,
@@ -149,7 +150,7 @@ impl SshEndpoint {
     }
 }
 
-impl Drop for SshEndpoint {
+impl Drop for SshServer {
     fn drop(&mut self) {
         // Tasks notice and wind down on their own (killing their commands).
         self.shutdown_tx.send_replace(true);
