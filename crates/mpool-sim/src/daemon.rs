@@ -130,17 +130,6 @@ enum Selection {
     Operative,
 }
 
-/// The SSH endpoint override (`--ssh-target [USER@]HOST:PORT`).
-#[derive(Clone, Debug)]
-pub struct SshTarget {
-    /// User name returned by ssh_info.
-    pub user: String,
-    /// Host.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
 /// A reply type that can carry a log line alone, as multipassd writes its log into every call
 /// in flight.
 pub trait LogReply: Sized {
@@ -1600,23 +1589,22 @@ impl Daemon {
         for n in &req.instance_name {
             let i = self.operative(n)?;
             rules::ssh(n, i.state)?;
-            let (host, port, user) = match &self.cfg.ssh_target {
-                Some(t) => (t.host.clone(), t.port, t.user.clone()),
+            let (host, port, user, key) = match &self.cfg.ssh_target {
+                Some(t) => {
+                    // An empty key stands for the simulator's own client key.
+                    let key = if t.private_key.is_empty() { self.keys.client_key_text() } else { &t.private_key };
+                    (t.host.clone(), t.port, t.username.clone(), key)
+                }
                 None => {
                     let port = self.endpoint(n).map(|e| e.port()).ok_or_else(|| {
                         Status::failed_precondition(format!("instance \"{n}\" has no SSH endpoint yet"))
                     })?;
-                    ("127.0.0.1".to_string(), port, "ubuntu".to_string())
+                    ("127.0.0.1".to_string(), port, "ubuntu".to_string(), self.keys.client_key_text())
                 }
             };
             map.insert(
                 n.clone(),
-                pb::SshInfo {
-                    port: i32::from(port),
-                    priv_key_base64: self.keys.client_key_text().to_string(),
-                    host,
-                    username: user,
-                },
+                pb::SshInfo { port: i32::from(port), priv_key_base64: key.to_string(), host, username: user },
             );
         }
         call.send(pb::SshInfoReply { ssh_info: map, ..Default::default() }).await;
