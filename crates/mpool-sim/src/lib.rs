@@ -7,6 +7,7 @@
 
 pub mod beneath;
 mod daemon;
+mod fork_window;
 pub mod images;
 pub mod rules;
 mod server;

@@ -87,7 +87,9 @@ impl SshServer {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tracker_tx, done_rx) = mpsc::channel(1);
         let accepted = Arc::new(AtomicU64::new(0));
-        let processes = Arc::new(VmSupervisor::start()?);
+        // The fork waits for its child to close what it inherited: off the async threads.
+        let processes = tokio::task::spawn_blocking(VmSupervisor::start).await.map_err(io::Error::other)??;
+        let processes = Arc::new(processes);
         let ctx = Arc::new(Ctx { root, keys, processes: processes.clone() });
         info!(port, root = %ctx.root.display(), "ssh endpoint listening");
         let accept_task = tokio::spawn(accept_loop(

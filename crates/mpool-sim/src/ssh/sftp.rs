@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use super::{Ctx, Tracker, stopped};
 use crate::beneath::{Confined, OpenMode};
+use crate::fork_window;
 
 /// Largest SFTP read served at once.
 const SFTP_MAX_READ: u32 = 256 * 1024;
@@ -131,7 +132,12 @@ enum SftpEnd {
 
 /// An open SFTP handle.
 enum SftpHandle {
-    File(Arc<File>),
+    File {
+        file: Arc<File>,
+        /// Open for writing: its close waits out forks that may hold a copy (see
+        /// [`crate::fork_window`]).
+        writable: bool,
+    },
     Dir {
         /// The open directory (for its attributes).
         dir: Arc<File>,
@@ -300,7 +306,7 @@ fn read_dir_batch(
 impl SftpSession {
     fn file(&self, handle: &str) -> Result<Arc<File>, StatusReply> {
         match self.handles.get(handle) {
-            Some(SftpHandle::File(file)) => Ok(file.clone()),
+            Some(SftpHandle::File { file, .. }) => Ok(file.clone()),
             _ => Err(invalid_handle()),
         }
     }
@@ -365,12 +371,24 @@ impl russh_sftp::server::Handler for SftpSession {
             mode: attrs.permissions.map_or(0o666, |m| m & 0o7777),
         };
         let file = self.at_path(filename, move |root, rel| root.open_file(&rel, how)).await?;
-        let handle = self.insert_handle(SftpHandle::File(Arc::new(file)))?;
+        let writable = how.write || how.append;
+        let handle = self.insert_handle(SftpHandle::File { file: Arc::new(file), writable })?;
         Ok(SftpHandleReply { id, handle })
     }
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
         match self.handles.remove(&handle) {
+            Some(SftpHandle::File { file, writable: true }) => {
+                // The client may run the file next: report it closed only once no forked child
+                // still holds it open for writing (which would make that fail with ETXTBSY).
+                blocking(move || {
+                    drop(file);
+                    fork_window::wait_for_forks();
+                    Ok(())
+                })
+                .await?;
+                Ok(status_ok(id))
+            }
             Some(_) => Ok(status_ok(id)),
             None => Err(invalid_handle()),
         }
@@ -404,7 +422,7 @@ impl russh_sftp::server::Handler for SftpSession {
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
         let meta = match self.handles.get(&handle) {
-            Some(SftpHandle::File(file)) => {
+            Some(SftpHandle::File { file, .. }) => {
                 let file = file.clone();
                 blocking(move || file.metadata()).await?
             }
@@ -418,13 +436,19 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 
     async fn setstat(&mut self, id: u32, path: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
-        self.at_path(path, move |root, rel| root.with_resolved(&rel, |p| apply_attrs_path(p, &attrs))).await?;
+        self.at_path(path, move |root, rel| {
+            root.with_resolved(&rel, |p| apply_attrs_path(p, &attrs))?;
+            // Setting a size opened the file for writing: as for a close (see `close`).
+            fork_window::wait_for_forks();
+            Ok(())
+        })
+        .await?;
         Ok(status_ok(id))
     }
 
     async fn fsetstat(&mut self, id: u32, handle: String, attrs: FileAttributes) -> Result<Status, Self::Error> {
         match self.handles.get(&handle) {
-            Some(SftpHandle::File(file)) => {
+            Some(SftpHandle::File { file, .. }) => {
                 let file = file.clone();
                 blocking(move || apply_attrs_file(&file, &attrs)).await?;
             }
