@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mpool_sim::ssh::{SshEndpoint, SshKeys};
+use mpool_sim::ssh::{SshKeys, SshServer};
 use russh::client;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate, decode_secret_key};
 use russh::{ChannelMsg, Sig};
@@ -34,14 +34,14 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 struct Sim {
     dir: tempfile::TempDir,
     keys: Arc<SshKeys>,
-    endpoint: SshEndpoint,
+    endpoint: SshServer,
 }
 
 impl Sim {
     async fn start() -> Sim {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(SshKeys::load_or_create(dir.path()).unwrap());
-        let endpoint = SshEndpoint::start(dir.path().join("root"), keys.clone(), 0).await.unwrap();
+        let endpoint = SshServer::start(dir.path().join("root"), keys.clone(), 0).await.unwrap();
         Sim { dir, keys, endpoint }
     }
 

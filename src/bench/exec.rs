@@ -31,8 +31,12 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
     let (n, m, p) = (ctx.pick(300, 40), ctx.pick(100, 15), ctx.pick(20, 4));
     let mut o = StackOptions::new(stack::pool("x", 1, 1, 1));
     o.serve = false;
-    o.ssh_target =
-        sshd.map(|s| mpool_sim::SshTarget { user: s.user().into(), host: "127.0.0.1".into(), port: s.port() });
+    o.ssh_target = sshd.map(|s| mpool_core::types::SshEndpoint {
+        host: "127.0.0.1".into(),
+        port: s.port(),
+        username: s.user().into(),
+        private_key: String::new(),
+    });
     let mut stack = Stack::start(o).await?;
     if let Some(s) = sshd {
         // The key the simulator's ssh_info hands out is authorized on the real sshd.

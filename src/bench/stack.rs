@@ -16,9 +16,10 @@ use crate::cli::client::{Client, Connect, connect};
 use mpool_api::proto::v1;
 use mpool_api::serve::{Options, Running};
 use mpool_config::Config;
+use mpool_core::types::SshEndpoint;
 use mpool_engine::{Engine, Status};
 use mpool_multipass::{self as multipass, ClientIdentity, ClientOptions, DaemonAddress, ServerVerification};
-use mpool_sim::{SimConfig, Simulator, SshTarget};
+use mpool_sim::{SimConfig, Simulator};
 
 /// How to reach the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -51,7 +52,7 @@ pub struct StackOptions {
     /// Put mpool's store on tmpfs too (to show what fsync costs).
     pub store_on_tmpfs: bool,
     /// Make the simulator's `ssh_info` point here (a real sshd).
-    pub ssh_target: Option<SshTarget>,
+    pub ssh_target: Option<SshEndpoint>,
     /// Start `mpool serve` in-process (false: the simulator only).
     pub serve: bool,
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use mpool_sim::{Exit, FailMode, SimConfig, Simulator, SshTarget};
+use mpool_core::types::SshEndpoint;
+use mpool_sim::{Exit, FailMode, SimConfig, Simulator};
 
 /// `mpool sim` flags.
 #[derive(Args, Debug)]
@@ -72,15 +73,16 @@ enum FailModeArg {
     Abort,
 }
 
-fn parse_target(s: &str) -> Result<SshTarget, String> {
-    let (user, hostport) = match s.split_once('@') {
+fn parse_target(s: &str) -> Result<SshEndpoint, String> {
+    let (username, hostport) = match s.split_once('@') {
         Some((u, hp)) => (u.to_string(), hp),
         None => ("ubuntu".to_string(), s),
     };
     let (host, port) =
         hostport.rsplit_once(':').ok_or_else(|| format!("--ssh-target {s:?}: expected [USER@]HOST:PORT"))?;
     let port = port.parse().map_err(|_| format!("--ssh-target {s:?}: bad port"))?;
-    Ok(SshTarget { user, host: host.to_string(), port })
+    // No key: ssh_info hands out the simulator's own.
+    Ok(SshEndpoint { host: host.to_string(), port, username, private_key: String::new() })
 }
 
 /// Runs the simulator.

@@ -20,7 +20,7 @@ use tonic::{Code, Status, Streaming};
 use super::images;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
 use super::server::OwnedSocket;
-use super::ssh::{SshEndpoint, SshKeys};
+use super::ssh::{SshKeys, SshServer};
 use super::trust::TrustStore;
 use super::{EventKind, Exit, FailMode, SimConfig, SimEvent};
 use mpool_multipass::proto::multipass as pb;
@@ -128,17 +128,6 @@ enum Selection {
     Existing,
     /// Existing and not deleted (stop, suspend, restart, ssh_info).
     Operative,
-}
-
-/// The SSH endpoint override (`--ssh-target [USER@]HOST:PORT`).
-#[derive(Clone, Debug)]
-pub struct SshTarget {
-    /// User name returned by ssh_info.
-    pub user: String,
-    /// Host.
-    pub host: String,
-    /// Port.
-    pub port: u16,
 }
 
 /// A reply type that can carry a log line alone, as multipassd writes its log into every call
@@ -310,7 +299,7 @@ pub struct Daemon {
     main: tokio::sync::Mutex<()>,
     state: Mutex<Persisted>,
     preparing: Mutex<HashSet<String>>,
-    endpoints: Mutex<HashMap<String, Arc<SshEndpoint>>>,
+    endpoints: Mutex<HashMap<String, Arc<SshServer>>>,
     changed: watch::Sender<u64>,
     hangs: Mutex<HashMap<String, watch::Sender<bool>>>,
     fail_rate: Mutex<f64>,
@@ -744,12 +733,11 @@ impl Daemon {
             .map_err(err)?;
         let last = self.st()?.instances.get(name).map(|i| i.last_ssh_port).unwrap_or(0);
         let root = self.root(name);
-        let mut ep = SshEndpoint::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0)
-            .await
-            .map_err(err)?;
+        let mut ep =
+            SshServer::start_with_host_key(root.clone(), self.keys.clone(), host_key.clone(), 0).await.map_err(err)?;
         if ep.port() == last {
             // The kernel handed back the old port: take another while holding this one.
-            let other = SshEndpoint::start_with_host_key(root, self.keys.clone(), host_key, 0).await.map_err(err)?;
+            let other = SshServer::start_with_host_key(root, self.keys.clone(), host_key, 0).await.map_err(err)?;
             ep.shutdown().await;
             ep = other;
         }
@@ -772,7 +760,7 @@ impl Daemon {
     }
 
     /// The SSH endpoint of a running instance (tests read its connection count).
-    pub fn endpoint(&self, name: &str) -> Option<Arc<SshEndpoint>> {
+    pub fn endpoint(&self, name: &str) -> Option<Arc<SshServer>> {
         self.endpoints.lock().ok().and_then(|m| m.get(name).cloned())
     }
 
@@ -1601,23 +1589,22 @@ impl Daemon {
         for n in &req.instance_name {
             let i = self.operative(n)?;
             rules::ssh(n, i.state)?;
-            let (host, port, user) = match &self.cfg.ssh_target {
-                Some(t) => (t.host.clone(), t.port, t.user.clone()),
+            let (host, port, user, key) = match &self.cfg.ssh_target {
+                Some(t) => {
+                    // An empty key stands for the simulator's own client key.
+                    let key = if t.private_key.is_empty() { self.keys.client_key_text() } else { &t.private_key };
+                    (t.host.clone(), t.port, t.username.clone(), key)
+                }
                 None => {
                     let port = self.endpoint(n).map(|e| e.port()).ok_or_else(|| {
                         Status::failed_precondition(format!("instance \"{n}\" has no SSH endpoint yet"))
                     })?;
-                    ("127.0.0.1".to_string(), port, "ubuntu".to_string())
+                    ("127.0.0.1".to_string(), port, "ubuntu".to_string(), self.keys.client_key_text())
                 }
             };
             map.insert(
                 n.clone(),
-                pb::SshInfo {
-                    port: i32::from(port),
-                    priv_key_base64: self.keys.client_key_text().to_string(),
-                    host,
-                    username: user,
-                },
+                pb::SshInfo { port: i32::from(port), priv_key_base64: key.to_string(), host, username: user },
             );
         }
         call.send(pb::SshInfoReply { ssh_info: map, ..Default::default() }).await;

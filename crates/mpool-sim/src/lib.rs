@@ -7,6 +7,7 @@
 
 pub mod beneath;
 mod daemon;
+mod fork_window;
 pub mod images;
 pub mod rules;
 mod server;
@@ -20,9 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mpool_core::types::SshEndpoint;
 use tokio::sync::{broadcast, watch};
 
-pub use daemon::{Daemon, Profile, SshTarget, op_name};
+pub use daemon::{Daemon, Profile, op_name};
 pub use service::NOT_AUTHENTICATED;
 
 /// The simulator's settings (`mpool sim` flags).
@@ -38,8 +40,10 @@ pub struct SimConfig {
     pub time_scale: f64,
     /// The `local.passphrase` for `authenticate`.
     pub passphrase: Option<String>,
-    /// Point ssh_info at this endpoint instead of the simulator's own.
-    pub ssh_target: Option<SshTarget>,
+    /// Point ssh_info at this endpoint (e.g. a real sshd) instead of the instances' own. Its
+    /// `private_key` is the key ssh_info hands out; empty means the simulator's own client key
+    /// (the usual case: the target authorizes [`ssh::SshKeys::client_public_openssh`]).
+    pub ssh_target: Option<SshEndpoint>,
     /// Probability of a random INTERNAL failure on mutating calls.
     pub fail_rate: f64,
     /// Operations that always fail.

@@ -19,6 +19,11 @@
 //! standard descriptors, passed with `SCM_RIGHTS`), "kill all", and back "spawned", "exited"
 //! (a command's wait status) and "all killed".
 //!
+//! Until it has closed them, the supervisor holds a copy of every descriptor the simulator
+//! had open when it forked; [`VmSupervisor::start`] holds the fork window of
+//! `crate::fork_window` until the supervisor says (over a pipe) that it has closed them, so
+//! that no file the simulator wrote and reported closed is still open for writing here.
+//!
 //! This is the one mechanism for "the processes of a VM"; exec sessions that outlive their
 //! channel will use it too.
 
@@ -33,6 +38,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
+
+use crate::fork_window::ForkWindow;
 
 /// Largest spawn request (command line, arguments, environment) the supervisor takes.
 const MAX_REQUEST: usize = 4 << 20;
@@ -139,6 +146,14 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Blocks until one byte or the end arrives on `fd` (a pipe's read end), or reading fails.
+fn wait_for_byte_or_eof(fd: OwnedFd) {
+    use std::io::Read;
+    let mut file = std::fs::File::from(fd);
+    let mut byte = [0u8; 1];
+    while matches!(file.read(&mut byte), Err(e) if e.kind() == io::ErrorKind::Interrupted) {}
+}
+
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -150,7 +165,9 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 impl VmSupervisor {
-    /// Forks the supervisor. Must be called within a tokio runtime.
+    /// Forks the supervisor. Must be called within a tokio runtime. Returns once the
+    /// supervisor has closed every descriptor it inherited (see `crate::fork_window`), which
+    /// may block for a moment (call it off the async threads, e.g. with `spawn_blocking`).
     pub fn start() -> io::Result<VmSupervisor> {
         let mut fds = [0 as c_int; 2];
         // SAFETY: `fds` has room for the pair.
@@ -159,6 +176,8 @@ impl VmSupervisor {
         }
         // SAFETY: fresh descriptors we own.
         let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // The supervisor says on this pipe that it has closed what it inherited.
+        let (closed_r, closed_w) = pipe_pair()?;
         // Everything the supervisor will need, allocated now: after the fork it must not.
         let mut mem = ChildMemory {
             request: vec![0u8; MAX_REQUEST],
@@ -167,6 +186,9 @@ impl VmSupervisor {
             commands: vec![0i32; MAX_COMMANDS],
             list: vec![0u8; LIST_BUF],
         };
+        // The child inherits every descriptor we have, files the SFTP server writes among
+        // them: no such file is reported closed until the child has closed its copy.
+        let window = ForkWindow::open();
         // SAFETY: fork has no preconditions; the child runs only system calls (see
         // `supervise`) on memory allocated above, and never returns.
         let pid = unsafe { libc::fork() };
@@ -174,11 +196,13 @@ impl VmSupervisor {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
-            let ctl = theirs.as_raw_fd();
+            let (ctl, closed) = (theirs.as_raw_fd(), closed_w.as_raw_fd());
             // SAFETY: we are the freshly forked child.
-            unsafe { supervise(ctl, &mut mem) }
+            unsafe { supervise(ctl, closed, &mut mem) }
         }
-        drop(theirs);
+        drop((theirs, closed_w));
+        wait_for_byte_or_eof(closed_r);
+        drop(window);
         drop(mem);
         let std = std::os::unix::net::UnixStream::from(ours);
         std.set_nonblocking(true)?;
@@ -847,9 +871,10 @@ unsafe fn spawn_command(
     Ok(pid)
 }
 
-/// The supervisor's life: become a subreaper, then serve requests until the simulator is
-/// gone, and kill everything on the way out. Never returns.
-unsafe fn supervise(ctl: c_int, mem: &mut ChildMemory) -> ! {
+/// The supervisor's life: become a subreaper, close what it inherited (and say so on
+/// `closed`), then serve requests until the simulator is gone, and kill everything on the way
+/// out. Never returns.
+unsafe fn supervise(ctl: c_int, closed: c_int, mem: &mut ChildMemory) -> ! {
     // SAFETY: system calls only, on memory allocated before the fork.
     unsafe {
         // No signal handler of the parent may run here; a terminal's signals do not reach us.
@@ -870,7 +895,10 @@ unsafe fn supervise(ctl: c_int, mem: &mut ChildMemory) -> ! {
                 libc::dup2(null, fd);
             }
         }
-        close_all_except(&[ctl, sigfd]);
+        close_all_except(&[ctl, sigfd, closed]);
+        // Nothing of the simulator's is open here any more: its fork window may close.
+        write_all(closed, &[1]);
+        libc::close(closed);
         if sigfd < 0 {
             libc::_exit(1);
         }

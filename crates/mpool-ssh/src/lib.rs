@@ -35,6 +35,7 @@ pub mod exec;
 mod files;
 pub mod port;
 pub mod quote;
+mod signal;
 mod stream;
 
 pub use cache::ConnectionCache;
@@ -42,4 +43,4 @@ pub use connection::{Connection, SshOptions, SshTarget, parse_private_key};
 pub use error::{Side, SshError};
 pub use exec::{ExecCanceller, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ScriptShell};
 pub use files::{RemoteReader, RemoteWriter, TransferOptions, TransferReport, resolve_remote_path};
-pub use stream::signal_name;
+pub use signal::{SIGNALS, sig_from_name, signal_name, signal_name_of, signal_number};

@@ -196,7 +196,9 @@ impl ExecTask {
 fn record(code: &mut Option<u32>, signal: &mut Option<String>, msg: Option<ChannelMsg>) {
     match msg {
         Some(ChannelMsg::ExitStatus { exit_status }) => *code = Some(exit_status),
-        Some(ChannelMsg::ExitSignal { signal_name, .. }) => *signal = Some(self::signal_name(&signal_name).to_string()),
+        Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+            *signal = Some(crate::signal::signal_name(&signal_name).to_string())
+        }
         _ => {}
     }
 }
@@ -246,25 +248,6 @@ async fn start_group_kill(conn: Connection, pgid: u32, grace: Duration) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(addr = conn.addr(), pgid, "killing remote command: {e}"),
         Err(_) => tracing::warn!(addr = conn.addr(), pgid, "killing remote command timed out"),
-    }
-}
-
-/// The name of an SSH signal without "SIG" (`TERM`, `KILL`, ...).
-pub fn signal_name(sig: &Sig) -> &str {
-    match sig {
-        Sig::ABRT => "ABRT",
-        Sig::ALRM => "ALRM",
-        Sig::FPE => "FPE",
-        Sig::HUP => "HUP",
-        Sig::ILL => "ILL",
-        Sig::INT => "INT",
-        Sig::KILL => "KILL",
-        Sig::PIPE => "PIPE",
-        Sig::QUIT => "QUIT",
-        Sig::SEGV => "SEGV",
-        Sig::TERM => "TERM",
-        Sig::USR1 => "USR1",
-        Sig::Custom(name) => name.as_str(),
     }
 }
 
