@@ -3,12 +3,10 @@
 //!
 //! `cargo bench --bench ssh_exec`; `MPOOL_BENCH_N` sets the number of commands (default 200).
 
-#[path = "../tests/common/sshd.rs"]
-mod sshd;
-
 use std::time::{Duration, Instant};
 
 use mpool_ssh::{Connection, ExecRequest, SshOptions};
+use mpool_testkit::Sshd;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -33,7 +31,7 @@ fn main() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
-        let server = sshd::Sshd::start();
+        let server = Sshd::start().expect("sshd starts");
         let target = server.target();
         let options = SshOptions::default();
 

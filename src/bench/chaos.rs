@@ -14,15 +14,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::stack::{Stack, StackOptions, Transport};
 use super::{Ctx, Report, Row};
 use crate::cli::client::Client;
 use mpool_api::proto::v1;
+use mpool_testkit::{Serve, Stack, StackOptions, Transport, wait};
 
 const POOL: &str = "chaos";
 
@@ -83,59 +82,6 @@ impl Counts {
         {
             p.push(what);
         }
-    }
-}
-
-/// `mpool serve` as a child process, killed and restarted at will.
-struct Serve {
-    exe: PathBuf,
-    config: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-    store_faults: f64,
-    child: Option<Child>,
-}
-
-impl Serve {
-    fn start(&mut self) -> Result<(), String> {
-        let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("serve").arg("--config").arg(&self.config);
-        if self.store_faults > 0.0 {
-            cmd.arg("--inject-store-faults").arg(self.store_faults.to_string());
-        }
-        let child = cmd
-            .env("MPOOL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| format!("mpool serve: {e}"))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Restarts it if it exited by itself (e.g. its start-up store write failed).
-    fn keep_up(&mut self) -> Result<(), String> {
-        let exited = match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        };
-        if exited { self.start() } else { Ok(()) }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -309,60 +255,56 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
         "[[pools]]\nname = \"{POOL}\"\nmin_ready = 3\nhot = 1\nmax_size = {}\nmax_wait = \"30s\"\nmax_ttl = \"1h\"\n",
         p.tenants + 2
     );
-    let mut o = StackOptions::new(pools);
-    o.serve = false;
-    o.engine = "reconcile_interval = \"100ms\"\nhealth_interval = \"1s\"".into();
-    let stack = Stack::start(o).await?;
-    let mut serve = Serve {
-        exe: exe.to_path_buf(),
-        config: stack.config_path.clone(),
-        socket: stack.api_socket(),
-        log: stack.root().join("serve.log"),
-        store_faults: 0.0,
-        child: None,
-    };
-    serve.start()?;
+    let mut o = StackOptions::bench(pools);
+    o.serve = Serve::Process(exe.to_path_buf());
+    o.serve_at_start = false;
+    o.engine_toml.push_str("\nreconcile_interval = \"100ms\"\nhealth_interval = \"1s\"");
+    let mut stack = Stack::start(o).await?;
+    stack.spawn_serve()?;
     wait_ready(&stack, 3, Duration::from_secs(120)).await?;
 
     // The faults begin.
     stack.sim().daemon().set_fail_rate(p.daemon_fault_rate);
-    serve.store_faults = p.store_fault_rate;
-    serve.kill9();
-    serve.start()?;
+    stack.set_store_faults(p.store_fault_rate);
+    stack.kill_serve();
+    stack.spawn_serve()?;
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
     let holders = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = Vec::new();
     for id in 0..p.tenants {
-        tasks.push(tokio::spawn(tenant(id, stack.api_socket(), stop.clone(), counts.clone(), holders.clone())));
+        tasks.push(tokio::spawn(tenant(id, stack.socket.clone(), stop.clone(), counts.clone(), holders.clone())));
     }
     let started = Instant::now();
     let mut kills = 0u64;
     let mut next_kill = Instant::now() + p.kill_every;
     while started.elapsed() < p.duration {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        serve.keep_up()?;
+        // Restart it if it exited by itself (e.g. its start-up store write failed).
+        if !stack.serve_running() {
+            stack.spawn_serve()?;
+        }
         if Instant::now() >= next_kill {
-            serve.kill9();
+            stack.kill_serve();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
-            serve.start()?;
+            stack.spawn_serve()?;
             next_kill = Instant::now() + p.kill_every;
         }
     }
 
     // The faults end; the tenants finish what they hold.
     stack.sim().daemon().set_fail_rate(0.0);
-    serve.store_faults = 0.0;
-    serve.kill9();
+    stack.set_store_faults(0.0);
+    stack.kill_serve();
     kills += 1;
-    serve.start()?;
+    stack.spawn_serve()?;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(120), t).await;
     }
     let leaked = settle_and_count_leaks(&stack, Duration::from_secs(120)).await.map_err(|e| {
-        let log = std::fs::read_to_string(stack.root().join("serve.log")).unwrap_or_default();
+        let log = stack.log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         format!("{e}\nserve log (last lines, newest first):\n{}", tail.join("\n"))
     })?;
@@ -381,27 +323,22 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
             p
         },
     };
-    drop(serve);
+    stack.kill_serve();
     stack.stop().await;
     Ok(out)
 }
 
 async fn wait_ready(stack: &Stack, idle: u32, limit: Duration) -> Result<(), String> {
-    let t = Instant::now();
-    loop {
-        if let Ok(mut c) = stack.client(Transport::Unix).await
-            && let Ok(p) = c.get_pool(v1::GetPoolRequest { pool: POOL.into() }).await
-        {
-            let p = p.into_inner();
-            if p.vms.get("hot").copied().unwrap_or(0) + p.vms.get("warm").copied().unwrap_or(0) >= idle {
-                return Ok(());
-            }
-        }
-        if t.elapsed() > limit {
-            return Err(format!("the chaos pool never had {idle} idle VMs"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait(format!("the chaos pool has {idle} idle VMs"), limit)
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let mut c = stack.connect(Transport::Unix).await.ok()?;
+            let p = c.get_pool(v1::GetPoolRequest { pool: POOL.into() }).await.ok()?.into_inner();
+            let n = p.vms.get("hot").copied().unwrap_or(0) + p.vms.get("warm").copied().unwrap_or(0);
+            (n >= idle).then_some(())
+        })
+        .await?;
+    Ok(())
 }
 
 /// Waits until the pool settles (no lease, every VM idle) and returns the instances with
@@ -411,7 +348,7 @@ async fn settle_and_count_leaks(stack: &Stack, limit: Duration) -> Result<BTreeS
     let d = stack.daemon_client().await?;
     loop {
         let mut last = String::new();
-        if let Ok(mut c) = stack.client(Transport::Unix).await
+        if let Ok(mut c) = stack.connect(Transport::Unix).await
             && let Ok(vms) = c.list_vms(v1::ListVmsRequest { pool: String::new() }).await
         {
             let vms = vms.into_inner().vms;

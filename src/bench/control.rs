@@ -14,9 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
 use mpool_api::proto::v1;
+use mpool_testkit::{Stack, StackOptions, StoreAt, Transport, pool};
 
 #[derive(serde::Serialize)]
 struct Config {
@@ -40,7 +41,7 @@ async fn measure(
 ) -> Result<(Vec<Duration>, Vec<Duration>, f64), String> {
     let mut conns = Vec::new();
     for _ in 0..clients {
-        conns.push(stack.client(t).await?);
+        conns.push(stack.connect(t).await?);
     }
     let per = (hot / clients).max(1);
     let mut acq = Vec::new();
@@ -78,7 +79,7 @@ async fn measure(
                 tokio::spawn(async move {
                     let mut v = Vec::new();
                     for k in 0..per {
-                        let (l, d) = stack::acquire(&mut c, "hot", &format!("bench-{round}-{i}-{k}")).await?;
+                        let (l, d) = measure::acquire(&mut c, "hot", &format!("bench-{round}-{i}-{k}")).await?;
                         v.push((l, d));
                     }
                     Ok::<_, String>(v)
@@ -88,7 +89,7 @@ async fn measure(
         let mut leases = Vec::new();
         for task in tasks {
             for (l, d) in task.await.map_err(|e| e.to_string())?? {
-                *served.entry(stack::served(&l).to_string()).or_default() += 1;
+                *served.entry(measure::served(&l).to_string()).or_default() += 1;
                 acq.push(d);
                 leases.push(l.id);
             }
@@ -96,7 +97,7 @@ async fn measure(
         busy += start.elapsed();
         let mut c = conns[0].clone();
         for id in leases {
-            stack::release(&mut c, &id).await?;
+            measure::release(&mut c, &id).await?;
         }
         stack.settled("hot", hot, Duration::from_secs(300)).await?;
     }
@@ -114,7 +115,7 @@ async fn cli_select(ctx: &Ctx, stack: &Stack, clients: usize, per: usize) -> Res
             tokio::spawn(async move {
                 let mut v = Vec::new();
                 for _ in 0..per {
-                    let r = stack::run_process(
+                    let r = measure::run_process(
                         std::path::Path::new("/bin/sh"),
                         &["-c", "\"$MPOOL\" multipass list | grep Running | head -1"],
                         &env,
@@ -147,7 +148,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let mut configs = Vec::new();
     let mut p = std::collections::BTreeMap::new();
 
-    let stack = Stack::start(StackOptions::new(stack::pool("hot", hot as u32, hot as u32, hot as u32))).await?;
+    let stack = Stack::start(StackOptions::bench(pool("hot", hot as u32, hot as u32, hot as u32))).await?;
     let warm_up = stack.settled("hot", hot, Duration::from_secs(300)).await?;
     report.detail("warm_up_s", warm_up.as_secs_f64());
     for t in [Transport::Tcp, Transport::Unix] {
@@ -189,8 +190,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     stack.stop().await;
 
     // The same at 32 clients with mpool's store on tmpfs: what the disk's fsync costs.
-    let mut o = StackOptions::new(stack::pool("hot", hot as u32, hot as u32, hot as u32));
-    o.store_on_tmpfs = true;
+    let mut o = StackOptions::bench(pool("hot", hot as u32, hot as u32, hot as u32));
+    o.store = StoreAt::Tmpfs;
     let tmpfs = Stack::start(o).await?;
     tmpfs.settled("hot", hot, Duration::from_secs(300)).await?;
     let mut served = Default::default();

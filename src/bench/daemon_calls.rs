@@ -18,9 +18,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions};
+use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
 use mpool_multipass::{LaunchOptions, Names};
+use mpool_testkit::{Stack, StackOptions};
 
 #[derive(serde::Serialize)]
 struct Op {
@@ -35,8 +36,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let n = ctx.pick(2000, 200);
     let m = ctx.pick(40, 8);
     let mut report = Report::new("daemon-calls");
-    let mut o = StackOptions::new("");
-    o.serve = false;
+    let mut o = StackOptions::bench("");
+    o.serve_at_start = false;
     let stack = Stack::start(o).await?;
     let d = stack.daemon_client().await?;
     d.launch(&LaunchOptions { name: "vm1".into(), ..Default::default() }).await.map_err(|e| e.to_string())?;
@@ -65,9 +66,9 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             _ => vec!["version"],
         };
         let mut process = Vec::with_capacity(m);
-        stack::mp(&ctx.exe, &stack, &args, None).await?; // page cache, first-run costs
+        measure::mp(&ctx.exe, &stack, &args, None).await?; // page cache, first-run costs
         for _ in 0..m {
-            process.push(stack::mp(&ctx.exe, &stack, &args, None).await?.wall);
+            process.push(measure::mp(&ctx.exe, &stack, &args, None).await?.wall);
         }
         let (c, p) = (summarize(&channel), summarize(&process));
         let ratio = p.p50_ms / c.p50_ms.max(1e-9);

@@ -22,8 +22,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row, summarize};
+use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
 #[derive(Default, serde::Serialize)]
 struct Side {
@@ -56,33 +57,33 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let mut report = Report::new("e2e");
     let pools = format!(
         "{}{}{}",
-        stack::pool("hot", k as u32, k as u32, k as u32),
-        stack::pool("warm", k as u32, 0, k as u32),
-        stack::pool("cold", 1, 0, 1)
+        pool("hot", k as u32, k as u32, k as u32),
+        pool("warm", k as u32, 0, k as u32),
+        pool("cold", 1, 0, 1)
     );
-    let stack = Stack::start(StackOptions::new(pools)).await?;
+    let stack = Stack::start(StackOptions::bench(pools)).await?;
     for (p, n) in [("hot", k), ("warm", k), ("cold", 1)] {
         stack.settled(p, n, Duration::from_secs(120)).await?;
     }
     let d = stack.daemon_client().await?;
     for i in 0..recipes {
-        stack::recipe_vm(&d, &format!("recipe-{i:02}")).await?;
+        measure::recipe_vm(&d, &format!("recipe-{i:02}")).await?;
     }
     stack.sim().daemon().set_time_scale(scale);
     println!("  time scale {scale}: provisioning done at scale 0, measuring");
 
     let mut m = Side::default();
-    let mut c = stack.client(Transport::Unix).await?;
+    let mut c = stack.connect(Transport::Unix).await?;
     // Hot and warm: request -> first output; leases held until all are taken.
     let mut held = Vec::new();
     for pool in ["hot", "warm"] {
         for _ in 0..k {
             let t0 = Instant::now();
-            let (l, _) = stack::acquire(&mut c, pool, "e2e").await?;
-            if stack::served(&l) != pool {
-                return Err(format!("pool {pool} served a {} VM", stack::served(&l)));
+            let (l, _) = measure::acquire(&mut c, pool, "e2e").await?;
+            if measure::served(&l) != pool {
+                return Err(format!("pool {pool} served a {} VM", measure::served(&l)));
             }
-            let x = stack::exec(&mut c, &l.id, &["echo", "ok"]).await?;
+            let x = measure::exec(&mut c, &l.id, &["echo", "ok"]).await?;
             let done = t0.elapsed();
             let first = done - x.total + x.first_output.ok_or("`echo ok` printed nothing")?;
             if pool == "hot" { &mut m.hot_first_output } else { &mut m.warm_first_output }.push(secs(first));
@@ -90,7 +91,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         }
     }
     for (pool, id, done) in held {
-        let r = stack::release(&mut c, &id).await?;
+        let r = measure::release(&mut c, &id).await?;
         if pool == "hot" { &mut m.hot_task_wall } else { &mut m.warm_task_wall }.push(secs(done + r));
     }
     println!("  mpool hot first output {:?} s, warm {:?} s", m.hot_first_output, m.warm_first_output);
@@ -99,21 +100,21 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
 
     // Cold: release a max_size 1 pool's VM and ask for it again at once.
     for _ in 0..turns {
-        let (l, _) = stack::acquire(&mut c, "cold", "e2e").await?;
-        stack::exec(&mut c, &l.id, &["echo", "ok"]).await?;
+        let (l, _) = measure::acquire(&mut c, "cold", "e2e").await?;
+        measure::exec(&mut c, &l.id, &["echo", "ok"]).await?;
         let t0 = Instant::now();
-        stack::release(&mut c, &l.id).await?;
+        measure::release(&mut c, &l.id).await?;
         let t1 = Instant::now();
-        let (l2, _) = stack::acquire(&mut c, "cold", "e2e-next").await?;
-        if stack::served(&l2) != "cold" {
-            return Err(format!("expected a cold acquire, got {}", stack::served(&l2)));
+        let (l2, _) = measure::acquire(&mut c, "cold", "e2e-next").await?;
+        if measure::served(&l2) != "cold" {
+            return Err(format!("expected a cold acquire, got {}", measure::served(&l2)));
         }
-        let x = stack::exec(&mut c, &l2.id, &["echo", "ok"]).await?;
+        let x = measure::exec(&mut c, &l2.id, &["echo", "ok"]).await?;
         let first_at = t0.elapsed() - x.total + x.first_output.ok_or("`echo ok` printed nothing")?;
         m.turnaround.push(secs(first_at));
         m.cold_first_output.push(secs(first_at - (t1 - t0)));
         let r0 = Instant::now();
-        stack::release(&mut c, &l2.id).await?;
+        measure::release(&mut c, &l2.id).await?;
         stack.settled("cold", 1, settle).await?;
         m.back_in_pool.push(secs(r0.elapsed()));
     }
@@ -128,37 +129,37 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     for i in 0..recipes {
         let t0 = Instant::now();
         let pick =
-            stack::sh(&exe, &stack, "\"$MPOOL\" multipass list | grep '^recipe-' | grep Suspended | head -1").await?;
+            measure::sh(&exe, &stack, "\"$MPOOL\" multipass list | grep '^recipe-' | grep Suspended | head -1").await?;
         let vm = pick.stdout.split_whitespace().next().ok_or("the recipe found no suspended VM")?.to_string();
         if vm != format!("recipe-{i:02}") {
             return Err(format!("the recipe picked {vm}, expected recipe-{i:02}"));
         }
-        stack::mp(&exe, &stack, &["start", &vm], None).await?;
+        measure::mp(&exe, &stack, &["start", &vm], None).await?;
         let base = t0.elapsed();
-        let x = stack::mp(&exe, &stack, &["exec", &vm, "--", "echo", "ok"], Some("ok")).await?;
+        let x = measure::mp(&exe, &stack, &["exec", &vm, "--", "echo", "ok"], Some("ok")).await?;
         r.warm_first_output.push(secs(base + x.marker_at.ok_or("no `ok` from exec")?));
         let work_done = Instant::now();
         let snap = format!("{vm}.clean");
-        stack::mp(&exe, &stack, &["stop", &vm], None).await?;
-        stack::mp(&exe, &stack, &["restore", &snap, "--destructive"], None).await?;
-        stack::mp(&exe, &stack, &["suspend", &vm], None).await?;
+        measure::mp(&exe, &stack, &["stop", &vm], None).await?;
+        measure::mp(&exe, &stack, &["restore", &snap, "--destructive"], None).await?;
+        measure::mp(&exe, &stack, &["suspend", &vm], None).await?;
         r.warm_task_wall.push(secs(t0.elapsed()));
         r.back_in_pool.push(secs(work_done.elapsed()));
         // The next task on this VM: it was left stopped (suspend of a stopped instance is ignored).
         let t2 = Instant::now();
-        let again = stack::sh(&exe, &stack, &format!("\"$MPOOL\" multipass list | grep '^{vm} ' | head -1")).await?;
+        let again = measure::sh(&exe, &stack, &format!("\"$MPOOL\" multipass list | grep '^{vm} ' | head -1")).await?;
         if !again.stdout.contains("Stopped") {
             return Err(format!("expected {vm} stopped after the recipe, got {:?}", again.stdout.trim()));
         }
-        stack::mp(&exe, &stack, &["start", &vm], None).await?;
+        measure::mp(&exe, &stack, &["start", &vm], None).await?;
         let base = t2.elapsed();
-        let x = stack::mp(&exe, &stack, &["exec", &vm, "--", "echo", "ok"], Some("ok")).await?;
+        let x = measure::mp(&exe, &stack, &["exec", &vm, "--", "echo", "ok"], Some("ok")).await?;
         let first = base + x.marker_at.ok_or("no `ok` from exec")?;
         r.cold_first_output.push(secs(first));
         r.turnaround.push(secs((t2 - work_done) + first));
-        stack::mp(&exe, &stack, &["stop", &vm], None).await?;
-        stack::mp(&exe, &stack, &["restore", &snap, "--destructive"], None).await?;
-        stack::mp(&exe, &stack, &["suspend", &vm], None).await?;
+        measure::mp(&exe, &stack, &["stop", &vm], None).await?;
+        measure::mp(&exe, &stack, &["restore", &snap, "--destructive"], None).await?;
+        measure::mp(&exe, &stack, &["suspend", &vm], None).await?;
         r.cold_task_wall.push(secs(t2.elapsed()));
         println!(
             "  recipe {vm}: first run (suspended VM): first output {:.2} s, task {:.2} s, cleanup {:.2} s; \

@@ -13,9 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
 use mpool_ssh::{Connection, ExecRequest, SshOptions};
+use mpool_testkit::{Sshd, SshdOptions, Stack, StackOptions, Transport, pool};
 
 #[derive(serde::Serialize)]
 struct Target {
@@ -27,31 +28,27 @@ struct Target {
     multipass_exec_process: Summary,
 }
 
-async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Sshd>) -> Result<Target, String> {
+async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result<Target, String> {
     let (n, m, p) = (ctx.pick(300, 40), ctx.pick(100, 15), ctx.pick(20, 4));
-    let mut o = StackOptions::new(stack::pool("x", 1, 1, 1));
-    o.serve = false;
-    o.ssh_target = sshd.map(|s| mpool_core::types::SshEndpoint {
-        host: "127.0.0.1".into(),
-        port: s.port(),
-        username: s.user().into(),
-        private_key: String::new(),
-    });
+    let mut o = StackOptions::bench(pool("x", 1, 1, 1));
+    o.serve_at_start = false;
+    if let Some(s) = sshd {
+        o = o.ssh_via(&s.target());
+    }
     let mut stack = Stack::start(o).await?;
     if let Some(s) = sshd {
         // The key the simulator's ssh_info hands out is authorized on the real sshd.
-        let keys = mpool_sim::ssh::SshKeys::load_or_create(&stack.sim_state()).map_err(|e| e.to_string())?;
-        s.authorize_public(&keys.client_public_openssh())?;
+        s.authorize_sim_key(&stack.sim_state())?;
     }
-    stack.start_serve(true).await?;
+    stack.start_serve().await?;
     stack.settled("x", 1, Duration::from_secs(120)).await?;
-    let mut c = stack.client(Transport::Unix).await?;
-    let (lease, _) = stack::acquire(&mut c, "x", "bench").await?;
+    let mut c = stack.connect(Transport::Unix).await?;
+    let (lease, _) = measure::acquire(&mut c, "x", "bench").await?;
     let run_api = |c: &mut crate::cli::client::Client| {
         let mut c = c.clone();
         let id = lease.id.clone();
         async move {
-            let r = stack::exec(&mut c, &id, &["true"]).await?;
+            let r = measure::exec(&mut c, &id, &["true"]).await?;
             if r.code != 0 {
                 return Err(format!("`true` exited {}", r.code));
             }
@@ -101,12 +98,12 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
 
     let mut process = Vec::with_capacity(p);
     for i in 0..p + 1 {
-        let r = stack::mp(&ctx.exe, &stack, &["exec", &lease.vm, "--", "true"], None).await?;
+        let r = measure::mp(&ctx.exe, &stack, &["exec", &lease.vm, "--", "true"], None).await?;
         if i >= 1 {
             process.push(r.wall);
         }
     }
-    stack::release(&mut c, &lease.id).await?;
+    measure::release(&mut c, &lease.id).await?;
     stack.stop().await;
     let t = Target {
         server,
@@ -132,13 +129,13 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&super::sshd::Ssh
 pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let mut report = Report::new("exec");
     let mut targets = Vec::new();
-    match super::sshd::unavailable() {
+    match mpool_testkit::sshd::unavailable() {
         Some(why) => {
             println!("  OpenSSH skipped: {why}");
             report.note(format!("OpenSSH part skipped: {why}"));
         }
         None => {
-            let sshd = super::sshd::Sshd::start()?;
+            let sshd = Sshd::start_with(SshdOptions { log_level: "INFO".into() })?;
             targets.push(measure(ctx, "OpenSSH", Some(&sshd)).await?);
         }
     }

@@ -8,18 +8,17 @@
 //! never fail on a missed target.
 //!
 //! Scenarios (one file each): [`control`] (1), [`throughput`] (2), [`daemon_calls`] (3),
-//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8). Shared parts: [`stack`] (the
-//! simulator, the daemon and clients), [`sshd`] (a real OpenSSH server), and the statistics,
-//! table and JSON below.
+//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8). Shared parts: the
+//! `mpool_testkit` crate (the simulator, the daemon, clients, a real OpenSSH server), [`measure`]
+//! (timed API calls and processes), and the statistics, table and JSON below.
 
 pub mod chaos;
 pub mod control;
 pub mod daemon_calls;
 pub mod e2e;
 pub mod exec;
+pub mod measure;
 pub mod scale;
-pub mod sshd;
-pub mod stack;
 pub mod storm;
 pub mod throughput;
 

@@ -9,52 +9,14 @@
 //! durable up to then (idle-state changes are written lazily by design; the release's durable
 //! write commits them), so the restart finds what a daemon that has served traffic finds.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row};
 use mpool_api::proto::v1;
+use mpool_testkit::{Serve, Stack, StackOptions, Transport, pool, wait};
 
 const POOLS: usize = 10;
-
-struct Serve {
-    child: Child,
-}
-
-impl Serve {
-    fn spawn(ctx: &Ctx, stack: &Stack, log: &PathBuf) -> Result<Serve, String> {
-        let _ = std::fs::remove_file(stack.api_socket());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| e.to_string())?;
-        let child = Command::new(&ctx.exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(&stack.config_path)
-            .env("MPOOL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| format!("mpool serve: {e}"))?;
-        Ok(Serve { child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 struct Measured {
@@ -71,74 +33,57 @@ struct Measured {
     simulator_fds_peak: usize,
 }
 
-async fn wait_socket(stack: &Stack, serve: &mut Serve, limit: Duration) -> Result<(), String> {
-    let t = Instant::now();
-    while !stack.api_socket().exists() {
-        if let Ok(Some(s)) = serve.child.try_wait() {
-            return Err(format!("mpool serve exited with {s}"));
-        }
-        if t.elapsed() > limit {
-            return Err("mpool serve did not open its socket".into());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
 /// Polls until every pool has `per` idle VMs; returns the time it took.
 async fn wait_ready(stack: &Stack, per: usize, limit: Duration, peak_fds: &mut usize) -> Result<Duration, String> {
     let t = Instant::now();
-    let mut c = loop {
-        match stack.client(Transport::Unix).await {
-            Ok(c) => break c,
-            Err(e) if t.elapsed() > limit => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    };
-    loop {
-        *peak_fds = (*peak_fds).max(stack::fd_count(std::process::id()));
-        if let Ok(r) = c.list_pools(v1::ListPoolsRequest {}).await {
-            let pools = r.into_inner().pools;
-            let ready = pools.len() == POOLS
-                && pools.iter().all(|p| {
-                    p.vms.get("warm").copied().unwrap_or(0) + p.vms.get("hot").copied().unwrap_or(0) >= per as u32
-                });
-            if ready {
-                return Ok(t.elapsed());
+    let c = wait("mpool serve answers", limit)
+        .every(Duration::from_millis(5))
+        .until(|| async { stack.connect(Transport::Unix).await.ok() })
+        .await?;
+    wait(format!("every pool has {per} idle VMs"), limit.saturating_sub(t.elapsed()))
+        .every(Duration::from_millis(10))
+        .until(|| {
+            *peak_fds = (*peak_fds).max(measure::fd_count(std::process::id()));
+            let mut c = c.clone();
+            async move {
+                let pools = c.list_pools(v1::ListPoolsRequest {}).await.ok()?.into_inner().pools;
+                let ready = pools.len() == POOLS
+                    && pools.iter().all(|p| {
+                        p.vms.get("warm").copied().unwrap_or(0) + p.vms.get("hot").copied().unwrap_or(0) >= per as u32
+                    });
+                ready.then_some(())
             }
-        }
-        if t.elapsed() > limit {
-            return Err(format!("the pools were not ready within {limit:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        })
+        .await?;
+    Ok(t.elapsed())
 }
 
 async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
-    let pools: String = (0..POOLS).map(|i| stack::pool(&format!("p{i}"), per as u32, 0, per as u32)).collect();
-    let mut o = StackOptions::new(pools);
-    o.serve = false;
-    let stack = Stack::start(o).await?;
-    let log = stack.root().join("serve.log");
+    let pools: String = (0..POOLS).map(|i| pool(&format!("p{i}"), per as u32, 0, per as u32)).collect();
+    let mut o = StackOptions::bench(pools);
+    o.serve = Serve::Process(ctx.exe.clone());
+    o.serve_at_start = false;
+    let mut stack = Stack::start(o).await?;
+    let log = stack.log_path();
     let limit = Duration::from_secs(900);
     let mut m = Measured { vms: POOLS * per, ..Default::default() };
 
-    let mut serve = Serve::spawn(ctx, &stack, &log)?;
+    stack.spawn_serve()?;
     let t0 = Instant::now();
-    wait_socket(&stack, &mut serve, Duration::from_secs(60)).await?;
+    stack.wait_serving(Duration::from_secs(60)).await?;
     wait_ready(&stack, per, limit, &mut m.simulator_fds_peak).await?;
     m.warm_up_s = t0.elapsed().as_secs_f64();
     // Commit the lazily written idle states (a durable write covers everything before it).
-    let mut c = stack.client(Transport::Unix).await?;
-    let (l, _) = stack::acquire(&mut c, "p0", "scale").await?;
-    stack::release(&mut c, &l.id).await?;
+    let mut c = stack.connect(Transport::Unix).await?;
+    let (l, _) = measure::acquire(&mut c, "p0", "scale").await?;
+    measure::release(&mut c, &l.id).await?;
     wait_ready(&stack, per, limit, &mut m.simulator_fds_peak).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss, hwm) = stack::rss_kib(serve.pid()).ok_or("cannot read mpool serve's /proc status")?;
+    let (rss, hwm) = stack.serve_pid().and_then(measure::rss_kib).ok_or("cannot read mpool serve's /proc status")?;
     (m.rss_kib, m.hwm_kib) = (rss, hwm);
     let me = std::process::id();
-    m.simulator_rss_kib = stack::rss_kib(me).map(|r| r.0).unwrap_or(0);
-    m.simulator_fds = stack::fd_count(me);
+    m.simulator_rss_kib = measure::rss_kib(me).map(|r| r.0).unwrap_or(0);
+    m.simulator_fds = measure::fd_count(me);
     println!(
         "  {} VMs: warm-up {:.1} s; mpool serve VmRSS {:.1} MB (VmHWM {:.1} MB); simulator process RSS {:.0} MB, {} fds (peak {})",
         m.vms,
@@ -150,11 +95,11 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
         m.simulator_fds_peak
     );
 
-    serve.kill9();
+    stack.kill_serve();
     drop(c);
     let t1 = Instant::now();
-    let mut serve = Serve::spawn(ctx, &stack, &log)?;
-    wait_socket(&stack, &mut serve, Duration::from_secs(60)).await?;
+    stack.spawn_serve()?;
+    stack.wait_serving(Duration::from_secs(60)).await?;
     m.restart_socket_s = t1.elapsed().as_secs_f64();
     let ready = {
         let mut peak = 0;
@@ -182,7 +127,7 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
     };
     m.restart_ready_s = ready.as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    m.rss_after_restart_kib = stack::rss_kib(serve.pid()).map(|r| r.0).unwrap_or(0);
+    m.rss_after_restart_kib = stack.serve_pid().and_then(measure::rss_kib).map(|r| r.0).unwrap_or(0);
     println!(
         "  {} VMs: restart after kill -9: socket {:.3} s, reconciled {:.3} s, all pools ready {:.3} s; VmRSS after {:.1} MB",
         m.vms,
@@ -191,7 +136,7 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
         m.restart_ready_s,
         m.rss_after_restart_kib as f64 / 1024.0
     );
-    drop(serve);
+    stack.kill_serve();
     stack.stop().await;
     Ok(m)
 }

@@ -13,9 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
 use mpool_sim::EventKind;
+use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
 const STORM: usize = 20;
 const SCALE: f64 = 0.01;
@@ -32,19 +33,19 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
     let w = ctx.pick(4, 3);
     let rounds = ctx.pick(8, 2);
     let size = STORM + 2 * w;
-    let mut o = StackOptions::new(stack::pool("ci", size as u32, 0, size as u32));
+    let mut o = StackOptions::bench(pool("ci", size as u32, 0, size as u32));
     o.priorities = priorities;
     let stack = Stack::start(o).await?;
     stack.settled("ci", size, Duration::from_secs(300)).await?;
-    let mut c = stack.client(Transport::Unix).await?;
+    let mut c = stack.connect(Transport::Unix).await?;
     stack.sim().daemon().set_time_scale(SCALE);
     let (mut idle, mut storm, mut queued) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let mut held = Vec::new();
         for i in 0..w {
-            let (l, d) = stack::acquire(&mut c, "ci", &format!("idle-{round}-{i}")).await?;
-            if stack::served(&l) != "warm" {
-                return Err(format!("idle acquire served {}", stack::served(&l)));
+            let (l, d) = measure::acquire(&mut c, "ci", &format!("idle-{round}-{i}")).await?;
+            if measure::served(&l) != "warm" {
+                return Err(format!("idle acquire served {}", measure::served(&l)));
             }
             idle.push(d);
             held.push(l.id);
@@ -52,7 +53,7 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
         let tasks: Vec<_> = (0..STORM)
             .map(|i| {
                 let mut c = c.clone();
-                tokio::spawn(async move { stack::acquire(&mut c, "ci", &format!("storm-{round}-{i}")).await })
+                tokio::spawn(async move { measure::acquire(&mut c, "ci", &format!("storm-{round}-{i}")).await })
             })
             .collect();
         let mut storm_leases = Vec::new();
@@ -61,7 +62,7 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
         }
         let mut ev = stack.sim().events();
         for id in &storm_leases {
-            stack::release(&mut c, id).await?;
+            measure::release(&mut c, id).await?;
         }
         // Wait until the storm is really in flight (a restore is running).
         let t = Instant::now();
@@ -77,15 +78,15 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
         }
         for i in 0..w {
             queued.push(stack.status().await?.queued_daemon_calls);
-            let (l, d) = stack::acquire(&mut c, "ci", &format!("urgent-{round}-{i}")).await?;
-            if stack::served(&l) != "warm" {
-                return Err(format!("storm acquire served {}", stack::served(&l)));
+            let (l, d) = measure::acquire(&mut c, "ci", &format!("urgent-{round}-{i}")).await?;
+            if measure::served(&l) != "warm" {
+                return Err(format!("storm acquire served {}", measure::served(&l)));
             }
             storm.push(d);
             held.push(l.id);
         }
         for id in held {
-            stack::release(&mut c, &id).await?;
+            measure::release(&mut c, &id).await?;
         }
         stack.settled("ci", size, Duration::from_secs(300)).await?;
     }

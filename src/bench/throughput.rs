@@ -12,8 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::stack::{self, Stack, StackOptions, Transport};
+use super::measure;
 use super::{Ctx, Report, Row, summarize};
+use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
 const VMS: usize = 16;
 
@@ -22,17 +23,17 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let per = ctx.pick(40, 8);
     let cli_per = ctx.pick(3, 1);
     let mut report = Report::new("throughput");
-    let stack = Stack::start(StackOptions::new(stack::pool("tp", VMS as u32, VMS as u32, VMS as u32))).await?;
+    let stack = Stack::start(StackOptions::bench(pool("tp", VMS as u32, VMS as u32, VMS as u32))).await?;
     stack.settled("tp", VMS, Duration::from_secs(300)).await?;
 
     let mut conns = Vec::new();
     for _ in 0..VMS {
-        conns.push(stack.client(Transport::Unix).await?);
+        conns.push(stack.connect(Transport::Unix).await?);
     }
     // One untimed cycle per client first (connections, caches).
     for c in conns.iter_mut() {
-        let (l, _) = stack::acquire(c, "tp", "warm-up").await?;
-        stack::release(c, &l.id).await?;
+        let (l, _) = measure::acquire(c, "tp", "warm-up").await?;
+        measure::release(c, &l.id).await?;
     }
     stack.settled("tp", VMS, Duration::from_secs(300)).await?;
 
@@ -44,9 +45,9 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             tokio::spawn(async move {
                 let mut v = Vec::new();
                 for k in 0..per {
-                    let (l, d) = stack::acquire(&mut c, "tp", &format!("w{i}-{k}")).await?;
-                    stack::release(&mut c, &l.id).await?;
-                    v.push((d, stack::served(&l)));
+                    let (l, d) = measure::acquire(&mut c, "tp", &format!("w{i}-{k}")).await?;
+                    measure::release(&mut c, &l.id).await?;
+                    v.push((d, measure::served(&l)));
                 }
                 Ok::<_, String>(v)
             })
@@ -76,7 +77,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     // The shell recipe: 16 workers, one VM each, one process per step.
     let d = stack.daemon_client().await?;
     for i in 0..VMS {
-        stack::recipe_vm(&d, &format!("recipe-{i:02}")).await?;
+        measure::recipe_vm(&d, &format!("recipe-{i:02}")).await?;
     }
     let t1 = Instant::now();
     let tasks: Vec<_> = (0..VMS)
@@ -89,7 +90,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
                 let limit = Duration::from_secs(120);
                 let sh = std::path::Path::new("/bin/sh");
                 for _ in 0..cli_per {
-                    stack::run_process(
+                    measure::run_process(
                         sh,
                         &["-c", "\"$MPOOL\" multipass list | grep Suspended | head -1"],
                         &env,
@@ -103,7 +104,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
                         vec!["multipass", "restore", &snap, "--destructive"],
                         vec!["multipass", "suspend", &vm],
                     ] {
-                        stack::run_process(&exe, &step, &env, None, limit).await?;
+                        measure::run_process(&exe, &step, &env, None, limit).await?;
                     }
                 }
                 Ok::<_, String>(())

@@ -418,19 +418,20 @@ path = "{store}"
     }
 
     /// Starts a serve process without waiting for it (its Unix socket appears once it
-    /// listens; [`Stack::wait_serving`] waits for that). Its stderr is appended to
-    /// [`Stack::log_path`]. In-process, the same as [`Stack::start_serve`].
+    /// listens; [`Stack::wait_serving`] waits for that), killing the previous one if it still
+    /// runs. Its stderr is appended to [`Stack::log_path`]. Only for [`Serve::Process`].
     pub fn spawn_serve(&mut self) -> Result<()> {
-        let Serve::Process(exe) = &self.serve else {
+        let Serve::Process(exe) = self.serve.clone() else {
             return Err("an in-process mpool serve starts with start_serve".into());
         };
+        self.kill_serve();
         let _ = std::fs::remove_file(&self.socket);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .map_err(|e| Error::new(format!("the serve log: {e}")))?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(&exe);
         cmd.arg("serve").arg("--config").arg(&self.config);
         if !self.priorities {
             cmd.arg("--no-priorities");
