@@ -10,8 +10,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::stack::{MPOOL, Stack, StackOptions, acquire, exec};
+use common::MPOOL;
 use mpool_api::proto::v1;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions};
 use serde_json::json;
 use tonic::Code;
 
@@ -35,7 +37,7 @@ async fn run_error(c: &mut mpool::cli::client::Client, req: v1::RunRequest) -> t
 
 /// The serve process is still alive and a normal lease cycle works.
 async fn still_serving(stack: &mut Stack) {
-    if let Some(c) = stack.serve.as_mut() {
+    if let Some(c) = stack.serve_child() {
         assert!(c.try_wait().expect("try_wait").is_none(), "mpool serve exited; log:\n{}", stack.log());
     }
     let mut c = stack.client().await;
@@ -47,7 +49,7 @@ async fn still_serving(stack: &mut Stack) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_durations_are_invalid_argument_over_grpc_and_http() {
-    let mut stack = Stack::start(POOLS, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let huge = prost_types::Duration { seconds: i64::MAX, nanos: 0 };
@@ -102,7 +104,7 @@ fn series(text: &str, name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_labels_stay_bounded_whatever_callers_send() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     // A raw channel over the Unix socket, to call methods the client does not have.
     let path = stack.socket.clone();
@@ -145,11 +147,9 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn free_text_fields_are_capped() {
-    let opts = StackOptions {
-        tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
-        ..Default::default()
-    };
-    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.tokens.push(("scoped".into(), "scoped-token".into(), vec!["ci".into()]));
+    let mut stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
 
@@ -187,11 +187,9 @@ async fn free_text_fields_are_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_exec_id_is_refused() {
-    let opts = StackOptions {
-        tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
-        ..Default::default()
-    };
-    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.tokens.push(("scoped".into(), "scoped-token".into(), vec!["ci".into()]));
+    let mut stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     // A second exec with the id of a running one is refused; the first can still be cancelled.
@@ -226,11 +224,9 @@ async fn a_duplicate_exec_id_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoped_tokens_see_only_their_own_lease_ids_and_leases_show_no_unspecified() {
-    let opts = StackOptions {
-        tokens: vec![("scoped".into(), "scoped-token".into(), vec!["ci".into()])],
-        ..Default::default()
-    };
-    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.tokens.push(("scoped".into(), "scoped-token".into(), vec!["ci".into()]));
+    let mut stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let mine = acquire(&mut c, "ci", "first").await.expect("acquire");
@@ -258,7 +254,7 @@ async fn scoped_tokens_see_only_their_own_lease_ids_and_leases_show_no_unspecifi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_ends_quietly_on_a_closed_pipe() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = format!("unix:{}", stack.socket.display());
     for args in [
@@ -307,7 +303,7 @@ fn config(dir: &Path, api: &str) -> std::path::PathBuf {
 async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("api.sock");
-    let port = common::stack::free_port();
+    let port = mpool_testkit::free_port().expect("a free port");
     for (api, why) in [
         (
             format!(
@@ -342,7 +338,7 @@ async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_removes_its_unix_socket_when_it_exits() {
-    let mut stack = Stack::start(POOLS, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let meta = std::fs::metadata(&stack.socket).expect("the API socket");

@@ -4,10 +4,12 @@
 //! `[api] max_upload`, the stack's two tokens and one limited to pool "ci".
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stack::{Stack, StackOptions, acquire, exec};
+use common::MPOOL;
 use mpool_api::proto::v1;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions, wait};
 use tonic::Code;
 
 const POOLS: &str = r#"
@@ -122,12 +124,10 @@ async fn download(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_precise_status_and_advice() {
-    let opts = StackOptions {
-        api_toml: format!("max_upload = \"{}\"", MAX_UPLOAD),
-        tokens: vec![("ci-only".into(), "ci-only-token".into(), vec!["ci".into()])],
-        ..Default::default()
-    };
-    let mut stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.api_toml = format!("max_upload = \"{}\"", MAX_UPLOAD);
+    opts.tokens.push(("ci-only".into(), "ci-only-token".into(), vec!["ci".into()]));
+    let mut stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let mut t = Table::default();
@@ -173,16 +173,17 @@ async fn bad_input_gets_a_precise_status_and_advice() {
         .await
         .expect("acquire ttl 1s")
         .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let leases =
-            c.list_leases(v1::ListLeasesRequest { pool: "ci".into() }).await.expect("ListLeases").into_inner().leases;
-        if !leases.iter().any(|l| l.id == short.id) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a 1s lease was still listed after 60 s: {leases:?}\n{}", stack.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait("the server ends a 1s lease", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let (mut c, id) = (c.clone(), short.id.clone());
+            async move {
+                let leases = c.list_leases(v1::ListLeasesRequest { pool: "ci".into() }).await?.into_inner().leases;
+                Ok::<_, tonic::Status>((!leases.iter().any(|l| l.id == id)).then_some(()))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.log()));
     let r = exec(&mut c, &short.id, &["true"]).await;
     t.row("Exec on an expired lease", r, Code::FailedPrecondition, &["has ended (expired)", "acquire a new one"]);
     let r = c.renew(v1::RenewRequest { lease_id: short.id.clone(), ttl: dur(60) }).await;
@@ -388,7 +389,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
 
     // The server is still up and still works.
     assert!(
-        stack.serve.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        stack.serve_child().is_some_and(|c| matches!(c.try_wait(), Ok(None))),
         "mpool serve is running; log:\n{}",
         stack.log()
     );

@@ -1,12 +1,16 @@
 //! The API end to end against `mpool serve` + `mpool sim`: a lease cycle over the Unix socket.
 mod common;
 
-use common::stack::{Stack, acquire, exec};
+use common::MPOOL;
 use mpool_api::proto::v1;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_cycle_over_the_unix_socket() {
-    let stack = Stack::start("[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n", |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n"))
+        .await
+        .expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "t").await.unwrap();

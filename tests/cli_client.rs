@@ -7,8 +7,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::stack::{MPOOL, Stack};
+use common::MPOOL;
 use common::tools::{self, Output};
+use mpool_testkit::{Stack, StackOptions};
 
 const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 3\n";
 
@@ -26,7 +27,7 @@ fn unix(stack: &Stack) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_passes_output_and_exit_codes_through() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = unix(&stack);
 
@@ -75,7 +76,7 @@ async fn run_passes_output_and_exit_codes_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_and_get_round_trip_content_and_mode() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = unix(&stack);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -137,7 +138,7 @@ async fn put_and_get_round_trip_content_and_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_exec_renew_release_and_listings() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = unix(&stack);
 
@@ -236,7 +237,7 @@ async fn acquire_exec_renew_release_and_listings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_https_with_ca_and_token() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = format!("https://localhost:{}", stack.tcp.port());
     let ca = stack.ca.display().to_string();

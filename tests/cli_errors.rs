@@ -3,61 +3,26 @@
 //! certificate that does not verify reported as a trust problem (exit 2), not an outage (3).
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mpool_testkit::SimProcess;
 
 const MPOOL: &str = env!("CARGO_BIN_EXE_mpool");
 
-/// A `mpool sim` process on a temp dir, killed on drop.
-struct SimProcess {
-    child: Child,
-    dir: tempfile::TempDir,
+/// A simulator process (time scale 0) with `extra` flags on a temporary directory.
+fn start_sim(extra: &[&str]) -> SimProcess {
+    SimProcess::start(MPOOL, extra).expect("mpool sim starts")
 }
 
-impl SimProcess {
-    fn start(extra: &[&str]) -> SimProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("sim.sock");
-        let child = Command::new(MPOOL)
-            .args(["sim", "--time-scale", "0", "--socket"])
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "simulator socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        SimProcess { child, dir }
-    }
+/// `mpool multipass ARGS` as client `who` (its own certificate).
+trait Mp {
+    fn mp(&self, who: &str, args: &[&str]) -> Output;
+}
 
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("sim.sock")
-    }
-
-    /// `mpool multipass` as client `who` (its own certificate).
+impl Mp for SimProcess {
     fn mp(&self, who: &str, args: &[&str]) -> Output {
-        Command::new(MPOOL)
-            .arg("--data-dir")
-            .arg(self.dir.path().join(who))
-            .args(["multipass", "--own-cert", "--daemon"])
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for SimProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.run_multipass(who, args).expect("mpool multipass runs")
     }
 }
 
@@ -67,7 +32,7 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn a_certificate_that_does_not_verify_is_a_trust_problem() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     // A root CA that did not sign the simulator's certificate.
     let (other_ca, other_leaf) = mpool_tls::generate_ca_and_server("localhost").unwrap();
     let wrong_root = sim.dir.path().join("other-root.pem");
@@ -118,7 +83,7 @@ fn discovery_names_every_socket_it_tried() {
 
 #[test]
 fn authenticate_hints_match_how_the_passphrase_was_given() {
-    let sim = SimProcess::start(&["--passphrase", "right"]);
+    let sim = start_sim(&["--passphrase", "right"]);
     assert!(sim.mp("first", &["version"]).status.success(), "the first client is trusted");
 
     let out = sim.mp("second", &["authenticate", "wrong"]);

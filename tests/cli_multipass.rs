@@ -1,71 +1,32 @@
 //! `mpool sim` and `mpool multipass` as processes: what an operator types.
 
-mod common;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use mpool_testkit::{SimProcess, multipass_command, wait};
 
 const MPOOL: &str = env!("CARGO_BIN_EXE_mpool");
 
-/// A `mpool sim` process on a temp dir, killed on drop.
-struct SimProcess {
-    child: Child,
-    dir: tempfile::TempDir,
+/// A simulator process (time scale 0) with `extra` flags on a temporary directory.
+fn start_sim(extra: &[&str]) -> SimProcess {
+    SimProcess::start(MPOOL, extra).expect("mpool sim starts")
 }
 
-impl SimProcess {
-    fn start(extra: &[&str]) -> SimProcess {
-        SimProcess::start_in(tempfile::tempdir().unwrap(), extra)
-    }
+/// `mpool multipass ARGS` as client `client`, the one the tests use.
+trait Mp {
+    fn mp(&self, args: &[&str]) -> Output;
+}
 
-    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> SimProcess {
-        let sock = dir.path().join("sim.sock");
-        let child = Command::new(MPOOL)
-            .args(["sim", "--time-scale", "0", "--socket"])
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "simulator socket did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        SimProcess { child, dir }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("sim.sock")
-    }
-
+impl Mp for SimProcess {
     fn mp(&self, args: &[&str]) -> Output {
-        mp_at(self.dir.path(), &self.socket(), args)
+        self.run_multipass("client", args).expect("mpool multipass runs")
     }
 }
 
+/// `mpool multipass ARGS` as client `client` of `dir` against `sock` (nothing need listen).
 fn mp_at(dir: &Path, sock: &Path, args: &[&str]) -> Output {
-    Command::new(MPOOL)
-        .arg("--data-dir")
-        .arg(dir.join("client"))
-        .arg("multipass")
-        .arg("--daemon")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--own-cert")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-impl Drop for SimProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    multipass_command(Path::new(MPOOL), &dir.join("client"), sock).args(args).output().expect("mpool multipass runs")
 }
 
 fn text(o: &Output) -> String {
@@ -74,7 +35,7 @@ fn text(o: &Output) -> String {
 
 #[test]
 fn operator_commands_with_multipass_shapes() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     // The root certificate is found beside the socket, no flag needed.
     let out = sim.mp(&["version"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -108,17 +69,13 @@ fn unreachable_daemon_exits_3() {
 
 #[test]
 fn set_makes_the_simulator_exit_42() {
-    let mut sim = SimProcess::start(&["--passphrase", "pw"]);
+    let mut sim = start_sim(&["--passphrase", "pw"]);
     let out = sim.mp(&["set", "local.passphrase=new"]);
     assert!(out.status.success(), "the reply arrives before the exit: {}", text(&out));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = sim.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "simulator did not exit after set");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let child = &mut sim.child;
+    let status = wait("the simulator exits after the set", Duration::from_secs(30))
+        .until_blocking(|| child.try_wait())
+        .expect("the simulator exits");
     assert_eq!(status.code(), Some(42));
 }
 
@@ -140,7 +97,7 @@ fn bad_flags_are_refused_with_a_message() {
 
 #[test]
 fn exec_runs_in_the_instance_and_exits_with_its_code() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     let out = sim.mp(&["exec", "vm1", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
@@ -158,13 +115,12 @@ fn exec_runs_in_the_instance_and_exits_with_its_code() {
 
 #[test]
 fn exec_reaches_a_real_sshd_through_ssh_target() {
-    let sshd = common::sshd::Sshd::start();
+    let sshd = mpool_testkit::Sshd::start().expect("sshd starts");
     let dir = tempfile::tempdir().unwrap();
     // The simulator's key (the one ssh_info hands out) is authorized on the real sshd.
-    let keys = mpool_sim::ssh::SshKeys::load_or_create(&dir.path().join("state")).unwrap();
-    sshd.authorize_public(&keys.client_public_openssh());
+    sshd.authorize_sim_key(&dir.path().join("state")).expect("the simulator's key is authorized");
     let target = format!("{}@127.0.0.1:{}", sshd.user(), sshd.port());
-    let sim = SimProcess::start_in(dir, &["--ssh-target", &target]);
+    let sim = SimProcess::start_in(MPOOL, dir, &["--ssh-target", &target]).expect("mpool sim starts");
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     let marker = sshd.scratch_dir().join("marker");
     let cmd = format!("echo from-real-sshd > {}; cat {}; exit 7", marker.display(), marker.display());
@@ -181,13 +137,8 @@ fn stdout(o: &Output) -> String {
 /// `mpool multipass ARGS` with `input` on stdin.
 fn mp_with_stdin(sim: &SimProcess, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
-    let mut child = Command::new(MPOOL)
-        .arg("--data-dir")
-        .arg(sim.dir.path().join("client"))
-        .arg("multipass")
-        .arg("--daemon")
-        .arg(format!("unix:{}", sim.socket().display()))
-        .arg("--own-cert")
+    let mut child = sim
+        .multipass("client")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -202,7 +153,7 @@ fn mp_with_stdin(sim: &SimProcess, args: &[&str], input: &[u8]) -> Output {
 
 #[test]
 fn info_shows_runtime_information_like_the_multipass_cli() {
-    let sim = SimProcess::start(&["--log-lines"]);
+    let sim = start_sim(&["--log-lines"]);
     let out = sim.mp(&["launch", "--name", "vm1", "--cpus", "2", "--memory", "2G"]);
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(sim.dir.path().join("state/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
@@ -236,7 +187,7 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
 
 #[test]
 fn list_shows_ipv4_like_the_multipass_cli() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     assert!(sim.mp(&["launch", "--name", "vm2"]).status.success());
     assert!(sim.mp(&["stop", "vm2"]).status.success());
@@ -251,7 +202,7 @@ fn list_shows_ipv4_like_the_multipass_cli() {
 
 #[test]
 fn get_prints_passphrase_as_true_or_false_and_empty_values_as_empty() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     let get = |args: &[&str]| {
         let out = sim.mp(args);
         assert!(out.status.success(), "{}", text(&out));
@@ -261,14 +212,14 @@ fn get_prints_passphrase_as_true_or_false_and_empty_values_as_empty() {
     assert_eq!(get(&["get", "local.bridged-network"]), "<empty>\n");
     assert_eq!(get(&["get", "--raw", "local.bridged-network"]), "\n");
     assert_eq!(get(&["get", "local.driver"]), "qemu\n");
-    let sim = SimProcess::start(&["--passphrase", "pw"]);
+    let sim = start_sim(&["--passphrase", "pw"]);
     let out = sim.mp(&["get", "local.passphrase"]);
     assert_eq!(stdout(&out), "true\n", "the daemon's hash is shown as `true`: {}", text(&out));
 }
 
 #[test]
 fn exec_forwards_stdin_and_closes_it_at_eof() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     // `cat` ends only when its stdin is closed: it sees our EOF.
     let out = mp_with_stdin(&sim, &["exec", "vm1", "--", "cat"], b"x\n");
@@ -281,7 +232,7 @@ fn exec_forwards_stdin_and_closes_it_at_eof() {
 
 #[test]
 fn start_takes_a_timeout() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     assert!(sim.mp(&["stop", "vm1"]).status.success());
     let out = sim.mp(&["start", "--timeout", "120", "vm1"]);
@@ -292,7 +243,7 @@ fn start_takes_a_timeout() {
 
 #[test]
 fn find_lists_the_catalogue_like_the_multipass_cli() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     let out = sim.mp(&["find"]);
     assert!(out.status.success(), "{}", text(&out));
     let found = stdout(&out);
@@ -315,7 +266,7 @@ fn find_lists_the_catalogue_like_the_multipass_cli() {
 
 #[test]
 fn serve_check_tells_whether_pool_images_are_known() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     let config = sim.dir.path().join("mpool.toml");
     let write = |images: &[(&str, &str)]| {
         let mut text = format!(
@@ -360,7 +311,7 @@ fn serve_check_tells_whether_pool_images_are_known() {
 
 #[test]
 fn fail_mode_abort_cuts_the_call_and_exits_like_an_abort() {
-    let mut sim = SimProcess::start(&["--fail-mode", "abort", "--fail", "list"]);
+    let mut sim = start_sim(&["--fail-mode", "abort", "--fail", "list"]);
     assert!(sim.mp(&["version"]).status.success(), "other calls work");
     let out = sim.mp(&["list"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
@@ -375,36 +326,27 @@ fn fail_mode_abort_cuts_the_call_and_exits_like_an_abort() {
 
 #[test]
 fn a_set_with_a_call_in_flight_wedges_the_simulator() {
-    let sim = SimProcess::start(&["--set-wedges-if-busy", "--hang", "boot"]);
+    let sim = start_sim(&["--set-wedges-if-busy", "--hang", "boot"]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     assert!(sim.mp(&["stop", "vm1"]).status.success());
     // A start whose guest never comes up stays in flight.
-    let mut start = Command::new(MPOOL)
-        .arg("--data-dir")
-        .arg(sim.dir.path().join("client"))
-        .args(["multipass", "--own-cert", "--timeout", "600", "--daemon"])
-        .arg(format!("unix:{}", sim.socket().display()))
-        .args(["start", "vm1"])
+    let mut start = sim
+        .multipass("client")
+        .args(["--timeout", "600", "start", "vm1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = String::from_utf8_lossy(&sim.mp(&["list"]).stdout).into_owned();
-        if list.contains("Starting") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the start never began: {list}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut list = String::new();
+    wait("the start begins", Duration::from_secs(30))
+        .until_blocking(|| {
+            list = stdout(&sim.mp(&["list"]));
+            list.contains("Starting")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {list}"));
     let out = sim.mp(&["set", "local.passphrase=new"]);
     assert!(out.status.success(), "the set is answered: {}", text(&out));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sim.socket().exists() {
-        assert!(Instant::now() < deadline, "the socket did not go away");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait("the socket goes away", Duration::from_secs(30)).until_blocking(|| !sim.socket().exists()).expect("no socket");
     let mut sim = sim;
     assert!(sim.child.try_wait().unwrap().is_none(), "the process stays alive");
     // SIGTERM does not end it either; only SIGKILL (the Drop) does.
@@ -418,7 +360,7 @@ fn a_set_with_a_call_in_flight_wedges_the_simulator() {
 
 #[test]
 fn mpool_multipass_ends_quietly_on_a_closed_pipe() {
-    let sim = SimProcess::start(&[]);
+    let sim = start_sim(&[]);
     assert!(sim.mp(&["launch", "--name", "vm1"]).status.success());
     assert!(sim.mp(&["stop", "vm1"]).status.success());
     assert!(sim.mp(&["snapshot", "vm1", "--name", "clean"]).status.success());
@@ -441,13 +383,8 @@ fn mpool_multipass_ends_quietly_on_a_closed_pipe() {
         // every write is EPIPE.
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let out = Command::new(MPOOL)
-            .arg("--data-dir")
-            .arg(sim.dir.path().join("client"))
-            .arg("multipass")
-            .arg("--daemon")
-            .arg(format!("unix:{}", sim.socket().display()))
-            .arg("--own-cert")
+        let out = sim
+            .multipass("client")
             .args(args)
             .stdin(Stdio::null())
             .stdout(writer)

@@ -5,68 +5,63 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::sim::wait_event;
-use common::stack::{Stack, acquire, exec};
+use common::MPOOL;
 use mpool_api::proto::v1;
-use mpool_multipass::{Client, ClientIdentity, ClientOptions, DaemonAddress, LaunchOptions, ServerVerification};
+use mpool_multipass::LaunchOptions;
 use mpool_sim::EventKind;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions, eventually, wait, wait_event};
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nmax_size = 3\n";
-
-/// A multipassd client with serve's own identity (the simulator trusts it).
-async fn daemon(stack: &Stack) -> Client {
-    let mut o = ClientOptions::new(stack.path().join("data"));
-    o.address = Some(DaemonAddress::Unix(stack.path().join("multipass.sock")));
-    o.identity = ClientIdentity::Own;
-    o.verification = ServerVerification::RootCert(stack.sim().root_cert());
-    Client::connect(o).await.expect("daemon client")
-}
 
 /// Waits until the daemon's `mpool-` instances and the engine's VMs are the same set, with
 /// every VM settled (idle or leased) and at least `idle` of them idle; returns the instances.
 async fn accounted(stack: &Stack, idle: usize) -> BTreeSet<String> {
-    let d = daemon(stack).await;
-    let mut c = stack.client().await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let on_daemon: BTreeSet<String> =
-            d.list().await.unwrap().into_iter().map(|i| i.name).filter(|n| n.starts_with("mpool-")).collect();
-        let vms = c.list_vms(v1::ListVmsRequest { pool: String::new() }).await.unwrap().into_inner().vms;
-        let known: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
-        let settled = vms.iter().all(|v| matches!(v.state.as_str(), "hot" | "warm" | "leased"));
-        let n_idle = vms.iter().filter(|v| v.state == "hot" || v.state == "warm").count();
-        if on_daemon == known && settled && n_idle >= idle && known.len() == vms.len() {
-            return known;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not accounted for: daemon {on_daemon:?}, engine {:?}\nlog:\n{}",
-            vms.iter().map(|v| (v.name.clone(), v.state.clone())).collect::<Vec<_>>(),
-            stack.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let d = stack.daemon_client().await.expect("daemon client");
+    let c = stack.client().await;
+    let last = RefCell::new(String::new());
+    wait("every instance is accounted for", Duration::from_secs(90))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let on_daemon: BTreeSet<String> =
+                d.list().await.unwrap().into_iter().map(|i| i.name).filter(|n| n.starts_with("mpool-")).collect();
+            let vms = c.clone().list_vms(v1::ListVmsRequest { pool: String::new() }).await.unwrap().into_inner().vms;
+            let known: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
+            let settled = vms.iter().all(|v| matches!(v.state.as_str(), "hot" | "warm" | "leased"));
+            let n_idle = vms.iter().filter(|v| v.state == "hot" || v.state == "warm").count();
+            if on_daemon == known && settled && n_idle >= idle && known.len() == vms.len() {
+                return Some(known);
+            }
+            let states: Vec<_> = vms.iter().map(|v| (v.name.as_str(), v.state.as_str())).collect();
+            last.replace(format!("daemon {on_daemon:?}, engine {states:?}"));
+            None
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}\nlog:\n{}", last.borrow(), stack.log()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_provisioning() {
-    let mut stack = Stack::start(POOL, |c| c.hang_ops = vec!["snapshot".into()]).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL).sim(|c| c.hang_ops = vec!["snapshot".into()]))
+        .await
+        .expect("stack starts");
     // Subscribed before serve started: the first snapshot may hang before Stack::start returns.
     let mut ev = stack.events_from_start.take().expect("events");
     wait_event(&mut ev, |e| e.op == "snapshot" && e.kind == EventKind::Hung).await;
     stack.kill_serve();
     stack.sim().daemon().set_hang("snapshot", false);
-    stack.start_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
     let vms = accounted(&stack, 2).await;
     assert_eq!(vms.len(), 2, "half-provisioned VMs were reset or replaced, not leaked: {vms:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_waking_a_vm_for_an_acquire() {
-    let mut stack = Stack::start(POOL, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
     stack.sim().daemon().set_hang("start", true);
     let mut ev = stack.sim().events();
@@ -76,7 +71,7 @@ async fn killed_while_waking_a_vm_for_an_acquire() {
     stack.kill_serve();
     assert!(pending.await.unwrap().is_err(), "the caller sees the failure");
     stack.sim().daemon().set_hang("start", false);
-    stack.start_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
     // The VM being woken is reset; a replacement whose build had begun before the kill resumes
     // (builds are kept, not thrown away), so the pool may hold max_size VMs for a while.
     let vms = accounted(&stack, 2).await;
@@ -85,7 +80,7 @@ async fn killed_while_waking_a_vm_for_an_acquire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_a_reset_after_release() {
-    let mut stack = Stack::start(POOL, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "task").await.unwrap();
@@ -96,7 +91,7 @@ async fn killed_during_a_reset_after_release() {
     wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Hung).await;
     stack.kill_serve();
     stack.sim().daemon().set_hang("restore", false);
-    stack.start_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
     let vms = accounted(&stack, 3).await;
     assert!(vms.contains(&lease.vm), "the VM being reset is still ours");
     // And it really was reset: every idle VM is clean.
@@ -110,17 +105,17 @@ async fn killed_during_a_reset_after_release() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_lease_survives_a_crash_and_strays_are_cleaned() {
-    let mut stack = Stack::start(POOL, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "long-task").await.unwrap();
     exec(&mut c, &lease.id, &["sh", "-c", "echo kept > work.txt"]).await.unwrap();
     stack.kill_serve();
     // While mpool is down, someone leaves an instance with our prefix behind.
-    let d = daemon(&stack).await;
+    let d = stack.daemon_client().await.expect("daemon client");
     d.launch(&LaunchOptions { name: "mpool-ci-stray".into(), ..Default::default() }).await.unwrap();
     d.launch(&LaunchOptions { name: "somebody-else".into(), ..Default::default() }).await.unwrap();
-    stack.start_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
     let vms = accounted(&stack, 2).await;
     assert!(!vms.contains("mpool-ci-stray"), "stray deleted");
     assert!(
@@ -136,7 +131,7 @@ async fn a_live_lease_survives_a_crash_and_strays_are_cleaned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
-    let mut stack = Stack::start(POOL, |_| {}).await;
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
     let mut c = stack.client().await;
     let lease = c
@@ -152,11 +147,12 @@ async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
     stack.kill_serve();
     let expires = lease.expires_at.unwrap();
     let expires = std::time::UNIX_EPOCH + Duration::new(expires.seconds as u64, expires.nanos as u32);
-    while std::time::SystemTime::now() <= expires {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the lease's expiry passes", Duration::from_secs(30), || async {
+        std::time::SystemTime::now() > expires
+    })
+    .await;
     let mut ev = stack.sim().events();
-    stack.start_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
     wait_event(&mut ev, |e| e.op == "restore" && e.instance == lease.vm && e.kind == EventKind::Working).await;
     // min_ready 2: the reset VM and the other idle one (a replacement provisioned before the
     // crash may make it 3).

@@ -9,8 +9,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::stack::Stack;
+use common::MPOOL;
 use common::tools::{self, Output};
+use mpool_testkit::{Stack, StackOptions};
 use serde_json::Value;
 
 const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 3\n";
@@ -134,7 +135,7 @@ fn exec_events(o: &Output) -> (String, String, Value) {
 
 async fn setup() -> Option<(Stack, Grpcurl)> {
     let bin = tools::grpcurl()?;
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let g = Grpcurl::new(bin, &stack);
     Some((stack, g))

@@ -3,9 +3,11 @@
 //! caller that hangs up cancelling its command.
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stack::{Stack, exec};
+use common::MPOOL;
+use mpool_testkit::api::exec;
+use mpool_testkit::{Stack, StackOptions, eventually};
 use serde_json::json;
 
 const POOLS: &str =
@@ -17,7 +19,7 @@ fn s(v: &serde_json::Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_returns_exit_output_files_and_timings() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let t = Some(stack.token.as_str());
     let body = json!({
@@ -71,7 +73,7 @@ async fn run_returns_exit_output_files_and_timings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_errors_map_to_http_statuses() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("one", 1).await;
     let t = Some(stack.token.as_str());
     let run = json!({"command": {"argv": ["true"]}});
@@ -123,7 +125,7 @@ async fn tokens_and_errors_map_to_http_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_endpoints_acquire_exec_renew_release() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let t = Some(stack.token.as_str());
     let body = json!({"holder": "kestra", "requestId": "exec-7-attempt-1", "ttl": "300s", "wait": "30s"});
@@ -182,7 +184,7 @@ async fn lease_endpoints_acquire_exec_renew_release() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_output_is_capped_and_flagged() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let t = Some(stack.token.as_str());
     let script = "head -c 1500000 /dev/zero | tr '\\0' a; echo small >&2";
@@ -195,7 +197,7 @@ async fn large_output_is_capped_and_flagged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_hangs_up_cancels_its_command() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let t = Some(stack.token.as_str());
     let a = stack.http("POST", "/v1/pools/ci/leases", t, Some(&json!({"holder": "h"}))).await;
@@ -209,19 +211,22 @@ async fn a_caller_that_hangs_up_cancels_its_command() {
             false,
         )
         .await;
-    let mut c = stack.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while exec(&mut c, &id, &["test", "-s", "pid"]).await.unwrap().0 != 0 {
-        assert!(Instant::now() < deadline, "the command never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(exec(&mut c, &id, &["sh", "-c", "kill -0 $(cat pid)"]).await.unwrap().0, 0, "running");
+    let c = stack.client().await;
+    // The exit code of `argv` on the lease.
+    let code = |argv: &'static [&'static str]| {
+        let (mut c, id) = (c.clone(), id.clone());
+        async move { exec(&mut c, &id, argv).await.map(|(code, _, _)| code) }
+    };
+    eventually("the command starts", Duration::from_secs(30), || async {
+        code(&["test", "-s", "pid"]).await.map(|code| (code == 0).then_some(()))
+    })
+    .await;
+    assert_eq!(code(&["sh", "-c", "kill -0 $(cat pid)"]).await.unwrap(), 0, "running");
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while exec(&mut c, &id, &["sh", "-c", "kill -0 $(cat pid)"]).await.unwrap().0 == 0 {
-        assert!(Instant::now() < deadline, "the command still runs after its caller hung up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the command ends after its caller hung up", Duration::from_secs(30), || async {
+        code(&["sh", "-c", "kill -0 $(cat pid)"]).await.map(|code| (code != 0).then_some(()))
+    })
+    .await;
     let a = stack.http("DELETE", &format!("/v1/leases/{id}"), t, None).await;
     assert_eq!(a.status, 200);
 }

@@ -9,8 +9,9 @@ mod common;
 
 use std::path::Path;
 
-use common::stack::Stack;
+use common::MPOOL;
 use common::tools;
+use mpool_testkit::{Stack, StackOptions};
 
 /// The `- |` block of `commands:` in a flow file, un-indented.
 fn script_of(flow: &str) -> String {
@@ -39,7 +40,9 @@ async fn the_grpcurl_flow_runs_as_written() {
     // Nothing Kestra would render: the script is plain shell, its inputs come from env.
     assert!(!script.contains("{{") && !script.contains("{%"), "{script}");
 
-    let stack = Stack::start("[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 3\n", |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 3\n"))
+        .await
+        .expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let work = tempfile::tempdir().unwrap();
     let path = format!(

@@ -8,10 +8,12 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stack::{Stack, acquire};
+use common::MPOOL;
 use mpool_api::proto::v1;
+use mpool_testkit::api::acquire;
+use mpool_testkit::{Stack, StackOptions, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A GET over a fresh connection: (status, headers lower-cased, body).
@@ -275,7 +277,10 @@ fn the_parser_refuses_what_prometheus_would() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_counters_move_with_calls() {
-    let stack = Stack::start("[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n", |_| {}).await;
+    let stack =
+        Stack::start(StackOptions::tests(MPOOL, "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n"))
+            .await
+            .expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let (status, _, body) = get(stack.metrics, "/nothing").await;
     assert_eq!((status, body.as_str()), (404, "try /metrics\n"));
@@ -329,16 +334,14 @@ async fn metrics_parse_and_counters_move_with_calls() {
     let calls = during.sum("mpool_daemon_call_seconds_count", &[]);
     c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
     // The reset runs in the background: poll the scrape until its daemon calls show.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = scrape(&stack).await;
-        if now.sum("mpool_daemon_call_seconds_count", &[]) > calls && now.sum("mpool_leases", &[("pool", "ci")]) == 0.0
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no daemon call counted after the release; log:\n{}", stack.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait("a daemon call is counted after the release", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let now = scrape(&stack).await;
+            now.sum("mpool_daemon_call_seconds_count", &[]) > calls && now.sum("mpool_leases", &[("pool", "ci")]) == 0.0
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
 
     // A call refused on TCP is counted with its code too.
     let mut anonymous = stack.tcp_client(None).await;

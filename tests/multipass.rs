@@ -1,13 +1,11 @@
 //! The multipassd client against `mpool sim` over its Unix socket with TLS: trust, the whole
 //! lifecycle, the daemon lock, bad input, persistence.
 
-mod common;
-
-use common::sim::{TestSim, is, wait_event};
 use mpool_multipass::proto::multipass::launch_error::ErrorCodes;
 use mpool_multipass::proto::multipass::start_error;
 use mpool_multipass::{Client, Error, InstanceState, LaunchOptions, Names};
 use mpool_sim::EventKind;
+use mpool_testkit::{TestSim, is, wait_event};
 use tonic::Code;
 
 fn launch_opts(name: &str) -> LaunchOptions {

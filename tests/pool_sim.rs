@@ -2,13 +2,11 @@
 //! and FIFO under contention, resets for the snapshot and clone strategies, lease expiry,
 //! random daemon failures, and the scheduler's priorities against the daemon lock.
 
-mod common;
-
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::sim::TestSim;
 use mpool_config::{PoolConfig, ResetStrategy};
 use mpool_core::ports::Ports;
 use mpool_engine::{AcquireRequest, Engine, LeaseInfo, Settings, Status};
@@ -17,6 +15,7 @@ use mpool_sim::EventKind;
 use mpool_ssh::port::SshAdapter;
 use mpool_ssh::{ConnectionCache, ExecRequest, SshOptions};
 use mpool_store::Store;
+use mpool_testkit::{TestSim, wait, wait_event};
 
 struct Rig {
     ts: TestSim,
@@ -56,17 +55,20 @@ async fn rig_with(pools: Vec<PoolConfig>, tweak: impl FnOnce(&mut mpool_sim::Sim
     Rig { ts, engine, ssh }
 }
 
-/// Polls the engine until `pred` holds (bounded).
+/// Polls the engine until `pred` holds (90 s at most, else panics with the last status).
 async fn until(e: &Engine, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = e.status().await.unwrap();
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never reached: {what}: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let last = RefCell::new(None);
+    wait(what, Duration::from_secs(90))
+        .until(|| async {
+            let s = e.status().await.unwrap();
+            if pred(&s) {
+                return Some(s);
+            }
+            last.replace(Some(s));
+            None
+        })
+        .await
+        .unwrap_or_else(|err| panic!("{err}: {:?}", last.borrow()))
 }
 
 fn idle(s: &Status, pool: &str) -> usize {
@@ -181,10 +183,7 @@ async fn an_unrenewed_lease_expires_and_its_vm_returns_reset() {
     let (code, _) = sh(&r, &lease, "touch dirty").await;
     assert_eq!(code, Some(0));
     until(&r.engine, "expired and back", |s| s.leases.is_empty() && idle(s, "ci") == 1).await;
-    common::sim::wait_event(&mut ev, |e| {
-        e.op == "restore" && e.kind == EventKind::Working && e.instance == lease.record.vm
-    })
-    .await;
+    wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Working && e.instance == lease.record.vm).await;
     let err = r.engine.begin_use(&lease.record.id, None).await.unwrap_err();
     assert_eq!(err.kind(), mpool_engine::ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains("expired"), "{err}");
@@ -209,20 +208,18 @@ async fn random_daemon_failures_are_absorbed_and_nothing_leaks() {
     // Nothing leaked: every instance with our prefix is a VM the engine knows (a golden VM
     // aside), once the in-flight deletes of broken VMs are done.
     let known: HashSet<String> = s.vms.iter().map(|v| v.name.clone()).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let names = instances(&r.ts).await;
-        let s = r.engine.status().await.unwrap();
-        let known_now: HashSet<String> = s.vms.iter().map(|v| v.name.clone()).collect();
-        if names.iter().all(|n| known_now.contains(n)) && known_now.iter().all(|k| names.contains(k)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "leaked or lost instances: daemon {names:?}, engine {known_now:?} (was {known:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = RefCell::new(String::new());
+    wait("the daemon's instances are the engine's VMs", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let names = instances(&r.ts).await;
+            let s = r.engine.status().await.unwrap();
+            let known_now: HashSet<String> = s.vms.iter().map(|v| v.name.clone()).collect();
+            last.replace(format!("daemon {names:?}, engine {known_now:?}"));
+            names.iter().all(|n| known_now.contains(n)) && known_now.iter().all(|k| names.contains(k))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("leaked or lost instances: {e}: {} (was {known:?})", last.borrow()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +238,7 @@ async fn a_warm_acquire_jumps_a_burst_of_twenty_resets() {
         r.engine.release(&l.record.id, None).await.unwrap();
     }
     // Wait until the burst is really in flight (the daemon is busy with resets)...
-    common::sim::wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Working).await;
+    wait_event(&mut ev, |e| e.op == "restore" && e.kind == EventKind::Working).await;
     let queued = r.engine.status().await.unwrap().queued_daemon_calls;
     assert!(queued >= 10, "the burst queued in the scheduler: {queued}");
     // ...then acquire the one warm VM, recording every daemon event from here on.
@@ -304,18 +301,20 @@ async fn after_a_daemon_restart_resumed_vms_are_re_parked() {
     let sim = mpool_sim::Simulator::start(cfg).await.unwrap();
     let ts = TestSim { dir, sim };
     let c = ts.client("engine").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let states: Vec<_> = c.list().await.unwrap().into_iter().map(|i| i.state).collect();
-        let engine_ok = {
-            let s = engine.status().await.unwrap();
-            s.daemon_ok && idle(&s, "ci") == 2 && s.vms.iter().all(|v| !v.busy)
-        };
-        if engine_ok && states.iter().all(|s| *s == mpool_multipass::InstanceState::Suspended) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "VMs not re-parked: {states:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = RefCell::new(Vec::new());
+    wait("the VMs are re-parked", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let states: Vec<_> = c.list().await.unwrap().into_iter().map(|i| i.state).collect();
+            let engine_ok = {
+                let s = engine.status().await.unwrap();
+                s.daemon_ok && idle(&s, "ci") == 2 && s.vms.iter().all(|v| !v.busy)
+            };
+            let parked = states.iter().all(|s| *s == mpool_multipass::InstanceState::Suspended);
+            last.replace(states);
+            engine_ok && parked
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", last.borrow()));
     engine.acquire(req("ci", "after-restart")).await.expect("serving after the daemon restart");
 }

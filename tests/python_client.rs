@@ -10,8 +10,9 @@ mod common;
 
 use std::path::Path;
 
-use common::stack::Stack;
+use common::MPOOL;
 use common::tools;
+use mpool_testkit::{Stack, StackOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
@@ -39,7 +40,10 @@ async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
         assert!(stubs.path().join(f).is_file(), "protoc generated {f}");
     }
 
-    let stack = Stack::start("[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n", |_| {}).await;
+    let stack =
+        Stack::start(StackOptions::tests(MPOOL, "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n"))
+            .await
+            .expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let script = root.join("tests/python/client.py");
     let run = tools::run(

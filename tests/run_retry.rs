@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::stack::Stack;
+use common::MPOOL;
 use mpool_api::proto::v1;
+use mpool_testkit::{Stack, StackOptions};
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nhot = 2\nmax_size = 3\n";
 
@@ -23,7 +24,7 @@ fn run_request(rid: &str, line: &str) -> v1::RunRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_run_never_disturbs_the_first_and_then_gets_its_result() {
-    let stack = Stack::start(POOL, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
     let mut c = stack.client().await;
     // The first run waits for a file the test writes into its VM, then exits 3.

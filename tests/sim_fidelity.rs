@@ -1,12 +1,10 @@
 //! The simulator against what a live multipassd 1.16.3 showed (reference §0.3): one test per
 //! fact the simulator models, named after it, driven through mpool's own client.
 
-mod common;
-
-use common::sim::{TestSim, wait_event};
 use mpool_multipass::proto::multipass::start_error;
 use mpool_multipass::{Error, InstanceState, LaunchOptions, Names};
 use mpool_sim::EventKind;
+use mpool_testkit::{TestSim, wait_event};
 use tonic::Code;
 
 fn launch_opts(name: &str) -> LaunchOptions {

@@ -2,13 +2,10 @@
 //! and restore hand the next tenant a VM where nothing of the previous one still runs, and a
 //! simulator killed with SIGKILL takes its VMs' processes with it.
 
-mod common;
+use std::time::Duration;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::sim::TestSim;
 use mpool_multipass::{Client, LaunchOptions, Names};
+use mpool_testkit::{SimProcess, TestSim, eventually, wait};
 
 /// Kills a test's process when dropped, so a failing test leaves nothing behind (only if the
 /// pid still runs a command of ours: it may have been reused).
@@ -49,14 +46,10 @@ async fn detached_writer(ts: &TestSim, c: &Client, vm: &str) -> u32 {
     .await;
     assert!(out.success(), "{}", out.stderr_text());
     let file = ts.root(vm).join("writer.pid");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(pid) = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok()) {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "the writer never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the writer starts", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok())
+    })
+    .await
 }
 
 #[tokio::test]
@@ -87,41 +80,16 @@ async fn a_forced_stop_kills_what_a_task_left_behind_with_setsid() {
 
 #[test]
 fn a_killed_simulator_takes_its_vms_processes_with_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("sim.sock");
-    let mut sim = Command::new(env!("CARGO_BIN_EXE_mpool"))
-        .args(["sim", "--time-scale", "0", "--socket"])
-        .arg(&sock)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for("the simulator's socket", &|| sock.exists());
-    let mp = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_mpool"))
-            .arg("--data-dir")
-            .arg(dir.path().join("client"))
-            .args(["multipass", "--own-cert", "--daemon"])
-            .arg(format!("unix:{}", sock.display()))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    assert!(mp(&["launch", "--name", "vm1"]).status.success());
-    let out = mp(&["exec", "vm1", "--", "sh", "-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"]);
+    let mut sim = SimProcess::start(env!("CARGO_BIN_EXE_mpool"), &[]).expect("mpool sim starts");
+    let mp = |sim: &SimProcess, args: &[&str]| sim.run_multipass("client", args).expect("mpool multipass runs");
+    assert!(mp(&sim, &["launch", "--name", "vm1"]).status.success());
+    let out = mp(&sim, &["exec", "vm1", "--", "sh", "-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"]);
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a pid");
     let _cleanup = KillOnDrop(pid);
     assert!(running(pid));
-    sim.kill().unwrap();
-    sim.wait().unwrap();
-    wait_for("the VM's process to die with the simulator", &|| !running(pid));
+    sim.child.kill().unwrap();
+    sim.child.wait().unwrap();
+    wait("the VM's process dies with the simulator", Duration::from_secs(30))
+        .until_blocking(|| !running(pid))
+        .unwrap_or_else(|e| panic!("{e}"));
 }

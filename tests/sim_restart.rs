@@ -2,13 +2,11 @@
 //! (reference §0.3), and the client's side: reads cut by an abort are sent again, mutating
 //! calls are not, and the calls in flight are capped.
 
-mod common;
-
 use std::time::Duration;
 
-use common::sim::{TestSim, is, wait_event};
 use mpool_multipass::{Client, Error, InstanceState, LaunchOptions, Names, RetryPolicy};
 use mpool_sim::{EventKind, Exit, Simulator, Stop};
+use mpool_testkit::{TestSim, is, wait, wait_event};
 
 fn launch_opts(name: &str) -> LaunchOptions {
     LaunchOptions { name: name.into(), ..Default::default() }
@@ -115,11 +113,11 @@ async fn calls_in_flight_are_capped() {
     wait_event(&mut ev, is("list", EventKind::Hung)).await;
     wait_event(&mut ev, is("list", EventKind::LockWaiting)).await;
     // ... and four wait for a slot in the client.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while c.queued_calls() < 4 {
-        assert!(tokio::time::Instant::now() < deadline, "four calls queue behind the cap ({} do)", c.queued_calls());
-        tokio::task::yield_now().await;
-    }
+    wait("four calls queue behind the cap", Duration::from_secs(30))
+        .every(Duration::from_millis(1))
+        .until(|| async { c.queued_calls() >= 4 })
+        .await
+        .unwrap_or_else(|e| panic!("{e} ({} do)", c.queued_calls()));
     assert_eq!(d.calls_in_flight(), 2, "the daemon sees only two");
     d.set_hang("list", false);
     for call in calls {

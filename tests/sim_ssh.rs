@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mpool_sim::ssh::{SshKeys, SshServer};
+use mpool_testkit::eventually;
 use russh::client;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate, decode_secret_key};
 use russh::{ChannelMsg, Sig};
@@ -20,15 +21,6 @@ const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(TEST_DEADLINE, fut).await.expect("test exceeded its deadline")
-}
-
-/// Polls `cond` every few milliseconds until it holds; panics after `limit`.
-async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 struct Sim {
@@ -269,7 +261,7 @@ async fn exec_signal_request_reaches_the_command() {
             // Signal only once the shell has become `sleep`: a shell that is still running
             // may catch SIGINT and lose it when it execs.
             let pid_file = sim.root().join("sig.pid");
-            eventually("sleep to run", Duration::from_secs(20), || {
+            eventually("sleep runs", Duration::from_secs(20), || async {
                 read_pid(&pid_file).is_some_and(|pid| {
                     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm == "sleep\n")
                 })
@@ -312,7 +304,7 @@ async fn closing_the_channel_kills_the_command() {
         channel.exec(true, "sleep 1000 & echo $! > child.pid; echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
         let child_file = sim.root().join("child.pid");
-        eventually("the pid files", Duration::from_secs(20), || {
+        eventually("the pid files exist", Duration::from_secs(20), || async {
             read_pid(&pid_file).is_some() && read_pid(&child_file).is_some()
         })
         .await;
@@ -321,9 +313,9 @@ async fn closing_the_channel_kills_the_command() {
         assert!(process_exists(pid) && process_exists(child));
 
         channel.close().await.unwrap();
-        eventually("the command to be killed", Duration::from_secs(20), || !process_exists(pid)).await;
+        eventually("the command is killed", Duration::from_secs(20), || async { !process_exists(pid) }).await;
         // The background job of the same process group went too.
-        eventually("the background job to be killed", Duration::from_secs(20), || !process_running(child)).await;
+        eventually("the background job is killed", Duration::from_secs(20), || async { !process_running(child) }).await;
 
         // The connection is still usable.
         let out = exec(&ssh, "echo still here").await;
@@ -341,13 +333,13 @@ async fn disconnecting_kills_the_command() {
         let channel = ssh.channel_open_session().await.unwrap();
         channel.exec(true, "echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
-        eventually("the pid file", Duration::from_secs(20), || read_pid(&pid_file).is_some()).await;
+        eventually("the pid file exists", Duration::from_secs(20), || async { read_pid(&pid_file).is_some() }).await;
         let pid = read_pid(&pid_file).unwrap();
 
         ssh.disconnect(russh::Disconnect::ByApplication, "bye", "en").await.unwrap();
         drop(channel);
         drop(ssh);
-        eventually("the command to be killed", Duration::from_secs(20), || !process_exists(pid)).await;
+        eventually("the command is killed", Duration::from_secs(20), || async { !process_exists(pid) }).await;
         sim.endpoint.shutdown().await;
     })
     .await
@@ -362,7 +354,7 @@ async fn shutdown_closes_port_sessions_and_commands() {
         let channel = ssh.channel_open_session().await.unwrap();
         channel.exec(true, "echo $$ > pid; exec sleep 1000").await.unwrap();
         let pid_file = sim.root().join("pid");
-        eventually("the pid file", Duration::from_secs(20), || read_pid(&pid_file).is_some()).await;
+        eventually("the pid file exists", Duration::from_secs(20), || async { read_pid(&pid_file).is_some() }).await;
         let pid = read_pid(&pid_file).unwrap();
 
         sim.endpoint.shutdown().await;
@@ -374,7 +366,7 @@ async fn shutdown_closes_port_sessions_and_commands() {
         // The live session was ended: the channel ends and the connection closes.
         let (mut rx, _tx) = channel.split();
         while rx.wait().await.is_some() {}
-        eventually("the client to see the disconnect", Duration::from_secs(20), || ssh.is_closed()).await;
+        eventually("the client sees the disconnect", Duration::from_secs(20), || async { ssh.is_closed() }).await;
 
         // Idempotent.
         sim.endpoint.shutdown().await;
@@ -764,7 +756,8 @@ async fn shutdown_kills_processes_left_by_finished_commands() {
         assert!(process_running(pid));
 
         sim.endpoint.shutdown().await;
-        eventually("the left-over process to be killed", Duration::from_secs(20), || !process_running(pid)).await;
+        eventually("the left-over process is killed", Duration::from_secs(20), || async { !process_running(pid) })
+            .await;
     })
     .await
 }
@@ -872,7 +865,7 @@ async fn shutdown_kills_processes_however_they_detached() {
         .await;
         assert_eq!(out.status, Some(0), "{}", out.stderr());
         let root = sim.root();
-        eventually("the pid files", Duration::from_secs(20), || {
+        eventually("the pid files exist", Duration::from_secs(20), || async {
             ["setsid.pid", "daemon.pid", "nohup.pid"].iter().all(|f| read_pid(&root.join(f)).is_some())
         })
         .await;

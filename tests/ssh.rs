@@ -1,14 +1,14 @@
 //! `mpool_ssh` against a real OpenSSH sshd on loopback (started per test by
-//! `common::sshd::Sshd`): the shared exec/transfer suite, plus OpenSSH-specific checks (key
+//! `mpool_testkit::Sshd`): the shared exec/transfer suite, plus OpenSSH-specific checks (key
 //! formats, errors, host key pinning, reconnecting).
 
 mod common;
 
 use std::time::Duration;
 
-use common::sshd::Sshd;
 use common::{openssh_remote, suite};
 use mpool_ssh::{Connection, ConnectionCache, ExecRequest, SshError, SshOptions, SshTarget};
+use mpool_testkit::Sshd;
 
 fn temp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("mpool-ssh-test-").tempdir().unwrap()
@@ -16,82 +16,82 @@ fn temp() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_and_streams() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::exit_codes_and_streams(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_env_cwd() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::stdin_env_cwd(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argv_is_inert() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::argv_is_inert(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::scripts(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_streams_in_chunks() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::output_streams_in_chunks(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_file_round_trip() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let dir = temp();
     suite::large_file_round_trip(&openssh_remote(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_round_trip() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let dir = temp();
     suite::tree_round_trip(&openssh_remote(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_confined() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let dir = temp();
     suite::paths_are_confined(&openssh_remote(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_and_cancel_kill_the_process_group() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::timeout_and_cancel_kill_the_process_group(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_stops_running_commands() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::close_stops_running_commands(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_execs_one_connection() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::many_execs_one_connection(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_uses_the_pooled_connection() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::ping_uses_the_pooled_connection(&openssh_remote(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_bounded() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     suite::channels_are_bounded(&openssh_remote(&server)).await;
 }
 
@@ -99,12 +99,12 @@ async fn channels_are_bounded() {
 /// line ends. (OpenSSH 8.8+ refuses SHA-1 `ssh-rsa` signatures, so RSA logins prove SHA-2.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_formats() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let keys = [
         ("rsa pem", server.client_key().to_string()),
-        ("rsa pkcs8", server.authorize_new_key("rsa", Some("PKCS8"))),
-        ("rsa openssh", server.authorize_new_key("rsa", None)),
-        ("ed25519", server.authorize_new_key("ed25519", None)),
+        ("rsa pkcs8", server.authorize_new_key("rsa", Some("PKCS8")).expect("a new key")),
+        ("rsa openssh", server.authorize_new_key("rsa", None).expect("a new key")),
+        ("ed25519", server.authorize_new_key("ed25519", None).expect("a new key")),
     ];
     for (name, key) in keys {
         // Keys copied through JSON or Windows tools may carry CRLF line ends.
@@ -124,7 +124,7 @@ async fn key_formats() {
 /// a silent server → Timeout. Each message says what to check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_connect_errors() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let options = SshOptions { connect_timeout: Duration::from_secs(2), ..SshOptions::default() };
 
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -133,7 +133,7 @@ async fn clear_connect_errors() {
     assert!(matches!(err, SshError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("check that the VM is running"), "{err}");
 
-    let target = SshTarget { private_key: server.unauthorized_key(), ..server.target() };
+    let target = SshTarget { private_key: server.unauthorized_key().expect("a key"), ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::AuthRefused { .. }), "{err}");
     assert!(err.to_string().contains("authorized_keys"), "{err}");
@@ -155,14 +155,14 @@ async fn clear_connect_errors() {
 /// entry (lease end) forgets the pin. A pinned `connect_pinned` with a wrong fingerprint fails too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_key_change_is_refused() {
-    let mut server = Sshd::start();
+    let mut server = Sshd::start().expect("sshd starts");
     let target = server.target();
     let cache = ConnectionCache::new(SshOptions::default());
     cache.run("lease", &target, ExecRequest::argv(["true"])).await.unwrap().check().unwrap();
     let pinned = cache.pinned_host_key("lease").await.expect("pinned after first use");
     assert!(pinned.starts_with("SHA256:"), "{pinned}");
 
-    server.restart_with_new_host_key();
+    server.restart_with_new_host_key().expect("sshd restarts");
     // The established connection survives the listener restart; end it from the server side so
     // the cache has to reconnect.
     let _ = cache.run("lease", &target, ExecRequest::shell("kill -KILL $PPID")).await;
@@ -188,7 +188,7 @@ async fn host_key_change_is_refused() {
 /// that was running reports no status; `close` ends the entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_connection_loss() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let target = server.target();
     let cache = ConnectionCache::new(SshOptions::default());
     let first = cache.connection("vm", &target).await.unwrap();
@@ -236,7 +236,7 @@ impl Drop for SmallFs {
 /// leaves no truncated file and a failed download no partial local file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_errors() {
-    let server = Sshd::start();
+    let server = Sshd::start().expect("sshd starts");
     let conn = Connection::connect(&server.target(), &SshOptions::default()).await.unwrap();
     let local = temp();
     let small = local.path().join("small.txt");

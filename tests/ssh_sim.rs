@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::sim::TestSim;
 use common::suite::{self, Remote};
 use mpool_multipass::LaunchOptions;
+use mpool_testkit::TestSim;
 
 /// A simulator with one running instance, and the suite's view of its SSH endpoint.
 async fn remote() -> (TestSim, Remote) {

@@ -6,13 +6,16 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stack::{Stack, StackOptions, acquire, exec};
+use common::MPOOL;
 use hyper_util::rt::TokioIo;
 use mpool_api::proto::v1;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions, StoreAt, wait};
 use tonic::transport::{Endpoint, Uri};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -80,20 +83,21 @@ async fn health(socket: &Path) -> ServingStatus {
 }
 
 async fn wait_health(socket: &Path, want: ServingStatus, stack: &Stack) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while health(socket).await != want {
-        assert!(Instant::now() < deadline, "health never turned {want:?}; log:\n{}", stack.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait(format!("health turns {want:?}"), Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async { health(socket).await == want })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_store_fails_requests_and_mpool_serves_again_once_it_has_room() {
     let fs = Tmpfs::mount("2m");
-    let opts = StackOptions { store_path: Some(fs.path().join("mpool.redb")), ..Default::default() };
-    let stack = Stack::start_with(POOL, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOL);
+    opts.store = StoreAt::Path(fs.path().join("mpool.redb"));
+    let stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 2).await;
-    let pid = stack.serve.as_ref().map(|c| c.id()).expect("serve runs");
+    let pid = stack.serve_pid().expect("serve runs");
     let mut c = stack.client().await;
     let kept = acquire(&mut c, "ci", "acknowledged before the disk filled").await.unwrap();
     exec(&mut c, &kept.id, &["sh", "-c", "echo mine > work.txt"]).await.unwrap();
@@ -132,18 +136,19 @@ async fn a_full_disk_under_the_store_fails_requests_and_mpool_serves_again_once_
 
     std::fs::remove_file(fs.path().join("filler")).unwrap();
     wait_health(&stack.socket, ServingStatus::Serving, &stack).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let fresh = loop {
-        match acquire(&mut c, "ci", "after").await {
-            Ok(l) => break l,
-            Err(e) => assert!(Instant::now() < deadline, "never served again: {e:?}\nlog:\n{}", stack.log()),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let last = RefCell::new(None);
+    let fresh = wait("mpool serves again", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| {
+            let (mut c, last) = (c.clone(), &last);
+            async move { acquire(&mut c, "ci", "after").await.map_err(|e| last.replace(Some(e))).ok() }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}\nlog:\n{}", last.borrow(), stack.log()));
     assert_ne!(fresh.vm, kept.vm);
     let (code, out, _) =
         exec(&mut c, &kept.id, &["cat", "work.txt"]).await.expect("the acknowledged lease still works");
     assert_eq!((code, out.as_str()), (0, "mine\n"), "and its VM was not reset under it");
-    assert_eq!(stack.serve.as_ref().map(|c| c.id()), Some(pid), "the same process: no restart");
+    assert_eq!(stack.serve_pid(), Some(pid), "the same process: no restart");
     assert!(stack.log().contains("state store takes writes again"), "{}", stack.log());
 }

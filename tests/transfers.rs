@@ -14,9 +14,11 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::stack::{MPOOL, Stack, StackOptions, acquire, exec};
+use common::MPOOL;
 use common::tools;
 use mpool_api::proto::v1;
+use mpool_testkit::api::{acquire, exec};
+use mpool_testkit::{Stack, StackOptions, wait};
 use serde_json::json;
 use tonic::Code;
 
@@ -42,9 +44,9 @@ fn staging_entries() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_file_goes_through_mpool_run_both_ways() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
-    let pid = stack.serve.as_ref().expect("serve").id();
+    let pid = stack.serve_pid().expect("serve");
     let rss_before = proc_kb(pid, "VmRSS:");
     let dir = tempfile::tempdir().expect("tempdir");
     let big = dir.path().join("big.bin");
@@ -101,7 +103,7 @@ async fn a_64_mib_file_goes_through_mpool_run_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_that_cannot_be_read_cancels_the_run_before_its_command() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let ep = format!("unix:{}", stack.socket.display());
     // The simulator's VMs share the host's file system: the command would leave this marker.
@@ -118,23 +120,25 @@ async fn a_put_that_cannot_be_read_cancels_the_run_before_its_command() {
     o.expect_code(2, "a --put whose read fails");
     assert!(o.stderr.contains("--put /proc/self/mem"), "{}", o.stderr);
     // The Run was cancelled and its lease released; only then is its outcome final.
-    let mut c = stack.client().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !c.list_leases(v1::ListLeasesRequest::default()).await.expect("leases").into_inner().leases.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cancelled Run's lease was never released; log:\n{}",
-            stack.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let c = stack.client().await;
+    wait("the cancelled Run's lease is released", std::time::Duration::from_secs(30))
+        .until(|| {
+            let mut c = c.clone();
+            async move {
+                let leases = c.list_leases(v1::ListLeasesRequest::default()).await?.into_inner().leases;
+                Ok::<_, tonic::Status>(leases.is_empty().then_some(()))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
     assert!(!marker.exists(), "the command ran with a partial input");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_streams_checks_its_limit_first_and_refuses_directories() {
-    let opts = StackOptions { api_toml: "max_download = \"1M\"".into(), ..Default::default() };
-    let stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.api_toml = "max_download = \"1M\"".into();
+    let stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "download").await.expect("acquire");
@@ -178,8 +182,9 @@ async fn download_streams_checks_its_limit_first_and_refuses_directories() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_reports_its_exit_code_whatever_happens_to_its_outputs() {
-    let opts = StackOptions { api_toml: "max_download = \"1M\"".into(), ..Default::default() };
-    let stack = Stack::start_with(POOLS, opts, |_| {}).await;
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.api_toml = "max_download = \"1M\"".into();
+    let stack = Stack::start(opts).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let staged = staging_entries();
@@ -265,7 +270,7 @@ async fn a_run_reports_its_exit_code_whatever_happens_to_its_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_facade_names_its_body_limit_and_omits_outputs_too_large_for_json() {
-    let stack = Stack::start(POOLS, |_| {}).await;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let t = Some(stack.token.as_str());
     let too_big = "a".repeat(mpool_api::json::MAX_BODY + 1);

@@ -1,15 +1,16 @@
-//! Shared test support: the simulator ([`sim`]), a whole sim + serve stack ([`stack`]), a real OpenSSH server ([`sshd`]), the
-//! endpoint-independent exec and transfer suite ([`suite`]) and external client tools ([`tools`]).
+//! What only the integration tests share: the binary under test, the endpoint-independent exec
+//! and transfer suite ([`suite`]) and external client tools ([`tools`]). Everything they start
+//! (simulator, stack, sshd) comes from `mpool_testkit`.
 #![allow(dead_code)]
 
-pub mod sim;
-pub mod sshd;
-pub mod stack;
 pub mod suite;
 pub mod tools;
 
+/// The mpool binary under test.
+pub const MPOOL: &str = env!("CARGO_BIN_EXE_mpool");
+
 /// The suite's view of a local OpenSSH server.
-pub fn openssh_remote(server: &sshd::Sshd) -> suite::Remote {
+pub fn openssh_remote(server: &mpool_testkit::Sshd) -> suite::Remote {
     suite::Remote {
         target: server.target(),
         connections: server.connection_counter(),

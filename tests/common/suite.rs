@@ -11,6 +11,7 @@ use mpool_ssh::{
     Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshError, SshOptions, SshTarget,
     TransferOptions,
 };
+use mpool_testkit::wait;
 
 /// What the suite needs to know about an endpoint.
 #[derive(Clone)]
@@ -40,15 +41,11 @@ async fn run_ok(conn: &Connection, req: ExecRequest) -> String {
 
 /// Polls a remote condition (a shell line that exits 0 when true) until it holds.
 async fn wait_until(conn: &Connection, what: &str, line: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = conn.run(ExecRequest::shell(line)).await.expect("polling exec");
-        if out.success() {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait(what, Duration::from_secs(20))
+        .every(Duration::from_millis(50))
+        .until(|| async { conn.run(ExecRequest::shell(line)).await.map(|out| out.success().then_some(())) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Waits until process `pid` no longer runs: gone from /proc, or a zombie (in containers

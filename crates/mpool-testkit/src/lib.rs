@@ -4,6 +4,7 @@
 //!   not at all, with the API on a Unix socket and on TCP (TLS + token), `/metrics`, the
 //!   HTTP/JSON facade, and clients ([`StackOptions::tests`], [`StackOptions::bench`]);
 //! - [`TestSim`]: the simulator alone on a temporary directory, [`wait_event`] for its events;
+//!   [`SimProcess`]: `mpool sim` as a process, with `mpool multipass` clients;
 //! - [`Sshd`]: a real OpenSSH server on loopback;
 //! - [`api`]: acquire, exec and release through the API; [`http`]: the facade over TLS;
 //! - [`free_port`] and deadline polling ([`eventually`], [`wait`]).
@@ -20,7 +21,7 @@ mod stack;
 
 pub use error::{Error, Result};
 pub use poll::{Check, DEFAULT_EVERY, Wait, eventually, wait};
-pub use sim::{TestSim, is, wait_event};
+pub use sim::{SimProcess, TestSim, is, multipass_command, wait_event};
 pub use sshd::{Sshd, SshdOptions};
 pub use stack::{Serve, Stack, StackOptions, StoreAt, Transport, count, pool, settled};
 
