@@ -218,8 +218,8 @@ fn sha256_hex(token: &str) -> String {
     mpool_api::auth::hex(&mpool_api::auth::hash(token))
 }
 
-/// The running stack. Dropping it kills a serve process; [`Stack::stop`] stops everything
-/// cleanly.
+/// The running stack. [`Stack::stop`] stops everything cleanly; dropping it kills a serve
+/// process and, on a multi-thread runtime, stops the rest too (see `Drop`).
 pub struct Stack {
     /// Sockets, certificates, config, logs, mpool's data dir and (unless elsewhere) its store.
     pub dir: tempfile::TempDir,
@@ -568,7 +568,7 @@ path = "{store}"
     pub async fn stop(mut self) {
         self.stop_serve().await;
         if let Some(s) = self.sim.take() {
-            s.shutdown().await;
+            stop_sim(s).await;
         }
     }
 
@@ -607,7 +607,8 @@ path = "{store}"
         self.connect_tcp(token).await.unwrap_or_else(|e| panic!("tcp client connects: {e}"))
     }
 
-    /// A multipassd client with mpool's own identity (trusted: the same certificate as serve).
+    /// A multipassd client with serve's identity (`ClientIdentity::Auto`, the config's default:
+    /// the certificate the simulator trusts since serve connected first).
     pub async fn daemon_client(&self) -> Result<multipass::Client> {
         let mut o = ClientOptions::new(self.path().join("data"));
         o.address = Some(DaemonAddress::Unix(self.daemon_socket()));
@@ -670,9 +671,43 @@ path = "{store}"
     }
 }
 
+/// Shuts the simulator down and waits (10 s at most: a call held on purpose may never end)
+/// until its calls in flight end: a call's handler outlives its connection and the server,
+/// and saves the state when it ends.
+async fn stop_sim(sim: Simulator) {
+    let daemon = sim.daemon().clone();
+    sim.shutdown().await;
+    let _ = wait("the simulator's calls end", Duration::from_secs(10))
+        .every(Duration::from_millis(5))
+        .until(|| async { daemon.calls_in_flight() == 0 })
+        .await;
+}
+
 impl Drop for Stack {
+    /// Kills a serve process, then stops an in-process serve and the simulator (see
+    /// `stop_sim`) before the directory goes: they write into it (the simulator its
+    /// `state.json`, re-creating the directory if need be) until they end. That takes a
+    /// multi-thread runtime to block on; elsewhere call [`Stack::stop`] instead.
     fn drop(&mut self) {
         self.kill_serve();
+        let (running, sim) = (self.running.take(), self.sim.take());
+        if running.is_none() && sim.is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return;
+        }
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                if let Some(r) = running {
+                    r.stop().await;
+                }
+                if let Some(s) = sim {
+                    stop_sim(s).await;
+                }
+            })
+        });
     }
 }
 
