@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{openssh_remote, suite};
+use common::suite::{self, Remote};
 use mpool_ssh::{Connection, ConnectionCache, ExecRequest, SshError, SshOptions, SshTarget};
 use mpool_testkit::Sshd;
 
@@ -17,82 +17,82 @@ fn temp() -> tempfile::TempDir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_and_streams() {
     let server = Sshd::start().expect("sshd starts");
-    suite::exit_codes_and_streams(&openssh_remote(&server)).await;
+    suite::exit_codes_and_streams(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_env_cwd() {
     let server = Sshd::start().expect("sshd starts");
-    suite::stdin_env_cwd(&openssh_remote(&server)).await;
+    suite::stdin_env_cwd(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argv_is_inert() {
     let server = Sshd::start().expect("sshd starts");
-    suite::argv_is_inert(&openssh_remote(&server)).await;
+    suite::argv_is_inert(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts() {
     let server = Sshd::start().expect("sshd starts");
-    suite::scripts(&openssh_remote(&server)).await;
+    suite::scripts(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_streams_in_chunks() {
     let server = Sshd::start().expect("sshd starts");
-    suite::output_streams_in_chunks(&openssh_remote(&server)).await;
+    suite::output_streams_in_chunks(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_file_round_trip() {
     let server = Sshd::start().expect("sshd starts");
     let dir = temp();
-    suite::large_file_round_trip(&openssh_remote(&server), dir.path()).await;
+    suite::large_file_round_trip(&Remote::openssh(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_round_trip() {
     let server = Sshd::start().expect("sshd starts");
     let dir = temp();
-    suite::tree_round_trip(&openssh_remote(&server), dir.path()).await;
+    suite::tree_round_trip(&Remote::openssh(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_confined() {
     let server = Sshd::start().expect("sshd starts");
     let dir = temp();
-    suite::paths_are_confined(&openssh_remote(&server), dir.path()).await;
+    suite::paths_are_confined(&Remote::openssh(&server), dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_and_cancel_kill_the_process_group() {
     let server = Sshd::start().expect("sshd starts");
-    suite::timeout_and_cancel_kill_the_process_group(&openssh_remote(&server)).await;
+    suite::timeout_and_cancel_kill_the_process_group(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_stops_running_commands() {
     let server = Sshd::start().expect("sshd starts");
-    suite::close_stops_running_commands(&openssh_remote(&server)).await;
+    suite::close_stops_running_commands(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_execs_one_connection() {
     let server = Sshd::start().expect("sshd starts");
-    suite::many_execs_one_connection(&openssh_remote(&server)).await;
+    suite::many_execs_one_connection(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_uses_the_pooled_connection() {
     let server = Sshd::start().expect("sshd starts");
-    suite::ping_uses_the_pooled_connection(&openssh_remote(&server)).await;
+    suite::ping_uses_the_pooled_connection(&Remote::openssh(&server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_bounded() {
     let server = Sshd::start().expect("sshd starts");
-    suite::channels_are_bounded(&openssh_remote(&server)).await;
+    suite::channels_are_bounded(&Remote::openssh(&server)).await;
 }
 
 /// RSA keys in PEM (PKCS#1), PKCS#8 and OpenSSH format, and ed25519, all log in, also with CRLF

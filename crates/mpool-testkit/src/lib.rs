@@ -7,7 +7,9 @@
 //!   [`SimProcess`]: `mpool sim` as a process, with `mpool multipass` clients;
 //! - [`Sshd`]: a real OpenSSH server on loopback;
 //! - [`api`]: acquire, exec and release through the API; [`http`]: the facade over TLS;
-//! - [`free_port`] and deadline polling ([`eventually`], [`wait`]).
+//! - [`free_port`] and deadline polling ([`eventually`], [`wait`]);
+//! - with feature `tests` (test code, it panics): `suite`, the SSH exec and transfer suite any
+//!   endpoint must pass, and `tools`, the external clients (`grpcurl`, Python) tests drive.
 //!
 //! Only tests, benchmarks and the `mpool bench` command depend on this crate.
 
@@ -18,6 +20,10 @@ mod poll;
 mod sim;
 pub mod sshd;
 mod stack;
+#[cfg(feature = "tests")]
+pub mod suite;
+#[cfg(feature = "tests")]
+pub mod tools;
 
 pub use error::{Error, Result};
 pub use poll::{Check, DEFAULT_EVERY, Wait, eventually, wait};

@@ -1,7 +1,7 @@
 //! The exec and file-transfer test suite, written against any SSH endpoint that runs commands
-//! with a POSIX shell on a Linux host: OpenSSH (tests/ssh.rs) and later the simulator's SSH
-//! endpoints. Every function panics on failure.
-#![allow(dead_code)]
+//! with a POSIX shell on a Linux host: OpenSSH (`tests/ssh.rs`, [`Remote::openssh`]) and the
+//! simulator's SSH endpoints (`tests/ssh_sim.rs`). Test code (feature `tests`): every function
+//! panics on failure.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +11,8 @@ use mpool_ssh::{
     Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshError, SshOptions, SshTarget,
     TransferOptions,
 };
-use mpool_testkit::wait;
+
+use crate::{Sshd, wait};
 
 /// What the suite needs to know about an endpoint.
 #[derive(Clone)]
@@ -24,11 +25,23 @@ pub struct Remote {
     pub scratch: String,
 }
 
+impl Remote {
+    /// The suite's view of a local OpenSSH server.
+    pub fn openssh(server: &Sshd) -> Remote {
+        Remote {
+            target: server.target(),
+            connections: server.connection_counter(),
+            scratch: server.scratch_dir().display().to_string(),
+        }
+    }
+}
+
 /// A unique name for files of one test.
 pub fn unique(tag: &str) -> String {
     format!("{tag}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
+/// A new connection to the endpoint.
 pub async fn connect(r: &Remote) -> Connection {
     Connection::connect(&r.target, &SshOptions::default()).await.expect("connecting")
 }

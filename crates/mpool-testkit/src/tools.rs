@@ -1,7 +1,7 @@
 //! External tools the API tests drive as a user would: the real `grpcurl` binary and Python with
 //! `grpcio` + `grpcio-tools`. A missing tool FAILS the test with the command that installs it
 //! (`.ci/run` installs both); `MPOOL_SKIP_GRPCURL=1` / `MPOOL_SKIP_PYTHON=1` skip on purpose.
-#![allow(dead_code)]
+//! Test code (feature `tests`): these panic, as assertions do.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
