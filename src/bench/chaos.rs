@@ -161,8 +161,12 @@ async fn tenant(
         n += 1;
         let rid = format!("tenant-{id}-{n}");
         // Acquire, retrying with the same request id until there is an answer.
+        // Once an attempt may have reached serve, the lease may exist although its answer was
+        // lost (serve killed before replying): ask again with the same request id, even after
+        // the stop, so the lease is learned and released rather than left to its TTL.
+        let mut sent = false;
         let lease = loop {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) && !sent {
                 return;
             }
             let Some(c) = t.client().await else {
@@ -176,6 +180,7 @@ async fn tenant(
                 ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
                 wait: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
             };
+            sent = true;
             match c.acquire(req).await {
                 Ok(l) => break Some(l.into_inner()),
                 Err(s) if unavailable(&s) => {
