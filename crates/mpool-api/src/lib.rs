@@ -2,6 +2,7 @@
 //! conversions ([`convert`]), bearer-token auth ([`auth`]), the listeners with health and
 //! reflection ([`server`]), plain HTTP endpoints ([`http`]), and the HTTP/JSON facade ([`json`]).
 
+pub mod app;
 pub mod auth;
 pub mod client;
 pub mod convert;
