@@ -103,3 +103,5 @@ impl App {
     }
 }
 
+#[cfg(test)]
+mod tests;
