@@ -100,7 +100,7 @@ fn timeout(req: ExecRequest, timeout: Option<&prost_types::Duration>) -> Result<
 pub fn exit_status(ev: &ExecEvent) -> Option<v1::ExitStatus> {
     match ev {
         ExecEvent::Exit { code, signal, duration, timed_out, cancelled } => Some(v1::ExitStatus {
-            code: code.map(|c| c as i32).unwrap_or(-1),
+            code: code.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1),
             signal: signal.clone().unwrap_or_default(),
             duration: Some(convert::proto_duration(*duration)),
             timed_out: *timed_out,
