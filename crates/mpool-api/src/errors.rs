@@ -1,16 +1,72 @@
-//! A tower layer that counts API calls ending with an error status, by method and code, for
-//! `mpool_grpc_errors_total` (errors a handler returns are trailers-only responses, so the
-//! status is in the response headers).
+//! gRPC statuses: the one mapping between the application's errors and tonic statuses
+//! ([`status`], and [`app_error`] for failures tonic reports into a use case, such as a broken
+//! request stream), and a tower layer that counts API calls ending with an error status, by
+//! method and code, for `mpool_grpc_errors_total` (errors a handler returns are trailers-only
+//! responses, so the status is in the response headers).
 //!
-//! It also corrects one status tonic gets wrong: a request message above the size limit is
-//! refused by tonic's decoder with OUT_OF_RANGE, where gRPC specifies RESOURCE_EXHAUSTED; the
+//! The layer also corrects one status tonic gets wrong: a request message above the size limit
+//! is refused by tonic's decoder with OUT_OF_RANGE, where gRPC specifies RESOURCE_EXHAUSTED; the
 //! layer rewrites it to RESOURCE_EXHAUSTED with a message that says what to do instead.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tonic::{Code, Status};
+
+use crate::app::{AppError, ErrorKind};
 use mpool_metrics::{Metrics, UNKNOWN};
+
+/// The gRPC code of an application error's kind.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Unknown => Code::Unknown,
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Aborted => Code::Aborted,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::Unimplemented => Code::Unimplemented,
+        ErrorKind::Internal => Code::Internal,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+    }
+}
+
+/// The status a handler answers an application error with.
+pub fn status(e: AppError) -> Status {
+    Status::new(code(e.kind()), e.message())
+}
+
+/// A status tonic reports into a use case (a request stream that broke, a message it could not
+/// decode) as the application's error, keeping its code and message.
+pub fn app_error(s: Status) -> AppError {
+    let kind = match s.code() {
+        Code::Cancelled => ErrorKind::Cancelled,
+        Code::InvalidArgument => ErrorKind::InvalidArgument,
+        Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        Code::NotFound => ErrorKind::NotFound,
+        Code::AlreadyExists => ErrorKind::AlreadyExists,
+        Code::PermissionDenied => ErrorKind::PermissionDenied,
+        Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+        Code::FailedPrecondition => ErrorKind::FailedPrecondition,
+        Code::Aborted => ErrorKind::Aborted,
+        Code::OutOfRange => ErrorKind::OutOfRange,
+        Code::Unimplemented => ErrorKind::Unimplemented,
+        Code::Internal => ErrorKind::Internal,
+        Code::Unavailable => ErrorKind::Unavailable,
+        Code::DataLoss => ErrorKind::DataLoss,
+        Code::Unauthenticated => ErrorKind::Unauthenticated,
+        Code::Ok | Code::Unknown => ErrorKind::Unknown,
+    };
+    AppError::new(kind, s.message())
+}
 
 /// The layer.
 #[derive(Clone)]
@@ -169,6 +225,36 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_and_codes_map_both_ways_under_the_same_names() {
+        use ErrorKind as K;
+        let all = [
+            K::Cancelled,
+            K::Unknown,
+            K::InvalidArgument,
+            K::DeadlineExceeded,
+            K::NotFound,
+            K::AlreadyExists,
+            K::PermissionDenied,
+            K::ResourceExhausted,
+            K::FailedPrecondition,
+            K::Aborted,
+            K::OutOfRange,
+            K::Unimplemented,
+            K::Internal,
+            K::Unavailable,
+            K::DataLoss,
+            K::Unauthenticated,
+        ];
+        for kind in all {
+            let s = status(AppError::new(kind, "what to do"));
+            assert_eq!(s.message(), "what to do");
+            // A Run's recorded outcome names the kind as tonic names the code.
+            assert_eq!(format!("{kind:?}"), format!("{:?}", s.code()));
+            assert_eq!(app_error(s), AppError::new(kind, "what to do"));
+        }
+    }
 
     #[test]
     fn method_labels_are_the_served_methods_only() {

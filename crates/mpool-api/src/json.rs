@@ -1,8 +1,9 @@
 //! The HTTP/JSON facade (`[api] http_listen`): the same `mpool.v1.Pool` service for callers that
 //! speak plain HTTP and JSON, such as Kestra's core `io.kestra.plugin.core.http.Request` task.
 //!
-//! Every route calls the gRPC service's own methods (so validation, auth scopes, idempotency and
-//! metrics are identical); streams are collected into one JSON response. Bodies and responses
+//! Every route decodes its body, calls the application's use case ([`crate::app`], as the gRPC
+//! service does, so validation, auth scopes, idempotency and metrics are identical) and encodes
+//! the answer; streams are collected into one JSON response. Bodies and responses
 //! use the proto3 JSON mapping (lowerCamelCase names, durations as `"1.5s"`, timestamps as RFC
 //! 3339, 64-bit integers as strings, bytes as base64, enums by name), with default values always
 //! written out so a flow can read `exitCode` even when it is 0. Unknown body fields are refused.
@@ -19,10 +20,12 @@
 //! | `GET /healthz` | none (no token) | `{"status": "SERVING"}` or 503 |
 //!
 //! Auth is the gRPC listener's: `Authorization: Bearer <token>` on TCP (401 without), mTLS when
-//! `client_ca` is set, nothing on a Unix socket. Service failures are HTTP errors with a JSON body
-//! `{"code": "NOT_FOUND", "message": "..."}`: INVALID_ARGUMENT 400, UNAUTHENTICATED 401,
-//! PERMISSION_DENIED 403, NOT_FOUND 404, FAILED_PRECONDITION 409, RESOURCE_EXHAUSTED 503 with
-//! `Retry-After`, UNAVAILABLE 503, anything else 500. A command that exits non-zero is a 200.
+//! `client_ca` is set, nothing on a Unix socket. Failures are HTTP errors with a JSON body
+//! `{"code": "NOT_FOUND", "message": "..."}` ([`http_status`], the one mapping of the
+//! application's error kinds): INVALID_ARGUMENT 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403,
+//! NOT_FOUND 404, FAILED_PRECONDITION 409, RESOURCE_EXHAUSTED 503 and UNAVAILABLE 503 (both with
+//! `Retry-After`: worth retrying as they are), anything else 500. A command that exits non-zero
+//! is a 200.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,13 +38,10 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tonic::{Code, Status};
 
 use super::auth::{Auth, Principal};
-use super::service::PoolService;
+use crate::app::{App, AppError, ErrorKind};
 use crate::proto::v1;
-use crate::proto::v1::pool_server::Pool;
-use mpool_engine::Engine;
 
 /// Largest request body (base64 inputs of a Run included); larger bodies get 413.
 pub const MAX_BODY: usize = 2 * super::server::MAX_MESSAGE;
@@ -56,63 +56,30 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 /// What the facade needs; cheap to clone.
 #[derive(Clone)]
 pub struct JsonApi {
-    service: PoolService,
-    engine: Engine,
+    app: App,
     auth: Auth,
 }
 
 type Resp = Response<Full<Bytes>>;
 
-/// A failure answered as an HTTP error.
-#[derive(Debug)]
-struct Failure(Status);
-
-impl From<Status> for Failure {
-    fn from(s: Status) -> Failure {
-        Failure(s)
-    }
+fn bad(msg: impl Into<String>) -> AppError {
+    AppError::invalid_argument(msg)
 }
 
-fn bad(msg: impl Into<String>) -> Failure {
-    Failure(Status::invalid_argument(msg.into()))
-}
-
-/// The HTTP status for a gRPC code.
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The proto enum name of a gRPC code (`"RESOURCE_EXHAUSTED"`).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+/// The HTTP status for an application error's kind.
+pub fn http_status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidArgument | ErrorKind::OutOfRange => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::FailedPrecondition | ErrorKind::AlreadyExists | ErrorKind::Aborted => StatusCode::CONFLICT,
+        ErrorKind::ResourceExhausted | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        ErrorKind::Cancelled | ErrorKind::Unknown | ErrorKind::Internal | ErrorKind::DataLoss => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 
@@ -125,10 +92,12 @@ fn respond(status: StatusCode, body: &Value) -> Resp {
     r
 }
 
-fn error_response(s: &Status) -> Resp {
-    let status = http_status(s.code());
-    let mut r = respond(status, &json!({ "code": code_name(s.code()), "message": s.message() }));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+/// An application error as the HTTP answer: its status, a `{"code", "message"}` body, and the
+/// retry hint as `Retry-After`.
+fn error_response(e: &AppError) -> Resp {
+    let status = http_status(e.kind());
+    let mut r = respond(status, &json!({ "code": e.kind().name(), "message": e.message() }));
+    if e.kind().retry_later() {
         r.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(RETRY_AFTER_SECS));
     }
     if status == StatusCode::UNAUTHORIZED {
@@ -254,6 +223,11 @@ fn pool_json(p: &v1::PoolInfo) -> Value {
     })
 }
 
+fn vm_json(v: &v1::Vm) -> Value {
+    json!({"name": v.name, "pool": v.pool, "state": v.state, "generation": v.generation.to_string(),
+           "uses": v.uses, "leaseId": v.lease_id})
+}
+
 /// Collects stdout or stderr up to [`MAX_STREAM`] bytes, cutting on a character boundary.
 #[derive(Default)]
 struct Capped {
@@ -376,14 +350,14 @@ struct RenewJson {
     ttl: Option<String>,
 }
 
-fn parse_duration(field: &str, text: Option<&str>) -> Result<Option<prost_types::Duration>, Failure> {
+fn parse_duration(field: &str, text: Option<&str>) -> Result<Option<prost_types::Duration>, AppError> {
     let Some(text) = text else { return Ok(None) };
     text.trim().parse::<prost_types::Duration>().map(Some).map_err(|_| {
         bad(format!("{field}: {text:?} is not a duration: write seconds with an \"s\", e.g. \"30s\" or \"1.5s\""))
     })
 }
 
-fn shell(v: Option<&Value>) -> Result<i32, Failure> {
+fn shell(v: Option<&Value>) -> Result<i32, AppError> {
     let names = "SCRIPT_SHELL_BASH or SCRIPT_SHELL_SH";
     match v {
         None | Some(Value::Null) => Ok(0),
@@ -400,7 +374,7 @@ fn shell(v: Option<&Value>) -> Result<i32, Failure> {
     }
 }
 
-fn command(c: Option<CommandJson>) -> Result<Option<v1::Command>, Failure> {
+fn command(c: Option<CommandJson>) -> Result<Option<v1::Command>, AppError> {
     let Some(c) = c else { return Ok(None) };
     let stdin = match &c.stdin {
         Some(s) => base64_decode(s).ok_or_else(|| bad("command.stdin: not base64"))?,
@@ -417,25 +391,17 @@ fn command(c: Option<CommandJson>) -> Result<Option<v1::Command>, Failure> {
     }))
 }
 
-fn body_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Failure> {
+fn body_json<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, AppError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
     serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))
 }
 
-fn tonic_request<T>(principal: &Option<Principal>, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    if let Some(p) = principal {
-        r.extensions_mut().insert(p.clone());
-    }
-    r
-}
-
 impl JsonApi {
-    /// The facade over `service`, authenticating callers with `auth`.
-    pub fn new(service: PoolService, engine: Engine, auth: Auth) -> JsonApi {
-        JsonApi { service, engine, auth }
+    /// The facade over the application, authenticating callers with `auth`.
+    pub fn new(app: App, auth: Auth) -> JsonApi {
+        JsonApi { app, auth }
     }
 
     /// Answers one request.
@@ -444,152 +410,203 @@ impl JsonApi {
         let path = parts.uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if parts.method == Method::GET && segments == ["healthz"] {
-            let ok = *self.engine.healthy().borrow();
-            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            return respond(status, &json!({ "status": if ok { "SERVING" } else { "NOT_SERVING" } }));
+            return self.health();
         }
-        let mut check = tonic::Request::new(());
-        *check.metadata_mut() = tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
-        let principal = match self.auth.check(check) {
-            Ok(r) => r.extensions().get::<Principal>().cloned(),
-            Err(s) => return error_response(&s),
+        let principal = match self.authenticate(&parts.headers) {
+            Ok(p) => p,
+            Err(e) => return error_response(&e),
         };
-        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                let message = format!(
-                    "the request body is larger than the HTTP facade's limit of {MAX_BODY} bytes: send large input files \
-                     with the gRPC API (Run streams inputs in chunks up to the server's max_upload) or `mpool run --put`"
-                );
-                return respond(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &json!({ "code": code_name(Code::ResourceExhausted), "message": message }),
-                );
-            }
-            Err(e) => {
-                return error_response(&Status::invalid_argument(format!("reading the request body: {e}")));
-            }
+        let body = match read_body(body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
         };
-        let result = self.route(&parts.method, &segments, &principal, &body).await;
-        match result {
+        match self.route(&parts.method, &segments, principal.as_ref(), &body).await {
             Ok(v) => respond(StatusCode::OK, &v),
-            Err(Failure(s)) => error_response(&s),
+            Err(e) => error_response(&e),
         }
     }
 
-    async fn route(&self, method: &Method, seg: &[&str], p: &Option<Principal>, body: &[u8]) -> Result<Value, Failure> {
-        let s = &self.service;
+    /// `GET /healthz`: whether the daemon answers and the store takes writes (no token needed).
+    fn health(&self) -> Resp {
+        let ok = *self.app.engine().healthy().borrow();
+        let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        respond(status, &json!({ "status": if ok { "SERVING" } else { "NOT_SERVING" } }))
+    }
+
+    /// The caller, as the gRPC listeners' interceptor would see it from the same headers.
+    fn authenticate(&self, headers: &hyper::HeaderMap) -> Result<Option<Principal>, AppError> {
+        let mut check = tonic::Request::new(());
+        *check.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        let checked = self.auth.check(check).map_err(crate::errors::app_error)?;
+        Ok(checked.extensions().get::<Principal>().cloned())
+    }
+
+    async fn route(
+        &self,
+        method: &Method,
+        seg: &[&str],
+        p: Option<&Principal>,
+        body: &[u8],
+    ) -> Result<Value, AppError> {
+        let app = &self.app;
         match (method, seg) {
             (&Method::GET, ["v1", "pools"]) => {
-                let r = s.list_pools(tonic_request(p, v1::ListPoolsRequest {})).await?.into_inner();
+                let r = app.list_pools(p, v1::ListPoolsRequest {}).await?;
                 Ok(json!({ "pools": r.pools.iter().map(pool_json).collect::<Vec<_>>() }))
             }
             (&Method::GET, ["v1", "pools", pool]) => {
-                let r = s.get_pool(tonic_request(p, v1::GetPoolRequest { pool: pool.to_string() })).await?.into_inner();
-                Ok(pool_json(&r))
+                Ok(pool_json(&app.get_pool(p, v1::GetPoolRequest { pool: pool.to_string() }).await?))
             }
             (&Method::GET, ["v1", "leases"]) => {
-                let r =
-                    s.list_leases(tonic_request(p, v1::ListLeasesRequest { pool: String::new() })).await?.into_inner();
+                let r = app.list_leases(p, v1::ListLeasesRequest { pool: String::new() }).await?;
                 Ok(json!({ "leases": r.leases.iter().map(lease_json).collect::<Vec<_>>() }))
             }
             (&Method::GET, ["v1", "vms"]) => {
-                let r = s.list_vms(tonic_request(p, v1::ListVmsRequest { pool: String::new() })).await?.into_inner();
-                let vms: Vec<Value> = r
-                    .vms
-                    .iter()
-                    .map(|v| {
-                        json!({"name": v.name, "pool": v.pool, "state": v.state, "generation": v.generation.to_string(),
-                               "uses": v.uses, "leaseId": v.lease_id})
-                    })
-                    .collect();
-                Ok(json!({ "vms": vms }))
+                let r = app.list_vms(p, v1::ListVmsRequest { pool: String::new() }).await?;
+                Ok(json!({ "vms": r.vms.iter().map(vm_json).collect::<Vec<_>>() }))
             }
             (&Method::POST, ["v1", "pools", pool, "leases"]) => {
-                let b: AcquireJson = body_json(body)?;
-                let req = v1::AcquireRequest {
-                    pool: pool.to_string(),
-                    holder: b.holder,
-                    request_id: b.request_id,
-                    ttl: parse_duration("ttl", b.ttl.as_deref())?,
-                    wait: parse_duration("wait", b.wait.as_deref())?,
-                };
-                Ok(lease_json(&s.acquire(tonic_request(p, req)).await?.into_inner()))
+                let req = acquire_request(pool, body_json(body)?)?;
+                Ok(lease_json(&app.acquire(p, req).await?))
             }
             (&Method::POST, ["v1", "pools", pool, "run"]) => self.run(pool, p, body_json(body)?).await,
             (&Method::POST, ["v1", "leases", id, "exec"]) => self.exec(id, p, body_json(body)?).await,
             (&Method::POST, ["v1", "leases", id, "execs", exec_id, "cancel"]) => {
                 let req = v1::CancelExecRequest { lease_id: id.to_string(), exec_id: exec_id.to_string() };
-                let r = s.cancel_exec(tonic_request(p, req)).await?.into_inner();
-                Ok(json!({ "cancelled": r.cancelled }))
+                Ok(json!({ "cancelled": app.cancel_exec(p, req).await?.cancelled }))
             }
             (&Method::POST, ["v1", "leases", id, "renew"]) => {
                 let b: RenewJson = body_json(body)?;
                 let req = v1::RenewRequest { lease_id: id.to_string(), ttl: parse_duration("ttl", b.ttl.as_deref())? };
-                Ok(lease_json(&s.renew(tonic_request(p, req)).await?.into_inner()))
+                Ok(lease_json(&app.renew(p, req).await?))
             }
             (&Method::DELETE, ["v1", "leases", id]) | (&Method::POST, ["v1", "leases", id, "release"]) => {
-                s.release(tonic_request(p, v1::ReleaseRequest { lease_id: id.to_string() })).await?;
+                app.release(p, v1::ReleaseRequest { lease_id: id.to_string() }).await?;
                 Ok(json!({}))
             }
-            _ => Err(Failure(Status::not_found(format!(
+            _ => Err(AppError::not_found(format!(
                 "no route {method} /{}: see POST /v1/pools/{{pool}}/run, POST /v1/pools/{{pool}}/leases, \
                  POST /v1/leases/{{id}}/exec, POST /v1/leases/{{id}}/renew, DELETE /v1/leases/{{id}}, GET /v1/pools",
                 seg.join("/")
-            )))),
+            ))),
         }
     }
 
-    async fn run(&self, pool: &str, p: &Option<Principal>, b: RunJson) -> Result<Value, Failure> {
-        let mut inputs = Vec::with_capacity(b.inputs.len());
-        for (i, f) in b.inputs.into_iter().enumerate() {
-            let data = match &f.data {
-                Some(d) => base64_decode(d).ok_or_else(|| bad(format!("inputs[{i}].data: not base64")))?,
-                None => Vec::new(),
-            };
-            inputs.push(v1::InputFile { path: f.path, data, text: f.text, mode: f.mode });
-        }
-        let req = v1::RunRequest {
-            pool: pool.to_string(),
-            holder: b.holder,
-            request_id: b.request_id,
-            command: command(b.command)?,
-            inputs,
-            outputs: b.outputs,
-            wait: parse_duration("wait", b.wait.as_deref())?,
-            ttl: parse_duration("ttl", b.ttl.as_deref())?,
-            chunk: None,
-            max_output_size: MAX_OUTPUTS as u64,
-        };
-        let mut stream = self.service.run_stream(p.clone(), futures::stream::iter([Ok(req)])).await?;
+    async fn run(&self, pool: &str, p: Option<&Principal>, b: RunJson) -> Result<Value, AppError> {
+        let req = run_request(pool, b)?;
+        let stream = self.app.run(p, futures::stream::iter([Ok(req)])).await?;
+        let collected = RunCollected::collect(stream).await?;
+        Ok(collected.into_json())
+    }
+
+    async fn exec(&self, lease: &str, p: Option<&Principal>, b: ExecJson) -> Result<Value, AppError> {
+        let req = v1::ExecRequest { lease_id: lease.to_string(), command: command(b.command)?, exec_id: b.exec_id };
+        let mut stream = self.app.exec(p, req).await?;
         let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
-        let mut lease = None;
-        let mut result = None;
-        // Output content by index; `None` once it no longer fits in the answer.
+        let (mut exec_id, mut exit) = (String::new(), None);
+        use tokio_stream::StreamExt;
+        while let Some(ev) = stream.next().await {
+            match ev?.event {
+                Some(v1::exec_event::Event::Started(id)) => exec_id = id,
+                Some(v1::exec_event::Event::Stdout(t)) => stdout.push(&t),
+                Some(v1::exec_event::Event::Stderr(t)) => stderr.push(&t),
+                Some(v1::exec_event::Event::Exit(x)) => exit = Some(x),
+                None => {}
+            }
+        }
+        let x = exit.ok_or_else(|| AppError::unavailable("the command's stream ended without an exit status"))?;
+        let mut out = serde_json::Map::new();
+        out.insert("execId".into(), json!(exec_id));
+        exit_json(&mut out, Some(&x));
+        streams_json(&mut out, stdout, stderr);
+        Ok(Value::Object(out))
+    }
+}
+
+/// The request body, up to [`MAX_BODY`] bytes; a larger one is answered with 413.
+async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            let message = format!(
+                "the request body is larger than the HTTP facade's limit of {MAX_BODY} bytes: send large input files \
+                 with the gRPC API (Run streams inputs in chunks up to the server's max_upload) or `mpool run --put`"
+            );
+            Err(respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &json!({ "code": ErrorKind::ResourceExhausted.name(), "message": message }),
+            ))
+        }
+        Err(e) => Err(error_response(&bad(format!("reading the request body: {e}")))),
+    }
+}
+
+fn acquire_request(pool: &str, b: AcquireJson) -> Result<v1::AcquireRequest, AppError> {
+    Ok(v1::AcquireRequest {
+        pool: pool.to_string(),
+        holder: b.holder,
+        request_id: b.request_id,
+        ttl: parse_duration("ttl", b.ttl.as_deref())?,
+        wait: parse_duration("wait", b.wait.as_deref())?,
+    })
+}
+
+fn run_request(pool: &str, b: RunJson) -> Result<v1::RunRequest, AppError> {
+    let mut inputs = Vec::with_capacity(b.inputs.len());
+    for (i, f) in b.inputs.into_iter().enumerate() {
+        let data = match &f.data {
+            Some(d) => base64_decode(d).ok_or_else(|| bad(format!("inputs[{i}].data: not base64")))?,
+            None => Vec::new(),
+        };
+        inputs.push(v1::InputFile { path: f.path, data, text: f.text, mode: f.mode });
+    }
+    Ok(v1::RunRequest {
+        pool: pool.to_string(),
+        holder: b.holder,
+        request_id: b.request_id,
+        command: command(b.command)?,
+        inputs,
+        outputs: b.outputs,
+        wait: parse_duration("wait", b.wait.as_deref())?,
+        ttl: parse_duration("ttl", b.ttl.as_deref())?,
+        chunk: None,
+        max_output_size: MAX_OUTPUTS as u64,
+    })
+}
+
+/// A Run's events gathered into one answer.
+struct RunCollected {
+    stdout: Capped,
+    stderr: Capped,
+    lease: Option<v1::Lease>,
+    result: v1::RunResult,
+    /// Output content by index; `None` once it no longer fits in the answer.
+    data: HashMap<u32, Option<Vec<u8>>>,
+}
+
+impl RunCollected {
+    async fn collect(mut stream: crate::app::Events<v1::RunEvent>) -> Result<RunCollected, AppError> {
+        use tokio_stream::StreamExt;
+        let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
+        let (mut lease, mut result) = (None, None);
         let mut data: HashMap<u32, Option<Vec<u8>>> = HashMap::new();
         let mut total = 0usize;
-        use tokio_stream::StreamExt;
         while let Some(ev) = stream.next().await {
             match ev?.event {
                 Some(v1::run_event::Event::Lease(l)) => lease = Some(l),
                 Some(v1::run_event::Event::Stdout(t)) => stdout.push(&t),
                 Some(v1::run_event::Event::Stderr(t)) => stderr.push(&t),
-                Some(v1::run_event::Event::Output(c)) => {
-                    let slot = data.entry(c.output).or_insert_with(|| Some(Vec::new()));
-                    if total + c.data.len() > MAX_OUTPUTS {
-                        if let Some(d) = slot.take() {
-                            total -= d.len();
-                        }
-                    } else if let Some(d) = slot {
-                        total += c.data.len();
-                        d.extend_from_slice(&c.data);
-                    }
-                }
+                Some(v1::run_event::Event::Output(c)) => keep_output(&mut data, &mut total, c),
                 Some(v1::run_event::Event::Result(r)) => result = Some(r),
                 None => {}
             }
         }
-        let r = result.ok_or_else(|| Failure(Status::internal("the run ended without a result")))?;
+        let result = result.ok_or_else(|| AppError::internal("the run ended without a result"))?;
+        Ok(RunCollected { stdout, stderr, lease, result, data })
+    }
+
+    fn into_json(self) -> Value {
+        let RunCollected { stdout, stderr, lease, result: r, mut data } = self;
         let mut out = serde_json::Map::new();
         exit_json(&mut out, r.exit.as_ref());
         streams_json(&mut out, stdout, stderr);
@@ -607,64 +624,51 @@ impl JsonApi {
                 "total": duration_json(t.total.as_ref()),
             }),
         );
-        let files: Vec<Value> = r
-            .outputs
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let sent = data.remove(&(i as u32));
-                let (bytes, omitted, error) = match sent {
-                    Some(None) if f.error.is_empty() => (
-                        None,
-                        true,
-                        format!(
-                            "{} ({} bytes) does not fit in the answer: outputs are limited to {MAX_OUTPUTS} bytes together \
-                             here; use gRPC Run or Download for large files",
-                            f.path, f.size
-                        ),
-                    ),
-                    Some(d) if f.error.is_empty() => (d, false, String::new()),
-                    _ => (None, f.omitted, f.error.clone()),
-                };
-                let ok = !f.missing && error.is_empty();
-                json!({
-                    "path": f.path,
-                    "data": if ok { base64_encode(bytes.as_deref().unwrap_or_default()) } else { String::new() },
-                    "mode": f.mode,
-                    "missing": f.missing,
-                    "size": f.size.to_string(),
-                    "omitted": omitted,
-                    "error": error,
-                })
-            })
-            .collect();
+        let files = (0u32..).zip(r.outputs.iter()).map(|(i, f)| output_json(f, data.remove(&i))).collect();
         out.insert("outputs".into(), Value::Array(files));
-        Ok(Value::Object(out))
+        Value::Object(out)
     }
+}
 
-    async fn exec(&self, lease: &str, p: &Option<Principal>, b: ExecJson) -> Result<Value, Failure> {
-        let req = v1::ExecRequest { lease_id: lease.to_string(), command: command(b.command)?, exec_id: b.exec_id };
-        let mut stream = self.service.exec(tonic_request(p, req)).await?.into_inner();
-        let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
-        let (mut exec_id, mut exit) = (String::new(), None);
-        use tokio_stream::StreamExt;
-        while let Some(ev) = stream.next().await {
-            match ev?.event {
-                Some(v1::exec_event::Event::Started(id)) => exec_id = id,
-                Some(v1::exec_event::Event::Stdout(t)) => stdout.push(&t),
-                Some(v1::exec_event::Event::Stderr(t)) => stderr.push(&t),
-                Some(v1::exec_event::Event::Exit(x)) => exit = Some(x),
-                None => {}
-            }
+/// Keeps an output chunk while all outputs fit in [`MAX_OUTPUTS`]; an output that does not fit
+/// is dropped whole (its slot becomes `None`).
+fn keep_output(data: &mut HashMap<u32, Option<Vec<u8>>>, total: &mut usize, c: v1::OutputChunk) {
+    let slot = data.entry(c.output).or_insert_with(|| Some(Vec::new()));
+    if total.saturating_add(c.data.len()) > MAX_OUTPUTS {
+        if let Some(d) = slot.take() {
+            *total = total.saturating_sub(d.len());
         }
-        let x =
-            exit.ok_or_else(|| Failure(Status::unavailable("the command's stream ended without an exit status")))?;
-        let mut out = serde_json::Map::new();
-        out.insert("execId".into(), json!(exec_id));
-        exit_json(&mut out, Some(&x));
-        streams_json(&mut out, stdout, stderr);
-        Ok(Value::Object(out))
+    } else if let Some(d) = slot {
+        *total = total.saturating_add(c.data.len());
+        d.extend_from_slice(&c.data);
     }
+}
+
+/// One output of a Run answer; `sent` is its content as collected (`Some(None)`: it did not fit).
+fn output_json(f: &v1::OutputFile, sent: Option<Option<Vec<u8>>>) -> Value {
+    let (bytes, omitted, error) = match sent {
+        Some(None) if f.error.is_empty() => (
+            None,
+            true,
+            format!(
+                "{} ({} bytes) does not fit in the answer: outputs are limited to {MAX_OUTPUTS} bytes together \
+                 here; use gRPC Run or Download for large files",
+                f.path, f.size
+            ),
+        ),
+        Some(d) if f.error.is_empty() => (d, false, String::new()),
+        _ => (None, f.omitted, f.error.clone()),
+    };
+    let ok = !f.missing && error.is_empty();
+    json!({
+        "path": f.path,
+        "data": if ok { base64_encode(bytes.as_deref().unwrap_or_default()) } else { String::new() },
+        "mode": f.mode,
+        "missing": f.missing,
+        "size": f.size.to_string(),
+        "omitted": omitted,
+        "error": error,
+    })
 }
 
 /// Serves HTTP/1.1 connections from `accept` until it fails for good; each connection on its
@@ -726,15 +730,15 @@ mod tests {
 
     #[test]
     fn codes_map_to_http() {
-        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
-        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
-        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
-        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
-        assert_eq!(http_status(Code::FailedPrecondition), StatusCode::CONFLICT);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(http_status(Code::Internal), StatusCode::INTERNAL_SERVER_ERROR);
-        let r = error_response(&Status::resource_exhausted("pool empty"));
+        assert_eq!(http_status(ErrorKind::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(ErrorKind::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(http_status(ErrorKind::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(ErrorKind::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(ErrorKind::FailedPrecondition), StatusCode::CONFLICT);
+        assert_eq!(http_status(ErrorKind::ResourceExhausted), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http_status(ErrorKind::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http_status(ErrorKind::Internal), StatusCode::INTERNAL_SERVER_ERROR);
+        let r = error_response(&AppError::resource_exhausted("pool empty"));
         assert_eq!(r.headers().get("retry-after").unwrap(), "5");
     }
 

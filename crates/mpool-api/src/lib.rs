@@ -1,7 +1,15 @@
-//! The public API, `mpool.v1.Pool` over gRPC: the service ([`service`]), its error mapping and
-//! conversions ([`convert`]), bearer-token auth ([`auth`]), the listeners with health and
-//! reflection ([`server`]), plain HTTP endpoints ([`http`]), and the HTTP/JSON facade ([`json`]).
+//! The public API, `mpool.v1.Pool`, in layers:
+//!
+//! - [`app`]: the application layer: the use cases (leases, exec, transfers, Run, listings)
+//!   with validation, auth scopes, idempotent request ids, caps and metrics, failing with an
+//!   [`app::AppError`]; it knows no transport.
+//! - the transports, which only decode, authenticate, call the application and encode: gRPC
+//!   ([`service`], its status mapping in `errors`) and the HTTP/JSON facade ([`json`]).
+//! - around them: message conversions ([`convert`]), bearer-token auth ([`auth`]), the
+//!   listeners with health and reflection ([`server`]), plain HTTP endpoints ([`http`]), the
+//!   `mpool serve` wiring ([`serve`]) and a client of the API ([`client`]).
 
+pub mod app;
 pub mod auth;
 pub mod client;
 pub mod convert;

@@ -1,6 +1,6 @@
 //! `mpool serve`: wires the pieces together from the config: the multipassd client (waiting
-//! for the daemon if it is not up yet), the store, the SSH connection cache, the engine and the
-//! API listeners. `mpool demo` and the tests start the same thing in-process.
+//! for the daemon if it is not up yet), the store, the SSH connection cache, the engine, the
+//! application over them and the API listeners. `mpool demo` and the tests start the same thing in-process.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::app::{App, Limits};
 use crate::server::{self, Served};
-use crate::service::{Limits, PoolService};
 use mpool_config::Config;
 use mpool_core::ports::Ports;
 use mpool_engine::{Engine, Settings};
@@ -104,14 +104,14 @@ impl Running {
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
-        let service = PoolService::new(
+        let app = App::new(
             engine.clone(),
             ssh,
             Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
             metrics.clone(),
         );
         let (shutdown, rx) = watch::channel(false);
-        let served = Served { service, engine: engine.clone(), metrics };
+        let served = Served { app, engine: engine.clone(), metrics };
         let api = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;
         for l in &cfg.api.listen {
             tracing::info!(listen = %l, "mpool.v1 API listening");

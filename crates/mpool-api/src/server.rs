@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use super::auth::{Auth, Tokens};
 use super::service::PoolService;
+use crate::app::App;
 use crate::proto::v1::pool_server::PoolServer;
 use mpool_config::{ApiConfig, Listen};
 use mpool_engine::Engine;
@@ -28,8 +29,8 @@ pub const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 /// Everything the listeners serve.
 #[derive(Clone)]
 pub struct Served {
-    /// The Pool service.
-    pub service: PoolService,
+    /// The application: the use cases the gRPC service and the HTTP/JSON facade call.
+    pub app: App,
     /// The engine (health, gauges).
     pub engine: Engine,
     /// The metrics registry.
@@ -188,7 +189,7 @@ pub async fn bind(
             Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
         };
         let pool = tonic::service::interceptor::InterceptedService::new(
-            PoolServer::new(served.service.clone()).max_decoding_message_size(MAX_MESSAGE),
+            PoolServer::new(PoolService::new(served.app.clone())).max_decoding_message_size(MAX_MESSAGE),
             move |r| auth.check(r),
         );
         let mut builder = Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
@@ -241,7 +242,7 @@ pub async fn bind(
             Listen::Unix(_) => Auth::Open,
             Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
         };
-        let api = super::json::JsonApi::new(served.service.clone(), served.engine.clone(), auth);
+        let api = super::json::JsonApi::new(served.app.clone(), auth);
         let mut sd = shutdown.clone();
         match listen {
             Listen::Unix(path) => {
@@ -287,7 +288,7 @@ pub async fn bind(
         }
     }
     let mut sd = shutdown;
-    let ssh = served.service.ssh_cache();
+    let ssh = served.app.ssh_cache();
     Ok(async move {
         let _ = sd.wait_for(|s| *s).await;
         // Running calls get `grace` to finish; then their commands are killed.

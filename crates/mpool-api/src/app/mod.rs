@@ -1,0 +1,107 @@
+//! The application layer: the API's use cases, once, under every transport. gRPC
+//! ([`crate::service`]) and HTTP/JSON ([`crate::json`]) only decode a request, authenticate the
+//! caller, call a use case here and encode what it returns; so validation, auth scopes,
+//! idempotent request ids, caps, metrics and error messages are the same whichever way a caller
+//! comes in.
+//!
+//! - leases: [`App::acquire`], [`App::renew`], [`App::release`], [`App::list_leases`] (`leases`;
+//!   a lease in use by an exec or a transfer: `lease_use`)
+//! - pools and VMs: [`App::list_pools`], [`App::get_pool`], [`App::list_vms`] (`pools`)
+//! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
+//!   found by `execs`)
+//! - files: [`App::upload`], [`App::download`] (`transfer`)
+//! - Run: acquire, write the inputs, run the command, read the outputs, release, with retries
+//!   of the same request id answered from the first run's record ([`App::run`], `run`)
+//!
+//! Use cases take the caller's [`Principal`](crate::auth::Principal) explicitly ([`scope`]) and
+//! the `mpool.v1` messages (the API's schema, shared by the transports) as typed requests; they
+//! fail with an [`AppError`] (a kind, and a message a person can act on), never with a
+//! transport's status. Streams go in and out as plain streams of messages: a stream a use case
+//! returns ends its work when the caller drops it.
+//!
+//! What this layer must not do: know a transport (no tonic requests, statuses or streams, no
+//! HTTP), or decide pool matters (that is the engine's).
+
+mod command;
+pub mod error;
+mod exec;
+mod execs;
+mod lease_use;
+mod leases;
+mod pools;
+mod run;
+pub mod scope;
+mod transfer;
+mod utf8;
+pub mod validate;
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+
+use mpool_engine::Engine;
+use mpool_metrics::Metrics;
+use mpool_ssh::ConnectionCache;
+
+pub use error::{AppError, ErrorKind};
+pub use validate::{MAX_DURATION, MAX_ENV, MAX_EXEC_ID, MAX_FILES, MAX_HOLDER, MAX_ID, MAX_PATH};
+
+/// A use case's stream of answers: messages, or the error that ended it. Dropping it tells the
+/// use case its caller went away (a running command is cancelled).
+pub type Events<T> = ReceiverStream<Result<T, AppError>>;
+
+/// Size limits enforced at the edge.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest Upload (and all Run inputs together), bytes: `[api] max_upload`.
+    pub max_upload: u64,
+    /// Largest Download (and Run output), bytes: `[api] max_download`.
+    pub max_download: u64,
+    /// Largest argv (all elements together), bytes.
+    pub max_argv: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_upload: mpool_config::DEFAULT_MAX_UPLOAD,
+            max_download: mpool_config::DEFAULT_MAX_UPLOAD,
+            max_argv: 1 << 20,
+        }
+    }
+}
+
+/// The application: what every use case needs; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    engine: Engine,
+    ssh: Arc<ConnectionCache>,
+    execs: execs::Execs,
+    limits: Limits,
+    metrics: Metrics,
+}
+
+impl App {
+    /// The application over `engine`, reaching leased VMs through the `ssh` connection cache.
+    pub fn new(engine: Engine, ssh: Arc<ConnectionCache>, limits: Limits, metrics: Metrics) -> App {
+        App { engine, ssh, execs: execs::Execs::default(), limits, metrics }
+    }
+
+    /// The engine (health, gauges).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The SSH connection cache (shutdown closes it).
+    pub fn ssh_cache(&self) -> Arc<ConnectionCache> {
+        self.ssh.clone()
+    }
+
+    /// The size limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests;

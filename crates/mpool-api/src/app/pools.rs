@@ -1,0 +1,110 @@
+//! Pools and VMs as a caller may see them: the pools its token lists (all for admins), their
+//! configuration and counts, and their VMs (with the lease ids of its own leases only).
+
+use std::collections::HashSet;
+
+use mpool_config::ResetStrategy;
+use mpool_engine::{EngineError, PoolStatus};
+
+use super::error::AppError;
+use super::validate::{self, MAX_ID};
+use super::{App, scope};
+use crate::auth::Principal;
+use crate::convert;
+use crate::proto::v1;
+
+impl App {
+    /// The pools the caller may use.
+    pub async fn list_pools(
+        &self,
+        p: Option<&Principal>,
+        _r: v1::ListPoolsRequest,
+    ) -> Result<v1::ListPoolsResponse, AppError> {
+        let status = self.engine.status().await?;
+        let pools = status
+            .pools
+            .iter()
+            .filter(|pool| scope::may_use(p, &pool.name))
+            .map(|pool| pool_info(pool, status.daemon_ok))
+            .collect();
+        Ok(v1::ListPoolsResponse { pools })
+    }
+
+    /// One pool.
+    pub async fn get_pool(&self, p: Option<&Principal>, r: v1::GetPoolRequest) -> Result<v1::PoolInfo, AppError> {
+        validate::required("pool", &r.pool)?;
+        scope::check_pool(p, &r.pool)?;
+        let status = self.engine.status().await?;
+        let pool = status.pools.iter().find(|x| x.name == r.pool).ok_or(EngineError::UnknownPool(r.pool))?;
+        Ok(pool_info(pool, status.daemon_ok))
+    }
+
+    /// The VMs of the pools the caller may use (of one pool, or all).
+    pub async fn list_vms(
+        &self,
+        p: Option<&Principal>,
+        r: v1::ListVmsRequest,
+    ) -> Result<v1::ListVmsResponse, AppError> {
+        validate::capped("pool", &r.pool, MAX_ID)?;
+        let status = self.engine.status().await?;
+        // A scoped token sees the lease ids of its own leases only.
+        let mine = scope::owner(p);
+        let visible: HashSet<&str> = status
+            .leases
+            .iter()
+            .filter(|l| mine.as_ref().is_none_or(|o| &l.owner == o))
+            .map(|l| l.id.as_str())
+            .collect();
+        let vms = status
+            .vms
+            .into_iter()
+            .filter(|v| r.pool.is_empty() || v.pool == r.pool)
+            .filter(|v| scope::may_use(p, &v.pool))
+            .map(|v| v1::Vm {
+                name: v.name,
+                pool: v.pool,
+                state: v.state,
+                generation: v.generation,
+                uses: v.uses,
+                lease_id: v.lease.filter(|id| visible.contains(id.as_str())).unwrap_or_default(),
+            })
+            .collect();
+        Ok(v1::ListVmsResponse { vms })
+    }
+}
+
+/// A pool's status as the API's message.
+fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
+    let config = p.config.as_ref().map(|c| v1::PoolConfig {
+        image: c.image.clone(),
+        cpus: c.cpus,
+        memory: c.memory.clone(),
+        disk: c.disk.clone(),
+        min_ready: c.min_ready,
+        hot: c.hot,
+        max_size: c.max_size,
+        reset: match c.reset {
+            ResetStrategy::Snapshot => v1::ResetStrategy::Snapshot,
+            ResetStrategy::Clone => v1::ResetStrategy::Clone,
+            ResetStrategy::Recreate => v1::ResetStrategy::Recreate,
+        } as i32,
+        max_uses: c.max_uses,
+        default_ttl: Some(convert::proto_duration(c.default_ttl)),
+        max_ttl: Some(convert::proto_duration(c.max_ttl)),
+        max_wait: Some(convert::proto_duration(c.max_wait)),
+    });
+    v1::PoolInfo {
+        name: p.name.clone(),
+        config,
+        vms: p.counts.iter().map(|(k, v)| (k.clone(), count(*v))).collect(),
+        waiters: count(p.waiters),
+        leases: count(p.leases),
+        generation: p.generation,
+        daemon_ok,
+    }
+}
+
+/// A count as the API's 32-bit field (saturating; pools are far smaller).
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
