@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::suite::{self, Remote};
-use mpool_ssh::{Connection, ConnectionCache, ExecRequest, SshError, SshOptions, SshTarget};
+use mpool_ssh::{Connection, ConnectionCache, ExecRequest, SshEndpoint, SshError, SshOptions};
 use mpool_testkit::Sshd;
 
 fn temp() -> tempfile::TempDir {
@@ -109,7 +109,7 @@ async fn key_formats() {
     for (name, key) in keys {
         // Keys copied through JSON or Windows tools may carry CRLF line ends.
         for text in [key.clone(), key.replace('\n', "\r\n")] {
-            let target = SshTarget { private_key: text, ..server.target() };
+            let target = SshEndpoint { private_key: text, ..server.target() };
             let conn =
                 Connection::connect(&target, &SshOptions::default()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
             let out = conn.run(ExecRequest::argv(["echo", name])).await.unwrap();
@@ -128,23 +128,23 @@ async fn clear_connect_errors() {
     let options = SshOptions { connect_timeout: Duration::from_secs(2), ..SshOptions::default() };
 
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let target = SshTarget { port: closed_port, ..server.target() };
+    let target = SshEndpoint { port: closed_port, ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("check that the VM is running"), "{err}");
 
-    let target = SshTarget { private_key: server.unauthorized_key().expect("a key"), ..server.target() };
+    let target = SshEndpoint { private_key: server.unauthorized_key().expect("a key"), ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::AuthRefused { .. }), "{err}");
     assert!(err.to_string().contains("authorized_keys"), "{err}");
 
-    let target = SshTarget { private_key: "not a key".into(), ..server.target() };
+    let target = SshEndpoint { private_key: "not a key".into(), ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::InvalidKey { .. }), "{err}");
 
     // Accepts TCP but never speaks SSH.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let target = SshTarget { port: silent.local_addr().unwrap().port(), ..server.target() };
+    let target = SshEndpoint { port: silent.local_addr().unwrap().port(), ..server.target() };
     let err = Connection::connect(&target, &options).await.unwrap_err();
     assert!(matches!(err, SshError::Timeout { .. }), "{err}");
     assert!(format!("{:?}", target).contains("<redacted>"), "Debug must not print the key");

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::types::{InstanceState, LaunchOptions, SshEndpoint as SshInfo};
+use crate::types::{InstanceState, LaunchOptions, SshEndpoint};
 
 /// A boxed, sendable future (the ports are used as trait objects).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -69,20 +69,20 @@ pub trait DaemonPort: Send + Sync + 'static {
     /// Deletes and purges (a missing instance is not an error).
     fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
     /// SSH endpoint of a running instance.
-    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>>;
+    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>>;
 }
 
 /// What the engine asks of SSH.
 pub trait SshPort: Send + Sync + 'static {
     /// The VM answers over SSH (opening or reusing the pooled connection).
-    fn ready(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>>;
+    fn ready(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<(), StepError>>;
     /// The VM still answers: a round trip on its open pooled connection when there is one,
     /// else (or if that fails) a full [`SshPort::ready`] check.
-    fn alive(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+    fn alive(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<(), StepError>> {
         self.ready(vm, info)
     }
     /// Runs a setup script in the VM; a non-zero exit is an error carrying its output tail.
-    fn run_script(&self, vm: String, info: SshInfo, script: String) -> BoxFut<'_, Result<(), StepError>>;
+    fn run_script(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<(), StepError>>;
     /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
     fn forget(&self, vm: String) -> BoxFut<'_, ()>;
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint as SshInfo};
+use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint};
 
 use mpool_core::ports::{BoxFut, DaemonPort, Observed, SshPort, StepError};
 
@@ -225,7 +225,7 @@ impl DaemonPort for Fake {
         })
     }
 
-    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>> {
+    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(async move {
             self.gate("ssh_info", &name).await?;
             self.step("ssh_info", &name.clone(), |st| match st.instances.get(&name) {
@@ -233,13 +233,18 @@ impl DaemonPort for Fake {
                 Some(_) => Err(StepError::failed("not running")),
                 None => Err(missing(&name)),
             })?;
-            Ok(SshInfo { host: "127.0.0.1".into(), port: 22, username: "ubuntu".into(), private_key: String::new() })
+            Ok(SshEndpoint {
+                host: "127.0.0.1".into(),
+                port: 22,
+                username: "ubuntu".into(),
+                private_key: String::new(),
+            })
         })
     }
 }
 
 impl SshPort for Fake {
-    fn ready(&self, vm: String, _info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+    fn ready(&self, vm: String, _info: SshEndpoint) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
             let mut st = self.st.lock().unwrap();
             st.calls.push(format!("ssh-ready {vm}"));
@@ -253,7 +258,7 @@ impl SshPort for Fake {
         })
     }
 
-    fn run_script(&self, vm: String, _info: SshInfo, _script: String) -> BoxFut<'_, Result<(), StepError>> {
+    fn run_script(&self, vm: String, _info: SshEndpoint, _script: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
             self.st.lock().unwrap().calls.push(format!("ssh-script {vm}"));
             Ok(())

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mpool_core::PoolConfig;
-use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint as SshInfo};
+use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint};
 
 use super::scheduler::{Op, Priority, Scheduler};
 use mpool_core::pool::steps::{Facts, Step};
@@ -69,7 +69,12 @@ impl Ctx {
 
     /// Runs the steps of `plan` that `facts` still call for; returns the SSH endpoint when the
     /// VM is left running.
-    pub async fn execute(&self, run: &Run<'_>, plan: &[Step], mut facts: Facts) -> Result<Option<SshInfo>, StepError> {
+    pub async fn execute(
+        &self,
+        run: &Run<'_>,
+        plan: &[Step],
+        mut facts: Facts,
+    ) -> Result<Option<SshEndpoint>, StepError> {
         let mut ssh = None;
         for step in plan {
             let stay_up = run.hot || run.waiting.is_some_and(|w| w.load(Ordering::Relaxed) > 0);
@@ -88,7 +93,7 @@ impl Ctx {
     }
 
     /// Runs one step.
-    async fn step(&self, run: &Run<'_>, step: &Step) -> Result<Option<SshInfo>, StepError> {
+    async fn step(&self, run: &Run<'_>, step: &Step) -> Result<Option<SshEndpoint>, StepError> {
         let (p, vm, daemon) = (run.priority, run.vm, &self.ports.daemon);
         match step {
             Step::Purge | Step::Delete => {
@@ -136,14 +141,14 @@ impl Ctx {
     }
 
     /// SSH endpoint, then a readiness check over SSH.
-    async fn ready(&self, p: Priority, vm: &str) -> Result<SshInfo, StepError> {
+    async fn ready(&self, p: Priority, vm: &str) -> Result<SshEndpoint, StepError> {
         let info = self.daemon(p, vm, Op::Quick, self.ports.daemon.ssh_info(vm.into())).await?;
         self.ports.ssh.ready(vm.into(), info.clone()).await?;
         Ok(info)
     }
 
     /// Starts (resumes) a VM for a caller and checks it answers over SSH.
-    pub async fn wake(&self, vm: &str) -> Result<SshInfo, StepError> {
+    pub async fn wake(&self, vm: &str) -> Result<SshEndpoint, StepError> {
         // No new daemon-blocking operation starts until the daemon's part is done: the resume's
         // clock sync and ssh_info take the daemon's lock and would each wait for it.
         let hold = self.sched.hold();
@@ -155,12 +160,12 @@ impl Ctx {
     }
 
     /// The SSH endpoint of a running VM (a holder's VM after a restart).
-    pub async fn endpoint(&self, vm: &str) -> Result<SshInfo, StepError> {
+    pub async fn endpoint(&self, vm: &str) -> Result<SshEndpoint, StepError> {
         self.daemon(Priority::Acquire, vm, Op::Quick, self.ports.daemon.ssh_info(vm.into())).await
     }
 
     /// Checks a hot VM still answers (the periodic health check: a full check over SSH).
-    pub async fn check(&self, vm: &str, info: Option<SshInfo>) -> Result<SshInfo, StepError> {
+    pub async fn check(&self, vm: &str, info: Option<SshEndpoint>) -> Result<SshEndpoint, StepError> {
         match info {
             Some(info) => {
                 self.ports.ssh.ready(vm.into(), info.clone()).await?;
@@ -174,7 +179,7 @@ impl Ctx {
     /// pooled connection. The full check (`true` over SSH) ran when the VM was parked and runs
     /// again at every health check; this proves it is still up now, without starting a process
     /// in it.
-    pub async fn check_alive(&self, vm: &str, info: Option<SshInfo>) -> Result<SshInfo, StepError> {
+    pub async fn check_alive(&self, vm: &str, info: Option<SshEndpoint>) -> Result<SshEndpoint, StepError> {
         match info {
             Some(info) => {
                 self.ports.ssh.alive(vm.into(), info.clone()).await?;

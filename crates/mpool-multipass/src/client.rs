@@ -20,7 +20,7 @@ use super::{DaemonAddress, Error, Version};
 use crate::proto::multipass as pb;
 use crate::proto::multipass::rpc_client::RpcClient;
 
-pub use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint as SshInfo};
+pub use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint};
 
 /// How to reach and trust the daemon.
 #[derive(Clone)]
@@ -1019,7 +1019,7 @@ impl Client {
     }
 
     /// SSH endpoint of a running instance.
-    pub async fn ssh_info(&self, instance: &str) -> Result<SshInfo, Error> {
+    pub async fn ssh_info(&self, instance: &str) -> Result<SshEndpoint, Error> {
         let req = pb::SshInfoRequest { instance_name: vec![instance.to_string()], verbosity_level: 0 };
         let r = self.bidi("ssh_info", req, |mut c, s| async move { c.ssh_info(s).await }, |_| None).await?;
         let mut map = Self::need("ssh_info", r)?.ssh_info;
@@ -1028,7 +1028,7 @@ impl Client {
             .ok_or_else(|| Error::Protocol { op: "ssh_info", detail: format!("no entry for {instance}") })?;
         let port = u16::try_from(info.port)
             .map_err(|_| Error::Protocol { op: "ssh_info", detail: format!("bad port {}", info.port) })?;
-        Ok(SshInfo { host: info.host, port, username: info.username, private_key: info.priv_key_base64 })
+        Ok(SshEndpoint { host: info.host, port, username: info.username, private_key: info.priv_key_base64 })
     }
 
     /// Reads a daemon setting.

@@ -20,7 +20,7 @@ pub use address::{DaemonAddress, Discovered, RUN_SOCKET, SNAP_SOCKET};
 pub use client::{
     Client, ClientOptions, DEFAULT_MAX_IN_FLIGHT, DaemonInfo, FindResult, ImageAlias, ImageEntry, InstanceInfo,
     InstanceState, InstanceSummary, LaunchOptions, Names, PassphraseOrigin, RetryPolicy, SAFE_TO_RETRY,
-    SnapshotSummary, SshInfo,
+    SnapshotSummary, SshEndpoint,
 };
 pub use error::Error;
 pub use image::{ImageCheck, ImageKind, ImageRef, check_pool_images, serve_check_images};

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use mpool_core::ports::{BoxFut, DaemonPort, Observed, StepError};
-use mpool_core::types::{LaunchOptions, SshEndpoint as SshInfo};
+use mpool_core::types::{LaunchOptions, SshEndpoint};
 
 use crate::{Client, Names};
 
@@ -120,7 +120,7 @@ impl DaemonPort for MultipassPort {
         }))
     }
 
-    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshInfo, StepError>> {
+    fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(self.timed("ssh_info", async move { Ok(self.quick.ssh_info(&name).await?) }))
     }
 }

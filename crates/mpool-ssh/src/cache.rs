@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::connection::{Connection, SshOptions, SshTarget};
+use super::connection::{Connection, SshEndpoint, SshOptions};
 use super::error::SshError;
 use super::exec::{self, ExecHandle, ExecOutput, ExecRequest};
 use super::files::{self, TransferOptions, TransferReport};
 
 struct EntryState {
-    target: SshTarget,
+    target: SshEndpoint,
     connection: Option<Connection>,
     pinned_host_key: Option<String>,
     closed: bool,
@@ -70,7 +70,7 @@ impl ConnectionCache {
         map.get(key).cloned()
     }
 
-    fn entry(&self, key: &str, target: &SshTarget) -> Arc<Entry> {
+    fn entry(&self, key: &str, target: &SshEndpoint) -> Arc<Entry> {
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key.to_string())
             .or_insert_with(|| {
@@ -89,12 +89,12 @@ impl ConnectionCache {
     /// The live connection under `key`, opening (or reopening) it to `target` if needed. If
     /// `target` differs from the one the entry was made with (new IP after a restart, say), the
     /// old connection is closed and a new one opened; the pinned host key stays.
-    pub async fn connection(&self, key: &str, target: &SshTarget) -> Result<Connection, SshError> {
+    pub async fn connection(&self, key: &str, target: &SshEndpoint) -> Result<Connection, SshError> {
         self.get(key, target, None).await
     }
 
     /// Like [`ConnectionCache::connection`], but replaces `failed` if it is still the cached one.
-    async fn get(&self, key: &str, target: &SshTarget, failed: Option<&Connection>) -> Result<Connection, SshError> {
+    async fn get(&self, key: &str, target: &SshEndpoint, failed: Option<&Connection>) -> Result<Connection, SshError> {
         let entry = self.entry(key, target);
         let mut state = entry.state.lock().await;
         if state.closed {
@@ -140,7 +140,7 @@ impl ConnectionCache {
     }
 
     /// Starts a command on the connection under `key` (see [`Connection::exec`]).
-    pub async fn exec(&self, key: &str, target: &SshTarget, request: ExecRequest) -> Result<ExecHandle, SshError> {
+    pub async fn exec(&self, key: &str, target: &SshEndpoint, request: ExecRequest) -> Result<ExecHandle, SshError> {
         let prepared = exec::Prepared::new(request)?;
         let conn = self.get(key, target, None).await?;
         let opened = match exec::open(&conn).await {
@@ -151,7 +151,7 @@ impl ConnectionCache {
     }
 
     /// Runs a command to completion, collecting its output (see [`Connection::run`]).
-    pub async fn run(&self, key: &str, target: &SshTarget, request: ExecRequest) -> Result<ExecOutput, SshError> {
+    pub async fn run(&self, key: &str, target: &SshEndpoint, request: ExecRequest) -> Result<ExecOutput, SshError> {
         Ok(self.exec(key, target, request).await?.collect().await)
     }
 
@@ -159,7 +159,7 @@ impl ConnectionCache {
     pub async fn upload(
         &self,
         key: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         local: impl AsRef<Path>,
         remote: &str,
         options: &TransferOptions,
@@ -172,7 +172,7 @@ impl ConnectionCache {
     pub async fn download(
         &self,
         key: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         remote: &str,
         local: impl AsRef<Path>,
         options: &TransferOptions,
@@ -186,7 +186,7 @@ impl ConnectionCache {
     pub async fn open_write(
         &self,
         key: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         remote: &str,
         mode: u32,
         options: &TransferOptions,
@@ -200,7 +200,7 @@ impl ConnectionCache {
     pub async fn open_read(
         &self,
         key: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         remote: &str,
         options: &TransferOptions,
     ) -> Result<files::RemoteReader, SshError> {
@@ -208,7 +208,7 @@ impl ConnectionCache {
         files::open_read(sftp, remote, options).await
     }
 
-    async fn sftp(&self, key: &str, target: &SshTarget) -> Result<files::Sftp, SshError> {
+    async fn sftp(&self, key: &str, target: &SshEndpoint) -> Result<files::Sftp, SshError> {
         let conn = self.get(key, target, None).await?;
         match conn.sftp().await {
             Err(e) if e.is_connection_lost() => self.get(key, target, Some(&conn)).await?.sftp().await,

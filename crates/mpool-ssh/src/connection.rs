@@ -1,4 +1,4 @@
-//! One authenticated SSH connection ([`Connection`]) to one VM endpoint ([`SshTarget`]).
+//! One authenticated SSH connection ([`Connection`]) to one VM endpoint ([`SshEndpoint`]).
 
 use std::fmt;
 use std::path::Path;
@@ -16,7 +16,7 @@ use super::exec::{self, ExecHandle, ExecOutput, ExecRequest};
 use super::files::{self, Sftp, TransferOptions, TransferReport};
 
 /// Where and as whom to log in: the fields of multipassd's `ssh_info`.
-pub use mpool_core::types::SshEndpoint as SshTarget;
+pub use mpool_core::types::SshEndpoint;
 
 /// Tunables of connections, execs and transfers. `Default` gives sensible values.
 #[derive(Debug, Clone)]
@@ -132,14 +132,14 @@ impl fmt::Debug for Connection {
 
 impl Connection {
     /// Connects and authenticates, accepting any host key (as Multipass does).
-    pub async fn connect(target: &SshTarget, options: &SshOptions) -> Result<Connection, SshError> {
+    pub async fn connect(target: &SshEndpoint, options: &SshOptions) -> Result<Connection, SshError> {
         Self::connect_pinned(target, options, None).await
     }
 
     /// Connects and authenticates; with `expected_host_key` (a `SHA256:...` fingerprint) any
     /// other host key is refused with [`SshError::HostKeyMismatch`].
     pub async fn connect_pinned(
-        target: &SshTarget,
+        target: &SshEndpoint,
         options: &SshOptions,
         expected_host_key: Option<&str>,
     ) -> Result<Connection, SshError> {
@@ -153,7 +153,7 @@ impl Connection {
     }
 
     async fn establish(
-        target: &SshTarget,
+        target: &SshEndpoint,
         options: &SshOptions,
         key: PrivateKey,
         expected_host_key: Option<&str>,

@@ -4,7 +4,7 @@
 //! authenticated connection per VM for the whole lease ([`ConnectionCache`], keyed by the lease
 //! id or VM name) and runs every command and transfer as a channel on it.
 //!
-//! - [`SshTarget`] is what multipassd's `ssh_info` returns: host, port, user and the private key
+//! - [`SshEndpoint`] is what multipassd's `ssh_info` returns: host, port, user and the private key
 //!   text (OpenSSH or PEM; RSA signs with rsa-sha2-256/512, ed25519 works too). Host keys are
 //!   accepted like Multipass does, then pinned per cache entry.
 //! - [`ExecRequest`] describes a command: argv (every element quoted, nothing interpreted), a
@@ -17,7 +17,7 @@
 //! - [`SshError`] says what failed and what to check.
 //!
 //! ```no_run
-//! # async fn demo(target: mpool_ssh::SshTarget) -> Result<(), mpool_ssh::SshError> {
+//! # async fn demo(target: mpool_ssh::SshEndpoint) -> Result<(), mpool_ssh::SshError> {
 //! use mpool_ssh::{ConnectionCache, ExecRequest, SshOptions};
 //! let cache = ConnectionCache::new(SshOptions::default());
 //! let out = cache.run("lease-1", &target, ExecRequest::argv(["uname", "-a"])).await?;
@@ -39,7 +39,7 @@ mod signal;
 mod stream;
 
 pub use cache::ConnectionCache;
-pub use connection::{Connection, SshOptions, SshTarget, parse_private_key};
+pub use connection::{Connection, SshEndpoint, SshOptions, parse_private_key};
 pub use error::{Side, SshError};
 pub use exec::{ExecCanceller, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ScriptShell};
 pub use files::{RemoteReader, RemoteWriter, TransferOptions, TransferReport, resolve_remote_path};

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mpool_core::ports::{BoxFut, SshPort, StepError};
-use mpool_core::types::SshEndpoint as SshInfo;
+use mpool_core::types::SshEndpoint;
 
 use crate::ConnectionCache;
 
@@ -22,7 +22,7 @@ impl SshAdapter {
 }
 
 impl SshPort for SshAdapter {
-    fn ready(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+    fn ready(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
             let out = self
                 .cache
@@ -33,7 +33,7 @@ impl SshPort for SshAdapter {
         })
     }
 
-    fn alive(&self, vm: String, info: SshInfo) -> BoxFut<'_, Result<(), StepError>> {
+    fn alive(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
             match self.cache.ping(&vm, Duration::from_secs(5)).await {
                 Some(Ok(())) => Ok(()),
@@ -43,7 +43,7 @@ impl SshPort for SshAdapter {
         })
     }
 
-    fn run_script(&self, vm: String, info: SshInfo, script: String) -> BoxFut<'_, Result<(), StepError>> {
+    fn run_script(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<(), StepError>> {
         Box::pin(async move {
             let req = crate::ExecRequest::script(crate::ScriptShell::Bash, script);
             let out =

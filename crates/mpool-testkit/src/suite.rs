@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mpool_ssh::{
-    Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshError, SshOptions, SshTarget,
+    Connection, ConnectionCache, ExecEvent, ExecHandle, ExecRequest, ScriptShell, SshEndpoint, SshError, SshOptions,
     TransferOptions,
 };
 
@@ -18,7 +18,7 @@ use crate::{Sshd, wait};
 #[derive(Clone)]
 pub struct Remote {
     /// Where to log in.
-    pub target: SshTarget,
+    pub target: SshEndpoint,
     /// Server-side count of SSH connections accepted so far.
     pub connections: Arc<dyn Fn() -> usize + Send + Sync>,
     /// An absolute directory on the remote host the suite may write into.

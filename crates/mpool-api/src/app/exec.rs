@@ -2,7 +2,7 @@
 //! CancelExec, which stops a running one by its id. The lease is in use (it cannot expire) while
 //! the command runs; a caller that goes away cancels the command.
 
-use mpool_ssh::{ExecEvent, ExecHandle, ExecRequest, SshTarget};
+use mpool_ssh::{ExecEvent, ExecHandle, ExecRequest, SshEndpoint};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -52,7 +52,7 @@ impl App {
     pub(crate) async fn start_exec(
         &self,
         info: &LeaseInfo,
-        target: &SshTarget,
+        target: &SshEndpoint,
         req: ExecRequest,
         exec_id: String,
         guard: InUse,

@@ -3,7 +3,7 @@
 //! daemon again when the endpoint moved (a daemon restart).
 
 use mpool_engine::{Engine, LeaseInfo};
-use mpool_ssh::SshTarget;
+use mpool_ssh::SshEndpoint;
 
 use super::error::AppError;
 use super::{App, scope, validate};
@@ -28,7 +28,7 @@ impl App {
         &self,
         lease_id: &str,
         p: Option<&Principal>,
-    ) -> Result<(LeaseInfo, SshTarget, InUse), AppError> {
+    ) -> Result<(LeaseInfo, SshEndpoint, InUse), AppError> {
         validate::required("lease_id", lease_id)?;
         let info = self.engine.begin_use(lease_id, scope::owner(p)).await?;
         let guard = InUse { engine: self.engine.clone(), lease: lease_id.to_string() };
@@ -45,7 +45,7 @@ impl App {
     /// The lease's SSH endpoint read from the daemon again, when it differs from `old` (the
     /// pooled connection to the old one is dropped); `None` when it did not move or cannot be
     /// read.
-    pub(crate) async fn refreshed_target(&self, info: &LeaseInfo, old: &SshTarget) -> Option<SshTarget> {
+    pub(crate) async fn refreshed_target(&self, info: &LeaseInfo, old: &SshEndpoint) -> Option<SshEndpoint> {
         let owner = (!info.record.owner.is_empty()).then(|| info.record.owner.clone());
         let fresh = self.engine.refresh(&info.record.id, owner).await.ok()?;
         let target = fresh.ssh?;

@@ -3,7 +3,7 @@
 //! the caller's stream ends the last one), all within `[api] max_upload` together.
 
 use futures::{Stream, StreamExt};
-use mpool_ssh::{RemoteWriter, SshTarget};
+use mpool_ssh::{RemoteWriter, SshEndpoint};
 
 use super::super::App;
 use super::super::error::AppError;
@@ -75,7 +75,7 @@ impl App {
     pub(super) async fn write_inputs<S>(
         &self,
         vm: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         inputs: &[v1::InputFile],
         chunks: &mut Chunks<S>,
     ) -> Result<(), AppError>

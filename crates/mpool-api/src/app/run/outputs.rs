@@ -2,7 +2,7 @@
 //! that is missing, unreadable or above the output limit is listed with the reason, never
 //! failing the Run (the exit status is what the caller came for).
 
-use mpool_ssh::{RemoteReader, SshError, SshTarget};
+use mpool_ssh::{RemoteReader, SshEndpoint, SshError};
 
 use super::super::App;
 use super::super::error::AppError;
@@ -26,7 +26,7 @@ impl App {
     pub(super) async fn send_outputs(
         &self,
         vm: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         outputs: &Outputs,
         tx: &Sender,
     ) -> Option<Vec<v1::OutputFile>> {
@@ -42,7 +42,7 @@ impl App {
     async fn send_output(
         &self,
         vm: &str,
-        target: &SshTarget,
+        target: &SshEndpoint,
         index: u32,
         path: &str,
         (limit, limit_name): (u64, &str),
