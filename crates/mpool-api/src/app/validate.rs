@@ -26,19 +26,21 @@ pub const MAX_FILES: usize = 1000;
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Refuses an empty (or blank) required field, saying where its value comes from; then caps it
-/// ([`MAX_PATH`] for paths, [`MAX_ID`] for the rest).
+/// ([`MAX_PATH`] for paths, outputs included, [`MAX_ID`] for the rest).
 pub fn required(field: &str, value: &str) -> Result<(), AppError> {
     if value.trim().is_empty() {
         let hint = match field {
             "pool" => "name a pool (ListPools or `mpool status` lists them)",
             "lease_id" => "pass the lease id that Acquire returned",
             "exec_id" => "pass the exec id from the Exec stream's `started` event",
-            "path" | "inputs[].path" => "give a path in the VM (absolute, or relative to the home directory)",
+            "path" | "inputs[].path" | "outputs[]" => {
+                "give a path in the VM (absolute, or relative to the home directory)"
+            }
             _ => "set it",
         };
         return Err(AppError::invalid_argument(format!("{field} is required: {hint}")));
     }
-    let max = if field.ends_with("path") { MAX_PATH } else { MAX_ID };
+    let max = if field.ends_with("path") || field == "outputs[]" { MAX_PATH } else { MAX_ID };
     capped(field, value, max)
 }
 
@@ -107,6 +109,9 @@ mod tests {
         assert_eq!(e.message(), "lease_id is required: pass the lease id that Acquire returned");
         assert!(required("path", &"p".repeat(MAX_PATH)).is_ok());
         assert!(required("pool", &"p".repeat(MAX_ID + 1)).is_err());
+        // An output is a path: longer than an id is fine, up to the path limit.
+        assert!(required("outputs[]", &"o".repeat(MAX_ID + 1)).is_ok());
+        assert!(required("outputs[]", &"o".repeat(MAX_PATH + 1)).is_err());
         let e = capped("exec_id", &"x".repeat(MAX_EXEC_ID + 1), MAX_EXEC_ID).unwrap_err();
         assert!(e.message().ends_with("(or omit it to get a generated one)"), "{e}");
     }

@@ -7,7 +7,7 @@ use mpool_engine::AcquireRequest;
 use mpool_ssh::ExecRequest;
 
 use super::super::error::AppError;
-use super::super::validate::{self, MAX_FILES, MAX_HOLDER, MAX_ID, MAX_PATH};
+use super::super::validate::{self, MAX_FILES, MAX_HOLDER, MAX_ID};
 use super::super::{Limits, command, scope};
 use super::outputs::Outputs;
 use crate::auth::Principal;
@@ -87,7 +87,6 @@ fn check_inputs(inputs: &[v1::InputFile], max_upload: u64) -> Result<(), AppErro
 fn check_outputs(outputs: &[String]) -> Result<(), AppError> {
     for o in outputs {
         validate::required("outputs[]", o)?;
-        validate::capped("outputs[]", o, MAX_PATH)?;
         mpool_ssh::resolve_remote_path(o, None)?;
     }
     Ok(())
