@@ -313,7 +313,7 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         format!("{e}\nserve log (last lines, newest first):\n{}", tail.join("\n"))
     })?;
-    let out = Outcome {
+    let mut out = Outcome {
         acknowledged: counts.acknowledged.load(Ordering::Relaxed),
         lost: counts.lost.load(Ordering::Relaxed),
         dirty: counts.dirty.load(Ordering::Relaxed),
@@ -328,9 +328,23 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
             p
         },
     };
+    if !out.problems.is_empty() {
+        out.problems.push(keep_log(&stack.log_path()));
+    }
     stack.kill_serve();
     stack.stop().await;
     Ok(out)
+}
+
+/// Keeps serve's log (all its lives) when the run found a problem: the stack's directory is
+/// removed when it stops.
+fn keep_log(log: &Path) -> String {
+    let kept = Path::new("target/bench/chaos-serve.log");
+    let copied = kept.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::copy(log, kept));
+    match copied {
+        Ok(_) => format!("serve's log is kept in {}", kept.display()),
+        Err(e) => format!("serve's log could not be kept ({e})"),
+    }
 }
 
 async fn wait_ready(stack: &Stack, idle: u32, limit: Duration) -> Result<(), String> {
