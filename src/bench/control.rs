@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
+use crate::cli::output;
 use mpool_api::proto::v1;
 use mpool_testkit::{Stack, StackOptions, StoreAt, Transport, pool};
 
@@ -156,14 +157,14 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             let mut served = Default::default();
             let (acq, floor, rate) = measure(&stack, t, c, hot, rounds, &mut served).await?;
             let (a, f) = (summarize(&acq), summarize(&floor));
-            println!(
+            output::line(&format!(
                 "  {:<14} {c:>2} clients: acquire p50 {:.2} ms p99 {:.2} ms ({} samples, {served:?}); GetPool p50 {:.2} ms",
                 t.label(),
                 a.p50_ms,
                 a.p99_ms,
                 a.n,
                 f.p50_ms
-            );
+            ));
             p.insert((t, c), (a, f));
             configs.push(Config {
                 transport: t,
@@ -181,10 +182,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     for &c in &counts {
         let per = (ctx.pick(48, 12) / c).max(1);
         let s = summarize(&cli_select(ctx, &stack, c, per).await?);
-        println!(
+        output::line(&format!(
             "  CLI way       {c:>2} clients: `list | grep Running | head -1` p50 {:.1} ms p99 {:.1} ms ({} samples)",
             s.p50_ms, s.p99_ms, s.n
-        );
+        ));
         cli.insert(c, s);
     }
     stack.stop().await;
@@ -198,7 +199,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let (acq, floor, rate) = measure(&tmpfs, Transport::Tcp, 32, hot, rounds, &mut served).await?;
     tmpfs.stop().await;
     let tmp = summarize(&acq);
-    println!("  TCP, store on tmpfs, 32 clients: acquire p50 {:.2} ms p99 {:.2} ms", tmp.p50_ms, tmp.p99_ms);
+    output::line(&format!(
+        "  TCP, store on tmpfs, 32 clients: acquire p50 {:.2} ms p99 {:.2} ms",
+        tmp.p50_ms, tmp.p99_ms
+    ));
     configs.push(Config {
         transport: Transport::Tcp,
         store: "tmpfs",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
+use crate::cli::output;
 use mpool_multipass::{LaunchOptions, Names};
 use mpool_testkit::{Stack, StackOptions};
 
@@ -72,7 +73,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         }
         let (c, p) = (summarize(&channel), summarize(&process));
         let ratio = p.p50_ms / c.p50_ms.max(1e-9);
-        println!("  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x", c.p50_ms, p.p50_ms);
+        output::line(&format!(
+            "  {op:<9} channel p50 {:.3} ms ({n}x), process p50 {:.1} ms ({m}x): {ratio:.0}x",
+            c.p50_ms, p.p50_ms
+        ));
         ops.push(Op { op, channel: c, process: p, ratio_p50: ratio });
     }
     let one_shot = one_shots(ctx, &stack, &d, m).await?;
@@ -248,11 +252,14 @@ async fn one_shots(ctx: &Ctx, stack: &Stack, d: &mpool_multipass::Client, m: usi
         let (p, c) = (summarize(&ours), summarize(channel));
         let b = base.as_ref().map(|_| summarize(&theirs));
         match &b {
-            Some(b) => println!(
+            Some(b) => output::line(&format!(
                 "  one-shot {op:<13} process p50 {:.1} ms (base {:.1} ms), open channel p50 {:.3} ms",
                 p.p50_ms, b.p50_ms, c.p50_ms
-            ),
-            None => println!("  one-shot {op:<13} process p50 {:.1} ms, open channel p50 {:.3} ms", p.p50_ms, c.p50_ms),
+            )),
+            None => output::line(&format!(
+                "  one-shot {op:<13} process p50 {:.1} ms, open channel p50 {:.3} ms",
+                p.p50_ms, c.p50_ms
+            )),
         }
         ops.push(OneShotOp { op, channel_what, channel: c, process: p, base: b });
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, summarize};
+use crate::cli::output;
 use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
 #[derive(Default, serde::Serialize)]
@@ -70,7 +71,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         measure::recipe_vm(&d, &format!("recipe-{i:02}")).await?;
     }
     stack.sim().daemon().set_time_scale(scale);
-    println!("  time scale {scale}: provisioning done at scale 0, measuring");
+    output::line(&format!("  time scale {scale}: provisioning done at scale 0, measuring"));
 
     let mut m = Side::default();
     let mut c = stack.connect(Transport::Unix).await?;
@@ -94,7 +95,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         let r = measure::release(&mut c, &id).await?;
         if pool == "hot" { &mut m.hot_task_wall } else { &mut m.warm_task_wall }.push(secs(done + r));
     }
-    println!("  mpool hot first output {:?} s, warm {:?} s", m.hot_first_output, m.warm_first_output);
+    output::line(&format!("  mpool hot first output {:?} s, warm {:?} s", m.hot_first_output, m.warm_first_output));
     stack.settled("hot", k, settle).await?;
     stack.settled("warm", k, settle).await?;
 
@@ -118,10 +119,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         stack.settled("cold", 1, settle).await?;
         m.back_in_pool.push(secs(r0.elapsed()));
     }
-    println!(
+    output::line(&format!(
         "  mpool cold first output {:?} s, turnaround {:?} s, back in pool {:?} s",
         m.cold_first_output, m.turnaround, m.back_in_pool
-    );
+    ));
 
     // The shell recipe, one process per step.
     let mut r = Side::default();
@@ -161,11 +162,11 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
         measure::mp(&exe, &stack, &["restore", &snap, "--destructive"], None).await?;
         measure::mp(&exe, &stack, &["suspend", &vm], None).await?;
         r.cold_task_wall.push(secs(t2.elapsed()));
-        println!(
+        output::line(&format!(
             "  recipe {vm}: first run (suspended VM): first output {:.2} s, task {:.2} s, cleanup {:.2} s; \
              next run (VM left stopped): first output {:.2} s, task {:.2} s",
             r.warm_first_output[i], r.warm_task_wall[i], r.back_in_pool[i], r.cold_first_output[i], r.cold_task_wall[i]
-        );
+        ));
     }
     stack.sim().daemon().set_time_scale(0.0);
     stack.stop().await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
+use crate::cli::output;
 use mpool_ssh::{Connection, ExecRequest, SshOptions};
 use mpool_testkit::{Sshd, SshdOptions, Stack, StackOptions, Transport, pool};
 
@@ -113,7 +114,7 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result
         fresh_connection: summarize(&fresh),
         multipass_exec_process: summarize(&process),
     };
-    println!(
+    output::line(&format!(
         "  {server:<10} API exec on lease p50 {:.2} ms | pooled raw {:.2} ms | keepalive {:.3} ms (p99 {:.3}) | fresh connection {:.1} ms | `mpool multipass exec` process {:.1} ms",
         t.api_exec_on_lease.p50_ms,
         t.pooled_connection_raw.p50_ms,
@@ -121,7 +122,7 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result
         t.keepalive_round_trip.p99_ms,
         t.fresh_connection.p50_ms,
         t.multipass_exec_process.p50_ms
-    );
+    ));
     Ok(t)
 }
 
@@ -131,7 +132,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let mut targets = Vec::new();
     match mpool_testkit::sshd::unavailable() {
         Some(why) => {
-            println!("  OpenSSH skipped: {why}");
+            output::line(&format!("  OpenSSH skipped: {why}"));
             report.note(format!("OpenSSH part skipped: {why}"));
         }
         None => {

@@ -28,6 +28,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::cli::output;
 use serde::Serialize;
 
 /// `mpool bench` flags.
@@ -358,7 +359,7 @@ pub fn print_table(rows: &[(String, Row)]) {
             s.push_str(&" ".repeat(pad));
             s.push_str("  ");
         }
-        println!("{}", s.trim_end());
+        output::line(s.trim_end());
     };
     line(&head.map(String::from));
     line(&width.map(|w| "-".repeat(w)));
@@ -447,12 +448,12 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
 
 async fn run_one(ctx: &Ctx, s: &(&'static str, u8, &'static str, Run)) -> Report {
     let machine = machine();
-    println!("\n== {} ({}): {}{}", s.1, s.0, s.2, if ctx.quick { " [--quick]" } else { "" });
+    output::line(&format!("\n== {} ({}): {}{}", s.1, s.0, s.2, if ctx.quick { " [--quick]" } else { "" }));
     let started = Instant::now();
     let mut report = match (s.3)(ctx).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mpool bench {}: {e}", s.0);
+            output::err_line(&format!("mpool bench {}: {e}", s.0));
             let mut r = Report::new(s.0);
             r.note(format!("ERROR: {e}"));
             r.detail("error", e);
@@ -467,12 +468,12 @@ async fn run_one(ctx: &Ctx, s: &(&'static str, u8, &'static str, Run)) -> Report
     report.machine = Some(machine);
     report.elapsed_s = started.elapsed().as_secs_f64();
     let rows: Vec<(String, Row)> = report.rows.iter().map(|r| (s.1.to_string(), r.clone())).collect();
-    println!();
+    output::line("");
     print_table(&rows);
     for n in &report.notes {
-        println!("  note: {n}");
+        output::line(&format!("  note: {n}"));
     }
-    println!("  ({:.1} s)", report.elapsed_s);
+    output::line(&format!("  ({:.1} s)", report.elapsed_s));
     report
 }
 
@@ -481,7 +482,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     match std::env::current_exe() {
         Ok(exe) => run_with(exe, &args.scenario, args.quick, args.json).await,
         Err(e) => {
-            eprintln!("mpool bench: cannot find this binary: {e}");
+            output::err_line(&format!("mpool bench: cannot find this binary: {e}"));
             ExitCode::from(2)
         }
     }
@@ -500,13 +501,21 @@ pub async fn run_with(exe: PathBuf, scenario: &str, quick: bool, json: Option<Pa
             Some(s) => vec![s],
             None => {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
-                eprintln!("mpool bench: unknown scenario {:?}; one of {}, or all", args.scenario, names.join(", "));
+                output::err_line(&format!(
+                    "mpool bench: unknown scenario {:?}; one of {}, or all",
+                    args.scenario,
+                    names.join(", ")
+                ));
                 return ExitCode::from(2);
             }
         }
     };
     let build = if cfg!(debug_assertions) { "debug build" } else { "release build" };
-    println!("mpool bench: {} scenario(s), {build}{}", chosen.len(), if ctx.quick { ", --quick" } else { "" });
+    output::line(&format!(
+        "mpool bench: {} scenario(s), {build}{}",
+        chosen.len(),
+        if ctx.quick { ", --quick" } else { "" }
+    ));
     let started = Instant::now();
     let mut reports = Vec::new();
     let mut failed = false;
@@ -518,14 +527,14 @@ pub async fn run_with(exe: PathBuf, scenario: &str, quick: bool, json: Option<Pa
             _ => PathBuf::from("target/bench").join(format!("{}.json", s.0)),
         };
         if let Err(e) = write_json(&path, &r) {
-            eprintln!("mpool bench: cannot write {}: {e}", path.display());
+            output::err_line(&format!("mpool bench: cannot write {}: {e}", path.display()));
         }
         reports.push(r);
     }
     if all {
         let rows: Vec<(String, Row)> =
             reports.iter().flat_map(|r| r.rows.iter().map(move |row| (r.number.to_string(), row.clone()))).collect();
-        println!("\n== all scenarios ({:.0} s)", started.elapsed().as_secs_f64());
+        output::line(&format!("\n== all scenarios ({:.0} s)", started.elapsed().as_secs_f64()));
         print_table(&rows);
         let path = args.json.clone().unwrap_or_else(|| PathBuf::from("target/bench/all.json"));
         let doc = serde_json::json!({
@@ -534,9 +543,9 @@ pub async fn run_with(exe: PathBuf, scenario: &str, quick: bool, json: Option<Pa
             "reports": reports,
         });
         if let Err(e) = write_json(&path, &doc) {
-            eprintln!("mpool bench: cannot write {}: {e}", path.display());
+            output::err_line(&format!("mpool bench: cannot write {}: {e}", path.display()));
         } else {
-            println!("JSON: {}", path.display());
+            output::line(&format!("JSON: {}", path.display()));
         }
     }
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }

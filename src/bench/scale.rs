@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row};
+use crate::cli::output;
 use mpool_api::proto::v1;
 use mpool_testkit::{Serve, Stack, StackOptions, Transport, pool, wait};
 
@@ -84,7 +85,7 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
     let me = std::process::id();
     m.simulator_rss_kib = measure::rss_kib(me).map(|r| r.0).unwrap_or(0);
     m.simulator_fds = measure::fd_count(me);
-    println!(
+    output::line(&format!(
         "  {} VMs: warm-up {:.1} s; mpool serve VmRSS {:.1} MB (VmHWM {:.1} MB); simulator process RSS {:.0} MB, {} fds (peak {})",
         m.vms,
         m.warm_up_s,
@@ -93,7 +94,7 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
         m.simulator_rss_kib as f64 / 1024.0,
         m.simulator_fds,
         m.simulator_fds_peak
-    );
+    ));
 
     stack.kill_serve();
     drop(c);
@@ -128,14 +129,14 @@ async fn measure(ctx: &Ctx, per: usize) -> Result<Measured, String> {
     m.restart_ready_s = ready.as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     m.rss_after_restart_kib = stack.serve_pid().and_then(measure::rss_kib).map(|r| r.0).unwrap_or(0);
-    println!(
+    output::line(&format!(
         "  {} VMs: restart after kill -9: socket {:.3} s, reconciled {:.3} s, all pools ready {:.3} s; VmRSS after {:.1} MB",
         m.vms,
         m.restart_socket_s,
         m.restart_reconciled_s,
         m.restart_ready_s,
         m.rss_after_restart_kib as f64 / 1024.0
-    );
+    ));
     stack.kill_serve();
     stack.stop().await;
     Ok(m)

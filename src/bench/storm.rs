@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, Summary, summarize};
+use crate::cli::output;
 use mpool_sim::EventKind;
 use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
@@ -93,7 +94,7 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
     stack.sim().daemon().set_time_scale(0.0);
     stack.stop().await;
     let r = Run { priorities, idle: summarize(&idle), storm: summarize(&storm), queued_at_storm_acquires: queued };
-    println!(
+    output::line(&format!(
         "  priorities {}: warm acquire idle p50 {:.1} p95 {:.1} ms | during storm p50 {:.1} p95 {:.1} ms ({} samples; daemon calls queued at those acquires: {:?})",
         if priorities { "on " } else { "off" },
         r.idle.p50_ms,
@@ -102,7 +103,7 @@ async fn storm_run(ctx: &Ctx, priorities: bool) -> Result<Run, String> {
         r.storm.p95_ms,
         r.storm.n,
         r.queued_at_storm_acquires
-    );
+    ));
     Ok(r)
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::measure;
 use super::{Ctx, Report, Row, summarize};
+use crate::cli::output;
 use mpool_testkit::{Stack, StackOptions, Transport, pool};
 
 const VMS: usize = 16;
@@ -67,12 +68,12 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let cycles = VMS * per;
     let rate = cycles as f64 / elapsed.as_secs_f64();
     let a = summarize(&acq);
-    println!(
+    output::line(&format!(
         "  mpool: {cycles} cycles in {:.2} s = {rate:.0} cycles/s (clients done at {:.2} s); acquire p50 {:.1} ms; {served:?}",
         elapsed.as_secs_f64(),
         clients_done.as_secs_f64(),
         a.p50_ms
-    );
+    ));
 
     // The shell recipe: 16 workers, one VM each, one process per step.
     let d = stack.daemon_client().await?;
@@ -117,7 +118,10 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
     let cli_elapsed = t1.elapsed();
     let cli_cycles = VMS * cli_per;
     let cli_rate = cli_cycles as f64 / cli_elapsed.as_secs_f64();
-    println!("  CLI way: {cli_cycles} cycles in {:.2} s = {cli_rate:.1} cycles/s", cli_elapsed.as_secs_f64());
+    output::line(&format!(
+        "  CLI way: {cli_cycles} cycles in {:.2} s = {cli_rate:.1} cycles/s",
+        cli_elapsed.as_secs_f64()
+    ));
     stack.stop().await;
 
     report.row(

@@ -99,14 +99,36 @@ pub enum Action {
     BuildGolden,
 }
 
-/// Decides one round of maintenance.
+/// Decides one round of maintenance: unfinished work first, then rotation, the golden VM of
+/// a clone pool, scaling up, the hot tier, and scaling down.
 pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
-    let mut out = Vec::new();
-    let cfg = p.cfg;
-    let free = |v: &&VmView| !v.busy;
+    let mut out = unfinished_work(p);
+    if !p.daemon_ok {
+        return out;
+    }
+    let retiring = rotation(p, &mut out);
+    if golden_pending(p, &mut out) {
+        return out;
+    }
+    let stays = |v: &&VmView| !retiring.contains(&v.name.as_str());
+    let idle: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_idle()).filter(stays).collect();
+    let coming: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_coming()).collect();
+    let hot_now =
+        idle.iter().filter(|v| v.state == VmState::Hot).count() + coming.iter().filter(|v| v.target_hot).count();
+    if let Some(provision) = scale_up(p, idle.len() + coming.len(), hot_now) {
+        out.push(provision);
+        return out;
+    }
+    balance_hot(p, &idle, hot_now, &mut out);
+    scale_down(p, &idle, &mut out);
+    out
+}
 
-    // Broken VMs go; interrupted deletes and resets run again.
-    for v in p.vms.iter().filter(free) {
+/// Broken VMs go; interrupted deletes, resets and builds run again (only the first while the
+/// daemon is down).
+fn unfinished_work(p: &PoolView<'_>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for v in p.vms.iter().filter(|v| !v.busy) {
         match v.state {
             VmState::Broken => out.push(Action::Retire { vm: v.name.clone() }),
             VmState::Deleting if p.daemon_ok => out.push(Action::Destroy { vm: v.name.clone() }),
@@ -115,75 +137,80 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
             _ => {}
         }
     }
-    if !p.daemon_ok {
-        return out;
-    }
+    out
+}
 
-    // Rotation: idle VMs of an older generation are replaced.
-    let mut retiring: Vec<&str> = Vec::new();
-    for v in p.vms.iter().filter(free) {
-        if v.state.is_idle() && v.generation < p.generation {
-            retiring.push(&v.name);
-            out.push(Action::Retire { vm: v.name.clone() });
-        }
+/// Rotation: idle VMs of an older generation are replaced. Returns their names.
+fn rotation<'a>(p: &'a PoolView<'_>, out: &mut Vec<Action>) -> Vec<&'a str> {
+    let mut retiring = Vec::new();
+    for v in p.vms.iter().filter(|v| !v.busy && v.state.is_idle() && v.generation < p.generation) {
+        retiring.push(v.name.as_str());
+        out.push(Action::Retire { vm: v.name.clone() });
     }
+    retiring
+}
 
-    // Clone pools need their golden VM first.
+/// Clone pools need their golden VM (of the current generation) first: whether the round has
+/// to wait for it.
+fn golden_pending(p: &PoolView<'_>, out: &mut Vec<Action>) -> bool {
     match p.golden {
         GoldenView::Missing => {
             out.push(Action::BuildGolden);
-            return out;
+            true
         }
-        GoldenView::Building => return out,
+        GoldenView::Building => true,
         GoldenView::Ready(g) if g < p.generation => {
             // The engine retires the old golden VM and builds a new one.
             out.push(Action::BuildGolden);
-            return out;
+            true
         }
-        GoldenView::Ready(_) | GoldenView::NotNeeded => {}
+        GoldenView::Ready(_) | GoldenView::NotNeeded => false,
     }
+}
 
-    let stays = |v: &&VmView| !retiring.contains(&v.name.as_str());
-    let idle: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_idle()).filter(stays).collect();
-    let coming: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_coming()).collect();
+/// Scale up to min_ready plus one per waiting caller, never beyond max_size (`have`: idle and
+/// coming VMs; `hot_now`: idle hot ones and those being made hot).
+fn scale_up(p: &PoolView<'_>, have: usize, hot_now: usize) -> Option<Action> {
+    let cfg = p.cfg;
     let total = p.vms.iter().filter(|v| v.state.counts_toward_size()).count();
-
-    // Scale up to min_ready plus one per waiting caller, never beyond max_size.
     let want = cfg.min_ready as usize + p.waiting;
-    let have = idle.len() + coming.len();
     let room = (cfg.max_size as usize).saturating_sub(total);
     let count = want.saturating_sub(have).min(room);
-    let hot_now =
-        idle.iter().filter(|v| v.state == VmState::Hot).count() + coming.iter().filter(|v| v.target_hot).count();
-    if count > 0 {
-        // VMs made for waiting callers stay running: suspending them only to resume them at
-        // once would cost a suspend and a resume.
-        let hot = ((cfg.hot as usize).saturating_sub(hot_now) + p.waiting).min(count);
-        out.push(Action::Provision { count, hot });
-        return out;
+    if count == 0 {
+        return None;
     }
+    // VMs made for waiting callers stay running: suspending them only to resume them at once
+    // would cost a suspend and a resume.
+    let hot = ((cfg.hot as usize).saturating_sub(hot_now) + p.waiting).min(count);
+    Some(Action::Provision { count, hot })
+}
 
-    // Keep `hot` idle VMs running: start warm ones, or suspend extra hot ones.
+/// Keep `hot` idle VMs running: start warm ones, or suspend extra hot ones.
+fn balance_hot(p: &PoolView<'_>, idle: &[&VmView], hot_now: usize, out: &mut Vec<Action>) {
+    let hot = p.cfg.hot as usize;
     let free_idle = |s: VmState| idle.iter().filter(move |v| !v.busy && v.state == s);
-    if hot_now < cfg.hot as usize {
-        for v in free_idle(VmState::Warm).take(cfg.hot as usize - hot_now) {
+    if hot_now < hot {
+        for v in free_idle(VmState::Warm).take(hot - hot_now) {
             out.push(Action::Park { vm: v.name.clone(), hot: true });
         }
-    } else if hot_now > cfg.hot as usize && p.waiting == 0 {
-        for v in free_idle(VmState::Hot).take(hot_now - cfg.hot as usize) {
+    } else if hot_now > hot && p.waiting == 0 {
+        for v in free_idle(VmState::Hot).take(hot_now - hot) {
             out.push(Action::Park { vm: v.name.clone(), hot: false });
         }
     }
+}
 
-    // Scale down idle VMs above min_ready once they have idled long enough, longest idle first.
-    if p.waiting == 0 && idle.len() > cfg.min_ready as usize {
-        let mut candidates: Vec<&&VmView> = idle.iter().filter(|v| !v.busy && v.idle_for >= cfg.idle_timeout).collect();
-        candidates.sort_by(|a, b| b.idle_for.cmp(&a.idle_for).then(a.name.cmp(&b.name)));
-        for v in candidates.into_iter().take(idle.len() - cfg.min_ready as usize) {
-            out.push(Action::Retire { vm: v.name.clone() });
-        }
+/// Scale down idle VMs above min_ready once they have idled long enough, longest idle first.
+fn scale_down(p: &PoolView<'_>, idle: &[&VmView], out: &mut Vec<Action>) {
+    let min_ready = p.cfg.min_ready as usize;
+    if p.waiting > 0 || idle.len() <= min_ready {
+        return;
     }
-    out
+    let mut candidates: Vec<&&VmView> = idle.iter().filter(|v| !v.busy && v.idle_for >= p.cfg.idle_timeout).collect();
+    candidates.sort_by(|a, b| b.idle_for.cmp(&a.idle_for).then(a.name.cmp(&b.name)));
+    for v in candidates.into_iter().take(idle.len() - min_ready) {
+        out.push(Action::Retire { vm: v.name.clone() });
+    }
 }
 
 #[cfg(test)]
