@@ -255,6 +255,9 @@ struct World {
     /// Leases the model gave up protecting (expired, or their VM taken away): a repeat of one
     /// is not a new hold.
     let_go: HashSet<String>,
+    /// VMs taken away from under the engine: a lease on one, even one answered after it went
+    /// (the grant raced with the taking), is not protected.
+    vanished: HashSet<String>,
     steps: usize,
 }
 
@@ -289,6 +292,7 @@ impl World {
             asked: HashMap::new(),
             must_survive: HashSet::new(),
             let_go: HashSet::new(),
+            vanished: HashSet::new(),
             steps: 0,
         }
     }
@@ -418,6 +422,11 @@ impl World {
         }
         if let Some((other, _)) = self.held.iter().find(|(_, h)| h.vm == vm) {
             return Err(fail(format!("VM {vm} handed out under {id} while lease {other} holds it")));
+        }
+        if self.vanished.contains(&vm) {
+            // Granted on a VM that was taken away meanwhile: the lease may end at any time.
+            self.let_go.insert(id);
+            return Ok(());
         }
         let Some((dirty, since_call)) = found else {
             return Err(fail(format!("lease {id} served as {:?} was not looked at by its tenant", info.served)));
@@ -699,6 +708,7 @@ impl World {
                 if let Some(vm) = self.pick_instance(*pick) {
                     tracing::debug!(vm, "model: vanish");
                     self.lose(&vm)?;
+                    self.vanished.insert(vm.clone());
                     let mut st = self.fake.st.lock().unwrap();
                     st.instances.remove(&vm);
                     st.dirty.remove(&vm);
@@ -881,6 +891,38 @@ mod regressions {
                 Step::Acquire { owner: 1, rid: Some(3), run: false, wait: false },
                 Step::StoreFailNext { n: 1 },
                 Step::Daemon { up: true },
+                Step::Release { pick: 0 },
+            ],
+        );
+    }
+
+    #[test]
+    fn a_vm_taken_away_while_it_is_granted_is_not_protected() {
+        check(
+            ResetStrategy::Snapshot,
+            vec![
+                Step::Crash,
+                Step::Store { ok: true },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::FailNext { op: 1 },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Store { ok: true },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Vanish { pick: 0 },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: true },
+                Step::Vanish { pick: 43 },
+                Step::StoreFailNext { n: 1 },
                 Step::Release { pick: 0 },
             ],
         );

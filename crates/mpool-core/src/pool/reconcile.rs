@@ -72,44 +72,28 @@ pub fn reconcile(
             out.dropped.push(rec.name.clone());
             continue;
         };
-        let mut r = rec.clone();
         if rec.phase == PhaseRecord::Golden {
             // One golden VM per pool, the newest: any other is deleted (a replaced one whose
             // delete was interrupted).
-            let newest = store
-                .vms
-                .iter()
-                .filter(|o| o.phase == PhaseRecord::Golden && o.pool == rec.pool && seen.contains_key(o.name.as_str()))
-                .max_by_key(|o| (o.generation, o.created_ms, o.name.clone()))
-                .map(|o| o.name.as_str());
-            if known_pool(&rec.pool) && newest == Some(rec.name.as_str()) {
-                out.golden.insert(rec.pool.clone(), (r, obs == InstanceState::Stopped));
+            if known_pool(&rec.pool) && newest_golden(store, &seen, &rec.pool) == Some(rec.name.as_str()) {
+                out.golden.insert(rec.pool.clone(), (rec.clone(), obs == InstanceState::Stopped));
             } else {
-                out.vms.push(Adopted { record: with(r, PhaseRecord::Deleting), state: VmState::Deleting });
+                out.vms.push(Adopted { record: with(rec.clone(), PhaseRecord::Deleting), state: VmState::Deleting });
             }
             continue;
         }
+        let mut r = rec.clone();
         if !known_pool(&rec.pool) || obs == InstanceState::Deleted {
             r.lease = None;
             out.vms.push(Adopted { record: with(r, PhaseRecord::Deleting), state: VmState::Deleting });
             continue;
         }
         let lease = rec.lease.as_deref().and_then(|id| leases.get(id).copied());
-        let state = match (rec.phase, lease) {
-            (PhaseRecord::Leased, Some(l)) if l.expires_ms > now_ms => {
-                kept_leases.insert(l.id.as_str());
-                out.leases.push(l.clone());
-                VmState::Leased
-            }
-            (PhaseRecord::Leased, _) => VmState::Resetting,
-            (PhaseRecord::Hot | PhaseRecord::Warm, _) if doubt.contains(&rec.name) => VmState::Resetting,
-            (PhaseRecord::Hot, _) if obs == InstanceState::Running => VmState::Hot,
-            (PhaseRecord::Warm, _) if obs == InstanceState::Suspended => VmState::Warm,
-            (PhaseRecord::Broken | PhaseRecord::Deleting, _) => VmState::Deleting,
-            // Never leased yet: its build resumes from what the daemon shows.
-            (PhaseRecord::Provisioning, _) => VmState::Provisioning,
-            _ => VmState::Resetting,
-        };
+        let state = adopted_state(rec.phase, obs, lease, now_ms, doubt.contains(&rec.name));
+        if let (VmState::Leased, Some(l)) = (state, lease) {
+            kept_leases.insert(l.id.as_str());
+            out.leases.push(l.clone());
+        }
         if state != VmState::Leased {
             r.lease = None;
         }
@@ -131,6 +115,38 @@ pub fn reconcile(
         }
     }
     out
+}
+
+/// The newest golden VM of `pool` that the daemon still has.
+fn newest_golden<'a>(store: &'a Snapshot, seen: &HashMap<&str, InstanceState>, pool: &str) -> Option<&'a str> {
+    store
+        .vms
+        .iter()
+        .filter(|o| o.phase == PhaseRecord::Golden && o.pool == pool && seen.contains_key(o.name.as_str()))
+        .max_by_key(|o| (o.generation, o.created_ms, o.name.clone()))
+        .map(|o| o.name.as_str())
+}
+
+/// What an adopted VM of a known pool becomes, from its recorded phase, the daemon's state of
+/// it, its lease (if the store has it) and whether it is in doubt.
+fn adopted_state(
+    phase: PhaseRecord,
+    obs: InstanceState,
+    lease: Option<&LeaseRecord>,
+    now_ms: u64,
+    in_doubt: bool,
+) -> VmState {
+    match (phase, lease) {
+        (PhaseRecord::Leased, Some(l)) if l.expires_ms > now_ms => VmState::Leased,
+        (PhaseRecord::Leased, _) => VmState::Resetting,
+        (PhaseRecord::Hot | PhaseRecord::Warm, _) if in_doubt => VmState::Resetting,
+        (PhaseRecord::Hot, _) if obs == InstanceState::Running => VmState::Hot,
+        (PhaseRecord::Warm, _) if obs == InstanceState::Suspended => VmState::Warm,
+        (PhaseRecord::Broken | PhaseRecord::Deleting, _) => VmState::Deleting,
+        // Never leased yet: its build resumes from what the daemon shows.
+        (PhaseRecord::Provisioning, _) => VmState::Provisioning,
+        _ => VmState::Resetting,
+    }
 }
 
 fn with(mut r: VmRecord, phase: PhaseRecord) -> VmRecord {
