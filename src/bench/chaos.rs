@@ -264,6 +264,7 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
     o.serve = Serve::Process(exe.to_path_buf());
     o.serve_at_start = false;
     o.engine_toml.push_str("\nreconcile_interval = \"100ms\"\nhealth_interval = \"1s\"");
+    o.serve_log = std::env::var("MPOOL_CHAOS_LOG").unwrap_or_else(|_| "info".into());
     let mut stack = Stack::start(o).await?;
     stack.spawn_serve()?;
     wait_ready(&stack, 3, Duration::from_secs(120)).await?;

@@ -83,6 +83,7 @@ pub fn reconcile(
             continue;
         }
         let mut r = rec.clone();
+        tracing::debug!(vm = %rec.name, phase = ?rec.phase, ?obs, known = known_pool(&rec.pool), lease = ?rec.lease, "reconcile: record");
         if !known_pool(&rec.pool) || obs == InstanceState::Deleted {
             r.lease = None;
             out.vms.push(Adopted { record: with(r, PhaseRecord::Deleting), state: VmState::Deleting });

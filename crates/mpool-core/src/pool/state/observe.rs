@@ -133,6 +133,12 @@ impl EngineState {
             self.settings.delete_strays,
             &doubt,
         );
+        for n in &r.dropped {
+            tracing::debug!(vm = %n, "reconcile: record dropped (not listed by multipassd)");
+        }
+        for a in &r.vms {
+            tracing::debug!(vm = %a.record.name, state = ?a.state, pool = %a.record.pool, "reconcile: adopted");
+        }
         let mut writes: Vec<Write> = r.dropped.iter().map(|n| Write::DeleteVm(n.clone())).collect();
         for a in &r.vms {
             writes.push(Write::PutVm(a.record.clone()));
