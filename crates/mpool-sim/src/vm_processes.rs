@@ -275,7 +275,12 @@ impl VmSupervisor {
                 }
                 w.kills.push_back(tx);
             }
-            writer.write_all(&header).await?;
+            // As in spawn: a request that was not sent takes its waiter back, so the next
+            // reply is not matched to it.
+            if let Err(e) = writer.write_all(&header).await {
+                lock(&self.waiters).kills.pop_back();
+                return Err(e);
+            }
         }
         rx.await.map_err(|_| gone())
     }
