@@ -404,3 +404,31 @@ async fn the_version_command_is_one_call() {
     let calls = calls_until(&mut ev, "list").await;
     assert_eq!(calls, vec!["version", "version"], "the process's one call, then the marker client's connect");
 }
+
+/// A call given up at any point (its task aborted, as the engine aborts work in flight when the
+/// store fails) never reaches the daemon as a request without its names: multipassd reads a
+/// stream that closes before its first message as the default request, and for `delete` an
+/// empty name list means every instance on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_never_arrives_as_a_request_for_all_instances() {
+    let ts = TestSim::start(|_| {}).await;
+    let c = ts.client("ops").await;
+    c.launch(&launch_opts("bystander")).await.unwrap();
+    for round in 0..300u32 {
+        let client = c.clone();
+        let victim = format!("victim-{round}");
+        let call = tokio::spawn(async move { client.delete(&Names::one(victim), true).await });
+        // Give up on it at a different point each round: before it is sent, while its
+        // request is on the way, while the daemon works on it.
+        let spin = std::time::Duration::from_micros(u64::from(round % 100) * 15);
+        let t = std::time::Instant::now();
+        while t.elapsed() < spin {
+            std::hint::spin_loop();
+        }
+        call.abort();
+        let _ = call.await;
+        let seen = c.list().await.unwrap();
+        let bystander = seen.iter().find(|i| i.name == "bystander").map(|i| i.state);
+        assert_eq!(bystander, Some(InstanceState::Running), "round {round}: the bystander was deleted: {seen:?}");
+    }
+}

@@ -526,30 +526,52 @@ impl Client {
     /// more than a log line. Waits for a slot under the in-flight cap first; a read (see
     /// [`SAFE_TO_RETRY`]) cut by its connection or refused by a restarting daemon is sent
     /// again per the retry policy. All of it within the call's deadline.
-    async fn bidi<Req, Rep, F, Fut>(
+    ///
+    /// Each attempt runs to its end on its own task, even when the caller gives up on it (its
+    /// task aborted, its deadline passed): a call cancelled before its request reached the
+    /// daemon reads there as a stream closed without a request, which multipassd serves as the
+    /// default request, and for `delete` an empty name list means every instance on the host.
+    async fn bidi<Req, Rep, F, Fut, A>(
         &self,
         op: &'static str,
         first: Req,
         call: F,
-        answer: impl Fn(&Rep) -> Option<Req> + Send + Sync,
+        answer: A,
     ) -> Result<Option<Rep>, Error>
     where
         Req: Clone + Send + 'static,
         Rep: Reply,
-        F: Fn(Rpc, ReceiverStream<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>>,
+        F: Fn(Rpc, ReceiverStream<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<tonic::Response<tonic::Streaming<Rep>>, tonic::Status>> + Send,
+        A: Fn(&Rep) -> Option<Req> + Send + Sync + 'static,
     {
-        let work = self.retrying(op, || {
-            let first = first.clone();
-            let (call, answer) = (&call, &answer);
-            async move { self.bidi_once(op, first, call, answer).await }
+        let how = Arc::new((call, answer));
+        let work = self.retrying(op, |slot| {
+            let (this, first, how) = (self.clone(), first.clone(), how.clone());
+            let attempt = tokio::spawn(async move {
+                let _slot = slot;
+                let once = this.bidi_once(op, first, &how.0, &how.1);
+                tokio::time::timeout(this.timeout, once)
+                    .await
+                    .unwrap_or(Err(Error::Timeout { op, after: this.timeout }))
+            });
+            async move {
+                attempt
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Protocol { op, detail: format!("the call's task ended: {e}") }))
+            }
         });
         tokio::time::timeout(self.timeout, work).await.map_err(|_| Error::Timeout { op, after: self.timeout })?
     }
 
-    /// Runs `attempt` under the in-flight cap, again after a retryable failure of a safe call
-    /// (with backoff), until it succeeds, fails otherwise, or the policy's attempts run out.
-    async fn retrying<T, Fut>(&self, op: &'static str, mut attempt: impl FnMut() -> Fut) -> Result<T, Error>
+    /// Runs `attempt` (with its slot under the in-flight cap, held until the attempt ends) again
+    /// after a retryable failure of a safe call (with backoff), until it succeeds, fails
+    /// otherwise, or the policy's attempts run out.
+    async fn retrying<T, Fut>(
+        &self,
+        op: &'static str,
+        mut attempt: impl FnMut(Option<tokio::sync::OwnedSemaphorePermit>) -> Fut,
+    ) -> Result<T, Error>
     where
         Fut: Future<Output = Result<T, Error>>,
     {
@@ -559,10 +581,7 @@ impl Client {
         let mut cut: Option<Error> = None;
         loop {
             tries += 1;
-            let result = {
-                let _slot = self.slot().await;
-                attempt().await
-            };
+            let result = attempt(self.slot().await).await;
             match result {
                 Err(e) if safe && e.is_retryable() && tries < self.retry.attempts => {
                     tracing::debug!(op, tries, "sending again after: {e}");
@@ -666,7 +685,8 @@ impl Client {
     /// `ping`: OK only if our certificate is trusted (never trusts on first use).
     pub async fn ping(&self) -> Result<(), Error> {
         let addr = self.address.to_string();
-        let work = self.retrying("ping", || async {
+        let work = self.retrying("ping", |_slot| async {
+            let _slot = _slot;
             let mut rpc = self.rpc.clone();
             rpc.ping(pb::PingRequest {}).await.map(|_| ()).map_err(|s| self.call_error("ping", &addr, s))
         });
