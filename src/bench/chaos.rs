@@ -329,7 +329,7 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
             p
         },
     };
-    if !out.problems.is_empty() {
+    if !out.problems.is_empty() || std::env::var_os("MPOOL_CHAOS_KEEP").is_some() {
         out.problems.push(keep_log(&stack.log_path()));
     }
     stack.kill_serve();
@@ -337,8 +337,8 @@ pub async fn chaos(exe: &Path, p: &Params) -> Result<Outcome, String> {
     Ok(out)
 }
 
-/// Keeps serve's log (all its lives) when the run found a problem: the stack's directory is
-/// removed when it stops.
+/// Keeps serve's log (all its lives) when the run found a problem (or always, with
+/// `MPOOL_CHAOS_KEEP` set): the stack's directory is removed when it stops.
 fn keep_log(log: &Path) -> String {
     let kept = Path::new("target/bench/chaos-serve.log");
     let copied = kept.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::copy(log, kept));

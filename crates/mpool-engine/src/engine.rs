@@ -34,7 +34,7 @@ use mpool_core::pool::outcome::PlanKind;
 use mpool_core::pool::state::{Answer, Batch, CallerId, Effect, EngineState, Env, Input, PlanOrder, StateSettings};
 pub use mpool_core::pool::status::{PoolStatus, Status, VmStatus};
 use mpool_core::pool::steps::{self, Facts, Step};
-use mpool_core::ports::{Observed, Ports, StepError};
+use mpool_core::ports::{DaemonPort, Observed, Ports, StepError};
 use mpool_core::store::{PoolRecord, RunOutcome, Snapshot, StateStore, StoreError, Write};
 use mpool_core::types::SshEndpoint;
 use mpool_metrics::Metrics;
@@ -478,8 +478,8 @@ impl Actor {
             Effect::Observe => {
                 let (daemon, sched, tx) = (self.ctx.ports.daemon.clone(), self.ctx.sched.clone(), self.tx.clone());
                 tokio::spawn(async move {
-                    let result = sched.run(Priority::Acquire, "", Op::Quick, daemon.list()).await;
-                    let _ = tx.send(Msg::Done(Input::Observed(result))).await;
+                    let (list, asked) = sched.run(Priority::Acquire, "", Op::Quick, ask_list(&daemon)).await;
+                    let _ = tx.send(Msg::Done(Input::Observed { list, asked })).await;
                 });
             }
             Effect::ProbeStore(probe) => {
@@ -506,10 +506,9 @@ impl Actor {
         let interval = self.settings.health_interval;
         tokio::spawn(async move {
             loop {
-                let result: Result<Vec<Observed>, StepError> =
-                    sched.run(Priority::Provision, "", Op::Quick, daemon.list()).await;
-                let ok = result.is_ok();
-                if tx.send(Msg::Done(Input::Observed(result))).await.is_err() {
+                let (list, asked) = sched.run(Priority::Provision, "", Op::Quick, ask_list(&daemon)).await;
+                let ok = list.is_ok();
+                if tx.send(Msg::Done(Input::Observed { list, asked })).await.is_err() {
                     return;
                 }
                 let pause = if ok && *healthy.borrow_and_update() { interval } else { Duration::from_millis(500) };
@@ -520,6 +519,12 @@ impl Actor {
             }
         });
     }
+}
+
+/// The daemon's list, and when it was asked for (once the scheduler let the call through).
+async fn ask_list(daemon: &Arc<dyn DaemonPort>) -> (Result<Vec<Observed>, StepError>, Instant) {
+    let asked = clock_now();
+    (daemon.list().await, asked)
 }
 
 /// Runs one plan: its steps from the facts the engine knows, or (when it cannot be sure) from

@@ -29,6 +29,9 @@ pub struct FakeState {
     pub ssh_broken: HashSet<String>,
     /// The daemon is frozen: every call hangs until its deadline, then fails as unavailable.
     pub frozen: bool,
+    /// How long a list takes to come back after it read the instances: a slow daemon whose
+    /// answer is already stale when it arrives.
+    pub list_lag: std::time::Duration,
     /// Instances a tenant has written into since they were last reset (restored, launched,
     /// cloned): the model-based tests mark them when a lease is acknowledged.
     pub dirty: HashSet<String>,
@@ -106,10 +109,15 @@ impl DaemonPort for Fake {
         Box::pin(async move {
             self.gate("list", "").await?;
             let mut out = Vec::new();
+            let mut lag = std::time::Duration::ZERO;
             self.step("list", "", |st| {
                 out = st.instances.iter().map(|(n, s)| Observed { name: n.clone(), state: *s }).collect();
+                lag = st.list_lag;
                 Ok(())
             })?;
+            if !lag.is_zero() {
+                tokio::time::sleep(lag).await;
+            }
             Ok(out)
         })
     }

@@ -112,6 +112,11 @@ pub enum Step {
         /// Which instance.
         pick: u8,
     },
+    /// multipassd's lists come back this many seconds after they read the instances (0: at once).
+    SlowList {
+        /// Seconds.
+        secs: u8,
+    },
     /// An instance is found in another state (someone ran `multipass stop/start/suspend`).
     Tamper {
         /// Which instance.
@@ -140,6 +145,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => (1..4u8).prop_map(|n| Step::StoreFailNext { n }),
         1 => any::<bool>().prop_map(|ok| Step::Store { ok }),
         1 => any::<u8>().prop_map(|pick| Step::Vanish { pick }),
+        1 => (0..4u8).prop_map(|secs| Step::SlowList { secs }),
         1 => (any::<u8>(), 0..3u8).prop_map(|(pick, state)| Step::Tamper { pick, state }),
     ]
 }
@@ -692,6 +698,9 @@ impl World {
             }
             Step::Daemon { up } => self.fake.st.lock().unwrap().down = !up,
             Step::Freeze { frozen } => self.fake.st.lock().unwrap().frozen = *frozen,
+            Step::SlowList { secs } => {
+                self.fake.st.lock().unwrap().list_lag = Duration::from_secs(u64::from(*secs));
+            }
             Step::FailNext { op } => {
                 self.fake.st.lock().unwrap().fail_next.push(format!("{} *", OPS[*op as usize % OPS.len()]))
             }
@@ -753,10 +762,13 @@ impl World {
         if self.life.is_none() {
             self.start()?;
         }
-        // The store retries with backoff (at most 10 s apart), then reconciles.
-        let after = self.vnow() + 15_000;
+        // The store retries with backoff (at most 10 s apart), then reconciles with a list
+        // asked for after that (a slow daemon's takes its lag to come back).
+        let lag = self.fake.st.lock().unwrap().list_lag.as_secs();
+        let wait = 15 + 2 * lag;
+        let after = self.vnow() + wait * 1000;
         self.expire_held(after)?;
-        self.advance(15);
+        self.advance(wait);
         self.collect()?;
         let ids: Vec<(String, Held)> = self.held.iter().map(|(id, h)| (id.clone(), h.clone())).collect();
         for (id, h) in ids {
@@ -863,7 +875,10 @@ mod regressions {
 
     fn check(strategy: ResetStrategy, steps: Vec<Step>) {
         if std::env::var_os("MPOOL_MODEL_TRACE").is_some() {
-            let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("mpool=debug").try_init();
+            let _ = tracing_subscriber::fmt()
+                .with_test_writer()
+                .with_env_filter(std::env::var("MODEL_LOG").unwrap_or_else(|_| "mpool=debug".into()))
+                .try_init();
         }
         if let Err(e) = run(&Script { strategy, steps }) {
             panic!("{e}");
@@ -924,6 +939,59 @@ mod regressions {
                 Step::Vanish { pick: 43 },
                 Step::StoreFailNext { n: 1 },
                 Step::Release { pick: 0 },
+            ],
+        );
+    }
+
+    #[test]
+    fn a_list_asked_before_the_store_recovered_is_not_reconciled_with() {
+        check(
+            ResetStrategy::Snapshot,
+            vec![
+                Step::Freeze { frozen: true },
+                Step::StoreFailNext { n: 1 },
+                Step::Freeze { frozen: false },
+                Step::SlowList { secs: 1 },
+            ],
+        );
+    }
+
+    #[test]
+    fn a_list_asked_before_a_vm_settled_does_not_judge_it() {
+        check(
+            ResetStrategy::Snapshot,
+            vec![
+                Step::Daemon { up: false },
+                Step::SlowList { secs: 1 },
+                Step::FailNext { op: 0 },
+                Step::Daemon { up: true },
+            ],
+        );
+    }
+
+    #[test]
+    fn slow_lists_after_a_store_failure_still_reconcile() {
+        check(
+            ResetStrategy::Snapshot,
+            vec![
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Store { ok: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Daemon { up: true },
+                Step::Daemon { up: true },
+                Step::Advance { secs: 34 },
+                Step::Freeze { frozen: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::SlowList { secs: 3 },
+                Step::Freeze { frozen: true },
+                Step::Daemon { up: false },
+                Step::Advance { secs: 74 },
+                Step::Daemon { up: false },
+                Step::FailNext { op: 0 },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
             ],
         );
     }

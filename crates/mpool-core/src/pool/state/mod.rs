@@ -116,7 +116,12 @@ pub enum Input {
         result: Result<(), StepError>,
     },
     /// The daemon's list of instances (or why it could not be read).
-    Observed(Result<Vec<Observed>, StepError>),
+    Observed {
+        /// The list, or why it could not be read.
+        list: Result<Vec<Observed>, StepError>,
+        /// When the daemon was asked: what changed in the engine since then is newer than the list.
+        asked: Instant,
+    },
     /// A probe of the failed store: what it holds, or why it still fails.
     StoreProbed(Result<Snapshot, String>),
     /// Time passed: deadlines and maintenance.
@@ -250,6 +255,9 @@ struct Vm {
     rebuild: bool,
     /// When the running plan started.
     busy_since: Instant,
+    /// When its state last settled (created, adopted, or a plan ended): a daemon list asked
+    /// for before then may show it mid-change.
+    settled_at: Instant,
     /// Since when the daemon reports it Starting or Restarting: transient, waited for up to
     /// the pool's readiness timeout.
     transient_since: Option<Instant>,
@@ -274,6 +282,7 @@ impl Vm {
             created_ms: now_ms,
             rebuild: false,
             busy_since: now,
+            settled_at: now,
             transient_since: None,
             observe: false,
         }
@@ -331,6 +340,9 @@ pub struct EngineState {
     reconciled: bool,
     /// What the store held at start (or after a store recovery), until reconciliation.
     store_snapshot: Option<Snapshot>,
+    /// Reconcile only with a daemon list asked for after this (the store's recovery): an older
+    /// one misses what work in flight at the failure did meanwhile.
+    reconcile_after: Option<Instant>,
     /// VMs to reset before anyone gets them at the next reconciliation.
     doubt: HashSet<String>,
     /// Set while the store cannot be written.
@@ -365,6 +377,7 @@ impl EngineState {
             daemon_ok: false,
             reconciled: false,
             store_snapshot: Some(snapshot),
+            reconcile_after: None,
             doubt: HashSet::new(),
             degraded: None,
             batch: Batch::default(),
@@ -423,7 +436,7 @@ impl EngineState {
                 | Input::Release { caller, .. }
                 | Input::BeginUse { caller, .. }
                 | Input::Refresh { caller, .. } => self.reply(caller, Err(err)),
-                Input::Observed(result) => self.observed_daemon(&result),
+                Input::Observed { list, .. } => self.observed_daemon(&list),
                 Input::StoreProbed(result) => self.store_probed(env, result),
                 Input::Tick => self.retry_store(env),
                 // Work of the memory that was dropped: stale.
@@ -463,7 +476,7 @@ impl EngineState {
             Input::Refresh { id, owner, caller } => self.refresh(env, &id, owner.as_deref(), caller),
             Input::PlanDone { vm, plan, result } => self.plan_done(env, &vm, plan, result),
             Input::GoldenDone { pool, vm, result } => self.golden_done(env, &pool, &vm, result),
-            Input::Observed(result) => self.observed(env, result),
+            Input::Observed { list, asked } => self.observed(env, list, asked),
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
         }

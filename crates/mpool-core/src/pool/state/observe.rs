@@ -10,7 +10,7 @@ use crate::pool_config::PoolConfig;
 use crate::ports::{Observed, StepError};
 use crate::store::Write;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 impl EngineState {
     pub(super) fn daemon_ok_now(&mut self, env: &Env<'_>) {
@@ -48,20 +48,26 @@ impl EngineState {
     }
 
     /// A fresh `list` from the observer: first contact reconciles; later ones check idle VMs.
-    pub(super) fn observed(&mut self, env: &Env<'_>, result: Result<Vec<Observed>, StepError>) {
+    pub(super) fn observed(&mut self, env: &Env<'_>, result: Result<Vec<Observed>, StepError>, asked: Instant) {
         let list = match result {
             Ok(list) => list,
             Err(e) => return self.daemon_down(&e.message),
         };
         if !self.reconciled {
             self.daemon_ok = true;
+            if self.reconcile_after.is_some_and(|after| asked < after) {
+                // Asked before the store recovered: work aborted at the failure may have
+                // changed the daemon since. The observation asked for at the recovery follows.
+                return;
+            }
             return self.reconcile(env, &list);
         }
         self.daemon_ok_now(env);
         let seen: HashMap<&str, crate::types::InstanceState> =
             list.iter().map(|o| (o.name.as_str(), o.state)).collect();
         let mut drifted = Vec::new();
-        for vm in self.vms.values_mut().filter(|v| !v.busy) {
+        // A VM whose state settled after the list was asked for may show mid-change in it.
+        for vm in self.vms.values_mut().filter(|v| !v.busy && v.settled_at < asked) {
             use crate::types::InstanceState as S;
             let state = seen.get(vm.name.as_str()).copied();
             if !matches!(state, Some(S::Starting | S::Restarting)) {

@@ -77,6 +77,7 @@ impl EngineState {
             return;
         };
         vm.busy = false;
+        vm.settled_at = env.now;
         // After a failure the daemon may have done part of the plan: the next one looks first.
         vm.observe = result.is_err();
         let pool = vm.pool.clone();

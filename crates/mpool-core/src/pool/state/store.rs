@@ -76,6 +76,7 @@ impl EngineState {
                 tracing::info!("state store takes writes again; reconciling with multipassd");
                 self.degraded = None;
                 self.store_snapshot = Some(snapshot);
+                self.reconcile_after = Some(env.now);
                 self.reconciled = false;
                 self.batch.effects.push(Effect::Observe);
             }
