@@ -1,9 +1,12 @@
 //! `/metrics` of `mpool serve`, fetched with a hand-rolled HTTP/1.1 GET and read with a small
-//! Prometheus text-format parser written here: every sample line parses (`name{labels} value`,
-//! float value), every sample belongs to a `# TYPE`d family of a valid type, histogram buckets
-//! are cumulative and end at `_count`; and the counters move when API calls are made
+//! strict Prometheus text-format parser written here: every sample line parses (`name{labels}
+//! value`, float value), every sample belongs to a `# TYPE`d family of a valid type, histogram
+//! buckets are cumulative and end at `_count`; the counters move when API calls are made
 //! (`mpool_acquires_total`, `mpool_grpc_errors_total` after a NOT_FOUND,
-//! `mpool_daemon_call_seconds_count` as the released VM is reset).
+//! `mpool_daemon_call_seconds_count` as the released VM is reset). A whole scrape is also read
+//! by the Prometheus project's own parser (Python's `prometheus_client`), with label values
+//! bounded whatever callers send; and every metric the Grafana dashboard
+//! (`deploy/grafana/mpool.json`) queries is one a real scrape has.
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
@@ -566,3 +569,229 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
 }
 
 const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n";
+
+/// The metric names a PromQL expression uses: its identifiers less functions (followed by
+/// `(`), aggregation operators and keywords, grouping label lists (`by (...)`, `on (...)`),
+/// label matchers (`{...}`), ranges (`[...]`), strings, numbers and Grafana variables (`$x`).
+fn metric_names(expr: &str) -> Vec<String> {
+    const NOT_METRICS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+        "group",
+        "limitk",
+        "limit_ratio",
+        "inf",
+        "nan",
+    ];
+    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let c: Vec<char> = expr.chars().collect();
+    // The index just past the `close` that matches the opener at `i`, skipping strings.
+    let past = |mut i: usize, open: char, close: char| {
+        let mut depth = 0;
+        while i < c.len() {
+            match c[i] {
+                q @ ('"' | '\'' | '`') => {
+                    i += 1;
+                    while i < c.len() && c[i] != q {
+                        i += if c[i] == '\\' && q != '`' { 2 } else { 1 };
+                    }
+                }
+                x if x == open => depth += 1,
+                x if x == close => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i
+    };
+    let ident = |x: char| x.is_ascii_alphanumeric() || x == '_' || x == ':';
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        match c[i] {
+            '"' | '\'' | '`' => i = past(i, '\0', c[i]).max(i + 1),
+            '{' => i = past(i, '{', '}'),
+            '[' => i = past(i, '[', ']'),
+            '$' if c.get(i + 1) == Some(&'{') => i = past(i + 1, '{', '}'),
+            '$' => {
+                i += 1;
+                while i < c.len() && ident(c[i]) {
+                    i += 1;
+                }
+            }
+            x if x.is_ascii_digit() || x == '.' => {
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.') {
+                    i += 1;
+                }
+            }
+            x if x.is_ascii_alphabetic() || x == '_' || x == ':' => {
+                let start = i;
+                while i < c.len() && ident(c[i]) {
+                    i += 1;
+                }
+                let word: String = c[start..i].iter().collect();
+                let mut next = i;
+                while next < c.len() && c[next].is_whitespace() {
+                    next += 1;
+                }
+                let call = c.get(next) == Some(&'(');
+                if GROUPING.contains(&word.as_str()) && call {
+                    i = past(next, '(', ')');
+                } else if !call && !NOT_METRICS.contains(&word.as_str()) {
+                    names.push(word);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    for (expr, want) in [
+        (
+            "histogram_quantile(0.9, sum by (le, pool) (rate(mpool_acquire_seconds_bucket{pool=~\"$pool\"}[$__rate_interval])))",
+            vec!["mpool_acquire_seconds_bucket"],
+        ),
+        (
+            "sum by (pool) (rate(a_sum{x=\"}{\\\"by(\"}[5m])) / sum by (pool) (rate(a_count[${__rate_interval}]))",
+            vec!["a_sum", "a_count"],
+        ),
+        ("sum(x) without (op) + on (pool) group_left (state) y offset 5m > bool 1e3", vec!["x", "y"]),
+        ("max(up) or vector(0)", vec!["up"]),
+        ("label_values(mpool_leases, pool)", vec!["mpool_leases", "pool"]),
+    ] {
+        assert_eq!(metric_names(expr), want, "{expr}");
+    }
+}
+
+/// Every query of every panel and variable: (where, PromQL).
+fn dashboard_queries(d: &serde_json::Value) -> Vec<(String, String)> {
+    fn panels(list: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for p in list.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or_default();
+            if p["type"] == "row" {
+                panels(&p["panels"], out);
+                continue;
+            }
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {title} uses the datasource variable");
+            let targets = p["targets"].as_array().filter(|t| !t.is_empty());
+            for t in targets.unwrap_or_else(|| panic!("panel {title} has no query")) {
+                let expr = t["expr"].as_str().filter(|e| !e.trim().is_empty());
+                out.push((format!("panel {title}"), expr.unwrap_or_else(|| panic!("{title}: {t}")).to_string()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    panels(&d["panels"], &mut out);
+    for v in d["templating"]["list"].as_array().expect("templating.list") {
+        if v["type"] == "query" {
+            let q = v["query"]["query"].as_str().or(v["query"].as_str()).expect("a variable's query");
+            // label_values(SELECTOR, LABEL): only the selector names a metric.
+            let selector = q.strip_prefix("label_values(").and_then(|r| r.rsplit_once(',')).map(|(s, _)| s);
+            out.push((format!("variable {}", v["name"]), selector.unwrap_or(q).to_string()));
+        }
+    }
+    out
+}
+
+/// `deploy/grafana/mpool.json` is a dashboard Grafana imports (schema ~39, a Prometheus
+/// `datasource` variable and a `pool` variable), and every metric its queries name (the
+/// family, once `_bucket`/`_sum`/`_count` are taken off a histogram's series) is one a real
+/// `mpool serve` exports, with samples, after leases and a failing daemon call; and each
+/// exported family is on the dashboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_exported_metrics() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/mpool.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        d["schemaVersion"].as_u64().is_some_and(|v| (36..=41).contains(&v)),
+        "schemaVersion {}",
+        d["schemaVersion"]
+    );
+    let var = |name: &str| {
+        d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (var("datasource")["type"].as_str(), var("datasource")["query"].as_str()),
+        (Some("datasource"), Some("prometheus"))
+    );
+    assert_eq!(var("pool")["type"], "query");
+    assert_eq!(var("pool")["datasource"]["uid"], "${datasource}");
+    let queries = dashboard_queries(&d);
+
+    // A real scrape in which every family has samples: a lease taken and released (acquire and
+    // reset histograms), an API error, and a pool whose image multipassd does not have (failed
+    // launches).
+    let pools = format!(
+        "{POOL}[[pools]]\nname = \"broken\"\nimage = \"file:///nonexistent/mpool-broken.img\"\nmin_ready = 1\nmax_size = 1\n"
+    );
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "dashboard").await.expect("acquire");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    acquire(&mut c, "nope", "dashboard").await.expect_err("an unknown pool");
+    let e = wait("a reset and a failed launch are counted", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let now = scrape(&stack).await;
+            (now.sum("mpool_reset_seconds_count", &[("pool", "ci")]) >= 1.0
+                && now.sum("mpool_daemon_call_errors_total", &[("op", "launch")]) >= 1.0)
+                .then_some(now)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+
+    let mut used = std::collections::BTreeSet::new();
+    for (at, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{at}: {expr} names no metric");
+        for n in names {
+            let fam = family(&n, &e.types);
+            let kind = e.types.get(fam).unwrap_or_else(|| {
+                panic!("{at}: {n} in {expr} is no metric /metrics exports; it exports {:?}", e.types)
+            });
+            assert!(e.samples.iter().any(|s| s.name == n), "{at}: {n} ({kind}) has no samples in a real scrape");
+            if expr.contains("histogram_quantile") {
+                assert!(kind == "histogram" && n.ends_with("_bucket"), "{at}: histogram_quantile over {n}: {expr}");
+            }
+            used.insert(fam.to_string());
+        }
+    }
+    let missing: Vec<&String> = e.types.keys().filter(|f| !used.contains(*f)).collect();
+    assert!(missing.is_empty(), "exported but on no panel of the dashboard: {missing:?}");
+}
