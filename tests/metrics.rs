@@ -1,16 +1,20 @@
 //! `/metrics` of `mpool serve`, fetched with a hand-rolled HTTP/1.1 GET and read with a small
-//! Prometheus text-format parser written here: every sample line parses (`name{labels} value`,
-//! float value), every sample belongs to a `# TYPE`d family of a valid type, histogram buckets
-//! are cumulative and end at `_count`; and the counters move when API calls are made
+//! strict Prometheus text-format parser written here: every sample line parses (`name{labels}
+//! value`, float value), every sample belongs to a `# TYPE`d family of a valid type, histogram
+//! buckets are cumulative and end at `_count`; the counters move when API calls are made
 //! (`mpool_acquires_total`, `mpool_grpc_errors_total` after a NOT_FOUND,
-//! `mpool_daemon_call_seconds_count` as the released VM is reset).
+//! `mpool_daemon_call_seconds_count` as the released VM is reset). A whole scrape is also read
+//! by the Prometheus project's own parser (Python's `prometheus_client`), with label values
+//! bounded whatever callers send; and every metric the Grafana dashboard
+//! (`deploy/grafana/mpool.json`) queries is one a real scrape has.
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
-use common::MPOOL;
+use common::{MPOOL, tools};
 use mpool_api::proto::v1;
 use mpool_testkit::api::acquire;
 use mpool_testkit::{Stack, StackOptions, wait};
@@ -286,9 +290,12 @@ async fn metrics_parse_and_counters_move_with_calls() {
     assert_eq!((status, body.as_str()), (404, "try /metrics\n"));
 
     let before = scrape(&stack).await;
+    // Families with a series from the start (a configured pool's counters and histograms start
+    // at zero); a family whose series all come later (API errors) has no lines until then.
     for (name, kind) in [
         ("mpool_acquires_total", "counter"),
-        ("mpool_grpc_errors_total", "counter"),
+        ("mpool_reset_seconds", "histogram"),
+        ("mpool_store_write_failures_total", "counter"),
         ("mpool_daemon_call_seconds", "histogram"),
         ("mpool_acquire_seconds", "histogram"),
         ("mpool_vms", "gauge"),
@@ -302,6 +309,14 @@ async fn metrics_parse_and_counters_move_with_calls() {
     assert_eq!(before.sum("mpool_store_up", &[]), 1.0);
     assert!(before.sum("mpool_daemon_call_seconds_count", &[]) > 0.0, "warming the pool called multipassd");
     assert_eq!(before.sum("mpool_leases", &[("pool", "ci")]), 0.0);
+    assert_eq!(before.sum("mpool_acquires_total", &[("pool", "ci"), ("outcome", "hot")]), 0.0);
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.name == "mpool_acquires_total" && s.labels.get("outcome").is_some_and(|o| o == "hot")),
+        "the counter of hot acquires of ci is there at zero before the first acquire"
+    );
 
     // An acquire, a NOT_FOUND, and a release (whose reset calls multipassd).
     let mut c = stack.client().await;
@@ -322,6 +337,7 @@ async fn metrics_parse_and_counters_move_with_calls() {
     // An unknown pool is not a label value of its own (callers could add series at will).
     assert_eq!(during.sum("mpool_acquires_total", &[("pool", "unknown"), ("outcome", "error")]), 1.0);
     assert_eq!(during.sum("mpool_acquires_total", &[("pool", "nope")]), 0.0);
+    assert_eq!(during.types.get("mpool_grpc_errors_total").map(String::as_str), Some("counter"));
     let not_found = [("method", "Acquire"), ("code", "NotFound")];
     assert_eq!(
         during.sum("mpool_grpc_errors_total", &not_found),
@@ -349,4 +365,433 @@ async fn metrics_parse_and_counters_move_with_calls() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     let after = scrape(&stack).await;
     assert_eq!(after.sum("mpool_grpc_errors_total", &[("method", "ListPools"), ("code", "Unauthenticated")]), 1.0);
+}
+
+/// Reads `text` with the Prometheus project's own parser (Python's `prometheus_client`, run
+/// by `python`), into the same shape as [`parse`]'s: families' types (by the parser's family
+/// names: a counter's without `_total`) and every sample. Panics if the parser refuses it.
+async fn reference_parse(python: &str, text: &str) -> Exposition {
+    const SCRIPT: &str = "\
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    out.append({'name': f.name, 'type': f.type, 'samples': [
+        {'name': s.name, 'labels': s.labels, 'value': repr(float(s.value))} for s in f.samples]})
+print(json.dumps(out))
+";
+    let o = tools::run(Path::new(python), &["-c", SCRIPT], Some(text.as_bytes()), &[]).await;
+    o.expect_code(0, "prometheus_client's parser reads /metrics");
+    let families: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).expect("the script prints JSON");
+    let mut e = Exposition::default();
+    for f in families {
+        let (name, kind) = (f["name"].as_str().expect("name"), f["type"].as_str().expect("type"));
+        e.types.insert(name.to_string(), kind.to_string());
+        for s in f["samples"].as_array().expect("samples") {
+            e.samples.push(Sample {
+                name: s["name"].as_str().expect("sample name").to_string(),
+                labels: serde_json::from_value(s["labels"].clone()).expect("labels"),
+                value: s["value"].as_str().and_then(|v| v.parse().ok()).expect("value"),
+            });
+        }
+    }
+    e
+}
+
+/// Each sample as `name{labels} value`, sorted: what two parsers must agree on.
+fn sample_lines(e: &Exposition) -> Vec<String> {
+    let mut v: Vec<String> = e.samples.iter().map(|s| format!("{}{:?} {}", s.name, s.labels, s.value)).collect();
+    v.sort();
+    v
+}
+
+/// A gRPC channel over the stack's Unix socket, to call methods the generated client lacks.
+async fn raw_channel(stack: &Stack) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let path = stack.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("channel");
+    tonic::client::Grpc::new(channel)
+}
+
+/// The methods the API serves, as `method` label values: mpool.v1.Pool's from the proto, then
+/// health and reflection.
+fn served_methods() -> Vec<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(mpool_api::proto::FILE_DESCRIPTOR_SET).expect("descriptors");
+    let mut v: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .filter(|s| s.name() == "Pool")
+        .flat_map(|s| s.method.iter().map(|m| m.name().to_string()))
+        .collect();
+    assert!(v.iter().any(|m| m == "Acquire"), "{v:?}");
+    v.extend(["Check", "Watch", "ServerReflectionInfo"].map(String::from));
+    v
+}
+
+/// The whole `/metrics` of a real `mpool serve` after leases taken and released through the CLI,
+/// API errors, a thousand made-up method names and unknown pools, read by the Prometheus
+/// project's own parser: it reads every line (the same samples as the strict parser above),
+/// the histograms hold, and every label value is from its bounded set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
+    let Some(python) = tools::python_prometheus() else { return };
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let endpoint = format!("unix:{}", stack.socket.display());
+    let cli = |args: &[&str]| {
+        let mut v = vec!["--endpoint", endpoint.as_str()];
+        v.extend_from_slice(args);
+        let v: Vec<String> = v.into_iter().map(String::from).collect();
+        async move {
+            let args: Vec<&str> = v.iter().map(String::as_str).collect();
+            tools::run(Path::new(MPOOL), &args, None, &[]).await
+        }
+    };
+    for round in 0..2 {
+        let a = cli(&["acquire", "--pool", "ci", "--holder", "metrics-cli"]).await;
+        let lease = a.expect_code(0, "acquire").stdout.trim().to_string();
+        cli(&["exec", &lease, "--", "true"]).await.expect_code(0, "exec");
+        cli(&["release", &lease]).await.expect_code(0, "release");
+        wait(format!("reset {round} is counted"), Duration::from_secs(60))
+            .every(Duration::from_millis(50))
+            .until(|| async {
+                let now = scrape(&stack).await;
+                (now.sum("mpool_reset_seconds_count", &[("pool", "ci")]) > f64::from(round)).then_some(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    }
+    cli(&["acquire", "--pool", "nope"]).await.expect_code(2, "an unknown pool");
+
+    let mut grpc = raw_channel(&stack).await;
+    const MADE_UP: usize = 1000;
+    let alphabet: Vec<char> = ('a'..='z').chain('A'..='Z').chain('0'..='9').chain(['-', '_', '.', '~']).collect();
+    for i in 0..MADE_UP {
+        let name: String =
+            (0..1 + rand::random_range(0..24)).map(|_| alphabet[rand::random_range(0..alphabet.len())]).collect();
+        let service = if i % 2 == 0 { "mpool.v1.Pool".to_string() } else { format!("x{i}.Svc") };
+        let path: tonic::codegen::http::uri::PathAndQuery = format!("/{service}/{name}").parse().expect("path");
+        grpc.ready().await.expect("ready");
+        let codec = tonic_prost::ProstCodec::<v1::ListPoolsRequest, v1::ListPoolsResponse>::default();
+        let e =
+            grpc.unary(tonic::Request::new(v1::ListPoolsRequest {}), path, codec).await.expect_err("made-up method");
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{service}/{name}");
+    }
+    let mut c = stack.client().await;
+    for i in 0..50 {
+        let e = acquire(&mut c, &format!("no-such-pool-{i}-{:x}", rand::random::<u32>()), "x").await.expect_err("pool");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+
+    let (status, _, text) = get(stack.metrics, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let strict = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let reference = reference_parse(&python, &text).await;
+    assert_eq!(sample_lines(&reference), sample_lines(&strict), "both parsers read the same samples");
+    assert_eq!(
+        reference.samples.len(),
+        text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count(),
+        "every sample line was read"
+    );
+    check_histograms(&reference).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let mut families: Vec<(&str, &str)> = reference.types.iter().map(|(n, k)| (n.as_str(), k.as_str())).collect();
+    families.sort();
+    assert_eq!(
+        families,
+        [
+            ("mpool_acquire_seconds", "histogram"),
+            ("mpool_acquires", "counter"),
+            ("mpool_daemon_call_seconds", "histogram"),
+            ("mpool_daemon_queue", "gauge"),
+            ("mpool_daemon_up", "gauge"),
+            ("mpool_grpc_errors", "counter"),
+            ("mpool_leases", "gauge"),
+            ("mpool_reset_seconds", "histogram"),
+            ("mpool_store_up", "gauge"),
+            ("mpool_store_write_failures", "counter"),
+            ("mpool_vms", "gauge"),
+            ("mpool_waiters", "gauge"),
+        ],
+        "the families (a counter's name without _total, as the parser reports it)"
+    );
+
+    // Bounded label sets: every value from its known set, whatever callers sent.
+    let methods = served_methods();
+    let codes = [
+        "Ok",
+        "Cancelled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    for s in &reference.samples {
+        for (label, value) in &s.labels {
+            let known = match label.as_str() {
+                "pool" => ["ci", "unknown"].contains(&value.as_str()),
+                "method" => value == "unknown" || methods.contains(value),
+                "code" => codes.contains(&value.as_str()),
+                "outcome" => ["hot", "warm", "cold", "repeat", "error"].contains(&value.as_str()),
+                "state" => value.chars().all(|c| c.is_ascii_lowercase()) && value.len() <= 16,
+                "op" => value.chars().all(|c| c.is_ascii_lowercase() || c == '_') && value.len() <= 16,
+                "le" => true,
+                _ => false,
+            };
+            assert!(known, "{}: label {label}={value:?} is not from its bounded set", s.name);
+        }
+    }
+    let unknown = [("method", "unknown"), ("code", "Unimplemented")];
+    assert_eq!(reference.sum("mpool_grpc_errors_total", &unknown), MADE_UP as f64);
+    assert_eq!(reference.sum("mpool_acquires_total", &[("pool", "unknown"), ("outcome", "error")]), 51.0);
+    assert_eq!(reference.sum("mpool_acquires_total", &[("pool", "ci")]), 2.0);
+    let error_series = reference.samples.iter().filter(|s| s.name == "mpool_grpc_errors_total").count();
+    assert_eq!(error_series, 2, "one series for the made-up methods, one for Acquire/NotFound:\n{text}");
+}
+
+const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 1\nmax_size = 2\n";
+
+/// The metric names a PromQL expression uses: its identifiers less functions (followed by
+/// `(`), aggregation operators and keywords, grouping label lists (`by (...)`, `on (...)`),
+/// label matchers (`{...}`), ranges (`[...]`), strings, numbers and Grafana variables (`$x`).
+fn metric_names(expr: &str) -> Vec<String> {
+    const NOT_METRICS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+        "group",
+        "limitk",
+        "limit_ratio",
+        "inf",
+        "nan",
+    ];
+    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let c: Vec<char> = expr.chars().collect();
+    // The index just past the `close` that matches the opener at `i`, skipping strings.
+    let past = |mut i: usize, open: char, close: char| {
+        let mut depth = 0;
+        while i < c.len() {
+            match c[i] {
+                q @ ('"' | '\'' | '`') => {
+                    i += 1;
+                    while i < c.len() && c[i] != q {
+                        i += if c[i] == '\\' && q != '`' { 2 } else { 1 };
+                    }
+                }
+                x if x == open => depth += 1,
+                x if x == close => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i
+    };
+    let ident = |x: char| x.is_ascii_alphanumeric() || x == '_' || x == ':';
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        match c[i] {
+            '"' | '\'' | '`' => i = past(i, '\0', c[i]).max(i + 1),
+            '{' => i = past(i, '{', '}'),
+            '[' => i = past(i, '[', ']'),
+            '$' if c.get(i + 1) == Some(&'{') => i = past(i + 1, '{', '}'),
+            '$' => {
+                i += 1;
+                while i < c.len() && ident(c[i]) {
+                    i += 1;
+                }
+            }
+            x if x.is_ascii_digit() || x == '.' => {
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.') {
+                    i += 1;
+                }
+            }
+            x if x.is_ascii_alphabetic() || x == '_' || x == ':' => {
+                let start = i;
+                while i < c.len() && ident(c[i]) {
+                    i += 1;
+                }
+                let word: String = c[start..i].iter().collect();
+                let mut next = i;
+                while next < c.len() && c[next].is_whitespace() {
+                    next += 1;
+                }
+                let call = c.get(next) == Some(&'(');
+                if GROUPING.contains(&word.as_str()) && call {
+                    i = past(next, '(', ')');
+                } else if !call && !NOT_METRICS.contains(&word.as_str()) {
+                    names.push(word);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    for (expr, want) in [
+        (
+            "histogram_quantile(0.9, sum by (le, pool) (rate(mpool_acquire_seconds_bucket{pool=~\"$pool\"}[$__rate_interval])))",
+            vec!["mpool_acquire_seconds_bucket"],
+        ),
+        (
+            "sum by (pool) (rate(a_sum{x=\"}{\\\"by(\"}[5m])) / sum by (pool) (rate(a_count[${__rate_interval}]))",
+            vec!["a_sum", "a_count"],
+        ),
+        ("sum(x) without (op) + on (pool) group_left (state) y offset 5m > bool 1e3", vec!["x", "y"]),
+        ("max(up) or vector(0)", vec!["up"]),
+        ("label_values(mpool_leases, pool)", vec!["mpool_leases", "pool"]),
+    ] {
+        assert_eq!(metric_names(expr), want, "{expr}");
+    }
+}
+
+/// Every query of every panel and variable: (where, PromQL).
+fn dashboard_queries(d: &serde_json::Value) -> Vec<(String, String)> {
+    fn panels(list: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for p in list.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or_default();
+            if p["type"] == "row" {
+                panels(&p["panels"], out);
+                continue;
+            }
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {title} uses the datasource variable");
+            let targets = p["targets"].as_array().filter(|t| !t.is_empty());
+            for t in targets.unwrap_or_else(|| panic!("panel {title} has no query")) {
+                let expr = t["expr"].as_str().filter(|e| !e.trim().is_empty());
+                out.push((format!("panel {title}"), expr.unwrap_or_else(|| panic!("{title}: {t}")).to_string()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    panels(&d["panels"], &mut out);
+    for v in d["templating"]["list"].as_array().expect("templating.list") {
+        if v["type"] == "query" {
+            let q = v["query"]["query"].as_str().or(v["query"].as_str()).expect("a variable's query");
+            // label_values(SELECTOR, LABEL): only the selector names a metric.
+            let selector = q.strip_prefix("label_values(").and_then(|r| r.rsplit_once(',')).map(|(s, _)| s);
+            out.push((format!("variable {}", v["name"]), selector.unwrap_or(q).to_string()));
+        }
+    }
+    out
+}
+
+/// `deploy/grafana/mpool.json` is a dashboard Grafana imports (schema ~39, a Prometheus
+/// `datasource` variable and a `pool` variable), and every metric its queries name (the
+/// family, once `_bucket`/`_sum`/`_count` are taken off a histogram's series) is one a real
+/// `mpool serve` exports, with samples, after leases and a failing daemon call; and each
+/// exported family is on the dashboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_exported_metrics() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/mpool.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        d["schemaVersion"].as_u64().is_some_and(|v| (36..=41).contains(&v)),
+        "schemaVersion {}",
+        d["schemaVersion"]
+    );
+    let var = |name: &str| {
+        d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (var("datasource")["type"].as_str(), var("datasource")["query"].as_str()),
+        (Some("datasource"), Some("prometheus"))
+    );
+    assert_eq!(var("pool")["type"], "query");
+    assert_eq!(var("pool")["datasource"]["uid"], "${datasource}");
+    let queries = dashboard_queries(&d);
+
+    // A real scrape in which every family has samples: a lease taken and released (acquire and
+    // reset histograms), an API error, and a pool whose image multipassd does not have (failed
+    // launches).
+    let pools = format!(
+        "{POOL}[[pools]]\nname = \"broken\"\nimage = \"file:///nonexistent/mpool-broken.img\"\nmin_ready = 1\nmax_size = 1\n"
+    );
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "dashboard").await.expect("acquire");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    acquire(&mut c, "nope", "dashboard").await.expect_err("an unknown pool");
+    let e = wait("a reset and a failed launch are counted", Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .until(|| async {
+            let now = scrape(&stack).await;
+            (now.sum("mpool_reset_seconds_count", &[("pool", "ci")]) >= 1.0
+                && now.sum("mpool_daemon_call_errors_total", &[("op", "launch")]) >= 1.0)
+                .then_some(now)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+
+    let mut used = std::collections::BTreeSet::new();
+    for (at, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{at}: {expr} names no metric");
+        for n in names {
+            let fam = family(&n, &e.types);
+            let kind = e.types.get(fam).unwrap_or_else(|| {
+                panic!("{at}: {n} in {expr} is no metric /metrics exports; it exports {:?}", e.types)
+            });
+            assert!(e.samples.iter().any(|s| s.name == n), "{at}: {n} ({kind}) has no samples in a real scrape");
+            if expr.contains("histogram_quantile") {
+                assert!(kind == "histogram" && n.ends_with("_bucket"), "{at}: histogram_quantile over {n}: {expr}");
+            }
+            used.insert(fam.to_string());
+        }
+    }
+    let missing: Vec<&String> = e.types.keys().filter(|f| !used.contains(*f)).collect();
+    assert!(missing.is_empty(), "exported but on no panel of the dashboard: {missing:?}");
 }

@@ -109,7 +109,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.uri().path()).to_string();
+        let method = method_label(req.uri().path());
         let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -119,8 +119,7 @@ where
                 resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<i32>().ok())
                 && code != 0
             {
-                let code = format!("{:?}", tonic::Code::from_i32(code));
-                metrics.count("mpool_grpc_errors_total", vec![("method", method), ("code", code)], 1);
+                metrics.grpc_error(method, code);
             }
             Ok(resp)
         })
@@ -150,7 +149,7 @@ const METHODS: &[&str] = &[
 
 /// The `method` label of a request path: the method's name when it is one the server serves
 /// (`Acquire`, `Check`, ...), else [`UNKNOWN`], so the label set stays bounded whatever callers send.
-fn method_label(path: &str) -> &str {
+fn method_label(path: &str) -> &'static str {
     match METHODS.iter().find(|m| **m == path) {
         Some(m) => m.rsplit('/').next().unwrap_or(UNKNOWN),
         None => UNKNOWN,

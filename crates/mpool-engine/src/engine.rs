@@ -405,7 +405,7 @@ impl Actor {
                 }
             }
             Err((cause, writes)) => {
-                self.metrics.count("mpool_store_write_failures_total", vec![], 1);
+                self.metrics.store_write_failed();
                 let err = EngineError::StoreUnavailable(cause.clone());
                 for effect in effects {
                     if let Effect::Reply { caller, .. } = effect {
@@ -494,7 +494,7 @@ impl Actor {
                     let _ = tx.send(Msg::Done(Input::StoreProbed(result))).await;
                 });
             }
-            Effect::ResetTook { pool, took } => self.metrics.observe("mpool_reset_seconds", vec![("pool", pool)], took),
+            Effect::ResetTook { pool, took } => self.metrics.reset_took(&pool, took),
         }
     }
 

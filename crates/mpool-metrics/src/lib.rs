@@ -1,150 +1,258 @@
-//! Prometheus metrics: counters and histograms recorded by the API, the engine and the daemon
-//! port, rendered in the Prometheus text format (gauges of pool state are added at scrape time
-//! from the engine's status).
+//! Prometheus metrics with the Prometheus project's Rust client (`prometheus-client`): the
+//! counters and histograms the API, the engine and the daemon port record, plus gauges of pool
+//! state made at scrape time from the engine's status, encoded in the Prometheus
+//! text format 0.0.4 ([`CONTENT_TYPE`]).
+//!
+//! Every label value comes from a bounded set, so no caller can add series at will: pool names a
+//! caller sends fold into [`UNKNOWN`] unless they are configured ([`Metrics::set_pools`]), the
+//! API folds gRPC methods it does not serve into [`UNKNOWN`] before they get here, status codes
+//! are the 17 gRPC codes, daemon operations and acquire outcomes are names in the code, VM
+//! states are the engine's. No exemplars.
+//!
+//! Exported: counters `mpool_acquires_total{pool,outcome}`,
+//! `mpool_daemon_call_errors_total{op}`, `mpool_grpc_errors_total{method,code}`,
+//! `mpool_store_write_failures_total`; histograms `mpool_acquire_seconds{pool}`,
+//! `mpool_reset_seconds{pool}`, `mpool_daemon_call_seconds{op}`; gauges `mpool_vms{pool,state}`,
+//! `mpool_leases{pool}`, `mpool_waiters{pool}`, `mpool_daemon_up`, `mpool_daemon_queue`,
+//! `mpool_store_up`. (prometheus-client appends `_total` to a counter's registered name.)
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+mod gauges;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-/// Histogram bucket bounds, seconds.
-const BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
-
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
-        }
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-#[derive(Default)]
-struct Inner {
-    counters: BTreeMap<(&'static str, Labels), u64>,
-    histograms: BTreeMap<(&'static str, Labels), Histogram>,
-    /// The configured pools: the only pool names that become label values.
-    pools: std::collections::BTreeSet<String>,
-}
+use mpool_core::pool::leases::Served;
+use mpool_core::pool::status::Status;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// The label value every caller-supplied name outside its known set folds into (an unknown
 /// pool, an unknown gRPC method), so a caller cannot add series at will.
 pub const UNKNOWN: &str = "unknown";
 
-/// The registry; cheap to clone.
-#[derive(Clone, Default)]
-pub struct Metrics {
-    inner: Arc<Mutex<Inner>>,
-}
+/// The `Content-Type` of [`Metrics::render`]'s text: the Prometheus text format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+/// Histogram bucket bounds, seconds.
+const BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
-fn labels(l: &Labels, extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = l.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-    if let Some((k, v)) = extra {
-        parts.push(format!("{k}=\"{v}\""));
-    }
-    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
-}
+/// The `outcome` label values of `mpool_acquires_total`: how an Acquire was served, or `error`.
+const OUTCOMES: [&str; 5] = ["hot", "warm", "cold", "repeat", "error"];
 
-/// Help texts of the metrics this module records.
-const HELP: &[(&str, &str, &str)] = &[
-    ("mpool_acquires_total", "counter", "Acquires by pool and outcome (hot, warm, cold, repeat, error)."),
-    ("mpool_acquire_seconds", "histogram", "Time to serve an Acquire, by pool."),
-    ("mpool_reset_seconds", "histogram", "Time to reset a VM after its lease, by pool."),
-    ("mpool_daemon_call_seconds", "histogram", "multipassd call latency, by operation."),
-    ("mpool_daemon_call_errors_total", "counter", "multipassd calls that failed, by operation."),
-    ("mpool_grpc_errors_total", "counter", "API calls that ended with an error status, by method and code."),
-    (
-        "mpool_store_write_failures_total",
-        "counter",
-        "State store writes that failed (each fails its batch's requests; the store is then retried).",
-    ),
+/// The gRPC status codes by number, named as tonic's `Code` prints them.
+const GRPC_CODES: [&str; 17] = [
+    "Ok",
+    "Cancelled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcquireLabels {
+    pool: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+/// A histogram with [`BUCKETS`].
+fn seconds() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The registry and a handle on each metric in it.
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    acquires: Family<AcquireLabels, Counter>,
+    acquire_seconds: Histograms<PoolLabels>,
+    reset_seconds: Histograms<PoolLabels>,
+    daemon_call_seconds: Histograms<OpLabels>,
+    daemon_call_errors: Family<OpLabels, Counter>,
+    grpc_errors: Family<GrpcLabels, Counter>,
+    store_write_failures: Counter,
+    /// The configured pools: the only pool names a caller sends that become label values.
+    pools: RwLock<BTreeSet<String>>,
+}
+
+/// The metrics of one `mpool serve`; cheap to clone (clones share the registry).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::default();
+        let acquires = Family::default();
+        let acquire_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let reset_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let daemon_call_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let daemon_call_errors = Family::default();
+        let grpc_errors = Family::default();
+        let store_write_failures = Counter::default();
+        // Counters are registered without `_total`: the encoder appends it. Help texts get a
+        // final period from the registry.
+        registry.register(
+            "mpool_acquires",
+            "Acquires by pool and outcome (hot, warm, cold, repeat, error)",
+            acquires.clone(),
+        );
+        registry.register("mpool_acquire_seconds", "Time to serve an Acquire, by pool", acquire_seconds.clone());
+        registry.register("mpool_reset_seconds", "Time to reset a VM after its lease, by pool", reset_seconds.clone());
+        registry.register(
+            "mpool_daemon_call_seconds",
+            "multipassd call latency, by operation",
+            daemon_call_seconds.clone(),
+        );
+        registry.register(
+            "mpool_daemon_call_errors",
+            "multipassd calls that failed, by operation",
+            daemon_call_errors.clone(),
+        );
+        registry.register(
+            "mpool_grpc_errors",
+            "API calls that ended with an error status, by method and code",
+            grpc_errors.clone(),
+        );
+        registry.register(
+            "mpool_store_write_failures",
+            "State store writes that failed (each fails its batch's requests; the store is then retried)",
+            store_write_failures.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                acquires,
+                acquire_seconds,
+                reset_seconds,
+                daemon_call_seconds,
+                daemon_call_errors,
+                grpc_errors,
+                store_write_failures,
+                pools: RwLock::default(),
+            }),
+        }
+    }
+}
+
 impl Metrics {
-    /// Adds to a counter.
-    pub fn count(&self, name: &'static str, labels: Labels, by: u64) {
-        if let Ok(mut i) = self.inner.lock() {
-            *i.counters.entry((name, labels)).or_insert(0) += by;
-        }
-    }
-
-    /// Observes a duration.
-    pub fn observe(&self, name: &'static str, labels: Labels, d: Duration) {
-        if let Ok(mut i) = self.inner.lock() {
-            i.histograms.entry((name, labels)).or_default().observe(d.as_secs_f64());
-        }
-    }
-
     /// Declares the configured pools: [`Metrics::acquired`] records other pool names a caller
-    /// sends as [`UNKNOWN`].
+    /// sends as [`UNKNOWN`]. Each pool's acquire counters (every outcome) and its acquire and
+    /// reset histograms start at zero, so they are there before the first acquire (a counter
+    /// that appears only at its first increment hides that increment from `rate()`).
     pub fn set_pools<I: IntoIterator<Item = String>>(&self, pools: I) {
-        if let Ok(mut i) = self.inner.lock() {
-            i.pools = pools.into_iter().collect();
+        let pools: BTreeSet<String> = pools.into_iter().collect();
+        for pool in pools.iter().cloned().chain([UNKNOWN.to_string()]) {
+            for outcome in OUTCOMES {
+                let _ = self.inner.acquires.get_or_create(&AcquireLabels { pool: pool.clone(), outcome });
+            }
+        }
+        for pool in &pools {
+            let labels = PoolLabels { pool: pool.clone() };
+            let _ = self.inner.acquire_seconds.get_or_create(&labels);
+            let _ = self.inner.reset_seconds.get_or_create(&labels);
+        }
+        if let Ok(mut p) = self.inner.pools.write() {
+            *p = pools;
         }
     }
 
     /// `pool` if it is a configured pool, else [`UNKNOWN`].
     fn pool_label(&self, pool: &str) -> String {
-        match self.inner.lock() {
-            Ok(i) if i.pools.contains(pool) => pool.to_string(),
+        match self.inner.pools.read() {
+            Ok(p) if p.contains(pool) => pool.to_string(),
             _ => UNKNOWN.to_string(),
         }
     }
 
     /// An Acquire finished (`served` is None on error). `pool` is what the caller asked for:
     /// only configured pools become label values.
-    pub fn acquired(&self, pool: &str, served: Option<mpool_core::pool::leases::Served>, took: Duration) {
+    pub fn acquired(&self, pool: &str, served: Option<Served>, took: Duration) {
         let pool = self.pool_label(pool);
         let outcome = match served {
-            Some(s) => format!("{s:?}").to_lowercase(),
-            None => "error".into(),
+            Some(Served::Hot) => OUTCOMES[0],
+            Some(Served::Warm) => OUTCOMES[1],
+            Some(Served::Cold) => OUTCOMES[2],
+            Some(Served::Repeat) => OUTCOMES[3],
+            None => OUTCOMES[4],
         };
-        self.count("mpool_acquires_total", vec![("pool", pool.clone()), ("outcome", outcome)], 1);
+        self.inner.acquires.get_or_create(&AcquireLabels { pool: pool.clone(), outcome }).inc();
         if served.is_some() {
-            self.observe("mpool_acquire_seconds", vec![("pool", pool)], took);
+            self.inner.acquire_seconds.get_or_create(&PoolLabels { pool }).observe(took.as_secs_f64());
         }
     }
 
-    /// Renders everything in the Prometheus text format, followed by `extra` (gauges).
-    pub fn render(&self, extra: &str) -> String {
-        let mut out = String::new();
-        let Ok(i) = self.inner.lock() else { return out };
-        for (name, kind, help) in HELP {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for ((n, l), v) in i.counters.iter().filter(|((n, _), _)| n == name) {
-                let _ = writeln!(out, "{n}{} {v}", labels(l, None));
-            }
-            for ((n, l), h) in i.histograms.iter().filter(|((n, _), _)| n == name) {
-                for (b, c) in BUCKETS.iter().zip(&h.counts) {
-                    let _ = writeln!(out, "{n}_bucket{} {c}", labels(l, Some(("le", b.to_string()))));
-                }
-                let _ = writeln!(out, "{n}_bucket{} {}", labels(l, Some(("le", "+Inf".into()))), h.count);
-                let _ = writeln!(out, "{n}_sum{} {}", labels(l, None), h.sum);
-                let _ = writeln!(out, "{n}_count{} {}", labels(l, None), h.count);
-            }
+    /// A VM of `pool` (a configured pool: the engine's own) was reset after its lease.
+    pub fn reset_took(&self, pool: &str, took: Duration) {
+        self.inner.reset_seconds.get_or_create(&PoolLabels { pool: pool.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// A multipassd call `op` took `took`, and failed or not.
+    pub fn daemon_call(&self, op: &'static str, took: Duration, failed: bool) {
+        let labels = OpLabels { op };
+        self.inner.daemon_call_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+        if failed {
+            self.inner.daemon_call_errors.get_or_create(&labels).inc();
         }
-        out.push_str(extra);
-        out
+    }
+
+    /// An API call of `method` (one the server serves, or [`UNKNOWN`]) ended with the gRPC
+    /// status `code` (a number outside the 17 codes counts as `Unknown`, as tonic reads it).
+    pub fn grpc_error(&self, method: &'static str, code: i32) {
+        let code = usize::try_from(code).ok().and_then(|c| GRPC_CODES.get(c)).copied().unwrap_or("Unknown");
+        self.inner.grpc_errors.get_or_create(&GrpcLabels { method, code }).inc();
+    }
+
+    /// A state store write failed.
+    pub fn store_write_failed(&self) {
+        self.inner.store_write_failures.inc();
+    }
+
+    /// Everything in the Prometheus text format: the recorded metrics, then the pool-state
+    /// gauges of `status` (none without it, e.g. when the engine has stopped).
+    pub fn render(&self, status: Option<&Status>) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.inner.registry)?;
+        if let Some(status) = status {
+            prometheus_text::encode(&mut out, &gauges::registry(status))?;
+        }
+        Ok(out)
     }
 }
 
@@ -152,16 +260,27 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn text(m: &Metrics) -> String {
+        m.render(None).expect("renders")
+    }
+
     #[test]
     fn renders_counters_and_histograms() {
         let m = Metrics::default();
-        m.count("mpool_grpc_errors_total", vec![("method", "Acquire".into()), ("code", "NotFound".into())], 2);
-        m.observe("mpool_daemon_call_seconds", vec![("op", "start".into())], Duration::from_millis(3));
-        let text = m.render("");
-        assert!(text.contains("mpool_grpc_errors_total{method=\"Acquire\",code=\"NotFound\"} 2"), "{text}");
-        assert!(text.contains("mpool_daemon_call_seconds_bucket{op=\"start\",le=\"0.005\"} 1"), "{text}");
-        assert!(text.contains("mpool_daemon_call_seconds_bucket{op=\"start\",le=\"0.0025\"} 0"), "{text}");
-        assert!(text.contains("mpool_daemon_call_seconds_count{op=\"start\"} 1"), "{text}");
+        m.grpc_error("Acquire", 5);
+        m.grpc_error("Acquire", 5);
+        m.daemon_call("start", Duration::from_millis(3), false);
+        let text = text(&m);
+        assert!(text.contains("# TYPE mpool_grpc_errors_total counter\n"), "{text}");
+        assert!(text.contains("mpool_grpc_errors_total{method=\"Acquire\",code=\"NotFound\"} 2\n"), "{text}");
+        assert!(text.contains("# TYPE mpool_daemon_call_seconds histogram\n"), "{text}");
+        assert!(text.contains("mpool_daemon_call_seconds_bucket{op=\"start\",le=\"0.005\"} 1\n"), "{text}");
+        assert!(text.contains("mpool_daemon_call_seconds_bucket{op=\"start\",le=\"0.0025\"} 0\n"), "{text}");
+        assert!(text.contains("mpool_daemon_call_seconds_bucket{op=\"start\",le=\"+Inf\"} 1\n"), "{text}");
+        assert!(text.contains("mpool_daemon_call_seconds_count{op=\"start\"} 1\n"), "{text}");
+        assert!(!text.contains("mpool_daemon_call_errors_total{"), "no failure yet: {text}");
+        assert!(text.contains("mpool_store_write_failures_total 0\n"), "{text}");
+        assert!(!text.contains("_total_total") && !text.contains(".."), "{text}");
     }
 
     #[test]
@@ -169,12 +288,45 @@ mod tests {
         let m = Metrics::default();
         m.set_pools(["ci".to_string()]);
         m.acquired("ci", None, Duration::ZERO);
+        m.acquired("ci", Some(Served::Warm), Duration::from_millis(20));
         for i in 0..100 {
             m.acquired(&format!("nope-{i}"), None, Duration::ZERO);
         }
-        let text = m.render("");
-        assert!(text.contains("mpool_acquires_total{pool=\"ci\",outcome=\"error\"} 1"), "{text}");
-        assert!(text.contains("mpool_acquires_total{pool=\"unknown\",outcome=\"error\"} 100"), "{text}");
+        let text = text(&m);
+        assert!(text.contains("mpool_acquires_total{pool=\"ci\",outcome=\"error\"} 1\n"), "{text}");
+        assert!(text.contains("mpool_acquires_total{pool=\"ci\",outcome=\"warm\"} 1\n"), "{text}");
+        assert!(text.contains("mpool_acquires_total{pool=\"unknown\",outcome=\"error\"} 100\n"), "{text}");
+        assert!(text.contains("mpool_acquire_seconds_count{pool=\"ci\"} 1\n"), "{text}");
         assert!(!text.contains("nope"), "{text}");
+    }
+
+    #[test]
+    fn declared_pools_start_at_zero() {
+        let m = Metrics::default();
+        assert!(!text(&m).contains("mpool_acquires_total{"), "no pool, no series");
+        m.set_pools(["ci".to_string(), "big".to_string()]);
+        let text = text(&m);
+        for pool in ["ci", "big", UNKNOWN] {
+            for outcome in OUTCOMES {
+                let line = format!("mpool_acquires_total{{pool=\"{pool}\",outcome=\"{outcome}\"}} 0\n");
+                assert!(text.contains(&line), "{line} in:\n{text}");
+            }
+        }
+        for name in ["mpool_acquire_seconds", "mpool_reset_seconds"] {
+            assert!(text.contains(&format!("{name}_count{{pool=\"big\"}} 0\n")), "{name} in:\n{text}");
+            assert!(!text.contains(&format!("{name}_count{{pool=\"unknown\"}}")), "{name} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn codes_outside_grpc_count_as_unknown() {
+        let m = Metrics::default();
+        for code in [-1, 17, 99, i32::MAX] {
+            m.grpc_error(UNKNOWN, code);
+        }
+        m.grpc_error(UNKNOWN, 16);
+        let text = text(&m);
+        assert!(text.contains("mpool_grpc_errors_total{method=\"unknown\",code=\"Unknown\"} 4\n"), "{text}");
+        assert!(text.contains("mpool_grpc_errors_total{method=\"unknown\",code=\"Unauthenticated\"} 1\n"), "{text}");
     }
 }

@@ -51,10 +51,7 @@ impl MultipassPort {
     ) -> Result<T, StepError> {
         let t = std::time::Instant::now();
         let r = fut.await;
-        self.metrics.observe("mpool_daemon_call_seconds", vec![("op", op.into())], t.elapsed());
-        if r.is_err() {
-            self.metrics.count("mpool_daemon_call_errors_total", vec![("op", op.into())], 1);
-        }
+        self.metrics.daemon_call(op, t.elapsed(), r.is_err());
         r
     }
 }

@@ -1,6 +1,7 @@
-//! External tools the API tests drive as a user would: the real `grpcurl` binary and Python with
-//! `grpcio` + `grpcio-tools`. A missing tool FAILS the test with the command that installs it
-//! (`.ci/run` installs both); `MPOOL_SKIP_GRPCURL=1` / `MPOOL_SKIP_PYTHON=1` skip on purpose.
+//! External tools the API tests drive as a user would: the real `grpcurl` binary, Python with
+//! `grpcio` + `grpcio-tools`, and Python's `prometheus-client` (its text-format parser). A
+//! missing tool FAILS the test with the command that installs it (`.ci/run` installs them);
+//! `MPOOL_SKIP_GRPCURL=1` / `MPOOL_SKIP_PYTHON=1` skip on purpose.
 //! Test code (feature `tests`): these panic, as assertions do.
 
 use std::path::{Path, PathBuf};
@@ -47,26 +48,47 @@ pub fn grpcurl() -> Option<PathBuf> {
 /// `python3` with `grpc` and `grpc_tools` importable. `None` only when `MPOOL_SKIP_PYTHON=1`;
 /// otherwise a missing interpreter or package fails the test.
 pub fn python() -> Option<String> {
+    python_with(
+        "grpc, grpc_tools.protoc",
+        "Python with grpcio and grpcio-tools is needed for the generated-client test",
+        "python3 -m pip install grpcio==1.76.0 grpcio-tools==1.76.0",
+    )
+}
+
+/// The version of Python's `prometheus-client` (the Prometheus project's Python client, whose
+/// text-format parser reads `/metrics` in the tests) that `.ci/run` installs.
+pub const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
+
+/// `python3` with `prometheus_client` importable. `None` only when `MPOOL_SKIP_PYTHON=1`;
+/// otherwise a missing interpreter or package fails the test.
+pub fn python_prometheus() -> Option<String> {
+    python_with(
+        "prometheus_client.parser",
+        "Python with prometheus-client is needed to read /metrics with the Prometheus project's parser",
+        &format!("python3 -m pip install prometheus-client=={PROMETHEUS_CLIENT_VERSION}"),
+    )
+}
+
+/// `$PYTHON` (default `python3`) if it can import `imports`; panics saying `why` and `install`
+/// otherwise, unless `MPOOL_SKIP_PYTHON=1`.
+fn python_with(imports: &str, why: &str, install: &str) -> Option<String> {
     if skip("MPOOL_SKIP_PYTHON") {
-        eprintln!("MPOOL_SKIP_PYTHON=1: skipping the Python client checks");
+        eprintln!("MPOOL_SKIP_PYTHON=1: skipping the Python checks");
         return None;
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools.protoc; print(grpc.__version__)"])
-        .stdin(Stdio::null())
-        .output();
+    let probe =
+        std::process::Command::new(&python).args(["-c", &format!("import {imports}")]).stdin(Stdio::null()).output();
     match probe {
         Ok(o) if o.status.success() => Some(python),
         other => {
-            let why = match other {
+            let cause = match other {
                 Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                 Err(e) => format!("{python}: {e}"),
             };
             panic!(
-                "Python with grpcio and grpcio-tools is needed for the generated-client test ({why}). Install them with\n    \
-                 python3 -m pip install grpcio==1.76.0 grpcio-tools==1.76.0\n\
-                 or run `bash .ci/run`, which installs them. To skip this test on purpose: MPOOL_SKIP_PYTHON=1"
+                "{why} ({cause}). Install it with\n    {install}\n\
+                 or run `bash .ci/run`, which installs it. To skip this test on purpose: MPOOL_SKIP_PYTHON=1"
             )
         }
     }

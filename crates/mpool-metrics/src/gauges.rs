@@ -1,0 +1,115 @@
+//! The pool-state gauges, made at scrape time from the engine's status into a registry of
+//! their own: a fresh one per scrape, so a state or pool that is gone leaves no stale series
+//! and concurrent scrapes never see each other's half-set values. Their labels are bounded by
+//! the configuration (pools) and the engine (VM states).
+
+use mpool_core::pool::status::Status;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::PoolLabels;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmLabels {
+    pool: String,
+    state: String,
+}
+
+/// A count as a gauge value.
+fn value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A gauge holding `v`.
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::default();
+    g.set(v);
+    g
+}
+
+/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue` and
+/// `mpool_store_up` as `status` has them.
+pub(crate) fn registry(status: &Status) -> Registry {
+    let vms = Family::<VmLabels, Gauge>::default();
+    let leases = Family::<PoolLabels, Gauge>::default();
+    let waiters = Family::<PoolLabels, Gauge>::default();
+    for p in &status.pools {
+        for (state, n) in &p.counts {
+            vms.get_or_create(&VmLabels { pool: p.name.clone(), state: state.clone() }).set(value(*n));
+        }
+        let pool = PoolLabels { pool: p.name.clone() };
+        leases.get_or_create(&pool).set(value(p.leases));
+        waiters.get_or_create(&pool).set(value(p.waiters));
+    }
+    let mut r = Registry::default();
+    r.register("mpool_vms", "VMs per pool and state", vms);
+    r.register("mpool_leases", "Leases per pool", leases);
+    r.register("mpool_waiters", "Callers waiting for a VM, per pool", waiters);
+    r.register("mpool_daemon_up", "1 when multipassd answers", gauge(i64::from(status.daemon_ok)));
+    r.register(
+        "mpool_daemon_queue",
+        "Daemon calls waiting for the scheduler",
+        gauge(value(status.queued_daemon_calls)),
+    );
+    r.register("mpool_store_up", "1 when the state store takes writes", gauge(i64::from(status.store_ok)));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mpool_core::pool::status::PoolStatus;
+
+    use crate::Metrics;
+
+    use super::*;
+
+    fn status(counts: &[(&str, usize)], daemon_ok: bool) -> Status {
+        Status {
+            daemon_ok,
+            reconciled: true,
+            store_ok: true,
+            store_error: None,
+            pools: vec![PoolStatus {
+                name: "ci".into(),
+                generation: 1,
+                counts: counts.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+                waiters: 3,
+                leases: 2,
+                golden_ready: None,
+                config: None,
+            }],
+            vms: vec![],
+            leases: vec![],
+            queued_daemon_calls: 4,
+        }
+    }
+
+    #[test]
+    fn gauges_follow_each_status() {
+        let m = Metrics::default();
+        let text = m.render(Some(&status(&[("hot", 1), ("leased", 2)], true))).expect("renders");
+        for line in [
+            "# TYPE mpool_vms gauge\n",
+            "mpool_vms{pool=\"ci\",state=\"hot\"} 1\n",
+            "mpool_vms{pool=\"ci\",state=\"leased\"} 2\n",
+            "mpool_leases{pool=\"ci\"} 2\n",
+            "mpool_waiters{pool=\"ci\"} 3\n",
+            "mpool_daemon_up 1\n",
+            "mpool_daemon_queue 4\n",
+            "mpool_store_up 1\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+        // The next scrape has no hot VM: no stale series of the last one.
+        let text = m.render(Some(&status(&[("leased", 2)], false))).expect("renders");
+        assert!(!text.contains("state=\"hot\""), "{text}");
+        assert!(text.contains("mpool_daemon_up 0\n"), "{text}");
+        // Without a status (the engine has stopped), no gauges at all.
+        let text = m.render(None).expect("renders");
+        assert!(!text.contains("mpool_vms") && !text.contains("mpool_daemon_up"), "{text}");
+    }
+}
