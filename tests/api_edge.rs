@@ -107,18 +107,8 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
     let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     // A raw channel over the Unix socket, to call methods the client does not have.
-    let path = stack.socket.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("channel");
+    let mut grpc = stack.raw_channel().await;
     let before = metrics(&stack).await;
-    let mut grpc = tonic::client::Grpc::new(channel);
     for i in 0..1000 {
         grpc.ready().await.expect("ready");
         let path: tonic::codegen::http::uri::PathAndQuery =

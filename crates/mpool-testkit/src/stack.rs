@@ -586,6 +586,22 @@ path = "{store}"
         }
     }
 
+    /// A raw gRPC channel over the Unix socket, to call methods the generated client lacks.
+    #[cfg(feature = "tests")]
+    pub async fn raw_channel(&self) -> tonic::client::Grpc<tonic::transport::Channel> {
+        let path = self.socket.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .expect("a channel over the Unix socket");
+        tonic::client::Grpc::new(channel)
+    }
+
     /// A new API client over TCP with TLS and this token.
     pub async fn connect_tcp(&self, token: Option<&str>) -> Result<Client> {
         connect(&Connect {
