@@ -1,8 +1,8 @@
 //! Authentication as one tower layer, shared by the transports: around the gRPC `Pool` service
 //! (health and reflection stay open) and around the HTTP/JSON facade's API routes. It checks
-//! the request's headers with [`Auth::authenticate`], puts the [`Principal`] into the request's
-//! extensions for the handlers, or answers the refusal in the transport's own form (a gRPC
-//! status, a JSON error).
+//! the request's headers with [`Auth::authenticate`], puts the caller's
+//! [`Principal`](super::Principal) into the request's extensions for the handlers, or answers
+//! the refusal in the transport's own form (a gRPC status, a JSON error).
 
 use std::task::{Context, Poll};
 
@@ -33,8 +33,8 @@ impl<S, R: Clone> Layer<S> for AuthLayer<R> {
     }
 }
 
-/// A service that only sees authenticated requests, each carrying its caller's [`Principal`]
-/// (none on an open listener).
+/// A service that only sees authenticated requests, each carrying its caller's
+/// [`Principal`](super::Principal) (none on an open listener).
 #[derive(Clone)]
 pub struct Authenticated<S, R> {
     inner: S,

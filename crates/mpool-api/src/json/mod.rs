@@ -13,7 +13,7 @@
 //!
 //! | route | body | answer |
 //! |---|---|---|
-//! | `POST /v1/pools/{pool}/run` | `RunRequest` minus `pool` and `chunk` | exit, stdout/stderr (capped), outputs, timings ([`answer`]) |
+//! | `POST /v1/pools/{pool}/run` | `RunRequest` minus `pool` and `chunk` | exit, stdout/stderr (capped), outputs, timings (`answer.rs`) |
 //! | `POST /v1/pools/{pool}/leases` | `AcquireRequest` minus `pool` | `Lease` |
 //! | `POST /v1/leases/{id}/exec` | `ExecRequest` minus `leaseId` | exit, stdout/stderr (capped) |
 //! | `POST /v1/leases/{id}/execs/{execId}/cancel` | none | `CancelExecResponse` |
@@ -45,7 +45,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use http::{Method, StatusCode};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::app::{App, AppError};
 use crate::auth::{Auth, AuthLayer, Refused};
@@ -92,9 +92,9 @@ pub enum Body {
 pub enum Reply {
     /// A message of `mpool.v1`, by name.
     Message(&'static str),
-    /// A Run collected into one answer ([`answer`]).
+    /// A Run collected into one answer (`answer.rs`).
     Run,
-    /// An Exec collected into one answer ([`answer`]).
+    /// An Exec collected into one answer (`answer.rs`).
     Exec,
     /// `{"status": "SERVING" | "NOT_SERVING"}`.
     Health,
@@ -278,7 +278,9 @@ pub fn router(app: App, auth: Auth) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(MAX_BODY))
         .layer(axum::middleware::map_response(error::body_limit_as_json))
-        .layer(TraceLayer::new_for_http())
+        // Spans and answers at debug; failures too: each is answered with its reason, and a pool
+        // without a free VM (503) is no server fault worth an error line.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .with_state(Facade { app })
 }
 

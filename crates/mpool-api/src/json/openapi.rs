@@ -9,7 +9,7 @@
 //! enums by name; durations as `"1.5s"`; timestamps as RFC 3339; unset messages left out, `null`
 //! accepted; unknown fields refused). The bodies are those messages minus the fields the path
 //! gives, and the collected Exec and Run answers are described from their parts as
-//! [`super::answer`] builds them.
+//! `answer.rs` builds them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
