@@ -467,3 +467,23 @@ async fn the_path_names_the_pool_and_lease_and_http_takes_one_message() {
     assert_eq!((a.status, s(&a.json["code"])), (404, "NOT_FOUND"), "{a:?}");
     assert!(s(&a.json["message"]).contains("openapi.json"), "{a:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_on_a_unix_socket_needs_no_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("http.sock");
+    let mut o = StackOptions::tests(MPOOL, POOLS);
+    o.metrics_and_http = false;
+    o.api_toml = format!("http_listen = \"unix:{}\"", socket.display());
+    let stack = Stack::start(o).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = tokio::net::UnixStream::connect(&socket).await.expect("connect to the facade's socket");
+    c.write_all(b"GET /v1/pools/ci HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.expect("send");
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).await.expect("read the answer");
+    let a = mpool_testkit::http::parse_http(&raw).expect("an answer");
+    assert_eq!(a.status, 200, "{a:?}");
+    let pool: v1::PoolInfo = parsed("GetPool", &a.json);
+    assert_eq!(pool.name, "ci");
+}
