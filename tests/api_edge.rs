@@ -52,7 +52,7 @@ async fn huge_durations_are_invalid_argument_over_grpc_and_http() {
     let mut stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
-    let huge = prost_types::Duration { seconds: i64::MAX, nanos: 0 };
+    let huge = mpool_api::proto::Duration { seconds: i64::MAX, nanos: 0 };
     let lease = acquire(&mut c, "ci", "durations").await.expect("acquire");
     let cmd = v1::Command { argv: vec!["true".into()], timeout: Some(huge), ..Default::default() };
 

@@ -75,8 +75,8 @@ fn argv(a: &[&str]) -> Option<v1::Command> {
     Some(v1::Command { argv: a.iter().map(|s| s.to_string()).collect(), ..Default::default() })
 }
 
-fn dur(seconds: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds, nanos: 0 })
+fn dur(seconds: i64) -> Option<mpool_api::proto::Duration> {
+    Some(mpool_api::proto::Duration { seconds, nanos: 0 })
 }
 
 fn exec_req(lease: &str, command: Option<v1::Command>) -> v1::ExecRequest {
@@ -275,7 +275,7 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     t.row("Download of a missing file", r, Code::NotFound, &["no-such-file.txt"]);
 
     // Durations outside the pool's limits (ci: max_ttl 1h, max_wait 30s).
-    let neg = Some(prost_types::Duration { seconds: -5, nanos: 0 });
+    let neg = Some(mpool_api::proto::Duration { seconds: -5, nanos: 0 });
     let r = c.acquire(v1::AcquireRequest { pool: "ci".into(), ttl: neg, ..Default::default() }).await;
     t.row("Acquire with a negative ttl", r, Code::InvalidArgument, &["ttl must be a non-negative duration", "\"30s\""]);
     let r = c.acquire(v1::AcquireRequest { pool: "ci".into(), wait: neg, ..Default::default() }).await;

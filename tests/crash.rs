@@ -138,7 +138,7 @@ async fn a_lease_that_expired_while_down_is_ended_and_its_vm_reset() {
         .acquire(v1::AcquireRequest {
             pool: "ci".into(),
             holder: "short".into(),
-            ttl: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            ttl: Some(mpool_api::proto::Duration { seconds: 1, nanos: 0 }),
             ..Default::default()
         })
         .await

@@ -177,8 +177,8 @@ async fn tenant(
                 pool: POOL.into(),
                 holder: format!("tenant-{id}"),
                 request_id: rid.clone(),
-                ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-                wait: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
+                ttl: Some(mpool_api::proto::Duration { seconds: 600, nanos: 0 }),
+                wait: Some(mpool_api::proto::Duration { seconds: 10, nanos: 0 }),
             };
             sent = true;
             match c.acquire(req).await {

@@ -13,9 +13,12 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tonic::{Request, Status};
 
-/// Who is calling (put into request extensions by the interceptor).
+mod layer;
+
+pub use layer::{AuthLayer, Authenticated, grpc_refusal};
+
+/// Who is calling (put into the request's extensions by [`AuthLayer`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     /// Token name: the owner of the leases it acquires.
@@ -143,31 +146,27 @@ pub enum Auth {
     ClientCert,
 }
 
+/// Why a call was refused (UNAUTHENTICATED / HTTP 401): what the caller should send instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
+
 impl Auth {
-    /// The interceptor body: attaches the principal or refuses the call.
-    #[allow(clippy::result_large_err)]
-    pub fn check<T>(&self, mut req: Request<T>) -> Result<Request<T>, Status> {
+    /// The caller behind a request's headers, the one check of every transport (gRPC metadata
+    /// are HTTP/2 headers): `None` on an open listener, the mTLS admin, or the principal of the
+    /// `Authorization: Bearer` token; a missing or unknown token is refused.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<Principal>, Refused> {
         match self {
-            Auth::Open => Ok(req),
-            Auth::ClientCert => {
-                req.extensions_mut().insert(Principal { name: "mtls".into(), pools: vec!["*".into()], admin: true });
-                Ok(req)
-            }
+            Auth::Open => Ok(None),
+            Auth::ClientCert => Ok(Some(Principal { name: "mtls".into(), pools: vec!["*".into()], admin: true })),
             Auth::Tokens(tokens) => {
-                let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::trim);
+                let header = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
                 let token = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
                 let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
-                    return Err(Status::unauthenticated(
+                    return Err(Refused(
                         "missing token: send the metadata header `authorization: Bearer <token>` (grpcurl: -H 'authorization: Bearer ...')",
                     ));
                 };
-                match tokens.check(token) {
-                    Some(p) => {
-                        req.extensions_mut().insert(p);
-                        Ok(req)
-                    }
-                    None => Err(Status::unauthenticated("invalid token: check it against the server's tokens file")),
-                }
+                tokens.check(token).map(Some).ok_or(Refused("invalid token: check it against the server's tokens file"))
             }
         }
     }
@@ -191,15 +190,17 @@ mod tests {
     }
 
     #[test]
-    fn the_interceptor_wants_a_bearer_token() {
+    fn a_bearer_token_names_the_principal() {
         let token = new_token();
         let text = format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{}\"\nadmin = true\n", hex(&hash(&token)));
         let auth = Auth::Tokens(std::sync::Arc::new(Tokens::parse(&text).unwrap()));
-        let err = auth.check(Request::new(())).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        let mut req = Request::new(());
-        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let req = auth.check(req).unwrap();
-        assert!(req.extensions().get::<Principal>().unwrap().admin);
+        let mut headers = http::HeaderMap::new();
+        assert!(auth.authenticate(&headers).unwrap_err().0.starts_with("missing token"));
+        headers.insert("authorization", "Bearer wrong".parse().unwrap());
+        assert!(auth.authenticate(&headers).unwrap_err().0.starts_with("invalid token"));
+        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        assert!(auth.authenticate(&headers).unwrap().unwrap().admin);
+        assert_eq!(Auth::Open.authenticate(&http::HeaderMap::new()), Ok(None));
+        assert!(Auth::ClientCert.authenticate(&http::HeaderMap::new()).unwrap().unwrap().admin);
     }
 }

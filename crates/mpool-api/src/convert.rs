@@ -4,22 +4,22 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::proto::v1;
+use crate::proto::{self, v1};
 use mpool_core::store::LeaseRecord;
 use mpool_engine::{LeaseInfo, Served};
 
 /// A std duration as a proto one.
-pub fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
+pub fn proto_duration(d: Duration) -> proto::Duration {
+    proto::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
     }
 }
 
 /// Unix milliseconds as a proto timestamp.
-pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+pub fn timestamp(ms: u64) -> proto::Timestamp {
     let t = UNIX_EPOCH + Duration::from_millis(ms);
-    prost_types::Timestamp::from(t)
+    proto::Timestamp::from(t)
 }
 
 /// How a lease was served, as the proto enum.
@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn durations_convert_without_overflow() {
-        assert_eq!(proto_duration(Duration::new(3, 5)), prost_types::Duration { seconds: 3, nanos: 5 });
+        assert_eq!(proto_duration(Duration::new(3, 5)), proto::Duration { seconds: 3, nanos: 5 });
         assert_eq!(proto_duration(Duration::MAX).seconds, i64::MAX);
     }
 }

@@ -4,8 +4,10 @@
 //!   with validation, auth scopes, idempotent request ids, caps and metrics, failing with an
 //!   [`app::AppError`]; it knows no transport.
 //! - the transports, which only decode, authenticate, call the application and encode: gRPC
-//!   ([`service`], its status mapping in `errors`) and the HTTP/JSON facade ([`json`]).
-//! - around them: message conversions ([`convert`]), bearer-token auth ([`auth`]), the
+//!   ([`service`], its status mapping in `errors`) and the HTTP/JSON facade ([`json`], an axum
+//!   router with its OpenAPI document).
+//! - around them: message conversions ([`convert`]), the generated messages with their JSON
+//!   mapping ([`proto`]), bearer-token auth as one tower layer for both ([`auth`]), the
 //!   listeners with health and reflection ([`server`]), plain HTTP endpoints ([`http`]), the
 //!   `mpool serve` wiring ([`serve`]) and a client of the API ([`client`]).
 

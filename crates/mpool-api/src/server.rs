@@ -4,7 +4,7 @@
 //! open so probes and grpcurl `list`/`describe` work), plus Prometheus `/metrics` on its own
 //! listener. Shutdown stops accepting, lets running calls finish for a grace period, then cuts
 //! them (leases stay in the store). `http_listen` serves the HTTP/JSON facade ([`super::json`])
-//! with the same authentication as the gRPC listeners.
+//! with the same authentication layer as the gRPC listeners.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tower::Layer;
 
-use super::auth::{Auth, Tokens};
+use super::auth::{Auth, AuthLayer, Tokens, grpc_refusal};
+use super::json::listener::ConnectionLimits;
 use super::service::PoolService;
 use crate::app::App;
 use crate::proto::v1::pool_server::PoolServer;
@@ -188,10 +190,8 @@ pub async fn bind(
             Listen::Unix(_) => Auth::Open,
             Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
         };
-        let pool = tonic::service::interceptor::InterceptedService::new(
-            PoolServer::new(PoolService::new(served.app.clone())).max_decoding_message_size(MAX_MESSAGE),
-            move |r| auth.check(r),
-        );
+        let pool = AuthLayer::new(auth, grpc_refusal as fn(_) -> _)
+            .layer(PoolServer::new(PoolService::new(served.app.clone())).max_decoding_message_size(MAX_MESSAGE));
         let mut builder = Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
         if let (Listen::Tcp(_), Some(tls)) = (listen, &tls) {
             builder = builder.tls_config(tls.clone()).map_err(|e| format!("[api] TLS: {e}"))?;
@@ -242,23 +242,22 @@ pub async fn bind(
             Listen::Unix(_) => Auth::Open,
             Listen::Tcp(addr) => tcp_auth(cfg, addr, &tokens)?,
         };
-        let api = super::json::JsonApi::new(served.app.clone(), auth);
-        let mut sd = shutdown.clone();
+        let router = super::json::router(served.app.clone(), auth);
+        let limits =
+            ConnectionLimits { header_timeout: cfg.http_header_timeout, max_connections: cfg.http_max_connections };
+        let sd = shutdown.clone();
         match listen {
             Listen::Unix(path) => {
                 let l = unix
                     .remove(&("http_listen", path.clone()))
                     .ok_or_else(|| format!("[api] http_listen unix:{}: also a gRPC listener", path.display()))?;
                 let l = Arc::new(l);
+                let accept = move || {
+                    let l = l.clone();
+                    async move { l.accept().await.map(|(s, _)| s) }
+                };
                 servers.spawn(async move {
-                    let accept = move || {
-                        let l = l.clone();
-                        async move { l.accept().await.map(|(s, _)| s) }
-                    };
-                    tokio::select! {
-                        _ = super::json::serve(api, accept, None) => {}
-                        _ = sd.wait_for(|s| *s) => {}
-                    }
+                    super::json::listener::serve(router, accept, None, limits, sd).await;
                     Ok(())
                 });
             }
@@ -268,20 +267,17 @@ pub async fn bind(
                     .remove(&("http_listen", *addr))
                     .ok_or_else(|| format!("[api] http_listen {addr}: also a gRPC listener"))?;
                 let l = Arc::new(l);
-                servers.spawn(async move {
-                    let accept = move || {
-                        let l = l.clone();
-                        async move {
-                            let (s, _) = l.accept().await?;
-                            // Small JSON answers: do not wait for delayed ACKs.
-                            let _ = s.set_nodelay(true);
-                            Ok(s)
-                        }
-                    };
-                    tokio::select! {
-                        _ = super::json::serve(api, accept, tls) => {}
-                        _ = sd.wait_for(|s| *s) => {}
+                let accept = move || {
+                    let l = l.clone();
+                    async move {
+                        let (s, _) = l.accept().await?;
+                        // Small JSON answers: do not wait for delayed ACKs.
+                        let _ = s.set_nodelay(true);
+                        Ok(s)
                     }
+                };
+                servers.spawn(async move {
+                    super::json::listener::serve(router, accept, tls, limits, sd).await;
                     Ok(())
                 });
             }

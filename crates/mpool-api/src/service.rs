@@ -1,5 +1,5 @@
 //! The `mpool.v1.Pool` gRPC service: per method, take the request and the caller's principal
-//! (the auth interceptor put it in the request's extensions), call the use case of the
+//! (the auth layer put it in the request's extensions), call the use case of the
 //! application layer ([`crate::app`]), and answer with its message or stream; an application
 //! error becomes a status in one place (`crate::errors::status`).
 

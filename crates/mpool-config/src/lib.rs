@@ -33,6 +33,12 @@ pub use mpool_core::{PoolConfig, ResetStrategy};
 pub const DEFAULT_LISTEN: &str = "unix:/run/mpool/mpool.sock";
 /// The largest upload when `[api] max_upload` is absent: 1 GiB.
 pub const DEFAULT_MAX_UPLOAD: u64 = 1 << 30;
+/// How long the HTTP/JSON facade waits for a request's headers when `[api] http_header_timeout`
+/// is absent.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most connections the HTTP/JSON facade keeps open when `[api] http_max_connections` is
+/// absent.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 256;
 /// The store path used when `[store] path` is absent.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/mpool/mpool.redb";
 /// The instance-name prefix used when `[engine] name_prefix` is absent.
@@ -153,6 +159,12 @@ pub struct ApiConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `http_listen`: the HTTP/JSON facade (`unix:PATH` or `IP:PORT`); `None` disables it.
     pub http_listen: Option<Listen>,
+    /// `http_header_timeout` (default 30s, more than 0): the HTTP/JSON facade drops a connection
+    /// whose TLS handshake or request headers do not arrive within it, and one left idle as long.
+    pub http_header_timeout: Duration,
+    /// `http_max_connections` (default 256, 1-65536): connections the HTTP/JSON facade keeps
+    /// open at once; more wait, unaccepted, until one closes.
+    pub http_max_connections: usize,
     /// `max_upload` (default `1G`): the largest file an Upload (or all inputs of a Run together)
     /// may write, in bytes; at least 1.
     pub max_upload: u64,
@@ -171,6 +183,8 @@ impl Default for ApiConfig {
             tokens_file: None,
             metrics_listen: None,
             http_listen: None,
+            http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             max_upload: DEFAULT_MAX_UPLOAD,
             max_download: DEFAULT_MAX_UPLOAD,
         }
@@ -470,6 +484,8 @@ struct RawApi {
     tokens_file: Field<String>,
     metrics_listen: Field<String>,
     http_listen: Field<String>,
+    http_header_timeout: Field<RawDuration>,
+    http_max_connections: Field<u32>,
     max_upload: Field<String>,
     max_download: Field<String>,
 }
@@ -833,6 +849,20 @@ impl Checker<'_> {
                 format!("{a} is already used by {other}; pick another port"),
             );
         }
+        let http_header_timeout =
+            self.duration("api.http_header_timeout", &raw.http_header_timeout, d.http_header_timeout, true);
+        let http_max_connections = match &raw.http_max_connections {
+            None => d.http_max_connections,
+            Some(v) if (1..=65536).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                self.fail(
+                    "api.http_max_connections",
+                    Some(v.span()),
+                    format!("must be between 1 and 65536; the default is {DEFAULT_HTTP_MAX_CONNECTIONS}"),
+                );
+                d.http_max_connections
+            }
+        };
         let max_upload = self.size_limit("api.max_upload", &raw.max_upload, d.max_upload);
         let max_download = self.size_limit("api.max_download", &raw.max_download, d.max_download);
         ApiConfig {
@@ -843,6 +873,8 @@ impl Checker<'_> {
             tokens_file: self.path("api.tokens_file", &raw.tokens_file),
             metrics_listen: metrics_listen.map(|(a, _)| a),
             http_listen: http_listen.map(|(l, _)| l),
+            http_header_timeout,
+            http_max_connections,
             max_upload,
             max_download,
         }
@@ -1200,6 +1232,8 @@ client_ca = "tls/ca.pem"
 tokens_file = "/etc/mpool/tokens"
 metrics_listen = "127.0.0.1:9090"
 http_listen = "127.0.0.1:8080"
+http_header_timeout = "5s"
+http_max_connections = 12
 max_upload = "64M"
 
 [store]
@@ -1266,6 +1300,7 @@ reset = "recreate"
         assert_eq!(a.tokens_file, Some("/etc/mpool/tokens".into()));
         assert_eq!(a.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(a.http_listen, Some(Listen::Tcp("127.0.0.1:8080".parse().unwrap())));
+        assert_eq!((a.http_header_timeout, a.http_max_connections), (Duration::from_secs(5), 12));
         assert_eq!(a.max_upload, 64 << 20);
         assert_eq!(c.store.path, PathBuf::from("/cfg/db/mpool.redb"));
         let e = &c.engine;
@@ -1437,6 +1472,9 @@ reset = "recreate"
         assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
         assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
         assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
+        assert_error(&a("http_header_timeout = \"0\""), &["api.http_header_timeout", "more than 0"]);
+        assert_error(&a("http_max_connections = 0"), &["api.http_max_connections", "between 1 and 65536"]);
+        assert_error(&a("http_max_connections = 70000"), &["api.http_max_connections", "between 1 and 65536"]);
         assert_error(
             &a("listen = [\"127.0.0.1:7070\"]\nhttp_listen = \"127.0.0.1:7070\""),
             &["api.http_listen", "already used by api.listen[0]"],
@@ -1575,6 +1613,8 @@ reset = "recreate"
         assert_eq!(c.api.listen[0], Listen::Unix("/run/mpool/mpool.sock".into()));
         assert_eq!(c.store.path, PathBuf::from("/var/lib/mpool/mpool.redb"));
         assert_eq!(c.api.max_upload, DEFAULT_MAX_UPLOAD);
+        assert_eq!(c.api.http_header_timeout, DEFAULT_HTTP_HEADER_TIMEOUT);
+        assert_eq!(c.api.http_max_connections, DEFAULT_HTTP_MAX_CONNECTIONS);
         assert_eq!(c.pools.len(), 2);
         assert_eq!(c.pools[0].reset, ResetStrategy::Snapshot);
         assert!(c.pools[0].hot > 0);

@@ -685,6 +685,11 @@ path = "{store}"
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
+
+    /// A TLS connection to the facade with nothing sent yet. Panics if it cannot connect.
+    pub async fn http_connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        http::connect(self.http, &self.ca).await.unwrap_or_else(|e| panic!("connect to the facade: {e}"))
+    }
 }
 
 /// Shuts the simulator down and waits (10 s at most: a call held on purpose may never end)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use mpool_api::proto::v1;
 
 /// A duration flag (`--ttl 30m`) as a proto duration; `None` when the flag is absent.
-pub fn dur(flag: &str, s: &Option<String>) -> Result<Option<prost_types::Duration>, String> {
+pub fn dur(flag: &str, s: &Option<String>) -> Result<Option<mpool_api::proto::Duration>, String> {
     s.as_deref()
         .map(|s| {
             mpool_config::parse_duration(s)

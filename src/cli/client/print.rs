@@ -29,6 +29,6 @@ pub fn lease_json(l: &v1::Lease) -> String {
     v.to_string()
 }
 
-fn ts(t: &Option<prost_types::Timestamp>) -> String {
+fn ts(t: &Option<mpool_api::proto::Timestamp>) -> String {
     t.as_ref().map(|t| t.to_string()).unwrap_or_default()
 }

@@ -156,7 +156,7 @@ fn shown(holder: &str) -> String {
 }
 
 /// How long until `expires` (`1h02m`, `4m05s`, `12s`), `expired`, or `-` when unknown.
-fn expires_in(expires: Option<&prost_types::Timestamp>, now: SystemTime) -> String {
+fn expires_in(expires: Option<&mpool_api::proto::Timestamp>, now: SystemTime) -> String {
     let Some(t) = expires.and_then(|t| SystemTime::try_from(*t).ok()) else { return "-".into() };
     let Ok(left) = t.duration_since(now) else { return "expired".into() };
     let s = left.as_secs();
@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn time_left_reads_at_a_glance() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let at = |secs: i64| prost_types::Timestamp { seconds: 1_000_000 + secs, nanos: 0 };
+        let at = |secs: i64| mpool_api::proto::Timestamp { seconds: 1_000_000 + secs, nanos: 0 };
         assert_eq!(expires_in(Some(&at(12)), now), "12s");
         assert_eq!(expires_in(Some(&at(245)), now), "4m05s");
         assert_eq!(expires_in(Some(&at(3720)), now), "1h02m");

@@ -86,7 +86,7 @@ fn environment(
 }
 
 /// The command's time limit, if any (zero is refused: omitting it means no limit).
-fn timeout(req: ExecRequest, timeout: Option<&prost_types::Duration>) -> Result<ExecRequest, AppError> {
+fn timeout(req: ExecRequest, timeout: Option<&crate::proto::Duration>) -> Result<ExecRequest, AppError> {
     match validate::duration("command.timeout", timeout)? {
         Some(t) if t.is_zero() => {
             Err(AppError::invalid_argument("command.timeout must be above zero (omit it for no limit)"))

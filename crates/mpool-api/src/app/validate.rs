@@ -58,7 +58,7 @@ pub fn capped(field: &str, value: &str, max: usize) -> Result<(), AppError> {
 
 /// A proto duration as a std one; negative or out-of-range values (above [`MAX_DURATION`]) are
 /// refused naming the field and the allowed range.
-pub fn duration(field: &str, d: Option<&prost_types::Duration>) -> Result<Option<Duration>, AppError> {
+pub fn duration(field: &str, d: Option<&crate::proto::Duration>) -> Result<Option<Duration>, AppError> {
     let Some(d) = d else { return Ok(None) };
     let max = MAX_DURATION.as_secs();
     let (Ok(seconds), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
@@ -70,7 +70,7 @@ pub fn duration(field: &str, d: Option<&prost_types::Duration>) -> Result<Option
     Ok(Some(Duration::new(seconds, nanos)))
 }
 
-fn out_of_range(field: &str, d: &prost_types::Duration) -> AppError {
+fn out_of_range(field: &str, d: &crate::proto::Duration) -> AppError {
     AppError::invalid_argument(format!(
         "{field} must be a non-negative duration of at most {}s (366 days), such as \"30s\" (got {}s {}ns)",
         MAX_DURATION.as_secs(),
@@ -86,19 +86,19 @@ mod tests {
 
     #[test]
     fn durations_are_checked() {
-        assert!(duration("ttl", Some(&prost_types::Duration { seconds: -1, nanos: 0 })).is_err());
+        assert!(duration("ttl", Some(&crate::proto::Duration { seconds: -1, nanos: 0 })).is_err());
         assert_eq!(
-            duration("ttl", Some(&prost_types::Duration { seconds: 3, nanos: 5 })).unwrap(),
+            duration("ttl", Some(&crate::proto::Duration { seconds: 3, nanos: 5 })).unwrap(),
             Some(Duration::new(3, 5))
         );
         assert_eq!(duration("ttl", None).unwrap(), None);
         for (seconds, nanos) in [(i64::MAX, 0), (31_622_400, 1), (31_622_401, 0), (0, 1_000_000_000), (0, -1)] {
-            let e = duration("command.timeout", Some(&prost_types::Duration { seconds, nanos })).unwrap_err();
+            let e = duration("command.timeout", Some(&crate::proto::Duration { seconds, nanos })).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidArgument);
             assert!(e.message().contains("command.timeout") && e.message().contains("31622400s"), "{}", e.message());
         }
         assert_eq!(
-            duration("ttl", Some(&prost_types::Duration { seconds: 31_622_400, nanos: 0 })).unwrap(),
+            duration("ttl", Some(&crate::proto::Duration { seconds: 31_622_400, nanos: 0 })).unwrap(),
             Some(MAX_DURATION)
         );
     }
