@@ -17,7 +17,9 @@
 //! | `POST /v1/leases/{id}/renew` | `RenewRequest` minus `leaseId` | `Lease` |
 //! | `DELETE /v1/leases/{id}` | none | `{}` |
 //! | `GET /v1/pools`, `GET /v1/pools/{pool}`, `GET /v1/leases`, `GET /v1/vms` | none | listings |
+//! | `GET /v1/health`, `GET /v1/history` | none | daemon and store health; the last hour per minute ([`crate::status_json`]) |
 //! | `GET /healthz` | none (no token) | `{"status": "SERVING"}` or 503 |
+//! | `GET /` and `/assets/...` | none (no token) | the status page ([`crate::status_page`]) |
 //!
 //! Auth is the gRPC listener's: `Authorization: Bearer <token>` on TCP (401 without), mTLS when
 //! `client_ca` is set, nothing on a Unix socket. Failures are HTTP errors with a JSON body
@@ -412,6 +414,11 @@ impl JsonApi {
         if parts.method == Method::GET && segments == ["healthz"] {
             return self.health();
         }
+        if parts.method == Method::GET
+            && let Some(page) = crate::status_page::asset(&path)
+        {
+            return page.response();
+        }
         let principal = match self.authenticate(&parts.headers) {
             Ok(p) => p,
             Err(e) => return error_response(&e),
@@ -461,6 +468,8 @@ impl JsonApi {
                 let r = app.list_leases(p, v1::ListLeasesRequest { pool: String::new() }).await?;
                 Ok(json!({ "leases": r.leases.iter().map(lease_json).collect::<Vec<_>>() }))
             }
+            (&Method::GET, ["v1", "health"]) => crate::status_json::health(app, p).await,
+            (&Method::GET, ["v1", "history"]) => Ok(crate::status_json::history(app, p)),
             (&Method::GET, ["v1", "vms"]) => {
                 let r = app.list_vms(p, v1::ListVmsRequest { pool: String::new() }).await?;
                 Ok(json!({ "vms": r.vms.iter().map(vm_json).collect::<Vec<_>>() }))
