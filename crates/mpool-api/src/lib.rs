@@ -10,6 +10,8 @@
 //!   mapping ([`proto`]), bearer-token auth as one tower layer for both ([`auth`]), the
 //!   listeners with health and reflection ([`server`]), plain HTTP endpoints ([`http`]), the
 //!   `mpool serve` wiring ([`serve`]) and a client of the API ([`client`]).
+//! - on the HTTP/JSON listener, the status page ([`status_page`]) and the JSON about the
+//!   server it reads ([`status_json`]).
 
 pub mod app;
 pub mod auth;
@@ -22,3 +24,5 @@ pub mod proto;
 pub mod serve;
 pub mod server;
 pub mod service;
+pub mod status_json;
+pub mod status_page;

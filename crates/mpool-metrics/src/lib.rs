@@ -15,8 +15,12 @@
 //! `mpool_reset_seconds{pool}`, `mpool_daemon_call_seconds{op}`; gauges `mpool_vms{pool,state}`,
 //! `mpool_leases{pool}`, `mpool_waiters{pool}`, `mpool_daemon_up`, `mpool_daemon_queue`,
 //! `mpool_store_up`. (prometheus-client appends `_total` to a counter's registered name.)
+//!
+//! Besides, the last hour of acquire latency and reset duration per pool and minute
+//! ([`history`], [`Metrics::history`]), for the status page's charts.
 
 mod gauges;
+pub mod history;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -30,6 +34,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use history::{Clock, History, HistorySnapshot};
 
 /// The label value every caller-supplied name outside its known set folds into (an unknown
 /// pool, an unknown gRPC method), so a caller cannot add series at will.
@@ -108,6 +114,8 @@ struct Inner {
     store_write_failures: Counter,
     /// The configured pools: the only pool names a caller sends that become label values.
     pools: RwLock<BTreeSet<String>>,
+    /// The last hour of `acquire_seconds` and `reset_seconds`, per minute.
+    history: History,
 }
 
 /// The metrics of one `mpool serve`; cheap to clone (clones share the registry).
@@ -118,6 +126,14 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Metrics {
+        Metrics::with_clock(Arc::new(std::time::SystemTime::now))
+    }
+}
+
+impl Metrics {
+    /// Metrics whose [`Metrics::history`] reads the time from `clock` (tests move it;
+    /// [`Metrics::default`] uses the system's wall clock).
+    pub fn with_clock(clock: Clock) -> Metrics {
         let mut registry = Registry::default();
         let acquires = Family::default();
         let acquire_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
@@ -166,12 +182,11 @@ impl Default for Metrics {
                 grpc_errors,
                 store_write_failures,
                 pools: RwLock::default(),
+                history: History::new(clock),
             }),
         }
     }
-}
 
-impl Metrics {
     /// Declares the configured pools: [`Metrics::acquired`] records other pool names a caller
     /// sends as [`UNKNOWN`]. Each pool's acquire counters (every outcome) and its acquire and
     /// reset histograms start at zero, so they are there before the first acquire (a counter
@@ -188,6 +203,7 @@ impl Metrics {
             let _ = self.inner.acquire_seconds.get_or_create(&labels);
             let _ = self.inner.reset_seconds.get_or_create(&labels);
         }
+        self.inner.history.set_pools(&pools);
         if let Ok(mut p) = self.inner.pools.write() {
             *p = pools;
         }
@@ -214,12 +230,17 @@ impl Metrics {
         };
         self.inner.acquires.get_or_create(&AcquireLabels { pool: pool.clone(), outcome }).inc();
         if served.is_some() {
+            // The history keeps configured pools only (a pool may be named "unknown").
+            if pool != UNKNOWN || self.inner.pools.read().is_ok_and(|p| p.contains(UNKNOWN)) {
+                self.inner.history.acquired(&pool, took);
+            }
             self.inner.acquire_seconds.get_or_create(&PoolLabels { pool }).observe(took.as_secs_f64());
         }
     }
 
     /// A VM of `pool` (a configured pool: the engine's own) was reset after its lease.
     pub fn reset_took(&self, pool: &str, took: Duration) {
+        self.inner.history.reset(pool, took);
         self.inner.reset_seconds.get_or_create(&PoolLabels { pool: pool.to_string() }).observe(took.as_secs_f64());
     }
 
@@ -242,6 +263,11 @@ impl Metrics {
     /// A state store write failed.
     pub fn store_write_failed(&self) {
         self.inner.store_write_failures.inc();
+    }
+
+    /// The last hour of acquire latency and reset duration per pool, one point per minute.
+    pub fn history(&self) -> HistorySnapshot {
+        self.inner.history.snapshot()
     }
 
     /// Everything in the Prometheus text format: the recorded metrics, then the pool-state
@@ -316,6 +342,22 @@ mod tests {
             assert!(text.contains(&format!("{name}_count{{pool=\"big\"}} 0\n")), "{name} in:\n{text}");
             assert!(!text.contains(&format!("{name}_count{{pool=\"unknown\"}}")), "{name} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn acquires_and_resets_feed_the_history() {
+        let m = Metrics::default();
+        m.set_pools(["ci".to_string()]);
+        m.acquired("ci", Some(Served::Hot), Duration::from_millis(40));
+        m.acquired("ci", None, Duration::from_secs(9));
+        m.acquired("nope", Some(Served::Hot), Duration::from_millis(1));
+        m.reset_took("ci", Duration::from_secs(2));
+        let h = m.history();
+        let pools: Vec<&str> = h.pools.iter().map(|p| p.pool.as_str()).collect();
+        assert_eq!(pools, ["ci"], "only configured pools have a history");
+        let (acquire, reset) = (h.pools[0].acquire.last().unwrap(), h.pools[0].reset.last().unwrap());
+        assert_eq!((acquire.count, acquire.max), (1, 0.04), "failed acquires have no latency");
+        assert_eq!((reset.count, reset.max), (1, 2.0));
     }
 
     #[test]

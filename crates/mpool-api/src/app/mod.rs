@@ -7,6 +7,7 @@
 //! - leases: [`App::acquire`], [`App::renew`], [`App::release`], [`App::list_leases`] (`leases`;
 //!   a lease in use by an exec or a transfer: `lease_use`)
 //! - pools and VMs: [`App::list_pools`], [`App::get_pool`], [`App::list_vms`] (`pools`)
+//! - the server itself: [`App::health`], [`App::history`] ([`status`])
 //! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
 //!   found by `execs`)
 //! - files: [`App::upload`], [`App::download`] (`transfer`)
@@ -31,6 +32,7 @@ mod leases;
 mod pools;
 mod run;
 pub mod scope;
+pub mod status;
 mod transfer;
 mod utf8;
 pub mod validate;

@@ -78,6 +78,11 @@ impl SshPort for Empty {
 /// The application over a fresh engine, once the engine has reconciled with the daemon (before
 /// that, calls on leases are unavailable).
 async fn app() -> App {
+    app_with(Metrics::default()).await
+}
+
+/// [`app`] recording into `metrics`.
+async fn app_with(metrics: Metrics) -> App {
     let ports = Ports::new(Arc::new(Empty), Arc::new(Empty));
     let engine = Engine::start(Settings::default(), vec![], ports, Arc::new(MemStore::new())).expect("engine");
     for _ in 0..500 {
@@ -87,7 +92,7 @@ async fn app() -> App {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
-    App::new(engine, ssh, Limits::default(), Metrics::default())
+    App::new(engine, ssh, Limits::default(), metrics)
 }
 
 /// A token that may use pool `ci` only.
@@ -178,4 +183,24 @@ async fn listings_show_what_the_caller_may_see() {
     assert!(leases.leases.is_empty());
     let long = v1::ListVmsRequest { pool: "p".repeat(super::MAX_ID + 1) };
     assert_eq!(kind(app.list_vms(None, long).await), ErrorKind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn history_shows_only_the_pools_the_caller_may_use_and_health_the_engine_s() {
+    let metrics = Metrics::default();
+    metrics.set_pools(["ci".to_string(), "gpu".to_string()]);
+    metrics.reset_took("ci", std::time::Duration::from_secs(1));
+    metrics.reset_took("gpu", std::time::Duration::from_secs(3));
+    let app = app_with(metrics).await;
+    let pools =
+        |h: mpool_metrics::history::HistorySnapshot| -> Vec<String> { h.pools.into_iter().map(|p| p.pool).collect() };
+    assert_eq!(pools(app.history(Some(&ci_token()))), ["ci"]);
+    assert_eq!(pools(app.history(None)), ["ci", "gpu"]);
+    let admin = Principal { name: "ops".into(), pools: vec!["*".into()], admin: true };
+    let h = app.history(Some(&admin));
+    assert_eq!(h.pools[1].reset.last().map(|p| (p.count, p.max)), Some((1, 3.0)));
+
+    let health = app.health(Some(&ci_token())).await.expect("health");
+    assert!(health.daemon_ok && health.store_ok && health.reconciled, "{health:?}");
+    assert_eq!(health.store_error, None);
 }

@@ -98,6 +98,10 @@ pub enum Reply {
     Exec,
     /// `{"status": "SERVING" | "NOT_SERVING"}`.
     Health,
+    /// The server's health in parts ([`crate::status_json::health`]).
+    ServerHealth,
+    /// The last hour per minute ([`crate::status_json::history`]).
+    History,
     /// The OpenAPI document itself.
     OpenApi,
 }
@@ -246,6 +250,26 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: Method::GET,
+        path: "/v1/health",
+        rpc: None,
+        summary: "The daemon's and the store's health, and whether mpool has reconciled",
+        auth: true,
+        body: Body::None,
+        reply: Reply::ServerHealth,
+        handler: |m| on(m, server_health),
+    },
+    Route {
+        method: Method::GET,
+        path: "/v1/history",
+        rpc: None,
+        summary: "Acquire latency and reset duration per pool, one point per minute for the last hour",
+        auth: true,
+        body: Body::None,
+        reply: Reply::History,
+        handler: |m| on(m, history),
+    },
+    Route {
+        method: Method::GET,
         path: "/v1/vms",
         rpc: Some("ListVms"),
         summary: "VMs of every pool",
@@ -271,8 +295,10 @@ pub fn router(app: App, auth: Auth) -> Router {
     Router::new()
         .merge(open)
         .merge(guarded.route_layer(AuthLayer::new(auth, refusal as fn(Refused) -> Response)))
-        // Pages for people, outside the JSON API and its document, go here, e.g. a status page:
-        // `.route("/", axum::routing::get(status_page))`.
+        // Pages for people, outside the JSON API and its document: the status page and its
+        // assets (static, no token: its script asks for one).
+        .route("/", axum::routing::get(page_asset))
+        .route("/assets/{file}", axum::routing::get(page_asset))
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .layer(DefaultBodyLimit::disable())
@@ -303,6 +329,25 @@ async fn healthz(State(f): State<Facade>) -> Response {
     let ok = *f.app.engine().healthy().borrow();
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     answer::json(status, &serde_json::json!({ "status": if ok { "SERVING" } else { "NOT_SERVING" } }))
+}
+
+/// The status page's files ([`crate::status_page`]); anything else under `/assets` is the JSON 404.
+async fn page_asset(method: Method, uri: http::Uri) -> Response {
+    match crate::status_page::asset(uri.path()) {
+        Some(asset) => asset.response().into_response(),
+        None => no_route(method, uri).await.into_response(),
+    }
+}
+
+async fn server_health(State(f): State<Facade>, Caller(p): Caller) -> Response {
+    match crate::status_json::health(&f.app, p.as_ref()).await {
+        Ok(v) => answer::json(StatusCode::OK, &v),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn history(State(f): State<Facade>, Caller(p): Caller) -> Response {
+    answer::json(StatusCode::OK, &crate::status_json::history(&f.app, p.as_ref()))
 }
 
 async fn openapi() -> Response {

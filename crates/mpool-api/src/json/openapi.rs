@@ -283,6 +283,8 @@ impl<'a> Schemas<'a> {
             Reply::Run => json!({ "$ref": "#/components/schemas/RunAnswer" }),
             Reply::Exec => json!({ "$ref": "#/components/schemas/ExecAnswer" }),
             Reply::Health => json!({ "$ref": "#/components/schemas/Health" }),
+            Reply::ServerHealth => json!({ "$ref": "#/components/schemas/ServerHealth" }),
+            Reply::History => json!({ "$ref": "#/components/schemas/History" }),
             Reply::OpenApi => json!({ "type": "object", "description": "An OpenAPI 3.1 document." }),
         }
     }
@@ -355,6 +357,57 @@ impl<'a> Schemas<'a> {
                 "type": "object",
                 "properties": { "status": { "type": "string", "enum": ["SERVING", "NOT_SERVING"] } },
                 "required": ["status"],
+            }),
+        );
+        schemas.insert(
+            "ServerHealth".into(),
+            json!({
+                "type": "object",
+                "properties": {
+                    "status": { "type": "string", "enum": ["SERVING", "NOT_SERVING"] },
+                    "daemon": {
+                        "type": "object",
+                        "properties": { "ok": { "type": "boolean" }, "queuedCalls": { "type": "integer", "minimum": 0 } },
+                        "required": ["ok", "queuedCalls"],
+                    },
+                    "store": {
+                        "type": "object",
+                        "properties": { "ok": { "type": "boolean" }, "error": { "type": "string" } },
+                        "required": ["ok", "error"],
+                    },
+                    "reconciled": { "type": "boolean" },
+                },
+                "required": ["status", "daemon", "store", "reconciled"],
+            }),
+        );
+        let point = json!({
+            "type": "object",
+            "properties": {
+                "minute": { "type": "string", "format": "date-time" },
+                "count": { "type": "integer", "minimum": 0 },
+                "meanSeconds": { "type": "number" },
+                "maxSeconds": { "type": "number" },
+            },
+            "required": ["minute", "count", "meanSeconds", "maxSeconds"],
+        });
+        schemas.insert(
+            "History".into(),
+            json!({
+                "type": "object",
+                "description": "One point per minute for the last hour, oldest first, per pool the caller may use (aggregates only).",
+                "properties": {
+                    "now": { "type": "string", "format": "date-time" },
+                    "pools": { "type": "array", "items": {
+                        "type": "object",
+                        "properties": {
+                            "pool": { "type": "string" },
+                            "acquire": { "type": "array", "items": point.clone() },
+                            "reset": { "type": "array", "items": point },
+                        },
+                        "required": ["pool", "acquire", "reset"],
+                    } },
+                },
+                "required": ["now", "pools"],
             }),
         );
         schemas.insert(
