@@ -117,8 +117,11 @@ fn init_logging(format: LogFormat, verbose: u8, command: &Command) {
         (2, _) => "debug",
         _ => "trace",
     };
+    // The simulated VMs' SFTP server (russh-sftp) warns "I/O: broken pipe" each time a client
+    // closes its session, which every transfer does: not worth a line unless asked for (-v).
+    let directive = if verbose == 0 { format!("{level},russh_sftp::server=error") } else { level.to_string() };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MPOOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directive));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
