@@ -1,13 +1,17 @@
 //! `deploy/`: the systemd unit has the directives the install relies on (dedicated user,
 //! hardening, state and runtime directories, the serve command) and agrees with the example
-//! config on where things live; the example config loads. (`systemd-analyze verify` needs
+//! config on where things live; the example config loads; the isolation unit runs as root after
+//! multipassd, applies the rules and undoes them on stop. (`systemd-analyze verify` needs
 //! systemd, which CI does not run; this is a static check.)
 use std::collections::HashMap;
 use std::path::Path;
 
 fn unit() -> HashMap<String, Vec<String>> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mpool.service"))
-        .expect("deploy/mpool.service");
+    unit_file("deploy/mpool.service")
+}
+
+fn unit_file(path: &str) -> HashMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).expect(path);
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
     let mut section = String::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -19,6 +23,29 @@ fn unit() -> HashMap<String, Vec<String>> {
         keys.entry(format!("{section}.{k}")).or_default().push(v.to_string());
     }
     keys
+}
+
+#[test]
+fn the_isolation_unit_applies_the_rules_as_root_after_multipassd_and_undoes_them_on_stop() {
+    let u = unit_file("deploy/mpool-isolation.service");
+    let one = |k: &str| -> &str {
+        let v = u.get(k).unwrap_or_else(|| panic!("{k} is missing"));
+        assert_eq!(v.len(), 1, "{k} set once: {v:?}");
+        &v[0]
+    };
+    assert!(!u.contains_key("Service.User"), "nft needs root");
+    assert_eq!(one("Service.Type"), "oneshot");
+    assert_eq!(one("Service.RemainAfterExit"), "yes");
+    assert!(one("Unit.After").split_whitespace().any(|x| x == "snap.multipass.multipassd.service"));
+    assert_eq!(
+        one("Service.ExecStart"),
+        "/bin/bash -o pipefail -c '/usr/local/bin/mpool isolation rules --config /etc/mpool/mpool.toml | /usr/sbin/nft -f -'"
+    );
+    assert_eq!(
+        one("Service.ExecStop"),
+        "/bin/bash -o pipefail -c '/usr/local/bin/mpool isolation rules --undo | /usr/sbin/nft -f -'"
+    );
+    assert_eq!(one("Install.WantedBy"), "multi-user.target");
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! The `mpool` command line: the command tree, the async runtime each command runs on, and
 //! logging. Each command's work lives in a module of its own (`sim.rs`, `multipass/`,
-//! `serve.rs`, `demo.rs`, `token.rs`, the client commands in `client/`, benchmarks in
+//! `serve.rs`, `demo.rs`, `token.rs`, `isolation.rs`, the client commands in `client/`, benchmarks in
 //! [`crate::bench`]); `output.rs` prints without panicking on a closed pipe, `signal.rs` turns
 //! a remote signal into an exit code, `data_dir.rs` finds mpool's own files.
 
 pub mod client;
 mod data_dir;
 mod demo;
+mod isolation;
 mod multipass;
 pub mod output;
 mod serve;
@@ -63,6 +64,9 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Host-side tenant isolation: the nftables rules for the Multipass bridge.
+    #[command(subcommand)]
+    Isolation(isolation::IsolationCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -88,7 +92,7 @@ pub fn main() -> ExitCode {
 /// worker threads: a thread pool's start-up would be most of their run.
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match command {
-        Command::Multipass(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Multipass(_) | Command::Isolation(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().build()
@@ -103,6 +107,7 @@ async fn run(command: Command, connect: client::Connect, data_dir: PathBuf) -> E
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Token(cmd) => token::run(cmd),
+        Command::Isolation(cmd) => isolation::run(cmd),
         Command::Client(cmd) => client::run(connect, cmd).await,
     }
 }

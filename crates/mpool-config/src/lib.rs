@@ -1,6 +1,7 @@
 //! The configuration of `mpool serve --config FILE`: a TOML file with `[daemon]` (how to reach
 //! and trust multipassd), `[api]` (where mpool listens), `[store]` (its database), `[engine]`
-//! (instance naming and the reconcile loop) and one `[[pools]]` table per pool of VMs.
+//! (instance naming and the reconcile loop), an optional `[isolation]` (read by
+//! `mpool isolation rules`) and one `[[pools]]` table per pool of VMs.
 //!
 //! Loading happens in two steps: the text is deserialised into raw tables (every key optional,
 //! unknown keys rejected by serde with toml's line and column), then [`Config::parse`] checks
@@ -60,6 +61,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[engine]`: instance naming and the reconcile loop.
     pub engine: EngineConfig,
+    /// `[isolation]`: the host's isolation rules (`mpool isolation rules`).
+    pub isolation: IsolationConfig,
     /// `[[pools]]`: at least one pool, names unique.
     pub pools: Vec<PoolConfig>,
 }
@@ -272,6 +275,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IsolationConfig {
+    /// `bridge` (default: Multipass's `mpqemubr0`): the bridge the instances are on; a Linux
+    /// interface name of `[A-Za-z0-9_.-]`, at most 15 characters.
+    pub bridge: Option<String>,
+    /// `allow_host_ports` (default none): TCP ports on the host the instances may reach besides
+    /// DHCP and DNS (e.g. a package cache), each 1-65535; sorted, without duplicates.
+    pub allow_host_ports: Vec<u16>,
+}
+
 /// One problem found while validating a config: where and what.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Issue {
@@ -454,6 +468,8 @@ struct RawConfig {
     #[serde(default)]
     engine: RawEngine,
     #[serde(default)]
+    isolation: RawIsolation,
+    #[serde(default)]
     pools: Vec<Spanned<RawPool>>,
 }
 
@@ -504,6 +520,13 @@ struct RawEngine {
     reconcile_interval: Field<RawDuration>,
     health_interval: Field<RawDuration>,
     shutdown_grace: Field<RawDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIsolation {
+    bridge: Field<String>,
+    allow_host_ports: Option<Vec<Spanned<i64>>>,
 }
 
 #[derive(Deserialize)]
@@ -634,6 +657,7 @@ impl Checker<'_> {
             path: self.path("store.path", &raw.store.path).unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)),
         };
         let engine = self.engine(raw.engine);
+        let isolation = self.isolation(raw.isolation);
         if raw.pools.is_empty() {
             self.fail(
                 "pools",
@@ -663,7 +687,39 @@ impl Checker<'_> {
             }
             pools.push(pool);
         }
-        Config { daemon, api, store, engine, pools }
+        Config { daemon, api, store, engine, isolation, pools }
+    }
+
+    fn isolation(&mut self, raw: RawIsolation) -> IsolationConfig {
+        let bridge = raw.bridge.and_then(|b| match mpool_isolation::bridge::check_name(b.get_ref()) {
+            Ok(()) => Some(b.into_inner()),
+            Err(e) => {
+                let reason = match e {
+                    mpool_isolation::BridgeError::InvalidName { reason, .. } => reason,
+                    _ => "is not an interface name",
+                };
+                self.fail(
+                    "isolation.bridge",
+                    Some(b.span()),
+                    format!("{reason}; give the Multipass bridge's interface name (default \"mpqemubr0\", see `ip -br link`)"),
+                );
+                None
+            }
+        });
+        let mut allow_host_ports = Vec::new();
+        for (i, port) in raw.allow_host_ports.unwrap_or_default().iter().enumerate() {
+            match u16::try_from(*port.get_ref()) {
+                Ok(p) if p != 0 => allow_host_ports.push(p),
+                _ => self.fail(
+                    &format!("isolation.allow_host_ports[{i}]"),
+                    Some(port.span()),
+                    format!("{} is not a TCP port; give a number from 1 to 65535", port.get_ref()),
+                ),
+            }
+        }
+        allow_host_ports.sort_unstable();
+        allow_host_ports.dedup();
+        IsolationConfig { bridge, allow_host_ports }
     }
 
     fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
@@ -1158,6 +1214,31 @@ mod tests {
     const MIN: &str = "[[pools]]\nname = \"ci\"\n";
 
     #[test]
+    fn isolation_reads_the_bridge_and_the_allowed_ports_sorted_once() {
+        let c =
+            parse(&format!("[isolation]\nbridge = \"br-lan\"\nallow_host_ports = [8080, 3142, 8080]\n{MIN}")).unwrap();
+        assert_eq!(c.isolation.bridge.as_deref(), Some("br-lan"));
+        assert_eq!(c.isolation.allow_host_ports, [3142, 8080]);
+    }
+
+    #[test]
+    fn isolation_refuses_bad_names_ports_and_unknown_keys_with_their_line() {
+        assert_error(
+            &format!("[isolation]\nbridge = \"tap-*\"\n{MIN}"),
+            &["line 2: isolation.bridge", "letters, digits", "ip -br link"],
+        );
+        assert_error(
+            &format!("[isolation]\nallow_host_ports = [22, 0, 70000]\n{MIN}"),
+            &[
+                "line 2: isolation.allow_host_ports[1]: 0 is not a TCP port",
+                "isolation.allow_host_ports[2]: 70000",
+                "1 to 65535",
+            ],
+        );
+        assert_error(&format!("[isolation]\nsubnet = \"10.0.0.1/24\"\n{MIN}"), &["unknown field `subnet`"]);
+    }
+
+    #[test]
     fn max_in_flight_is_bounded() {
         assert_error(&format!("[daemon]\nmax_in_flight = 0\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
         assert_error(&format!("[daemon]\nmax_in_flight = 1000\n{MIN}"), &["daemon.max_in_flight", "between 1 and 256"]);
@@ -1176,6 +1257,7 @@ mod tests {
         assert_eq!(c.api, ApiConfig::default());
         assert_eq!(c.store.path, PathBuf::from("/var/lib/mpool/mpool.redb"));
         assert_eq!(c.engine, EngineConfig::default());
+        assert_eq!(c.isolation, IsolationConfig::default());
         assert_eq!(c.engine.name_prefix, "mpool-");
         assert!(c.engine.delete_strays);
         assert_eq!(c.engine.reconcile_interval, Duration::from_secs(5));
@@ -1615,6 +1697,8 @@ reset = "recreate"
         assert_eq!(c.api.max_upload, DEFAULT_MAX_UPLOAD);
         assert_eq!(c.api.http_header_timeout, DEFAULT_HTTP_HEADER_TIMEOUT);
         assert_eq!(c.api.http_max_connections, DEFAULT_HTTP_MAX_CONNECTIONS);
+        assert_eq!(c.isolation.bridge.as_deref(), Some("mpqemubr0"));
+        assert!(c.isolation.allow_host_ports.is_empty());
         assert_eq!(c.pools.len(), 2);
         assert_eq!(c.pools[0].reset, ResetStrategy::Snapshot);
         assert!(c.pools[0].hot > 0);

@@ -1,0 +1,10 @@
+//! Tenant isolation enforced on the Multipass host: the bridge's name and subnet
+//! ([`bridge`]: checked values and their detection from the host's interfaces) and the
+//! nftables ruleset that stops instances from reaching each other and the host
+//! ([`ruleset`]: pure text generation).
+
+pub mod bridge;
+pub mod ruleset;
+
+pub use bridge::{Bridge, BridgeError, DEFAULT_BRIDGE, Subnet};
+pub use ruleset::{TABLE, rules, undo};
