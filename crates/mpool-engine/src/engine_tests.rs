@@ -193,6 +193,7 @@ async fn an_owner_at_its_limit_waits_for_its_own_release_while_others_are_served
     let mine = h.engine.acquire(owned("alice", "a0")).await.unwrap();
     let short = AcquireRequest { wait: Some(Duration::from_secs(5)), ..owned("alice", "a1") };
     let err = h.engine.acquire(short).await.unwrap_err();
+    assert_eq!(h.engine.capacity().await.unwrap()[0].ready_target, 2, "autoscale off: min_ready");
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
     assert!(matches!(err, EngineError::OwnerLimit { held: 1, limit: 1, .. }), "{err:?}");
     let text = err.to_string();
@@ -369,6 +370,9 @@ async fn a_demand_sized_pool_keeps_what_a_burst_needed_then_decays_to_min_ready(
     for l in &leases {
         h.engine.release(&l.record.id, None).await.unwrap();
     }
+    let cap = h.engine.capacity().await.unwrap();
+    assert!(cap[0].ready_target >= 6 && cap[0].ready_target <= 10, "{cap:?}");
+    assert!(cap[0].arrival_rate > 0.0 && !cap[0].refill_time.is_zero(), "{cap:?}");
     let idle = |s: &Status| count(s, "warm") + count(s, "hot");
     until(&h.engine, "all idle", |s| idle(s) >= 6).await;
     // Past idle_timeout: a static pool would be back at min_ready (`idle_vms_scale_down_to_min_ready`).
@@ -377,6 +381,7 @@ async fn a_demand_sized_pool_keeps_what_a_burst_needed_then_decays_to_min_ready(
     assert!(idle(&s) >= 4, "the burst's need is kept while it decays: {:?}", s.pools[0].counts);
     assert!(s.vms.len() <= 10);
     until(&h.engine, "decayed to min_ready", |s| s.vms.len() == 1 && idle(s) == 1).await;
+    assert_eq!(h.engine.capacity().await.unwrap()[0].ready_target, 1);
 }
 
 #[tokio::test(start_paused = true)]

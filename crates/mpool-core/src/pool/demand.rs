@@ -41,6 +41,11 @@ impl Demand {
         self.refill.map_or(DEFAULT_REFILL, Duration::from_secs_f64)
     }
 
+    /// The arrival rate (acquires per second) as of `now`.
+    pub fn rate(&self, now: Instant, decay: Duration) -> f64 {
+        self.decayed(now, decay).0
+    }
+
     /// `rate` and `peak` as of `now`.
     fn decayed(&self, now: Instant, decay: Duration) -> (f64, f64) {
         let Some(at) = self.at else {

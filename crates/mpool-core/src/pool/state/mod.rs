@@ -25,7 +25,7 @@ use super::error::EngineError;
 use super::fair::{FairShare, count_by_owner};
 use super::leases::{AcquireRequest, LeaseBook, LeaseInfo, Served};
 use super::outcome::PlanKind;
-use super::status::{PoolStatus, Status, VmStatus};
+use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
 mod leasing;
@@ -515,6 +515,19 @@ impl EngineState {
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
         }
+    }
+
+    /// Each pool's ready target at `now`, with the measured arrival rate and refill time.
+    pub fn capacity(&self, now: Instant) -> Vec<PoolCapacity> {
+        self.pools
+            .values()
+            .map(|p| PoolCapacity {
+                name: p.cfg.name.clone(),
+                ready_target: p.demand.target(&p.cfg, now),
+                arrival_rate: p.demand.rate(now, p.cfg.autoscale_decay),
+                refill_time: p.demand.refill_time(),
+            })
+            .collect()
     }
 
     /// A report of the engine's state.
