@@ -8,10 +8,11 @@
 //! never fail on a missed target.
 //!
 //! Scenarios (one file each): [`control`] (1), [`throughput`] (2), [`daemon_calls`] (3),
-//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8). Shared parts: the
-//! `mpool_testkit` crate (the simulator, the daemon, clients, a real OpenSSH server), [`measure`]
-//! (timed API calls and processes), and the statistics, table and JSON below.
+//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8), [`autoscale`] (9).
+//! Shared parts: the `mpool_testkit` crate (the simulator, the daemon, clients, a real OpenSSH
+//! server), [`measure`] (timed API calls and processes), and the statistics, table and JSON below.
 
+pub mod autoscale;
 pub mod chaos;
 pub mod control;
 pub mod daemon_calls;
@@ -34,7 +35,8 @@ use serde::Serialize;
 /// `mpool bench` flags.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// control | throughput | daemon-calls | exec | e2e | storm | scale | chaos (or 1-8), or all.
+    /// control | throughput | daemon-calls | exec | e2e | storm | scale | chaos | autoscale (or 1-9),
+    /// or all.
     scenario: String,
     /// Fewer iterations and faster simulated timings (a CI smoke run; not the README figures).
     #[arg(long)]
@@ -76,6 +78,9 @@ pub const SCENARIOS: &[(&str, u8, &str, Run)] = &[
     ("storm", 6, "release storm: warm acquires while 20 resets are pending", |c| Box::pin(storm::run(c))),
     ("scale", 7, "memory and scale: mpool serve with 500 VMs, restart and reconcile", |c| Box::pin(scale::run(c))),
     ("chaos", 8, "chaos: daemon faults, store write failures, kill -9; promises counted", |c| Box::pin(chaos::run(c))),
+    ("autoscale", 9, "pools that size themselves: a bursty trace, static min_ready vs demand", |c| {
+        Box::pin(autoscale::run(c))
+    }),
 ];
 
 // ---------------------------------------------------------------------------------- stats
@@ -233,7 +238,7 @@ pub struct Machine {
 pub struct Report {
     /// Scenario name.
     pub scenario: String,
-    /// Scenario number (1-7).
+    /// Scenario number (1-9).
     pub number: u8,
     /// One-line description.
     pub title: String,

@@ -28,7 +28,7 @@ use mpool_multipass::{ClientIdentity, DaemonAddress, ServerVerification};
 /// Parses a memory/disk size as multipass does (`512M`, `1G`, `1.5G`, `2GiB`; plain digits are
 /// bytes) and returns bytes; `None` when the text is not a size.
 pub use mpool_core::sizes::parse_size;
-pub use mpool_core::{PoolConfig, ResetStrategy};
+pub use mpool_core::{Autoscale, PoolConfig, ResetStrategy};
 
 /// The API listener used when `[api] listen` is absent.
 pub const DEFAULT_LISTEN: &str = "unix:/run/mpool/mpool.sock";
@@ -550,6 +550,9 @@ struct RawPool {
     max_wait: Field<RawDuration>,
     readiness_timeout: Field<RawDuration>,
     idle_timeout: Field<RawDuration>,
+    max_leases_per_owner: Option<u32>,
+    autoscale: Option<Autoscale>,
+    autoscale_decay: Field<RawDuration>,
 }
 
 /// A duration as written: a string, checked by [`parse_duration`] during validation. A bare
@@ -1184,6 +1187,9 @@ impl Checker<'_> {
         p.readiness_timeout =
             self.duration(&key("readiness_timeout"), &raw.readiness_timeout, p.readiness_timeout, true);
         p.idle_timeout = self.duration(&key("idle_timeout"), &raw.idle_timeout, p.idle_timeout, false);
+        p.max_leases_per_owner = raw.max_leases_per_owner.unwrap_or(0);
+        p.autoscale = raw.autoscale.unwrap_or_default();
+        p.autoscale_decay = self.duration(&key("autoscale_decay"), &raw.autoscale_decay, p.autoscale_decay, true);
         p
     }
 }
@@ -1346,6 +1352,9 @@ max_ttl = "1d"
 max_wait = "0"
 readiness_timeout = "10m"
 idle_timeout = "1h30m"
+max_leases_per_owner = 2
+autoscale = "demand"
+autoscale_decay = "20m"
 
 [[pools]]
 name = "build-arm"
@@ -1403,6 +1412,11 @@ reset = "recreate"
         assert_eq!(p.max_wait, Duration::ZERO);
         assert_eq!(p.readiness_timeout, Duration::from_secs(600));
         assert_eq!(p.idle_timeout, Duration::from_secs(5400));
+        assert_eq!(p.max_leases_per_owner, 2);
+        assert_eq!(c.pool("build-arm").unwrap().max_leases_per_owner, 0, "unlimited by default");
+        assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
+        let arm = c.pool("build-arm").unwrap();
+        assert_eq!((arm.autoscale, arm.autoscale_decay), (Autoscale::Off, Duration::from_secs(600)));
         assert_eq!(c.pool("build-arm").unwrap().reset, ResetStrategy::Recreate);
     }
 
@@ -1425,6 +1439,10 @@ reset = "recreate"
         assert_error("[[pools]\nname = \"ci\"", &["line 1"]);
         assert_error("[[pools]]\nname = \"ci\"\ncpus = \"two\"\n", &["line 3", "cpus"]);
         assert_error("[[pools]]\nname = \"ci\"\nmin_ready = -1\n", &["line 3", "min_ready"]);
+        assert_error("[[pools]]\nname = \"ci\"\nmax_leases_per_owner = -1\n", &["line 3", "max_leases_per_owner"]);
+        assert_error("[[pools]]\nname = \"ci\"\nautoscale = \"auto\"\n", &["line 3", "auto", "off", "demand"]);
+        assert_error("[[pools]]\nname = \"ci\"\nautoscale_decay = \"0s\"\n", &["pools[0] (\"ci\").autoscale_decay"]);
+        assert_error("[[pools]]\nname = \"ci\"\nmax_leases_per_owner = \"2\"\n", &["line 3", "max_leases_per_owner"]);
         assert_error("[[pools]]\nname = \"ci\"\nreset = \"reboot\"\n", &["line 3", "reboot", "snapshot"]);
         assert_error("[[pools]]\nname = \"ci\"\ndefault_ttl = 30\n", &["line 3", "default_ttl", "30s"]);
     }

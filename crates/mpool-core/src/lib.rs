@@ -20,4 +20,4 @@ pub mod sizes;
 pub mod store;
 pub mod types;
 
-pub use pool_config::{PoolConfig, ResetStrategy};
+pub use pool_config::{Autoscale, PoolConfig, ResetStrategy};

@@ -31,6 +31,27 @@ impl fmt::Display for ResetStrategy {
     }
 }
 
+/// How a pool sizes its ready VMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autoscale {
+    /// Keep `min_ready` ready (the default).
+    #[default]
+    Off,
+    /// Keep what the measured demand needs, between `min_ready` and `max_size`
+    /// (`pool::demand`).
+    Demand,
+}
+
+impl fmt::Display for Autoscale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Autoscale::Off => "off",
+            Autoscale::Demand => "demand",
+        })
+    }
+}
+
 /// `[[pools]]`: one pool of identical VMs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolConfig {
@@ -72,6 +93,16 @@ pub struct PoolConfig {
     pub readiness_timeout: Duration,
     /// `idle_timeout` (default 15m): idle VMs above `min_ready` are scaled down after this.
     pub idle_timeout: Duration,
+    /// `max_leases_per_owner` (default 0 = unlimited): most leases one owner (token identity;
+    /// with auth off every caller is the same owner) holds in this pool at once; an acquire
+    /// beyond it waits like one in a full pool.
+    pub max_leases_per_owner: u32,
+    /// `autoscale` (default `off`): `demand` keeps as many ready VMs as the measured arrival
+    /// rate and refill time need, between `min_ready` and `max_size`.
+    pub autoscale: Autoscale,
+    /// `autoscale_decay` (default 10m, above zero): the time constant with which a demand
+    /// target falls back after a burst.
+    pub autoscale_decay: Duration,
 }
 
 impl PoolConfig {
@@ -95,6 +126,9 @@ impl PoolConfig {
             max_wait: Duration::from_secs(5 * 60),
             readiness_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(15 * 60),
+            max_leases_per_owner: 0,
+            autoscale: Autoscale::Off,
+            autoscale_decay: Duration::from_secs(10 * 60),
         }
     }
 
@@ -186,6 +220,9 @@ mod tests {
             Box::new(|p| p.max_wait = Duration::from_secs(1)),
             Box::new(|p| p.readiness_timeout = Duration::from_secs(1)),
             Box::new(|p| p.idle_timeout = Duration::from_secs(1)),
+            Box::new(|p| p.max_leases_per_owner = 2),
+            Box::new(|p| p.autoscale = Autoscale::Demand),
+            Box::new(|p| p.autoscale_decay = Duration::from_secs(1)),
             Box::new(|p| p.memory = "1024M".into()),
             Box::new(|p| p.disk = "5GiB".into()),
         ];

@@ -32,7 +32,7 @@ pub use mpool_core::pool::error::EngineError;
 pub use mpool_core::pool::leases::{AcquireRequest, LeaseInfo, MAX_REQUEST_ID, Served};
 use mpool_core::pool::outcome::PlanKind;
 use mpool_core::pool::state::{Answer, Batch, CallerId, Effect, EngineState, Env, Input, PlanOrder, StateSettings};
-pub use mpool_core::pool::status::{PoolStatus, Status, VmStatus};
+pub use mpool_core::pool::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use mpool_core::pool::steps::{self, Facts, Step};
 use mpool_core::ports::{DaemonPort, Observed, Ports, StepError};
 use mpool_core::store::{PoolRecord, RunOutcome, Snapshot, StateStore, StoreError, Write};
@@ -108,6 +108,7 @@ enum Msg {
         reply: Reply<LeaseInfo>,
     },
     Status(oneshot::Sender<Status>),
+    Capacity(oneshot::Sender<Vec<PoolCapacity>>),
     /// What a task reports back.
     Done(Input),
     Shutdown(oneshot::Sender<()>),
@@ -239,6 +240,14 @@ impl Engine {
         rx.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Each pool's ready target now (`min_ready`, or what demand needs when it autoscales), with
+    /// the measured arrival rate and refill time.
+    pub async fn capacity(&self) -> Result<Vec<PoolCapacity>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Capacity(tx)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
     /// Whether mpool can serve: the daemon answers and the store takes writes (for health).
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
@@ -360,6 +369,10 @@ impl Actor {
             Msg::Shutdown(done) => return Some(done),
             Msg::Status(reply) => {
                 let _ = reply.send(self.state.status(self.ctx.sched.queued()));
+                return None;
+            }
+            Msg::Capacity(reply) => {
+                let _ = reply.send(self.state.capacity(clock_now()));
                 return None;
             }
             Msg::Acquire(req, reply) => Input::Acquire(req, self.caller(Caller::Lease(reply))),

@@ -7,7 +7,7 @@ use crate::ErrorKind;
 use crate::engine::{AcquireRequest, Engine, EngineError, Served, Settings, Status};
 use crate::fake::Fake;
 use mpool_core::ports::Ports;
-use mpool_core::{PoolConfig, ResetStrategy};
+use mpool_core::{Autoscale, PoolConfig, ResetStrategy};
 use mpool_store::memory::MemStore;
 use mpool_store::{RequestKind, RunOutcome, StateStore, Store};
 
@@ -152,6 +152,69 @@ async fn waiters_are_served_first_come_first_served() {
     assert_eq!(h.fake.st.lock().unwrap().high_water, 1, "max_size 1 was never exceeded");
 }
 
+fn owned(owner: &str, holder: &str) -> AcquireRequest {
+    AcquireRequest { owner: Some(owner.into()), ..req(holder) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_owners_are_served_in_turn_first_come_first_served_within_each() {
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = h.engine.acquire(owned("carol", "first")).await.unwrap();
+    let mut waiting = Vec::new();
+    for (i, (owner, holder)) in
+        [("alice", "a0"), ("alice", "a1"), ("alice", "a2"), ("bob", "b0"), ("bob", "b1")].into_iter().enumerate()
+    {
+        let e = h.engine.clone();
+        waiting.push(tokio::spawn(async move { e.acquire(owned(owner, holder)).await }));
+        until(&h.engine, "queued", |s| s.pools[0].waiters == i + 1).await;
+    }
+    h.engine.release(&first.record.id, Some("carol".into())).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..waiting.len() {
+        // Whoever was served releases; the next one in turn gets the VM.
+        let s = until(&h.engine, "granted", |s| s.leases.len() == 1).await;
+        let l = &s.leases[0];
+        order.push(l.holder.clone());
+        h.engine.release(&l.id, Some(l.owner.clone())).await.unwrap();
+    }
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(order, vec!["a0", "b0", "a1", "b1", "a2"], "a fan-out does not starve a later owner");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_at_its_limit_waits_for_its_own_release_while_others_are_served() {
+    let mut cfg = pool(2, 0, 3);
+    cfg.max_leases_per_owner = 1;
+    let h = start(cfg);
+    until(&h.engine, "ready", |s| count(s, "warm") == 2).await;
+    let mine = h.engine.acquire(owned("alice", "a0")).await.unwrap();
+    let short = AcquireRequest { wait: Some(Duration::from_secs(5)), ..owned("alice", "a1") };
+    let err = h.engine.acquire(short).await.unwrap_err();
+    assert_eq!(h.engine.capacity().await.unwrap()[0].ready_target, 2, "autoscale off: min_ready");
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(matches!(err, EngineError::OwnerLimit { held: 1, limit: 1, .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("\"alice\"") && text.contains("max_leases_per_owner (1)"), "{text}");
+    assert_eq!(h.engine.status().await.unwrap().leases.len(), 1, "a free VM was there, but not for alice");
+
+    let e = h.engine.clone();
+    let next = tokio::spawn(async move { e.acquire(owned("alice", "a2")).await });
+    until(&h.engine, "alice waits", |s| s.pools[0].waiters == 1).await;
+    let other = h.engine.acquire(owned("bob", "b0")).await.unwrap();
+    assert_eq!(other.record.owner, "bob", "bob is served past alice's held-back caller");
+    let s = h.engine.status().await.unwrap();
+    assert_eq!((s.pools[0].waiters, s.leases.len()), (1, 2));
+    h.engine.release(&mine.record.id, Some("alice".into())).await.unwrap();
+    let again = next.await.unwrap().unwrap();
+    assert_eq!(again.record.holder, "a2");
+    let s = h.engine.status().await.unwrap();
+    assert_eq!(s.leases.iter().filter(|l| l.owner == "alice").count(), 1);
+    assert!(s.vms.len() <= 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_vm_reset_for_a_waiting_caller_is_handed_over_running() {
     let h = start(pool(1, 0, 1));
@@ -285,6 +348,40 @@ async fn idle_vms_scale_down_to_min_ready() {
     }
     until(&h.engine, "all idle", |s| count(s, "warm") >= 3).await;
     until(&h.engine, "scaled down", |s| s.vms.len() == 1 && count(s, "warm") == 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_demand_sized_pool_keeps_what_a_burst_needed_then_decays_to_min_ready() {
+    let mut cfg = pool(1, 0, 10);
+    (cfg.autoscale, cfg.autoscale_decay) = (Autoscale::Demand, Duration::from_secs(120));
+    cfg.idle_timeout = Duration::from_secs(30);
+    let h = start(cfg.clone());
+    h.fake.st.lock().unwrap().op_delay = Duration::from_secs(2);
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let e = h.engine.clone();
+        tasks.push(tokio::spawn(async move { e.acquire(req(&format!("t{i}"))).await }));
+    }
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.push(t.await.unwrap().unwrap());
+    }
+    for l in &leases {
+        h.engine.release(&l.record.id, None).await.unwrap();
+    }
+    let cap = h.engine.capacity().await.unwrap();
+    assert!(cap[0].ready_target >= 6 && cap[0].ready_target <= 10, "{cap:?}");
+    assert!(cap[0].arrival_rate > 0.0 && !cap[0].refill_time.is_zero(), "{cap:?}");
+    let idle = |s: &Status| count(s, "warm") + count(s, "hot");
+    until(&h.engine, "all idle", |s| idle(s) >= 6).await;
+    // Past idle_timeout: a static pool would be back at min_ready (`idle_vms_scale_down_to_min_ready`).
+    tokio::time::sleep(cfg.idle_timeout + Duration::from_secs(15)).await;
+    let s = h.engine.status().await.unwrap();
+    assert!(idle(&s) >= 4, "the burst's need is kept while it decays: {:?}", s.pools[0].counts);
+    assert!(s.vms.len() <= 10);
+    until(&h.engine, "decayed to min_ready", |s| s.vms.len() == 1 && idle(s) == 1).await;
+    assert_eq!(h.engine.capacity().await.unwrap()[0].ready_target, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -32,6 +32,8 @@ pub struct FakeState {
     /// How long a list takes to come back after it read the instances: a slow daemon whose
     /// answer is already stale when it arrives.
     pub list_lag: std::time::Duration,
+    /// How long every call but reads (list, ping) takes: a daemon whose VMs take time to refill.
+    pub op_delay: std::time::Duration,
     /// Instances a tenant has written into since they were last reset (restored, launched,
     /// cloned): the model-based tests mark them when a lease is acknowledged.
     pub dirty: HashSet<String>,
@@ -55,7 +57,13 @@ impl Fake {
 
     /// A frozen daemon answers nothing until the call's deadline.
     async fn gate(&self, op: &str, name: &str) -> Result<(), StepError> {
-        let frozen = self.st.lock().unwrap().frozen;
+        let (frozen, delay) = {
+            let st = self.st.lock().unwrap();
+            (st.frozen, st.op_delay)
+        };
+        if !delay.is_zero() && op != "list" && op != "ping" {
+            tokio::time::sleep(delay).await;
+        }
         if frozen {
             tokio::time::sleep(FROZEN_DEADLINE).await;
             self.st.lock().unwrap().calls.push(format!("{op} {name} (deadline)"));

@@ -10,7 +10,8 @@
 //! - every VM handed out was reset (restored, launched or cloned) since its last lease;
 //! - a lease acknowledged to a caller survives crashes, restarts and store failures;
 //! - a request id never crosses owners and never answers with a second lease;
-//! - the pool never has more than `max_size` VMs;
+//! - the pool never has more than `max_size` VMs, and no owner holds more than the pool's
+//!   `max_leases_per_owner`;
 //! - healed and left alone, the pool settles at exactly its ready target with no leaked
 //!   instance and makes no daemon calls but health reads.
 //!
@@ -34,7 +35,7 @@ use crate::fake::Fake;
 use mpool_core::ports::{Clock, Ids, Ports, SUFFIX_ALPHABET};
 use mpool_core::store::{RequestKind, RunOutcome};
 use mpool_core::types::InstanceState;
-use mpool_core::{PoolConfig, ResetStrategy};
+use mpool_core::{Autoscale, PoolConfig, ResetStrategy};
 use mpool_store::memory::MemStore;
 
 /// Scripts per `cargo test` run (override with `MPOOL_MODEL_CASES`).
@@ -155,14 +156,19 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 pub struct Script {
     /// The reset strategy.
     pub strategy: ResetStrategy,
+    /// The pool's max_leases_per_owner (0 = unlimited).
+    pub per_owner: u32,
+    /// The pool sizes itself by demand (decay 60 s; daemon calls take 1 s, so bursts count).
+    pub autoscale: bool,
     /// The steps.
     pub steps: Vec<Step>,
 }
 
 fn script_strategy() -> impl Strategy<Value = Script> {
     let strategy = prop_oneof![4 => Just(ResetStrategy::Snapshot), 1 => Just(ResetStrategy::Recreate), 1 => Just(ResetStrategy::Clone)];
-    (strategy, proptest::collection::vec(step_strategy(), 1..40))
-        .prop_map(|(strategy, steps)| Script { strategy, steps })
+    let per_owner = prop_oneof![2 => Just(0u32), 1 => Just(1), 1 => Just(2)];
+    (strategy, per_owner, any::<bool>(), proptest::collection::vec(step_strategy(), 1..40))
+        .prop_map(|(strategy, per_owner, autoscale, steps)| Script { strategy, per_owner, autoscale, steps })
 }
 
 /// Virtual wall-clock time: it advances with the paused tokio clock of each life and carries
@@ -278,7 +284,7 @@ fn is_destructive(call: &str, vm: &str) -> bool {
 }
 
 impl World {
-    fn new(strategy: ResetStrategy) -> World {
+    fn new(strategy: ResetStrategy, per_owner: u32, autoscale: bool) -> World {
         let mut cfg = PoolConfig::with_defaults(POOL);
         (cfg.min_ready, cfg.hot, cfg.max_size) = (2, 1, 4);
         cfg.default_ttl = TTL;
@@ -287,8 +293,15 @@ impl World {
         cfg.idle_timeout = Duration::from_secs(60);
         cfg.readiness_timeout = Duration::from_secs(60);
         cfg.reset = strategy;
+        cfg.max_leases_per_owner = per_owner;
+        let fake = Fake::default();
+        if autoscale {
+            (cfg.autoscale, cfg.autoscale_decay) = (Autoscale::Demand, Duration::from_secs(60));
+            // Refills take time, so bursts raise the target.
+            fake.st.lock().unwrap().op_delay = Duration::from_secs(1);
+        }
         World {
-            fake: Fake::default(),
+            fake,
             store: Arc::new(MemStore::new()),
             clock: Arc::new(VirtualClock::default()),
             ids: Arc::new(CountingIds::default()),
@@ -431,6 +444,13 @@ impl World {
         }
         if self.vanished.contains(&vm) {
             // Granted on a VM that was taken away meanwhile: the lease may end at any time.
+            self.let_go.insert(id);
+            return Ok(());
+        }
+        if found.is_none() && info.served == Served::Repeat {
+            // A retry got a lease whose first answer the model never collected: that caller's
+            // task finished (and looked at the VM) while a crash dropped it. The lease's deadline
+            // ran from that first grant, which the model never saw: it is not protected.
             self.let_go.insert(id);
             return Ok(());
         }
@@ -587,6 +607,21 @@ impl World {
         Ok(())
     }
 
+    /// No owner holds more leases in the pool than its `max_leases_per_owner`.
+    fn check_fair_share(&self) -> Result<(), TestCaseError> {
+        let limit = self.cfg.max_leases_per_owner as usize;
+        let Some(s) = self.status().filter(|_| limit > 0) else {
+            return Ok(());
+        };
+        for owner in OWNERS {
+            let n = s.leases.iter().filter(|l| l.owner == owner).count();
+            if n > limit {
+                return Err(fail(format!("owner {owner:?} holds {n} leases, above max_leases_per_owner {limit}")));
+            }
+        }
+        Ok(())
+    }
+
     fn check_size(&self) -> Result<(), TestCaseError> {
         let st = self.fake.st.lock().unwrap();
         let vms = st.instances.keys().filter(|n| !n.contains("-golden-")).count();
@@ -738,6 +773,7 @@ impl World {
         self.collect()?;
         self.check_size()?;
         self.check_survivors()?;
+        self.check_fair_share()?;
         let at = self.call_count();
         let calls = self.calls();
         for (id, h) in &self.held {
@@ -826,7 +862,7 @@ impl World {
 
 /// Runs one script; `Err` names the broken promise.
 pub fn run(script: &Script) -> Result<usize, TestCaseError> {
-    let mut w = World::new(script.strategy);
+    let mut w = World::new(script.strategy, script.per_owner, script.autoscale);
     w.start()?;
     let result = (|| {
         for step in &script.steps {
@@ -880,7 +916,7 @@ mod regressions {
                 .with_env_filter(std::env::var("MODEL_LOG").unwrap_or_else(|_| "mpool=debug".into()))
                 .try_init();
         }
-        if let Err(e) = run(&Script { strategy, steps }) {
+        if let Err(e) = run(&Script { strategy, per_owner: 0, autoscale: false, steps }) {
             panic!("{e}");
         }
     }
@@ -1008,11 +1044,30 @@ mod regressions {
         );
     }
 
+    #[test]
+    fn a_retry_after_a_crash_gets_the_lease_its_first_caller_never_heard_of() {
+        let script = Script {
+            strategy: ResetStrategy::Snapshot,
+            per_owner: 0,
+            autoscale: true,
+            steps: vec![
+                Step::Acquire { owner: 0, rid: Some(2), run: false, wait: true },
+                Step::FailNext { op: 7 },
+                Step::Acquire { owner: 0, rid: None, run: false, wait: false },
+                Step::Crash,
+                Step::Acquire { owner: 0, rid: Some(2), run: false, wait: false },
+            ],
+        };
+        run(&script).unwrap();
+    }
+
     /// A placeholder shape for kept scripts: the pool settles after one acquire and release.
     #[test]
     fn one_acquire_and_release_settles() {
         let script = Script {
             strategy: ResetStrategy::Snapshot,
+            per_owner: 0,
+            autoscale: false,
             steps: vec![Step::Acquire { owner: 1, rid: Some(0), run: false, wait: true }, Step::Release { pick: 0 }],
         };
         run(&script).unwrap();

@@ -46,8 +46,10 @@ pub struct PoolView<'a> {
     pub generation: u64,
     /// Its VMs (not the golden one).
     pub vms: Vec<VmView>,
-    /// Callers waiting with no VM assigned yet.
+    /// Callers waiting with no VM assigned yet (that a free VM could serve).
     pub waiting: usize,
+    /// Idle VMs to keep ready: `min_ready`, or the demand's target when the pool autoscales.
+    pub ready_target: usize,
     /// The golden VM.
     pub golden: GoldenView,
     /// The daemon answers; when it does not, nothing that needs it is started.
@@ -168,12 +170,12 @@ fn golden_pending(p: &PoolView<'_>, out: &mut Vec<Action>) -> bool {
     }
 }
 
-/// Scale up to min_ready plus one per waiting caller, never beyond max_size (`have`: idle and
+/// Scale up to the ready target plus one per waiting caller, never beyond max_size (`have`: idle and
 /// coming VMs; `hot_now`: idle hot ones and those being made hot).
 fn scale_up(p: &PoolView<'_>, have: usize, hot_now: usize) -> Option<Action> {
     let cfg = p.cfg;
     let total = p.vms.iter().filter(|v| v.state.counts_toward_size()).count();
-    let want = cfg.min_ready as usize + p.waiting;
+    let want = p.ready_target + p.waiting;
     let room = (cfg.max_size as usize).saturating_sub(total);
     let count = want.saturating_sub(have).min(room);
     if count == 0 {
@@ -200,9 +202,11 @@ fn balance_hot(p: &PoolView<'_>, idle: &[&VmView], hot_now: usize, out: &mut Vec
     }
 }
 
-/// Scale down idle VMs above min_ready once they have idled long enough, longest idle first.
+/// Scale down idle VMs above the ready target once they have idled long enough, longest idle
+/// first. Only idle VMs with no plan running go: never a leased one, one being handed out, or
+/// one being reset.
 fn scale_down(p: &PoolView<'_>, idle: &[&VmView], out: &mut Vec<Action>) {
-    let min_ready = p.cfg.min_ready as usize;
+    let min_ready = p.ready_target;
     if p.waiting > 0 || idle.len() <= min_ready {
         return;
     }
@@ -229,7 +233,8 @@ mod tests {
     }
 
     fn view(cfg: &PoolConfig, vms: Vec<VmView>, waiting: usize) -> PoolView<'_> {
-        PoolView { cfg, generation: 1, vms, waiting, golden: GoldenView::NotNeeded, daemon_ok: true }
+        let ready_target = cfg.min_ready as usize;
+        PoolView { cfg, generation: 1, vms, waiting, ready_target, golden: GoldenView::NotNeeded, daemon_ok: true }
     }
 
     #[test]
@@ -325,5 +330,33 @@ mod tests {
         assert_eq!(decide(&v), vec![Action::BuildGolden]);
         v.golden = GoldenView::Ready(1);
         assert_eq!(decide(&v), vec![Action::Provision { count: 1, hot: 0 }]);
+    }
+
+    #[test]
+    fn a_demand_target_replaces_min_ready_and_only_idle_free_vms_go_below_it() {
+        let c = cfg(1, 0, 8);
+        let mut v = view(&c, vec![vm("a", VmState::Warm)], 0);
+        v.ready_target = 4;
+        assert_eq!(decide(&v), vec![Action::Provision { count: 3, hot: 0 }], "up to the target, not min_ready");
+        let old = |name: &str, state: VmState, busy: bool| {
+            let mut x = vm(name, state);
+            (x.idle_for, x.busy) = (Duration::from_secs(3600), busy);
+            x
+        };
+        let vms = vec![
+            old("leased", VmState::Leased, false),
+            old("waking", VmState::Waking, true),
+            old("resetting", VmState::Resetting, true),
+            old("parking", VmState::Warm, true),
+            old("w1", VmState::Warm, false),
+            old("w2", VmState::Warm, false),
+        ];
+        let mut v = view(&c, vms, 0);
+        v.ready_target = 2;
+        let retired: Vec<Action> = decide(&v).into_iter().filter(|a| matches!(a, Action::Retire { .. })).collect();
+        assert_eq!(retired, vec![Action::Retire { vm: "w1".into() }], "3 idle, target 2: one free idle VM goes");
+        v.ready_target = 0;
+        let retired: Vec<Action> = decide(&v).into_iter().filter(|a| matches!(a, Action::Retire { .. })).collect();
+        assert_eq!(retired.len(), 2, "never the leased, waking, resetting or busy one: {retired:?}");
     }
 }

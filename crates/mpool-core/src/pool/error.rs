@@ -38,6 +38,23 @@ pub enum EngineError {
         /// The pool's max_size.
         max_size: u32,
     },
+    /// The caller's owner holds as many leases as the pool allows one owner, for the whole wait.
+    #[error(
+        "pool {pool}: {} already holds {held} leases, the pool's max_leases_per_owner ({limit}), after waiting {waited:?}; release a lease first, retry later, or raise max_leases_per_owner",
+        owner_text(owner)
+    )]
+    OwnerLimit {
+        /// Pool.
+        pool: String,
+        /// The owner (empty: callers without a token).
+        owner: String,
+        /// Leases it holds (or is being handed) in the pool.
+        held: usize,
+        /// The pool's max_leases_per_owner.
+        limit: u32,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A Run with this request id is still running (or waiting for its VM).
     #[error(
         "request id {request_id:?} is already running as lease {lease}; wait for it to end (a retry with the same request id then gets its result), or use a new request id"
@@ -72,6 +89,11 @@ pub enum EngineError {
     ShuttingDown,
 }
 
+/// How an owner is named in a message.
+fn owner_text(owner: &str) -> String {
+    if owner.is_empty() { "owner \"\" (callers without a token)".to_string() } else { format!("owner {owner:?}") }
+}
+
 /// The kind of an [`EngineError`]: what a caller can do about it. The API maps kinds to its
 /// status codes (gRPC, HTTP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +121,7 @@ impl EngineError {
             EngineError::UnknownPool(_) | EngineError::UnknownLease(_) => ErrorKind::NotFound,
             EngineError::LeaseEnded { .. } | EngineError::RequestEnded { .. } => ErrorKind::FailedPrecondition,
             EngineError::NotOwner(_) => ErrorKind::PermissionDenied,
-            EngineError::Exhausted { .. } => ErrorKind::ResourceExhausted,
+            EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } => ErrorKind::ResourceExhausted,
             EngineError::InProgress { .. } => ErrorKind::AlreadyExists,
             EngineError::Unavailable(_) | EngineError::StoreUnavailable(_) | EngineError::ShuttingDown => {
                 ErrorKind::Unavailable

@@ -1,12 +1,14 @@
 //! The pool's decisions, as plain functions and data: a VM's state machine ([`vm`]), what
 //! maintenance to do ([`decide`]), startup reconciliation ([`reconcile`]), what the daemon's
 //! view of idle VMs means ([`drift`]), what a plan's outcome means ([`outcome`]), the lease book
-//! ([`leases`]), plans as idempotent steps ([`steps`]), the engine's errors ([`error`]), and the
-//! state machine that ties them together ([`state`]): inputs in, store writes and effects out.
+//! ([`leases`]), fair share among owners ([`fair`]), plans as idempotent steps ([`steps`]), the
+//! engine's errors ([`error`]), and the state machine that ties them together ([`state`]): inputs in, store writes and effects out.
 
 pub mod decide;
+pub mod demand;
 pub mod drift;
 pub mod error;
+pub mod fair;
 pub mod leases;
 pub mod outcome;
 pub mod reconcile;

@@ -1,6 +1,7 @@
 //! The engine's state as a report: pools, VMs, leases (for status, listings and metrics).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::pool_config::PoolConfig;
 use crate::store::LeaseRecord;
@@ -65,4 +66,18 @@ pub struct Status {
     pub leases: Vec<LeaseRecord>,
     /// Daemon calls waiting for the scheduler.
     pub queued_daemon_calls: usize,
+}
+
+/// One pool's capacity: how many ready VMs it keeps now and what that came from (for
+/// `autoscale = "demand"`; a pool with autoscale off keeps `min_ready`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PoolCapacity {
+    /// Pool.
+    pub name: String,
+    /// Idle VMs it keeps ready now.
+    pub ready_target: u32,
+    /// Measured arrival rate of acquires, per second (decaying).
+    pub arrival_rate: f64,
+    /// Measured refill time (release or launch until ready; a moving average).
+    pub refill_time: Duration,
 }

@@ -79,6 +79,7 @@ impl EngineState {
         };
         let pool_name = waiter.req.pool.clone();
         if let Some(p) = self.pools.get_mut(&pool_name) {
+            p.demand.arrival(env.now, p.cfg.autoscale_decay);
             p.waiters.push_back(waiter);
         }
         self.serve_waiters(env, &pool_name);
@@ -89,17 +90,17 @@ impl EngineState {
         }
     }
 
-    /// Hands idle VMs to waiting callers, first come first served: hot VMs first (a readiness
-    /// check only), then warm ones (a resume).
+    /// Hands idle VMs to waiting callers: hot VMs first (a readiness check only), then warm
+    /// ones (a resume); the next caller is the fair share's pick (round-robin across owners,
+    /// first come first served within one, never beyond an owner's limit).
     pub(super) fn serve_waiters(&mut self, env: &Env<'_>, pool_name: &str) {
         loop {
             let Some(pool) = self.pools.get_mut(pool_name) else {
                 return;
             };
-            while pool.waiters.front().is_some_and(|w| w.gone(env)) {
-                pool.waiters.pop_front();
-            }
+            pool.waiters.retain(|w| !w.gone(env));
             if pool.waiters.is_empty() {
+                pool.fair.forget(&[]);
                 return;
             }
             let free = |s: VmState| {
@@ -128,9 +129,20 @@ impl EngineState {
                     return;
                 }
             };
-            let Some(mut waiter) = self.pools.get_mut(pool_name).and_then(|p| p.waiters.pop_front()) else {
+            let held = self.held_by_owner(pool_name);
+            let Some(pool) = self.pools.get_mut(pool_name) else {
                 return;
             };
+            let owners: Vec<&str> = pool.waiters.iter().map(Waiter::owner).collect();
+            let Some(i) = pool.fair.pick(&owners, &held) else {
+                // Every waiting owner holds its limit: they wait for their own releases.
+                return;
+            };
+            let Some(mut waiter) = pool.waiters.remove(i) else {
+                return;
+            };
+            let owners: Vec<&str> = pool.waiters.iter().map(Waiter::owner).collect();
+            pool.fair.served(waiter.owner(), &owners);
             waiter.served = if waiter.queued { Served::Cold } else { served };
             self.apply(env, &vm, Event::Wake);
             self.waking.insert(vm.clone(), waiter);
@@ -270,6 +282,7 @@ impl EngineState {
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let leased = self.vms.values().filter(|v| v.pool == name && v.state == VmState::Leased).count();
+            let held = self.held_by_owner(&name);
             let Some(pool) = self.pools.get_mut(&name) else {
                 continue;
             };
@@ -277,10 +290,27 @@ impl EngineState {
             let (expired, kept): (Vec<Waiter>, Vec<Waiter>) =
                 pool.waiters.drain(..).partition(|w| w.deadline <= env.now);
             pool.waiters = kept.into();
-            for w in expired {
-                let waited = env.now.duration_since(w.since);
-                let err = EngineError::Exhausted { pool: name.clone(), waited, leased, max_size };
-                for caller in w.callers {
+            let answers: Vec<(Vec<CallerId>, EngineError)> = expired
+                .into_iter()
+                .map(|w| {
+                    let waited = env.now.duration_since(w.since);
+                    let owner = w.owner().to_string();
+                    let err = match held.get(&owner).copied().unwrap_or(0) {
+                        // Held back by its owner's limit, not by the pool's size.
+                        n if !pool.fair.may_take(n) => EngineError::OwnerLimit {
+                            pool: name.clone(),
+                            owner,
+                            held: n,
+                            limit: pool.fair.limit(),
+                            waited,
+                        },
+                        _ => EngineError::Exhausted { pool: name.clone(), waited, leased, max_size },
+                    };
+                    (w.callers, err)
+                })
+                .collect();
+            for (callers, err) in answers {
+                for caller in callers {
                     self.reply(caller, Err(err.clone()));
                 }
             }

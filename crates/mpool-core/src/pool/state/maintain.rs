@@ -46,7 +46,8 @@ impl EngineState {
                     cfg: &p.cfg,
                     generation: p.generation,
                     vms,
-                    waiting: p.waiters.len(),
+                    waiting: self.servable_waiters(&name),
+                    ready_target: p.demand.target(&p.cfg, env.now) as usize,
                     golden,
                     daemon_ok: self.daemon_ok,
                 };

@@ -20,10 +20,12 @@ use crate::ports::{Ids, Observed, StepError};
 use crate::store::{LeaseRecord, RunOutcome, Snapshot, VmRecord, Write};
 use crate::types::SshEndpoint;
 
+use super::demand::Demand;
 use super::error::EngineError;
+use super::fair::{FairShare, count_by_owner};
 use super::leases::{AcquireRequest, LeaseBook, LeaseInfo, Served};
 use super::outcome::PlanKind;
-use super::status::{PoolStatus, Status, VmStatus};
+use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
 mod leasing;
@@ -226,6 +228,10 @@ struct Pool {
     cfg: PoolConfig,
     generation: u64,
     waiters: VecDeque<Waiter>,
+    /// Who is served next among the waiters, and how many leases one owner may hold.
+    fair: FairShare,
+    /// Arrivals and refill times (for `autoscale = "demand"`).
+    demand: Demand,
     golden: Option<Golden>,
     /// `waiters.len()` as of the last batch, for plans: a VM being reset or provisioned stays
     /// running when callers wait for it.
@@ -317,6 +323,11 @@ impl Waiter {
     fn gone(&self, env: &Env<'_>) -> bool {
         self.callers.iter().all(|c| (env.gone)(*c))
     }
+
+    /// Its owner (empty: a caller without a token).
+    fn owner(&self) -> &str {
+        self.req.owner.as_deref().unwrap_or("")
+    }
 }
 
 /// The store failed: what the engine knows about its recovery.
@@ -363,7 +374,15 @@ impl EngineState {
             .map(|(cfg, generation)| {
                 (
                     cfg.name.clone(),
-                    Pool { cfg, generation, waiters: VecDeque::new(), golden: None, waiting: Default::default() },
+                    Pool {
+                        fair: FairShare::new(cfg.max_leases_per_owner),
+                        demand: Demand::default(),
+                        cfg,
+                        generation,
+                        waiters: VecDeque::new(),
+                        golden: None,
+                        waiting: Default::default(),
+                    },
                 )
             })
             .collect();
@@ -403,6 +422,22 @@ impl EngineState {
         let waiters = self.pools.values().flat_map(|p| p.waiters.iter().map(|w| w.deadline));
         let store = self.degraded.as_ref().filter(|d| !d.probing).map(|d| d.retry_at);
         waiters.chain(self.book.next_deadline()).chain(store).min()
+    }
+
+    /// Leases each owner holds in a pool, or is being handed (a VM waking for it).
+    fn held_by_owner(&self, pool: &str) -> std::collections::HashMap<String, usize> {
+        let leases = self.book.iter().filter(|l| l.record.pool == pool).map(|l| l.record.owner.as_str());
+        let waking = self.waking.values().filter(|w| w.req.pool == pool).map(Waiter::owner);
+        count_by_owner(leases.chain(waking))
+    }
+
+    /// Waiters of a pool that a free VM could serve now (not held back by their owner's limit).
+    fn servable_waiters(&self, pool: &str) -> usize {
+        let Some(p) = self.pools.get(pool) else {
+            return 0;
+        };
+        let owners: Vec<&str> = p.waiters.iter().map(Waiter::owner).collect();
+        p.fair.servable(&owners, &self.held_by_owner(pool))
     }
 
     fn reply(&mut self, caller: CallerId, answer: Result<Answer, EngineError>) {
@@ -480,6 +515,19 @@ impl EngineState {
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
         }
+    }
+
+    /// Each pool's ready target at `now`, with the measured arrival rate and refill time.
+    pub fn capacity(&self, now: Instant) -> Vec<PoolCapacity> {
+        self.pools
+            .values()
+            .map(|p| PoolCapacity {
+                name: p.cfg.name.clone(),
+                ready_target: p.demand.target(&p.cfg, now),
+                arrival_rate: p.demand.rate(now, p.cfg.autoscale_decay),
+                refill_time: p.demand.refill_time(),
+            })
+            .collect()
     }
 
     /// A report of the engine's state.

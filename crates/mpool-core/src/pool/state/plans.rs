@@ -102,9 +102,15 @@ impl EngineState {
         };
         let pool = vm.pool.clone();
         let state = vm.state;
-        if matches!(plan, PlanKind::Reset { .. }) {
+        if matches!(plan, PlanKind::Reset { .. } | PlanKind::Provision { .. }) {
+            // How long a VM takes to be ready again: what a demand-sized pool plans ahead for.
             let took = env.now.duration_since(vm.busy_since);
-            self.batch.effects.push(Effect::ResetTook { pool, took });
+            if let Some(p) = self.pools.get_mut(&pool) {
+                p.demand.refilled(took);
+            }
+            if matches!(plan, PlanKind::Reset { .. }) {
+                self.batch.effects.push(Effect::ResetTook { pool, took });
+            }
         }
         match plan {
             PlanKind::Wake => match (self.waking.remove(name), ssh) {
