@@ -339,3 +339,26 @@ async fn serve_removes_its_unix_socket_when_it_exits() {
     assert!(status.success(), "serve exit status {status}; log:\n{}", stack.log());
     assert!(!stack.socket.exists(), "the API socket {} is left behind", stack.socket.display());
 }
+
+/// `serve --check` warns about a listener the VMs on the Multipass bridge could reach (bound to
+/// every address), and says nothing of one on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_check_warns_about_listeners_the_vms_can_reach() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("api.sock");
+    let port = mpool_testkit::free_port().expect("a free port");
+    for (host, warned) in [("0.0.0.0", true), ("127.0.0.1", false)] {
+        let api = format!("listen = [\"unix:{}\"]\nmetrics_listen = \"{host}:{port}\"", sock.display());
+        let cfg = config(dir.path(), &api);
+        let check = common::tools::run(
+            Path::new(MPOOL),
+            &["serve", "--config", &cfg.display().to_string(), "--check"],
+            None,
+            &[],
+        )
+        .await;
+        assert!(check.stdout.contains("OK"), "{api}: {}{}", check.stdout, check.stderr);
+        let warning = check.stderr.contains("warning: api.metrics_listen") && check.stderr.contains("isolation rules");
+        assert_eq!(warning, warned, "{api}: {}", check.stderr);
+    }
+}

@@ -44,6 +44,7 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
         crate::cli::output::line(&format!("{}: OK ({} pools)", args.config.display(), cfg.pools.len()));
+        warn_exposed_listeners(&cfg);
         let images: Vec<(String, String)> = cfg.pools.iter().map(|p| (p.name.clone(), p.image.clone())).collect();
         return mpool_multipass::serve_check_images(mpool_api::serve::client_options(&cfg, data_dir), &images).await;
     }
@@ -114,5 +115,32 @@ async fn show_warmup(engine: mpool_engine::Engine, cfg: Config) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 2000 })).await;
+    }
+}
+
+/// Warns (on stderr; the check still passes) about TCP listeners the VMs on the Multipass
+/// bridge could reach: mpool's API and metrics should not be a task's to call.
+fn warn_exposed_listeners(cfg: &Config) {
+    let name = cfg.isolation.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE);
+    let subnet = mpool_isolation::Bridge::detect(name).ok().map(|b| b.subnet);
+    let mut listeners: Vec<(String, std::net::SocketAddr)> = Vec::new();
+    for (i, l) in cfg.api.listen.iter().enumerate() {
+        if let mpool_config::Listen::Tcp(a) = l {
+            listeners.push((format!("api.listen[{i}]"), *a));
+        }
+    }
+    if let Some(mpool_config::Listen::Tcp(a)) = &cfg.api.http_listen {
+        listeners.push(("api.http_listen".into(), *a));
+    }
+    if let Some(a) = cfg.api.metrics_listen {
+        listeners.push(("api.metrics_listen".into(), a));
+    }
+    for (key, addr) in listeners {
+        if let Some(why) = mpool_isolation::exposure::reachable_from_bridge(&addr, subnet.as_ref()) {
+            crate::cli::output::err_line(&format!(
+                "warning: {key}: {why}, so tasks in the VMs can reach it; bind it to 127.0.0.1 (or another \
+                 interface) or apply `mpool isolation rules` on the host (README \"Isolation\")"
+            ));
+        }
     }
 }

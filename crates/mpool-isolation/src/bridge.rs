@@ -26,6 +26,11 @@ impl Subnet {
     pub fn network(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.address) & mask(self.prefix))
     }
+
+    /// Whether `ip` is in the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & mask(self.prefix) == u32::from(self.network())
+    }
 }
 
 fn mask(prefix: u8) -> u32 {

@@ -1,9 +1,11 @@
 //! Tenant isolation enforced on the Multipass host: the bridge's name and subnet
 //! ([`bridge`]: checked values and their detection from the host's interfaces) and the
 //! nftables ruleset that stops instances from reaching each other and the host
-//! ([`ruleset`]: pure text generation).
+//! ([`ruleset`]: pure text generation), and which of mpool's listeners the instances could
+//! reach ([`exposure`]).
 
 pub mod bridge;
+pub mod exposure;
 pub mod ruleset;
 
 pub use bridge::{Bridge, BridgeError, DEFAULT_BRIDGE, Subnet};
