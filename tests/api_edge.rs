@@ -275,6 +275,11 @@ async fn the_cli_ends_quietly_on_a_closed_pipe() {
     }
 }
 
+/// `mpool serve --config CFG --check`.
+async fn serve_check(cfg: &Path) -> common::tools::Output {
+    common::tools::run(Path::new(MPOOL), &["serve", "--config", &cfg.display().to_string(), "--check"], None, &[]).await
+}
+
 /// A config with the given `[api]` section and a daemon that is not there.
 fn config(dir: &Path, api: &str) -> std::path::PathBuf {
     let p = dir.join("mpool.toml");
@@ -308,13 +313,7 @@ async fn serve_check_and_serve_refuse_the_same_listeners_and_leave_no_socket() {
     ] {
         std::fs::write(dir.path().join("tokens.toml"), "tokens = []\n").expect("tokens");
         let cfg = config(dir.path(), &api);
-        let check = common::tools::run(
-            Path::new(MPOOL),
-            &["serve", "--config", &cfg.display().to_string(), "--check"],
-            None,
-            &[],
-        )
-        .await;
+        let check = serve_check(&cfg).await;
         assert_ne!(check.code, 0, "serve --check accepted {api}: {}", check.stdout);
         assert!(check.stderr.contains(why), "{api}: {}", check.stderr);
         // serve itself refuses at once (before waiting for multipassd), binding no Unix socket.
@@ -350,13 +349,7 @@ async fn serve_check_warns_about_listeners_the_vms_can_reach() {
     for (host, warned) in [("0.0.0.0", true), ("127.0.0.1", false)] {
         let api = format!("listen = [\"unix:{}\"]\nmetrics_listen = \"{host}:{port}\"", sock.display());
         let cfg = config(dir.path(), &api);
-        let check = common::tools::run(
-            Path::new(MPOOL),
-            &["serve", "--config", &cfg.display().to_string(), "--check"],
-            None,
-            &[],
-        )
-        .await;
+        let check = serve_check(&cfg).await;
         assert!(check.stdout.contains("OK"), "{api}: {}{}", check.stdout, check.stderr);
         let warning = check.stderr.contains("warning: api.metrics_listen") && check.stderr.contains("isolation rules");
         assert_eq!(warning, warned, "{api}: {}", check.stderr);
