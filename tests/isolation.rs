@@ -4,7 +4,9 @@
 //! generated ruleset, applied with `nft -f -` inside the host namespace, stops instance to
 //! instance and instance to host connections, keeps DNS and an allowed port on the host and the
 //! host's own connections to instances working, re-applies to the identical ruleset, and its
-//! undo restores reachability. The real host's network is never touched.
+//! undo restores reachability. The isolation probe's own script (what mpool runs in an idle VM)
+//! reaches the same verdicts from inside an instance: not isolated before, isolated with the
+//! rules. The real host's network is never touched.
 //!
 //! Runs as root (as CI does) with `ip` (iproute2) and `nft` (nftables); without them it fails
 //! with what to install, never skips.
@@ -15,6 +17,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use mpool_isolation::probe::{self, Verdict};
 use nix::sched::{CloneFlags, setns};
 
 const SUBNET: &str = "10.201.7.1/24";
@@ -129,6 +132,15 @@ fn mpool_rules(ns: &str, args: &[&str]) -> String {
     run("ip", &full, None, IP_HINT)
 }
 
+/// The isolation probe as mpool runs it in a VM, run in instance namespace `ns` against the
+/// host (22 and 8080) and instance B: its verdict and why.
+fn probe_from(ns: &str) -> (Verdict, String) {
+    let targets =
+        probe::targets(Some(HOST.parse().unwrap()), &[8080], Some(("instance-b", INSTANCE_B.parse().unwrap(), 22)));
+    let out = run("ip", &["netns", "exec", ns, "bash", "-c", &probe::script(&targets)], None, IP_HINT);
+    probe::verdict(&targets, &out)
+}
+
 #[test]
 fn generated_rules_isolate_instances_on_a_multipass_like_bridge() {
     run("nft", &["--version"], None, NFT_HINT);
@@ -168,6 +180,10 @@ fn generated_rules_isolate_instances_on_a_multipass_like_bridge() {
         open_everywhere,
         "before the rules, instance A reaches instance B and every port of the host"
     );
+    let (verdict, why) = probe_from(&a);
+    assert_eq!(verdict, Verdict::NotIsolated, "{why}");
+    assert!(why.contains("VM instance-b at 10.201.7.11:22 connected"), "{why}");
+    assert!(why.contains("the host at 10.201.7.1:22 answered (connection refused)"), "{why}");
 
     // The rules, detected from the bridge inside the host namespace, applied there.
     let rules = mpool_rules(&host, &["--bridge", &bridge, "--allow-host-port", "3142"]);
@@ -183,6 +199,8 @@ fn generated_rules_isolate_instances_on_a_multipass_like_bridge() {
         connects(&host, INSTANCE_B, 22),
         "the host still reaches an instance (mpool's SSH): the replies must be accepted"
     );
+    let (verdict, why) = probe_from(&a);
+    assert_eq!(verdict, Verdict::Isolated, "the probe sees the rules hold: {why}");
 
     // With br_netfilter (e.g. Docker on the host), bridged traffic also crosses the inet hooks:
     // still isolated, DNS still open.
@@ -220,6 +238,7 @@ fn generated_rules_isolate_instances_on_a_multipass_like_bridge() {
         open_everywhere,
         "after undo, instance A reaches instance B and the host again"
     );
+    assert_eq!(probe_from(&a).0, Verdict::NotIsolated, "the probe sees the rules gone");
 }
 
 #[test]

@@ -302,6 +302,7 @@ async fn metrics_parse_and_counters_move_with_calls() {
         ("mpool_leases", "gauge"),
         ("mpool_daemon_up", "gauge"),
         ("mpool_store_up", "gauge"),
+        ("mpool_network_isolated", "gauge"),
     ] {
         assert_eq!(before.types.get(name).map(String::as_str), Some(kind), "# TYPE {name} {kind}");
     }
@@ -500,6 +501,7 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
             ("mpool_daemon_up", "gauge"),
             ("mpool_grpc_errors", "counter"),
             ("mpool_leases", "gauge"),
+            ("mpool_network_isolated", "gauge"),
             ("mpool_reset_seconds", "histogram"),
             ("mpool_store_up", "gauge"),
             ("mpool_store_write_failures", "counter"),

@@ -123,19 +123,7 @@ async fn show_warmup(engine: mpool_engine::Engine, cfg: Config) {
 fn warn_exposed_listeners(cfg: &Config) {
     let name = cfg.isolation.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE);
     let subnet = mpool_isolation::Bridge::detect(name).ok().map(|b| b.subnet);
-    let mut listeners: Vec<(String, std::net::SocketAddr)> = Vec::new();
-    for (i, l) in cfg.api.listen.iter().enumerate() {
-        if let mpool_config::Listen::Tcp(a) = l {
-            listeners.push((format!("api.listen[{i}]"), *a));
-        }
-    }
-    if let Some(mpool_config::Listen::Tcp(a)) = &cfg.api.http_listen {
-        listeners.push(("api.http_listen".into(), *a));
-    }
-    if let Some(a) = cfg.api.metrics_listen {
-        listeners.push(("api.metrics_listen".into(), a));
-    }
-    for (key, addr) in listeners {
+    for (key, addr) in cfg.api.tcp_listeners() {
         if let Some(why) = mpool_isolation::exposure::reachable_from_bridge(&addr, subnet.as_ref()) {
             crate::cli::output::err_line(&format!(
                 "warning: {key}: {why}, so tasks in the VMs can reach it; bind it to 127.0.0.1 (or another \

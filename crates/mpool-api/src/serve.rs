@@ -58,6 +58,19 @@ pub fn client_options(cfg: &Config, data_dir: PathBuf) -> Result<ClientOptions, 
     Ok(o)
 }
 
+/// The isolation probe's settings: the host's address on the Multipass bridge (detected, or
+/// unknown when there is no such bridge: the simulator's VMs are on loopback and probed there),
+/// mpool's TCP ports, and the interval (`None` when `[isolation] probe_interval = "0"`).
+pub fn probe_settings(cfg: &Config) -> Option<mpool_engine::ProbeSettings> {
+    if cfg.isolation.probe_interval.is_zero() {
+        return None;
+    }
+    let name = cfg.isolation.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE);
+    let host = mpool_isolation::Bridge::detect(name).ok().map(|b| std::net::IpAddr::V4(b.subnet.address));
+    let host_ports = cfg.api.tcp_listeners().iter().map(|(_, a)| a.port()).filter(|p| *p != 0).collect();
+    Some(mpool_engine::ProbeSettings { host, host_ports, interval: cfg.isolation.probe_interval })
+}
+
 /// Connects to multipassd, retrying with backoff while it is unreachable (it may be starting or
 /// restarting); other errors (trust, version) are final.
 pub async fn connect(opts: &ClientOptions, wait: Option<Duration>) -> Result<Client, String> {
@@ -101,6 +114,7 @@ impl Running {
             reconcile_interval: cfg.engine.reconcile_interval,
             health_interval: cfg.engine.health_interval,
             priorities: opts.priorities,
+            isolation: probe_settings(&cfg),
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;

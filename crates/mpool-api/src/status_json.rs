@@ -5,7 +5,9 @@
 //!
 //! `GET /v1/health`: what `/healthz` says, in parts:
 //! `{"status": "SERVING" | "NOT_SERVING", "daemon": {"ok": bool, "queuedCalls": n},
-//! "store": {"ok": bool, "error": "why not, or empty"}, "reconciled": bool}`.
+//! "store": {"ok": bool, "error": "why not, or empty"}, "reconciled": bool,
+//! "isolation": {"state": "isolated" | "not isolated" | "unknown", "detail": "what the probe
+//! found", "checkedAt": "<RFC 3339>" or null, "vm": "the VM it ran in"}}`.
 //!
 //! `GET /v1/history`: the last hour, one point per minute, of the acquire latency and the reset
 //! duration of each pool the token may use (aggregates only: no holder, lease or owner):
@@ -44,6 +46,13 @@ pub async fn health(app: &App, p: Option<&Principal>) -> Result<Value, AppError>
         "daemon": { "ok": h.daemon_ok, "queuedCalls": h.queued_daemon_calls },
         "store": { "ok": h.store_ok, "error": h.store_error.unwrap_or_default() },
         "reconciled": h.reconciled,
+        "isolation": {
+            "state": h.isolation.state.as_str(),
+            "detail": h.isolation.detail,
+            "checkedAt": (h.isolation.checked_ms > 0)
+                .then(|| crate::convert::timestamp(h.isolation.checked_ms).to_string()),
+            "vm": h.isolation.vm,
+        },
     }))
 }
 

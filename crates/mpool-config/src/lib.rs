@@ -176,6 +176,25 @@ pub struct ApiConfig {
     pub max_download: u64,
 }
 
+impl ApiConfig {
+    /// Every TCP listener (gRPC, HTTP, metrics), each with its config key.
+    pub fn tcp_listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut out: Vec<(String, SocketAddr)> = Vec::new();
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Listen::Tcp(a) = l {
+                out.push((format!("api.listen[{i}]"), *a));
+            }
+        }
+        if let Some(Listen::Tcp(a)) = &self.http_listen {
+            out.push(("api.http_listen".into(), *a));
+        }
+        if let Some(a) = self.metrics_listen {
+            out.push(("api.metrics_listen".into(), a));
+        }
+        out
+    }
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
@@ -275,8 +294,9 @@ impl Default for EngineConfig {
     }
 }
 
-/// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for, and
+/// how often mpool measures that they hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IsolationConfig {
     /// `bridge` (default: Multipass's `mpqemubr0`): the bridge the instances are on; a Linux
     /// interface name of `[A-Za-z0-9_.-]`, at most 15 characters.
@@ -284,6 +304,15 @@ pub struct IsolationConfig {
     /// `allow_host_ports` (default none): TCP ports on the host the instances may reach besides
     /// DHCP and DNS (e.g. a package cache), each 1-65535; sorted, without duplicates.
     pub allow_host_ports: Vec<u16>,
+    /// `probe_interval` (default 5m; "0" turns the probe off): how often an idle VM checks
+    /// that it can reach neither another VM nor the host (see `require_isolation`).
+    pub probe_interval: Duration,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> IsolationConfig {
+        IsolationConfig { bridge: None, allow_host_ports: Vec::new(), probe_interval: Duration::from_secs(300) }
+    }
 }
 
 /// One problem found while validating a config: where and what.
@@ -527,6 +556,7 @@ struct RawEngine {
 struct RawIsolation {
     bridge: Field<String>,
     allow_host_ports: Option<Vec<Spanned<i64>>>,
+    probe_interval: Field<RawDuration>,
 }
 
 #[derive(Deserialize)]
@@ -553,6 +583,7 @@ struct RawPool {
     max_leases_per_owner: Option<u32>,
     autoscale: Option<Autoscale>,
     autoscale_decay: Field<RawDuration>,
+    require_isolation: Option<bool>,
 }
 
 /// A duration as written: a string, checked by [`parse_duration`] during validation. A bare
@@ -673,6 +704,7 @@ impl Checker<'_> {
         for (i, raw_pool) in raw.pools.into_iter().enumerate() {
             let span = raw_pool.span();
             let name_span = raw_pool.get_ref().name.as_ref().map_or(span.clone(), |n| n.span());
+            let span_of_pool = span.clone();
             let pool = self.pool(i, span, raw_pool.into_inner());
             if !pool.name.is_empty() {
                 if let Some(first) = seen.get(&pool.name) {
@@ -687,6 +719,13 @@ impl Checker<'_> {
                 } else {
                     seen.insert(pool.name.clone(), i);
                 }
+            }
+            if pool.require_isolation && isolation.probe_interval.is_zero() {
+                self.fail(
+                    &format!("pools[{i}] ({:?}).require_isolation", pool.name),
+                    Some(span_of_pool.clone()),
+                    "needs the isolation probe, which [isolation] probe_interval = \"0\" turns off; set a probe_interval (default 5m) or drop require_isolation",
+                );
             }
             pools.push(pool);
         }
@@ -722,7 +761,9 @@ impl Checker<'_> {
         }
         allow_host_ports.sort_unstable();
         allow_host_ports.dedup();
-        IsolationConfig { bridge, allow_host_ports }
+        let default = IsolationConfig::default().probe_interval;
+        let probe_interval = self.duration("isolation.probe_interval", &raw.probe_interval, default, false);
+        IsolationConfig { bridge, allow_host_ports, probe_interval }
     }
 
     fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
@@ -1190,6 +1231,7 @@ impl Checker<'_> {
         p.max_leases_per_owner = raw.max_leases_per_owner.unwrap_or(0);
         p.autoscale = raw.autoscale.unwrap_or_default();
         p.autoscale_decay = self.duration(&key("autoscale_decay"), &raw.autoscale_decay, p.autoscale_decay, true);
+        p.require_isolation = raw.require_isolation.unwrap_or(false);
         p
     }
 }
@@ -1221,10 +1263,13 @@ mod tests {
 
     #[test]
     fn isolation_reads_the_bridge_and_the_allowed_ports_sorted_once() {
-        let c =
-            parse(&format!("[isolation]\nbridge = \"br-lan\"\nallow_host_ports = [8080, 3142, 8080]\n{MIN}")).unwrap();
+        let c = parse(&format!(
+            "[isolation]\nbridge = \"br-lan\"\nallow_host_ports = [8080, 3142, 8080]\nprobe_interval = \"90s\"\n{MIN}"
+        ))
+        .unwrap();
         assert_eq!(c.isolation.bridge.as_deref(), Some("br-lan"));
         assert_eq!(c.isolation.allow_host_ports, [3142, 8080]);
+        assert_eq!(c.isolation.probe_interval, Duration::from_secs(90));
     }
 
     #[test]
@@ -1242,6 +1287,10 @@ mod tests {
             ],
         );
         assert_error(&format!("[isolation]\nsubnet = \"10.0.0.1/24\"\n{MIN}"), &["unknown field `subnet`"]);
+        assert_error(
+            "[isolation]\nprobe_interval = \"0\"\n[[pools]]\nname = \"ci\"\nrequire_isolation = true\n",
+            &["pools[0] (\"ci\").require_isolation", "probe_interval = \"0\" turns off"],
+        );
     }
 
     #[test]
@@ -1355,6 +1404,7 @@ idle_timeout = "1h30m"
 max_leases_per_owner = 2
 autoscale = "demand"
 autoscale_decay = "20m"
+require_isolation = true
 
 [[pools]]
 name = "build-arm"
@@ -1414,6 +1464,8 @@ reset = "recreate"
         assert_eq!(p.idle_timeout, Duration::from_secs(5400));
         assert_eq!(p.max_leases_per_owner, 2);
         assert_eq!(c.pool("build-arm").unwrap().max_leases_per_owner, 0, "unlimited by default");
+        assert!(p.require_isolation);
+        assert!(!c.pool("build-arm").unwrap().require_isolation, "off by default");
         assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
         let arm = c.pool("build-arm").unwrap();
         assert_eq!((arm.autoscale, arm.autoscale_decay), (Autoscale::Off, Duration::from_secs(600)));

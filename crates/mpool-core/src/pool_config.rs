@@ -103,6 +103,9 @@ pub struct PoolConfig {
     /// `autoscale_decay` (default 10m, above zero): the time constant with which a demand
     /// target falls back after a burst.
     pub autoscale_decay: Duration,
+    /// `require_isolation` (default false): refuse leases (FAILED_PRECONDITION naming the fix)
+    /// unless the isolation probe measured the VMs cut off from each other and the host.
+    pub require_isolation: bool,
 }
 
 impl PoolConfig {
@@ -129,6 +132,7 @@ impl PoolConfig {
             max_leases_per_owner: 0,
             autoscale: Autoscale::Off,
             autoscale_decay: Duration::from_secs(10 * 60),
+            require_isolation: false,
         }
     }
 
@@ -223,6 +227,7 @@ mod tests {
             Box::new(|p| p.max_leases_per_owner = 2),
             Box::new(|p| p.autoscale = Autoscale::Demand),
             Box::new(|p| p.autoscale_decay = Duration::from_secs(1)),
+            Box::new(|p| p.require_isolation = true),
             Box::new(|p| p.memory = "1024M".into()),
             Box::new(|p| p.disk = "5GiB".into()),
         ];

@@ -83,6 +83,9 @@ pub trait SshPort: Send + Sync + 'static {
     }
     /// Runs a setup script in the VM; a non-zero exit is an error carrying its output tail.
     fn run_script(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Runs a bash script in the VM and returns what it printed on stdout (for probes whose
+    /// answer is their output; a non-zero exit is an error).
+    fn output(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<String, StepError>>;
     /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
     fn forget(&self, vm: String) -> BoxFut<'_, ()>;
 }

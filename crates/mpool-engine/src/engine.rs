@@ -39,6 +39,7 @@ use mpool_core::store::{PoolRecord, RunOutcome, Snapshot, StateStore, StoreError
 use mpool_core::types::SshEndpoint;
 use mpool_metrics::Metrics;
 
+use crate::isolation::{ProbeSettings, Prober};
 use crate::plans::{Ctx, Run};
 use crate::scheduler::{Op, Priority, Scheduler};
 
@@ -57,6 +58,8 @@ pub struct Settings {
     pub priorities: bool,
     /// First pause before retrying a store that failed (doubling up to [`STORE_RETRY_MAX`]).
     pub store_retry: Duration,
+    /// The isolation probe (`None`: off).
+    pub isolation: Option<ProbeSettings>,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             health_interval: Duration::from_secs(30),
             priorities: true,
             store_retry: Duration::from_millis(500),
+            isolation: None,
         }
     }
 }
@@ -165,7 +169,11 @@ impl Engine {
         };
         let actor = Actor {
             state: EngineState::new(state_settings, with_generations, snapshot),
-            ctx: Ctx { ports, sched: Scheduler::new(settings.priorities) },
+            ctx: Ctx {
+                ports,
+                sched: Scheduler::new(settings.priorities),
+                prober: settings.isolation.clone().map(|s| Arc::new(Prober::new(s))),
+            },
             settings,
             store,
             tx: tx.clone(),
@@ -463,14 +471,26 @@ impl Actor {
                 let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
                     let (vm, plan) = (order.vm.clone(), order.kind);
-                    let result = run_plan(&ctx, order).await;
+                    let result = run_plan(&ctx, *order).await;
+                    // A probe's verdict reaches the state before the outcome of its plan: a
+                    // wake in a pool that requires isolation grants on it.
+                    if let Some(news) = ctx.isolation_news() {
+                        let _ = tx.send(Msg::Done(news)).await;
+                    }
                     let _ = tx.send(Msg::Done(Input::PlanDone { vm, plan, result })).await;
                 });
             }
             Effect::BuildGolden { pool, vm } => {
                 let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
-                    let run = Run { vm: &vm, pool: &pool, priority: Priority::Provision, hot: false, waiting: None };
+                    let run = Run {
+                        vm: &vm,
+                        pool: &pool,
+                        priority: Priority::Provision,
+                        hot: false,
+                        waiting: None,
+                        peer: None,
+                    };
                     let plan = steps::golden(!pool.setup.is_empty());
                     let result = ctx.execute(&run, &plan, Facts::absent()).await.map(|_| ());
                     let _ = tx.send(Msg::Done(Input::GoldenDone { pool: pool.name.clone(), vm, result })).await;
@@ -543,7 +563,8 @@ async fn ask_list(daemon: &Arc<dyn DaemonPort>) -> (Result<Vec<Observed>, StepEr
 /// Runs one plan: its steps from the facts the engine knows, or (when it cannot be sure) from
 /// what the daemon reports, so steps already done are skipped.
 async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
-    let PlanOrder { vm, kind, pool, golden, rebuild, observe, ssh, for_waiters, waiting } = order;
+    let PlanOrder { vm, kind, pool, golden, rebuild, observe, ssh, for_waiters, waiting, peer } = order;
+    let peer = peer.as_ref();
     let has_setup = !pool.setup.is_empty();
     let facts = |p: Priority, known: Facts| {
         let vm = &vm;
@@ -551,20 +572,20 @@ async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, St
     };
     match kind {
         PlanKind::Provision { hot } => {
-            let run = Run { vm: &vm, pool: &pool, priority: Priority::Provision, hot, waiting: None };
+            let run = Run { vm: &vm, pool: &pool, priority: Priority::Provision, hot, waiting: None, peer };
             let plan = steps::provision(pool.reset, golden.as_deref(), has_setup);
             let f = facts(run.priority, Facts::absent()).await?;
             ctx.execute(&run, &plan, f).await
         }
         PlanKind::Reset { hot } => {
             let priority = if for_waiters { Priority::Release } else { Priority::Reset };
-            let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting) };
+            let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting), peer };
             let plan = steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild);
             let f = facts(priority, Facts::running_clean()).await?;
             ctx.execute(&run, &plan, f).await
         }
         PlanKind::Park { hot } => {
-            let run = Run { vm: &vm, pool: &pool, priority: Priority::Reset, hot, waiting: None };
+            let run = Run { vm: &vm, pool: &pool, priority: Priority::Reset, hot, waiting: None, peer };
             let (plan, known) = if hot {
                 (vec![Step::Start, Step::Ready], Facts::suspended_clean())
             } else {
@@ -573,9 +594,18 @@ async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, St
             ctx.execute(&run, &plan, known).await
         }
         // A wake for a waiting caller of a hot VM only needs a round trip.
-        PlanKind::Wake if ssh.is_some() => ctx.check_alive(&vm, ssh).await.map(Some),
-        PlanKind::Wake => ctx.wake(&vm).await.map(Some),
-        PlanKind::Check => ctx.check(&vm, ssh).await.map(Some),
+        PlanKind::Wake => {
+            let info = if ssh.is_some() { ctx.check_alive(&vm, ssh).await? } else { ctx.wake(&vm).await? };
+            if pool.require_isolation {
+                ctx.probe(&vm, &info, peer, true).await;
+            }
+            Ok(Some(info))
+        }
+        PlanKind::Check => {
+            let info = ctx.check(&vm, ssh).await?;
+            ctx.probe(&vm, &info, peer, false).await;
+            Ok(Some(info))
+        }
         PlanKind::Destroy => ctx.destroy(Priority::Provision, &vm).await.map(|_| None),
         PlanKind::Refresh => ctx.endpoint(&vm).await.map(Some),
     }

@@ -692,3 +692,67 @@ async fn an_interrupted_build_resumes_without_relaunching() {
     assert_eq!(h.fake.count(&format!("launch {vm}")), 1, "not relaunched after the restart");
     assert_eq!(h.fake.count(&format!("delete {vm}")), 0);
 }
+
+/// An engine whose isolation probe runs every `interval` (the fake's VMs are on loopback, so
+/// the host is probed there).
+fn start_probing(cfg: PoolConfig, open_network: bool, interval: Duration) -> (Fake, Engine) {
+    let fake = Fake::default();
+    fake.st.lock().unwrap().open_network = open_network;
+    let ports = Ports::new(Arc::new(fake.clone()), Arc::new(fake.clone()));
+    let probe = crate::ProbeSettings { host: None, host_ports: vec![7443], interval };
+    let settings = Settings { isolation: Some(probe), ..settings() };
+    let engine = Engine::start(settings, vec![cfg], ports, Arc::new(MemStore::new())).unwrap();
+    (fake, engine)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_requires_isolation_refuses_leases_while_vms_reach_the_host() {
+    use mpool_core::pool::isolation::IsolationState;
+    let mut cfg = pool(1, 0, 2);
+    cfg.require_isolation = true;
+    let (fake, engine) = start_probing(cfg, true, Duration::from_secs(300));
+    // The first VM's provisioning measured it.
+    let s = until(&engine, "measured", |s| s.isolation.state != IsolationState::Unknown).await;
+    assert_eq!(s.isolation.state, IsolationState::NotIsolated, "{:?}", s.isolation);
+    until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    let starts = fake.count("start");
+    let err = engine.acquire(req("a")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("requires isolation") && msg.contains("127.0.0.1:22"), "{msg}");
+    assert!(msg.contains("mpool isolation rules"), "names the fix: {msg}");
+    assert_eq!(fake.count("start"), starts, "refused before any VM was woken");
+    assert!(engine.status().await.unwrap().leases.is_empty());
+
+    // The host is fixed: once the verdict is stale, the next wake measures again and grants.
+    fake.st.lock().unwrap().open_network = false;
+    tokio::time::sleep(Duration::from_secs(301)).await;
+    let probes = fake.count("ssh-output");
+    engine.acquire(req("b")).await.expect("granted once isolation holds");
+    let s = engine.status().await.unwrap();
+    assert_eq!(s.isolation.state, IsolationState::Isolated, "{:?}", s.isolation);
+    assert!(fake.count("ssh-output") > probes, "measured again before the grant");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wake_measures_before_it_grants_and_an_open_network_sends_the_vm_back_idle() {
+    use mpool_core::pool::isolation::IsolationState;
+    let mut cfg = pool(1, 1, 2);
+    cfg.require_isolation = true;
+    // The periodic probe is closed; the network opens after it measured "isolated".
+    let (fake, engine) = start_probing(cfg, false, Duration::from_secs(60));
+    let s = until(&engine, "hot and measured", |s| count(s, "hot") == 1 && s.isolation.checked_ms > 0).await;
+    assert_eq!(s.isolation.state, IsolationState::Isolated, "{:?}", s.isolation);
+    fake.st.lock().unwrap().open_network = true;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let err = engine.acquire(req("a")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    let s = until(&engine, "back idle", |s| count(s, "hot") == 1 && !s.vms[0].busy).await;
+    assert!(s.leases.is_empty() && s.vms[0].lease.is_none(), "{s:?}");
+
+    // A pool without the requirement serves on the same host and only reports.
+    let (_fake, engine) = start_probing(pool(1, 1, 2), true, Duration::from_secs(60));
+    until(&engine, "hot", |s| count(s, "hot") == 1).await;
+    engine.acquire(req("a")).await.expect("served");
+    assert_eq!(engine.status().await.unwrap().isolation.state, IsolationState::NotIsolated);
+}

@@ -37,6 +37,8 @@ pub struct FakeState {
     /// Instances a tenant has written into since they were last reset (restored, launched,
     /// cloned): the model-based tests mark them when a lease is acknowledged.
     pub dirty: HashSet<String>,
+    /// The VMs reach each other and the host: what an isolation probe's connections do.
+    pub open_network: bool,
 }
 
 /// How long a call to a frozen fake daemon hangs before its deadline fails it.
@@ -278,6 +280,17 @@ impl SshPort for Fake {
         Box::pin(async move {
             self.st.lock().unwrap().calls.push(format!("ssh-script {vm}"));
             Ok(())
+        })
+    }
+
+    fn output(&self, vm: String, _info: SshEndpoint, script: String) -> BoxFut<'_, Result<String, StepError>> {
+        Box::pin(async move {
+            let mut st = self.st.lock().unwrap();
+            st.calls.push(format!("ssh-output {vm}"));
+            // Answers an isolation probe: one line per `probe ADDRESS PORT &`.
+            let outcome = if st.open_network { "open" } else { "blocked" };
+            let lines = script.lines().filter_map(|l| l.strip_prefix("probe ")?.strip_suffix(" &"));
+            Ok(lines.map(|target| format!("{outcome} {target}\n")).collect())
         })
     }
 

@@ -4,13 +4,16 @@
 //! The decisions are the core's (`mpool_core::pool`: state machine, maintenance, reconciliation,
 //! drift, plan outcomes, lease book, steps); here are the parts that act: the [`engine`] actor
 //! that owns all pool state and performs the decisions, [`plans`] that run steps against the
-//! daemon and SSH, and the [`scheduler`] that orders daemon calls.
+//! daemon and SSH, the [`scheduler`] that orders daemon calls, and the [`isolation`] probe's
+//! runner.
 
 pub mod engine;
+pub mod isolation;
 pub mod plans;
 pub mod scheduler;
 
 pub use engine::{Engine, Settings};
+pub use isolation::ProbeSettings;
 pub use mpool_core::pool::error::{EngineError, ErrorKind};
 pub use mpool_core::pool::leases::{AcquireRequest, LeaseInfo, Served};
 pub use mpool_core::pool::status::{PoolStatus, Status, VmStatus};

@@ -3,11 +3,13 @@
 //! reports when the engine cannot be sure) and runs only the steps those facts still call for,
 //! so running a plan again after a crash or a failed call is always safe.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mpool_core::PoolConfig;
 use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint};
 
+use super::isolation::Prober;
 use super::scheduler::{Op, Priority, Scheduler};
 use mpool_core::pool::steps::{Facts, Step};
 use mpool_core::ports::{Ports, StepError};
@@ -25,6 +27,8 @@ pub struct Ctx {
     pub ports: Ports,
     /// The daemon scheduler.
     pub sched: Scheduler,
+    /// The isolation probe (`None`: off).
+    pub prober: Option<Arc<Prober>>,
 }
 
 /// One run of a plan on one VM.
@@ -40,6 +44,8 @@ pub struct Run<'a> {
     /// Its pool's waiting callers: a VM they wait for stays running when it is up (suspending
     /// it only to resume it for them would cost a suspend and a resume).
     pub waiting: Option<&'a AtomicUsize>,
+    /// Another idle running VM the isolation probe may try.
+    pub peer: Option<&'a (String, SshEndpoint)>,
 }
 
 impl Ctx {
@@ -119,7 +125,14 @@ impl Ctx {
                 self.daemon(p, vm, Op::Blocking, daemon.restore(vm.into(), CLEAN_SNAPSHOT.into())).await?;
             }
             Step::Start => self.daemon(p, vm, Op::Quick, daemon.start(vm.into())).await?,
-            Step::Ready => return self.ready(p, vm).await.map(Some),
+            Step::Ready => {
+                let info = self.ready(p, vm).await?;
+                // The periodic isolation probe, never while a caller waits for this plan.
+                if matches!(p, Priority::Provision | Priority::Reset) {
+                    self.probe(vm, &info, run.peer, false).await;
+                }
+                return Ok(Some(info));
+            }
             Step::Suspend => {
                 self.ports.ssh.forget(vm.into()).await;
                 self.daemon(p, vm, Op::Blocking, daemon.suspend(vm.into())).await?;
@@ -138,6 +151,25 @@ impl Ctx {
             run.pool.setup.join("\n")
         );
         self.ports.ssh.run_script(run.vm.into(), info, script).await
+    }
+
+    /// Runs the isolation probe from `vm` when it is due, or (`required`: a pool that requires
+    /// isolation is about to hand `vm` out) whenever the verdict is not a current "isolated".
+    pub async fn probe(&self, vm: &str, info: &SshEndpoint, peer: Option<&(String, SshEndpoint)>, required: bool) {
+        let Some(prober) = &self.prober else {
+            return;
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let run = if required { !prober.isolated_now(now) } else { prober.claim(now) };
+        if run {
+            let wall_ms = self.ports.clock.wall_ms();
+            prober.run(self.ports.ssh.as_ref(), vm, info, peer, now, wall_ms).await;
+        }
+    }
+
+    /// The isolation probe's verdict the state has not heard yet.
+    pub fn isolation_news(&self) -> Option<mpool_core::pool::state::Input> {
+        self.prober.as_ref().and_then(|p| p.news())
     }
 
     /// SSH endpoint, then a readiness check over SSH.

@@ -3,6 +3,7 @@
 //! and concurrent scrapes never see each other's half-set values. Their labels are bounded by
 //! the configuration (pools) and the engine (VM states).
 
+use mpool_core::pool::isolation::IsolationState;
 use mpool_core::pool::status::Status;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -29,8 +30,8 @@ fn gauge(v: i64) -> Gauge {
     g
 }
 
-/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue` and
-/// `mpool_store_up` as `status` has them.
+/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue`,
+/// `mpool_store_up` and `mpool_network_isolated` as `status` has them.
 pub(crate) fn registry(status: &Status) -> Registry {
     let vms = Family::<VmLabels, Gauge>::default();
     let leases = Family::<PoolLabels, Gauge>::default();
@@ -54,6 +55,16 @@ pub(crate) fn registry(status: &Status) -> Registry {
         gauge(value(status.queued_daemon_calls)),
     );
     r.register("mpool_store_up", "1 when the state store takes writes", gauge(i64::from(status.store_ok)));
+    let isolated = match status.isolation.state {
+        IsolationState::Isolated => 1,
+        IsolationState::NotIsolated => 0,
+        IsolationState::Unknown => -1,
+    };
+    r.register(
+        "mpool_network_isolated",
+        "1 when the isolation probe measured the VMs cut off from each other and the host, 0 when a VM reached one, -1 while unknown",
+        gauge(isolated),
+    );
     r
 }
 
@@ -85,6 +96,7 @@ mod tests {
             vms: vec![],
             leases: vec![],
             queued_daemon_calls: 4,
+            isolation: Default::default(),
         }
     }
 
@@ -101,11 +113,15 @@ mod tests {
             "mpool_daemon_up 1\n",
             "mpool_daemon_queue 4\n",
             "mpool_store_up 1\n",
+            "mpool_network_isolated -1\n",
         ] {
             assert!(text.contains(line), "{line:?} in:\n{text}");
         }
         // The next scrape has no hot VM: no stale series of the last one.
-        let text = m.render(Some(&status(&[("leased", 2)], false))).expect("renders");
+        let mut s = status(&[("leased", 2)], false);
+        s.isolation.state = IsolationState::NotIsolated;
+        let text = m.render(Some(&s)).expect("renders");
+        assert!(text.contains("mpool_network_isolated 0\n"), "{text}");
         assert!(!text.contains("state=\"hot\""), "{text}");
         assert!(text.contains("mpool_daemon_up 0\n"), "{text}");
         // Without a status (the engine has stopped), no gauges at all.

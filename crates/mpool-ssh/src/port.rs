@@ -60,6 +60,15 @@ impl SshPort for SshAdapter {
         })
     }
 
+    fn output(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<String, StepError>> {
+        Box::pin(async move {
+            let req = crate::ExecRequest::script(crate::ScriptShell::Bash, script);
+            let out = self.cache.run(&vm, &info, req).await.map_err(|e| StepError::failed(format!("{vm}: {e}")))?;
+            out.check().map_err(|e| StepError::failed(format!("{vm}: {e}")))?;
+            Ok(out.stdout_text())
+        })
+    }
+
     fn forget(&self, vm: String) -> BoxFut<'_, ()> {
         Box::pin(async move {
             self.cache.close(&vm).await;

@@ -85,7 +85,7 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     if json {
         let v: Vec<_> = pools
             .iter()
-            .map(|p| serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok}))
+            .map(|p| serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok, "isolation": p.isolation, "isolation_detail": p.isolation_detail}))
             .collect();
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
     }
@@ -103,6 +103,7 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
         out.push_str(&row(p));
         out.push('\n');
     }
+    out.push_str(&isolation_line(&pools));
     if !leases.is_empty() {
         let now = SystemTime::now();
         out.push_str(&format!(
@@ -140,6 +141,21 @@ fn row(p: &v1::PoolInfo) -> String {
         p.waiters,
         max
     )
+}
+
+/// The host's isolation as the probe last measured it (the same for every pool), with what it
+/// found; a pool that requires isolation refuses leases unless it says "isolated".
+fn isolation_line(pools: &[v1::PoolInfo]) -> String {
+    let Some(p) = pools.first() else { return String::new() };
+    let requiring = pools.iter().any(|p| p.config.as_ref().is_some_and(|c| c.require_isolation));
+    let state = if p.isolation.is_empty() { "unknown" } else { p.isolation.as_str() };
+    let mark = if state == "isolated" || !requiring { "" } else { " (pools with require_isolation refuse leases)" };
+    format!("\nisolation: {state}{mark}: {}\n", shown_line(&p.isolation_detail))
+}
+
+/// Server text on one line, with control characters escaped.
+fn shown_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// A holder as the table shows it: control characters escaped (a holder is whatever a caller

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use mpool_config::ResetStrategy;
-use mpool_engine::{EngineError, PoolStatus};
+use mpool_engine::{EngineError, PoolStatus, Status};
 
 use super::error::AppError;
 use super::validate::{self, MAX_ID};
@@ -25,7 +25,7 @@ impl App {
             .pools
             .iter()
             .filter(|pool| scope::may_use(p, &pool.name))
-            .map(|pool| pool_info(pool, status.daemon_ok))
+            .map(|pool| pool_info(pool, &status))
             .collect();
         Ok(v1::ListPoolsResponse { pools })
     }
@@ -36,7 +36,7 @@ impl App {
         scope::check_pool(p, &r.pool)?;
         let status = self.engine.status().await?;
         let pool = status.pools.iter().find(|x| x.name == r.pool).ok_or(EngineError::UnknownPool(r.pool))?;
-        Ok(pool_info(pool, status.daemon_ok))
+        Ok(pool_info(pool, &status))
     }
 
     /// The VMs of the pools the caller may use (of one pool, or all).
@@ -74,7 +74,7 @@ impl App {
 }
 
 /// A pool's status as the API's message.
-fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
+fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
     let config = p.config.as_ref().map(|c| v1::PoolConfig {
         image: c.image.clone(),
         cpus: c.cpus,
@@ -92,7 +92,9 @@ fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
         default_ttl: Some(convert::proto_duration(c.default_ttl)),
         max_ttl: Some(convert::proto_duration(c.max_ttl)),
         max_wait: Some(convert::proto_duration(c.max_wait)),
+        require_isolation: c.require_isolation,
     });
+    let isolation = &status.isolation;
     v1::PoolInfo {
         name: p.name.clone(),
         config,
@@ -100,7 +102,10 @@ fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
         waiters: count(p.waiters),
         leases: count(p.leases),
         generation: p.generation,
-        daemon_ok,
+        daemon_ok: status.daemon_ok,
+        isolation: isolation.state.as_str().to_string(),
+        isolation_detail: isolation.detail.clone(),
+        isolation_checked_at: (isolation.checked_ms > 0).then(|| convert::timestamp(isolation.checked_ms)),
     }
 }
 

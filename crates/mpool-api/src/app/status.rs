@@ -24,6 +24,8 @@ pub struct Health {
     pub store_error: Option<String>,
     /// The engine has compared its state with the daemon's since it started.
     pub reconciled: bool,
+    /// What the isolation probe last measured (a detail: it does not change `serving`).
+    pub isolation: mpool_core::pool::isolation::Isolation,
 }
 
 impl App {
@@ -38,6 +40,7 @@ impl App {
             store_ok: s.store_ok,
             store_error: s.store_error,
             reconciled: s.reconciled,
+            isolation: s.isolation,
         })
     }
 

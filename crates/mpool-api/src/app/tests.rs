@@ -70,6 +70,9 @@ impl SshPort for Empty {
     fn run_script(&self, _: String, _: SshEndpoint, _: String) -> BoxFut<'_, Result<(), StepError>> {
         down()
     }
+    fn output(&self, _: String, _: SshEndpoint, _: String) -> BoxFut<'_, Result<String, StepError>> {
+        down()
+    }
     fn forget(&self, _: String) -> BoxFut<'_, ()> {
         Box::pin(async {})
     }

@@ -75,6 +75,16 @@ pub enum EngineError {
         /// A Run's recorded outcome, when the request was a Run that finished.
         outcome: Option<Box<RunOutcome>>,
     },
+    /// The pool requires isolation and the probe has not measured it.
+    #[error("pool {pool} requires isolation and the VMs are {state}: {detail}; {fix}", fix = super::isolation::FIX)]
+    NotIsolated {
+        /// Pool.
+        pool: String,
+        /// The probe's verdict ("not isolated", "unknown").
+        state: String,
+        /// What it measured.
+        detail: String,
+    },
     /// The daemon is down or frozen.
     #[error("multipassd is unavailable ({0}); retry shortly")]
     Unavailable(String),
@@ -119,7 +129,9 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::UnknownPool(_) | EngineError::UnknownLease(_) => ErrorKind::NotFound,
-            EngineError::LeaseEnded { .. } | EngineError::RequestEnded { .. } => ErrorKind::FailedPrecondition,
+            EngineError::LeaseEnded { .. } | EngineError::RequestEnded { .. } | EngineError::NotIsolated { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             EngineError::NotOwner(_) => ErrorKind::PermissionDenied,
             EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } => ErrorKind::ResourceExhausted,
             EngineError::InProgress { .. } => ErrorKind::AlreadyExists,

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::pool::isolation::Isolation;
 use crate::pool_config::PoolConfig;
 use crate::store::LeaseRecord;
 
@@ -66,6 +67,8 @@ pub struct Status {
     pub leases: Vec<LeaseRecord>,
     /// Daemon calls waiting for the scheduler.
     pub queued_daemon_calls: usize,
+    /// What the isolation probe last measured.
+    pub isolation: Isolation,
 }
 
 /// One pool's capacity: how many ready VMs it keeps now and what that came from (for

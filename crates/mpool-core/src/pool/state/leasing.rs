@@ -68,6 +68,9 @@ impl EngineState {
         if !self.reconciled {
             return self.reply(caller, Err(EngineError::Unavailable("mpool has not reached multipassd yet".into())));
         }
+        if let Some(err) = self.isolation_refusal(env, &req.pool) {
+            return self.reply(caller, Err(err));
+        }
         let waiter = Waiter {
             req,
             callers: vec![caller],
@@ -103,6 +106,9 @@ impl EngineState {
                 pool.fair.forget(&[]);
                 return;
             }
+            if let Some(err) = self.isolation_refusal(env, pool_name) {
+                return self.refuse_waiters(pool_name, &err);
+            }
             let free = |s: VmState| {
                 self.vms
                     .values()
@@ -117,14 +123,7 @@ impl EngineState {
                     if !self.daemon_ok {
                         let err =
                             EngineError::Unavailable("multipassd does not answer and no running VM is free".into());
-                        let callers: Vec<CallerId> = self
-                            .pools
-                            .get_mut(pool_name)
-                            .map(|p| p.waiters.drain(..).flat_map(|w| w.callers).collect())
-                            .unwrap_or_default();
-                        for caller in callers {
-                            self.reply(caller, Err(err.clone()));
-                        }
+                        self.refuse_waiters(pool_name, &err);
                     }
                     return;
                 }
@@ -147,6 +146,18 @@ impl EngineState {
             self.apply(env, &vm, Event::Wake);
             self.waking.insert(vm.clone(), waiter);
             self.start_plan(env, &vm, PlanKind::Wake);
+        }
+    }
+
+    /// Answers every waiter of a pool with `err`.
+    fn refuse_waiters(&mut self, pool_name: &str, err: &EngineError) {
+        let callers: Vec<CallerId> = self
+            .pools
+            .get_mut(pool_name)
+            .map(|p| p.waiters.drain(..).flat_map(|w| w.callers).collect())
+            .unwrap_or_default();
+        for caller in callers {
+            self.reply(caller, Err(err.clone()));
         }
     }
 

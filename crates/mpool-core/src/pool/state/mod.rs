@@ -23,6 +23,7 @@ use crate::types::SshEndpoint;
 use super::demand::Demand;
 use super::error::EngineError;
 use super::fair::{FairShare, count_by_owner};
+use super::isolation::Isolation;
 use super::leases::{AcquireRequest, LeaseBook, LeaseInfo, Served};
 use super::outcome::PlanKind;
 use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
@@ -126,6 +127,13 @@ pub enum Input {
     },
     /// A probe of the failed store: what it holds, or why it still fails.
     StoreProbed(Result<Snapshot, String>),
+    /// The isolation probe measured (sent before the outcome of the plan it ran in).
+    Isolation {
+        /// What it measured.
+        report: Isolation,
+        /// Until when the verdict counts as current (the next probe is due then).
+        current_until: Instant,
+    },
     /// Time passed: deadlines and maintenance.
     Tick,
 }
@@ -162,6 +170,8 @@ pub struct PlanOrder {
     pub for_waiters: bool,
     /// Live count of its pool's waiting callers (a VM they need stays running).
     pub waiting: Arc<AtomicUsize>,
+    /// Another VM of the pool running idle (name and endpoint), for the isolation probe to try.
+    pub peer: Option<(String, SshEndpoint)>,
 }
 
 /// What to do once the batch's writes are stored.
@@ -175,7 +185,7 @@ pub enum Effect {
         answer: Result<Answer, EngineError>,
     },
     /// Run a plan.
-    Start(PlanOrder),
+    Start(Box<PlanOrder>),
     /// Build a clone pool's golden VM.
     BuildGolden {
         /// Pool.
@@ -358,6 +368,11 @@ pub struct EngineState {
     doubt: HashSet<String>,
     /// Set while the store cannot be written.
     degraded: Option<Degraded>,
+    /// What the isolation probe last measured, and until when that counts as current (a
+    /// pool that requires isolation refuses at once only on a current verdict; otherwise its
+    /// wake measures again).
+    isolation: Isolation,
+    isolation_current_until: Option<Instant>,
     batch: Batch,
 }
 
@@ -399,6 +414,8 @@ impl EngineState {
             reconcile_after: None,
             doubt: HashSet::new(),
             degraded: None,
+            isolation: Isolation::default(),
+            isolation_current_until: None,
             batch: Batch::default(),
         }
     }
@@ -474,6 +491,7 @@ impl EngineState {
                 Input::Observed { list, .. } => self.observed_daemon(&list),
                 Input::StoreProbed(result) => self.store_probed(env, result),
                 Input::Tick => self.retry_store(env),
+                Input::Isolation { report, current_until } => self.isolation_measured(env, report, current_until),
                 // Work of the memory that was dropped: stale.
                 Input::EndUse { .. } | Input::PlanDone { .. } | Input::GoldenDone { .. } => {}
             }
@@ -514,7 +532,31 @@ impl EngineState {
             Input::Observed { list, asked } => self.observed(env, list, asked),
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
+            Input::Isolation { report, current_until } => self.isolation_measured(env, report, current_until),
         }
+    }
+
+    /// Records the probe's verdict; waiters of pools that require isolation hear at once when
+    /// it refuses them.
+    fn isolation_measured(&mut self, env: &Env<'_>, report: Isolation, current_until: Instant) {
+        let changed = report.state != self.isolation.state;
+        self.isolation = report;
+        self.isolation_current_until = Some(current_until);
+        if changed && self.degraded.is_none() {
+            let names: Vec<String> =
+                self.pools.values().filter(|p| p.cfg.require_isolation).map(|p| p.cfg.name.clone()).collect();
+            for name in names {
+                self.serve_waiters(env, &name);
+            }
+        }
+    }
+
+    /// Why `pool` refuses leases now: it requires isolation and the current verdict is not
+    /// "isolated". With no current verdict it does not refuse: its wake measures first.
+    fn isolation_refusal(&self, env: &Env<'_>, pool: &str) -> Option<EngineError> {
+        let requires = self.pools.get(pool).is_some_and(|p| p.cfg.require_isolation);
+        let current = self.isolation_current_until.is_some_and(|t| env.now < t);
+        if requires && current { self.isolation.refusal(pool) } else { None }
     }
 
     /// Each pool's ready target at `now`, with the measured arrival rate and refill time.
@@ -573,6 +615,7 @@ impl EngineState {
             vms,
             leases,
             queued_daemon_calls,
+            isolation: self.isolation.clone(),
         }
     }
 }

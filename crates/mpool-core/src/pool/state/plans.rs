@@ -51,6 +51,14 @@ impl EngineState {
         let Some(pool) = self.pools.get(&vm.pool) else {
             return;
         };
+        let peer = self
+            .vms
+            .values()
+            .filter(|v| v.name != name && v.pool == pool.cfg.name && v.state == VmState::Hot && !v.busy)
+            .find_map(|v| Some((v.name.clone(), v.ssh.clone()?)));
+        let Some(vm) = self.vms.get(name) else {
+            return;
+        };
         let order = PlanOrder {
             vm: name.to_string(),
             kind,
@@ -61,8 +69,9 @@ impl EngineState {
             ssh: vm.ssh.clone(),
             for_waiters: !pool.waiters.is_empty(),
             waiting: pool.waiting.clone(),
+            peer,
         };
-        self.batch.effects.push(Effect::Start(order));
+        self.batch.effects.push(Effect::Start(Box::new(order)));
     }
 
     /// A plan ended (well or not): the VM is free again, a refresh asked for meanwhile starts, waiters are served.
@@ -109,12 +118,24 @@ impl EngineState {
                 p.demand.refilled(took);
             }
             if matches!(plan, PlanKind::Reset { .. }) {
-                self.batch.effects.push(Effect::ResetTook { pool, took });
+                self.batch.effects.push(Effect::ResetTook { pool: pool.clone(), took });
             }
         }
         match plan {
             PlanKind::Wake => match (self.waking.remove(name), ssh) {
-                (Some(w), Some(info)) if !w.gone(env) => self.grant(env, name, w, info),
+                // A pool that requires isolation grants only on the verdict its wake measured.
+                (Some(w), Some(info)) if !w.gone(env) => match self.required_isolation(&pool) {
+                    None => self.grant(env, name, w, info),
+                    Some(err) => {
+                        for caller in w.callers {
+                            self.reply(caller, Err(err.clone()));
+                        }
+                        if let Some(vm) = self.vms.get_mut(name) {
+                            vm.ssh = Some(info);
+                        }
+                        self.apply(env, name, Event::Unclaimed);
+                    }
+                },
                 (_, info) => {
                     if let Some(vm) = self.vms.get_mut(name) {
                         vm.ssh = info;
@@ -150,6 +171,12 @@ impl EngineState {
             }
         }
         self.daemon_ok_now(env);
+    }
+
+    /// Why a pool that requires isolation must not grant now, whatever the verdict's age.
+    fn required_isolation(&self, pool: &str) -> Option<EngineError> {
+        let requires = self.pools.get(pool).is_some_and(|p| p.cfg.require_isolation);
+        if requires { self.isolation.refusal(pool) } else { None }
     }
 
     /// A plan failed: a waking caller keeps its place (or hears that the daemon is down), a
