@@ -1,7 +1,7 @@
 //! Model-based tests of the engine: random scripts of acquires (several owners, with and without
 //! request ids, Acquire and Run), releases, renewals, expiries, crashes and restarts of mpool,
-//! daemon failures, outages and freezes, store write failures, and VMs that vanish or are found
-//! in another state, run against the real engine (through its public handle) with the
+//! daemon failures, outages and freezes, store write failures, VMs that vanish or are found
+//! in another state, and a network between VMs that opens and closes, run against the real engine (through its public handle) with the
 //! in-memory fake daemon, SSH and store, on virtual time. After every step they check the
 //! promises mpool makes:
 //!
@@ -12,6 +12,8 @@
 //! - a request id never crosses owners and never answers with a second lease;
 //! - the pool never has more than `max_size` VMs, and no owner holds more than the pool's
 //!   `max_leases_per_owner`;
+//! - the pool requires isolation: no lease is granted once the VMs have reached each other
+//!   and the host for longer than the probe interval (the fake's network opens and closes);
 //! - healed and left alone, the pool settles at exactly its ready target with no leaked
 //!   instance and makes no daemon calls but health reads.
 //!
@@ -43,6 +45,8 @@ pub const DEFAULT_CASES: u32 = 2000;
 
 const POOL: &str = "ci";
 const TTL: Duration = Duration::from_secs(600);
+/// How often the isolation probe runs (the pool requires isolation).
+const PROBE: Duration = Duration::from_secs(120);
 const OWNERS: [&str; 3] = ["", "alice", "bob"];
 
 /// One step of a script.
@@ -118,6 +122,11 @@ pub enum Step {
         /// Seconds.
         secs: u8,
     },
+    /// The VMs reach each other and the host (the host's rules were removed) / no longer do.
+    Network {
+        /// Open.
+        open: bool,
+    },
     /// An instance is found in another state (someone ran `multipass stop/start/suspend`).
     Tamper {
         /// Which instance.
@@ -148,6 +157,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => any::<u8>().prop_map(|pick| Step::Vanish { pick }),
         1 => (0..4u8).prop_map(|secs| Step::SlowList { secs }),
         1 => (any::<u8>(), 0..3u8).prop_map(|(pick, state)| Step::Tamper { pick, state }),
+        1 => any::<bool>().prop_map(|open| Step::Network { open }),
     ]
 }
 
@@ -270,6 +280,10 @@ struct World {
     /// VMs taken away from under the engine: a lease on one, even one answered after it went
     /// (the grant raced with the taking), is not protected.
     vanished: HashSet<String>,
+    /// Since when (virtual ms) the network between VMs is open, while it is.
+    network_open_since: Option<u64>,
+    /// It was opened at least once (refusals for isolation are then expected).
+    network_ever_open: bool,
     steps: usize,
 }
 
@@ -294,6 +308,7 @@ impl World {
         cfg.readiness_timeout = Duration::from_secs(60);
         cfg.reset = strategy;
         cfg.max_leases_per_owner = per_owner;
+        cfg.require_isolation = true;
         let fake = Fake::default();
         if autoscale {
             (cfg.autoscale, cfg.autoscale_decay) = (Autoscale::Demand, Duration::from_secs(60));
@@ -312,6 +327,8 @@ impl World {
             must_survive: HashSet::new(),
             let_go: HashSet::new(),
             vanished: HashSet::new(),
+            network_open_since: None,
+            network_ever_open: false,
             steps: 0,
         }
     }
@@ -322,6 +339,7 @@ impl World {
             health_interval: Duration::from_secs(30),
             reconcile_interval: Duration::from_secs(1),
             store_retry: Duration::from_millis(500),
+            isolation: Some(crate::ProbeSettings { host: None, host_ports: vec![], interval: PROBE }),
             ..Settings::default()
         };
         let mut ports = Ports::new(Arc::new(self.fake.clone()), Arc::new(self.fake.clone()));
@@ -439,6 +457,13 @@ impl World {
             }
             return Ok(());
         }
+        if let Some(open) = self.network_open_since
+            && open + PROBE.as_millis() as u64 <= sent
+        {
+            return Err(fail(format!(
+                "lease {id} granted at or after {sent} ms although the VMs have reached each other since {open} ms (the pool requires isolation)"
+            )));
+        }
         if let Some((other, _)) = self.held.iter().find(|(_, h)| h.vm == vm) {
             return Err(fail(format!("VM {vm} handed out under {id} while lease {other} holds it")));
         }
@@ -483,7 +508,9 @@ impl World {
         let ok = match e.kind() {
             Code::Unavailable | Code::ResourceExhausted => true,
             Code::AlreadyExists => kind == RequestKind::Run || rid.is_some(),
-            Code::FailedPrecondition => rid.is_some(),
+            Code::FailedPrecondition => {
+                rid.is_some() || (matches!(e, EngineError::NotIsolated { .. }) && self.network_ever_open)
+            }
             _ => false,
         };
         if !ok {
@@ -732,6 +759,15 @@ impl World {
                 self.start()?;
             }
             Step::Daemon { up } => self.fake.st.lock().unwrap().down = !up,
+            Step::Network { open } => {
+                self.fake.st.lock().unwrap().open_network = *open;
+                self.network_ever_open |= *open;
+                self.network_open_since = match (*open, self.network_open_since) {
+                    (true, Some(t)) => Some(t),
+                    (true, None) => Some(self.vnow()),
+                    (false, _) => None,
+                };
+            }
             Step::Freeze { frozen } => self.fake.st.lock().unwrap().frozen = *frozen,
             Step::SlowList { secs } => {
                 self.fake.st.lock().unwrap().list_lag = Duration::from_secs(u64::from(*secs));
@@ -792,7 +828,9 @@ impl World {
             (st.down, st.frozen) = (false, false);
             st.fail_next.clear();
             st.ssh_broken.clear();
+            st.open_network = false;
         }
+        self.network_open_since = None;
         self.store.set_failing(None);
         self.store.fail_next(0);
         if self.life.is_none() {
@@ -853,7 +891,10 @@ impl World {
         drop(st);
         self.advance(300);
         let calls = self.calls();
-        if let Some(c) = calls[at..].iter().find(|c| !(c.starts_with("list") || c.starts_with("ssh-ready"))) {
+        if let Some(c) = calls[at..]
+            .iter()
+            .find(|c| !(c.starts_with("list") || c.starts_with("ssh-ready") || c.starts_with("ssh-output")))
+        {
             return Err(fail(format!("a settled pool made a daemon call other than a health read: {c:?}")));
         }
         Ok(())
