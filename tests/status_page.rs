@@ -212,6 +212,8 @@ async fn the_status_page_shows_pools_leases_and_history_in_a_real_browser() {
     assert!(dom.contains("Reset duration, last hour: 0 resets<"), "gpu has none:\n{dom}");
     assert!(dom.contains(r#"<dd class="ok">answers</dd>"#), "the daemon's health:\n{dom}");
     assert!(dom.contains(r#"<dd class="ok">takes writes</dd>"#), "the store's health:\n{dom}");
+    // The simulator's VMs share the host's network: the probe's honest verdict is shown.
+    assert!(dom.contains(r#"<dt>isolation</dt><dd class="bad">not isolated: a VM reached"#), "isolation:\n{dom}");
     assert!(dom.contains("not known (mpool does not measure them yet)"), "no host figures:\n{dom}");
     assert!(dom.contains(r#"<section id="login" hidden="">"#), "no token form with a good token:\n{dom}");
     assert!(!dom.contains(&stack.token), "the token is not in the page:\n{dom}");

@@ -149,11 +149,13 @@
     const item = (label, ok, text) => el('div', {}, el('dt', {}, label), el('dd', { class: ok ? 'ok' : 'bad' }, text));
     const d = h.daemon || {};
     const s = h.store || {};
+    const i = h.isolation || {};
     $('health').replaceChildren(
       item('mpool', h.status === 'SERVING', h.status === 'SERVING' ? 'serving' : 'not serving'),
       item('multipassd', d.ok, (d.ok ? 'answers' : 'does not answer') + (d.queuedCalls ? ', ' + d.queuedCalls + ' calls queued' : '')),
       item('state store', s.ok, s.ok ? 'takes writes' : 'failing' + (s.error ? ': ' + s.error : '')),
       item('reconciled', h.reconciled, h.reconciled ? 'yes' : 'not yet'),
+      item('isolation', i.state === 'isolated', (i.state || 'unknown') + (i.detail ? ': ' + i.detail : '')),
     );
   }
 

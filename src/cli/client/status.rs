@@ -150,7 +150,7 @@ fn isolation_line(pools: &[v1::PoolInfo]) -> String {
     let requiring = pools.iter().any(|p| p.config.as_ref().is_some_and(|c| c.require_isolation));
     let state = if p.isolation.is_empty() { "unknown" } else { p.isolation.as_str() };
     let mark = if state == "isolated" || !requiring { "" } else { " (pools with require_isolation refuse leases)" };
-    format!("\nisolation: {state}{mark}: {}\n", shown_line(&p.isolation_detail))
+    format!("isolation: {state}{mark}: {}\n", shown_line(&p.isolation_detail))
 }
 
 /// Server text on one line, with control characters escaped.
