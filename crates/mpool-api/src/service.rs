@@ -125,6 +125,11 @@ impl Pool for PoolService {
         reply(self.app.get_pool(p.as_ref(), r).await)
     }
 
+    async fn preheat(&self, request: Request<v1::PreheatRequest>) -> Result<Response<v1::PreheatResponse>, Status> {
+        let (p, r) = decode(request);
+        reply(self.app.preheat(p.as_ref(), r).await)
+    }
+
     async fn list_vms(&self, request: Request<v1::ListVmsRequest>) -> Result<Response<v1::ListVmsResponse>, Status> {
         let (p, r) = decode(request);
         reply(self.app.list_vms(p.as_ref(), r).await)

@@ -111,6 +111,12 @@ enum Msg {
         owner: Option<String>,
         reply: Reply<LeaseInfo>,
     },
+    Preheat {
+        pool: String,
+        count: u32,
+        duration: Duration,
+        reply: Reply<()>,
+    },
     Status(oneshot::Sender<Status>),
     Capacity(oneshot::Sender<Vec<PoolCapacity>>),
     /// What a task reports back.
@@ -239,6 +245,14 @@ impl Engine {
     /// the fresh endpoint.
     pub async fn refresh(&self, id: &str, owner: Option<String>) -> Result<LeaseInfo, EngineError> {
         self.ask(|reply| Msg::Refresh { id: id.into(), owner, reply }).await
+    }
+
+    /// Raises `pool`'s ready floor to `count` VMs for `duration` (a fan-out is coming) and
+    /// returns the pool's capacity with it.
+    pub async fn preheat(&self, pool: &str, count: u32, duration: Duration) -> Result<PoolCapacity, EngineError> {
+        self.ask(|reply| Msg::Preheat { pool: pool.into(), count, duration, reply }).await?;
+        let capacity = self.capacity().await?;
+        capacity.into_iter().find(|c| c.name == pool).ok_or_else(|| EngineError::UnknownPool(pool.into()))
     }
 
     /// The engine's state.
@@ -394,6 +408,9 @@ impl Actor {
                 Input::BeginUse { id, owner, caller: self.caller(Caller::Lease(reply)) }
             }
             Msg::EndUse { id } => Input::EndUse { id },
+            Msg::Preheat { pool, count, duration, reply } => {
+                Input::Preheat { pool, count, duration, caller: self.caller(Caller::Done(reply)) }
+            }
             Msg::Refresh { id, owner, reply } => {
                 Input::Refresh { id, owner, caller: self.caller(Caller::Lease(reply)) }
             }

@@ -756,3 +756,25 @@ async fn a_wake_measures_before_it_grants_and_an_open_network_sends_the_vm_back_
     engine.acquire(req("a")).await.expect("served");
     assert_eq!(engine.status().await.unwrap().isolation.state, IsolationState::NotIsolated);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_preheat_raises_the_ready_floor_for_a_while_then_the_pool_shrinks_back() {
+    let h = start(pool(1, 0, 4));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let c = h.engine.preheat("ci", 3, Duration::from_secs(120)).await.unwrap();
+    assert_eq!((c.ready_target, c.preheat), (3, 3), "{c:?}");
+    assert!(c.preheat_left.is_some_and(|l| l <= Duration::from_secs(120)), "{c:?}");
+    until(&h.engine, "3 ready", |s| count(s, "warm") == 3).await;
+    // The preheat ends; idle VMs above min_ready go after idle_timeout (300 s).
+    tokio::time::sleep(Duration::from_secs(121)).await;
+    assert_eq!(h.engine.capacity().await.unwrap()[0].ready_target, 1);
+    until(&h.engine, "back to 1", |s| count(s, "warm") == 1 && s.vms.len() == 1).await;
+
+    for (count, secs, what) in [(5, 60, "above pool ci's max_size 4"), (2, 0, "above zero"), (2, 90_000, "at most")] {
+        let err = h.engine.preheat("ci", count, Duration::from_secs(secs)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    let err = h.engine.preheat("nope", 1, Duration::from_secs(60)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}

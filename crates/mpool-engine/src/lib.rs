@@ -16,7 +16,7 @@ pub use engine::{Engine, Settings};
 pub use isolation::ProbeSettings;
 pub use mpool_core::pool::error::{EngineError, ErrorKind};
 pub use mpool_core::pool::leases::{AcquireRequest, LeaseInfo, Served};
-pub use mpool_core::pool::status::{PoolStatus, Status, VmStatus};
+pub use mpool_core::pool::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 
 #[cfg(test)]
 mod engine_tests;

@@ -11,6 +11,7 @@ mod acquire;
 mod exec;
 mod flags;
 mod leases;
+mod preheat;
 mod print;
 mod release;
 mod remote;
@@ -71,6 +72,8 @@ pub enum ClientCommand {
     Vms(vms::VmsArgs),
     /// Leases.
     Leases(leases::LeasesArgs),
+    /// Keep more VMs of a pool ready for a while (before a fan-out).
+    Preheat(preheat::PreheatArgs),
 }
 
 /// Runs a client command.
@@ -95,5 +98,6 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Status(a) => status::run(&mut client, a).await,
         ClientCommand::Vms(a) => vms::run(&mut client, a).await,
         ClientCommand::Leases(a) => leases::run(&mut client, a).await,
+        ClientCommand::Preheat(a) => preheat::run(&mut client, a).await,
     }
 }

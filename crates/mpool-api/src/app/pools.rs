@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use mpool_config::ResetStrategy;
-use mpool_engine::{EngineError, PoolStatus, Status};
+use mpool_engine::{EngineError, PoolCapacity, PoolStatus, Status};
 
 use super::error::AppError;
 use super::validate::{self, MAX_ID};
@@ -21,11 +21,12 @@ impl App {
         _r: v1::ListPoolsRequest,
     ) -> Result<v1::ListPoolsResponse, AppError> {
         let status = self.engine.status().await?;
+        let capacity = self.engine.capacity().await?;
         let pools = status
             .pools
             .iter()
             .filter(|pool| scope::may_use(p, &pool.name))
-            .map(|pool| pool_info(pool, &status))
+            .map(|pool| pool_info(pool, &status, &capacity))
             .collect();
         Ok(v1::ListPoolsResponse { pools })
     }
@@ -35,8 +36,24 @@ impl App {
         validate::required("pool", &r.pool)?;
         scope::check_pool(p, &r.pool)?;
         let status = self.engine.status().await?;
+        let capacity = self.engine.capacity().await?;
         let pool = status.pools.iter().find(|x| x.name == r.pool).ok_or(EngineError::UnknownPool(r.pool))?;
-        Ok(pool_info(pool, &status))
+        Ok(pool_info(pool, &status, &capacity))
+    }
+
+    /// Raises a pool's ready floor for a while (any caller who may use the pool may).
+    pub async fn preheat(&self, p: Option<&Principal>, r: v1::PreheatRequest) -> Result<v1::PreheatResponse, AppError> {
+        validate::required("pool", &r.pool)?;
+        scope::check_pool(p, &r.pool)?;
+        let duration = validate::duration("duration", r.duration.as_ref())?.ok_or_else(|| {
+            AppError::invalid_argument("duration is required: how long the pool stays preheated, e.g. 300s")
+        })?;
+        let c = self.engine.preheat(&r.pool, r.count, duration).await?;
+        Ok(v1::PreheatResponse {
+            ready_target: c.ready_target,
+            preheat: c.preheat,
+            preheat_until: c.preheat_left.map(until),
+        })
     }
 
     /// The VMs of the pools the caller may use (of one pool, or all).
@@ -74,7 +91,8 @@ impl App {
 }
 
 /// A pool's status as the API's message.
-fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
+fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::PoolInfo {
+    let sizing = capacity.iter().find(|c| c.name == p.name);
     let config = p.config.as_ref().map(|c| v1::PoolConfig {
         image: c.image.clone(),
         cpus: c.cpus,
@@ -106,7 +124,15 @@ fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
         isolation: isolation.state.as_str().to_string(),
         isolation_detail: isolation.detail.clone(),
         isolation_checked_at: (isolation.checked_ms > 0).then(|| convert::timestamp(isolation.checked_ms)),
+        ready_target: sizing.map_or(0, |c| c.ready_target),
+        preheat: sizing.map_or(0, |c| c.preheat),
+        preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
     }
+}
+
+/// The wall-clock time `left` from now.
+fn until(left: std::time::Duration) -> crate::proto::Timestamp {
+    crate::proto::Timestamp::from(std::time::SystemTime::now() + left)
 }
 
 /// A count as the API's 32-bit field (saturating; pools are far smaller).

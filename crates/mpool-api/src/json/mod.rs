@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `POST /v1/pools/{pool}/run` | `RunRequest` minus `pool` and `chunk` | exit, stdout/stderr (capped), outputs, timings (`answer.rs`) |
 //! | `POST /v1/pools/{pool}/leases` | `AcquireRequest` minus `pool` | `Lease` |
+//! | `POST /v1/pools/{pool}/preheat` | `PreheatRequest` minus `pool` | `PreheatResponse` |
 //! | `POST /v1/leases/{id}/exec` | `ExecRequest` minus `leaseId` | exit, stdout/stderr (capped) |
 //! | `POST /v1/leases/{id}/execs/{execId}/cancel` | none | `CancelExecResponse` |
 //! | `POST /v1/leases/{id}/renew` | `RenewRequest` minus `leaseId` | `Lease` |
@@ -177,6 +178,16 @@ pub const ROUTES: &[Route] = &[
         body: Body::Message { name: "AcquireRequest", without: &["pool"] },
         reply: Reply::Message("Lease"),
         handler: |m| on(m, acquire),
+    },
+    Route {
+        method: Method::POST,
+        path: "/v1/pools/{pool}/preheat",
+        rpc: Some("Preheat"),
+        summary: "Raise a pool's ready floor for a while",
+        auth: true,
+        body: Body::Message { name: "PreheatRequest", without: &["pool"] },
+        reply: Reply::Message("PreheatResponse"),
+        handler: |m| on(m, preheat),
     },
     Route {
         method: Method::POST,
@@ -378,6 +389,16 @@ async fn acquire(
 ) -> Answer {
     req.pool = in_path("pool", req.pool, pool)?;
     answer::message(f.app.acquire(p.as_ref(), req).await)
+}
+
+async fn preheat(
+    State(f): State<Facade>,
+    Caller(p): Caller,
+    Params(pool): Params<String>,
+    Message(mut req): Message<v1::PreheatRequest>,
+) -> Answer {
+    req.pool = in_path("pool", req.pool, pool)?;
+    answer::message(f.app.preheat(p.as_ref(), req).await)
 }
 
 async fn run(

@@ -87,13 +87,20 @@ impl Demand {
     /// The ready target at `now`: `min_ready` when autoscale is off; else the decayed need,
     /// rounded up, between `min_ready` and `max_size`.
     pub fn target(&self, cfg: &PoolConfig, now: Instant) -> u32 {
+        self.target_above(cfg, cfg.min_ready, now)
+    }
+
+    /// [`Demand::target`] with the floor `floor` (at least `min_ready`: a preheat or a
+    /// schedule raises it), never above `max_size` (nor below `min_ready`).
+    pub fn target_above(&self, cfg: &PoolConfig, floor: u32, now: Instant) -> u32 {
+        let floor = floor.max(cfg.min_ready).min(cfg.max_size.max(cfg.min_ready));
         if cfg.autoscale == Autoscale::Off {
-            return cfg.min_ready;
+            return floor;
         }
         let (rate, peak) = self.decayed(now, cfg.autoscale_decay);
         let need = peak.max(self.need(rate)) - NEGLIGIBLE;
         let need = if need > 0.0 { need.ceil().min(f64::from(u32::MAX)) as u32 } else { 0 };
-        need.clamp(cfg.min_ready, cfg.max_size.max(cfg.min_ready))
+        need.clamp(floor, cfg.max_size.max(floor))
     }
 }
 

@@ -79,6 +79,10 @@ pub struct PoolCapacity {
     pub name: String,
     /// Idle VMs it keeps ready now.
     pub ready_target: u32,
+    /// The highest active preheat (0: none).
+    pub preheat: u32,
+    /// How long that preheat still lasts.
+    pub preheat_left: Option<Duration>,
     /// Measured arrival rate of acquires, per second (decaying).
     pub arrival_rate: f64,
     /// Measured refill time (release or launch until ready; a moving average).

@@ -47,7 +47,7 @@ impl EngineState {
                     generation: p.generation,
                     vms,
                     waiting: self.servable_waiters(&name),
-                    ready_target: p.demand.target(&p.cfg, env.now) as usize,
+                    ready_target: EngineState::ready_target(p, env.now) as usize,
                     golden,
                     daemon_ok: self.daemon_ok,
                 };

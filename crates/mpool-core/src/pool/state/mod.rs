@@ -26,6 +26,7 @@ use super::fair::{FairShare, count_by_owner};
 use super::isolation::Isolation;
 use super::leases::{AcquireRequest, LeaseBook, LeaseInfo, Served};
 use super::outcome::PlanKind;
+use super::preheat::{self, Preheats};
 use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
@@ -136,6 +137,17 @@ pub enum Input {
     },
     /// Time passed: deadlines and maintenance.
     Tick,
+    /// A caller raises a pool's ready floor to `count` for `duration`.
+    Preheat {
+        /// Pool.
+        pool: String,
+        /// Ready VMs wanted (at most `max_size`).
+        count: u32,
+        /// For how long (above zero, at most a day).
+        duration: Duration,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
 }
 
 /// An answer to a caller.
@@ -242,6 +254,8 @@ struct Pool {
     fair: FairShare,
     /// Arrivals and refill times (for `autoscale = "demand"`).
     demand: Demand,
+    /// Callers' preheats: a raised ready floor for a while.
+    preheats: Preheats,
     golden: Option<Golden>,
     /// `waiters.len()` as of the last batch, for plans: a VM being reset or provisioned stays
     /// running when callers wait for it.
@@ -392,6 +406,7 @@ impl EngineState {
                     Pool {
                         fair: FairShare::new(cfg.max_leases_per_owner),
                         demand: Demand::default(),
+                        preheats: Preheats::default(),
                         cfg,
                         generation,
                         waiters: VecDeque::new(),
@@ -487,7 +502,8 @@ impl EngineState {
                 | Input::Renew { caller, .. }
                 | Input::Release { caller, .. }
                 | Input::BeginUse { caller, .. }
-                | Input::Refresh { caller, .. } => self.reply(caller, Err(err)),
+                | Input::Refresh { caller, .. }
+                | Input::Preheat { caller, .. } => self.reply(caller, Err(err)),
                 Input::Observed { list, .. } => self.observed_daemon(&list),
                 Input::StoreProbed(result) => self.store_probed(env, result),
                 Input::Tick => self.retry_store(env),
@@ -533,7 +549,37 @@ impl EngineState {
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
             Input::Isolation { report, current_until } => self.isolation_measured(env, report, current_until),
+            Input::Preheat { pool, count, duration, caller } => {
+                let r = self.preheat(env, &pool, count, duration);
+                self.reply(caller, r.map(|_| Answer::Done));
+            }
         }
+    }
+
+    /// Raises a pool's ready floor for a while (maintenance provisions toward it).
+    fn preheat(&mut self, env: &Env<'_>, pool: &str, count: u32, duration: Duration) -> Result<(), EngineError> {
+        let p = self.pools.get_mut(pool).ok_or_else(|| EngineError::UnknownPool(pool.to_string()))?;
+        if count > p.cfg.max_size {
+            return Err(EngineError::InvalidArgument(format!(
+                "count {count} is above pool {pool}'s max_size {}; ask for at most that many",
+                p.cfg.max_size
+            )));
+        }
+        if duration.is_zero() || duration > preheat::MAX_FOR {
+            return Err(EngineError::InvalidArgument(format!(
+                "for {duration:?} must be above zero and at most {:?}",
+                preheat::MAX_FOR
+            )));
+        }
+        p.preheats.add(count, env.now + duration, env.now);
+        tracing::info!(pool, count, ?duration, "preheat");
+        Ok(())
+    }
+
+    /// How many ready VMs a pool keeps at `now`: `min_ready` raised by preheats, or what
+    /// demand needs when it autoscales, never above `max_size`.
+    fn ready_target(p: &Pool, now: Instant) -> u32 {
+        p.demand.target_above(&p.cfg, p.preheats.floor(now).0, now)
     }
 
     /// Records the probe's verdict; waiters of pools that require isolation hear at once when
@@ -565,7 +611,9 @@ impl EngineState {
             .values()
             .map(|p| PoolCapacity {
                 name: p.cfg.name.clone(),
-                ready_target: p.demand.target(&p.cfg, now),
+                ready_target: EngineState::ready_target(p, now),
+                preheat: p.preheats.floor(now).0,
+                preheat_left: p.preheats.floor(now).1.map(|u| u.saturating_duration_since(now)),
                 arrival_rate: p.demand.rate(now, p.cfg.autoscale_decay),
                 refill_time: p.demand.refill_time(),
             })
