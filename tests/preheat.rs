@@ -1,7 +1,8 @@
 //! Preheat end to end against `mpool serve` + `mpool sim`: `mpool preheat` raises a pool's ready
 //! floor and the pool provisions up to it (GetPool reports the target and the preheat), the
 //! HTTP route refuses a count above `max_size` with 400 and a token scoped to another pool with
-//! 403, and gRPC refuses a missing duration.
+//! 403, and gRPC refuses a missing duration; a `[[pools.schedule]]` whose period matches keeps
+//! its min_ready.
 mod common;
 
 use common::MPOOL;
@@ -9,7 +10,9 @@ use mpool_api::proto::v1;
 use mpool_testkit::{Stack, StackOptions};
 use serde_json::json;
 
-const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 3\n\n[[pools]]\nname = \"other\"\nmin_ready = 0\nmax_size = 1\n";
+const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 3\n\n\
+    [[pools]]\nname = \"other\"\nmin_ready = 0\nmax_size = 2\n\
+    [[pools.schedule]]\nperiods = [\"* * * * * *\"]\nmin_ready = 1\ntimezone = \"local\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preheat_fills_the_pool_up_to_its_count_and_bad_ones_are_refused() {
@@ -63,6 +66,11 @@ async fn a_preheat_fills_the_pool_up_to_its_count_and_bad_ones_are_refused() {
         )
         .await;
     assert_eq!((ok.status, ok.json["readyTarget"].as_u64()), (200, Some(1)), "{:?}", ok.json);
+
+    // A schedule whose period always matches keeps its min_ready in a pool whose own is 0.
+    stack.wait_idle("other", 1).await;
+    let p = c.get_pool(v1::GetPoolRequest { pool: "other".into() }).await.unwrap().into_inner();
+    assert_eq!((p.scheduled, p.ready_target), (1, 1), "{p:?}");
 
     let err =
         c.preheat(v1::PreheatRequest { pool: "ci".into(), count: 2, duration: None }).await.expect_err("no duration");

@@ -25,6 +25,7 @@ use toml::Spanned;
 use mpool_multipass::sizes::{MIN_DISK, MIN_MEMORY};
 use mpool_multipass::{ClientIdentity, DaemonAddress, ServerVerification};
 
+pub use mpool_core::pool::schedule::Schedule;
 /// Parses a memory/disk size as multipass does (`512M`, `1G`, `1.5G`, `2GiB`; plain digits are
 /// bytes) and returns bytes; `None` when the text is not a size.
 pub use mpool_core::sizes::parse_size;
@@ -584,6 +585,15 @@ struct RawPool {
     autoscale: Option<Autoscale>,
     autoscale_decay: Field<RawDuration>,
     require_isolation: Option<bool>,
+    schedule: Option<Vec<Spanned<RawSchedule>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    periods: Option<Vec<Spanned<String>>>,
+    min_ready: Field<u32>,
+    timezone: Field<String>,
 }
 
 /// A duration as written: a string, checked by [`parse_duration`] during validation. A bare
@@ -1232,7 +1242,71 @@ impl Checker<'_> {
         p.autoscale = raw.autoscale.unwrap_or_default();
         p.autoscale_decay = self.duration(&key("autoscale_decay"), &raw.autoscale_decay, p.autoscale_decay, true);
         p.require_isolation = raw.require_isolation.unwrap_or(false);
+        for (j, s) in raw.schedule.unwrap_or_default().into_iter().enumerate() {
+            let (span, s) = (s.span(), s.into_inner());
+            if let Some(schedule) = self.schedule(&key(&format!("schedule[{j}]")), span, s, p.max_size) {
+                p.schedules.push(schedule);
+            }
+        }
         p
+    }
+
+    /// One `[[pools.schedule]]`: periods that parse, a min_ready within max_size, UTC or local.
+    fn schedule(&mut self, at: &str, table: Range<usize>, raw: RawSchedule, max_size: u32) -> Option<Schedule> {
+        let mut ok = true;
+        let periods = raw.periods.unwrap_or_default();
+        if periods.is_empty() {
+            self.fail(
+                &format!("{at}.periods"),
+                Some(table.clone()),
+                "missing; give cron expressions with seconds, e.g. periods = [\"* * 8-17 * * mon-fri\"]",
+            );
+            ok = false;
+        }
+        for (k, period) in periods.iter().enumerate() {
+            if let Err(e) = mpool_core::pool::schedule::check_period(period.get_ref()) {
+                self.fail(&format!("{at}.periods[{k}]"), Some(period.span()), e);
+                ok = false;
+            }
+        }
+        let min_ready = match &raw.min_ready {
+            None => {
+                self.fail(
+                    &format!("{at}.min_ready"),
+                    Some(table),
+                    "missing; how many ready VMs the pool keeps while a period matches",
+                );
+                return None;
+            }
+            Some(v) if *v.get_ref() > max_size => {
+                self.fail(
+                    &format!("{at}.min_ready"),
+                    Some(v.span()),
+                    format!(
+                        "{} is more than the pool's max_size ({max_size}); lower it or raise max_size",
+                        v.get_ref()
+                    ),
+                );
+                return None;
+            }
+            Some(v) => *v.get_ref(),
+        };
+        let local = match raw.timezone.as_ref().map(|t| t.get_ref().as_str()) {
+            None | Some("UTC") => false,
+            Some("local") => true,
+            Some(other) => {
+                let span = raw.timezone.as_ref().map(|t| t.span());
+                self.fail(
+                    &format!("{at}.timezone"),
+                    span,
+                    format!(
+                        "{other:?} is not supported; use \"UTC\" (the default) or \"local\" (the host's time zone)"
+                    ),
+                );
+                return None;
+            }
+        };
+        ok.then(|| Schedule { periods: periods.into_iter().map(Spanned::into_inner).collect(), min_ready, local })
     }
 }
 
@@ -1287,6 +1361,24 @@ mod tests {
             ],
         );
         assert_error(&format!("[isolation]\nsubnet = \"10.0.0.1/24\"\n{MIN}"), &["unknown field `subnet`"]);
+        let pool = "[[pools]]\nname = \"ci\"\nmax_size = 3\n[[pools.schedule]]\n";
+        assert_error(
+            &format!("{pool}periods = [\"* 8-17 * * mon-fri\"]\nmin_ready = 2\n"),
+            &["line 5: pools[0] (\"ci\").schedule[0].periods[0]", "with seconds"],
+        );
+        assert_error(
+            &format!("{pool}periods = [\"* * 8-17 * * 1-5\"]\nmin_ready = 2\n"),
+            &["schedule[0].periods[0]", "names (mon-fri"],
+        );
+        assert_error(
+            &format!("{pool}periods = [\"* * 8-17 * * mon-fri\"]\nmin_ready = 4\n"),
+            &["line 6: pools[0] (\"ci\").schedule[0].min_ready", "max_size (3)"],
+        );
+        assert_error(
+            &format!("{pool}periods = [\"* * 8-17 * * mon-fri\"]\nmin_ready = 1\ntimezone = \"Europe/Berlin\"\n"),
+            &["schedule[0].timezone", "\"local\""],
+        );
+        assert_error(&format!("{pool}min_ready = 1\n"), &["schedule[0].periods", "missing"]);
         assert_error(
             "[isolation]\nprobe_interval = \"0\"\n[[pools]]\nname = \"ci\"\nrequire_isolation = true\n",
             &["pools[0] (\"ci\").require_isolation", "probe_interval = \"0\" turns off"],
@@ -1406,6 +1498,11 @@ autoscale = "demand"
 autoscale_decay = "20m"
 require_isolation = true
 
+[[pools.schedule]]
+periods = ["* * 8-17 * * mon-fri", "0 0 2 * * *"]
+min_ready = 5
+timezone = "local"
+
 [[pools]]
 name = "build-arm"
 reset = "recreate"
@@ -1465,6 +1562,14 @@ reset = "recreate"
         assert_eq!(p.max_leases_per_owner, 2);
         assert_eq!(c.pool("build-arm").unwrap().max_leases_per_owner, 0, "unlimited by default");
         assert!(p.require_isolation);
+        assert_eq!(
+            p.schedules,
+            [Schedule {
+                periods: vec!["* * 8-17 * * mon-fri".into(), "0 0 2 * * *".into()],
+                min_ready: 5,
+                local: true
+            }]
+        );
         assert!(!c.pool("build-arm").unwrap().require_isolation, "off by default");
         assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
         let arm = c.pool("build-arm").unwrap();

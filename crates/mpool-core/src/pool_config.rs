@@ -106,6 +106,9 @@ pub struct PoolConfig {
     /// `require_isolation` (default false): refuse leases (FAILED_PRECONDITION naming the fix)
     /// unless the isolation probe measured the VMs cut off from each other and the host.
     pub require_isolation: bool,
+    /// `[[pools.schedule]]` (default none): recurring periods during which the pool keeps a
+    /// higher `min_ready` (`pool::schedule`).
+    pub schedules: Vec<crate::pool::schedule::Schedule>,
 }
 
 impl PoolConfig {
@@ -133,6 +136,7 @@ impl PoolConfig {
             autoscale: Autoscale::Off,
             autoscale_decay: Duration::from_secs(10 * 60),
             require_isolation: false,
+            schedules: Vec::new(),
         }
     }
 

@@ -326,6 +326,13 @@ struct Actor {
     tasks: JoinSet<()>,
 }
 
+/// The host's offset from UTC at `wall_ms`, in seconds (its time zone's, DST included).
+fn local_offset(wall_ms: u64) -> i32 {
+    use chrono::{Offset, TimeZone};
+    let millis = i64::try_from(wall_ms).unwrap_or(i64::MAX);
+    chrono::Local.timestamp_millis_opt(millis).single().map_or(0, |t| t.offset().fix().local_minus_utc())
+}
+
 /// Now, on tokio's clock (virtual in tests with paused time), as the std instant the state
 /// takes.
 fn clock_now() -> Instant {
@@ -370,7 +377,9 @@ impl Actor {
     fn with_env<R>(&mut self, f: impl FnOnce(&mut EngineState, &Env<'_>) -> R) -> R {
         let (ids, callers) = (self.ctx.ports.ids.clone(), &self.callers);
         let gone = |c: CallerId| callers.get(&c).is_none_or(Caller::is_closed);
-        let env = Env { now: clock_now(), wall_ms: self.ctx.ports.clock.wall_ms(), ids: ids.as_ref(), gone: &gone };
+        let wall_ms = self.ctx.ports.clock.wall_ms();
+        let env =
+            Env { now: clock_now(), wall_ms, local_offset_s: local_offset(wall_ms), ids: ids.as_ref(), gone: &gone };
         f(&mut self.state, &env)
     }
 
@@ -394,7 +403,7 @@ impl Actor {
                 return None;
             }
             Msg::Capacity(reply) => {
-                let _ = reply.send(self.state.capacity(clock_now()));
+                let _ = reply.send(self.with_env(|state, env| state.capacity(env)));
                 return None;
             }
             Msg::Acquire(req, reply) => Input::Acquire(req, self.caller(Caller::Lease(reply))),

@@ -778,3 +778,24 @@ async fn a_preheat_raises_the_ready_floor_for_a_while_then_the_pool_shrinks_back
     let err = h.engine.preheat("nope", 1, Duration::from_secs(60)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_schedule_raises_the_floor_only_while_its_period_matches() {
+    use mpool_core::pool::schedule::Schedule;
+    let always = Schedule { periods: vec!["* * * * * *".into()], min_ready: 3, local: false };
+    let never = Schedule { periods: vec!["0 0 0 1 1 * 2099".into()], min_ready: 4, local: true };
+    let mut cfg = pool(1, 0, 4);
+    cfg.schedules = vec![always, never.clone()];
+    let h = start(cfg);
+    let s = until(&h.engine, "the scheduled floor", |s| count(s, "warm") == 3).await;
+    assert_eq!(s.vms.len(), 3, "{s:?}");
+    let c = h.engine.capacity().await.unwrap();
+    assert_eq!((c[0].ready_target, c[0].scheduled), (3, 3), "{c:?}");
+
+    let mut cfg = pool(1, 0, 4);
+    cfg.schedules = vec![never];
+    let h = start(cfg);
+    until(&h.engine, "min_ready", |s| count(s, "warm") == 1).await;
+    let c = h.engine.capacity().await.unwrap();
+    assert_eq!((c[0].ready_target, c[0].scheduled), (1, 0), "a period that does not match leaves min_ready: {c:?}");
+}

@@ -126,6 +126,7 @@ fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::
         isolation_checked_at: (isolation.checked_ms > 0).then(|| convert::timestamp(isolation.checked_ms)),
         ready_target: sizing.map_or(0, |c| c.ready_target),
         preheat: sizing.map_or(0, |c| c.preheat),
+        scheduled: sizing.map_or(0, |c| c.scheduled),
         preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
     }
 }

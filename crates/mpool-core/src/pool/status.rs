@@ -79,6 +79,8 @@ pub struct PoolCapacity {
     pub name: String,
     /// Idle VMs it keeps ready now.
     pub ready_target: u32,
+    /// The `min_ready` of the schedule active now (0: none).
+    pub scheduled: u32,
     /// The highest active preheat (0: none).
     pub preheat: u32,
     /// How long that preheat still lasts.

@@ -47,7 +47,7 @@ impl EngineState {
                     generation: p.generation,
                     vms,
                     waiting: self.servable_waiters(&name),
-                    ready_target: EngineState::ready_target(p, env.now) as usize,
+                    ready_target: EngineState::ready_target(p, env) as usize,
                     golden,
                     daemon_ok: self.daemon_ok,
                 };

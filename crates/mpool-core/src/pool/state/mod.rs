@@ -45,6 +45,8 @@ pub struct Env<'a> {
     pub now: Instant,
     /// Now, on the wall clock (unix milliseconds).
     pub wall_ms: u64,
+    /// The host's offset from UTC now, in seconds (for schedules in local time).
+    pub local_offset_s: i32,
     /// Random name parts.
     pub ids: &'a dyn Ids,
     /// Whether a caller has gone away (its reply would reach nobody).
@@ -576,10 +578,25 @@ impl EngineState {
         Ok(())
     }
 
-    /// How many ready VMs a pool keeps at `now`: `min_ready` raised by preheats, or what
-    /// demand needs when it autoscales, never above `max_size`.
-    fn ready_target(p: &Pool, now: Instant) -> u32 {
-        p.demand.target_above(&p.cfg, p.preheats.floor(now).0, now)
+    /// How many ready VMs a pool keeps now: `min_ready` raised by an active schedule or
+    /// preheat, or what demand needs when it autoscales, never above `max_size`.
+    fn ready_target(p: &Pool, env: &Env<'_>) -> u32 {
+        let floor = EngineState::scheduled(p, env).max(p.preheats.floor(env.now).0);
+        p.demand.target_above(&p.cfg, floor, env.now)
+    }
+
+    /// The `min_ready` of the pool's schedule active now (0: none).
+    fn scheduled(p: &Pool, env: &Env<'_>) -> u32 {
+        if p.cfg.schedules.is_empty() {
+            return 0;
+        }
+        let millis = i64::try_from(env.wall_ms).unwrap_or(i64::MAX);
+        let Some(utc) = chrono::DateTime::from_timestamp_millis(millis) else {
+            return 0;
+        };
+        let offset =
+            chrono::FixedOffset::east_opt(env.local_offset_s).unwrap_or_else(|| chrono::Offset::fix(&chrono::Utc));
+        super::schedule::floor(&p.cfg.schedules, utc, offset)
     }
 
     /// Records the probe's verdict; waiters of pools that require isolation hear at once when
@@ -605,13 +622,16 @@ impl EngineState {
         if requires && current { self.isolation.refusal(pool) } else { None }
     }
 
-    /// Each pool's ready target at `now`, with the measured arrival rate and refill time.
-    pub fn capacity(&self, now: Instant) -> Vec<PoolCapacity> {
+    /// Each pool's ready target now, what raised it, and the measured arrival rate and refill
+    /// time.
+    pub fn capacity(&self, env: &Env<'_>) -> Vec<PoolCapacity> {
+        let now = env.now;
         self.pools
             .values()
             .map(|p| PoolCapacity {
                 name: p.cfg.name.clone(),
-                ready_target: EngineState::ready_target(p, now),
+                ready_target: EngineState::ready_target(p, env),
+                scheduled: EngineState::scheduled(p, env),
                 preheat: p.preheats.floor(now).0,
                 preheat_left: p.preheats.floor(now).1.map(|u| u.saturating_duration_since(now)),
                 arrival_rate: p.demand.rate(now, p.cfg.autoscale_decay),
