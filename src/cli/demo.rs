@@ -189,6 +189,7 @@ max_size = 1
             priorities: true,
             daemon_wait: Some(Duration::from_secs(10)),
             store_faults: 0.0,
+            config_path: None,
         },
     )
     .await?;

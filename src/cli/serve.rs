@@ -53,6 +53,7 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
         priorities: !args.no_priorities,
         daemon_wait: None,
         store_faults: args.inject_store_faults,
+        config_path: Some(args.config.clone()),
     };
     let running = match Running::start(cfg.clone(), opts).await {
         Ok(r) => r,
@@ -69,9 +70,23 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            crate::cli::output::err_line(&format!("mpool serve: cannot watch SIGHUP: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match running.reload().await {
+                Ok(r) if r.needs_restart.is_empty() => tracing::info!("SIGHUP: reloaded {:?}", r.applied),
+                Ok(r) => tracing::warn!("SIGHUP: reloaded {:?}; needs a restart to apply: {:?}", r.applied, r.needs_restart),
+                Err(e) => tracing::error!("SIGHUP: {e}"),
+            },
+        }
     }
     progress.abort();
     tracing::info!("shutting down: running calls get the grace period; leases stay in the store");

@@ -122,6 +122,16 @@ impl Tokens {
         Ok(Tokens { entries })
     }
 
+    /// How many tokens there are.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The principal for a presented token (constant-time comparison of the hashes).
     pub fn check(&self, token: &str) -> Option<Principal> {
         let h = hash(token);
@@ -140,8 +150,8 @@ impl Tokens {
 pub enum Auth {
     /// No checks (Unix socket: its file mode is the access control).
     Open,
-    /// Bearer tokens.
-    Tokens(std::sync::Arc<Tokens>),
+    /// Bearer tokens (of the moment: a reload replaces them).
+    Tokens(std::sync::Arc<crate::credentials::LiveTokens>),
     /// mTLS: the TLS layer already verified a client certificate; callers are admins.
     ClientCert,
 }
@@ -193,7 +203,8 @@ mod tests {
     fn a_bearer_token_names_the_principal() {
         let token = new_token();
         let text = format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{}\"\nadmin = true\n", hex(&hash(&token)));
-        let auth = Auth::Tokens(std::sync::Arc::new(Tokens::parse(&text).unwrap()));
+        let auth =
+            Auth::Tokens(std::sync::Arc::new(crate::credentials::LiveTokens::new(Tokens::parse(&text).unwrap())));
         let mut headers = http::HeaderMap::new();
         assert!(auth.authenticate(&headers).unwrap_err().0.starts_with("missing token"));
         headers.insert("authorization", "Bearer wrong".parse().unwrap());

@@ -141,6 +141,8 @@ const METHODS: &[&str] = &[
     "/mpool.v1.Pool/GetPool",
     "/mpool.v1.Pool/ListVms",
     "/mpool.v1.Pool/ListLeases",
+    "/mpool.v1.Pool/Preheat",
+    "/mpool.v1.Pool/Reload",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::app::{App, Limits};
+use crate::reload::{ReloadReport, Reloader};
 use crate::server::{self, Served};
 use mpool_config::Config;
 use mpool_core::ports::Ports;
@@ -32,6 +33,8 @@ pub struct Options {
     pub daemon_wait: Option<Duration>,
     /// Fail this share of store writes on purpose (chaos runs only; 0 in production).
     pub store_faults: f64,
+    /// The config file it was read from (reload re-reads it; `None`: nothing to reload).
+    pub config_path: Option<PathBuf>,
 }
 
 /// A running pool daemon.
@@ -40,6 +43,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     api: tokio::task::JoinHandle<()>,
     client: Client,
+    reloader: Arc<Reloader>,
 }
 
 /// The multipassd client options of a config.
@@ -118,24 +122,33 @@ impl Running {
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
+        let reloader = Arc::new(Reloader::new(opts.config_path.clone(), cfg.clone()));
         let app = App::new(
             engine.clone(),
             ssh,
             Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
             metrics.clone(),
-        );
+        )
+        .with_reloader(reloader.clone());
         let (shutdown, rx) = watch::channel(false);
         let served = Served { app, engine: engine.clone(), metrics };
-        let api = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;
+        let (api, creds) = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;
+        reloader.set_credentials(creds);
         for l in &cfg.api.listen {
             tracing::info!(listen = %l, "mpool.v1 API listening");
         }
-        Ok(Running { engine, shutdown, api: tokio::spawn(api), client })
+        Ok(Running { engine, shutdown, api: tokio::spawn(api), client, reloader })
     }
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Re-reads the config file and applies what can change in place (SIGHUP).
+    pub async fn reload(&self) -> Result<ReloadReport, String> {
+        let reloader = self.reloader.clone();
+        tokio::task::spawn_blocking(move || reloader.reload()).await.map_err(|e| e.to_string())?
     }
 
     /// The multipassd client.

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tower::Layer;
 
 use super::auth::{Auth, AuthLayer, Tokens, grpc_refusal};
+use super::credentials::{self, LiveCert, LiveTokens};
 use super::json::listener::ConnectionLimits;
 use super::service::PoolService;
 use crate::app::App;
@@ -44,7 +45,7 @@ fn loopback(addr: &SocketAddr) -> bool {
 }
 
 /// Decides how a TCP listener authenticates, refusing insecure setups with the fix.
-fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<Tokens>>) -> Result<Auth, String> {
+fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<LiveTokens>>) -> Result<Auth, String> {
     if !loopback(addr) && cfg.tls_cert.is_none() {
         return Err(format!(
             "[api] listen {addr}: TCP beyond loopback needs TLS; set tls_cert and tls_key (and tokens_file or client_ca)"
@@ -59,54 +60,25 @@ fn tcp_auth(cfg: &ApiConfig, addr: &SocketAddr, tokens: &Option<Arc<Tokens>>) ->
     }
 }
 
-fn tls_config(cfg: &ApiConfig) -> Result<Option<ServerTlsConfig>, String> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &cfg.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
+/// How long a client has for its TLS handshake on a gRPC listener.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The API's credentials of the moment, which a reload replaces in place (see
+/// [`crate::credentials`]): the tokens (with `tokens_file`) and the certificate (with
+/// `tls_cert`).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The tokens.
+    pub tokens: Option<Arc<LiveTokens>>,
+    /// The TLS certificate and key.
+    pub cert: Option<Arc<LiveCert>>,
 }
 
-/// TLS for the HTTP/JSON facade on TCP: the API's certificate, and client certificates from
-/// `client_ca` when set (as on the gRPC listeners). `None` without `tls_cert`.
-fn http_tls(cfg: &ApiConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
-    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let certs = mpool_tls::certs_from_pem(&cert.display().to_string(), &read(cert)?).map_err(|e| e.to_string())?;
-    let key = mpool_tls::key_from_pem(&key.display().to_string(), &read(key)?).map_err(|e| e.to_string())?;
-    let provider = mpool_tls::provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("[api] http_listen TLS: {e}"))?;
-    let builder = match &cfg.client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in mpool_tls::certs_from_pem(&ca.display().to_string(), &read(ca)?).map_err(|e| e.to_string())? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("[api] client_ca: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| format!("[api] http_listen TLS: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
-}
-
-/// What [`check`] derived from the config: the tokens, the gRPC TLS config and the HTTP/JSON
-/// facade's TLS acceptor, ready to serve with.
+/// What [`check`] derived from the config: the credentials and the TLS configs of the gRPC
+/// listeners (HTTP/2) and the HTTP/JSON facade (HTTP/1.1), ready to serve with.
 pub struct Checked {
-    tokens: Option<Arc<Tokens>>,
-    tls: Option<ServerTlsConfig>,
+    creds: Credentials,
+    grpc_tls: Option<tokio_rustls::TlsAcceptor>,
     http_tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -116,7 +88,7 @@ pub struct Checked {
 /// call this, so a config that passes the check is one serve starts with.
 pub fn check(cfg: &ApiConfig) -> Result<Checked, String> {
     let tokens = match &cfg.tokens_file {
-        Some(p) => Some(Arc::new(Tokens::load(p)?)),
+        Some(p) => Some(Arc::new(LiveTokens::new(Tokens::load(p)?))),
         None => None,
     };
     for listen in cfg.listen.iter().chain(cfg.http_listen.iter()) {
@@ -124,12 +96,21 @@ pub fn check(cfg: &ApiConfig) -> Result<Checked, String> {
             tcp_auth(cfg, addr, &tokens)?;
         }
     }
-    let tls = tls_config(cfg)?;
-    let http_tls = match &cfg.http_listen {
-        Some(Listen::Tcp(_)) => http_tls(cfg)?,
+    let cert = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(Arc::new(LiveCert::load(c, k)?)),
         _ => None,
     };
-    Ok(Checked { tokens, tls, http_tls })
+    let acceptor = |alpn: &[&[u8]]| -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        let Some(cert) = &cert else { return Ok(None) };
+        let config = credentials::server_config(cert.clone(), cfg.client_ca.as_deref(), alpn)?;
+        Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
+    };
+    let grpc_tls = acceptor(&[b"h2"])?;
+    let http_tls = match &cfg.http_listen {
+        Some(Listen::Tcp(_)) => acceptor(&[b"http/1.1"])?,
+        _ => None,
+    };
+    Ok(Checked { creds: Credentials { tokens, cert }, grpc_tls, http_tls })
 }
 
 /// Validates everything ([`check`]), binds the TCP listeners, then the Unix sockets last (so a
@@ -140,8 +121,9 @@ pub async fn bind(
     served: Served,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
-) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
-    let Checked { tokens, tls, http_tls } = check(cfg)?;
+) -> Result<(impl std::future::Future<Output = ()> + Send + 'static, Credentials), String> {
+    let Checked { creds, grpc_tls, http_tls } = check(cfg)?;
+    let tokens = creds.tokens.clone();
     // TCP listeners first: "address in use" and the like surface before any Unix socket exists.
     let mut tcp = std::collections::HashMap::new();
     for listen in cfg.listen.iter().map(|l| (l, "listen")).chain(cfg.http_listen.iter().map(|l| (l, "http_listen"))) {
@@ -193,9 +175,6 @@ pub async fn bind(
         let pool = AuthLayer::new(auth, grpc_refusal as fn(_) -> _)
             .layer(PoolServer::new(PoolService::new(served.app.clone())).max_decoding_message_size(MAX_MESSAGE));
         let mut builder = Server::builder().layer(super::errors::ErrorCounter::layer(served.metrics.clone()));
-        if let (Listen::Tcp(_), Some(tls)) = (listen, &tls) {
-            builder = builder.tls_config(tls.clone()).map_err(|e| format!("[api] TLS: {e}"))?;
-        }
         let router =
             builder.add_service(health.clone()).add_service(v1.clone()).add_service(v1alpha.clone()).add_service(pool);
         let mut sd = shutdown.clone();
@@ -223,7 +202,15 @@ pub async fn bind(
                     }
                     s
                 });
-                servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
+                match grpc_tls.clone() {
+                    None => {
+                        servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
+                    }
+                    Some(tls) => {
+                        let incoming = tls_incoming(incoming, tls);
+                        servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await });
+                    }
+                }
             }
         }
     }
@@ -285,7 +272,7 @@ pub async fn bind(
     }
     let mut sd = shutdown;
     let ssh = served.app.ssh_cache();
-    Ok(async move {
+    let serving = async move {
         let _ = sd.wait_for(|s| *s).await;
         // Running calls get `grace` to finish; then their commands are killed.
         if tokio::time::timeout(grace, async { while servers.join_next().await.is_some() {} }).await.is_err() {
@@ -294,7 +281,46 @@ pub async fn bind(
             servers.abort_all();
         }
         drop(sockets);
-    })
+    };
+    Ok((serving, creds))
+}
+
+/// TLS over accepted TCP connections: each handshake runs in its own task with a deadline (one
+/// slow client never holds up the others), with the certificate of the moment; the connections
+/// whose handshake succeeded come out, the others are dropped with a debug line.
+fn tls_incoming(
+    tcp: impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+    tls: tokio_rustls::TlsAcceptor,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        tokio::pin!(tcp);
+        while let Some(conn) = tokio_stream::StreamExt::next(&mut tcp).await {
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("accepting an API connection: {e}");
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let (tls, conn_tx) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let _ = conn_tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("TLS handshake on an API connection: {e}"),
+                    Err(_) => {
+                        tracing::debug!("TLS handshake on an API connection: no handshake within {HANDSHAKE_TIMEOUT:?}")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// A Unix socket this process bound: removed when dropped, unless another process has replaced

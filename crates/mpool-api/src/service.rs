@@ -125,6 +125,11 @@ impl Pool for PoolService {
         reply(self.app.get_pool(p.as_ref(), r).await)
     }
 
+    async fn reload(&self, request: Request<v1::ReloadRequest>) -> Result<Response<v1::ReloadResponse>, Status> {
+        let (p, r) = decode(request);
+        reply(self.app.reload(p.as_ref(), r).await)
+    }
+
     async fn preheat(&self, request: Request<v1::PreheatRequest>) -> Result<Response<v1::PreheatResponse>, Status> {
         let (p, r) = decode(request);
         reply(self.app.preheat(p.as_ref(), r).await)

@@ -406,6 +406,7 @@ path = "{store}"
                     priorities: self.priorities,
                     daemon_wait: Some(Duration::from_secs(10)),
                     store_faults: self.store_faults,
+                    config_path: Some(self.config.clone()),
                 };
                 self.running = Some(Running::start(cfg, opts).await?);
                 Ok(())

@@ -14,6 +14,7 @@ mod leases;
 mod preheat;
 mod print;
 mod release;
+mod reload;
 mod remote;
 mod renew;
 mod run;
@@ -74,6 +75,8 @@ pub enum ClientCommand {
     Leases(leases::LeasesArgs),
     /// Keep more VMs of a pool ready for a while (before a fan-out).
     Preheat(preheat::PreheatArgs),
+    /// Make the server re-read its config: tokens and TLS certificate rotate without a restart.
+    Reload(reload::ReloadArgs),
 }
 
 /// Runs a client command.
@@ -99,5 +102,6 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Vms(a) => vms::run(&mut client, a).await,
         ClientCommand::Leases(a) => leases::run(&mut client, a).await,
         ClientCommand::Preheat(a) => preheat::run(&mut client, a).await,
+        ClientCommand::Reload(a) => reload::run(&mut client, a).await,
     }
 }

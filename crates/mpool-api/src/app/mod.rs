@@ -81,12 +81,37 @@ pub struct App {
     execs: execs::Execs,
     limits: Limits,
     metrics: Metrics,
+    reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl App {
     /// The application over `engine`, reaching leased VMs through the `ssh` connection cache.
     pub fn new(engine: Engine, ssh: Arc<ConnectionCache>, limits: Limits, metrics: Metrics) -> App {
-        App { engine, ssh, execs: execs::Execs::default(), limits, metrics }
+        App { engine, ssh, execs: execs::Execs::default(), limits, metrics, reloader: None }
+    }
+
+    /// The same application, reloading its config with `reloader` (the admin RPC `Reload`).
+    pub fn with_reloader(mut self, reloader: Arc<crate::reload::Reloader>) -> App {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    /// Re-reads the server's config file and applies what can change in place (admins only).
+    pub async fn reload(
+        &self,
+        p: Option<&crate::auth::Principal>,
+        _r: crate::proto::v1::ReloadRequest,
+    ) -> Result<crate::proto::v1::ReloadResponse, AppError> {
+        scope::check_admin(p, "Reload")?;
+        let Some(reloader) = self.reloader.clone() else {
+            return Err(AppError::failed_precondition("this server was not started from a config file"));
+        };
+        // Reading files and parsing certificates blocks: off the async workers.
+        let report = tokio::task::spawn_blocking(move || reloader.reload())
+            .await
+            .map_err(|e| AppError::unavailable(format!("the reload did not finish: {e}")))?
+            .map_err(AppError::failed_precondition)?;
+        Ok(crate::proto::v1::ReloadResponse { applied: report.applied, needs_restart: report.needs_restart })
     }
 
     /// The engine (health, gauges).

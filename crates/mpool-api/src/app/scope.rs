@@ -22,6 +22,17 @@ pub fn may_use(p: Option<&Principal>, pool: &str) -> bool {
     p.is_none_or(|p| p.may_use(pool))
 }
 
+/// Refuses a caller whose token is not an admin's (server administration: reload).
+pub fn check_admin(p: Option<&Principal>, what: &str) -> Result<(), AppError> {
+    match p {
+        Some(p) if !p.admin => Err(AppError::permission_denied(format!(
+            "{what} needs an admin token (`admin = true` in the server's tokens file), the Unix socket or mTLS; token {:?} is not one",
+            p.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a pool the caller's token does not list, naming the fix.
 pub fn check_pool(p: Option<&Principal>, pool: &str) -> Result<(), AppError> {
     match p {

@@ -92,7 +92,8 @@ mod tests {
     async fn the_layer_passes_the_principal_or_refuses() {
         let token = new_token();
         let text = format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{}\"\npools = [\"ci\"]\n", hex(&hash(&token)));
-        let auth = Auth::Tokens(std::sync::Arc::new(Tokens::parse(&text).unwrap()));
+        let auth =
+            Auth::Tokens(std::sync::Arc::new(crate::credentials::LiveTokens::new(Tokens::parse(&text).unwrap())));
         let refuse = |why: Refused| format!("refused: {}", why.0);
         let svc = AuthLayer::new(auth, refuse).layer(tower::service_fn(who));
 

@@ -21,6 +21,7 @@
 //! | `POST /v1/leases/{id}/renew` | `RenewRequest` minus `leaseId` | `Lease` |
 //! | `DELETE /v1/leases/{id}` (or `POST .../release`) | none | `ReleaseResponse` (`{}`) |
 //! | `GET /v1/pools`, `GET /v1/pools/{pool}`, `GET /v1/leases`, `GET /v1/vms` | none | the listings |
+//! | `POST /v1/reload` | none | `ReloadResponse` (admins only) |
 //! | `GET /healthz` | none (no token) | `{"status": "SERVING"}` or 503 |
 //! | `GET /v1/openapi.json` | none (no token) | the OpenAPI 3.1 document of all of this |
 //!
@@ -260,6 +261,16 @@ pub const ROUTES: &[Route] = &[
         handler: |m| on(m, release),
     },
     Route {
+        method: Method::POST,
+        path: "/v1/reload",
+        rpc: Some("Reload"),
+        summary: "Re-read the server's config: tokens and TLS certificate rotate in place (admins only)",
+        auth: true,
+        body: Body::None,
+        reply: Reply::Message("ReloadResponse"),
+        handler: |m| on(m, reload),
+    },
+    Route {
         method: Method::GET,
         path: "/v1/health",
         rpc: None,
@@ -389,6 +400,10 @@ async fn acquire(
 ) -> Answer {
     req.pool = in_path("pool", req.pool, pool)?;
     answer::message(f.app.acquire(p.as_ref(), req).await)
+}
+
+async fn reload(State(f): State<Facade>, Caller(p): Caller) -> Answer {
+    answer::message(f.app.reload(p.as_ref(), v1::ReloadRequest {}).await)
 }
 
 async fn preheat(

@@ -1,0 +1,112 @@
+//! Live reconfiguration of a running `mpool serve` (SIGHUP or the admin RPC `Reload`): the
+//! config file is read and validated again; a file that fails validation is refused with the
+//! same file/line/key errors and the running config stays. Applied in place: the tokens file
+//! (every later call is checked against the new tokens) and the TLS certificate and key (every
+//! later handshake presents the new certificate; connections already open keep theirs). What
+//! cannot change in place is named in the report, and still needs a restart.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use mpool_config::Config;
+
+use crate::auth::Tokens;
+use crate::server::Credentials;
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// What changed, in a few words each.
+    pub applied: Vec<String>,
+    /// Changes in the file that take a restart (the running setting stays).
+    pub needs_restart: Vec<String>,
+}
+
+/// Re-reads the config of a running `mpool serve` and applies what it can.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    running: Mutex<Config>,
+    creds: OnceLock<Credentials>,
+}
+
+impl Reloader {
+    /// A reloader for a serve started from `running`, read from `path` (`None`: the config did
+    /// not come from a file, so there is nothing to reload).
+    pub fn new(path: Option<PathBuf>, running: Config) -> Reloader {
+        Reloader { path, running: Mutex::new(running), creds: OnceLock::new() }
+    }
+
+    /// The live credentials the listeners serve with (set once they are bound).
+    pub fn set_credentials(&self, creds: Credentials) {
+        let _ = self.creds.set(creds);
+    }
+
+    /// Reads the file again and applies it; `Err` with the reason when the file is not valid
+    /// (nothing is applied then) or there is no file.
+    pub fn reload(&self) -> Result<ReloadReport, String> {
+        let Some(path) = &self.path else {
+            return Err("this mpool serve was not started from a config file; nothing to reload".into());
+        };
+        let fresh =
+            Config::load(path).map_err(|e| format!("the config file is not valid, the running config stays:\n{e}"))?;
+        let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let creds = self.creds.get().cloned().unwrap_or_default();
+        let (old, new) = (&running.api, &fresh.api);
+        let mut report = ReloadReport::default();
+
+        // Load everything first, apply after: a bad certificate must not leave new tokens in
+        // place beside the old certificate.
+        let tokens = match (&creds.tokens, &new.tokens_file) {
+            (Some(_), Some(p)) => Some(Tokens::load(p)?),
+            _ => None,
+        };
+        if let (Some(_), Some(c), Some(k)) = (&creds.cert, &new.tls_cert, &new.tls_key) {
+            // Checked before anything is replaced; replaced below.
+            crate::credentials::LiveCert::load(c, k)?;
+        }
+        if let (Some(live), Some(tokens)) = (&creds.tokens, tokens) {
+            let n = tokens.len();
+            live.replace(tokens);
+            report.applied.push(format!("tokens: {n} from {}", display(&new.tokens_file)));
+        }
+        if let (Some(live), Some(c), Some(k)) = (&creds.cert, &new.tls_cert, &new.tls_key) {
+            live.reload(c, k)?;
+            report.applied.push(format!("TLS certificate: {}", c.display()));
+        }
+        let restart = |what: &str, changed: bool, report: &mut ReloadReport| {
+            if changed {
+                report.needs_restart.push(what.to_string());
+            }
+        };
+        restart(
+            "[api] tokens_file turned on or off",
+            old.tokens_file.is_some() != new.tokens_file.is_some(),
+            &mut report,
+        );
+        restart("[api] tls_cert turned on or off", old.tls_cert.is_some() != new.tls_cert.is_some(), &mut report);
+        restart("[api] client_ca", old.client_ca != new.client_ca, &mut report);
+        restart(
+            "[api] listen, http_listen, metrics_listen",
+            old.listen != new.listen || old.http_listen != new.http_listen || old.metrics_listen != new.metrics_listen,
+            &mut report,
+        );
+        restart("[daemon]", running.daemon != fresh.daemon, &mut report);
+        restart("[store]", running.store != fresh.store, &mut report);
+        restart("[engine]", running.engine != fresh.engine, &mut report);
+        restart("[isolation]", running.isolation != fresh.isolation, &mut report);
+        restart("[[pools]]", running.pools != fresh.pools, &mut report);
+        tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "config reloaded");
+        // The running config is what runs: only what was applied changes in it.
+        if creds.tokens.is_some() && fresh.api.tokens_file.is_some() {
+            running.api.tokens_file = fresh.api.tokens_file.clone();
+        }
+        if creds.cert.is_some() && fresh.api.tls_cert.is_some() && fresh.api.tls_key.is_some() {
+            (running.api.tls_cert, running.api.tls_key) = (fresh.api.tls_cert.clone(), fresh.api.tls_key.clone());
+        }
+        Ok(report)
+    }
+}
+
+fn display(p: &Option<PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
