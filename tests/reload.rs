@@ -168,3 +168,44 @@ async fn with_client_ca_a_call_needs_a_client_certificate_the_ca_signed() {
     assert!(ok, "{out}");
     assert_eq!(list(channel).await.expect("the open channel still calls"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_changes_and_removes_pools_while_a_lease_runs() {
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n\n[[pools]]\nname = \"old\"\nmin_ready = 1\nmax_size = 1\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    stack.wait_idle("old", 1).await;
+    let mut c = stack.client().await;
+    let held = mpool_testkit::api::acquire(&mut c, "old", "t").await.unwrap();
+
+    // "old" leaves, "ci" keeps two ready, "web" arrives.
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    let start = config.find("[[pools]]").unwrap();
+    let new_pools = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nmax_size = 3\n\n[[pools]]\nname = \"web\"\nmin_ready = 1\nmax_size = 1\n";
+    std::fs::write(&stack.config, format!("{}{new_pools}", &config[..start])).unwrap();
+    let (ok, out) = mpool(&stack, &["reload"]);
+    assert!(ok, "{out}");
+    for line in ["pool ci: changed", "pool web: added", "pool old: removed; it drains"] {
+        assert!(out.contains(line), "{line:?} in {out}");
+    }
+    stack.wait_idle("ci", 2).await;
+    stack.wait_idle("web", 1).await;
+    let err = mpool_testkit::api::acquire(&mut c, "old", "u").await.expect_err("a removed pool takes no lease");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    // The lease in the removed pool runs on: its VM answers, renew works.
+    let (code, stdout, _) = mpool_testkit::api::exec(&mut c, &held.id, &["echo", "still here"]).await.unwrap();
+    assert_eq!((code, stdout.as_str()), (0, "still here\n"));
+    c.renew(v1::RenewRequest { lease_id: held.id.clone(), ttl: None }).await.expect("renew");
+    c.release(v1::ReleaseRequest { lease_id: held.id.clone() }).await.unwrap();
+    wait("the removed pool drained", Duration::from_secs(60))
+        .until(|| {
+            let mut c = c.clone();
+            async move {
+                let pools = c.list_pools(v1::ListPoolsRequest {}).await.ok()?.into_inner().pools;
+                let vms = c.list_vms(v1::ListVmsRequest { pool: String::new() }).await.ok()?.into_inner().vms;
+                (!pools.iter().any(|p| p.name == "old") && !vms.iter().any(|v| v.pool == "old")).then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+}

@@ -1,14 +1,17 @@
 //! Live reconfiguration of a running `mpool serve` (SIGHUP or the admin RPC `Reload`): the
 //! config file is read and validated again; a file that fails validation is refused with the
-//! same file/line/key errors and the running config stays. Applied in place: the tokens file
-//! (every later call is checked against the new tokens) and the TLS certificate and key (every
-//! later handshake presents the new certificate; connections already open keep theirs). What
-//! cannot change in place is named in the report, and still needs a restart.
+//! same file/line/key errors and the running config stays. Applied in place: the pools (added,
+//! changed, removed: see `Engine::reconfigure`), the tokens file (every later call is checked
+//! against the new tokens) and the TLS certificate and key (every later handshake presents the
+//! new certificate; connections already open keep theirs). What cannot change in place is
+//! named in the report, and still needs a restart.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-use mpool_config::Config;
+use mpool_config::{Config, PoolConfig};
+use mpool_engine::Engine;
+use mpool_metrics::Metrics;
 
 use crate::auth::Tokens;
 use crate::server::Credentials;
@@ -27,13 +30,24 @@ pub struct Reloader {
     path: Option<PathBuf>,
     running: Mutex<Config>,
     creds: OnceLock<Credentials>,
+    engine: Engine,
+    metrics: Metrics,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
     /// A reloader for a serve started from `running`, read from `path` (`None`: the config did
     /// not come from a file, so there is nothing to reload).
-    pub fn new(path: Option<PathBuf>, running: Config) -> Reloader {
-        Reloader { path, running: Mutex::new(running), creds: OnceLock::new() }
+    pub fn new(path: Option<PathBuf>, running: Config, engine: Engine, metrics: Metrics) -> Reloader {
+        Reloader {
+            path,
+            running: Mutex::new(running),
+            creds: OnceLock::new(),
+            engine,
+            metrics,
+            busy: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The live credentials the listeners serve with (set once they are bound).
@@ -43,12 +57,31 @@ impl Reloader {
 
     /// Reads the file again and applies it; `Err` with the reason when the file is not valid
     /// (nothing is applied then) or there is no file.
-    pub fn reload(&self) -> Result<ReloadReport, String> {
-        let Some(path) = &self.path else {
+    pub async fn reload(&self) -> Result<ReloadReport, String> {
+        let _one = self.busy.lock().await;
+        let Some(path) = self.path.clone() else {
             return Err("this mpool serve was not started from a config file; nothing to reload".into());
         };
-        let fresh =
-            Config::load(path).map_err(|e| format!("the config file is not valid, the running config stays:\n{e}"))?;
+        // Reading files and parsing certificates blocks: off the async workers.
+        let fresh = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("reading the config did not finish: {e}"))?
+            .map_err(|e| format!("the config file is not valid, the running config stays:\n{e}"))?;
+        let old_pools = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pools.clone();
+        // A few small files (tokens, certificate, key), read at a reload only.
+        let mut report = self.credentials(&fresh)?;
+        if old_pools != fresh.pools {
+            self.engine.reconfigure(fresh.pools.clone()).await.map_err(|e| e.to_string())?;
+            self.metrics.set_pools(fresh.pools.iter().map(|p| p.name.clone()));
+            report.applied.extend(pool_changes(&old_pools, &fresh.pools));
+            self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pools = fresh.pools.clone();
+        }
+        tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "config reloaded");
+        Ok(report)
+    }
+
+    /// Applies the credentials of `fresh` and lists what else changed that needs a restart.
+    fn credentials(&self, fresh: &Config) -> Result<ReloadReport, String> {
         let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let creds = self.creds.get().cloned().unwrap_or_default();
         let (old, new) = (&running.api, &fresh.api);
@@ -94,8 +127,6 @@ impl Reloader {
         restart("[store]", running.store != fresh.store, &mut report);
         restart("[engine]", running.engine != fresh.engine, &mut report);
         restart("[isolation]", running.isolation != fresh.isolation, &mut report);
-        restart("[[pools]]", running.pools != fresh.pools, &mut report);
-        tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "config reloaded");
         // The running config is what runs: only what was applied changes in it.
         if creds.tokens.is_some() && fresh.api.tokens_file.is_some() {
             running.api.tokens_file = fresh.api.tokens_file.clone();
@@ -105,6 +136,24 @@ impl Reloader {
         }
         Ok(report)
     }
+}
+
+/// The pools added, changed (rotating when what shapes a VM changed) and removed, in words.
+fn pool_changes(old: &[PoolConfig], new: &[PoolConfig]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in new {
+        match old.iter().find(|o| o.name == p.name) {
+            None => out.push(format!("pool {}: added", p.name)),
+            Some(o) if o.generation_key() != p.generation_key() => out
+                .push(format!("pool {}: changed; its VMs are rebuilt (idle ones now, leased ones at release)", p.name)),
+            Some(o) if o != p => out.push(format!("pool {}: changed", p.name)),
+            Some(_) => {}
+        }
+    }
+    for o in old.iter().filter(|o| !new.iter().any(|p| p.name == o.name)) {
+        out.push(format!("pool {}: removed; it drains (leases run to their end, idle VMs are deleted)", o.name));
+    }
+    out
 }
 
 fn display(p: &Option<PathBuf>) -> String {

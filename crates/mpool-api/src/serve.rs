@@ -122,7 +122,7 @@ impl Running {
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
-        let reloader = Arc::new(Reloader::new(opts.config_path.clone(), cfg.clone()));
+        let reloader = Arc::new(Reloader::new(opts.config_path.clone(), cfg.clone(), engine.clone(), metrics.clone()));
         let app = App::new(
             engine.clone(),
             ssh,
@@ -147,8 +147,7 @@ impl Running {
 
     /// Re-reads the config file and applies what can change in place (SIGHUP).
     pub async fn reload(&self) -> Result<ReloadReport, String> {
-        let reloader = self.reloader.clone();
-        tokio::task::spawn_blocking(move || reloader.reload()).await.map_err(|e| e.to_string())?
+        self.reloader.reload().await
     }
 
     /// The multipassd client.

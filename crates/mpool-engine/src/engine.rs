@@ -111,6 +111,10 @@ enum Msg {
         owner: Option<String>,
         reply: Reply<LeaseInfo>,
     },
+    Reconfigure {
+        pools: Vec<PoolConfig>,
+        reply: Reply<()>,
+    },
     Preheat {
         pool: String,
         count: u32,
@@ -245,6 +249,13 @@ impl Engine {
     /// the fresh endpoint.
     pub async fn refresh(&self, id: &str, owner: Option<String>) -> Result<LeaseInfo, EngineError> {
         self.ask(|reply| Msg::Refresh { id: id.into(), owner, reply }).await
+    }
+
+    /// Applies a new list of pools (a reload; validated by the caller): added ones start,
+    /// changed ones take their settings at once and rotate their VMs when what shapes a VM
+    /// changed, removed ones drain. Leased VMs are never touched.
+    pub async fn reconfigure(&self, pools: Vec<PoolConfig>) -> Result<(), EngineError> {
+        self.ask(|reply| Msg::Reconfigure { pools, reply }).await
     }
 
     /// Raises `pool`'s ready floor to `count` VMs for `duration` (a fan-out is coming) and
@@ -417,6 +428,7 @@ impl Actor {
                 Input::BeginUse { id, owner, caller: self.caller(Caller::Lease(reply)) }
             }
             Msg::EndUse { id } => Input::EndUse { id },
+            Msg::Reconfigure { pools, reply } => Input::Reconfigure { pools, caller: self.caller(Caller::Done(reply)) },
             Msg::Preheat { pool, count, duration, reply } => {
                 Input::Preheat { pool, count, duration, caller: self.caller(Caller::Done(reply)) }
             }

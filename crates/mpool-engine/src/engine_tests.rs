@@ -799,3 +799,60 @@ async fn a_schedule_raises_the_floor_only_while_its_period_matches() {
     let c = h.engine.capacity().await.unwrap();
     assert_eq!((c[0].ready_target, c[0].scheduled), (1, 0), "a period that does not match leaves min_ready: {c:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_adds_changes_and_drains_pools_without_touching_leased_vms() {
+    let h = start(pool(1, 0, 3));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let held = h.engine.acquire(req("a")).await.unwrap();
+    let vm = held.record.vm.clone();
+    let destructive = |fake: &Fake| {
+        ["stop", "suspend", "restore", "delete", "snapshot"]
+            .iter()
+            .map(|op| fake.count(&format!("{op} {vm}")))
+            .sum::<usize>()
+    };
+    let before = destructive(&h.fake);
+
+    // ci: a new image (its VMs rotate) and a bigger floor; a new pool "web".
+    let mut ci = pool(2, 0, 3);
+    ci.image = "22.04".into();
+    let mut web = pool(1, 0, 1);
+    web.name = "web".into();
+    h.engine.reconfigure(vec![ci.clone(), web.clone()]).await.unwrap();
+    let s = until(&h.engine, "rotated and added", |s| {
+        let ci = s.vms.iter().filter(|v| v.pool == "ci" && v.state == "warm" && v.generation == 2).count();
+        let web = s.vms.iter().filter(|v| v.pool == "web" && v.state == "warm").count();
+        ci == 2 && web == 1
+    })
+    .await;
+    assert_eq!(s.pools.iter().find(|p| p.name == "ci").unwrap().generation, 2);
+    assert_eq!(destructive(&h.fake), before, "the leased VM was not touched");
+    let leased = s.vms.iter().find(|v| v.name == vm).unwrap();
+    assert_eq!((leased.state.as_str(), leased.generation), ("leased", 1), "{leased:?}");
+    // Released, it is rebuilt for the new generation.
+    h.engine.release(&held.record.id, None).await.unwrap();
+    until(&h.engine, "the released VM rebuilt", |s| {
+        s.vms.iter().find(|v| v.name == vm).is_none_or(|v| v.generation == 2 && v.state == "warm")
+    })
+    .await;
+
+    // web leaves the config while one of its VMs is leased: it drains.
+    let web_lease = h.engine.acquire(AcquireRequest { pool: "web".into(), ..req("b") }).await.unwrap();
+    h.engine.reconfigure(vec![ci]).await.unwrap();
+    let err = h.engine.acquire(AcquireRequest { pool: "web".into(), ..req("c") }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    h.engine.renew(&web_lease.record.id, None, None).await.expect("its lease runs on");
+    let s = h.engine.status().await.unwrap();
+    assert!(s.pools.iter().any(|p| p.name == "web" && p.removed), "draining while leased: {:?}", s.pools);
+    h.engine.release(&web_lease.record.id, None).await.unwrap();
+    until(&h.engine, "web drained", |s| {
+        !s.pools.iter().any(|p| p.name == "web") && !s.vms.iter().any(|v| v.pool == "web")
+    })
+    .await;
+    assert_eq!(
+        h.fake.st.lock().unwrap().instances.keys().filter(|n| n.contains("-web-")).count(),
+        0,
+        "its VMs are deleted"
+    );
+}

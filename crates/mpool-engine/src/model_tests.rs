@@ -122,6 +122,13 @@ pub enum Step {
         /// Seconds.
         secs: u8,
     },
+    /// The config is reloaded: another image (its VMs rotate) or not, another min_ready.
+    Reload {
+        /// Switch the image.
+        image: bool,
+        /// The new min_ready (1-3; hot stays 1, max_size 4).
+        min_ready: u8,
+    },
     /// The VMs reach each other and the host (the host's rules were removed) / no longer do.
     Network {
         /// Open.
@@ -158,6 +165,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => (0..4u8).prop_map(|secs| Step::SlowList { secs }),
         1 => (any::<u8>(), 0..3u8).prop_map(|(pick, state)| Step::Tamper { pick, state }),
         1 => any::<bool>().prop_map(|open| Step::Network { open }),
+        1 => (any::<bool>(), 1..4u8).prop_map(|(image, min_ready)| Step::Reload { image, min_ready }),
     ]
 }
 
@@ -759,6 +767,22 @@ impl World {
                 self.start()?;
             }
             Step::Daemon { up } => self.fake.st.lock().unwrap().down = !up,
+            Step::Reload { image, min_ready } => {
+                if *image {
+                    self.cfg.image = if self.cfg.image == "24.04" { "22.04".into() } else { "24.04".into() };
+                }
+                self.cfg.min_ready = u32::from(*min_ready);
+                let (engine, cfg) = (self.life.as_ref().map(|l| l.engine.clone()), self.cfg.clone());
+                let result = engine.and_then(|e| self.block_on(async move { e.reconfigure(vec![cfg]).await }));
+                match result {
+                    // Not running: the next start reads the new file.
+                    Some(Ok(())) | None => {}
+                    // The store failed: it may or may not have been applied; the operator
+                    // reloads again (healing does).
+                    Some(Err(e)) if e.kind() == ErrorKind::Unavailable => {}
+                    Some(Err(e)) => return Err(fail(format!("reload refused: {e}"))),
+                }
+            }
             Step::Network { open } => {
                 self.fake.st.lock().unwrap().open_network = *open;
                 self.network_ever_open |= *open;
@@ -844,6 +868,11 @@ impl World {
         self.expire_held(after)?;
         self.advance(wait);
         self.collect()?;
+        // A reload the store refused is done again, as an operator would.
+        let (engine, cfg) = (self.life.as_ref().map(|l| l.engine.clone()), self.cfg.clone());
+        if let Some(Err(e)) = engine.and_then(|e| self.block_on(async move { e.reconfigure(vec![cfg]).await })) {
+            return Err(fail(format!("reload after healing: {e}")));
+        }
         let ids: Vec<(String, Held)> = self.held.iter().map(|(id, h)| (id.clone(), h.clone())).collect();
         for (id, h) in ids {
             let engine = self.life.as_ref().map(|l| l.engine.clone());

@@ -91,6 +91,7 @@ mod tests {
                 waiters: 3,
                 leases: 2,
                 golden_ready: None,
+                removed: false,
                 config: None,
             }],
             vms: vec![],

@@ -106,11 +106,7 @@ impl App {
         let Some(reloader) = self.reloader.clone() else {
             return Err(AppError::failed_precondition("this server was not started from a config file"));
         };
-        // Reading files and parsing certificates blocks: off the async workers.
-        let report = tokio::task::spawn_blocking(move || reloader.reload())
-            .await
-            .map_err(|e| AppError::unavailable(format!("the reload did not finish: {e}")))?
-            .map_err(AppError::failed_precondition)?;
+        let report = reloader.reload().await.map_err(AppError::failed_precondition)?;
         Ok(crate::proto::v1::ReloadResponse { applied: report.applied, needs_restart: report.needs_restart })
     }
 

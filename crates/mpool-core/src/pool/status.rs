@@ -43,6 +43,8 @@ pub struct PoolStatus {
     pub leases: usize,
     /// Golden VM ready (clone pools).
     pub golden_ready: Option<bool>,
+    /// It left the config at a reload and drains (no new leases; gone once empty).
+    pub removed: bool,
     /// Config.
     #[serde(skip)]
     pub config: Option<PoolConfig>,

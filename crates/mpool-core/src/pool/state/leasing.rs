@@ -11,7 +11,7 @@ use std::time::Duration;
 
 impl EngineState {
     pub(super) fn acquire(&mut self, env: &Env<'_>, req: AcquireRequest, caller: CallerId) {
-        let Some(pool) = self.pools.get(&req.pool) else {
+        let Some(pool) = self.pools.get(&req.pool).filter(|p| !p.removed) else {
             return self.reply(caller, Err(EngineError::UnknownPool(req.pool.clone())));
         };
         let cfg = &pool.cfg;

@@ -58,6 +58,7 @@ impl EngineState {
             }
             self.serve_waiters(env, &name);
         }
+        self.forget_drained();
     }
 
     pub(super) fn act(&mut self, env: &Env<'_>, pool: &str, action: Action) {

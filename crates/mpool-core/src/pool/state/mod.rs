@@ -34,6 +34,7 @@ mod leasing;
 mod maintain;
 mod observe;
 mod plans;
+mod reconfigure;
 mod store;
 
 /// Identifies a caller waiting for an answer (the actor keeps its reply channel).
@@ -139,6 +140,13 @@ pub enum Input {
     },
     /// Time passed: deadlines and maintenance.
     Tick,
+    /// The pools were reconfigured (a reload): added, changed, removed.
+    Reconfigure {
+        /// The new pools (validated).
+        pools: Vec<PoolConfig>,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
     /// A caller raises a pool's ready floor to `count` for `duration`.
     Preheat {
         /// Pool.
@@ -262,6 +270,8 @@ struct Pool {
     /// `waiters.len()` as of the last batch, for plans: a VM being reset or provisioned stays
     /// running when callers wait for it.
     waiting: Arc<AtomicUsize>,
+    /// Left the config at a reload: draining (no new leases; gone once empty).
+    removed: bool,
 }
 
 struct Golden {
@@ -400,24 +410,7 @@ impl EngineState {
     /// A state for these pools (with the generations the store gave them) and what the store
     /// holds; it reconciles at the first observation of the daemon.
     pub fn new(settings: StateSettings, pools: Vec<(PoolConfig, u64)>, snapshot: Snapshot) -> EngineState {
-        let pools = pools
-            .into_iter()
-            .map(|(cfg, generation)| {
-                (
-                    cfg.name.clone(),
-                    Pool {
-                        fair: FairShare::new(cfg.max_leases_per_owner),
-                        demand: Demand::default(),
-                        preheats: Preheats::default(),
-                        cfg,
-                        generation,
-                        waiters: VecDeque::new(),
-                        golden: None,
-                        waiting: Default::default(),
-                    },
-                )
-            })
-            .collect();
+        let pools = pools.into_iter().map(|(cfg, generation)| (cfg.name.clone(), Pool::new(cfg, generation))).collect();
         EngineState {
             settings,
             pools,
@@ -505,7 +498,8 @@ impl EngineState {
                 | Input::Release { caller, .. }
                 | Input::BeginUse { caller, .. }
                 | Input::Refresh { caller, .. }
-                | Input::Preheat { caller, .. } => self.reply(caller, Err(err)),
+                | Input::Preheat { caller, .. }
+                | Input::Reconfigure { caller, .. } => self.reply(caller, Err(err)),
                 Input::Observed { list, .. } => self.observed_daemon(&list),
                 Input::StoreProbed(result) => self.store_probed(env, result),
                 Input::Tick => self.retry_store(env),
@@ -551,6 +545,10 @@ impl EngineState {
             Input::StoreProbed(result) => self.store_probed(env, result),
             Input::Tick => self.deadlines(env),
             Input::Isolation { report, current_until } => self.isolation_measured(env, report, current_until),
+            Input::Reconfigure { pools, caller } => {
+                self.reconfigure(env, pools);
+                self.reply(caller, Ok(Answer::Done));
+            }
             Input::Preheat { pool, count, duration, caller } => {
                 let r = self.preheat(env, &pool, count, duration);
                 self.reply(caller, r.map(|_| Answer::Done));
@@ -560,7 +558,11 @@ impl EngineState {
 
     /// Raises a pool's ready floor for a while (maintenance provisions toward it).
     fn preheat(&mut self, env: &Env<'_>, pool: &str, count: u32, duration: Duration) -> Result<(), EngineError> {
-        let p = self.pools.get_mut(pool).ok_or_else(|| EngineError::UnknownPool(pool.to_string()))?;
+        let p = self
+            .pools
+            .get_mut(pool)
+            .filter(|p| !p.removed)
+            .ok_or_else(|| EngineError::UnknownPool(pool.to_string()))?;
         if count > p.cfg.max_size {
             return Err(EngineError::InvalidArgument(format!(
                 "count {count} is above pool {pool}'s max_size {}; ask for at most that many",
@@ -655,6 +657,7 @@ impl EngineState {
                 waiters: p.waiters.len() + self.waking.values().filter(|w| w.req.pool == p.cfg.name).count(),
                 leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
                 golden_ready: p.golden.as_ref().map(|g| g.ready),
+                removed: p.removed,
                 config: Some(p.cfg.clone()),
             });
         }
