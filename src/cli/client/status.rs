@@ -19,7 +19,7 @@ use super::{Client, output};
 pub struct StatusArgs {
     /// JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Show it again every --interval until Ctrl-C (redrawn in place on a terminal; otherwise
     /// successive snapshots separated by a blank line).
     #[arg(long)]
@@ -52,8 +52,17 @@ const CLEAR: &str = "\x1b[H\x1b[2J";
 
 /// Runs `mpool status`.
 pub async fn run(client: &mut Client, a: StatusArgs) -> Result<ExitCode, String> {
+    let json = a.json;
+    show(&a, async || picture(client, json).await).await
+}
+
+/// Shows what `picture` makes once, or with `--watch` again every `--interval` until Ctrl-C.
+pub async fn show(
+    a: &StatusArgs,
+    mut picture: impl AsyncFnMut() -> Result<String, String>,
+) -> Result<ExitCode, String> {
     if !a.watch {
-        output::text(&picture(client, a.json).await?);
+        output::text(&picture().await?);
         return Ok(ExitCode::SUCCESS);
     }
     let terminal = std::io::stdout().is_terminal();
@@ -66,7 +75,7 @@ pub async fn run(client: &mut Client, a: StatusArgs) -> Result<ExitCode, String>
             _ = &mut ctrl_c => break,
             frame = async {
                 ticks.tick().await;
-                picture(client, a.json).await
+                picture().await
             } => frame?,
         };
         // One write per frame, so a terminal never shows half of one.
