@@ -83,6 +83,7 @@ pub struct Fleet {
     ca: Option<PathBuf>,
     clients: Vec<Option<Client>>,
     views: HashMap<String, (Instant, Vec<Seen>)>,
+    asked: usize,
 }
 
 impl Fleet {
@@ -90,7 +91,12 @@ impl Fleet {
     /// and CA for all.
     pub fn new(endpoints: Vec<String>, token: Option<String>, ca: Option<PathBuf>) -> Fleet {
         let clients = endpoints.iter().map(|_| None).collect();
-        Fleet { endpoints, token, ca, clients, views: HashMap::new() }
+        Fleet { endpoints, token, ca, clients, views: HashMap::new(), asked: 0 }
+    }
+
+    /// How many times the hosts were asked about a pool (GetPool of each), cached views aside.
+    pub fn asked(&self) -> usize {
+        self.asked
     }
 
     /// The endpoints, in the order given.
@@ -127,6 +133,7 @@ impl Fleet {
         {
             return seen.clone();
         }
+        self.asked += 1;
         let mut clients = Vec::new();
         for i in 0..self.endpoints.len() {
             clients.push(self.client(i).await.ok());
@@ -150,8 +157,10 @@ impl Fleet {
 
     /// Tries the hosts for `pool` in the order [`choice::plan`] gives, calling `call(client,
     /// wait)` on each until one succeeds: `wait` is zero for a host asked while it has a ready
-    /// VM, else what is left of the caller's `wait` (`None`: the pool's default). Answers the
-    /// index of the host that succeeded and what `call` returned.
+    /// VM, else what is left of the caller's `wait` (`None`: the pool's default). After a host
+    /// fails, the hosts are asked again (a fresh view) before the next try, so a host that just
+    /// ran out of VMs is not waited on while another has one. Answers the index of the host that
+    /// succeeded and what `call` returned.
     pub async fn choose<T, F, Fut>(
         &mut self,
         pool: &str,
@@ -163,27 +172,28 @@ impl Fleet {
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let started = Instant::now();
-        let seen = self.seen(pool).await;
-        let attempts = choice::plan(&seen, rand::random::<u32>() as usize);
+        let spread = rand::random::<u32>() as usize;
         let mut misses = Vec::new();
+        // Hosts already asked without waiting, waited on, or found unreachable.
+        let (mut asked, mut waited, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         // Once a wait ran out on one host, the others are only asked for a VM they have now.
         let mut wait_spent = false;
-        let mut tried_waiting = Vec::new();
-        for Attempt { host, wait: waits } in attempts {
-            if waits && tried_waiting.contains(&host) {
-                continue;
-            }
+        loop {
+            let seen = self.seen(pool).await;
+            let next = choice::plan(&seen, spread)
+                .into_iter()
+                .find(|a| !gone.contains(&a.host) && !(if a.wait { &waited } else { &asked }).contains(&a.host));
+            let Some(Attempt { host, wait: waits }) = next else { break };
+            if waits { &mut waited } else { &mut asked }.push(host);
             let this_wait = match (waits, wait_spent, wait) {
                 (false, _, _) | (true, true, _) => Some(Duration::ZERO),
                 (true, false, Some(w)) => Some(w.saturating_sub(started.elapsed())),
                 (true, false, None) => None,
             };
-            if waits {
-                tried_waiting.push(host);
-            }
             let client = match self.client(host).await {
                 Ok(c) => c,
                 Err(miss) => {
+                    gone.push(host);
                     misses.push(miss);
                     continue;
                 }
@@ -197,8 +207,10 @@ impl Fleet {
                     if !next_host(s.code()) {
                         return Err(Failed::Refused(miss));
                     }
-                    if waits && s.code() == Code::ResourceExhausted {
-                        wait_spent = true;
+                    match s.code() {
+                        Code::ResourceExhausted if waits => wait_spent = true,
+                        Code::Unavailable | Code::NotFound => gone.push(host),
+                        _ => {}
                     }
                     misses.push(miss);
                 }
