@@ -216,6 +216,11 @@ async fn a_drained_host_takes_no_new_lease_and_says_when_it_is_empty() {
     let o = mpool(&["--endpoint", &ea, "drain"]).await;
     o.expect_code(0, "drain");
     assert_eq!(o.stdout, "host mp-a: draining, 1 lease left\n");
+    let o = mpool(&["--endpoint", &ea, "status"]).await;
+    assert!(o.stdout.contains("\nhost mp-a is draining (mpool drain): it takes no new leases\n"), "{}", o.stdout);
+    let o = mpool(&["--endpoint", &ea, "status", "--json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("status --json");
+    assert_eq!((&j[0]["host"], &j[0]["draining"], &j[0]["ready"]), (&"mp-a".into(), &true.into(), &1.into()), "{j}");
 
     // Only admins drain: a token that is not one is refused.
     let mut tcp = a.tcp_client(Some(&a.token)).await;

@@ -94,7 +94,10 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     if json {
         let v: Vec<_> = pools
             .iter()
-            .map(|p| serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok, "isolation": p.isolation, "isolation_detail": p.isolation_detail}))
+            .map(|p| {
+                serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok, "isolation": p.isolation, "isolation_detail": p.isolation_detail,
+                    "ready": p.ready, "coming": p.coming, "host": p.host, "draining": p.draining})
+            })
             .collect();
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
     }
@@ -113,6 +116,9 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
         out.push('\n');
     }
     out.push_str(&isolation_line(&pools));
+    if let Some(p) = pools.first().filter(|p| p.draining) {
+        out.push_str(&format!("\nhost {} is draining (mpool drain): it takes no new leases\n", p.host));
+    }
     if !leases.is_empty() {
         let now = SystemTime::now();
         out.push_str(&format!(
