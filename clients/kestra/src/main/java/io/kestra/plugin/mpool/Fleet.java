@@ -24,7 +24,8 @@ import java.util.concurrent.TimeUnit;
 /**
  * Several mpool hosts as one: each host runs its own {@code mpool serve}; the task chooses among
  * their endpoints. It asks every host about the pool (GetPool, answers kept {@link #VIEW_TTL} per
- * worker), orders them with {@link HostChoice}, and tries them in that order: a host that is down
+ * worker, asked again after a failed try), orders them with {@link HostChoice}, and tries them in
+ * that order: a host that is down
  * or draining (UNAVAILABLE), that has no VM within the wait (RESOURCE_EXHAUSTED) or no such pool
  * (NOT_FOUND) is left for the next. Other failures (a refused token, a bad argument) would be the
  * same everywhere and fail at once.
@@ -68,17 +69,27 @@ public final class Fleet {
             }
         }
         String key = String.join(",", endpoints) + "|" + request.getPool();
-        List<HostChoice.Seen> seen = seen(key, endpoints, token, ca, request.getPool());
-        List<HostChoice.Attempt> plan = HostChoice.plan(seen, ThreadLocalRandom.current().nextInt(1 << 16));
+        int spread = ThreadLocalRandom.current().nextInt(1 << 16);
         Instant started = Instant.now();
         boolean waitSpent = false;
-        Set<Integer> waitedOn = new HashSet<>();
+        // Hosts already asked without waiting, waited on, or found unreachable.
+        Set<Integer> asked = new HashSet<>();
+        Set<Integer> waited = new HashSet<>();
+        Set<Integer> gone = new HashSet<>();
         List<String> misses = new ArrayList<>();
         Status.Code last = Status.Code.UNAVAILABLE;
-        for (HostChoice.Attempt a : plan) {
-            if (a.waits() && !waitedOn.add(a.host())) {
-                continue;
+        while (true) {
+            // A fresh view after each failed try, so a host that just ran out is not waited on
+            // while another has a VM.
+            List<HostChoice.Seen> seen = seen(key, endpoints, token, ca, request.getPool());
+            HostChoice.Attempt a = HostChoice.plan(seen, spread).stream()
+                .filter(x -> !gone.contains(x.host()) && !(x.waits() ? waited : asked).contains(x.host()))
+                .findFirst()
+                .orElse(null);
+            if (a == null) {
+                break;
             }
+            (a.waits() ? waited : asked).add(a.host());
             String endpoint = endpoints.get(a.host());
             AcquireRequest.Builder b = request.toBuilder();
             if (!a.waits() || waitSpent) {
@@ -102,6 +113,8 @@ public final class Fleet {
                 }
                 if (a.waits() && code == Status.Code.RESOURCE_EXHAUSTED) {
                     waitSpent = true;
+                } else if (code != Status.Code.RESOURCE_EXHAUSTED) {
+                    gone.add(a.host());
                 }
                 rc.logger().info("{} did not lease a VM from pool {} ({}: {}); trying the next host", endpoint, request.getPool(), code, e.getStatus().getDescription());
                 misses.add(endpoint + ": " + code + ": " + e.getStatus().getDescription());
@@ -186,7 +199,16 @@ public final class Fleet {
         }
     }
 
+    /**
+     * Remembers that {@code rid} goes to {@code endpoint}, before asking it. If Kestra's state
+     * store cannot take it, the attempt fails: without the record a re-submitted attempt could run
+     * on another host too.
+     */
     private static void record(RunContext rc, String rid, String endpoint) throws Exception {
-        rc.stateStore().putState(STATE, rid, null, endpoint.getBytes(StandardCharsets.UTF_8));
+        try {
+            rc.stateStore().putState(STATE, rid, null, endpoint.getBytes(StandardCharsets.UTF_8));
+        } catch (Exception e) {
+            throw new IllegalStateException("recording which host request id " + rid + " goes to, in Kestra's state store: " + e, e);
+        }
     }
 }
