@@ -244,7 +244,7 @@ pub struct Machine {
 pub struct Report {
     /// Scenario name.
     pub scenario: String,
-    /// Scenario number (1-9).
+    /// Scenario number (1-10).
     pub number: u8,
     /// One-line description.
     pub title: String,
