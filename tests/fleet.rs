@@ -79,9 +79,23 @@ async fn leases_spread_over_both_hosts_and_handles_lead_back() {
     // so the second lease goes to the other host than the first, and they end two and two.
     let mut handles = Vec::new();
     for i in 0..4 {
-        let o = fleet(&a, &b, &["acquire", "--pool", "ci", "--wait", "0s", "--holder", &format!("t{i}")]).await;
+        let holder = format!("t{i}");
+        let mut args = vec!["acquire", "--pool", "ci", "--wait", "0s", "--holder", &holder];
+        if i == 3 {
+            args.push("--json");
+        }
+        let o = fleet(&a, &b, &args).await;
         o.expect_code(0, "acquire over two hosts");
-        let handle = o.stdout.trim().to_string();
+        let handle = if i == 3 {
+            // --json: the lease, its handle and its host's endpoint.
+            let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("acquire --json");
+            let (id, handle) = (j["id"].as_str().unwrap_or_default(), j["handle"].as_str().unwrap_or_default());
+            assert!(handle.starts_with(&format!("{id}@")), "{j}");
+            assert!(j["endpoint"] == unix(&a) || j["endpoint"] == unix(&b), "{j}");
+            handle.to_string()
+        } else {
+            o.stdout.trim().to_string()
+        };
         assert!(!handle.contains('/'), "URL-safe: {handle}");
         handles.push(handle);
     }
