@@ -1,5 +1,6 @@
 //! mpool: warm pools of Multipass VMs for workflow tasks. This package is the `mpool` command
-//! ([`cli`]) and its benchmark suite ([`bench`]); the parts live in the workspace's crates:
+//! ([`cli`]), its benchmark suite ([`bench`]) and the client side of several hosts ([`fleet`]:
+//! choosing a host for a lease); the parts live in the workspace's crates:
 //!
 //! | crate | what |
 //! |---|---|
@@ -16,3 +17,4 @@
 
 pub mod bench;
 pub mod cli;
+pub mod fleet;

@@ -131,8 +131,12 @@ async fn metric_labels_stay_bounded_whatever_callers_send() {
         !after.contains("NoSuchMethod") && !after.contains("no-such-pool"),
         "caller names leaked into labels:\n{after}"
     );
-    assert!(after.contains("mpool_grpc_errors_total{method=\"unknown\",code=\"Unimplemented\"} 1000"), "{after}");
-    assert!(after.contains("mpool_acquires_total{pool=\"unknown\",outcome=\"error\"} 50"), "{after}");
+    // Every series starts with this host's label (`[api] host_name`, by default the hostname).
+    let host = format!("host={:?}", mpool_config::machine_host_name());
+    let unimplemented = format!("mpool_grpc_errors_total{{{host},method=\"unknown\",code=\"Unimplemented\"}} 1000");
+    assert!(after.contains(&unimplemented), "{unimplemented} in:\n{after}");
+    let unknown_pool = format!("mpool_acquires_total{{{host},pool=\"unknown\",outcome=\"error\"}} 50");
+    assert!(after.contains(&unknown_pool), "{unknown_pool} in:\n{after}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,6 +290,12 @@ async fn metrics_parse_and_counters_move_with_calls() {
     assert_eq!((status, body.as_str()), (404, "try /metrics\n"));
 
     let before = scrape(&stack).await;
+    // Every series names its host (`[api] host_name`, by default the machine's hostname), so one
+    // Prometheus scraping several hosts tells them apart.
+    let host = mpool_config::machine_host_name();
+    for s in &before.samples {
+        assert_eq!(s.labels.get("host"), Some(&host), "{} {:?} has the host label", s.name, s.labels);
+    }
     // Families with a series from the start (a configured pool's counters and histograms start
     // at zero); a family whose series all come later (API errors) has no lines until then.
     for (name, kind) in [
@@ -518,6 +524,7 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
     for s in &reference.samples {
         for (label, value) in &s.labels {
             let known = match label.as_str() {
+                "host" => *value == mpool_config::machine_host_name(),
                 "pool" => ["ci", "unknown"].contains(&value.as_str()),
                 "method" => value == "unknown" || methods.contains(value),
                 "code" => codes.contains(value),
@@ -692,7 +699,7 @@ fn dashboard_queries(d: &serde_json::Value) -> Vec<(String, String)> {
 }
 
 /// `deploy/grafana/mpool.json` is a dashboard Grafana imports (schema ~39, a Prometheus
-/// `datasource` variable and a `pool` variable), and every metric its queries name (the
+/// `datasource` variable, a `host` variable every query keeps to, and a `pool` variable), and every metric its queries name (the
 /// family, once `_bucket`/`_sum`/`_count` are taken off a histogram's series) is one a real
 /// `mpool serve` exports, with samples, after leases and a failing daemon call; and each
 /// exported family is on the dashboard.
@@ -721,7 +728,16 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
     );
     assert_eq!(var("pool")["type"], "query");
     assert_eq!(var("pool")["datasource"]["uid"], "${datasource}");
+    // A host selector (every series has a `host` label): every query keeps to the chosen hosts.
+    assert_eq!((var("host")["type"].as_str(), var("host")["includeAll"].as_bool()), (Some("query"), Some(true)));
     let queries = dashboard_queries(&d);
+    for (at, expr) in &queries {
+        if at != "variable \"host\"" {
+            for name in metric_names(expr) {
+                assert!(expr.contains(&format!("{name}{{host=~\"$host\"")), "{at}: {name} keeps to $host in {expr}");
+            }
+        }
+    }
 
     // A real scrape in which every family has samples: a lease taken and released (acquire and
     // reset histograms), an API error, and a pool whose image multipassd does not have (failed

@@ -1,7 +1,8 @@
 //! A Python client generated from `proto/` with grpcio-tools (`python3 -m grpc_tools.protoc`),
 //! run against `mpool serve` over its Unix socket: `tests/python/client.py` does a Run and a
 //! whole lease cycle (Acquire, Exec, Upload in chunks, Download, Renew, Release, the errors after
-//! it) and prints what it checked. Proves the proto compiles with the reference compiler and the
+//! it), and the README's host choice (`pick_host`) over a host that is down and one that is up,
+//! and prints what it checked. Proves the proto compiles with the reference compiler and the
 //! server interoperates with grpc's C-core client.
 //!
 //! Python or the packages missing is a failure that says how to install them;
@@ -72,6 +73,7 @@ async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
     assert!(transfer.is_some_and(|l| l.ends_with("mode=0o750")), "client.py printed the transfer:\n{}", run.stdout);
     has("ok release (twice), then exec refused: FAILED_PRECONDITION");
     has("ok unknown pool: NOT_FOUND");
+    has("ok pick host: ");
     has("ok tls with token; without: UNAUTHENTICATED");
     // For the record (grpc/grpc#38142): the C core's default `:authority` on a Unix socket.
     if let Some(l) = lines.iter().find(|l| l.starts_with("info ")) {
@@ -87,4 +89,17 @@ async fn generated_python_client_runs_a_task_and_a_lease_cycle() {
         .expect("ListLeases")
         .into_inner();
     assert!(leases.leases.is_empty(), "{:?}", leases.leases);
+}
+
+/// The README's Python host choice is the one `client.py` runs, word for word.
+#[test]
+fn the_readme_shows_the_host_choice_the_client_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let client = std::fs::read_to_string(root.join("tests/python/client.py")).expect("client.py");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let start = client.find("def pick_host(").expect("client.py defines pick_host");
+    let end = client[start..].find("\n\n").map_or(client.len(), |e| start + e);
+    let snippet = &client[start..end];
+    assert!(snippet.contains("return best and best[1]"), "{snippet}");
+    assert!(readme.contains(snippet), "README.md shows pick_host as client.py has it:\n{snippet}");
 }

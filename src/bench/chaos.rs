@@ -98,11 +98,7 @@ struct Tenant {
 impl Tenant {
     async fn client(&mut self) -> Option<&mut Client> {
         if self.client.is_none() {
-            let c = crate::cli::client::Connect {
-                endpoint: format!("unix:{}", self.socket.display()),
-                token: None,
-                ca: None,
-            };
+            let c = crate::cli::client::Connect::single(format!("unix:{}", self.socket.display()));
             self.client = crate::cli::client::connect(&c).await.ok();
         }
         self.client.as_mut()

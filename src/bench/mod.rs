@@ -8,7 +8,8 @@
 //! never fail on a missed target.
 //!
 //! Scenarios (one file each): [`control`] (1), [`throughput`] (2), [`daemon_calls`] (3),
-//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8), [`autoscale`] (9).
+//! [`exec`] (4), [`e2e`] (5), [`storm`] (6), [`scale`] (7), [`chaos`] (8), [`autoscale`] (9),
+//! [`fleet`] (10).
 //! Shared parts: the `mpool_testkit` crate (the simulator, the daemon, clients, a real OpenSSH
 //! server), [`measure`] (timed API calls and processes), and the statistics, table and JSON below.
 
@@ -18,6 +19,7 @@ pub mod control;
 pub mod daemon_calls;
 pub mod e2e;
 pub mod exec;
+pub mod fleet;
 pub mod measure;
 pub mod scale;
 pub mod storm;
@@ -35,7 +37,8 @@ use serde::Serialize;
 /// `mpool bench` flags.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// control | throughput | daemon-calls | exec | e2e | storm | scale | chaos | autoscale (or 1-9),
+    /// control | throughput | daemon-calls | exec | e2e | storm | scale | chaos | autoscale | fleet
+    /// (or 1-10),
     /// or all.
     scenario: String,
     /// Fewer iterations and faster simulated timings (a CI smoke run; not the README figures).
@@ -80,6 +83,9 @@ pub const SCENARIOS: &[(&str, u8, &str, Run)] = &[
     ("chaos", 8, "chaos: daemon faults, store write failures, kill -9; promises counted", |c| Box::pin(chaos::run(c))),
     ("autoscale", 9, "pools that size themselves: a bursty trace, static min_ready vs demand", |c| {
         Box::pin(autoscale::run(c))
+    }),
+    ("fleet", 10, "two hosts as one: hot acquires routed by the client vs one host direct", |c| {
+        Box::pin(fleet::run(c))
     }),
 ];
 
@@ -238,7 +244,7 @@ pub struct Machine {
 pub struct Report {
     /// Scenario name.
     pub scenario: String,
-    /// Scenario number (1-9).
+    /// Scenario number (1-10).
     pub number: u8,
     /// One-line description.
     pub title: String,

@@ -115,8 +115,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         root.display()
     ));
     let (sim, running) = start(&root, args.time_scale).await?;
-    let mut c =
-        connect(&Connect { endpoint: format!("unix:{}/mpool.sock", root.display()), token: None, ca: None }).await?;
+    let mut c = connect(&Connect::single(format!("unix:{}/mpool.sock", root.display()))).await?;
     let mut t = Table(Vec::new());
     output::line(&format!("\n  {:<44} {:<28} {:>10}", "step", "result", "time"));
 

@@ -11,6 +11,7 @@ layer (hyperium/h2, under tonic) refuses as malformed with RST_STREAM PROTOCOL_E
 """
 
 import hashlib
+import random
 import sys
 
 import grpc
@@ -59,6 +60,23 @@ def upload_chunks(lease_id, path, data, mode, chunk):
     yield pb.UploadRequest(lease_id=lease_id, path=path, mode=mode, data=data[:chunk])
     for i in range(chunk, len(data), chunk):
         yield pb.UploadRequest(data=data[i : i + chunk])
+
+
+# The README's "More than one host" snippet, as it is there.
+def pick_host(stubs, pool):
+    """The stub of the host to lease from: the most ready VMs, else the best outlook."""
+    best = None
+    for stub in random.sample(stubs, len(stubs)):  # shuffled: ties spread
+        try:
+            p = stub.GetPool(pb.GetPoolRequest(pool=pool), timeout=3)
+        except grpc.RpcError:
+            continue  # down: the others may answer
+        if p.draining:
+            continue
+        rank = (p.ready, p.ready + p.coming - p.waiters)
+        if best is None or rank > best[0]:
+            best = (rank, stub)
+    return best and best[1]
 
 
 def unix_channel(path):
@@ -162,6 +180,16 @@ def main():
 
     pools = stub.ListPools(pb.ListPoolsRequest())
     check([p.name for p in pools.pools] == [pool], f"ListPools: {pools}")
+    check(pools.pools[0].host != "" and not pools.pools[0].draining, f"host: {pools.pools[0]}")
+
+    # Two hosts, one of them down: the choice goes to the one that answers; none answering, None.
+    down = pb_grpc.PoolStub(unix_channel(socket_path + ".down"))
+    for _ in range(4):
+        check(pick_host([down, stub], pool) is stub, "pick_host chose the host that answers")
+    check(pick_host([down], pool) is None, "pick_host with no host up")
+    lease = pick_host([down, stub], pool).Acquire(pb.AcquireRequest(pool=pool, holder="python"))
+    stub.Release(pb.ReleaseRequest(lease_id=lease.id))
+    print(f"ok pick host: {pools.pools[0].host}")
 
     # Over TCP: TLS against the CA plus a bearer token; without the token, UNAUTHENTICATED.
     tls = pb_grpc.PoolStub(tls_channel(tls_addr, ca_file, token))

@@ -143,6 +143,7 @@ const METHODS: &[&str] = &[
     "/mpool.v1.Pool/ListLeases",
     "/mpool.v1.Pool/Preheat",
     "/mpool.v1.Pool/Reload",
+    "/mpool.v1.Pool/Drain",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

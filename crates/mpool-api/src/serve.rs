@@ -107,7 +107,7 @@ impl Running {
             store = Arc::new(FaultyStore::new(store, opts.store_faults));
         }
         let ssh = Arc::new(ConnectionCache::new(SshOptions::default()));
-        let metrics = Metrics::default();
+        let metrics = Metrics::for_host(&cfg.api.host_name);
         metrics.set_pools(cfg.pools.iter().map(|p| p.name.clone()));
         let daemon = MultipassPort::new(client.clone(), cfg.daemon.call_timeout, cfg.daemon.blocking_call_timeout)
             .with_metrics(metrics.clone());
@@ -129,7 +129,8 @@ impl Running {
             Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
             metrics.clone(),
         )
-        .with_reloader(reloader.clone());
+        .with_reloader(reloader.clone())
+        .with_host_name(cfg.api.host_name.clone());
         let (shutdown, rx) = watch::channel(false);
         let served = Served { app, engine: engine.clone(), metrics };
         let (api, creds) = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;

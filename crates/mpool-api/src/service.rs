@@ -147,4 +147,9 @@ impl Pool for PoolService {
         let (p, r) = decode(request);
         reply(self.app.list_leases(p.as_ref(), r).await)
     }
+
+    async fn drain(&self, request: Request<v1::DrainRequest>) -> Result<Response<v1::DrainResponse>, Status> {
+        let (p, r) = decode(request);
+        reply(self.app.drain(p.as_ref(), r).await)
+    }
 }

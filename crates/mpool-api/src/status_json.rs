@@ -7,7 +7,8 @@
 //! `{"status": "SERVING" | "NOT_SERVING", "daemon": {"ok": bool, "queuedCalls": n},
 //! "store": {"ok": bool, "error": "why not, or empty"}, "reconciled": bool,
 //! "isolation": {"state": "isolated" | "not isolated" | "unknown", "detail": "what the probe
-//! found", "checkedAt": "<RFC 3339>" or null, "vm": "the VM it ran in"}}`.
+//! found", "checkedAt": "<RFC 3339>" or null, "vm": "the VM it ran in"}, "host": "name",
+//! "draining": bool, "leases": n, "empty": bool}` (`empty`: draining and no lease left).
 //!
 //! `GET /v1/history`: the last hour, one point per minute, of the acquire latency and the reset
 //! duration of each pool the token may use (aggregates only: no holder, lease or owner):
@@ -53,6 +54,10 @@ pub async fn health(app: &App, p: Option<&Principal>) -> Result<Value, AppError>
                 .then(|| crate::convert::timestamp(h.isolation.checked_ms).to_string()),
             "vm": h.isolation.vm,
         },
+        "host": h.host,
+        "draining": h.draining,
+        "leases": h.leases,
+        "empty": h.draining && h.leases == 0,
     }))
 }
 

@@ -175,6 +175,10 @@ pub struct ApiConfig {
     /// `max_download` (default `1G`): the largest file a Download (or one output of a Run) may
     /// read, in bytes, checked against the file's size before reading; at least 1.
     pub max_download: u64,
+    /// `host_name` (default: the machine's hostname): the name this host goes by in a fleet of
+    /// mpool hosts, reported by GetPool, ListPools, `mpool status` and as the `host` label of
+    /// every metric. 1 to 63 letters, digits, `.`, `_` or `-` ([`check_host_name`]).
+    pub host_name: String,
 }
 
 impl ApiConfig {
@@ -210,8 +214,35 @@ impl Default for ApiConfig {
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             max_upload: DEFAULT_MAX_UPLOAD,
             max_download: DEFAULT_MAX_UPLOAD,
+            host_name: machine_host_name(),
         }
     }
+}
+
+/// The longest `[api] host_name`.
+pub const MAX_HOST_NAME_LEN: usize = 63;
+
+/// Checks a host name (`[api] host_name`): 1 to [`MAX_HOST_NAME_LEN`] ASCII letters, digits,
+/// `.`, `_` or `-`, so it is safe as a metric label, in a lease handle and in a URL path.
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_HOST_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_HOST_NAME_LEN} characters long"));
+    }
+    match name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        Some(c) => Err(format!("{c:?} is not allowed: use letters, digits, '.', '_' or '-'")),
+        None => Ok(()),
+    }
+}
+
+/// The machine's hostname (the kernel's), or `localhost` when it cannot be read or is not a
+/// valid [`check_host_name`] name.
+pub fn machine_host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .find(|s| check_host_name(s).is_ok())
+        .unwrap_or_else(|| "localhost".to_string())
 }
 
 /// A listening address: `unix:PATH` or an IP socket address (`127.0.0.1:7070`, `[::1]:7070`).
@@ -534,6 +565,7 @@ struct RawApi {
     http_max_connections: Field<u32>,
     max_upload: Field<String>,
     max_download: Field<String>,
+    host_name: Field<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -975,6 +1007,16 @@ impl Checker<'_> {
         };
         let max_upload = self.size_limit("api.max_upload", &raw.max_upload, d.max_upload);
         let max_download = self.size_limit("api.max_download", &raw.max_download, d.max_download);
+        let host_name = match &raw.host_name {
+            None => d.host_name,
+            Some(h) => match check_host_name(h.get_ref()) {
+                Ok(()) => h.get_ref().clone(),
+                Err(e) => {
+                    self.fail("api.host_name", Some(h.span()), format!("{:?}: {e}", h.get_ref()));
+                    d.host_name
+                }
+            },
+        };
         ApiConfig {
             listen,
             tls_cert,
@@ -987,6 +1029,7 @@ impl Checker<'_> {
             http_max_connections,
             max_upload,
             max_download,
+            host_name,
         }
     }
 
@@ -1729,6 +1772,10 @@ reset = "recreate"
         assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
         assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
         assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
+        assert_eq!(parse(&a("host_name = \"mp-2.lab\"")).unwrap().api.host_name, "mp-2.lab");
+        assert_error(&a("host_name = \"\""), &["api.host_name", "1 to 63 characters"]);
+        assert_error(&a("host_name = \"a/b\""), &["api.host_name", "'/' is not allowed"]);
+        assert!(check_host_name(&machine_host_name()).is_ok(), "the default is a valid host name");
         assert_error(&a("http_header_timeout = \"0\""), &["api.http_header_timeout", "more than 0"]);
         assert_error(&a("http_max_connections = 0"), &["api.http_max_connections", "between 1 and 65536"]);
         assert_error(&a("http_max_connections = 70000"), &["api.http_max_connections", "between 1 and 65536"]);

@@ -31,8 +31,9 @@ fn gauge(v: i64) -> Gauge {
 }
 
 /// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue`,
-/// `mpool_store_up` and `mpool_network_isolated` as `status` has them.
-pub(crate) fn registry(status: &Status) -> Registry {
+/// `mpool_store_up` and `mpool_network_isolated` as `status` has them, each with the `host` label
+/// when there is a host.
+pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
     let vms = Family::<VmLabels, Gauge>::default();
     let leases = Family::<PoolLabels, Gauge>::default();
     let waiters = Family::<PoolLabels, Gauge>::default();
@@ -44,7 +45,7 @@ pub(crate) fn registry(status: &Status) -> Registry {
         leases.get_or_create(&pool).set(value(p.leases));
         waiters.get_or_create(&pool).set(value(p.waiters));
     }
-    let mut r = Registry::default();
+    let mut r = super::registry_for(host);
     r.register("mpool_vms", "VMs per pool and state", vms);
     r.register("mpool_leases", "Leases per pool", leases);
     r.register("mpool_waiters", "Callers waiting for a VM, per pool", waiters);
@@ -128,5 +129,9 @@ mod tests {
         // Without a status (the engine has stopped), no gauges at all.
         let text = m.render(None).expect("renders");
         assert!(!text.contains("mpool_vms") && !text.contains("mpool_daemon_up"), "{text}");
+        // A host's gauges carry its label.
+        let text = Metrics::for_host("mp-1").render(Some(&status(&[("hot", 1)], true))).expect("renders");
+        assert!(text.contains("mpool_vms{host=\"mp-1\",pool=\"ci\",state=\"hot\"} 1\n"), "{text}");
+        assert!(text.contains("mpool_daemon_up{host=\"mp-1\"} 1\n"), "{text}");
     }
 }

@@ -15,6 +15,8 @@
 //! `mpool_reset_seconds{pool}`, `mpool_daemon_call_seconds{op}`; gauges `mpool_vms{pool,state}`,
 //! `mpool_leases{pool}`, `mpool_waiters{pool}`, `mpool_daemon_up`, `mpool_daemon_queue`,
 //! `mpool_store_up`. (prometheus-client appends `_total` to a counter's registered name.)
+//! Metrics made for a host ([`Metrics::for_host`], as `mpool serve` makes them) carry a
+//! `host` label on every series, so one Prometheus scraping several hosts tells them apart.
 //!
 //! Besides, the last hour of acquire latency and reset duration per pool and minute
 //! ([`history`], [`Metrics::history`]), for the status page's charts.
@@ -22,6 +24,7 @@
 mod gauges;
 pub mod history;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -116,6 +119,8 @@ struct Inner {
     pools: RwLock<BTreeSet<String>>,
     /// The last hour of `acquire_seconds` and `reset_seconds`, per minute.
     history: History,
+    /// The `host` label every series carries, if any.
+    host: Option<String>,
 }
 
 /// The metrics of one `mpool serve`; cheap to clone (clones share the registry).
@@ -130,11 +135,26 @@ impl Default for Metrics {
     }
 }
 
+/// A registry whose series all carry `host="<host>"` (no label without a host).
+fn registry_for(host: Option<&str>) -> Registry {
+    let labels = host.map(|h| (Cow::Borrowed("host"), Cow::Owned(h.to_string())));
+    Registry::with_labels(labels.into_iter())
+}
+
 impl Metrics {
     /// Metrics whose [`Metrics::history`] reads the time from `clock` (tests move it;
     /// [`Metrics::default`] uses the system's wall clock).
     pub fn with_clock(clock: Clock) -> Metrics {
-        let mut registry = Registry::default();
+        Metrics::build(None, clock)
+    }
+
+    /// Metrics of the host named `host`: every series carries the label `host="<host>"`.
+    pub fn for_host(host: &str) -> Metrics {
+        Metrics::build(Some(host.to_string()), Arc::new(std::time::SystemTime::now))
+    }
+
+    fn build(host: Option<String>, clock: Clock) -> Metrics {
+        let mut registry = registry_for(host.as_deref());
         let acquires = Family::default();
         let acquire_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
         let reset_seconds = Histograms::new_with_constructor(seconds as fn() -> Histogram);
@@ -183,6 +203,7 @@ impl Metrics {
                 store_write_failures,
                 pools: RwLock::default(),
                 history: History::new(clock),
+                host,
             }),
         }
     }
@@ -276,7 +297,7 @@ impl Metrics {
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.inner.registry)?;
         if let Some(status) = status {
-            prometheus_text::encode(&mut out, &gauges::registry(status))?;
+            prometheus_text::encode(&mut out, &gauges::registry(status, self.inner.host.as_deref()))?;
         }
         Ok(out)
     }
@@ -358,6 +379,24 @@ mod tests {
         let (acquire, reset) = (h.pools[0].acquire.last().unwrap(), h.pools[0].reset.last().unwrap());
         assert_eq!((acquire.count, acquire.max), (1, 0.04), "failed acquires have no latency");
         assert_eq!((reset.count, reset.max), (1, 2.0));
+    }
+
+    #[test]
+    fn every_series_of_a_host_carries_its_label() {
+        let m = Metrics::for_host("mp-2");
+        m.set_pools(["ci".to_string()]);
+        m.grpc_error("Acquire", 5);
+        let text = text(&m);
+        assert!(
+            text.contains("mpool_grpc_errors_total{host=\"mp-2\",method=\"Acquire\",code=\"NotFound\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("mpool_store_write_failures_total{host=\"mp-2\"} 0\n"), "{text}");
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!samples.is_empty());
+        for line in samples {
+            assert!(line.contains("host=\"mp-2\""), "{line}");
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use super::remote::{exit_code, write_out};
 /// `mpool exec` flags.
 #[derive(Args, Debug)]
 pub struct ExecArgs {
-    /// Lease id.
-    lease: String,
+    /// Lease id, or the handle `mpool acquire` printed.
+    pub lease: String,
     /// Environment variable (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -32,12 +32,9 @@ pub struct ExecArgs {
 }
 
 /// Runs `mpool exec`.
-pub async fn run(client: &mut Client, a: ExecArgs) -> Result<ExitCode, String> {
-    let req = v1::ExecRequest {
-        lease_id: a.lease,
-        command: command(a.argv, &a.env, a.workdir, &a.timeout)?,
-        exec_id: String::new(),
-    };
+pub async fn run(client: &mut Client, lease_id: String, a: ExecArgs) -> Result<ExitCode, String> {
+    let req =
+        v1::ExecRequest { lease_id, command: command(a.argv, &a.env, a.workdir, &a.timeout)?, exec_id: String::new() };
     let mut stream = client.exec(req).await.map_err(status_err)?.into_inner();
     while let Some(ev) = stream.message().await.map_err(status_err)? {
         use v1::exec_event::Event;

@@ -1,6 +1,9 @@
 //! The client commands of `mpool` (for shell scripts and Kestra shell tasks): talk to a running
 //! `mpool serve` over `--endpoint` (`unix:PATH` or `http(s)://HOST:PORT`, env `MPOOL_ENDPOINT`)
-//! with an optional `--token` (env `MPOOL_TOKEN`).
+//! with an optional `--token` (env `MPOOL_TOKEN`). With several hosts (`--endpoint` repeated,
+//! or `MPOOL_ENDPOINTS=a,b`), `run` and `acquire` choose a host ([`crate::fleet`]), `acquire`
+//! prints a lease handle naming its host (which `exec`, `renew` and `release` follow), and
+//! `status` shows every host (`fleet.rs`).
 //!
 //! This file is the command table. Each command's flags, call and output live in a file of its
 //! own (`run/`, `acquire.rs`, `exec.rs`, ...); `flags.rs` turns shared flags into request
@@ -8,8 +11,10 @@
 //! exit status through, `waiting.rs` shows the wait for a VM on a terminal.
 
 mod acquire;
+mod drain;
 mod exec;
 mod flags;
+mod fleet;
 mod leases;
 mod preheat;
 mod print;
@@ -30,12 +35,17 @@ use clap::{Args, Subcommand};
 use super::output;
 pub use mpool_api::client::{Client, DEFAULT_ENDPOINT};
 
-/// How to reach `mpool serve`.
-#[derive(Args, Debug, Clone)]
+/// How to reach `mpool serve`: one host, or several.
+#[derive(Args, Debug, Clone, Default)]
 pub struct Connect {
-    /// `unix:PATH` or `http(s)://HOST:PORT`.
-    #[arg(long, env = "MPOOL_ENDPOINT", default_value = DEFAULT_ENDPOINT, global = true)]
-    pub endpoint: String,
+    /// `unix:PATH` or `http(s)://HOST:PORT` [default: unix:/run/mpool/mpool.sock]. Repeat it for
+    /// several hosts: `run` and `acquire` choose the one with the most ready VMs, `status` shows
+    /// them all.
+    #[arg(long, env = "MPOOL_ENDPOINT", global = true)]
+    pub endpoint: Vec<String>,
+    /// Several hosts, comma separated (used when no --endpoint is given).
+    #[arg(long, env = "MPOOL_ENDPOINTS", global = true, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
     /// Bearer token for TCP endpoints.
     #[arg(long, env = "MPOOL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -44,14 +54,69 @@ pub struct Connect {
     pub ca: Option<PathBuf>,
 }
 
-/// Connects to the API.
+impl Connect {
+    /// One host at `endpoint`, without token or CA.
+    pub fn single(endpoint: String) -> Connect {
+        Connect { endpoint: vec![endpoint], ..Connect::default() }
+    }
+
+    /// The hosts: the `--endpoint`s (or `MPOOL_ENDPOINT`), else `MPOOL_ENDPOINTS`, else the
+    /// default socket; blanks dropped, each once.
+    pub fn all(&self) -> Vec<String> {
+        let given = if self.endpoint.iter().any(|e| !e.trim().is_empty()) { &self.endpoint } else { &self.endpoints };
+        let mut all: Vec<String> = Vec::new();
+        for e in given.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            if !all.iter().any(|x| x == e) {
+                all.push(e.to_string());
+            }
+        }
+        if all.is_empty() {
+            all.push(DEFAULT_ENDPOINT.to_string());
+        }
+        all
+    }
+
+    /// The one host a command that talks to a single host goes to.
+    fn one(&self) -> Result<String, String> {
+        match self.all().as_slice() {
+            [one] => Ok(one.clone()),
+            many => Err(format!(
+                "this command talks to one host, and {} endpoints are given ({}): pass one --endpoint",
+                many.len(),
+                many.join(", ")
+            )),
+        }
+    }
+
+    /// These settings, at `endpoint`.
+    fn at(&self, endpoint: String) -> mpool_api::client::Connect {
+        mpool_api::client::Connect { endpoint, token: self.token.clone(), ca: self.ca.clone() }
+    }
+
+    /// The hosts as a [`crate::fleet::Fleet`].
+    fn fleet(&self) -> crate::fleet::Fleet {
+        crate::fleet::Fleet::new(self.all(), self.token.clone(), self.ca.clone())
+    }
+}
+
+/// Connects to the API of the one host `c` names.
 pub async fn connect(c: &Connect) -> Result<Client, String> {
-    mpool_api::client::connect(&mpool_api::client::Connect {
-        endpoint: c.endpoint.clone(),
-        token: c.token.clone(),
-        ca: c.ca.clone(),
-    })
-    .await
+    mpool_api::client::connect(&c.at(c.one()?)).await
+}
+
+/// Connects to the host that holds `lease` (a handle `mpool acquire` printed, or a plain lease
+/// id with one endpoint); answers the client and the lease id that host knows.
+async fn connect_for_lease(c: &Connect, lease: &str) -> Result<(Client, String), String> {
+    let h = crate::fleet::handle::decode(lease)?;
+    let endpoint = match h.endpoint {
+        Some(e) => e,
+        None => c.one().map_err(|e| {
+            format!(
+                "{lease:?} is a plain lease id, which names no host; {e}, or use the handle `mpool acquire` printed"
+            )
+        })?,
+    };
+    Ok((mpool_api::client::connect(&c.at(endpoint)).await?, h.lease_id))
 }
 
 /// Client subcommands.
@@ -77,6 +142,8 @@ pub enum ClientCommand {
     Preheat(preheat::PreheatArgs),
     /// Make the server re-read its config: tokens and TLS certificate rotate without a restart.
     Reload(reload::ReloadArgs),
+    /// Drain the host (refuse new leases, let the current ones finish), or undo it; admins only.
+    Drain(drain::DrainArgs),
 }
 
 /// Runs a client command.
@@ -91,17 +158,30 @@ pub async fn run(c: Connect, cmd: ClientCommand) -> ExitCode {
 }
 
 async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
-    let mut client = connect(&c).await?;
+    let several = c.all().len() > 1;
     match cmd {
-        ClientCommand::Run(a) => run::run(&mut client, a).await,
-        ClientCommand::Acquire(a) => acquire::run(&mut client, a).await,
-        ClientCommand::Exec(a) => exec::run(&mut client, a).await,
-        ClientCommand::Renew(a) => renew::run(&mut client, a).await,
-        ClientCommand::Release(a) => release::run(&mut client, a).await,
-        ClientCommand::Status(a) => status::run(&mut client, a).await,
-        ClientCommand::Vms(a) => vms::run(&mut client, a).await,
-        ClientCommand::Leases(a) => leases::run(&mut client, a).await,
-        ClientCommand::Preheat(a) => preheat::run(&mut client, a).await,
-        ClientCommand::Reload(a) => reload::run(&mut client, a).await,
+        ClientCommand::Run(a) if several => run::run_fleet(&mut c.fleet(), a).await,
+        ClientCommand::Acquire(a) if several => acquire::run_fleet(&mut c.fleet(), a).await,
+        ClientCommand::Status(a) if several => fleet::status(&mut c.fleet(), a).await,
+        ClientCommand::Exec(a) => {
+            let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
+            exec::run(&mut client, lease, a).await
+        }
+        ClientCommand::Renew(a) => {
+            let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
+            renew::run(&mut client, lease, a).await
+        }
+        ClientCommand::Release(a) => {
+            let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
+            release::run(&mut client, lease).await
+        }
+        ClientCommand::Run(a) => run::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Acquire(a) => acquire::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Status(a) => status::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Vms(a) => vms::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Leases(a) => leases::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Drain(a) => drain::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Preheat(a) => preheat::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Reload(a) => reload::run(&mut connect(&c).await?, a).await,
     }
 }

@@ -11,6 +11,11 @@ pub fn status_err(s: tonic::Status) -> String {
 /// A lease as one line of JSON. `served` is there only when the server knows it (Acquire and
 /// Renew answers); listings do not record how a lease was served.
 pub fn lease_json(l: &v1::Lease) -> String {
+    lease_value(l).to_string()
+}
+
+/// A lease as [`lease_json`] writes it, as a JSON value.
+pub fn lease_value(l: &v1::Lease) -> serde_json::Value {
     let mut v = serde_json::json!({
         "id": l.id,
         "pool": l.pool,
@@ -26,7 +31,7 @@ pub fn lease_json(l: &v1::Lease) -> String {
     {
         m.insert("served".into(), served.as_str_name().into());
     }
-    v.to_string()
+    v
 }
 
 fn ts(t: &Option<mpool_api::proto::Timestamp>) -> String {

@@ -12,12 +12,12 @@ use super::print::status_err;
 /// `mpool release` flags.
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
-    /// Lease id.
-    lease: String,
+    /// Lease id, or the handle `mpool acquire` printed.
+    pub lease: String,
 }
 
 /// Runs `mpool release`.
-pub async fn run(client: &mut Client, a: ReleaseArgs) -> Result<ExitCode, String> {
-    client.release(v1::ReleaseRequest { lease_id: a.lease }).await.map_err(status_err)?;
+pub async fn run(client: &mut Client, lease_id: String) -> Result<ExitCode, String> {
+    client.release(v1::ReleaseRequest { lease_id }).await.map_err(status_err)?;
     Ok(ExitCode::SUCCESS)
 }

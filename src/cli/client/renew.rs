@@ -13,17 +13,16 @@ use super::{Client, output};
 /// `mpool renew` flags.
 #[derive(Args, Debug)]
 pub struct RenewArgs {
-    /// Lease id.
-    lease: String,
+    /// Lease id, or the handle `mpool acquire` printed.
+    pub lease: String,
     /// New time to live, e.g. 30m.
     #[arg(long)]
     ttl: Option<String>,
 }
 
 /// Runs `mpool renew`.
-pub async fn run(client: &mut Client, a: RenewArgs) -> Result<ExitCode, String> {
-    let l =
-        client.renew(v1::RenewRequest { lease_id: a.lease, ttl: dur("--ttl", &a.ttl)? }).await.map_err(status_err)?;
+pub async fn run(client: &mut Client, lease_id: String, a: RenewArgs) -> Result<ExitCode, String> {
+    let l = client.renew(v1::RenewRequest { lease_id, ttl: dur("--ttl", &a.ttl)? }).await.map_err(status_err)?;
     output::line(&lease_json(l.get_ref()));
     Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,7 @@ use super::{Client, output};
 pub struct StatusArgs {
     /// JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Show it again every --interval until Ctrl-C (redrawn in place on a terminal; otherwise
     /// successive snapshots separated by a blank line).
     #[arg(long)]
@@ -52,8 +52,17 @@ const CLEAR: &str = "\x1b[H\x1b[2J";
 
 /// Runs `mpool status`.
 pub async fn run(client: &mut Client, a: StatusArgs) -> Result<ExitCode, String> {
+    let json = a.json;
+    show(&a, async || picture(client, json).await).await
+}
+
+/// Shows what `picture` makes once, or with `--watch` again every `--interval` until Ctrl-C.
+pub async fn show(
+    a: &StatusArgs,
+    mut picture: impl AsyncFnMut() -> Result<String, String>,
+) -> Result<ExitCode, String> {
     if !a.watch {
-        output::text(&picture(client, a.json).await?);
+        output::text(&picture().await?);
         return Ok(ExitCode::SUCCESS);
     }
     let terminal = std::io::stdout().is_terminal();
@@ -66,7 +75,7 @@ pub async fn run(client: &mut Client, a: StatusArgs) -> Result<ExitCode, String>
             _ = &mut ctrl_c => break,
             frame = async {
                 ticks.tick().await;
-                picture(client, a.json).await
+                picture().await
             } => frame?,
         };
         // One write per frame, so a terminal never shows half of one.
@@ -85,7 +94,10 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     if json {
         let v: Vec<_> = pools
             .iter()
-            .map(|p| serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok, "isolation": p.isolation, "isolation_detail": p.isolation_detail}))
+            .map(|p| {
+                serde_json::json!({"name": p.name, "vms": p.vms, "waiters": p.waiters, "leases": p.leases, "daemon_ok": p.daemon_ok, "isolation": p.isolation, "isolation_detail": p.isolation_detail,
+                    "ready": p.ready, "coming": p.coming, "host": p.host, "draining": p.draining})
+            })
             .collect();
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
     }
@@ -104,6 +116,9 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
         out.push('\n');
     }
     out.push_str(&isolation_line(&pools));
+    if let Some(p) = pools.first().filter(|p| p.draining) {
+        out.push_str(&format!("\nhost {} is draining (mpool drain): it takes no new leases\n", p.host));
+    }
     if !leases.is_empty() {
         let now = SystemTime::now();
         out.push_str(&format!(

@@ -7,7 +7,8 @@
 //! - leases: [`App::acquire`], [`App::renew`], [`App::release`], [`App::list_leases`] (`leases`;
 //!   a lease in use by an exec or a transfer: `lease_use`)
 //! - pools and VMs: [`App::list_pools`], [`App::get_pool`], [`App::list_vms`] (`pools`)
-//! - the server itself: [`App::health`], [`App::history`] ([`status`])
+//! - the server itself: [`App::health`], [`App::history`] ([`status`]); this host's name and
+//!   drain: [`App::host`], [`App::drain`] ([`host`])
 //! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
 //!   found by `execs`)
 //! - files: [`App::upload`], [`App::download`] (`transfer`)
@@ -27,6 +28,7 @@ mod command;
 pub mod error;
 mod exec;
 mod execs;
+pub mod host;
 mod lease_use;
 mod leases;
 mod pools;
@@ -82,12 +84,15 @@ pub struct App {
     limits: Limits,
     metrics: Metrics,
     reloader: Option<Arc<crate::reload::Reloader>>,
+    host: Arc<host::Host>,
 }
 
 impl App {
-    /// The application over `engine`, reaching leased VMs through the `ssh` connection cache.
+    /// The application over `engine`, reaching leased VMs through the `ssh` connection cache;
+    /// its host is named after the machine until [`App::with_host_name`].
     pub fn new(engine: Engine, ssh: Arc<ConnectionCache>, limits: Limits, metrics: Metrics) -> App {
-        App { engine, ssh, execs: execs::Execs::default(), limits, metrics, reloader: None }
+        let host = Arc::new(host::Host::new(mpool_config::machine_host_name()));
+        App { engine, ssh, execs: execs::Execs::default(), limits, metrics, reloader: None, host }
     }
 
     /// The same application, reloading its config with `reloader` (the admin RPC `Reload`).
@@ -108,6 +113,12 @@ impl App {
         };
         let report = reloader.reload().await.map_err(AppError::failed_precondition)?;
         Ok(crate::proto::v1::ReloadResponse { applied: report.applied, needs_restart: report.needs_restart })
+    }
+
+    /// The same application, its host named `name` (`[api] host_name`).
+    pub fn with_host_name(mut self, name: String) -> App {
+        self.host = Arc::new(host::Host::new(name));
+        self
     }
 
     /// The engine (health, gauges).

@@ -26,7 +26,7 @@ impl App {
             .pools
             .iter()
             .filter(|pool| scope::may_use(p, &pool.name))
-            .map(|pool| pool_info(pool, &status, &capacity))
+            .map(|pool| self.pool_info(pool, &status, &capacity))
             .collect();
         Ok(v1::ListPoolsResponse { pools })
     }
@@ -38,7 +38,7 @@ impl App {
         let status = self.engine.status().await?;
         let capacity = self.engine.capacity().await?;
         let pool = status.pools.iter().find(|x| x.name == r.pool).ok_or(EngineError::UnknownPool(r.pool))?;
-        Ok(pool_info(pool, &status, &capacity))
+        Ok(self.pool_info(pool, &status, &capacity))
     }
 
     /// Raises a pool's ready floor for a while (any caller who may use the pool may).
@@ -90,7 +90,26 @@ impl App {
     }
 }
 
-/// A pool's status as the API's message.
+/// VM states that are idle and ready to lease: the `ready` of [`v1::PoolInfo`].
+const READY: [&str; 2] = ["hot", "warm"];
+/// VM states on their way to ready: the `coming` of [`v1::PoolInfo`].
+const COMING: [&str; 2] = ["provisioning", "resetting"];
+
+impl App {
+    /// A pool's status as the API's message, with this host's name and drain state.
+    fn pool_info(&self, p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::PoolInfo {
+        let in_states = |states: &[&str]| count(states.iter().filter_map(|s| p.counts.get(*s)).sum());
+        v1::PoolInfo {
+            ready: in_states(&READY),
+            coming: in_states(&COMING),
+            host: self.host.name().to_string(),
+            draining: self.host.draining(),
+            ..pool_info(p, status, capacity)
+        }
+    }
+}
+
+/// A pool's status as the API's message (its counts, configuration and sizing).
 fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::PoolInfo {
     let sizing = capacity.iter().find(|c| c.name == p.name);
     let config = p.config.as_ref().map(|c| v1::PoolConfig {
@@ -128,6 +147,7 @@ fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::
         preheat: sizing.map_or(0, |c| c.preheat),
         scheduled: sizing.map_or(0, |c| c.scheduled),
         preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
+        ..v1::PoolInfo::default()
     }
 }
 

@@ -26,6 +26,12 @@ pub struct Health {
     pub reconciled: bool,
     /// What the isolation probe last measured (a detail: it does not change `serving`).
     pub isolation: mpool_core::pool::isolation::Isolation,
+    /// This host's name (`[api] host_name`).
+    pub host: String,
+    /// The host drains: it refuses new leases.
+    pub draining: bool,
+    /// Leases it holds (all pools).
+    pub leases: usize,
 }
 
 impl App {
@@ -41,6 +47,9 @@ impl App {
             store_error: s.store_error,
             reconciled: s.reconciled,
             isolation: s.isolation,
+            host: self.host.name().to_string(),
+            draining: self.host.draining(),
+            leases: s.leases.len(),
         })
     }
 

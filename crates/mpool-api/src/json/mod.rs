@@ -22,6 +22,7 @@
 //! | `DELETE /v1/leases/{id}` (or `POST .../release`) | none | `ReleaseResponse` (`{}`) |
 //! | `GET /v1/pools`, `GET /v1/pools/{pool}`, `GET /v1/leases`, `GET /v1/vms` | none | the listings |
 //! | `POST /v1/reload` | none | `ReloadResponse` (admins only) |
+//! | `POST /v1/drain` | `DrainRequest` (`{"drain": true}`; admins) | `DrainResponse` |
 //! | `GET /healthz` | none (no token) | `{"status": "SERVING"}` or 503 |
 //! | `GET /v1/openapi.json` | none (no token) | the OpenAPI 3.1 document of all of this |
 //!
@@ -300,6 +301,16 @@ pub const ROUTES: &[Route] = &[
         reply: Reply::Message("ListVmsResponse"),
         handler: |m| on(m, list_vms),
     },
+    Route {
+        method: Method::POST,
+        path: "/v1/drain",
+        rpc: Some("Drain"),
+        summary: "Drain this host (refuse new leases, let the current ones finish), or undo it",
+        auth: true,
+        body: Body::Message { name: "DrainRequest", without: &[] },
+        reply: Reply::Message("DrainResponse"),
+        handler: |m| on(m, drain),
+    },
 ];
 
 /// The facade's router: the [`ROUTES`] (those with `auth` behind `auth`), a JSON 404 for
@@ -464,6 +475,10 @@ async fn renew(
 ) -> Answer {
     req.lease_id = in_path("leaseId", req.lease_id, id)?;
     answer::message(f.app.renew(p.as_ref(), req).await)
+}
+
+async fn drain(State(f): State<Facade>, Caller(p): Caller, Message(req): Message<v1::DrainRequest>) -> Answer {
+    answer::message(f.app.drain(p.as_ref(), req).await)
 }
 
 async fn release(State(f): State<Facade>, Caller(p): Caller, Params(lease_id): Params<String>) -> Answer {

@@ -9,6 +9,8 @@ import jakarta.validation.constraints.NotNull;
 import lombok.*;
 import lombok.experimental.SuperBuilder;
 
+import java.util.List;
+
 /**
  * The connection block every mpool task shares; set it once per namespace with
  * {@code pluginDefaults} (type {@code io.kestra.plugin.mpool}).
@@ -30,6 +32,17 @@ public abstract class AbstractMpoolTask extends Task implements MpoolConnection 
     protected Property<String> endpoint = Property.ofValue(DEFAULT_ENDPOINT);
 
     @Schema(
+        title = "Several mpool hosts to choose among (instead of `endpoint`).",
+        description = "Each host runs its own `mpool serve`. Acquire and Run ask every host about the pool (GetPool, " +
+            "cached 1.5 s) and lease from the one with the most ready VMs, spreading ties; a host that is down, draining " +
+            "or has no VM in time is left for the next; when none has a ready VM they wait on the host with the best " +
+            "`ready + coming - waiting`. Acquire's `leaseId` then names its host, so Exec and Release need nothing else. " +
+            "The same token and CA are used for every host."
+    )
+    @PluginProperty(group = "connection")
+    protected Property<List<String>> endpoints;
+
+    @Schema(
         title = "Bearer token for TCP endpoints.",
         description = "A token from `mpool token new`, sent as `authorization: Bearer ...`. Keep it in a secret: `{{ secret('MPOOL_TOKEN') }}`."
     )
@@ -42,9 +55,4 @@ public abstract class AbstractMpoolTask extends Task implements MpoolConnection 
     )
     @PluginProperty(group = "connection")
     protected Property<String> ca;
-
-    /** Opens a client with the rendered connection settings. */
-    protected MpoolClient client(RunContext runContext) throws Exception {
-        return MpoolConnection.open(runContext, endpoint, token, ca);
-    }
 }

@@ -23,7 +23,7 @@ import java.time.Instant;
 @Schema(
     title = "Lease a clean VM from an mpool pool for several steps.",
     description = """
-        Returns a lease id for `Exec` and `Release` tasks. Always release it (a `finally` or `errors` \
+        Returns a lease id for `Exec` and `Release` tasks (with `endpoints`, one that names its host). Always release it (a `finally` or `errors` \
         branch); the lease's time to live is the backstop. The request id defaults to the task run id plus \
         the attempt number, so a re-submitted attempt gets the same lease back."""
 )
@@ -89,11 +89,14 @@ public class Acquire extends AbstractMpoolTask implements RunnableTask<Acquire.O
         }
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> b.setWait(Run.proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> b.setTtl(Run.proto(d)));
-        try (MpoolClient client = client(runContext)) {
-            Lease lease = client.acquire(b.build());
-            runContext.logger().info("Leased VM {} from pool {} ({}, lease {})", lease.getVm(), lease.getPool(), lease.getServed(), lease.getId());
+        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, b.build());
+        try (MpoolClient ignored = leased.client()) {
+            Lease lease = leased.lease();
+            boolean several = !MpoolConnection.endpoints(runContext, endpoints).isEmpty();
+            runContext.logger().info("Leased VM {} from pool {} on {} ({}, lease {})", lease.getVm(), lease.getPool(), leased.endpoint(), lease.getServed(), lease.getId());
             return Output.builder()
-                .leaseId(lease.getId())
+                .leaseId(several ? LeaseHandle.encode(lease.getId(), leased.endpoint()) : lease.getId())
+                .endpoint(leased.endpoint())
                 .vm(lease.getVm())
                 .pool(lease.getPool())
                 .served(lease.getServed().name())
@@ -106,8 +109,13 @@ public class Acquire extends AbstractMpoolTask implements RunnableTask<Acquire.O
     @Builder
     @Getter
     public static class Output implements io.kestra.core.models.tasks.Output {
-        @Schema(title = "The lease id: pass it to Exec and Release.")
+        @Schema(
+            title = "The lease id: pass it to Exec and Release.",
+            description = "With `endpoints`, a handle `ID@HOST` that names the host holding the lease (URL-safe)."
+        )
         private final String leaseId;
+        @Schema(title = "The endpoint of the host holding the lease.")
+        private final String endpoint;
         @Schema(title = "The VM's instance name.")
         private final String vm;
         @Schema(title = "The pool.")

@@ -73,8 +73,9 @@ public class Exec extends AbstractCommandTask implements RunnableTask<Exec.Outpu
     @Override
     public Output run(RunContext runContext) throws Exception {
         String lease = runContext.render(leaseId).as(String.class).orElseThrow(() -> new IllegalArgumentException("leaseId is required"));
-        try (MpoolClient client = client(runContext)) {
-            Result r = runOnLease(runContext, client, lease, false);
+        MpoolConnection.OnLease on = MpoolConnection.onLease(runContext, this, lease);
+        try (MpoolClient client = on.client()) {
+            Result r = runOnLease(runContext, client, on.leaseId(), false);
             return Output.builder()
                 .exitCode(r.exitCode())
                 .signal(r.signal())

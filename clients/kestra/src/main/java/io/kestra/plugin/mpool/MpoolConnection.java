@@ -3,7 +3,11 @@ package io.kestra.plugin.mpool;
 import io.kestra.core.models.property.Property;
 import io.kestra.core.runners.RunContext;
 
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Map;
+
+import mpool.v1.PoolOuterClass.AcquireRequest;
 
 /** Connection settings shared by the tasks and the task runner. */
 public interface MpoolConnection {
@@ -12,16 +16,62 @@ public interface MpoolConnection {
 
     Property<String> getEndpoint();
 
+    Property<List<String>> getEndpoints();
+
     Property<String> getToken();
 
     Property<String> getCa();
 
-    /** Renders the settings and connects. */
-    static MpoolClient open(RunContext runContext, Property<String> endpoint, Property<String> token, Property<String> ca) throws Exception {
-        String e = runContext.render(endpoint).as(String.class).orElse(DEFAULT_ENDPOINT);
-        String t = runContext.render(token).as(String.class).orElse(null);
-        String c = runContext.render(ca).as(String.class).orElse(null);
-        return MpoolClient.connect(e, t, c);
+    /** The endpoints to choose among, rendered (blanks dropped, each once); empty when only {@code endpoint} is set. */
+    static List<String> endpoints(RunContext runContext, Property<List<String>> endpoints) throws Exception {
+        List<String> out = new ArrayList<>();
+        if (endpoints == null) {
+            return out;
+        }
+        for (String e : runContext.render(endpoints).asList(String.class)) {
+            String t = e == null ? "" : e.trim();
+            if (!t.isEmpty() && !out.contains(t)) {
+                out.add(t);
+            }
+        }
+        return out;
+    }
+
+    /**
+     * Leases a VM: from the host {@link Fleet} chooses among {@code endpoints} when they are set,
+     * else from {@code endpoint}. The caller closes the returned client.
+     */
+    static Fleet.Leased acquire(RunContext runContext, MpoolConnection c, AcquireRequest request) throws Exception {
+        String t = runContext.render(c.getToken()).as(String.class).orElse(null);
+        String ca = runContext.render(c.getCa()).as(String.class).orElse(null);
+        List<String> many = endpoints(runContext, c.getEndpoints());
+        if (!many.isEmpty()) {
+            return Fleet.acquire(runContext, many, t, ca, request);
+        }
+        String e = runContext.render(c.getEndpoint()).as(String.class).orElse(DEFAULT_ENDPOINT);
+        MpoolClient client = MpoolClient.connect(e, t, ca);
+        try {
+            return new Fleet.Leased(client, client.acquire(request), e);
+        } catch (RuntimeException ex) {
+            client.close();
+            throw ex;
+        }
+    }
+
+    /** A client of the host that holds a lease, and the lease id that host knows. */
+    record OnLease(MpoolClient client, String leaseId) {
+    }
+
+    /**
+     * Connects to the host holding {@code lease}: the host a handle (Acquire's {@code leaseId} when it
+     * chose among {@code endpoints}) names, else {@code endpoint}.
+     */
+    static OnLease onLease(RunContext runContext, MpoolConnection c, String lease) throws Exception {
+        LeaseHandle h = LeaseHandle.decode(lease);
+        String e = h.endpoint() != null ? h.endpoint() : runContext.render(c.getEndpoint()).as(String.class).orElse(DEFAULT_ENDPOINT);
+        String t = runContext.render(c.getToken()).as(String.class).orElse(null);
+        String ca = runContext.render(c.getCa()).as(String.class).orElse(null);
+        return new OnLease(MpoolClient.connect(e, t, ca), h.leaseId());
     }
 
     /**

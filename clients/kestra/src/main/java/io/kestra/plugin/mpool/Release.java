@@ -49,8 +49,9 @@ public class Release extends AbstractMpoolTask implements RunnableTask<VoidOutpu
     @Override
     public VoidOutput run(RunContext runContext) throws Exception {
         String lease = runContext.render(leaseId).as(String.class).orElseThrow(() -> new IllegalArgumentException("leaseId is required"));
-        try (MpoolClient client = client(runContext)) {
-            client.stub().release(ReleaseRequest.newBuilder().setLeaseId(lease).build());
+        MpoolConnection.OnLease on = MpoolConnection.onLease(runContext, this, lease);
+        try (MpoolClient client = on.client()) {
+            client.stub().release(ReleaseRequest.newBuilder().setLeaseId(on.leaseId()).build());
             runContext.logger().info("Released lease {}", lease);
         }
         return null;

@@ -116,10 +116,11 @@ public class Run extends AbstractCommandTask implements RunnableTask<Run.Output>
         }
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> acquire.setWait(proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> acquire.setTtl(proto(d)));
-        try (MpoolClient client = client(runContext)) {
-            Lease lease = client.acquire(acquire.build());
+        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, acquire.build());
+        try (MpoolClient client = leased.client()) {
+            Lease lease = leased.lease();
             Duration acquired = Duration.ofNanos(System.nanoTime() - start);
-            runContext.logger().info("Leased VM {} from pool {} ({}, lease {})", lease.getVm(), lease.getPool(), lease.getServed(), lease.getId());
+            runContext.logger().info("Leased VM {} from pool {} on {} ({}, lease {})", lease.getVm(), lease.getPool(), leased.endpoint(), lease.getServed(), lease.getId());
             Result r;
             try {
                 r = runOnLease(runContext, client, lease.getId(), true);
@@ -139,6 +140,7 @@ public class Run extends AbstractCommandTask implements RunnableTask<Run.Output>
                 .stdErrLineCount(r.stdErrLineCount())
                 .vm(lease.getVm())
                 .leaseId(lease.getId())
+                .endpoint(leased.endpoint())
                 .served(lease.getServed().name())
                 .timings(Timings.builder()
                     .acquire(acquired)
@@ -176,6 +178,8 @@ public class Run extends AbstractCommandTask implements RunnableTask<Run.Output>
         private final String vm;
         @Schema(title = "The lease id (already released).")
         private final String leaseId;
+        @Schema(title = "The endpoint of the host it ran on.")
+        private final String endpoint;
         @Schema(title = "How the VM was served: SERVED_HOT (running), SERVED_WARM (resumed), SERVED_COLD (waited), SERVED_REPEAT.")
         private final String served;
         @Schema(title = "Where the time went.")

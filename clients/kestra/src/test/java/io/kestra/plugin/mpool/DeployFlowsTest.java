@@ -38,14 +38,14 @@ class DeployFlowsTest {
             flows = s.filter(p -> p.toString().endsWith(".yaml")).sorted().toList();
         }
         assertThat(flows.stream().map(p -> p.getFileName().toString()).toList(), hasItems(
-            "plugin-run.yaml", "plugin-multi-step.yaml", "task-runner.yaml", "http-request.yaml", "grpcurl.yaml"));
+            "plugin-run.yaml", "plugin-multi-step.yaml", "task-runner.yaml", "http-request.yaml", "grpcurl.yaml", "fleet.yaml"));
         ObjectMapper yaml = new ObjectMapper(new YAMLFactory());
         for (Path p : flows) {
             String text = Files.readString(p);
             Object tree = yaml.readValue(text, Object.class);
             check(p.getFileName().toString(), tree);
         }
-        for (String name : List.of("plugin-run.yaml", "plugin-multi-step.yaml", "http-request.yaml")) {
+        for (String name : List.of("plugin-run.yaml", "plugin-multi-step.yaml", "http-request.yaml", "fleet.yaml")) {
             Flow flow = YamlParser.parse(Files.readString(DEPLOY.resolve(name)), Flow.class);
             modelValidator.validate(flow);
             assertThat(name, flow.getTasks(), not(empty()));

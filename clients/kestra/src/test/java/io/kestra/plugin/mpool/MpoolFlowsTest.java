@@ -101,6 +101,28 @@ class MpoolFlowsTest {
 
     @SuppressWarnings("unchecked")
     @Test
+    @LoadFlows("flows/fleet.yaml")
+    void twoEndpointsOneOfThemDown() throws Exception {
+        Execution e = runnerUtils.runOne(MAIN_TENANT, NS, "fleet", Duration.ofMinutes(2));
+        assertThat(explain(e), e.getState().getCurrent(), is(State.Type.SUCCESS));
+        String up = MpoolStack.get().grpcEndpoint();
+        Map<String, Object> vm = task(e, "vm").getOutputs();
+        // The lease names its host (a handle: URL-safe, no '/'), the one that answered.
+        String handle = (String) vm.get("leaseId");
+        assertThat(vm.get("endpoint"), is(up));
+        assertThat(handle, allOf(containsString("@"), not(containsString("/"))));
+        assertThat(LeaseHandle.decode(handle).endpoint(), is(up));
+        assertThat(((Map<String, Object>) task(e, "step").getOutputs().get("vars")).get("step"), is("on the host that answered"));
+        Map<String, Object> oneshot = task(e, "oneshot").getOutputs();
+        assertThat(oneshot.get("endpoint"), is(up));
+        assertThat(((Map<String, Object>) oneshot.get("vars")).get("ran"), is("yes"));
+        assertThat(task(e, "release").getState().getCurrent(), is(State.Type.SUCCESS));
+        String id = LeaseHandle.decode(handle).leaseId();
+        MpoolStack.eventually("lease " + id + " released", () -> !MpoolStack.get().leases().contains(id));
+    }
+
+    @SuppressWarnings("unchecked")
+    @Test
     @LoadFlows("flows/runner.yaml")
     void scriptTaskWithTheMpoolTaskRunner() throws Exception {
         Execution e = runnerUtils.runOne(MAIN_TENANT, NS, "runner", Duration.ofMinutes(2));

@@ -36,6 +36,8 @@ public final class MpoolStack {
     public final String token = "kestra-test-" + UUID.randomUUID();
     public final int grpcPort;
     public final int httpPort;
+    /** An endpoint where no mpool listens (a free port, closed again): a host that is down. */
+    public final String downEndpoint;
     /**
      * The home directory of the runner pool's only VM. The simulator's VMs are directories on its
      * host: an absolute path inside a VM's directory is the same file for exec and for SFTP (Upload,
@@ -63,6 +65,7 @@ public final class MpoolStack {
             System.setProperty("kestra.variables.globals.mpoolpool", POOL);
             System.setProperty("kestra.variables.globals.mpooldir", instance.dir.toString());
             System.setProperty("kestra.variables.globals.mpoolunix", instance.unixEndpoint());
+            System.setProperty("kestra.variables.globals.mpooldown", instance.downEndpoint);
             System.setProperty("kestra.variables.globals.mpoolrunnerpool", RUNNER_POOL);
             System.setProperty("kestra.variables.globals.mpoolrunnerbase", instance.runnerHome + "/kestra-mpool");
         }
@@ -77,6 +80,7 @@ public final class MpoolStack {
         dir = Files.createTempDirectory("mpool-kestra-");
         grpcPort = freePort();
         httpPort = freePort();
+        downEndpoint = "http://127.0.0.1:" + freePort();
         String hash = HexFormat.of().formatHex(MessageDigest.getInstance("SHA-256").digest(token.getBytes(StandardCharsets.UTF_8)));
         Files.writeString(dir.resolve("tokens.toml"), """
             [[tokens]]

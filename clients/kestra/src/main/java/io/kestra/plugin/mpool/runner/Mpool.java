@@ -6,6 +6,7 @@ import io.kestra.core.models.annotations.PluginProperty;
 import io.kestra.core.models.property.Property;
 import io.kestra.core.models.tasks.runners.*;
 import io.kestra.core.runners.RunContext;
+import io.kestra.plugin.mpool.Fleet;
 import io.kestra.plugin.mpool.MpoolClient;
 import io.kestra.plugin.mpool.MpoolConnection;
 import io.swagger.v3.oas.annotations.media.Schema;
@@ -98,6 +99,10 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
     @PluginProperty(group = "connection")
     private Property<String> endpoint = Property.ofValue(DEFAULT_ENDPOINT);
 
+    @Schema(title = "Several mpool hosts to choose among (instead of `endpoint`): the one with the most ready VMs for the pool, the next if it is down or draining.")
+    @PluginProperty(group = "connection")
+    private Property<List<String>> endpoints;
+
     @Schema(title = "Bearer token for TCP endpoints; keep it in a secret.")
     @PluginProperty(secret = true, group = "connection")
     private Property<String> token;
@@ -186,9 +191,10 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> acquire.setWait(proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> acquire.setTtl(proto(d)));
 
-        try (MpoolClient client = MpoolConnection.open(runContext, endpoint, token, ca)) {
-            checkKilled("Execution was killed before a VM was leased.");
-            Lease lease = client.acquire(acquire.build());
+        checkKilled("Execution was killed before a VM was leased.");
+        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, acquire.build());
+        try (MpoolClient client = leased.client()) {
+            Lease lease = leased.lease();
             String leaseId = lease.getId();
             String execId = "kestra-" + UUID.randomUUID();
             onKill(() -> {
