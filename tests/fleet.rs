@@ -252,6 +252,12 @@ async fn a_drained_host_takes_no_new_lease_and_says_when_it_is_empty() {
         .expect("the same request id")
         .into_inner();
     assert_eq!(again.id, held.id);
+    // Request ids are each owner's own: another owner's "held" is a new lease, refused.
+    let e = tcp
+        .acquire(v1::AcquireRequest { pool: "ci".into(), request_id: "held".into(), ..Default::default() })
+        .await
+        .expect_err("another owner's request id does not pass the drain");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let p = pool(&a).await;
     assert!(p.draining && p.ready == 1, "{p:?}");
 

@@ -67,15 +67,25 @@ impl App {
     }
 
     /// Refuses a new lease of `pool` while the host drains: UNAVAILABLE, so the caller tries
-    /// another host. A request id that already holds a lease here gets through (the engine
-    /// answers it with that same lease).
-    pub(super) async fn check_open(&self, pool: &str, request_id: Option<&str>) -> Result<(), AppError> {
+    /// another host. A request id of the caller's that already holds a lease here gets through
+    /// (the engine answers it with that same lease); request ids are the caller's own, so
+    /// another owner's lease with the same id does not count.
+    pub(super) async fn check_open(
+        &self,
+        p: Option<&Principal>,
+        pool: &str,
+        request_id: Option<&str>,
+    ) -> Result<(), AppError> {
         if !self.host.draining() {
             return Ok(());
         }
         if let Some(id) = request_id {
+            let owner = scope::acquirer(p).unwrap_or_default();
             let status = self.engine.status().await?;
-            if status.leases.iter().any(|l| l.pool == pool && l.request_id.as_deref() == Some(id)) {
+            let mine = |l: &mpool_core::store::LeaseRecord| {
+                l.pool == pool && l.owner == owner && l.request_id.as_deref() == Some(id)
+            };
+            if status.leases.iter().any(mine) {
                 return Ok(());
             }
         }

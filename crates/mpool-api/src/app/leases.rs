@@ -21,7 +21,7 @@ impl App {
         validate::capped("holder", &r.holder, MAX_HOLDER)?;
         validate::capped("request_id", &r.request_id, MAX_ID)?;
         scope::check_pool(p, &r.pool)?;
-        self.check_open(&r.pool, Some(r.request_id.as_str()).filter(|id| !id.is_empty())).await?;
+        self.check_open(p, &r.pool, Some(r.request_id.as_str()).filter(|id| !id.is_empty())).await?;
         let req = AcquireRequest {
             pool: r.pool,
             holder: r.holder,

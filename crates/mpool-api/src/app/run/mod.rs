@@ -78,7 +78,7 @@ impl App {
             )
         })??;
         let (acquire, plan) = plan::plan(p, first, &self.limits)?;
-        self.check_open(&acquire.pool, acquire.request_id.as_deref()).await?;
+        self.check_open(p, &acquire.pool, acquire.request_id.as_deref()).await?;
         let pool = acquire.pool.clone();
         let started = Instant::now();
         let acquired = PendingAcquire::start(&self.engine, acquire, scope::owner(p)).wait().await;
