@@ -50,9 +50,13 @@ impl LiveCert {
 
     /// Reloads the files; on an error the certificate of the moment stays.
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), String> {
-        let fresh = certified_key(cert, key)?;
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        self.replace(certified_key(cert, key)?);
         Ok(())
+    }
+
+    /// Replaces the certificate (loaded with [`certified_key`]).
+    pub fn replace(&self, fresh: CertifiedKey) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
     }
 
     /// The certificate of the moment.
@@ -68,7 +72,7 @@ impl ResolvesServerCert for LiveCert {
 }
 
 /// A certificate chain and its key, checked to belong together.
-fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("[api] {}: {e}", p.display()));
     let certs = mpool_tls::certs_from_pem(&cert.display().to_string(), &read(cert)?).map_err(|e| e.to_string())?;
     let der = mpool_tls::key_from_pem(&key.display().to_string(), &read(key)?).map_err(|e| e.to_string())?;

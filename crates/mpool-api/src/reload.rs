@@ -93,17 +93,17 @@ impl Reloader {
             (Some(_), Some(p)) => Some(Tokens::load(p)?),
             _ => None,
         };
-        if let (Some(_), Some(c), Some(k)) = (&creds.cert, &new.tls_cert, &new.tls_key) {
-            // Checked before anything is replaced; replaced below.
-            crate::credentials::LiveCert::load(c, k)?;
-        }
+        let cert = match (&creds.cert, &new.tls_cert, &new.tls_key) {
+            (Some(_), Some(c), Some(k)) => Some((c, crate::credentials::certified_key(c, k)?)),
+            _ => None,
+        };
         if let (Some(live), Some(tokens)) = (&creds.tokens, tokens) {
             let n = tokens.len();
             live.replace(tokens);
             report.applied.push(format!("tokens: {n} from {}", display(&new.tokens_file)));
         }
-        if let (Some(live), Some(c), Some(k)) = (&creds.cert, &new.tls_cert, &new.tls_key) {
-            live.reload(c, k)?;
+        if let (Some(live), Some((c, fresh))) = (&creds.cert, cert) {
+            live.replace(fresh);
             report.applied.push(format!("TLS certificate: {}", c.display()));
         }
         let restart = |what: &str, changed: bool, report: &mut ReloadReport| {

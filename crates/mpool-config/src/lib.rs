@@ -1306,10 +1306,14 @@ impl Checker<'_> {
             );
             ok = false;
         }
+        let mut parsed = Vec::new();
         for (k, period) in periods.iter().enumerate() {
-            if let Err(e) = mpool_core::pool::schedule::check_period(period.get_ref()) {
-                self.fail(&format!("{at}.periods[{k}]"), Some(period.span()), e);
-                ok = false;
+            match mpool_core::pool::schedule::parse_period(period.get_ref()) {
+                Ok(p) => parsed.push(p),
+                Err(e) => {
+                    self.fail(&format!("{at}.periods[{k}]"), Some(period.span()), e);
+                    ok = false;
+                }
             }
         }
         let min_ready = match &raw.min_ready {
@@ -1349,7 +1353,7 @@ impl Checker<'_> {
                 return None;
             }
         };
-        ok.then(|| Schedule { periods: periods.into_iter().map(Spanned::into_inner).collect(), min_ready, local })
+        ok.then_some(Schedule { periods: parsed, min_ready, local })
     }
 }
 
@@ -1608,7 +1612,9 @@ reset = "recreate"
         assert_eq!(
             p.schedules,
             [Schedule {
-                periods: vec!["* * 8-17 * * mon-fri".into(), "0 0 2 * * *".into()],
+                periods: ["* * 8-17 * * mon-fri", "0 0 2 * * *"]
+                    .map(|p| mpool_core::pool::schedule::parse_period(p).unwrap())
+                    .to_vec(),
                 min_ready: 5,
                 local: true
             }]

@@ -781,9 +781,9 @@ async fn a_preheat_raises_the_ready_floor_for_a_while_then_the_pool_shrinks_back
 
 #[tokio::test(start_paused = true)]
 async fn a_schedule_raises_the_floor_only_while_its_period_matches() {
-    use mpool_core::pool::schedule::Schedule;
-    let always = Schedule { periods: vec!["* * * * * *".into()], min_ready: 3, local: false };
-    let never = Schedule { periods: vec!["0 0 0 1 1 * 2099".into()], min_ready: 4, local: true };
+    use mpool_core::pool::schedule::{Schedule, parse_period};
+    let always = Schedule { periods: vec![parse_period("* * * * * *").unwrap()], min_ready: 3, local: false };
+    let never = Schedule { periods: vec![parse_period("0 0 0 1 1 * 2099").unwrap()], min_ready: 4, local: true };
     let mut cfg = pool(1, 0, 4);
     cfg.schedules = vec![always, never.clone()];
     let h = start(cfg);

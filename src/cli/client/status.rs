@@ -176,8 +176,7 @@ fn shown_line(text: &str) -> String {
 /// A holder as the table shows it: control characters escaped (a holder is whatever a caller
 /// sent; it must not drive the terminal), cut to [`HOLDER_WIDTH`] characters.
 fn shown(holder: &str) -> String {
-    let clean: String =
-        holder.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect();
+    let clean = shown_line(holder);
     if clean.chars().count() <= HOLDER_WIDTH {
         return clean;
     }

@@ -11,16 +11,17 @@ use chrono::{DateTime, FixedOffset, Utc};
 /// One schedule of a pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule {
-    /// Cron expressions (with seconds); active while any matches.
-    pub periods: Vec<String>,
+    /// Cron expressions (with seconds), parsed once ([`parse_period`]); active while any
+    /// matches.
+    pub periods: Vec<cron::Schedule>,
     /// Ready VMs kept while active (at most the pool's `max_size`).
     pub min_ready: u32,
     /// Periods are in the host's local time (else UTC).
     pub local: bool,
 }
 
-/// Why a period is not usable, for the config's error message.
-pub fn check_period(period: &str) -> Result<(), String> {
+/// A period, parsed; or why it is not usable, for the config's error message.
+pub fn parse_period(period: &str) -> Result<cron::Schedule, String> {
     let fields: Vec<&str> = period.split_whitespace().collect();
     if !(6..=7).contains(&fields.len()) {
         return Err(format!(
@@ -34,7 +35,7 @@ pub fn check_period(period: &str) -> Result<(), String> {
             "{period:?}: write the weekday field with names (mon-fri, sat,sun): numbers mean different days in different cron dialects"
         ));
     }
-    cron::Schedule::from_str(period).map(|_| ()).map_err(|e| format!("{period:?} is not a cron expression: {e}"))
+    cron::Schedule::from_str(period).map_err(|e| format!("{period:?} is not a cron expression: {e}"))
 }
 
 /// The highest `min_ready` of the schedules active at `utc` (0 when none is), with `local` the
@@ -44,7 +45,7 @@ pub fn floor(schedules: &[Schedule], utc: DateTime<Utc>, local: FixedOffset) -> 
         .iter()
         .filter(|s| {
             let at = if s.local { utc.with_timezone(&local) } else { utc.fixed_offset() };
-            s.periods.iter().filter_map(|p| cron::Schedule::from_str(p).ok()).any(|c| c.includes(at))
+            s.periods.iter().any(|c| c.includes(at))
         })
         .map(|s| s.min_ready)
         .max()
@@ -56,14 +57,18 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    fn schedule(period: &str, min_ready: u32, local: bool) -> Schedule {
+        Schedule { periods: vec![parse_period(period).unwrap()], min_ready, local }
+    }
+
     fn working_hours(min_ready: u32, local: bool) -> Schedule {
-        Schedule { periods: vec!["* * 8-17 * * mon-fri".into()], min_ready, local }
+        schedule("* * 8-17 * * mon-fri", min_ready, local)
     }
 
     #[test]
     fn a_schedule_is_active_while_its_period_matches() {
         let utc = FixedOffset::east_opt(0).unwrap();
-        let s = [working_hours(4, false), Schedule { periods: vec!["* * 2 * * *".into()], min_ready: 2, local: false }];
+        let s = [working_hours(4, false), schedule("* * 2 * * *", 2, false)];
         let tuesday = |h, m| Utc.with_ymd_and_hms(2026, 12, 1, h, m, 0).unwrap();
         assert_eq!(floor(&s, tuesday(9, 30), utc), 4);
         assert_eq!(floor(&s, tuesday(17, 59), utc), 4);
@@ -84,10 +89,10 @@ mod tests {
 
     #[test]
     fn periods_are_checked_with_a_hint() {
-        assert_eq!(check_period("* * 8-17 * * mon-fri"), Ok(()));
-        assert_eq!(check_period("0 0 2 * * * 2027"), Ok(()));
-        assert!(check_period("* 8-17 * * mon-fri").unwrap_err().contains("with seconds"));
-        assert!(check_period("* * 8-17 * * 1-5").unwrap_err().contains("names"));
-        assert!(check_period("* * 25 * * *").unwrap_err().contains("not a cron expression"));
+        assert!(parse_period("* * 8-17 * * mon-fri").is_ok());
+        assert!(parse_period("0 0 2 * * * 2027").is_ok());
+        assert!(parse_period("* 8-17 * * mon-fri").unwrap_err().contains("with seconds"));
+        assert!(parse_period("* * 8-17 * * 1-5").unwrap_err().contains("names"));
+        assert!(parse_period("* * 25 * * *").unwrap_err().contains("not a cron expression"));
     }
 }

@@ -68,7 +68,7 @@ impl EngineState {
         if !self.reconciled {
             return self.reply(caller, Err(EngineError::Unavailable("mpool has not reached multipassd yet".into())));
         }
-        if let Some(err) = self.isolation_refusal(env, &req.pool) {
+        if let Some(err) = self.isolation_refusal(&req.pool, Some(env.now)) {
             return self.reply(caller, Err(err));
         }
         let waiter = Waiter {
@@ -106,7 +106,7 @@ impl EngineState {
                 pool.fair.forget(&[]);
                 return;
             }
-            if let Some(err) = self.isolation_refusal(env, pool_name) {
+            if let Some(err) = self.isolation_refusal(pool_name, Some(env.now)) {
                 return self.refuse_waiters(pool_name, &err);
             }
             let free = |s: VmState| {

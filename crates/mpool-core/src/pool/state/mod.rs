@@ -616,12 +616,14 @@ impl EngineState {
         }
     }
 
-    /// Why `pool` refuses leases now: it requires isolation and the current verdict is not
-    /// "isolated". With no current verdict it does not refuse: its wake measures first.
-    fn isolation_refusal(&self, env: &Env<'_>, pool: &str) -> Option<EngineError> {
+    /// Why `pool` refuses leases: it requires isolation and the verdict is not "isolated".
+    /// With `now`, only a verdict still current then counts (without one, the wake measures
+    /// first); without, the last verdict counts whatever its age (at the grant, right after the
+    /// wake measured).
+    fn isolation_refusal(&self, pool: &str, now: Option<Instant>) -> Option<EngineError> {
         let requires = self.pools.get(pool).is_some_and(|p| p.cfg.require_isolation);
-        let current = self.isolation_current_until.is_some_and(|t| env.now < t);
-        if requires && current { self.isolation.refusal(pool) } else { None }
+        let counts = now.is_none_or(|now| self.isolation_current_until.is_some_and(|t| now < t));
+        if requires && counts { self.isolation.refusal(pool) } else { None }
     }
 
     /// Each pool's ready target now, what raised it, and the measured arrival rate and refill

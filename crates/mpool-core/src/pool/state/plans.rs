@@ -124,7 +124,7 @@ impl EngineState {
         match plan {
             PlanKind::Wake => match (self.waking.remove(name), ssh) {
                 // A pool that requires isolation grants only on the verdict its wake measured.
-                (Some(w), Some(info)) if !w.gone(env) => match self.required_isolation(&pool) {
+                (Some(w), Some(info)) if !w.gone(env) => match self.isolation_refusal(&pool, None) {
                     None => self.grant(env, name, w, info),
                     Some(err) => {
                         for caller in w.callers {
@@ -171,12 +171,6 @@ impl EngineState {
             }
         }
         self.daemon_ok_now(env);
-    }
-
-    /// Why a pool that requires isolation must not grant now, whatever the verdict's age.
-    fn required_isolation(&self, pool: &str) -> Option<EngineError> {
-        let requires = self.pools.get(pool).is_some_and(|p| p.cfg.require_isolation);
-        if requires { self.isolation.refusal(pool) } else { None }
     }
 
     /// A plan failed: a waking caller keeps its place (or hears that the daemon is down), a
