@@ -141,6 +141,7 @@ const METHODS: &[&str] = &[
     "/mpool.v1.Pool/GetPool",
     "/mpool.v1.Pool/ListVms",
     "/mpool.v1.Pool/ListLeases",
+    "/mpool.v1.Pool/Gc",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -101,6 +101,7 @@ impl Running {
             reconcile_interval: cfg.engine.reconcile_interval,
             health_interval: cfg.engine.health_interval,
             priorities: opts.priorities,
+            gc_interval: cfg.engine.gc_interval,
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;

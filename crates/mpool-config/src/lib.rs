@@ -261,6 +261,8 @@ pub struct EngineConfig {
     pub health_interval: Duration,
     /// `shutdown_grace` (default 30s): how long shutdown waits for in-flight work.
     pub shutdown_grace: Duration,
+    /// `gc_interval` (default 10m, 0: off): how often cleanup (`mpool gc`) runs on its own.
+    pub gc_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -271,6 +273,7 @@ impl Default for EngineConfig {
             reconcile_interval: Duration::from_secs(5),
             health_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            gc_interval: Duration::from_secs(600),
         }
     }
 }
@@ -520,6 +523,7 @@ struct RawEngine {
     reconcile_interval: Field<RawDuration>,
     health_interval: Field<RawDuration>,
     shutdown_grace: Field<RawDuration>,
+    gc_interval: Field<RawDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1005,6 +1009,7 @@ impl Checker<'_> {
             ),
             health_interval: self.duration("engine.health_interval", &raw.health_interval, d.health_interval, true),
             shutdown_grace: self.duration("engine.shutdown_grace", &raw.shutdown_grace, d.shutdown_grace, false),
+            gc_interval: self.duration("engine.gc_interval", &raw.gc_interval, d.gc_interval, false),
         }
     }
 
@@ -1333,6 +1338,7 @@ delete_strays = false
 reconcile_interval = "250ms"
 health_interval = "1m"
 shutdown_grace = "0"
+gc_interval = "1h"
 
 [[pools]]
 name = "ci"
@@ -1397,6 +1403,7 @@ reset = "recreate"
         let e = &c.engine;
         assert_eq!(e.name_prefix, "pool-");
         assert!(!e.delete_strays);
+        assert_eq!(e.gc_interval, Duration::from_secs(3600));
         assert_eq!(e.reconcile_interval, Duration::from_millis(250));
         assert_eq!(e.health_interval, Duration::from_secs(60));
         assert_eq!(e.shutdown_grace, Duration::ZERO);

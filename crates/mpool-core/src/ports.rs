@@ -68,6 +68,8 @@ pub trait DaemonPort: Send + Sync + 'static {
     fn clone_vm(&self, source: String, destination: String) -> BoxFut<'_, Result<(), StepError>>;
     /// Deletes and purges (a missing instance is not an error).
     fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Deletes one snapshot of an instance, permanently (a missing snapshot is not an error).
+    fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>>;
     /// SSH endpoint of a running instance.
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>>;
 }

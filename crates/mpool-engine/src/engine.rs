@@ -40,7 +40,10 @@ use mpool_core::types::SshEndpoint;
 use mpool_metrics::Metrics;
 
 use crate::plans::{Ctx, Run};
+
+mod gc;
 use crate::scheduler::{Op, Priority, Scheduler};
+pub use gc::GcReport;
 
 /// Engine settings (from `[engine]`).
 #[derive(Clone, Debug)]
@@ -57,6 +60,8 @@ pub struct Settings {
     pub priorities: bool,
     /// First pause before retrying a store that failed (doubling up to [`STORE_RETRY_MAX`]).
     pub store_retry: Duration,
+    /// How often cleanup runs on its own (zero: only on demand, [`Engine::gc`]).
+    pub gc_interval: Duration,
 }
 
 impl Default for Settings {
@@ -68,6 +73,7 @@ impl Default for Settings {
             health_interval: Duration::from_secs(30),
             priorities: true,
             store_retry: Duration::from_millis(500),
+            gc_interval: Duration::ZERO,
         }
     }
 }
@@ -109,6 +115,8 @@ enum Msg {
     },
     Status(oneshot::Sender<Status>),
     Capacity(oneshot::Sender<Vec<PoolCapacity>>),
+    /// A step of a cleanup run.
+    Gc(gc::GcMsg),
     /// What a task reports back.
     Done(Input),
     Shutdown(oneshot::Sender<()>),
@@ -248,6 +256,12 @@ impl Engine {
         rx.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Cleanup: purges our instances left deleted but not purged and deletes snapshots on our
+    /// idle VMs that are not ours; reports what it found and did (a dry run only reports).
+    pub async fn gc(&self, dry_run: bool) -> Result<GcReport, EngineError> {
+        self.ask(|reply| Msg::Gc(gc::GcMsg::Start { dry_run, reply: Some(reply) })).await
+    }
+
     /// Whether mpool can serve: the daemon answers and the store takes writes (for health).
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
@@ -313,6 +327,7 @@ fn clock_now() -> Instant {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.spawn_observer();
+        self.spawn_gc_timer(self.settings.gc_interval);
         let mut tick = tokio::time::interval(self.settings.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -388,6 +403,10 @@ impl Actor {
             Msg::EndUse { id } => Input::EndUse { id },
             Msg::Refresh { id, owner, reply } => {
                 Input::Refresh { id, owner, caller: self.caller(Caller::Lease(reply)) }
+            }
+            Msg::Gc(step) => {
+                self.gc(step);
+                return None;
             }
             Msg::Done(input) => input,
         };

@@ -692,3 +692,56 @@ async fn an_interrupted_build_resumes_without_relaunching() {
     assert_eq!(h.fake.count(&format!("launch {vm}")), 1, "not relaunched after the restart");
     assert_eq!(h.fake.count(&format!("delete {vm}")), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn gc_purges_and_prunes_exactly_our_stuff_and_frees_the_vms_it_claims() {
+    use mpool_core::types::InstanceState as S;
+    let h = start(pool(2, 1, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "hot") == 1 && count(s, "warm") == 1).await;
+    let vm = |state: &str| s.vms.iter().find(|v| v.state == state).unwrap().name.clone();
+    let (hot, warm) = (vm("hot"), vm("warm"));
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        st.instances.insert("mpool-ci-gone".into(), S::Deleted);
+        st.instances.insert("other-gone".into(), S::Deleted);
+        st.instances.insert("other-vm".into(), S::Stopped);
+        for (i, snap) in [(&warm, "snapshot2"), (&hot, "snapshot2"), (&"other-vm".to_string(), "snapshot1")] {
+            st.snapshots.insert((i.clone(), snap.into()));
+        }
+    }
+
+    let dry = h.engine.gc(true).await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(dry.found.purge, vec!["mpool-ci-gone"]);
+    assert_eq!(
+        dry.found.delete_snapshots.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        [format!("{warm}.snapshot2")]
+    );
+    assert_eq!(dry.found.deferred.iter().map(|d| d.what.clone()).collect::<Vec<_>>(), [format!("{hot}.snapshot2")]);
+    assert_eq!(dry.found.foreign_snapshots.len(), 1);
+    assert_eq!(h.fake.count("delete"), 0, "a dry run touches nothing");
+
+    let done = h.engine.gc(false).await.unwrap();
+    assert_eq!((done.found.purge.len(), done.found.delete_snapshots.len()), (1, 1));
+    assert!(done.failed.is_empty(), "{:?}", done.failed);
+    {
+        let st = h.fake.st.lock().unwrap();
+        assert!(!st.instances.contains_key("mpool-ci-gone"), "ours purged");
+        assert_eq!(st.instances.get("other-gone"), Some(&S::Deleted), "never another's");
+        assert!(!st.snapshots.contains(&(warm.clone(), "snapshot2".into())));
+        assert!(st.snapshots.contains(&(warm.clone(), "mpool-clean".into())), "never our clean snapshot");
+        assert!(st.snapshots.contains(&(hot.clone(), "snapshot2".into())), "never on a running VM");
+        assert!(st.snapshots.contains(&("other-vm".into(), "snapshot1".into())));
+        assert_eq!(st.calls.iter().filter(|c| c.contains("other")).count(), 0, "{:?}", st.calls);
+    }
+    assert_eq!(h.fake.count("purge"), 0, "never the Purge RPC");
+    // The warm VM it claimed is free again.
+    let s = h.engine.status().await.unwrap();
+    assert!(s.vms.iter().all(|v| !v.busy), "{:?}", s.vms);
+    let (a, b) = tokio::join!(h.engine.acquire(req("a")), h.engine.acquire(req("b")));
+    let mut leased = [a.unwrap().record.vm, b.unwrap().record.vm];
+    leased.sort();
+    let mut idle = [hot, warm];
+    idle.sort();
+    assert_eq!(leased, idle, "both idle VMs are handed out, the pruned one too");
+}

@@ -241,6 +241,16 @@ impl DaemonPort for Fake {
         })
     }
 
+    fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            self.gate("delete_snapshot", &name).await?;
+            self.step("delete_snapshot", &format!("{name}.{snapshot}"), |st| {
+                st.snapshots.remove(&(name, snapshot));
+                Ok(())
+            })
+        })
+    }
+
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(async move {
             self.gate("ssh_info", &name).await?;

@@ -10,7 +10,7 @@ pub mod engine;
 pub mod plans;
 pub mod scheduler;
 
-pub use engine::{Engine, Settings};
+pub use engine::{Engine, GcReport, Settings};
 pub use mpool_core::pool::error::{EngineError, ErrorKind};
 pub use mpool_core::pool::leases::{AcquireRequest, LeaseInfo, Served};
 pub use mpool_core::pool::status::{PoolStatus, Status, VmStatus};

@@ -10,6 +10,7 @@
 mod acquire;
 mod exec;
 mod flags;
+mod gc;
 mod leases;
 mod print;
 mod release;
@@ -71,6 +72,9 @@ pub enum ClientCommand {
     Vms(vms::VmsArgs),
     /// Leases.
     Leases(leases::LeasesArgs),
+    /// Cleanup now (admins): purge mpool's deleted instances, delete snapshots that are not
+    /// mpool's; anything without mpool's prefix is only listed.
+    Gc(gc::GcArgs),
 }
 
 /// Runs a client command.
@@ -95,5 +99,6 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Status(a) => status::run(&mut client, a).await,
         ClientCommand::Vms(a) => vms::run(&mut client, a).await,
         ClientCommand::Leases(a) => leases::run(&mut client, a).await,
+        ClientCommand::Gc(a) => gc::run(&mut client, a).await,
     }
 }

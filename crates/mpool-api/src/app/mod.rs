@@ -7,7 +7,8 @@
 //! - leases: [`App::acquire`], [`App::renew`], [`App::release`], [`App::list_leases`] (`leases`;
 //!   a lease in use by an exec or a transfer: `lease_use`)
 //! - pools and VMs: [`App::list_pools`], [`App::get_pool`], [`App::list_vms`] (`pools`)
-//! - the server itself: [`App::health`], [`App::history`] ([`status`])
+//! - the server itself: [`App::health`], [`App::history`] ([`status`]); cleanup, for admins:
+//!   [`App::gc`] (`gc`)
 //! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
 //!   found by `execs`)
 //! - files: [`App::upload`], [`App::download`] (`transfer`)
@@ -27,6 +28,7 @@ mod command;
 pub mod error;
 mod exec;
 mod execs;
+mod gc;
 mod lease_use;
 mod leases;
 mod pools;

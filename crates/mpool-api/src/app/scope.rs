@@ -32,3 +32,15 @@ pub fn check_pool(p: Option<&Principal>, pool: &str) -> Result<(), AppError> {
         _ => Ok(()),
     }
 }
+
+/// Refuses a token that is not an admin's (`doing` says what it tried), naming the fix.
+pub fn check_admin(p: Option<&Principal>, doing: &str) -> Result<(), AppError> {
+    match p {
+        Some(p) if !p.admin => Err(AppError::permission_denied(format!(
+            "token {:?} may not {doing}: only admins may; use a token with `admin = true` in the server's tokens \
+             file, mTLS, or the Unix socket",
+            p.name
+        ))),
+        _ => Ok(()),
+    }
+}

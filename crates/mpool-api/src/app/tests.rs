@@ -58,6 +58,9 @@ impl DaemonPort for Empty {
     fn delete(&self, _: String) -> BoxFut<'_, Result<(), StepError>> {
         down()
     }
+    fn delete_snapshot(&self, _: String, _: String) -> BoxFut<'_, Result<(), StepError>> {
+        down()
+    }
     fn ssh_info(&self, _: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         down()
     }

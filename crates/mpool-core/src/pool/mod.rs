@@ -1,9 +1,10 @@
 //! The pool's decisions, as plain functions and data: a VM's state machine ([`vm`]), what
 //! maintenance to do ([`decide`]), startup reconciliation ([`reconcile`]), what the daemon's
 //! view of idle VMs means ([`drift`]), what a plan's outcome means ([`outcome`]), the lease book
-//! ([`leases`]), fair share among owners ([`fair`]), plans as idempotent steps ([`steps`]), the
+//! ([`leases`]), fair share among owners ([`fair`]), plans as idempotent steps ([`steps`]), what cleanup removes ([`cleanup`]), the
 //! engine's errors ([`error`]), and the state machine that ties them together ([`state`]): inputs in, store writes and effects out.
 
+pub mod cleanup;
 pub mod decide;
 pub mod demand;
 pub mod drift;

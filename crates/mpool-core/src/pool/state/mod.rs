@@ -28,6 +28,7 @@ use super::outcome::PlanKind;
 use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
+mod cleanup;
 mod leasing;
 mod maintain;
 mod observe;
@@ -358,6 +359,8 @@ pub struct EngineState {
     doubt: HashSet<String>,
     /// Set while the store cannot be written.
     degraded: Option<Degraded>,
+    /// VMs claimed by cleanup (busy, no plan): freed by [`EngineState::cleanup_done`].
+    cleaning: HashSet<String>,
     batch: Batch,
 }
 
@@ -399,6 +402,7 @@ impl EngineState {
             reconcile_after: None,
             doubt: HashSet::new(),
             degraded: None,
+            cleaning: HashSet::new(),
             batch: Batch::default(),
         }
     }
