@@ -763,3 +763,37 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
     let missing: Vec<&String> = e.types.keys().filter(|f| !used.contains(*f)).collect();
     assert!(missing.is_empty(), "exported but on no panel of the dashboard: {missing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_facts_reach_get_pool_status_and_metrics() {
+    let data_dir = std::env::temp_dir();
+    let pools = format!(
+        "[host]\ndata_dir = \"{}\"\n\n[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 2\n",
+        data_dir.display()
+    );
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    let c = stack.client().await;
+    let host = wait("the host is sampled", Duration::from_secs(30))
+        .until(|| async { c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    // The simulator reports this machine's CPUs and memory, and (as multipassd) the total size
+    // of the volume holding its data; the free space comes from statvfs of `[host] data_dir`.
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap();
+    assert_eq!(host.cpus, Some(cpus), "{host:?}");
+    assert!(host.memory_bytes.is_some_and(|m| m > 0), "{host:?}");
+    let (total, free) = (host.disk_total_bytes.expect("total"), host.disk_free_bytes.expect("free"));
+    assert!(free > 0 && free <= total, "{host:?}");
+    assert_eq!(host.disk_free_source, format!("statvfs {}", data_dir.display()));
+
+    let e = scrape(&stack).await;
+    assert_eq!(e.sum("mpool_host_cpus", &[]), f64::from(cpus));
+    assert_eq!(e.sum("mpool_host_disk_total_bytes", &[]), total as f64);
+    assert!(e.sum("mpool_host_disk_free_bytes", &[]) > 0.0, "mpool_host_disk_free_bytes is exported");
+
+    let ep = format!("unix:{}", stack.socket.display());
+    let o = tools::run(Path::new(MPOOL), &["status", "--endpoint", &ep], None, &[]).await;
+    o.expect_code(0, "mpool status");
+    assert!(o.stdout.contains(&format!("HOST {cpus} CPUs")), "{}", o.stdout);
+    stack.stop().await;
+}

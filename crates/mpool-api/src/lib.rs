@@ -18,6 +18,7 @@ pub mod auth;
 pub mod client;
 pub mod convert;
 mod errors;
+pub mod host;
 pub mod http;
 pub mod json;
 pub mod proto;

@@ -40,6 +40,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     api: tokio::task::JoinHandle<()>,
     client: Client,
+    /// The host sampler (`crate::host`).
+    host: tokio::task::JoinHandle<()>,
 }
 
 /// The multipassd client options of a config.
@@ -117,7 +119,8 @@ impl Running {
         for l in &cfg.api.listen {
             tracing::info!(listen = %l, "mpool.v1 API listening");
         }
-        Ok(Running { engine, shutdown, api: tokio::spawn(api), client })
+        let host = crate::host::spawn(client.clone(), cfg.host.clone(), engine.clone(), cfg.engine.health_interval);
+        Ok(Running { engine, shutdown, api: tokio::spawn(api), client, host })
     }
 
     /// The engine.
@@ -133,6 +136,7 @@ impl Running {
     /// Stops: the API drains (running calls get the grace period), then the engine stops.
     /// Leases and VMs stay in the store for the next start.
     pub async fn stop(self) {
+        self.host.abort();
         self.shutdown.send_replace(true);
         let _ = self.api.await;
         self.engine.shutdown().await;

@@ -63,6 +63,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// `[isolation]`: the host's isolation rules (`mpool isolation rules`).
     pub isolation: IsolationConfig,
+    /// `[host]`: the Multipass host's capacity, where the daemon does not report it.
+    pub host: HostConfig,
     /// `[[pools]]`: at least one pool, names unique.
     pub pools: Vec<PoolConfig>,
 }
@@ -278,6 +280,22 @@ impl Default for EngineConfig {
     }
 }
 
+/// `[host]`: what mpool watches of the Multipass host's capacity, and the facts older daemons
+/// do not report. Every key is optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostConfig {
+    /// `data_dir`: multipassd's data directory, whose filesystem's free space is the host's
+    /// free disk; `None` discovers it (`$MULTIPASS_STORAGE/data`, the snap's
+    /// `/var/snap/multipass/common/data/multipassd`, `/root/.local/share/multipassd`).
+    pub data_dir: Option<PathBuf>,
+    /// `disk`: the data volume's total size, for daemons older than 1.15 (which do not report it).
+    pub disk: Option<u64>,
+    /// `cpus`: the host's CPUs, for daemons older than 1.15.1.
+    pub cpus: Option<u32>,
+    /// `memory`: the host's memory in bytes, for daemons older than 1.15.1.
+    pub memory: Option<u64>,
+}
+
 /// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IsolationConfig {
@@ -473,6 +491,8 @@ struct RawConfig {
     #[serde(default)]
     isolation: RawIsolation,
     #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
     pools: Vec<Spanned<RawPool>>,
 }
 
@@ -524,6 +544,15 @@ struct RawEngine {
     health_interval: Field<RawDuration>,
     shutdown_grace: Field<RawDuration>,
     gc_interval: Field<RawDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    data_dir: Field<String>,
+    disk: Field<String>,
+    cpus: Field<i64>,
+    memory: Field<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -665,6 +694,7 @@ impl Checker<'_> {
         };
         let engine = self.engine(raw.engine);
         let isolation = self.isolation(raw.isolation);
+        let host = self.host(raw.host);
         if raw.pools.is_empty() {
             self.fail(
                 "pools",
@@ -694,7 +724,27 @@ impl Checker<'_> {
             }
             pools.push(pool);
         }
-        Config { daemon, api, store, engine, isolation, pools }
+        Config { daemon, api, store, engine, isolation, host, pools }
+    }
+
+    fn host(&mut self, raw: RawHost) -> HostConfig {
+        let cpus = raw.cpus.and_then(|c| match u32::try_from(*c.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.fail(
+                    "host.cpus",
+                    Some(c.span()),
+                    format!("{} is not a CPU count; give a number of at least 1", c.get_ref()),
+                );
+                None
+            }
+        });
+        HostConfig {
+            data_dir: self.path("host.data_dir", &raw.data_dir),
+            disk: raw.disk.as_ref().map(|_| self.size_limit("host.disk", &raw.disk, 0)).filter(|b| *b > 0),
+            cpus,
+            memory: raw.memory.as_ref().map(|_| self.size_limit("host.memory", &raw.memory, 0)).filter(|b| *b > 0),
+        }
     }
 
     fn isolation(&mut self, raw: RawIsolation) -> IsolationConfig {
@@ -950,7 +1000,7 @@ impl Checker<'_> {
             Some(v) => match parse_size(v.get_ref()) {
                 Some(b) if b > 0 => b,
                 Some(_) => {
-                    self.fail(key, Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
+                    self.fail(key, Some(v.span()), "must be at least 1 byte");
                     default
                 }
                 None => {
@@ -1223,6 +1273,19 @@ mod tests {
     }
 
     const MIN: &str = "[[pools]]\nname = \"ci\"\n";
+
+    #[test]
+    fn host_reads_the_data_dir_and_the_facts_older_daemons_lack() {
+        let c = parse(&format!("[host]\ndata_dir = \"/srv/mp\"\ndisk = \"100G\"\ncpus = 8\nmemory = \"16G\"\n{MIN}"))
+            .unwrap();
+        assert_eq!(c.host.data_dir, Some(PathBuf::from("/srv/mp")));
+        assert_eq!((c.host.disk, c.host.cpus, c.host.memory), (Some(100 << 30), Some(8), Some(16 << 30)));
+        assert_eq!(parse(MIN).unwrap().host, HostConfig::default());
+        assert_error(
+            &format!("[host]\ncpus = 0\nmemory = \"lots\"\n{MIN}"),
+            &["line 2: host.cpus: 0 is not a CPU count", "host.memory", "is not a size"],
+        );
+    }
 
     #[test]
     fn isolation_reads_the_bridge_and_the_allowed_ports_sorted_once() {

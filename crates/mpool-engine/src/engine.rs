@@ -117,6 +117,8 @@ enum Msg {
     Capacity(oneshot::Sender<Vec<PoolCapacity>>),
     /// A step of a cleanup run.
     Gc(gc::GcMsg),
+    /// The host's capacity was sampled.
+    Host(mpool_core::host::HostFacts),
     /// What a task reports back.
     Done(Input),
     Shutdown(oneshot::Sender<()>),
@@ -262,6 +264,11 @@ impl Engine {
         self.ask(|reply| Msg::Gc(gc::GcMsg::Start { dry_run, reply: Some(reply) })).await
     }
 
+    /// Tells the engine the host's capacity (sampled outside it: `daemon_info`, statvfs).
+    pub async fn set_host(&self, facts: mpool_core::host::HostFacts) {
+        let _ = self.tx.send(Msg::Host(facts)).await;
+    }
+
     /// Whether mpool can serve: the daemon answers and the store takes writes (for health).
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
@@ -403,6 +410,10 @@ impl Actor {
             Msg::EndUse { id } => Input::EndUse { id },
             Msg::Refresh { id, owner, reply } => {
                 Input::Refresh { id, owner, caller: self.caller(Caller::Lease(reply)) }
+            }
+            Msg::Host(facts) => {
+                self.state.set_host(facts);
+                return None;
             }
             Msg::Gc(step) => {
                 self.gc(step);

@@ -29,8 +29,8 @@ fn gauge(v: i64) -> Gauge {
     g
 }
 
-/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue` and
-/// `mpool_store_up` as `status` has them.
+/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue`,
+/// `mpool_store_up` and the `mpool_host_*` figures as `status` has them.
 pub(crate) fn registry(status: &Status) -> Registry {
     let vms = Family::<VmLabels, Gauge>::default();
     let leases = Family::<PoolLabels, Gauge>::default();
@@ -54,6 +54,21 @@ pub(crate) fn registry(status: &Status) -> Registry {
         gauge(value(status.queued_daemon_calls)),
     );
     r.register("mpool_store_up", "1 when the state store takes writes", gauge(i64::from(status.store_ok)));
+    // The host's figures, once known (an unknown figure has no series rather than a false 0).
+    let host = status.host.clone().unwrap_or_default();
+    let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    if let Some(v) = host.disk_free {
+        r.register("mpool_host_disk_free_bytes", "Free bytes on multipassd's data volume", gauge(bytes(v)));
+    }
+    if let Some(v) = host.disk_total {
+        r.register("mpool_host_disk_total_bytes", "Size of multipassd's data volume, bytes", gauge(bytes(v)));
+    }
+    if let Some(v) = host.cpus {
+        r.register("mpool_host_cpus", "CPUs of the Multipass host", gauge(i64::from(v)));
+    }
+    if let Some(v) = host.memory {
+        r.register("mpool_host_memory_bytes", "Memory of the Multipass host, bytes", gauge(bytes(v)));
+    }
     r
 }
 
@@ -85,6 +100,7 @@ mod tests {
             vms: vec![],
             leases: vec![],
             queued_daemon_calls: 4,
+            host: None,
         }
     }
 

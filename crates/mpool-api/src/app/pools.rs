@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use mpool_config::ResetStrategy;
-use mpool_engine::{EngineError, PoolStatus};
+use mpool_engine::{EngineError, PoolStatus, Status};
 
 use super::error::AppError;
 use super::validate::{self, MAX_ID};
@@ -25,7 +25,7 @@ impl App {
             .pools
             .iter()
             .filter(|pool| scope::may_use(p, &pool.name))
-            .map(|pool| pool_info(pool, status.daemon_ok))
+            .map(|pool| pool_info(pool, &status))
             .collect();
         Ok(v1::ListPoolsResponse { pools })
     }
@@ -36,7 +36,7 @@ impl App {
         scope::check_pool(p, &r.pool)?;
         let status = self.engine.status().await?;
         let pool = status.pools.iter().find(|x| x.name == r.pool).ok_or(EngineError::UnknownPool(r.pool))?;
-        Ok(pool_info(pool, status.daemon_ok))
+        Ok(pool_info(pool, &status))
     }
 
     /// The VMs of the pools the caller may use (of one pool, or all).
@@ -74,7 +74,7 @@ impl App {
 }
 
 /// A pool's status as the API's message.
-fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
+fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
     let config = p.config.as_ref().map(|c| v1::PoolConfig {
         image: c.image.clone(),
         cpus: c.cpus,
@@ -100,7 +100,14 @@ fn pool_info(p: &PoolStatus, daemon_ok: bool) -> v1::PoolInfo {
         waiters: count(p.waiters),
         leases: count(p.leases),
         generation: p.generation,
-        daemon_ok,
+        daemon_ok: status.daemon_ok,
+        host: status.host.as_ref().map(|h| v1::HostInfo {
+            cpus: h.cpus,
+            memory_bytes: h.memory,
+            disk_total_bytes: h.disk_total,
+            disk_free_bytes: h.disk_free,
+            disk_free_source: h.disk_free_source.clone(),
+        }),
     }
 }
 

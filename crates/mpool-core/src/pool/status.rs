@@ -66,6 +66,8 @@ pub struct Status {
     pub leases: Vec<LeaseRecord>,
     /// Daemon calls waiting for the scheduler.
     pub queued_daemon_calls: usize,
+    /// The host's capacity, once sampled.
+    pub host: Option<crate::host::HostFacts>,
 }
 
 /// One pool's capacity: how many ready VMs it keeps now and what that came from (for

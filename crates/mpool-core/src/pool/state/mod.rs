@@ -29,6 +29,7 @@ use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
 mod cleanup;
+mod host;
 mod leasing;
 mod maintain;
 mod observe;
@@ -361,6 +362,8 @@ pub struct EngineState {
     degraded: Option<Degraded>,
     /// VMs claimed by cleanup (busy, no plan): freed by [`EngineState::cleanup_done`].
     cleaning: HashSet<String>,
+    /// The host's capacity, as last sampled.
+    host: Option<crate::host::HostFacts>,
     batch: Batch,
 }
 
@@ -403,6 +406,7 @@ impl EngineState {
             doubt: HashSet::new(),
             degraded: None,
             cleaning: HashSet::new(),
+            host: None,
             batch: Batch::default(),
         }
     }
@@ -577,6 +581,7 @@ impl EngineState {
             vms,
             leases,
             queued_daemon_calls,
+            host: self.host.clone(),
         }
     }
 }
