@@ -44,6 +44,15 @@ pub struct Running {
     host: tokio::task::JoinHandle<()>,
 }
 
+/// The `[host]` limits new VMs are admitted under.
+pub fn limits(h: &mpool_config::HostConfig) -> mpool_core::pool::admission::Limits {
+    mpool_core::pool::admission::Limits {
+        min_free_disk: h.min_free_disk,
+        cpu_overcommit: h.cpu_overcommit,
+        memory_overcommit: h.memory_overcommit,
+    }
+}
+
 /// The multipassd client options of a config.
 pub fn client_options(cfg: &Config, data_dir: PathBuf) -> Result<ClientOptions, String> {
     let mut o = ClientOptions::new(cfg.daemon.data_dir.clone().unwrap_or(data_dir));
@@ -104,6 +113,7 @@ impl Running {
             health_interval: cfg.engine.health_interval,
             priorities: opts.priorities,
             gc_interval: cfg.engine.gc_interval,
+            limits: limits(&cfg.host),
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;

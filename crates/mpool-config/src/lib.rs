@@ -294,6 +294,12 @@ pub struct HostConfig {
     pub cpus: Option<u32>,
     /// `memory`: the host's memory in bytes, for daemons older than 1.15.1.
     pub memory: Option<u64>,
+    /// `min_free_disk`: no new VM while the data volume has less free space (default: off).
+    pub min_free_disk: Option<u64>,
+    /// `cpu_overcommit`: the pools' VMs may have this many times the host's CPUs (default: off).
+    pub cpu_overcommit: Option<f64>,
+    /// `memory_overcommit`: the pools' VMs may have this many times the host's memory (default: off).
+    pub memory_overcommit: Option<f64>,
 }
 
 /// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for.
@@ -553,6 +559,9 @@ struct RawHost {
     disk: Field<String>,
     cpus: Field<i64>,
     memory: Field<String>,
+    min_free_disk: Field<String>,
+    cpu_overcommit: Field<f64>,
+    memory_overcommit: Field<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -744,6 +753,29 @@ impl Checker<'_> {
             disk: raw.disk.as_ref().map(|_| self.size_limit("host.disk", &raw.disk, 0)).filter(|b| *b > 0),
             cpus,
             memory: raw.memory.as_ref().map(|_| self.size_limit("host.memory", &raw.memory, 0)).filter(|b| *b > 0),
+            min_free_disk: raw
+                .min_free_disk
+                .as_ref()
+                .map(|_| self.size_limit("host.min_free_disk", &raw.min_free_disk, 0))
+                .filter(|b| *b > 0),
+            cpu_overcommit: self.ratio("host.cpu_overcommit", &raw.cpu_overcommit),
+            memory_overcommit: self.ratio("host.memory_overcommit", &raw.memory_overcommit),
+        }
+    }
+
+    /// An overcommit ratio: a number above 0 (e.g. 1 = no overcommit, 4 = four times).
+    fn ratio(&mut self, key: &str, raw: &Field<f64>) -> Option<f64> {
+        let v = raw.as_ref()?;
+        let r = *v.get_ref();
+        if r.is_finite() && r > 0.0 {
+            Some(r)
+        } else {
+            self.fail(
+                key,
+                Some(v.span()),
+                format!("{r} is not a ratio; give a number above 0, e.g. 1 (no overcommit) or 4"),
+            );
+            None
         }
     }
 
@@ -1275,15 +1307,26 @@ mod tests {
     const MIN: &str = "[[pools]]\nname = \"ci\"\n";
 
     #[test]
-    fn host_reads_the_data_dir_and_the_facts_older_daemons_lack() {
-        let c = parse(&format!("[host]\ndata_dir = \"/srv/mp\"\ndisk = \"100G\"\ncpus = 8\nmemory = \"16G\"\n{MIN}"))
-            .unwrap();
+    fn host_reads_the_data_dir_the_facts_older_daemons_lack_and_the_limits() {
+        let c = parse(&format!(
+            "[host]\ndata_dir = \"/srv/mp\"\ndisk = \"100G\"\ncpus = 8\nmemory = \"16G\"\nmin_free_disk = \"20G\"\ncpu_overcommit = 4\nmemory_overcommit = 1.5\n{MIN}"
+        ))
+        .unwrap();
         assert_eq!(c.host.data_dir, Some(PathBuf::from("/srv/mp")));
         assert_eq!((c.host.disk, c.host.cpus, c.host.memory), (Some(100 << 30), Some(8), Some(16 << 30)));
+        assert_eq!(
+            (c.host.min_free_disk, c.host.cpu_overcommit, c.host.memory_overcommit),
+            (Some(20 << 30), Some(4.0), Some(1.5))
+        );
         assert_eq!(parse(MIN).unwrap().host, HostConfig::default());
         assert_error(
-            &format!("[host]\ncpus = 0\nmemory = \"lots\"\n{MIN}"),
-            &["line 2: host.cpus: 0 is not a CPU count", "host.memory", "is not a size"],
+            &format!("[host]\ncpus = 0\nmemory = \"lots\"\ncpu_overcommit = 0\n{MIN}"),
+            &[
+                "line 2: host.cpus: 0 is not a CPU count",
+                "host.memory",
+                "is not a size",
+                "host.cpu_overcommit: 0 is not a ratio",
+            ],
         );
     }
 

@@ -62,6 +62,8 @@ pub struct Settings {
     pub store_retry: Duration,
     /// How often cleanup runs on its own (zero: only on demand, [`Engine::gc`]).
     pub gc_interval: Duration,
+    /// The `[host]` limits new VMs are admitted under (default: none).
+    pub limits: mpool_core::pool::admission::Limits,
 }
 
 impl Default for Settings {
@@ -74,6 +76,7 @@ impl Default for Settings {
             priorities: true,
             store_retry: Duration::from_millis(500),
             gc_interval: Duration::ZERO,
+            limits: Default::default(),
         }
     }
 }
@@ -173,8 +176,10 @@ impl Engine {
             store_retry: settings.store_retry,
             store_retry_max: STORE_RETRY_MAX,
         };
+        let mut state = EngineState::new(state_settings, with_generations, snapshot);
+        state.set_limits(settings.limits);
         let actor = Actor {
-            state: EngineState::new(state_settings, with_generations, snapshot),
+            state,
             ctx: Ctx { ports, sched: Scheduler::new(settings.priorities) },
             settings,
             store,

@@ -103,6 +103,9 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
         out.push_str(&row(p));
         out.push('\n');
     }
+    for p in pools.iter().filter(|p| !p.held_back.is_empty()) {
+        out.push_str(&format!("\nHELD BACK {}: {}\n", p.name, p.held_back));
+    }
     if let Some(h) = pools.first().and_then(|p| p.host.as_ref()) {
         out.push_str(&format!("\n{}\n", host_line(h)));
     }

@@ -101,6 +101,7 @@ fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
         leases: count(p.leases),
         generation: p.generation,
         daemon_ok: status.daemon_ok,
+        held_back: p.held_back.clone().unwrap_or_default(),
         host: status.host.as_ref().map(|h| v1::HostInfo {
             cpus: h.cpus,
             memory_bytes: h.memory,

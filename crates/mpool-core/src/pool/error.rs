@@ -75,6 +75,14 @@ pub enum EngineError {
         /// A Run's recorded outcome, when the request was a Run that finished.
         outcome: Option<Box<RunOutcome>>,
     },
+    /// The host has no room for the VM a caller waits for (`[host]` limits).
+    #[error("pool {pool} cannot grow: {reason}")]
+    Refused {
+        /// Pool.
+        pool: String,
+        /// Why the host admits no new VM.
+        reason: String,
+    },
     /// The daemon is down or frozen.
     #[error("multipassd is unavailable ({0}); retry shortly")]
     Unavailable(String),
@@ -121,7 +129,9 @@ impl EngineError {
             EngineError::UnknownPool(_) | EngineError::UnknownLease(_) => ErrorKind::NotFound,
             EngineError::LeaseEnded { .. } | EngineError::RequestEnded { .. } => ErrorKind::FailedPrecondition,
             EngineError::NotOwner(_) => ErrorKind::PermissionDenied,
-            EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } => ErrorKind::ResourceExhausted,
+            EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } | EngineError::Refused { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             EngineError::InProgress { .. } => ErrorKind::AlreadyExists,
             EngineError::Unavailable(_) | EngineError::StoreUnavailable(_) | EngineError::ShuttingDown => {
                 ErrorKind::Unavailable

@@ -4,6 +4,7 @@
 //! ([`leases`]), fair share among owners ([`fair`]), plans as idempotent steps ([`steps`]), what cleanup removes ([`cleanup`]), the
 //! engine's errors ([`error`]), and the state machine that ties them together ([`state`]): inputs in, store writes and effects out.
 
+pub mod admission;
 pub mod cleanup;
 pub mod decide;
 pub mod demand;

@@ -42,6 +42,8 @@ pub struct PoolStatus {
     pub leases: usize,
     /// Golden VM ready (clone pools).
     pub golden_ready: Option<bool>,
+    /// Why the host admits no more of its VMs (`[host]` limits), while it does not.
+    pub held_back: Option<String>,
     /// Config.
     #[serde(skip)]
     pub config: Option<PoolConfig>,

@@ -53,16 +53,22 @@ impl EngineState {
                 };
                 decide::decide(&view)
             };
+            if !actions.iter().any(|a| matches!(a, Action::Provision { .. })) {
+                // It needs no new VM now: would the host admit one?
+                self.admission_not_needed(&name);
+            }
             for a in actions {
                 self.act(env, &name, a);
             }
             self.serve_waiters(env, &name);
+            self.refuse_held_back(&name);
         }
     }
 
     pub(super) fn act(&mut self, env: &Env<'_>, pool: &str, action: Action) {
         match action {
             Action::Provision { count, hot } => {
+                let count = self.admitted(pool, count);
                 let Some(p) = self.pools.get(pool) else {
                     return;
                 };

@@ -28,6 +28,7 @@ use super::outcome::PlanKind;
 use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
+mod admission;
 mod cleanup;
 mod host;
 mod leasing;
@@ -364,6 +365,8 @@ pub struct EngineState {
     cleaning: HashSet<String>,
     /// The host's capacity, as last sampled.
     host: Option<crate::host::HostFacts>,
+    /// The host's limits and the pools they hold back.
+    admission: admission::Admission,
     batch: Batch,
 }
 
@@ -407,6 +410,7 @@ impl EngineState {
             degraded: None,
             cleaning: HashSet::new(),
             host: None,
+            admission: Default::default(),
             batch: Batch::default(),
         }
     }
@@ -553,6 +557,7 @@ impl EngineState {
                 waiters: p.waiters.len() + self.waking.values().filter(|w| w.req.pool == p.cfg.name).count(),
                 leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
                 golden_ready: p.golden.as_ref().map(|g| g.ready),
+                held_back: self.blocked(&p.cfg.name),
                 config: Some(p.cfg.clone()),
             });
         }
