@@ -595,6 +595,7 @@ struct RawPool {
     max_leases_per_owner: Option<u32>,
     autoscale: Option<Autoscale>,
     autoscale_decay: Field<RawDuration>,
+    rebuild_every: Field<RawDuration>,
 }
 
 /// A duration as written: a string, checked by [`parse_duration`] during validation. A bare
@@ -1277,6 +1278,11 @@ impl Checker<'_> {
         p.max_leases_per_owner = raw.max_leases_per_owner.unwrap_or(0);
         p.autoscale = raw.autoscale.unwrap_or_default();
         p.autoscale_decay = self.duration(&key("autoscale_decay"), &raw.autoscale_decay, p.autoscale_decay, true);
+        p.rebuild_every = raw
+            .rebuild_every
+            .as_ref()
+            .map(|_| self.duration(&key("rebuild_every"), &raw.rebuild_every, Duration::ZERO, true))
+            .filter(|d| !d.is_zero());
         p
     }
 }
@@ -1467,6 +1473,7 @@ idle_timeout = "1h30m"
 max_leases_per_owner = 2
 autoscale = "demand"
 autoscale_decay = "20m"
+rebuild_every = "7d"
 
 [[pools]]
 name = "build-arm"
@@ -1528,6 +1535,8 @@ reset = "recreate"
         assert_eq!(p.max_leases_per_owner, 2);
         assert_eq!(c.pool("build-arm").unwrap().max_leases_per_owner, 0, "unlimited by default");
         assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
+        assert_eq!(p.rebuild_every, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.pool("build-arm").unwrap().rebuild_every, None, "off by default");
         let arm = c.pool("build-arm").unwrap();
         assert_eq!((arm.autoscale, arm.autoscale_decay), (Autoscale::Off, Duration::from_secs(600)));
         assert_eq!(c.pool("build-arm").unwrap().reset, ResetStrategy::Recreate);

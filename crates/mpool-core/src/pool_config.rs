@@ -93,6 +93,10 @@ pub struct PoolConfig {
     pub readiness_timeout: Duration,
     /// `idle_timeout` (default 15m): idle VMs above `min_ready` are scaled down after this.
     pub idle_timeout: Duration,
+    /// `rebuild_every` (default off): the pool's generation is bumped this long after the last
+    /// bump, so its VMs (and golden VM) are rebuilt from the image, picking up its updates; idle
+    /// VMs rotate as on a config change. Not part of the generation key.
+    pub rebuild_every: Option<Duration>,
     /// `max_leases_per_owner` (default 0 = unlimited): most leases one owner (token identity;
     /// with auth off every caller is the same owner) holds in this pool at once; an acquire
     /// beyond it waits like one in a full pool.
@@ -126,6 +130,7 @@ impl PoolConfig {
             max_wait: Duration::from_secs(5 * 60),
             readiness_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(15 * 60),
+            rebuild_every: None,
             max_leases_per_owner: 0,
             autoscale: Autoscale::Off,
             autoscale_decay: Duration::from_secs(10 * 60),

@@ -157,14 +157,14 @@ impl Engine {
         let snapshot = store.load().map_err(|e| e.to_string())?;
         let mut writes = Vec::new();
         let mut with_generations = Vec::new();
+        let mut since = Vec::new();
+        let now_ms = ports.clock.wall_ms();
         for cfg in pools {
             let key = cfg.generation_key();
-            let generation = match snapshot.pools.iter().find(|p| p.name == cfg.name) {
-                Some(p) if p.key == key => p.generation,
-                Some(p) => p.generation.saturating_add(1),
-                None => 1,
-            };
-            writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation, key }));
+            let record = snapshot.pools.iter().find(|p| p.name == cfg.name);
+            let (generation, since_ms) = mpool_core::pool::rebuild::generation_at_start(&cfg, &key, record, now_ms);
+            writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation, key, since_ms }));
+            since.push((cfg.name.clone(), since_ms));
             with_generations.push((cfg, generation));
         }
         store.write(&writes, true).map_err(|e| e.to_string())?;
@@ -178,6 +178,7 @@ impl Engine {
         };
         let mut state = EngineState::new(state_settings, with_generations, snapshot);
         state.set_limits(settings.limits);
+        state.set_generation_since(since);
         let actor = Actor {
             state,
             ctx: Ctx { ports, sched: Scheduler::new(settings.priorities) },

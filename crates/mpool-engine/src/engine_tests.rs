@@ -745,3 +745,58 @@ async fn gc_purges_and_prunes_exactly_our_stuff_and_frees_the_vms_it_claims() {
     idle.sort();
     assert_eq!(leased, idle, "both idle VMs are handed out, the pruned one too");
 }
+
+/// A wall clock the test sets.
+#[derive(Default)]
+struct SetClock(std::sync::atomic::AtomicU64);
+
+impl mpool_core::ports::Clock for SetClock {
+    fn wall_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rebuild_every_bumps_the_generation_on_schedule_and_keeps_it_across_restarts() {
+    use std::sync::atomic::Ordering;
+    const HOUR: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("state.redb");
+    let (fake, clock) = (Fake::default(), Arc::new(SetClock::default()));
+    clock.0.store(1_000 * HOUR, Ordering::SeqCst);
+    let mut cfg = pool(1, 0, 2);
+    cfg.rebuild_every = Some(Duration::from_secs(24 * 3600));
+    let start = |cfg: PoolConfig| {
+        let mut ports = Ports::new(Arc::new(fake.clone()), Arc::new(fake.clone()));
+        ports.clock = clock.clone();
+        Engine::start(settings(), vec![cfg], ports, Arc::new(Store::open(&store_path).unwrap())).unwrap()
+    };
+    let engine = start(cfg.clone());
+    let s = until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = s.vms[0].name.clone();
+    assert_eq!(s.pools[0].generation, 1);
+
+    // Not yet due: nothing changes.
+    clock.0.store(1_020 * HOUR, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 1);
+
+    // Due: a new generation, and the idle VM is rotated for one built from it.
+    clock.0.store(1_025 * HOUR, Ordering::SeqCst);
+    let s = until(&engine, "rotated", |s| {
+        s.pools[0].generation == 2 && s.vms.len() == 1 && s.vms[0].generation == 2 && count(s, "warm") == 1
+    })
+    .await;
+    assert_ne!(s.vms[0].name, first);
+    engine.shutdown().await;
+
+    // A restart keeps the generation and when it began: not due again until a day later.
+    let engine = start(cfg.clone());
+    until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 2);
+    engine.shutdown().await;
+    // Due while mpool was down: the next generation at start.
+    clock.0.store(1_050 * HOUR, Ordering::SeqCst);
+    let engine = start(cfg);
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 3);
+}

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fair;
 pub mod leases;
 pub mod outcome;
+pub mod rebuild;
 pub mod reconcile;
 pub mod state;
 pub mod status;

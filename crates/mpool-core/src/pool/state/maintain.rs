@@ -16,6 +16,7 @@ impl EngineState {
         if !self.reconciled || self.degraded.is_some() {
             return;
         }
+        self.rebuild_due(env);
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let actions = {

@@ -35,6 +35,7 @@ mod leasing;
 mod maintain;
 mod observe;
 mod plans;
+mod rebuild;
 mod store;
 
 /// Identifies a caller waiting for an answer (the actor keeps its reply channel).
@@ -367,6 +368,8 @@ pub struct EngineState {
     host: Option<crate::host::HostFacts>,
     /// The host's limits and the pools they hold back.
     admission: admission::Admission,
+    /// When each pool's generation began (unix ms), for `rebuild_every`.
+    generation_since: BTreeMap<String, u64>,
     batch: Batch,
 }
 
@@ -411,6 +414,7 @@ impl EngineState {
             cleaning: HashSet::new(),
             host: None,
             admission: Default::default(),
+            generation_since: BTreeMap::new(),
             batch: Batch::default(),
         }
     }
