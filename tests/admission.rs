@@ -13,11 +13,13 @@ use mpool_api::proto::v1;
 use mpool_testkit::{Stack, StackOptions, wait};
 
 /// One pool that wants no VM until asked (min_ready 0), on a host that admits 0.01 CPU per CPU.
-const POOLS: &str = "[host]\ncpu_overcommit = 0.01\n\n[[pools]]\nname = \"ci\"\nmin_ready = 0\nhot = 0\nmax_size = 2\nmax_wait = \"10m\"\n";
+const POOLS: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 0\nhot = 0\nmax_size = 2\nmax_wait = \"10m\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_refuses_with_the_reason_and_serve_check_reports_the_misfit() {
-    let stack = Stack::start(StackOptions::tests(MPOOL, POOLS)).await.expect("stack starts");
+    let mut opts = StackOptions::tests(MPOOL, POOLS);
+    opts.host_toml = "cpu_overcommit = 0.01".into();
+    let stack = Stack::start(opts).await.expect("stack starts");
     let mut c = stack.client().await;
     wait("the host is sampled", Duration::from_secs(30))
         .until(|| async { c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host })

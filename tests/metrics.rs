@@ -499,7 +499,12 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
             ("mpool_daemon_queue", "gauge"),
             ("mpool_daemon_up", "gauge"),
             ("mpool_grpc_errors", "counter"),
+            ("mpool_host_cpus", "gauge"),
+            ("mpool_host_disk_free_bytes", "gauge"),
+            ("mpool_host_disk_total_bytes", "gauge"),
+            ("mpool_host_memory_bytes", "gauge"),
             ("mpool_leases", "gauge"),
+            ("mpool_pool_held_back", "gauge"),
             ("mpool_reset_seconds", "histogram"),
             ("mpool_store_up", "gauge"),
             ("mpool_store_write_failures", "counter"),
@@ -766,12 +771,10 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_facts_reach_get_pool_status_and_metrics() {
-    let data_dir = std::env::temp_dir();
-    let pools = format!(
-        "[host]\ndata_dir = \"{}\"\n\n[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 2\n",
-        data_dir.display()
-    );
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 2\n";
     let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    // The stack points `[host] data_dir` at the simulator's state, its "multipassd data dir".
+    let data_dir = stack.sim_state();
     let c = stack.client().await;
     let host = wait("the host is sampled", Duration::from_secs(30))
         .until(|| async { c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host })
