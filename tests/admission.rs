@@ -56,3 +56,24 @@ async fn admission_refuses_with_the_reason_and_serve_check_reports_the_misfit() 
     assert!(o.stdout.contains("host: the pools do NOT fit: at max_size the pools need 2 CPUs"), "{}", o.stdout);
     stack.stop().await;
 }
+
+/// A VM whose disk usage (`df` in the guest over mpool's SSH) is over the pool's
+/// `max_disk_usage` is rebuilt at release, not restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_over_max_disk_usage_is_rebuilt_at_release() {
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 1\nmax_disk_usage = \"1K\"\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = mpool_testkit::api::acquire(&mut c, "ci", "t").await.expect("acquire");
+    let mut events = stack.sim().events();
+    c.release(v1::ReleaseRequest { lease_id: lease.id.clone() }).await.expect("release");
+    stack.wait_idle("ci", 1).await;
+    let mut restored = false;
+    while let Ok(e) = events.try_recv() {
+        restored |= e.op == "restore";
+    }
+    assert!(!restored, "rebuilt, not restored");
+    assert!(stack.log().contains("over the pool's max_disk_usage"), "the log says why");
+    stack.stop().await;
+}

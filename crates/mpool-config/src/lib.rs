@@ -587,6 +587,7 @@ struct RawPool {
     max_size: Field<u32>,
     reset: Option<ResetStrategy>,
     max_uses: Option<u32>,
+    max_disk_usage: Field<String>,
     default_ttl: Field<RawDuration>,
     max_ttl: Field<RawDuration>,
     max_wait: Field<RawDuration>,
@@ -1256,6 +1257,11 @@ impl Checker<'_> {
         }
         p.reset = raw.reset.unwrap_or_default();
         p.max_uses = raw.max_uses.unwrap_or(0);
+        p.max_disk_usage = raw
+            .max_disk_usage
+            .as_ref()
+            .map(|_| self.size_limit(&key("max_disk_usage"), &raw.max_disk_usage, 0))
+            .filter(|b| *b > 0);
 
         p.default_ttl = self.duration(&key("default_ttl"), &raw.default_ttl, p.default_ttl, true);
         p.max_ttl = self.duration(&key("max_ttl"), &raw.max_ttl, p.max_ttl, true);
@@ -1474,6 +1480,7 @@ max_leases_per_owner = 2
 autoscale = "demand"
 autoscale_decay = "20m"
 rebuild_every = "7d"
+max_disk_usage = "8G"
 
 [[pools]]
 name = "build-arm"
@@ -1536,6 +1543,7 @@ reset = "recreate"
         assert_eq!(c.pool("build-arm").unwrap().max_leases_per_owner, 0, "unlimited by default");
         assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
         assert_eq!(p.rebuild_every, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(p.max_disk_usage, Some(8 << 30));
         assert_eq!(c.pool("build-arm").unwrap().rebuild_every, None, "off by default");
         let arm = c.pool("build-arm").unwrap();
         assert_eq!((arm.autoscale, arm.autoscale_decay), (Autoscale::Off, Duration::from_secs(600)));

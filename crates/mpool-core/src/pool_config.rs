@@ -83,6 +83,9 @@ pub struct PoolConfig {
     pub reset: ResetStrategy,
     /// `max_uses` (default 0 = unlimited): after this many leases the VM is recycled.
     pub max_uses: u32,
+    /// `max_disk_usage` (default off): a VM whose root filesystem uses more (bytes, `df` in the
+    /// guest at release) is rebuilt instead of reset.
+    pub max_disk_usage: Option<u64>,
     /// `default_ttl` (default 30m): lease TTL when the client asks for none.
     pub default_ttl: Duration,
     /// `max_ttl` (default 4h): longest lease TTL a client may ask for; at least `default_ttl`.
@@ -125,6 +128,7 @@ impl PoolConfig {
             max_size: 1,
             reset: ResetStrategy::Snapshot,
             max_uses: 0,
+            max_disk_usage: None,
             default_ttl: Duration::from_secs(30 * 60),
             max_ttl: Duration::from_secs(4 * 3600),
             max_wait: Duration::from_secs(5 * 60),

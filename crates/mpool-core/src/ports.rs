@@ -85,6 +85,8 @@ pub trait SshPort: Send + Sync + 'static {
     }
     /// Runs a setup script in the VM; a non-zero exit is an error carrying its output tail.
     fn run_script(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Bytes used on the VM's root filesystem (`df` in the guest, over the pooled connection).
+    fn disk_used(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>>;
     /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
     fn forget(&self, vm: String) -> BoxFut<'_, ()>;
 }

@@ -593,6 +593,7 @@ async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, St
             ctx.execute(&run, &plan, f).await
         }
         PlanKind::Reset { hot } => {
+            let rebuild = rebuild || crate::disk::over_limit(ctx, &vm, &pool, ssh.as_ref()).await;
             let priority = if for_waiters { Priority::Release } else { Priority::Reset };
             let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting) };
             let plan = steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild);

@@ -800,3 +800,27 @@ async fn rebuild_every_bumps_the_generation_on_schedule_and_keeps_it_across_rest
     let engine = start(cfg);
     assert_eq!(engine.status().await.unwrap().pools[0].generation, 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_over_max_disk_usage_is_rebuilt_at_release_instead_of_reset() {
+    let mut cfg = pool(1, 0, 1);
+    cfg.max_disk_usage = Some(1 << 30);
+    let h = start(cfg);
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    let vm = lease.record.vm.clone();
+    h.fake.st.lock().unwrap().disk_used.insert(vm.clone(), 2 << 30);
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    assert_eq!(h.fake.count(&format!("ssh-df {vm}")), 1, "measured at release");
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 2, "rebuilt from the image");
+    assert_eq!(h.fake.count(&format!("restore {vm}")), 0, "not restored");
+
+    // Under the limit: reset as usual.
+    h.fake.st.lock().unwrap().disk_used.insert(vm.clone(), 1 << 29);
+    let lease = h.engine.acquire(req("b")).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    assert_eq!(h.fake.count(&format!("restore {vm}")), 1, "restored");
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 2);
+}

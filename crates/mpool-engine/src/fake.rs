@@ -34,6 +34,8 @@ pub struct FakeState {
     pub list_lag: std::time::Duration,
     /// How long every call but reads (list, ping) takes: a daemon whose VMs take time to refill.
     pub op_delay: std::time::Duration,
+    /// Bytes `df` reports used in a VM (0 when not set).
+    pub disk_used: std::collections::HashMap<String, u64>,
     /// Instances a tenant has written into since they were last reset (restored, launched,
     /// cloned): the model-based tests mark them when a lease is acknowledged.
     pub dirty: HashSet<String>,
@@ -288,6 +290,14 @@ impl SshPort for Fake {
         Box::pin(async move {
             self.st.lock().unwrap().calls.push(format!("ssh-script {vm}"));
             Ok(())
+        })
+    }
+
+    fn disk_used(&self, vm: String, _info: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>> {
+        Box::pin(async move {
+            let mut st = self.st.lock().unwrap();
+            st.calls.push(format!("ssh-df {vm}"));
+            Ok(st.disk_used.get(&vm).copied().unwrap_or(0))
         })
     }
 

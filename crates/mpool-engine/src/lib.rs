@@ -6,6 +6,7 @@
 //! that owns all pool state and performs the decisions, [`plans`] that run steps against the
 //! daemon and SSH, and the [`scheduler`] that orders daemon calls.
 
+mod disk;
 pub mod engine;
 pub mod plans;
 pub mod scheduler;

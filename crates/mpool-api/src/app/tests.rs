@@ -73,6 +73,9 @@ impl SshPort for Empty {
     fn run_script(&self, _: String, _: SshEndpoint, _: String) -> BoxFut<'_, Result<(), StepError>> {
         down()
     }
+    fn disk_used(&self, _: String, _: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>> {
+        down()
+    }
     fn forget(&self, _: String) -> BoxFut<'_, ()> {
         Box::pin(async {})
     }
