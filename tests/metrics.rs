@@ -504,6 +504,7 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
             ("mpool_host_disk_total_bytes", "gauge"),
             ("mpool_host_memory_bytes", "gauge"),
             ("mpool_leases", "gauge"),
+            ("mpool_pool_disk_used_bytes", "gauge"),
             ("mpool_pool_held_back", "gauge"),
             ("mpool_reset_seconds", "histogram"),
             ("mpool_store_up", "gauge"),
@@ -798,5 +799,21 @@ async fn host_facts_reach_get_pool_status_and_metrics() {
     let o = tools::run(Path::new(MPOOL), &["status", "--endpoint", &ep], None, &[]).await;
     o.expect_code(0, "mpool status");
     assert!(o.stdout.contains(&format!("HOST {cpus} CPUs")), "{}", o.stdout);
+
+    // A released VM's disk usage is measured (df in the guest) and reported per VM and pool.
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "disk").await.expect("acquire");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    let used = wait("the VM's disk usage is measured", Duration::from_secs(30))
+        .until(|| async {
+            let vms = c.clone().list_vms(v1::ListVmsRequest::default()).await.ok()?.into_inner().vms;
+            vms.into_iter().find(|v| v.name == lease.vm).and_then(|v| v.disk_used_bytes)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    assert!(used > 0);
+    let p = c.get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.unwrap().into_inner();
+    assert_eq!(p.disk_used_bytes, used);
+    assert_eq!(scrape(&stack).await.sum("mpool_pool_disk_used_bytes", &[("pool", "ci")]), used as f64);
     stack.stop().await;
 }

@@ -122,6 +122,11 @@ enum Msg {
     Gc(gc::GcMsg),
     /// The host's capacity was sampled.
     Host(mpool_core::host::HostFacts),
+    /// A VM's disk usage was measured (`None`: unknown again, it is being rebuilt).
+    DiskUsed {
+        vm: String,
+        bytes: Option<u64>,
+    },
     /// What a task reports back.
     Done(Input),
     Shutdown(oneshot::Sender<()>),
@@ -417,6 +422,10 @@ impl Actor {
             Msg::Refresh { id, owner, reply } => {
                 Input::Refresh { id, owner, caller: self.caller(Caller::Lease(reply)) }
             }
+            Msg::DiskUsed { vm, bytes } => {
+                self.state.set_disk_used(&vm, bytes);
+                return None;
+            }
             Msg::Host(facts) => {
                 self.state.set_host(facts);
                 return None;
@@ -499,7 +508,7 @@ impl Actor {
                 let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
                     let (vm, plan) = (order.vm.clone(), order.kind);
-                    let result = run_plan(&ctx, order).await;
+                    let result = run_plan(&ctx, &tx, order).await;
                     let _ = tx.send(Msg::Done(Input::PlanDone { vm, plan, result })).await;
                 });
             }
@@ -578,7 +587,7 @@ async fn ask_list(daemon: &Arc<dyn DaemonPort>) -> (Result<Vec<Observed>, StepEr
 
 /// Runs one plan: its steps from the facts the engine knows, or (when it cannot be sure) from
 /// what the daemon reports, so steps already done are skipped.
-async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
+async fn run_plan(ctx: &Ctx, tx: &mpsc::Sender<Msg>, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
     let PlanOrder { vm, kind, pool, golden, rebuild, observe, ssh, for_waiters, waiting } = order;
     let has_setup = !pool.setup.is_empty();
     let facts = |p: Priority, known: Facts| {
@@ -593,7 +602,13 @@ async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, St
             ctx.execute(&run, &plan, f).await
         }
         PlanKind::Reset { hot } => {
-            let rebuild = rebuild || crate::disk::over_limit(ctx, &vm, &pool, ssh.as_ref()).await;
+            let used = crate::disk::measure(ctx, &vm, &pool, ssh.as_ref(), for_waiters).await;
+            let over = crate::disk::over_limit(&vm, &pool, used);
+            if used.is_some() {
+                // A VM rebuilt for its usage starts afresh: its figure is unknown until measured again.
+                let _ = tx.send(Msg::DiskUsed { vm: vm.clone(), bytes: used.filter(|_| !over) }).await;
+            }
+            let rebuild = rebuild || over;
             let priority = if for_waiters { Priority::Release } else { Priority::Reset };
             let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting) };
             let plan = steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild);

@@ -815,6 +815,8 @@ async fn a_vm_over_max_disk_usage_is_rebuilt_at_release_instead_of_reset() {
     assert_eq!(h.fake.count(&format!("ssh-df {vm}")), 1, "measured at release");
     assert_eq!(h.fake.count(&format!("launch {vm}")), 2, "rebuilt from the image");
     assert_eq!(h.fake.count(&format!("restore {vm}")), 0, "not restored");
+    let s = h.engine.status().await.unwrap();
+    assert_eq!((s.vms[0].disk_used, s.pools[0].disk_used), (None, 0), "rebuilt: its usage is unknown again");
 
     // Under the limit: reset as usual.
     h.fake.st.lock().unwrap().disk_used.insert(vm.clone(), 1 << 29);
@@ -823,4 +825,6 @@ async fn a_vm_over_max_disk_usage_is_rebuilt_at_release_instead_of_reset() {
     until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
     assert_eq!(h.fake.count(&format!("restore {vm}")), 1, "restored");
     assert_eq!(h.fake.count(&format!("launch {vm}")), 2);
+    let s = h.engine.status().await.unwrap();
+    assert_eq!((s.vms[0].disk_used, s.pools[0].disk_used), (Some(1 << 29), 1 << 29), "the measured usage is reported");
 }

@@ -36,6 +36,7 @@ pub(crate) fn registry(status: &Status) -> Registry {
     let leases = Family::<PoolLabels, Gauge>::default();
     let waiters = Family::<PoolLabels, Gauge>::default();
     let held_back = Family::<PoolLabels, Gauge>::default();
+    let disk_used = Family::<PoolLabels, Gauge>::default();
     for p in &status.pools {
         for (state, n) in &p.counts {
             vms.get_or_create(&VmLabels { pool: p.name.clone(), state: state.clone() }).set(value(*n));
@@ -44,12 +45,18 @@ pub(crate) fn registry(status: &Status) -> Registry {
         leases.get_or_create(&pool).set(value(p.leases));
         waiters.get_or_create(&pool).set(value(p.waiters));
         held_back.get_or_create(&pool).set(i64::from(p.held_back.is_some()));
+        disk_used.get_or_create(&pool).set(i64::try_from(p.disk_used).unwrap_or(i64::MAX));
     }
     let mut r = Registry::default();
     r.register("mpool_vms", "VMs per pool and state", vms);
     r.register("mpool_leases", "Leases per pool", leases);
     r.register("mpool_waiters", "Callers waiting for a VM, per pool", waiters);
     r.register("mpool_pool_held_back", "1 while the host's [host] limits admit no more of the pool's VMs", held_back);
+    r.register(
+        "mpool_pool_disk_used_bytes",
+        "The pool's VMs' disk usage as last measured (df in the guest at release), bytes",
+        disk_used,
+    );
     r.register("mpool_daemon_up", "1 when multipassd answers", gauge(i64::from(status.daemon_ok)));
     r.register(
         "mpool_daemon_queue",
@@ -99,6 +106,7 @@ mod tests {
                 leases: 2,
                 golden_ready: None,
                 held_back: None,
+                disk_used: 0,
                 config: None,
             }],
             vms: vec![],

@@ -14,7 +14,7 @@
 //! `mpool_store_write_failures_total`; histograms `mpool_acquire_seconds{pool}`,
 //! `mpool_reset_seconds{pool}`, `mpool_daemon_call_seconds{op}`; gauges `mpool_vms{pool,state}`,
 //! `mpool_leases{pool}`, `mpool_waiters{pool}`, `mpool_daemon_up`, `mpool_daemon_queue`,
-//! `mpool_store_up`, `mpool_pool_held_back{pool}`, `mpool_host_disk_free_bytes`, `mpool_host_disk_total_bytes`,
+//! `mpool_store_up`, `mpool_pool_held_back{pool}`, `mpool_pool_disk_used_bytes{pool}`, `mpool_host_disk_free_bytes`, `mpool_host_disk_total_bytes`,
 //! `mpool_host_cpus`, `mpool_host_memory_bytes` (once known). (prometheus-client appends `_total` to a counter's registered name.)
 //!
 //! Besides, the last hour of acquire latency and reset duration per pool and minute

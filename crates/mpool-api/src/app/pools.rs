@@ -67,6 +67,7 @@ impl App {
                 generation: v.generation,
                 uses: v.uses,
                 lease_id: v.lease.filter(|id| visible.contains(id.as_str())).unwrap_or_default(),
+                disk_used_bytes: v.disk_used,
             })
             .collect();
         Ok(v1::ListVmsResponse { vms })
@@ -102,6 +103,7 @@ fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
         generation: p.generation,
         daemon_ok: status.daemon_ok,
         held_back: p.held_back.clone().unwrap_or_default(),
+        disk_used_bytes: p.disk_used,
         host: status.host.as_ref().map(|h| v1::HostInfo {
             cpus: h.cpus,
             memory_bytes: h.memory,

@@ -25,6 +25,8 @@ pub struct VmStatus {
     pub lease_owner: Option<String>,
     /// A plan is running.
     pub busy: bool,
+    /// Bytes used on its root filesystem when last measured (`df` at release).
+    pub disk_used: Option<u64>,
 }
 
 /// One pool in a status report.
@@ -44,6 +46,8 @@ pub struct PoolStatus {
     pub golden_ready: Option<bool>,
     /// Why the host admits no more of its VMs (`[host]` limits), while it does not.
     pub held_back: Option<String>,
+    /// The sum of its VMs' measured disk usage, bytes (VMs not measured yet count nothing).
+    pub disk_used: u64,
     /// Config.
     #[serde(skip)]
     pub config: Option<PoolConfig>,

@@ -30,6 +30,7 @@ use super::vm::VmState;
 
 mod admission;
 mod cleanup;
+mod disk;
 mod host;
 mod leasing;
 mod maintain;
@@ -370,6 +371,8 @@ pub struct EngineState {
     admission: admission::Admission,
     /// When each pool's generation began (unix ms), for `rebuild_every`.
     generation_since: BTreeMap<String, u64>,
+    /// Each VM's disk usage when last measured, bytes.
+    disk_used: HashMap<String, u64>,
     batch: Batch,
 }
 
@@ -415,6 +418,7 @@ impl EngineState {
             host: None,
             admission: Default::default(),
             generation_since: BTreeMap::new(),
+            disk_used: HashMap::new(),
             batch: Batch::default(),
         }
     }
@@ -562,6 +566,7 @@ impl EngineState {
                 leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
                 golden_ready: p.golden.as_ref().map(|g| g.ready),
                 held_back: self.blocked(&p.cfg.name),
+                disk_used: self.pool_disk_used(&p.cfg.name),
                 config: Some(p.cfg.clone()),
             });
         }
@@ -577,6 +582,7 @@ impl EngineState {
                 lease: v.lease.clone(),
                 lease_owner: v.lease.as_ref().and_then(|id| self.book.get(id)).map(|l| l.record.owner.clone()),
                 busy: v.busy,
+                disk_used: self.disk_used.get(&v.name).copied(),
             })
             .collect();
         let mut leases: Vec<LeaseRecord> = self.book.iter().map(|l| l.record.clone()).collect();
