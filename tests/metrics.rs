@@ -506,8 +506,14 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
             ("mpool_daemon_queue", "gauge"),
             ("mpool_daemon_up", "gauge"),
             ("mpool_grpc_errors", "counter"),
+            ("mpool_host_cpus", "gauge"),
+            ("mpool_host_disk_free_bytes", "gauge"),
+            ("mpool_host_disk_total_bytes", "gauge"),
+            ("mpool_host_memory_bytes", "gauge"),
             ("mpool_leases", "gauge"),
             ("mpool_network_isolated", "gauge"),
+            ("mpool_pool_disk_used_bytes", "gauge"),
+            ("mpool_pool_held_back", "gauge"),
             ("mpool_reset_seconds", "histogram"),
             ("mpool_store_up", "gauge"),
             ("mpool_store_write_failures", "counter"),
@@ -780,4 +786,54 @@ async fn the_grafana_dashboard_queries_exported_metrics() {
     }
     let missing: Vec<&String> = e.types.keys().filter(|f| !used.contains(*f)).collect();
     assert!(missing.is_empty(), "exported but on no panel of the dashboard: {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_facts_reach_get_pool_status_and_metrics() {
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 2\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    // The stack points `[host] data_dir` at the simulator's state, its "multipassd data dir".
+    let data_dir = stack.sim_state();
+    let c = stack.client().await;
+    let host = wait("the host is sampled", Duration::from_secs(30))
+        .until(|| async {
+            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_facts
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    // The simulator reports this machine's CPUs and memory, and (as multipassd) the total size
+    // of the volume holding its data; the free space comes from statvfs of `[host] data_dir`.
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap();
+    assert_eq!(host.cpus, Some(cpus), "{host:?}");
+    assert!(host.memory_bytes.is_some_and(|m| m > 0), "{host:?}");
+    let (total, free) = (host.disk_total_bytes.expect("total"), host.disk_free_bytes.expect("free"));
+    assert!(free > 0 && free <= total, "{host:?}");
+    assert_eq!(host.disk_free_source, format!("statvfs {}", data_dir.display()));
+
+    let e = scrape(&stack).await;
+    assert_eq!(e.sum("mpool_host_cpus", &[]), f64::from(cpus));
+    assert_eq!(e.sum("mpool_host_disk_total_bytes", &[]), total as f64);
+    assert!(e.sum("mpool_host_disk_free_bytes", &[]) > 0.0, "mpool_host_disk_free_bytes is exported");
+
+    let ep = format!("unix:{}", stack.socket.display());
+    let o = tools::run(Path::new(MPOOL), &["status", "--endpoint", &ep], None, &[]).await;
+    o.expect_code(0, "mpool status");
+    assert!(o.stdout.contains(&format!("HOST {cpus} CPUs")), "{}", o.stdout);
+
+    // A released VM's disk usage is measured (df in the guest) and reported per VM and pool.
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "disk").await.expect("acquire");
+    c.release(v1::ReleaseRequest { lease_id: lease.id }).await.expect("release");
+    let used = wait("the VM's disk usage is measured", Duration::from_secs(30))
+        .until(|| async {
+            let vms = c.clone().list_vms(v1::ListVmsRequest::default()).await.ok()?.into_inner().vms;
+            vms.into_iter().find(|v| v.name == lease.vm).and_then(|v| v.disk_used_bytes)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    assert!(used > 0);
+    let p = c.get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.unwrap().into_inner();
+    assert_eq!(p.disk_used_bytes, used);
+    assert_eq!(scrape(&stack).await.sum("mpool_pool_disk_used_bytes", &[("pool", "ci")]), used as f64);
+    stack.stop().await;
 }

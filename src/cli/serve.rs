@@ -46,7 +46,11 @@ pub async fn run(args: ServeArgs, data_dir: PathBuf) -> ExitCode {
         crate::cli::output::line(&format!("{}: OK ({} pools)", args.config.display(), cfg.pools.len()));
         warn_exposed_listeners(&cfg);
         let images: Vec<(String, String)> = cfg.pools.iter().map(|p| (p.name.clone(), p.image.clone())).collect();
-        return mpool_multipass::serve_check_images(mpool_api::serve::client_options(&cfg, data_dir), &images).await;
+        let code =
+            mpool_multipass::serve_check_images(mpool_api::serve::client_options(&cfg, data_dir.clone()), &images)
+                .await;
+        check_host_fit(&cfg, data_dir).await;
+        return code;
     }
     let opts = Options {
         data_dir,
@@ -130,6 +134,37 @@ async fn show_warmup(engine: mpool_engine::Engine, cfg: Config) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 2000 })).await;
+    }
+}
+
+/// Reports whether the pools fit the host at their max_size under the `[host]` limits (the
+/// check still passes: at run time admission holds provisioning back at the limits).
+async fn check_host_fit(cfg: &Config, data_dir: PathBuf) {
+    let limits = mpool_api::serve::limits(&cfg.host);
+    if limits.is_off() {
+        crate::cli::output::line("host: no [host] limits set; pools are not checked against the host");
+        return;
+    }
+    let client = match mpool_api::serve::client_options(cfg, data_dir) {
+        Ok(mut o) => {
+            o.connect_timeout = o.connect_timeout.min(Duration::from_secs(5));
+            o.call_timeout = o.call_timeout.min(Duration::from_secs(30));
+            mpool_multipass::Client::connect(o).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => return crate::cli::output::line(&format!("host: not checked: {e}")),
+    };
+    let dir = mpool_api::host::data_dir(&cfg.host);
+    let facts = mpool_api::host::sample(&client, &cfg.host, dir.as_deref()).await;
+    let problems = mpool_core::pool::admission::fits_at_max_size(&limits, &facts, &cfg.pools);
+    if problems.is_empty() {
+        crate::cli::output::line("host: the pools fit at max_size");
+    }
+    for p in problems {
+        crate::cli::output::line(&format!("host: the pools do NOT fit: {p}"));
     }
 }
 

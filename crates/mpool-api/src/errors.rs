@@ -144,6 +144,7 @@ const METHODS: &[&str] = &[
     "/mpool.v1.Pool/Preheat",
     "/mpool.v1.Pool/Reload",
     "/mpool.v1.Pool/Drain",
+    "/mpool.v1.Pool/Gc",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -19,6 +19,7 @@ pub mod client;
 pub mod convert;
 pub mod credentials;
 mod errors;
+pub mod host;
 pub mod http;
 pub mod json;
 pub mod proto;

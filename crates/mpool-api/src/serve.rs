@@ -44,6 +44,17 @@ pub struct Running {
     api: tokio::task::JoinHandle<()>,
     client: Client,
     reloader: Arc<Reloader>,
+    /// The host sampler (`crate::host`).
+    host: tokio::task::JoinHandle<()>,
+}
+
+/// The `[host]` limits new VMs are admitted under.
+pub fn limits(h: &mpool_config::HostConfig) -> mpool_core::pool::admission::Limits {
+    mpool_core::pool::admission::Limits {
+        min_free_disk: h.min_free_disk,
+        cpu_overcommit: h.cpu_overcommit,
+        memory_overcommit: h.memory_overcommit,
+    }
 }
 
 /// The multipassd client options of a config.
@@ -119,6 +130,8 @@ impl Running {
             health_interval: cfg.engine.health_interval,
             priorities: opts.priorities,
             isolation: probe_settings(&cfg),
+            gc_interval: cfg.engine.gc_interval,
+            limits: limits(&cfg.host),
             ..Settings::default()
         };
         let engine = Engine::start_with_metrics(settings, cfg.pools.clone(), ports, store, metrics.clone())?;
@@ -138,7 +151,8 @@ impl Running {
         for l in &cfg.api.listen {
             tracing::info!(listen = %l, "mpool.v1 API listening");
         }
-        Ok(Running { engine, shutdown, api: tokio::spawn(api), client, reloader })
+        let host = crate::host::spawn(client.clone(), cfg.host.clone(), engine.clone(), cfg.engine.health_interval);
+        Ok(Running { engine, shutdown, api: tokio::spawn(api), client, reloader, host })
     }
 
     /// The engine.
@@ -159,6 +173,7 @@ impl Running {
     /// Stops: the API drains (running calls get the grace period), then the engine stops.
     /// Leases and VMs stay in the store for the next start.
     pub async fn stop(self) {
+        self.host.abort();
         self.shutdown.send_replace(true);
         let _ = self.api.await;
         self.engine.shutdown().await;

@@ -152,4 +152,9 @@ impl Pool for PoolService {
         let (p, r) = decode(request);
         reply(self.app.drain(p.as_ref(), r).await)
     }
+
+    async fn gc(&self, request: Request<v1::GcRequest>) -> Result<Response<v1::GcResponse>, Status> {
+        let (p, r) = decode(request);
+        reply(self.app.gc(p.as_ref(), r).await)
+    }
 }

@@ -64,6 +64,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// `[isolation]`: the host's isolation rules (`mpool isolation rules`).
     pub isolation: IsolationConfig,
+    /// `[host]`: the Multipass host's capacity, where the daemon does not report it.
+    pub host: HostConfig,
     /// `[[pools]]`: at least one pool, names unique.
     pub pools: Vec<PoolConfig>,
 }
@@ -312,6 +314,8 @@ pub struct EngineConfig {
     pub health_interval: Duration,
     /// `shutdown_grace` (default 30s): how long shutdown waits for in-flight work.
     pub shutdown_grace: Duration,
+    /// `gc_interval` (default 10m, 0: off): how often cleanup (`mpool gc`) runs on its own.
+    pub gc_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -322,8 +326,31 @@ impl Default for EngineConfig {
             reconcile_interval: Duration::from_secs(5),
             health_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            gc_interval: Duration::from_secs(600),
         }
     }
+}
+
+/// `[host]`: what mpool watches of the Multipass host's capacity, and the facts older daemons
+/// do not report. Every key is optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostConfig {
+    /// `data_dir`: multipassd's data directory, whose filesystem's free space is the host's
+    /// free disk; `None` discovers it (`$MULTIPASS_STORAGE/data`, the snap's
+    /// `/var/snap/multipass/common/data/multipassd`, `/root/.local/share/multipassd`).
+    pub data_dir: Option<PathBuf>,
+    /// `disk`: the data volume's total size, for daemons older than 1.15 (which do not report it).
+    pub disk: Option<u64>,
+    /// `cpus`: the host's CPUs, for daemons older than 1.15.1.
+    pub cpus: Option<u32>,
+    /// `memory`: the host's memory in bytes, for daemons older than 1.15.1.
+    pub memory: Option<u64>,
+    /// `min_free_disk`: no new VM while the data volume has less free space (default: off).
+    pub min_free_disk: Option<u64>,
+    /// `cpu_overcommit`: the pools' VMs may have this many times the host's CPUs (default: off).
+    pub cpu_overcommit: Option<f64>,
+    /// `memory_overcommit`: the pools' VMs may have this many times the host's memory (default: off).
+    pub memory_overcommit: Option<f64>,
 }
 
 /// `[isolation]`: what `mpool isolation rules` generates the host's nftables rules for, and
@@ -531,6 +558,8 @@ struct RawConfig {
     #[serde(default)]
     isolation: RawIsolation,
     #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
     pools: Vec<Spanned<RawPool>>,
 }
 
@@ -582,6 +611,19 @@ struct RawEngine {
     reconcile_interval: Field<RawDuration>,
     health_interval: Field<RawDuration>,
     shutdown_grace: Field<RawDuration>,
+    gc_interval: Field<RawDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    data_dir: Field<String>,
+    disk: Field<String>,
+    cpus: Field<i64>,
+    memory: Field<String>,
+    min_free_disk: Field<String>,
+    cpu_overcommit: Field<f64>,
+    memory_overcommit: Field<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -608,6 +650,7 @@ struct RawPool {
     max_size: Field<u32>,
     reset: Option<ResetStrategy>,
     max_uses: Option<u32>,
+    max_disk_usage: Field<String>,
     default_ttl: Field<RawDuration>,
     max_ttl: Field<RawDuration>,
     max_wait: Field<RawDuration>,
@@ -618,6 +661,7 @@ struct RawPool {
     autoscale_decay: Field<RawDuration>,
     require_isolation: Option<bool>,
     schedule: Option<Vec<Spanned<RawSchedule>>>,
+    rebuild_every: Field<RawDuration>,
 }
 
 #[derive(Deserialize)]
@@ -734,6 +778,7 @@ impl Checker<'_> {
         };
         let engine = self.engine(raw.engine);
         let isolation = self.isolation(raw.isolation);
+        let host = self.host(raw.host);
         if raw.pools.is_empty() {
             self.fail(
                 "pools",
@@ -771,7 +816,50 @@ impl Checker<'_> {
             }
             pools.push(pool);
         }
-        Config { daemon, api, store, engine, isolation, pools }
+        Config { daemon, api, store, engine, isolation, host, pools }
+    }
+
+    fn host(&mut self, raw: RawHost) -> HostConfig {
+        let cpus = raw.cpus.and_then(|c| match u32::try_from(*c.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.fail(
+                    "host.cpus",
+                    Some(c.span()),
+                    format!("{} is not a CPU count; give a number of at least 1", c.get_ref()),
+                );
+                None
+            }
+        });
+        HostConfig {
+            data_dir: self.path("host.data_dir", &raw.data_dir),
+            disk: raw.disk.as_ref().map(|_| self.size_limit("host.disk", &raw.disk, 0)).filter(|b| *b > 0),
+            cpus,
+            memory: raw.memory.as_ref().map(|_| self.size_limit("host.memory", &raw.memory, 0)).filter(|b| *b > 0),
+            min_free_disk: raw
+                .min_free_disk
+                .as_ref()
+                .map(|_| self.size_limit("host.min_free_disk", &raw.min_free_disk, 0))
+                .filter(|b| *b > 0),
+            cpu_overcommit: self.ratio("host.cpu_overcommit", &raw.cpu_overcommit),
+            memory_overcommit: self.ratio("host.memory_overcommit", &raw.memory_overcommit),
+        }
+    }
+
+    /// An overcommit ratio: a number above 0 (e.g. 1 = no overcommit, 4 = four times).
+    fn ratio(&mut self, key: &str, raw: &Field<f64>) -> Option<f64> {
+        let v = raw.as_ref()?;
+        let r = *v.get_ref();
+        if r.is_finite() && r > 0.0 {
+            Some(r)
+        } else {
+            self.fail(
+                key,
+                Some(v.span()),
+                format!("{r} is not a ratio; give a number above 0, e.g. 1 (no overcommit) or 4"),
+            );
+            None
+        }
     }
 
     fn isolation(&mut self, raw: RawIsolation) -> IsolationConfig {
@@ -1040,7 +1128,7 @@ impl Checker<'_> {
             Some(v) => match parse_size(v.get_ref()) {
                 Some(b) if b > 0 => b,
                 Some(_) => {
-                    self.fail(key, Some(v.span()), "must be at least 1 byte; the default is \"1G\"");
+                    self.fail(key, Some(v.span()), "must be at least 1 byte");
                     default
                 }
                 None => {
@@ -1099,6 +1187,7 @@ impl Checker<'_> {
             ),
             health_interval: self.duration("engine.health_interval", &raw.health_interval, d.health_interval, true),
             shutdown_grace: self.duration("engine.shutdown_grace", &raw.shutdown_grace, d.shutdown_grace, false),
+            gc_interval: self.duration("engine.gc_interval", &raw.gc_interval, d.gc_interval, false),
         }
     }
 
@@ -1262,6 +1351,11 @@ impl Checker<'_> {
         }
         p.reset = raw.reset.unwrap_or_default();
         p.max_uses = raw.max_uses.unwrap_or(0);
+        p.max_disk_usage = raw
+            .max_disk_usage
+            .as_ref()
+            .map(|_| self.size_limit(&key("max_disk_usage"), &raw.max_disk_usage, 0))
+            .filter(|b| *b > 0);
 
         p.default_ttl = self.duration(&key("default_ttl"), &raw.default_ttl, p.default_ttl, true);
         p.max_ttl = self.duration(&key("max_ttl"), &raw.max_ttl, p.max_ttl, true);
@@ -1291,6 +1385,11 @@ impl Checker<'_> {
                 p.schedules.push(schedule);
             }
         }
+        p.rebuild_every = raw
+            .rebuild_every
+            .as_ref()
+            .map(|_| self.duration(&key("rebuild_every"), &raw.rebuild_every, Duration::ZERO, true))
+            .filter(|d| !d.is_zero());
         p
     }
 
@@ -1381,6 +1480,30 @@ mod tests {
     }
 
     const MIN: &str = "[[pools]]\nname = \"ci\"\n";
+
+    #[test]
+    fn host_reads_the_data_dir_the_facts_older_daemons_lack_and_the_limits() {
+        let c = parse(&format!(
+            "[host]\ndata_dir = \"/srv/mp\"\ndisk = \"100G\"\ncpus = 8\nmemory = \"16G\"\nmin_free_disk = \"20G\"\ncpu_overcommit = 4\nmemory_overcommit = 1.5\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(c.host.data_dir, Some(PathBuf::from("/srv/mp")));
+        assert_eq!((c.host.disk, c.host.cpus, c.host.memory), (Some(100 << 30), Some(8), Some(16 << 30)));
+        assert_eq!(
+            (c.host.min_free_disk, c.host.cpu_overcommit, c.host.memory_overcommit),
+            (Some(20 << 30), Some(4.0), Some(1.5))
+        );
+        assert_eq!(parse(MIN).unwrap().host, HostConfig::default());
+        assert_error(
+            &format!("[host]\ncpus = 0\nmemory = \"lots\"\ncpu_overcommit = 0\n{MIN}"),
+            &[
+                "line 2: host.cpus: 0 is not a CPU count",
+                "host.memory",
+                "is not a size",
+                "host.cpu_overcommit: 0 is not a ratio",
+            ],
+        );
+    }
 
     #[test]
     fn isolation_reads_the_bridge_and_the_allowed_ports_sorted_once() {
@@ -1521,6 +1644,7 @@ delete_strays = false
 reconcile_interval = "250ms"
 health_interval = "1m"
 shutdown_grace = "0"
+gc_interval = "1h"
 
 [[pools]]
 name = "ci"
@@ -1549,6 +1673,8 @@ require_isolation = true
 periods = ["* * 8-17 * * mon-fri", "0 0 2 * * *"]
 min_ready = 5
 timezone = "local"
+rebuild_every = "7d"
+max_disk_usage = "8G"
 
 [[pools]]
 name = "build-arm"
@@ -1591,6 +1717,7 @@ reset = "recreate"
         let e = &c.engine;
         assert_eq!(e.name_prefix, "pool-");
         assert!(!e.delete_strays);
+        assert_eq!(e.gc_interval, Duration::from_secs(3600));
         assert_eq!(e.reconcile_interval, Duration::from_millis(250));
         assert_eq!(e.health_interval, Duration::from_secs(60));
         assert_eq!(e.shutdown_grace, Duration::ZERO);
@@ -1621,6 +1748,9 @@ reset = "recreate"
         );
         assert!(!c.pool("build-arm").unwrap().require_isolation, "off by default");
         assert_eq!((p.autoscale, p.autoscale_decay), (Autoscale::Demand, Duration::from_secs(1200)));
+        assert_eq!(p.rebuild_every, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(p.max_disk_usage, Some(8 << 30));
+        assert_eq!(c.pool("build-arm").unwrap().rebuild_every, None, "off by default");
         let arm = c.pool("build-arm").unwrap();
         assert_eq!((arm.autoscale, arm.autoscale_decay), (Autoscale::Off, Duration::from_secs(600)));
         assert_eq!(c.pool("build-arm").unwrap().reset, ResetStrategy::Recreate);

@@ -1,5 +1,7 @@
 //! mpool's pure core: what the engine decides, from observations and time, with no I/O.
 //!
+//! - [`host`]: the Multipass host's capacity (CPUs, memory, disk) from the daemon, the data
+//!   volume and the configuration.
 //! - [`types`]: instance states, the SSH endpoint type, launch options.
 //! - [`sizes`]: memory and disk sizes as multipass takes them.
 //! - [`pool_config`]: one pool's settings (parsed and validated by `mpool-config`).
@@ -13,6 +15,7 @@
 //! to those (`mpool-multipass`, `mpool-ssh`, `mpool-store`), and the actor that performs the
 //! decisions in `mpool-engine`.
 
+pub mod host;
 pub mod pool;
 pub mod pool_config;
 pub mod ports;

@@ -83,6 +83,9 @@ pub struct PoolConfig {
     pub reset: ResetStrategy,
     /// `max_uses` (default 0 = unlimited): after this many leases the VM is recycled.
     pub max_uses: u32,
+    /// `max_disk_usage` (default off): a VM whose root filesystem uses more (bytes, `df` in the
+    /// guest at release) is rebuilt instead of reset.
+    pub max_disk_usage: Option<u64>,
     /// `default_ttl` (default 30m): lease TTL when the client asks for none.
     pub default_ttl: Duration,
     /// `max_ttl` (default 4h): longest lease TTL a client may ask for; at least `default_ttl`.
@@ -93,6 +96,10 @@ pub struct PoolConfig {
     pub readiness_timeout: Duration,
     /// `idle_timeout` (default 15m): idle VMs above `min_ready` are scaled down after this.
     pub idle_timeout: Duration,
+    /// `rebuild_every` (default off): the pool's generation is bumped this long after the last
+    /// bump, so its VMs (and golden VM) are rebuilt from the image, picking up its updates; idle
+    /// VMs rotate as on a config change. Not part of the generation key.
+    pub rebuild_every: Option<Duration>,
     /// `max_leases_per_owner` (default 0 = unlimited): most leases one owner (token identity;
     /// with auth off every caller is the same owner) holds in this pool at once; an acquire
     /// beyond it waits like one in a full pool.
@@ -127,11 +134,13 @@ impl PoolConfig {
             max_size: 1,
             reset: ResetStrategy::Snapshot,
             max_uses: 0,
+            max_disk_usage: None,
             default_ttl: Duration::from_secs(30 * 60),
             max_ttl: Duration::from_secs(4 * 3600),
             max_wait: Duration::from_secs(5 * 60),
             readiness_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(15 * 60),
+            rebuild_every: None,
             max_leases_per_owner: 0,
             autoscale: Autoscale::Off,
             autoscale_decay: Duration::from_secs(10 * 60),

@@ -68,6 +68,8 @@ pub trait DaemonPort: Send + Sync + 'static {
     fn clone_vm(&self, source: String, destination: String) -> BoxFut<'_, Result<(), StepError>>;
     /// Deletes and purges (a missing instance is not an error).
     fn delete(&self, name: String) -> BoxFut<'_, Result<(), StepError>>;
+    /// Deletes one snapshot of an instance, permanently (a missing snapshot is not an error).
+    fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>>;
     /// SSH endpoint of a running instance.
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>>;
 }
@@ -86,6 +88,8 @@ pub trait SshPort: Send + Sync + 'static {
     /// Runs a bash script in the VM and returns what it printed on stdout (for probes whose
     /// answer is their output; a non-zero exit is an error).
     fn output(&self, vm: String, info: SshEndpoint, script: String) -> BoxFut<'_, Result<String, StepError>>;
+    /// Bytes used on the VM's root filesystem (`df` in the guest, over the pooled connection).
+    fn disk_used(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>>;
     /// Drops the VM's pooled connection (it stopped, suspended, was reset or deleted).
     fn forget(&self, vm: String) -> BoxFut<'_, ()>;
 }

@@ -228,6 +228,9 @@ pub struct PoolRecord {
     pub generation: u64,
     /// The config fingerprint of that generation.
     pub key: String,
+    /// When that generation began (unix ms; 0 in records written before it was kept).
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// One change inside a write batch.

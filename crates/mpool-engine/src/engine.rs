@@ -41,7 +41,10 @@ use mpool_metrics::Metrics;
 
 use crate::isolation::{ProbeSettings, Prober};
 use crate::plans::{Ctx, Run};
+
+mod gc;
 use crate::scheduler::{Op, Priority, Scheduler};
+pub use gc::GcReport;
 
 /// Engine settings (from `[engine]`).
 #[derive(Clone, Debug)]
@@ -60,6 +63,10 @@ pub struct Settings {
     pub store_retry: Duration,
     /// The isolation probe (`None`: off).
     pub isolation: Option<ProbeSettings>,
+    /// How often cleanup runs on its own (zero: only on demand, [`Engine::gc`]).
+    pub gc_interval: Duration,
+    /// The `[host]` limits new VMs are admitted under (default: none).
+    pub limits: mpool_core::pool::admission::Limits,
 }
 
 impl Default for Settings {
@@ -72,6 +79,8 @@ impl Default for Settings {
             priorities: true,
             store_retry: Duration::from_millis(500),
             isolation: None,
+            gc_interval: Duration::ZERO,
+            limits: Default::default(),
         }
     }
 }
@@ -123,6 +132,15 @@ enum Msg {
     },
     Status(oneshot::Sender<Status>),
     Capacity(oneshot::Sender<Vec<PoolCapacity>>),
+    /// A step of a cleanup run.
+    Gc(gc::GcMsg),
+    /// The host's capacity was sampled.
+    Host(mpool_core::host::HostFacts),
+    /// A VM's disk usage was measured (`None`: unknown again, it is being rebuilt).
+    DiskUsed {
+        vm: String,
+        bytes: Option<u64>,
+    },
     /// What a task reports back.
     Done(Input),
     Shutdown(oneshot::Sender<()>),
@@ -158,14 +176,14 @@ impl Engine {
         let snapshot = store.load().map_err(|e| e.to_string())?;
         let mut writes = Vec::new();
         let mut with_generations = Vec::new();
+        let mut since = Vec::new();
+        let now_ms = ports.clock.wall_ms();
         for cfg in pools {
             let key = cfg.generation_key();
-            let generation = match snapshot.pools.iter().find(|p| p.name == cfg.name) {
-                Some(p) if p.key == key => p.generation,
-                Some(p) => p.generation.saturating_add(1),
-                None => 1,
-            };
-            writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation, key }));
+            let record = snapshot.pools.iter().find(|p| p.name == cfg.name);
+            let (generation, since_ms) = mpool_core::pool::rebuild::generation_at_start(&cfg, &key, record, now_ms);
+            writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation, key, since_ms }));
+            since.push((cfg.name.clone(), since_ms));
             with_generations.push((cfg, generation));
         }
         store.write(&writes, true).map_err(|e| e.to_string())?;
@@ -177,8 +195,11 @@ impl Engine {
             store_retry: settings.store_retry,
             store_retry_max: STORE_RETRY_MAX,
         };
+        let mut state = EngineState::new(state_settings, with_generations, snapshot);
+        state.set_limits(settings.limits);
+        state.set_generation_since(since);
         let actor = Actor {
-            state: EngineState::new(state_settings, with_generations, snapshot),
+            state,
             ctx: Ctx {
                 ports,
                 sched: Scheduler::new(settings.priorities),
@@ -281,6 +302,17 @@ impl Engine {
         rx.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Cleanup: purges our instances left deleted but not purged and deletes snapshots on our
+    /// idle VMs that are not ours; reports what it found and did (a dry run only reports).
+    pub async fn gc(&self, dry_run: bool) -> Result<GcReport, EngineError> {
+        self.ask(|reply| Msg::Gc(gc::GcMsg::Start { dry_run, reply: Some(reply) })).await
+    }
+
+    /// Tells the engine the host's capacity (sampled outside it: `daemon_info`, statvfs).
+    pub async fn set_host(&self, facts: mpool_core::host::HostFacts) {
+        let _ = self.tx.send(Msg::Host(facts)).await;
+    }
+
     /// Whether mpool can serve: the daemon answers and the store takes writes (for health).
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
@@ -353,6 +385,7 @@ fn clock_now() -> Instant {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         self.spawn_observer();
+        self.spawn_gc_timer(self.settings.gc_interval);
         let mut tick = tokio::time::interval(self.settings.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -435,6 +468,18 @@ impl Actor {
             Msg::Refresh { id, owner, reply } => {
                 Input::Refresh { id, owner, caller: self.caller(Caller::Lease(reply)) }
             }
+            Msg::DiskUsed { vm, bytes } => {
+                self.state.set_disk_used(&vm, bytes);
+                return None;
+            }
+            Msg::Host(facts) => {
+                self.state.set_host(facts);
+                return None;
+            }
+            Msg::Gc(step) => {
+                self.gc(step);
+                return None;
+            }
             Msg::Done(input) => input,
         };
         self.input(input);
@@ -509,7 +554,7 @@ impl Actor {
                 let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
                     let (vm, plan) = (order.vm.clone(), order.kind);
-                    let result = run_plan(&ctx, *order).await;
+                    let result = run_plan(&ctx, &tx, *order).await;
                     // A probe's verdict reaches the state before the outcome of its plan: a
                     // wake in a pool that requires isolation grants on it.
                     if let Some(news) = ctx.isolation_news() {
@@ -600,7 +645,7 @@ async fn ask_list(daemon: &Arc<dyn DaemonPort>) -> (Result<Vec<Observed>, StepEr
 
 /// Runs one plan: its steps from the facts the engine knows, or (when it cannot be sure) from
 /// what the daemon reports, so steps already done are skipped.
-async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
+async fn run_plan(ctx: &Ctx, tx: &mpsc::Sender<Msg>, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
     let PlanOrder { vm, kind, pool, golden, rebuild, observe, ssh, for_waiters, waiting, peer } = order;
     let peer = peer.as_ref();
     let has_setup = !pool.setup.is_empty();
@@ -616,6 +661,13 @@ async fn run_plan(ctx: &Ctx, order: PlanOrder) -> Result<Option<SshEndpoint>, St
             ctx.execute(&run, &plan, f).await
         }
         PlanKind::Reset { hot } => {
+            let used = crate::disk::measure(ctx, &vm, &pool, ssh.as_ref(), for_waiters).await;
+            let over = crate::disk::over_limit(&vm, &pool, used);
+            if used.is_some() {
+                // A VM rebuilt for its usage starts afresh: its figure is unknown until measured again.
+                let _ = tx.send(Msg::DiskUsed { vm: vm.clone(), bytes: used.filter(|_| !over) }).await;
+            }
+            let rebuild = rebuild || over;
             let priority = if for_waiters { Priority::Release } else { Priority::Reset };
             let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting), peer };
             let plan = steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild);

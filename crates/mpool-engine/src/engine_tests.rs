@@ -856,3 +856,139 @@ async fn a_reload_adds_changes_and_drains_pools_without_touching_leased_vms() {
         "its VMs are deleted"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn gc_purges_and_prunes_exactly_our_stuff_and_frees_the_vms_it_claims() {
+    use mpool_core::types::InstanceState as S;
+    let h = start(pool(2, 1, 3));
+    let s = until(&h.engine, "ready", |s| count(s, "hot") == 1 && count(s, "warm") == 1).await;
+    let vm = |state: &str| s.vms.iter().find(|v| v.state == state).unwrap().name.clone();
+    let (hot, warm) = (vm("hot"), vm("warm"));
+    {
+        let mut st = h.fake.st.lock().unwrap();
+        st.instances.insert("mpool-ci-gone".into(), S::Deleted);
+        st.instances.insert("other-gone".into(), S::Deleted);
+        st.instances.insert("other-vm".into(), S::Stopped);
+        for (i, snap) in [(&warm, "snapshot2"), (&hot, "snapshot2"), (&"other-vm".to_string(), "snapshot1")] {
+            st.snapshots.insert((i.clone(), snap.into()));
+        }
+    }
+
+    let dry = h.engine.gc(true).await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(dry.found.purge, vec!["mpool-ci-gone"]);
+    assert_eq!(
+        dry.found.delete_snapshots.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        [format!("{warm}.snapshot2")]
+    );
+    assert_eq!(dry.found.deferred.iter().map(|d| d.what.clone()).collect::<Vec<_>>(), [format!("{hot}.snapshot2")]);
+    assert_eq!(dry.found.foreign_snapshots.len(), 1);
+    assert_eq!(h.fake.count("delete"), 0, "a dry run touches nothing");
+
+    let done = h.engine.gc(false).await.unwrap();
+    assert_eq!((done.found.purge.len(), done.found.delete_snapshots.len()), (1, 1));
+    assert!(done.failed.is_empty(), "{:?}", done.failed);
+    {
+        let st = h.fake.st.lock().unwrap();
+        assert!(!st.instances.contains_key("mpool-ci-gone"), "ours purged");
+        assert_eq!(st.instances.get("other-gone"), Some(&S::Deleted), "never another's");
+        assert!(!st.snapshots.contains(&(warm.clone(), "snapshot2".into())));
+        assert!(st.snapshots.contains(&(warm.clone(), "mpool-clean".into())), "never our clean snapshot");
+        assert!(st.snapshots.contains(&(hot.clone(), "snapshot2".into())), "never on a running VM");
+        assert!(st.snapshots.contains(&("other-vm".into(), "snapshot1".into())));
+        assert_eq!(st.calls.iter().filter(|c| c.contains("other")).count(), 0, "{:?}", st.calls);
+    }
+    assert_eq!(h.fake.count("purge"), 0, "never the Purge RPC");
+    // The warm VM it claimed is free again.
+    let s = h.engine.status().await.unwrap();
+    assert!(s.vms.iter().all(|v| !v.busy), "{:?}", s.vms);
+    let (a, b) = tokio::join!(h.engine.acquire(req("a")), h.engine.acquire(req("b")));
+    let mut leased = [a.unwrap().record.vm, b.unwrap().record.vm];
+    leased.sort();
+    let mut idle = [hot, warm];
+    idle.sort();
+    assert_eq!(leased, idle, "both idle VMs are handed out, the pruned one too");
+}
+
+/// A wall clock the test sets.
+#[derive(Default)]
+struct SetClock(std::sync::atomic::AtomicU64);
+
+impl mpool_core::ports::Clock for SetClock {
+    fn wall_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rebuild_every_bumps_the_generation_on_schedule_and_keeps_it_across_restarts() {
+    use std::sync::atomic::Ordering;
+    const HOUR: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("state.redb");
+    let (fake, clock) = (Fake::default(), Arc::new(SetClock::default()));
+    clock.0.store(1_000 * HOUR, Ordering::SeqCst);
+    let mut cfg = pool(1, 0, 2);
+    cfg.rebuild_every = Some(Duration::from_secs(24 * 3600));
+    let start = |cfg: PoolConfig| {
+        let mut ports = Ports::new(Arc::new(fake.clone()), Arc::new(fake.clone()));
+        ports.clock = clock.clone();
+        Engine::start(settings(), vec![cfg], ports, Arc::new(Store::open(&store_path).unwrap())).unwrap()
+    };
+    let engine = start(cfg.clone());
+    let s = until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    let first = s.vms[0].name.clone();
+    assert_eq!(s.pools[0].generation, 1);
+
+    // Not yet due: nothing changes.
+    clock.0.store(1_020 * HOUR, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 1);
+
+    // Due: a new generation, and the idle VM is rotated for one built from it.
+    clock.0.store(1_025 * HOUR, Ordering::SeqCst);
+    let s = until(&engine, "rotated", |s| {
+        s.pools[0].generation == 2 && s.vms.len() == 1 && s.vms[0].generation == 2 && count(s, "warm") == 1
+    })
+    .await;
+    assert_ne!(s.vms[0].name, first);
+    engine.shutdown().await;
+
+    // A restart keeps the generation and when it began: not due again until a day later.
+    let engine = start(cfg.clone());
+    until(&engine, "ready", |s| count(s, "warm") == 1).await;
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 2);
+    engine.shutdown().await;
+    // Due while mpool was down: the next generation at start.
+    clock.0.store(1_050 * HOUR, Ordering::SeqCst);
+    let engine = start(cfg);
+    assert_eq!(engine.status().await.unwrap().pools[0].generation, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_over_max_disk_usage_is_rebuilt_at_release_instead_of_reset() {
+    let mut cfg = pool(1, 0, 1);
+    cfg.max_disk_usage = Some(1 << 30);
+    let h = start(cfg);
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    let vm = lease.record.vm.clone();
+    h.fake.st.lock().unwrap().disk_used.insert(vm.clone(), 2 << 30);
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    assert_eq!(h.fake.count(&format!("ssh-df {vm}")), 1, "measured at release");
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 2, "rebuilt from the image");
+    assert_eq!(h.fake.count(&format!("restore {vm}")), 0, "not restored");
+    let s = h.engine.status().await.unwrap();
+    assert_eq!((s.vms[0].disk_used, s.pools[0].disk_used), (None, 0), "rebuilt: its usage is unknown again");
+
+    // Under the limit: reset as usual.
+    h.fake.st.lock().unwrap().disk_used.insert(vm.clone(), 1 << 29);
+    let lease = h.engine.acquire(req("b")).await.unwrap();
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    assert_eq!(h.fake.count(&format!("restore {vm}")), 1, "restored");
+    assert_eq!(h.fake.count(&format!("launch {vm}")), 2);
+    let s = h.engine.status().await.unwrap();
+    assert_eq!((s.vms[0].disk_used, s.pools[0].disk_used), (Some(1 << 29), 1 << 29), "the measured usage is reported");
+}

@@ -34,6 +34,8 @@ pub struct FakeState {
     pub list_lag: std::time::Duration,
     /// How long every call but reads (list, ping) takes: a daemon whose VMs take time to refill.
     pub op_delay: std::time::Duration,
+    /// Bytes `df` reports used in a VM (0 when not set).
+    pub disk_used: std::collections::HashMap<String, u64>,
     /// Instances a tenant has written into since they were last reset (restored, launched,
     /// cloned): the model-based tests mark them when a lease is acknowledged.
     pub dirty: HashSet<String>,
@@ -243,6 +245,16 @@ impl DaemonPort for Fake {
         })
     }
 
+    fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            self.gate("delete_snapshot", &name).await?;
+            self.step("delete_snapshot", &format!("{name}.{snapshot}"), |st| {
+                st.snapshots.remove(&(name, snapshot));
+                Ok(())
+            })
+        })
+    }
+
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(async move {
             self.gate("ssh_info", &name).await?;
@@ -291,6 +303,14 @@ impl SshPort for Fake {
             let outcome = if st.open_network { "open" } else { "blocked" };
             let lines = script.lines().filter_map(|l| l.strip_prefix("probe ")?.strip_suffix(" &"));
             Ok(lines.map(|target| format!("{outcome} {target}\n")).collect())
+        })
+    }
+
+    fn disk_used(&self, vm: String, _info: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>> {
+        Box::pin(async move {
+            let mut st = self.st.lock().unwrap();
+            st.calls.push(format!("ssh-df {vm}"));
+            Ok(st.disk_used.get(&vm).copied().unwrap_or(0))
         })
     }
 

@@ -7,12 +7,13 @@
 //! daemon and SSH, the [`scheduler`] that orders daemon calls, and the [`isolation`] probe's
 //! runner.
 
+mod disk;
 pub mod engine;
 pub mod isolation;
 pub mod plans;
 pub mod scheduler;
 
-pub use engine::{Engine, Settings};
+pub use engine::{Engine, GcReport, Settings};
 pub use isolation::ProbeSettings;
 pub use mpool_core::pool::error::{EngineError, ErrorKind};
 pub use mpool_core::pool::leases::{AcquireRequest, LeaseInfo, Served};

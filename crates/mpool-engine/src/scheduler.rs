@@ -2,7 +2,7 @@
 //! main thread: while one runs, every other call waits, `list` included. So mpool sends its
 //! daemon calls through here:
 //! - at most one daemon-blocking operation is in flight; the others queue by priority
-//!   (acquire path > release > background reset > provisioning), FIFO within a priority;
+//!   (acquire path > release > background reset > provisioning > cleanup), FIFO within a priority;
 //! - non-blocking calls (start, launch, list, ssh_info) go out at once, so an acquire's resume
 //!   waits for at most the one blocking operation already running, never for a queue of them;
 //! - operations on one instance never overlap;
@@ -29,6 +29,8 @@ pub enum Priority {
     Reset = 2,
     /// Provisioning, scale-down, rotation, health.
     Provision = 3,
+    /// Cleanup (`mpool gc`): purging our deleted instances, deleting stray snapshots.
+    Cleanup = 4,
 }
 
 /// Daemon operations, by whether they hold multipassd's main thread.

@@ -30,13 +30,16 @@ fn gauge(v: i64) -> Gauge {
     g
 }
 
-/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_daemon_up`, `mpool_daemon_queue`,
-/// `mpool_store_up` and `mpool_network_isolated` as `status` has them, each with the `host` label
-/// when there is a host.
+/// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_pool_held_back`,
+/// `mpool_pool_disk_used_bytes`, `mpool_daemon_up`, `mpool_daemon_queue`, `mpool_store_up`,
+/// `mpool_network_isolated` and the `mpool_host_*` figures as `status` has them, each with the
+/// `host` label when there is a host.
 pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
     let vms = Family::<VmLabels, Gauge>::default();
     let leases = Family::<PoolLabels, Gauge>::default();
     let waiters = Family::<PoolLabels, Gauge>::default();
+    let held_back = Family::<PoolLabels, Gauge>::default();
+    let disk_used = Family::<PoolLabels, Gauge>::default();
     for p in &status.pools {
         for (state, n) in &p.counts {
             vms.get_or_create(&VmLabels { pool: p.name.clone(), state: state.clone() }).set(value(*n));
@@ -44,11 +47,19 @@ pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
         let pool = PoolLabels { pool: p.name.clone() };
         leases.get_or_create(&pool).set(value(p.leases));
         waiters.get_or_create(&pool).set(value(p.waiters));
+        held_back.get_or_create(&pool).set(i64::from(p.held_back.is_some()));
+        disk_used.get_or_create(&pool).set(i64::try_from(p.disk_used).unwrap_or(i64::MAX));
     }
     let mut r = super::registry_for(host);
     r.register("mpool_vms", "VMs per pool and state", vms);
     r.register("mpool_leases", "Leases per pool", leases);
     r.register("mpool_waiters", "Callers waiting for a VM, per pool", waiters);
+    r.register("mpool_pool_held_back", "1 while the host's [host] limits admit no more of the pool's VMs", held_back);
+    r.register(
+        "mpool_pool_disk_used_bytes",
+        "The pool's VMs' disk usage as last measured (df in the guest at release), bytes",
+        disk_used,
+    );
     r.register("mpool_daemon_up", "1 when multipassd answers", gauge(i64::from(status.daemon_ok)));
     r.register(
         "mpool_daemon_queue",
@@ -66,6 +77,21 @@ pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
         "1 when the isolation probe measured the VMs cut off from each other and the host, 0 when a VM reached one, -1 while unknown",
         gauge(isolated),
     );
+    // The host's figures, once known (an unknown figure has no series rather than a false 0).
+    let facts = status.host.clone().unwrap_or_default();
+    let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    if let Some(v) = facts.disk_free {
+        r.register("mpool_host_disk_free_bytes", "Free bytes on multipassd's data volume", gauge(bytes(v)));
+    }
+    if let Some(v) = facts.disk_total {
+        r.register("mpool_host_disk_total_bytes", "Size of multipassd's data volume, bytes", gauge(bytes(v)));
+    }
+    if let Some(v) = facts.cpus {
+        r.register("mpool_host_cpus", "CPUs of the Multipass host", gauge(i64::from(v)));
+    }
+    if let Some(v) = facts.memory {
+        r.register("mpool_host_memory_bytes", "Memory of the Multipass host, bytes", gauge(bytes(v)));
+    }
     r
 }
 
@@ -93,12 +119,15 @@ mod tests {
                 leases: 2,
                 golden_ready: None,
                 removed: false,
+                held_back: None,
+                disk_used: 0,
                 config: None,
             }],
             vms: vec![],
             leases: vec![],
             queued_daemon_calls: 4,
             isolation: Default::default(),
+            host: None,
         }
     }
 

@@ -17,6 +17,8 @@
 //! `mpool_store_up`. (prometheus-client appends `_total` to a counter's registered name.)
 //! Metrics made for a host ([`Metrics::for_host`], as `mpool serve` makes them) carry a
 //! `host` label on every series, so one Prometheus scraping several hosts tells them apart.
+//! `mpool_store_up`, `mpool_pool_held_back{pool}`, `mpool_pool_disk_used_bytes{pool}`, `mpool_host_disk_free_bytes`, `mpool_host_disk_total_bytes`,
+//! `mpool_host_cpus`, `mpool_host_memory_bytes` (once known). (prometheus-client appends `_total` to a counter's registered name.)
 //!
 //! Besides, the last hour of acquire latency and reset duration per pool and minute
 //! ([`history`], [`Metrics::history`]), for the status page's charts.

@@ -117,6 +117,16 @@ impl DaemonPort for MultipassPort {
         }))
     }
 
+    fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(self.timed("delete_snapshot", async move {
+            match self.slow.delete_snapshot(&name, &snapshot).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }))
+    }
+
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(self.timed("ssh_info", async move { Ok(self.quick.ssh_info(&name).await?) }))
     }

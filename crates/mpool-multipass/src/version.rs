@@ -39,6 +39,11 @@ impl Version {
         *self >= Version { major: 1, minor: 15, patch: 0 }
     }
 
+    /// `daemon_info` exists (1.15+; CPUs and memory from 1.15.1).
+    pub fn has_daemon_info(&self) -> bool {
+        *self >= Version { major: 1, minor: 15, patch: 0 }
+    }
+
     /// `stop` takes `force_stop` (1.14+).
     pub fn has_force_stop(&self) -> bool {
         *self >= Version { major: 1, minor: 14, patch: 0 }

@@ -1747,7 +1747,9 @@ impl Daemon {
             })
             .map(|kb| kb * 1024)
             .unwrap_or(0);
-        call.send(pb::DaemonInfoReply { available_space: 100 << 30, cpus, memory, ..Default::default() }).await;
+        // As multipassd: the *total* size of the volume holding its data, not the free space.
+        let available_space = volume_total(&self.cfg.state_dir).unwrap_or(100 << 30);
+        call.send(pb::DaemonInfoReply { available_space, cpus, memory, ..Default::default() }).await;
         Ok(())
     }
 
@@ -1880,4 +1882,10 @@ async fn remove_tree(path: PathBuf) -> Result<(), Status> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Status::internal(format!("{}: {e}", path.display()))),
     }
+}
+
+/// The total size in bytes of the filesystem holding `dir` (statvfs).
+fn volume_total(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks().saturating_mul(st.fragment_size()))
 }

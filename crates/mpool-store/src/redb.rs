@@ -319,7 +319,11 @@ mod tests {
             )
             .unwrap();
             s.write(&[Write::PutVm(vm("mpool-ci-b", PhaseRecord::Warm))], false).unwrap();
-            s.write(&[Write::PutPool(PoolRecord { name: "ci".into(), generation: 3, key: "k".into() })], true).unwrap();
+            s.write(
+                &[Write::PutPool(PoolRecord { name: "ci".into(), generation: 3, key: "k".into(), since_ms: 0 })],
+                true,
+            )
+            .unwrap();
         }
         let s = Store::open(&path).unwrap();
         let snap = s.load().unwrap();
@@ -385,7 +389,10 @@ mod tests {
         let snap = s.load().unwrap();
         assert_eq!(snap.vms.len(), 4);
         assert_eq!(snap.leases.len(), 2);
-        assert_eq!(snap.pools, vec![PoolRecord { name: "ci".into(), generation: 2, key: "fixture-key".into() }]);
+        assert_eq!(
+            snap.pools,
+            vec![PoolRecord { name: "ci".into(), generation: 2, key: "fixture-key".into(), since_ms: 0 }]
+        );
         assert_eq!(
             snap.requests,
             vec![RequestRecord {

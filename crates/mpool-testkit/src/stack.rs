@@ -89,6 +89,9 @@ pub struct StackOptions {
     pub api_toml: String,
     /// The `[engine]` lines.
     pub engine_toml: String,
+    /// `[host]` lines besides `data_dir` (the simulator's state directory, standing in for
+    /// multipassd's data directory), e.g. `cpu_overcommit = 2`.
+    pub host_toml: String,
     /// The name of the stack's own token ([`Stack::token`], allowed every pool).
     pub token_name: String,
     /// More tokens: (name, plaintext token, pools).
@@ -125,6 +128,7 @@ impl StackOptions {
             daemon_toml: "call_timeout = \"10s\"\nblocking_call_timeout = \"20s\"".into(),
             api_toml: String::new(),
             engine_toml: "reconcile_interval = \"100ms\"\nhealth_interval = \"1s\"\nshutdown_grace = \"2s\"".into(),
+            host_toml: String::new(),
             token_name: "ci-bot".into(),
             tokens: vec![("other".into(), "other-token".into(), vec!["*".into()])],
             metrics_and_http: true,
@@ -148,6 +152,7 @@ impl StackOptions {
             daemon_toml: String::new(),
             api_toml: String::new(),
             engine_toml: "shutdown_grace = \"1s\"".into(),
+            host_toml: String::new(),
             token_name: "bench".into(),
             tokens: vec![],
             metrics_and_http: false,
@@ -184,6 +189,7 @@ impl fmt::Debug for StackOptions {
             .field("daemon_toml", &self.daemon_toml)
             .field("api_toml", &self.api_toml)
             .field("engine_toml", &self.engine_toml)
+            .field("host_toml", &self.host_toml)
             .field("token_name", &self.token_name)
             .field("tokens", &self.tokens.iter().map(|t| &t.0).collect::<Vec<_>>())
             .field("metrics_and_http", &self.metrics_and_http)
@@ -323,6 +329,10 @@ path = "{store}"
 [engine]
 {engine}
 
+[host]
+data_dir = "{sim_state}"
+{host}
+
 {pools}
 "#,
                 root = root.display(),
@@ -330,6 +340,8 @@ path = "{store}"
                 api = o.api_toml,
                 store = store.display(),
                 engine = o.engine_toml,
+                sim_state = sim_state.display(),
+                host = o.host_toml,
                 pools = o.pools,
             ),
         )?;

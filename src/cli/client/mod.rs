@@ -15,6 +15,7 @@ mod drain;
 mod exec;
 mod flags;
 mod fleet;
+mod gc;
 mod leases;
 mod preheat;
 mod print;
@@ -144,6 +145,9 @@ pub enum ClientCommand {
     Reload(reload::ReloadArgs),
     /// Drain the host (refuse new leases, let the current ones finish), or undo it; admins only.
     Drain(drain::DrainArgs),
+    /// Cleanup now (admins): purge mpool's deleted instances, delete snapshots that are not
+    /// mpool's; anything without mpool's prefix is only listed.
+    Gc(gc::GcArgs),
 }
 
 /// Runs a client command.
@@ -183,5 +187,6 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Drain(a) => drain::run(&mut connect(&c).await?, a).await,
         ClientCommand::Preheat(a) => preheat::run(&mut connect(&c).await?, a).await,
         ClientCommand::Reload(a) => reload::run(&mut connect(&c).await?, a).await,
+        ClientCommand::Gc(a) => gc::run(&mut connect(&c).await?, a).await,
     }
 }

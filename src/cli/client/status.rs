@@ -119,6 +119,12 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     if let Some(p) = pools.first().filter(|p| p.draining) {
         out.push_str(&format!("\nhost {} is draining (mpool drain): it takes no new leases\n", p.host));
     }
+    for p in pools.iter().filter(|p| !p.held_back.is_empty()) {
+        out.push_str(&format!("\nHELD BACK {}: {}\n", p.name, p.held_back));
+    }
+    if let Some(h) = pools.first().and_then(|p| p.host_facts.as_ref()) {
+        out.push_str(&format!("\n{}\n", host_line(h)));
+    }
     if !leases.is_empty() {
         let now = SystemTime::now();
         out.push_str(&format!(
@@ -137,6 +143,18 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// The host's capacity in one line: `HOST 8 CPUs, 31.3G memory, disk 12.5G free of 100.0G`.
+fn host_line(h: &v1::HostInfo) -> String {
+    let gib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1}G", b as f64 / f64::from(1u32 << 30)));
+    let cpus = h.cpus.map_or("?".to_string(), |c| c.to_string());
+    format!(
+        "HOST {cpus} CPUs, {} memory, disk {} free of {}",
+        gib(h.memory_bytes),
+        gib(h.disk_free_bytes),
+        gib(h.disk_total_bytes)
+    )
 }
 
 /// A pool's line of the table.

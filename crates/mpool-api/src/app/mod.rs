@@ -9,6 +9,8 @@
 //! - pools and VMs: [`App::list_pools`], [`App::get_pool`], [`App::list_vms`] (`pools`)
 //! - the server itself: [`App::health`], [`App::history`] ([`status`]); this host's name and
 //!   drain: [`App::host`], [`App::drain`] ([`host`])
+//! - the server itself: [`App::health`], [`App::history`] ([`status`]); cleanup, for admins:
+//!   [`App::gc`] (`gc`)
 //! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
 //!   found by `execs`)
 //! - files: [`App::upload`], [`App::download`] (`transfer`)
@@ -28,6 +30,7 @@ mod command;
 pub mod error;
 mod exec;
 mod execs;
+mod gc;
 pub mod host;
 mod lease_use;
 mod leases;

@@ -84,6 +84,7 @@ impl App {
                 generation: v.generation,
                 uses: v.uses,
                 lease_id: v.lease.filter(|id| visible.contains(id.as_str())).unwrap_or_default(),
+                disk_used_bytes: v.disk_used,
             })
             .collect();
         Ok(v1::ListVmsResponse { vms })
@@ -147,6 +148,15 @@ fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::
         preheat: sizing.map_or(0, |c| c.preheat),
         scheduled: sizing.map_or(0, |c| c.scheduled),
         preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
+        held_back: p.held_back.clone().unwrap_or_default(),
+        disk_used_bytes: p.disk_used,
+        host_facts: status.host.as_ref().map(|h| v1::HostInfo {
+            cpus: h.cpus,
+            memory_bytes: h.memory,
+            disk_total_bytes: h.disk_total,
+            disk_free_bytes: h.disk_free,
+            disk_free_source: h.disk_free_source.clone(),
+        }),
         ..v1::PoolInfo::default()
     }
 }

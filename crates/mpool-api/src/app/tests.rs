@@ -58,6 +58,9 @@ impl DaemonPort for Empty {
     fn delete(&self, _: String) -> BoxFut<'_, Result<(), StepError>> {
         down()
     }
+    fn delete_snapshot(&self, _: String, _: String) -> BoxFut<'_, Result<(), StepError>> {
+        down()
+    }
     fn ssh_info(&self, _: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         down()
     }
@@ -71,6 +74,9 @@ impl SshPort for Empty {
         down()
     }
     fn output(&self, _: String, _: SshEndpoint, _: String) -> BoxFut<'_, Result<String, StepError>> {
+        down()
+    }
+    fn disk_used(&self, _: String, _: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>> {
         down()
     }
     fn forget(&self, _: String) -> BoxFut<'_, ()> {

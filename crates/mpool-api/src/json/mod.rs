@@ -23,6 +23,7 @@
 //! | `GET /v1/pools`, `GET /v1/pools/{pool}`, `GET /v1/leases`, `GET /v1/vms` | none | the listings |
 //! | `POST /v1/reload` | none | `ReloadResponse` (admins only) |
 //! | `POST /v1/drain` | `DrainRequest` (`{"drain": true}`; admins) | `DrainResponse` |
+//! | `POST /v1/gc` | `GcRequest` (`{"dryRun": true}`), admins only | `GcResponse` |
 //! | `GET /healthz` | none (no token) | `{"status": "SERVING"}` or 503 |
 //! | `GET /v1/openapi.json` | none (no token) | the OpenAPI 3.1 document of all of this |
 //!
@@ -311,6 +312,16 @@ pub const ROUTES: &[Route] = &[
         reply: Reply::Message("DrainResponse"),
         handler: |m| on(m, drain),
     },
+    Route {
+        method: Method::POST,
+        path: "/v1/gc",
+        rpc: Some("Gc"),
+        summary: "Cleanup, for admins: purge mpool's deleted instances, delete snapshots that are not mpool's",
+        auth: true,
+        body: Body::Message { name: "GcRequest", without: &[] },
+        reply: Reply::Message("GcResponse"),
+        handler: |m| on(m, gc),
+    },
 ];
 
 /// The facade's router: the [`ROUTES`] (those with `auth` behind `auth`), a JSON 404 for
@@ -479,6 +490,10 @@ async fn renew(
 
 async fn drain(State(f): State<Facade>, Caller(p): Caller, Message(req): Message<v1::DrainRequest>) -> Answer {
     answer::message(f.app.drain(p.as_ref(), req).await)
+}
+
+async fn gc(State(f): State<Facade>, Caller(p): Caller, Message(req): Message<v1::GcRequest>) -> Answer {
+    answer::message(f.app.gc(p.as_ref(), req).await)
 }
 
 async fn release(State(f): State<Facade>, Caller(p): Caller, Params(lease_id): Params<String>) -> Answer {

@@ -85,6 +85,14 @@ pub enum EngineError {
         /// What it measured.
         detail: String,
     },
+    /// The host has no room for the VM a caller waits for (`[host]` limits).
+    #[error("pool {pool} cannot grow: {reason}")]
+    Refused {
+        /// Pool.
+        pool: String,
+        /// Why the host admits no new VM.
+        reason: String,
+    },
     /// The daemon is down or frozen.
     #[error("multipassd is unavailable ({0}); retry shortly")]
     Unavailable(String),
@@ -133,7 +141,9 @@ impl EngineError {
                 ErrorKind::FailedPrecondition
             }
             EngineError::NotOwner(_) => ErrorKind::PermissionDenied,
-            EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } => ErrorKind::ResourceExhausted,
+            EngineError::Exhausted { .. } | EngineError::OwnerLimit { .. } | EngineError::Refused { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             EngineError::InProgress { .. } => ErrorKind::AlreadyExists,
             EngineError::Unavailable(_) | EngineError::StoreUnavailable(_) | EngineError::ShuttingDown => {
                 ErrorKind::Unavailable

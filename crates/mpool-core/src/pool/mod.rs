@@ -2,8 +2,11 @@
 //! maintenance to do ([`decide`]), startup reconciliation ([`reconcile`]), what the daemon's
 //! view of idle VMs means ([`drift`]), what a plan's outcome means ([`outcome`]), the lease book
 //! ([`leases`]), fair share among owners ([`fair`]), what isolation means for a pool ([`isolation`]), callers' preheats of a pool ([`preheat`]), recurring periods with a higher floor ([`schedule`]), plans as idempotent steps ([`steps`]), the
+//! ([`leases`]), fair share among owners ([`fair`]), plans as idempotent steps ([`steps`]), what cleanup removes ([`cleanup`]), the
 //! engine's errors ([`error`]), and the state machine that ties them together ([`state`]): inputs in, store writes and effects out.
 
+pub mod admission;
+pub mod cleanup;
 pub mod decide;
 pub mod demand;
 pub mod drift;
@@ -13,6 +16,7 @@ pub mod isolation;
 pub mod leases;
 pub mod outcome;
 pub mod preheat;
+pub mod rebuild;
 pub mod reconcile;
 pub mod schedule;
 pub mod state;

@@ -26,6 +26,8 @@ pub struct VmStatus {
     pub lease_owner: Option<String>,
     /// A plan is running.
     pub busy: bool,
+    /// Bytes used on its root filesystem when last measured (`df` at release).
+    pub disk_used: Option<u64>,
 }
 
 /// One pool in a status report.
@@ -45,6 +47,10 @@ pub struct PoolStatus {
     pub golden_ready: Option<bool>,
     /// It left the config at a reload and drains (no new leases; gone once empty).
     pub removed: bool,
+    /// Why the host admits no more of its VMs (`[host]` limits), while it does not.
+    pub held_back: Option<String>,
+    /// The sum of its VMs' measured disk usage, bytes (VMs not measured yet count nothing).
+    pub disk_used: u64,
     /// Config.
     #[serde(skip)]
     pub config: Option<PoolConfig>,
@@ -71,6 +77,8 @@ pub struct Status {
     pub queued_daemon_calls: usize,
     /// What the isolation probe last measured.
     pub isolation: Isolation,
+    /// The host's capacity, once sampled.
+    pub host: Option<crate::host::HostFacts>,
 }
 
 /// One pool's capacity: how many ready VMs it keeps now and what that came from (for

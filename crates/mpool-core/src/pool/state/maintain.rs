@@ -16,6 +16,7 @@ impl EngineState {
         if !self.reconciled || self.degraded.is_some() {
             return;
         }
+        self.rebuild_due(env);
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let actions = {
@@ -53,10 +54,15 @@ impl EngineState {
                 };
                 decide::decide(&view)
             };
+            if !actions.iter().any(|a| matches!(a, Action::Provision { .. })) {
+                // It needs no new VM now: would the host admit one?
+                self.admission_not_needed(&name);
+            }
             for a in actions {
                 self.act(env, &name, a);
             }
             self.serve_waiters(env, &name);
+            self.refuse_held_back(&name);
         }
         self.forget_drained();
     }
@@ -64,6 +70,7 @@ impl EngineState {
     pub(super) fn act(&mut self, env: &Env<'_>, pool: &str, action: Action) {
         match action {
             Action::Provision { count, hot } => {
+                let count = self.admitted(pool, count);
                 let Some(p) = self.pools.get(pool) else {
                     return;
                 };

@@ -30,10 +30,15 @@ use super::preheat::{self, Preheats};
 use super::status::{PoolCapacity, PoolStatus, Status, VmStatus};
 use super::vm::VmState;
 
+mod admission;
+mod cleanup;
+mod disk;
+mod host;
 mod leasing;
 mod maintain;
 mod observe;
 mod plans;
+mod rebuild;
 mod reconfigure;
 mod store;
 
@@ -399,6 +404,16 @@ pub struct EngineState {
     /// wake measures again).
     isolation: Isolation,
     isolation_current_until: Option<Instant>,
+    /// VMs claimed by cleanup (busy, no plan): freed by [`EngineState::cleanup_done`].
+    cleaning: HashSet<String>,
+    /// The host's capacity, as last sampled.
+    host: Option<crate::host::HostFacts>,
+    /// The host's limits and the pools they hold back.
+    admission: admission::Admission,
+    /// When each pool's generation began (unix ms), for `rebuild_every`.
+    generation_since: BTreeMap<String, u64>,
+    /// Each VM's disk usage when last measured, bytes.
+    disk_used: HashMap<String, u64>,
     batch: Batch,
 }
 
@@ -426,6 +441,11 @@ impl EngineState {
             degraded: None,
             isolation: Isolation::default(),
             isolation_current_until: None,
+            cleaning: HashSet::new(),
+            host: None,
+            admission: Default::default(),
+            generation_since: BTreeMap::new(),
+            disk_used: HashMap::new(),
             batch: Batch::default(),
         }
     }
@@ -660,6 +680,8 @@ impl EngineState {
                 leases: self.book.iter().filter(|l| l.record.pool == p.cfg.name).count(),
                 golden_ready: p.golden.as_ref().map(|g| g.ready),
                 removed: p.removed,
+                held_back: self.blocked(&p.cfg.name),
+                disk_used: self.pool_disk_used(&p.cfg.name),
                 config: Some(p.cfg.clone()),
             });
         }
@@ -675,6 +697,7 @@ impl EngineState {
                 lease: v.lease.clone(),
                 lease_owner: v.lease.as_ref().and_then(|id| self.book.get(id)).map(|l| l.record.owner.clone()),
                 busy: v.busy,
+                disk_used: self.disk_used.get(&v.name).copied(),
             })
             .collect();
         let mut leases: Vec<LeaseRecord> = self.book.iter().map(|l| l.record.clone()).collect();
@@ -689,6 +712,7 @@ impl EngineState {
             leases,
             queued_daemon_calls,
             isolation: self.isolation.clone(),
+            host: self.host.clone(),
         }
     }
 }

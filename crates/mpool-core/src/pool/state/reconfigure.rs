@@ -27,18 +27,23 @@ impl EngineState {
                 Some(p) => {
                     if p.cfg.generation_key() != key {
                         p.generation = p.generation.saturating_add(1);
+                        self.generation_since.insert(cfg.name.clone(), env.wall_ms);
                     }
+                    let since_ms = *self.generation_since.entry(cfg.name.clone()).or_insert(env.wall_ms);
                     p.fair = FairShare::new(cfg.max_leases_per_owner);
                     p.removed = false;
                     if p.cfg != cfg {
                         tracing::info!(pool = %cfg.name, generation = p.generation, "pool reconfigured");
                     }
                     p.cfg = cfg;
-                    writes.push(Write::PutPool(PoolRecord { name: p.cfg.name.clone(), generation: p.generation, key }));
+                    let (name, generation) = (p.cfg.name.clone(), p.generation);
+                    writes.push(Write::PutPool(PoolRecord { name, generation, key, since_ms }));
                 }
                 None => {
                     tracing::info!(pool = %cfg.name, "pool added");
-                    writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation: 1, key }));
+                    self.generation_since.insert(cfg.name.clone(), env.wall_ms);
+                    let since_ms = env.wall_ms;
+                    writes.push(Write::PutPool(PoolRecord { name: cfg.name.clone(), generation: 1, key, since_ms }));
                     self.pools.insert(cfg.name.clone(), Pool::new(cfg, 1));
                 }
             }

@@ -60,6 +60,7 @@ impl EngineState {
                     name: p.cfg.name.clone(),
                     generation: p.generation,
                     key: p.cfg.generation_key(),
+                    since_ms: self.generation_since.get(&p.cfg.name).copied().unwrap_or(0),
                 })
             })
             .collect();
