@@ -778,7 +778,9 @@ async fn host_facts_reach_get_pool_status_and_metrics() {
     let data_dir = stack.sim_state();
     let c = stack.client().await;
     let host = wait("the host is sampled", Duration::from_secs(30))
-        .until(|| async { c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host })
+        .until(|| async {
+            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_capacity
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
     // The simulator reports this machine's CPUs and memory, and (as multipassd) the total size

@@ -104,7 +104,7 @@ fn pool_info(p: &PoolStatus, status: &Status) -> v1::PoolInfo {
         daemon_ok: status.daemon_ok,
         held_back: p.held_back.clone().unwrap_or_default(),
         disk_used_bytes: p.disk_used,
-        host: status.host.as_ref().map(|h| v1::HostInfo {
+        host_capacity: status.host.as_ref().map(|h| v1::HostCapacity {
             cpus: h.cpus,
             memory_bytes: h.memory,
             disk_total_bytes: h.disk_total,
