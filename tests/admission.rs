@@ -23,7 +23,7 @@ async fn admission_refuses_with_the_reason_and_serve_check_reports_the_misfit() 
     let mut c = stack.client().await;
     wait("the host is sampled", Duration::from_secs(30))
         .until(|| async {
-            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_facts
+            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_capacity
         })
         .await
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));

@@ -797,7 +797,7 @@ async fn host_facts_reach_get_pool_status_and_metrics() {
     let c = stack.client().await;
     let host = wait("the host is sampled", Duration::from_secs(30))
         .until(|| async {
-            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_facts
+            c.clone().get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.ok()?.into_inner().host_capacity
         })
         .await
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));

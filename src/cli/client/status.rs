@@ -122,7 +122,7 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     for p in pools.iter().filter(|p| !p.held_back.is_empty()) {
         out.push_str(&format!("\nHELD BACK {}: {}\n", p.name, p.held_back));
     }
-    if let Some(h) = pools.first().and_then(|p| p.host_facts.as_ref()) {
+    if let Some(h) = pools.first().and_then(|p| p.host_capacity.as_ref()) {
         out.push_str(&format!("\n{}\n", host_line(h)));
     }
     if !leases.is_empty() {
@@ -146,7 +146,7 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
 }
 
 /// The host's capacity in one line: `HOST 8 CPUs, 31.3G memory, disk 12.5G free of 100.0G`.
-fn host_line(h: &v1::HostInfo) -> String {
+fn host_line(h: &v1::HostCapacity) -> String {
     let gib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1}G", b as f64 / f64::from(1u32 << 30)));
     let cpus = h.cpus.map_or("?".to_string(), |c| c.to_string());
     format!(

@@ -150,7 +150,7 @@ fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::
         preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
         held_back: p.held_back.clone().unwrap_or_default(),
         disk_used_bytes: p.disk_used,
-        host_facts: status.host.as_ref().map(|h| v1::HostInfo {
+        host_capacity: status.host.as_ref().map(|h| v1::HostCapacity {
             cpus: h.cpus,
             memory_bytes: h.memory,
             disk_total_bytes: h.disk_total,
