@@ -1668,13 +1668,13 @@ max_leases_per_owner = 2
 autoscale = "demand"
 autoscale_decay = "20m"
 require_isolation = true
+rebuild_every = "7d"
+max_disk_usage = "8G"
 
 [[pools.schedule]]
 periods = ["* * 8-17 * * mon-fri", "0 0 2 * * *"]
 min_ready = 5
 timezone = "local"
-rebuild_every = "7d"
-max_disk_usage = "8G"
 
 [[pools]]
 name = "build-arm"

@@ -117,13 +117,13 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     }
     out.push_str(&isolation_line(&pools));
     if let Some(p) = pools.first().filter(|p| p.draining) {
-        out.push_str(&format!("\nhost {} is draining (mpool drain): it takes no new leases\n", p.host));
+        out.push_str(&format!("host {} is draining (mpool drain): it takes no new leases\n", p.host));
     }
     for p in pools.iter().filter(|p| !p.held_back.is_empty()) {
-        out.push_str(&format!("\nHELD BACK {}: {}\n", p.name, p.held_back));
+        out.push_str(&format!("HELD BACK {}: {}\n", p.name, p.held_back));
     }
     if let Some(h) = pools.first().and_then(|p| p.host_capacity.as_ref()) {
-        out.push_str(&format!("\n{}\n", host_line(h)));
+        out.push_str(&format!("{}\n", host_line(h)));
     }
     if !leases.is_empty() {
         let now = SystemTime::now();
