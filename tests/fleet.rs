@@ -298,3 +298,47 @@ async fn a_drained_host_takes_no_new_lease_and_says_when_it_is_empty() {
     .await
     .expect("host a leases again");
 }
+
+/// A Run that carries `rid` and prints a line.
+fn run_request(rid: &str) -> v1::RunRequest {
+    v1::RunRequest {
+        pool: "ci".into(),
+        request_id: rid.into(),
+        command: Some(v1::Command { argv: vec!["echo".into(), "ran".into()], ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Runs `r` to its end: (stdout, result).
+async fn run_to_end(
+    c: &mut mpool_api::client::Client,
+    r: v1::RunRequest,
+) -> Result<(String, v1::RunResult), tonic::Status> {
+    let mut events = c.run(futures::stream::iter([r])).await?.into_inner();
+    let (mut out, mut result) = (String::new(), None);
+    while let Some(ev) = events.message().await? {
+        match ev.event {
+            Some(v1::run_event::Event::Stdout(t)) => out.push_str(&t),
+            Some(v1::run_event::Event::Result(r)) => result = Some(r),
+            _ => {}
+        }
+    }
+    Ok((out, result.expect("a result")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_host_still_answers_a_retried_run_it_finished() {
+    let a = host("mp-a").await;
+    let mut ca = a.client().await;
+    let (out, first) = run_to_end(&mut ca, run_request("done")).await.expect("the first run");
+    assert_eq!((out.as_str(), first.exit.as_ref().map(|e| e.code)), ("ran\n", Some(0)));
+    let o = mpool(&["--endpoint", &unix(&a), "drain"]).await;
+    o.expect_code(0, "drain");
+    // The retry is answered here with the recorded result: it never runs on another host.
+    let (out, again) = run_to_end(&mut ca, run_request("done")).await.expect("the retry is answered");
+    assert_eq!(out, "", "nothing ran again");
+    assert_eq!((again.exit.map(|e| e.code), again.served), (Some(0), v1::Served::Repeat as i32));
+    // A new request id is refused: the host drains.
+    let e = run_to_end(&mut ca, run_request("new")).await.expect_err("draining");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}

@@ -130,6 +130,7 @@ enum Msg {
         duration: Duration,
         reply: Reply<()>,
     },
+    KnowsRequest(mpool_core::store::RequestKey, oneshot::Sender<bool>),
     Status(oneshot::Sender<Status>),
     Capacity(oneshot::Sender<Vec<PoolCapacity>>),
     /// A step of a cleanup run.
@@ -287,6 +288,14 @@ impl Engine {
         capacity.into_iter().find(|c| c.name == pool).ok_or_else(|| EngineError::UnknownPool(pool.into()))
     }
 
+    /// Whether the engine knows a request id (answered, live or ended, or waiting): a retry
+    /// of it gets that answer rather than a new lease.
+    pub async fn knows_request(&self, key: mpool_core::store::RequestKey) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::KnowsRequest(key, tx)).await.map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
     /// The engine's state.
     pub async fn status(&self) -> Result<Status, EngineError> {
         let (tx, rx) = oneshot::channel();
@@ -442,6 +451,10 @@ impl Actor {
     fn take(&mut self, msg: Msg) -> Option<oneshot::Sender<()>> {
         let input = match msg {
             Msg::Shutdown(done) => return Some(done),
+            Msg::KnowsRequest(key, reply) => {
+                let _ = reply.send(self.state.knows_request(&key));
+                return None;
+            }
             Msg::Status(reply) => {
                 let _ = reply.send(self.state.status(self.ctx.sched.queued()));
                 return None;

@@ -67,9 +67,10 @@ impl App {
     }
 
     /// Refuses a new lease of `pool` while the host drains: UNAVAILABLE, so the caller tries
-    /// another host. A request id of the caller's that already holds a lease here gets through
-    /// (the engine answers it with that same lease); request ids are the caller's own, so
-    /// another owner's lease with the same id does not count.
+    /// another host. A request id of the caller's that this host already knows gets through:
+    /// the engine answers it as before (the same lease, a Run's recorded result, "still
+    /// running"), so a retry never runs on another host what ran here. Request ids are the
+    /// caller's own: another owner's with the same id does not count.
     pub(super) async fn check_open(
         &self,
         p: Option<&Principal>,
@@ -80,12 +81,12 @@ impl App {
             return Ok(());
         }
         if let Some(id) = request_id {
-            let owner = scope::acquirer(p).unwrap_or_default();
-            let status = self.engine.status().await?;
-            let mine = |l: &mpool_core::store::LeaseRecord| {
-                l.pool == pool && l.owner == owner && l.request_id.as_deref() == Some(id)
+            let key = mpool_core::store::RequestKey {
+                owner: scope::acquirer(p).unwrap_or_default(),
+                pool: pool.to_string(),
+                request_id: id.to_string(),
             };
-            if status.leases.iter().any(mine) {
+            if self.engine.knows_request(key).await? {
                 return Ok(());
             }
         }

@@ -646,6 +646,15 @@ impl EngineState {
         if requires && counts { self.isolation.refusal(pool) } else { None }
     }
 
+    /// Whether a request id is known for this key: answered (its lease live or ended, a Run's
+    /// outcome recorded) or waiting for a VM. A retry of a known request gets that answer.
+    pub fn knows_request(&self, key: &crate::store::RequestKey) -> bool {
+        let same = |w: &Waiter| w.req.key().as_ref() == Some(key);
+        self.book.request(key).is_some()
+            || self.pools.values().any(|p| p.waiters.iter().any(same))
+            || self.waking.values().any(same)
+    }
+
     /// Each pool's ready target now, what raised it, and the measured arrival rate and refill
     /// time.
     pub fn capacity(&self, env: &Env<'_>) -> Vec<PoolCapacity> {
