@@ -171,8 +171,7 @@ async fn check_host_fit(cfg: &Config, data_dir: PathBuf) {
 /// Warns (on stderr; the check still passes) about TCP listeners the VMs on the Multipass
 /// bridge could reach: mpool's API and metrics should not be a task's to call.
 fn warn_exposed_listeners(cfg: &Config) {
-    let name = cfg.isolation.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE);
-    let subnet = mpool_isolation::Bridge::detect(name).ok().map(|b| b.subnet);
+    let subnet = cfg.isolation.detect_bridge().map(|b| b.subnet);
     for (key, addr) in cfg.api.tcp_listeners() {
         if let Some(why) = mpool_isolation::exposure::reachable_from_bridge(&addr, subnet.as_ref()) {
             crate::cli::output::err_line(&format!(

@@ -80,8 +80,7 @@ pub fn probe_settings(cfg: &Config) -> Option<mpool_engine::ProbeSettings> {
     if cfg.isolation.probe_interval.is_zero() {
         return None;
     }
-    let name = cfg.isolation.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE);
-    let host = mpool_isolation::Bridge::detect(name).ok().map(|b| std::net::IpAddr::V4(b.subnet.address));
+    let host = cfg.isolation.detect_bridge().map(|b| std::net::IpAddr::V4(b.subnet.address));
     let host_ports = cfg.api.tcp_listeners().iter().map(|(_, a)| a.port()).filter(|p| *p != 0).collect();
     Some(mpool_engine::ProbeSettings { host, host_ports, interval: cfg.isolation.probe_interval })
 }

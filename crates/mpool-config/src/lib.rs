@@ -368,6 +368,14 @@ pub struct IsolationConfig {
     pub probe_interval: Duration,
 }
 
+impl IsolationConfig {
+    /// The configured bridge (or Multipass's default), read from this host's interfaces;
+    /// `None` when the host has no such bridge (the simulator's VMs use none).
+    pub fn detect_bridge(&self) -> Option<mpool_isolation::Bridge> {
+        mpool_isolation::Bridge::detect(self.bridge.as_deref().unwrap_or(mpool_isolation::DEFAULT_BRIDGE)).ok()
+    }
+}
+
 impl Default for IsolationConfig {
     fn default() -> IsolationConfig {
         IsolationConfig { bridge: None, allow_host_ports: Vec::new(), probe_interval: Duration::from_secs(300) }

@@ -71,14 +71,14 @@ impl SshPort for SshAdapter {
 
     fn disk_used(&self, vm: String, info: SshEndpoint) -> BoxFut<'_, Result<u64, StepError>> {
         Box::pin(async move {
-            let req = crate::ExecRequest::script(crate::ScriptShell::Sh, "df -B1 --output=used / | tail -n 1\n");
-            let out =
-                self.cache.run(&vm, &info, req).await.map_err(|e| StepError::failed(format!("df in {vm}: {e}")))?;
-            let text = out.stdout_text();
-            match (out.success(), text.trim().parse::<u64>()) {
-                (true, Ok(used)) => Ok(used),
-                _ => Err(StepError::failed(format!("df in {vm} did not report its usage: {}", text.trim()))),
-            }
+            let script = "df -B1 --output=used / | tail -n 1\n".to_string();
+            let text = self
+                .output(vm.clone(), info, script)
+                .await
+                .map_err(|e| StepError::failed(format!("df in {}", e.message)))?;
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| StepError::failed(format!("df in {vm} did not report its usage: {}", text.trim())))
         })
     }
 
