@@ -57,7 +57,12 @@ async fn huge_durations_are_invalid_argument_over_grpc_and_http() {
     let cmd = v1::Command { argv: vec!["true".into()], timeout: Some(huge), ..Default::default() };
 
     let e = c
-        .exec(v1::ExecRequest { lease_id: lease.id.clone(), command: Some(cmd.clone()), exec_id: String::new() })
+        .exec(v1::ExecRequest {
+            lease_id: lease.id.clone(),
+            command: Some(cmd.clone()),
+            exec_id: String::new(),
+            ..Default::default()
+        })
         .await
         .expect_err("Exec with a huge timeout");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -192,6 +197,7 @@ async fn a_duplicate_exec_id_is_refused() {
         lease_id: mine.id.clone(),
         command: Some(v1::Command { argv: vec!["sleep".into(), "600".into()], ..Default::default() }),
         exec_id: id.into(),
+        ..Default::default()
     };
     let mut first = c.exec(sleep("job")).await.expect("first exec").into_inner();
     let started = first.message().await.expect("event").expect("started");

@@ -80,7 +80,7 @@ fn dur(seconds: i64) -> Option<mpool_api::proto::Duration> {
 }
 
 fn exec_req(lease: &str, command: Option<v1::Command>) -> v1::ExecRequest {
-    v1::ExecRequest { lease_id: lease.into(), command, exec_id: String::new() }
+    v1::ExecRequest { lease_id: lease.into(), command, exec_id: String::new(), ..Default::default() }
 }
 
 /// An upload stream: lease/path/base in the first message, `data` split in two.
@@ -223,7 +223,14 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let zero = v1::Command { argv: vec!["true".into()], timeout: dur(0), ..Default::default() };
     let r = c.exec(exec_req(&id, Some(zero))).await;
     t.row("Exec with a zero timeout", r, Code::InvalidArgument, &["above zero", "omit it"]);
-    let r = c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["true"]), exec_id: "x".repeat(200) }).await;
+    let r = c
+        .exec(v1::ExecRequest {
+            lease_id: id.clone(),
+            command: argv(&["true"]),
+            exec_id: "x".repeat(200),
+            ..Default::default()
+        })
+        .await;
     t.row(
         "Exec with a 200-byte exec id",
         r,
@@ -313,12 +320,23 @@ async fn bad_input_gets_a_precise_status_and_advice() {
     let huge = "h".repeat(10_000_000);
     let r = c.acquire(v1::AcquireRequest { pool: "ci".into(), holder: huge.clone(), ..Default::default() }).await;
     t.row("Acquire with a 10 MB holder", r, Code::ResourceExhausted, &["request message too large", "10000", "Upload"]);
-    let r =
-        c.exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &huge]), exec_id: String::new() }).await;
+    let r = c
+        .exec(v1::ExecRequest {
+            lease_id: id.clone(),
+            command: argv(&["echo", &huge]),
+            exec_id: String::new(),
+            ..Default::default()
+        })
+        .await;
     t.row("Exec with a 10 MB argv", r, Code::ResourceExhausted, &["too large"]);
     let one_arg = "a".repeat(2 << 20);
     let r = c
-        .exec(v1::ExecRequest { lease_id: id.clone(), command: argv(&["echo", &one_arg]), exec_id: String::new() })
+        .exec(v1::ExecRequest {
+            lease_id: id.clone(),
+            command: argv(&["echo", &one_arg]),
+            exec_id: String::new(),
+            ..Default::default()
+        })
         .await;
     t.row("Exec with a 2 MiB argv", r, Code::InvalidArgument, &["argv is", "send large inputs with Upload"]);
     let single = v1::UploadRequest {

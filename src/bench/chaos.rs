@@ -116,6 +116,7 @@ impl Tenant {
                 lease_id: lease.into(),
                 command: Some(v1::Command { argv: vec!["sh".into(), "-c".into(), line.into()], ..Default::default() }),
                 exec_id: String::new(),
+                ..Default::default()
             };
             let result = async {
                 let mut s = c.exec(req).await?.into_inner();

@@ -74,7 +74,12 @@ fn argv(a: &[&str]) -> Option<v1::Command> {
 /// Runs a command on a lease; returns (exit code, stdout).
 async fn exec(c: &mut Client, lease: &str, cmd: &[&str]) -> Result<(i32, String), String> {
     let mut s = c
-        .exec(v1::ExecRequest { lease_id: lease.into(), command: argv(cmd), exec_id: String::new() })
+        .exec(v1::ExecRequest {
+            lease_id: lease.into(),
+            command: argv(cmd),
+            exec_id: String::new(),
+            ..Default::default()
+        })
         .await
         .map_err(|e| e.message().to_string())?
         .into_inner();

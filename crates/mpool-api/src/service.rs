@@ -90,6 +90,21 @@ impl Pool for PoolService {
         reply(self.app.cancel_exec(p.as_ref(), r).await)
     }
 
+    type AttachStream = Answers<v1::ExecEvent>;
+
+    async fn attach(&self, request: Request<v1::AttachRequest>) -> Result<Response<Self::AttachStream>, Status> {
+        let (p, r) = decode(request);
+        reply_stream(self.app.attach(p.as_ref(), r).await)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        let (p, r) = decode(request);
+        reply(self.app.list_sessions(p.as_ref(), r).await)
+    }
+
     async fn upload(
         &self,
         request: Request<Streaming<v1::UploadRequest>>,

@@ -54,6 +54,7 @@ pub async fn exec_timed(c: &mut Client, lease: &str, argv: &[&str]) -> Result<Ex
             lease_id: lease.into(),
             command: Some(v1::Command { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }),
             exec_id: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -127,8 +127,12 @@ pub enum ClientCommand {
     Run(run::RunArgs),
     /// Acquire a lease; prints its id (or the lease as JSON with --json).
     Acquire(acquire::AcquireArgs),
-    /// Run a command on a lease; exits with the remote exit code.
+    /// Run a command on a lease; exits with the remote exit code (`--detach`: as a session).
     Exec(exec::ExecArgs),
+    /// Follow a session (`mpool exec --detach`): its output so far, then live, then its exit.
+    Attach(exec::AttachArgs),
+    /// A lease's sessions.
+    Sessions(exec::SessionsArgs),
     /// Extend a lease.
     Renew(renew::RenewArgs),
     /// End a lease (its VM is reset in the background).
@@ -170,6 +174,14 @@ async fn run_inner(c: Connect, cmd: ClientCommand) -> Result<ExitCode, String> {
         ClientCommand::Exec(a) => {
             let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
             exec::run(&mut client, lease, a).await
+        }
+        ClientCommand::Attach(a) => {
+            let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
+            exec::attach(&mut client, lease, a).await
+        }
+        ClientCommand::Sessions(a) => {
+            let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;
+            exec::sessions(&mut client, lease, a).await
         }
         ClientCommand::Renew(a) => {
             let (mut client, lease) = connect_for_lease(&c, &a.lease).await?;

@@ -104,7 +104,7 @@ async fn forward(
     mut events: mpsc::Receiver<ExecEvent>,
     tx: mpsc::Sender<Result<v1::ExecEvent, AppError>>,
 ) {
-    let send = |e: Event| Ok(v1::ExecEvent { event: Some(e) });
+    let send = |e: Event| Ok(v1::ExecEvent { event: Some(e), ..Default::default() });
     if tx.send(send(Event::Started(exec_id))).await.is_err() {
         return;
     }
@@ -149,4 +149,24 @@ pub(crate) fn rest_of_text<E>(
         }
     }
     events
+}
+
+impl App {
+    /// Follows a session: its output from the given offsets, then live, then its exit.
+    pub async fn attach(
+        &self,
+        _p: Option<&Principal>,
+        _r: v1::AttachRequest,
+    ) -> Result<Events<v1::ExecEvent>, AppError> {
+        Err(AppError::unavailable("sessions are not built yet"))
+    }
+
+    /// The sessions of a lease.
+    pub async fn list_sessions(
+        &self,
+        _p: Option<&Principal>,
+        _r: v1::ListSessionsRequest,
+    ) -> Result<v1::ListSessionsResponse, AppError> {
+        Err(AppError::unavailable("sessions are not built yet"))
+    }
 }

@@ -145,7 +145,12 @@ async fn unknown_pools_and_leases_are_not_found_with_the_next_step() {
     let e = app.renew(Some(&ci_token()), renew).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.message().ends_with("acquire a new lease (ListLeases shows the leases you hold)"), "{e}");
-    let exec = v1::ExecRequest { lease_id: "l-none".into(), command: command(&["true"]), exec_id: String::new() };
+    let exec = v1::ExecRequest {
+        lease_id: "l-none".into(),
+        command: command(&["true"]),
+        exec_id: String::new(),
+        ..Default::default()
+    };
     assert_eq!(kind(app.exec(None, exec).await), ErrorKind::NotFound);
     let cancel = v1::CancelExecRequest { lease_id: "l-none".into(), exec_id: "x".into() };
     assert_eq!(kind(app.cancel_exec(None, cancel).await), ErrorKind::NotFound);
@@ -154,7 +159,7 @@ async fn unknown_pools_and_leases_are_not_found_with_the_next_step() {
 #[tokio::test]
 async fn bad_requests_are_invalid_arguments_that_say_what_to_send() {
     let app = app().await;
-    let exec = v1::ExecRequest { lease_id: "l-1".into(), command: None, exec_id: String::new() };
+    let exec = v1::ExecRequest { lease_id: "l-1".into(), command: None, exec_id: String::new(), ..Default::default() };
     let e = app.exec(None, exec).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().starts_with("command is required"), "{e}");

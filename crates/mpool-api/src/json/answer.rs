@@ -90,6 +90,12 @@ impl Capped {
 struct Streams([Capped; 2]);
 
 impl Streams {
+    /// A session's dropped bytes mark their stream as truncated.
+    fn dropped(&mut self, d: &v1::Dropped) {
+        let i = usize::from(d.stream == "stderr");
+        self.0[i].truncated = true;
+    }
+
     fn write_into(self, out: &mut Map<String, Value>) {
         for ((text, flag), c) in STREAMS.into_iter().zip(self.0) {
             out.insert(text.into(), Value::String(c.text));
@@ -118,6 +124,7 @@ pub(super) async fn exec(mut events: Events<v1::ExecEvent>) -> Result<Map<String
             Some(v1::exec_event::Event::Stdout(t)) => streams.0[0].push(&t),
             Some(v1::exec_event::Event::Stderr(t)) => streams.0[1].push(&t),
             Some(v1::exec_event::Event::Exit(x)) => exit = Some(x),
+            Some(v1::exec_event::Event::Dropped(d)) => streams.dropped(&d),
             None => {}
         }
     }
@@ -141,6 +148,7 @@ pub(super) async fn run(mut events: Events<v1::RunEvent>) -> Result<Map<String, 
             Some(v1::run_event::Event::Stderr(t)) => streams.0[1].push(&t),
             Some(v1::run_event::Event::Output(c)) => outputs.keep(c),
             Some(v1::run_event::Event::Result(r)) => result = Some(r),
+            Some(v1::run_event::Event::Dropped(d)) => streams.dropped(&d),
             None => {}
         }
     }
@@ -261,7 +269,7 @@ mod tests {
             v1::run_event::Event::Output(v1::OutputChunk { output: 0, data: b"hi".to_vec(), offset: 0 }),
             v1::run_event::Event::Result(result),
         ] {
-            tx.send(Ok(v1::RunEvent { event: Some(e) })).await.unwrap();
+            tx.send(Ok(v1::RunEvent { event: Some(e), replayed: false })).await.unwrap();
         }
         drop(tx);
         let a = Value::Object(run(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap());

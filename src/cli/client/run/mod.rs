@@ -154,6 +154,7 @@ async fn follow(
             Some(Event::Stderr(t)) => write_out(false, &t),
             Some(Event::Output(c)) => outputs.write(&c)?,
             Some(Event::Result(r)) => return outputs.finish(&r),
+            Some(Event::Dropped(d)) => eprintln!("{}", super::exec::dropped_marker(&d)),
             None => {}
         }
     }

@@ -36,7 +36,7 @@ type Sender = mpsc::Sender<Result<v1::RunEvent, AppError>>;
 
 /// An event.
 fn event(e: Event) -> v1::RunEvent {
-    v1::RunEvent { event: Some(e) }
+    v1::RunEvent { event: Some(e), replayed: false }
 }
 
 /// The Run's caller went away.
