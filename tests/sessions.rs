@@ -1,0 +1,319 @@
+//! Detached exec sessions end to end against `mpool serve` + `mpool sim` (the simulator runs
+//! every command of a VM for real, under a supervisor that keeps everything they start): a
+//! caller killed mid-command attaches again and gets everything and the real exit code; so
+//! does one after `kill -9` of `mpool serve` (the command was not interrupted); two attachers
+//! see the same bytes; output above the cap is dropped in the middle with a marker; CancelExec
+//! kills a process that left the session's process group; a session nobody follows is killed at
+//! the pool's `max_ttl`; ListSessions; the CLI's `exec --detach` and `attach`.
+mod common;
+
+use std::time::Duration;
+
+use common::MPOOL;
+use mpool_api::client::Client;
+use mpool_api::proto::v1;
+use mpool_testkit::api::acquire;
+use mpool_testkit::{Stack, StackOptions, eventually};
+use v1::exec_event::Event;
+
+const POOL: &str = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\n";
+
+fn sh(line: &str) -> Option<v1::Command> {
+    Some(v1::Command { argv: vec!["sh".into(), "-c".into(), line.into()], ..Default::default() })
+}
+
+/// Everything an exec/attach stream said.
+#[derive(Default, Debug)]
+struct Seen {
+    started: String,
+    stdout: String,
+    stderr: String,
+    replayed_stdout: String,
+    dropped: Vec<v1::Dropped>,
+    exit: Option<v1::ExitStatus>,
+    last_offset: u64,
+}
+
+async fn collect(mut s: tonic::Streaming<v1::ExecEvent>) -> Seen {
+    let mut seen = Seen::default();
+    while let Some(ev) = s.message().await.expect("stream") {
+        match ev.event {
+            Some(Event::Started(id)) => seen.started = id,
+            Some(Event::Stdout(t)) => {
+                if ev.replayed {
+                    seen.replayed_stdout.push_str(&t);
+                }
+                seen.stdout.push_str(&t);
+                seen.last_offset = ev.offset;
+            }
+            Some(Event::Stderr(t)) => seen.stderr.push_str(&t),
+            Some(Event::Dropped(d)) => seen.dropped.push(d),
+            Some(Event::Exit(x)) => seen.exit = Some(x),
+            None => {}
+        }
+    }
+    seen
+}
+
+async fn attach(c: &mut Client, lease: &str, session: &str) -> Seen {
+    let req = v1::AttachRequest { lease_id: lease.into(), session: session.into(), ..Default::default() };
+    collect(c.attach(req).await.expect("attach").into_inner()).await
+}
+
+async fn run(c: &mut Client, lease: &str, line: &str) -> String {
+    let req = v1::ExecRequest { lease_id: lease.into(), command: sh(line), ..Default::default() };
+    let seen = collect(c.exec(req).await.expect("exec").into_inner()).await;
+    assert_eq!(seen.exit.as_ref().map(|x| x.code), Some(0), "{line}: {seen:?}");
+    seen.stdout
+}
+
+/// A command that prints `first`, waits for the file `go` in the home directory, then prints
+/// `second` and exits 7.
+const WAITS_FOR_GO: &str = "echo first; echo oops >&2; while [ ! -e go ]; do sleep 0.05; done; echo second; exit 7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_went_away_attaches_again_and_two_attachers_see_the_same_bytes() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "sessions").await.expect("acquire");
+    let req = v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh(WAITS_FOR_GO),
+        session: "job".into(),
+        on_disconnect: v1::OnDisconnect::Keep as i32,
+        ..Default::default()
+    };
+    let mut s = c.exec(req.clone()).await.expect("exec").into_inner();
+    // The caller reads until `first` arrives, then goes away mid-command.
+    let mut got = String::new();
+    while !got.contains("first") {
+        match s.message().await.expect("stream").and_then(|e| e.event) {
+            Some(Event::Stdout(t)) => got.push_str(&t),
+            Some(Event::Exit(x)) => panic!("the command ended early: {x:?}"),
+            Some(_) => {}
+            None => panic!("the stream ended before `first`"),
+        }
+    }
+    drop(s);
+    // Starting the same session again is refused: it exists (and is not run twice).
+    let e = c.exec(req).await.expect_err("a second start of the session");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+
+    let listed = c.list_sessions(v1::ListSessionsRequest { lease_id: lease.id.clone() }).await.unwrap().into_inner();
+    let job = listed.sessions.iter().find(|s| s.id == "job").expect("the session is listed");
+    assert_eq!(job.state, v1::SessionState::Running as i32, "{listed:?}");
+    assert_eq!(job.stdout_bytes, 6, "{listed:?}");
+
+    // Two attachers follow it; then the command is let go on.
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (l1, l2) = (lease.id.clone(), lease.id.clone());
+    let a1 = tokio::spawn(async move { attach(&mut c1, &l1, "job").await });
+    let a2 = tokio::spawn(async move { attach(&mut c2, &l2, "job").await });
+    run(&mut c, &lease.id, "touch go").await;
+    let (a1, a2) = (a1.await.unwrap(), a2.await.unwrap());
+    for a in [&a1, &a2] {
+        assert_eq!(a.started, "job");
+        assert_eq!(a.stdout, "first\nsecond\n", "{a:?}");
+        assert_eq!(a.stderr, "oops\n", "{a:?}");
+        assert_eq!(a.replayed_stdout, "first\n", "what was written before the attach is marked replayed: {a:?}");
+        assert_eq!(a.exit.as_ref().map(|x| (x.code, x.cancelled)), Some((7, false)), "{a:?}");
+        assert_eq!(a.last_offset, 13, "{a:?}");
+    }
+    // After the end, an attach replays everything and the exit code again; from an offset, the rest.
+    let late = attach(&mut c, &lease.id, "job").await;
+    assert_eq!((late.stdout.as_str(), late.exit.map(|x| x.code)), ("first\nsecond\n", Some(7)));
+    let req =
+        v1::AttachRequest { lease_id: lease.id.clone(), session: "job".into(), stdout_offset: 6, stderr_offset: 5 };
+    let rest = collect(c.attach(req).await.unwrap().into_inner()).await;
+    assert_eq!((rest.stdout.as_str(), rest.stderr.as_str()), ("second\n", ""), "{rest:?}");
+    let listed = c.list_sessions(v1::ListSessionsRequest { lease_id: lease.id.clone() }).await.unwrap().into_inner();
+    let job = &listed.sessions[0];
+    assert_eq!(
+        (job.state, job.stdout_bytes, job.stderr_bytes, job.exit.as_ref().map(|x| x.code)),
+        (v1::SessionState::Exited as i32, 13, 5, Some(7)),
+        "{listed:?}"
+    );
+    // Another owner's token sees nothing of it.
+    let mut other = stack.tcp_client(Some("other-token")).await;
+    let e = other
+        .attach(v1::AttachRequest { lease_id: lease.id.clone(), session: "job".into(), ..Default::default() })
+        .await
+        .expect_err("another owner's attach");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let missing = c
+        .attach(v1::AttachRequest { lease_id: lease.id.clone(), session: "nope".into(), ..Default::default() })
+        .await
+        .expect_err("no such session");
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_kill_9_of_mpool_serve() {
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "survivor").await.expect("acquire");
+    let req = v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh(WAITS_FOR_GO),
+        session: "build".into(),
+        detach: true,
+        ..Default::default()
+    };
+    let started = collect(c.exec(req).await.expect("exec").into_inner()).await;
+    assert_eq!((started.started.as_str(), started.exit.is_none()), ("build", true), "{started:?}");
+    stack.kill_serve();
+    stack.start_serve().await.expect("mpool serve starts again");
+    let mut c = stack.client().await;
+    // The command was not interrupted: it still waits for `go`, then finishes.
+    let listed = eventually("the lease is served again", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let id = lease.id.clone();
+        async move { c.list_sessions(v1::ListSessionsRequest { lease_id: id }).await.ok().map(|r| r.into_inner()) }
+    })
+    .await;
+    assert_eq!(listed.sessions.first().map(|s| s.state), Some(v1::SessionState::Running as i32), "{listed:?}");
+    run(&mut c, &lease.id, "touch go").await;
+    let a = attach(&mut c, &lease.id, "build").await;
+    assert_eq!((a.stdout.as_str(), a.exit.map(|x| x.code)), ("first\nsecond\n", Some(7)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_over_the_cap_is_dropped_in_the_middle_with_a_marker() {
+    let mut opts = StackOptions::tests(MPOOL, POOL);
+    opts.api_toml = "session_output_cap = \"32K\"".into();
+    let stack = Stack::start(opts).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "loud").await.expect("acquire");
+    // 1 MB of numbered lines: "00000\n" ... 6 bytes each.
+    let req = v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh("seq -f %05g 0 174761 | head -c 1048576"),
+        session: "loud".into(),
+        ..Default::default()
+    };
+    // A caller that follows live gets every byte it kept up with; whatever it missed is
+    // reported where it was dropped: the offsets add up either way.
+    let live = collect(c.exec(req).await.expect("exec").into_inner()).await;
+    assert_eq!(live.exit.as_ref().map(|x| x.code), Some(0), "{:?}", live.exit);
+    let missed: u64 = live.dropped.iter().map(|d| d.to - d.from).sum();
+    assert_eq!(live.stdout.len() as u64 + missed, 1048576, "{:?}", live.dropped);
+    // Attached after the end: the first 16 KiB, a marker, the last 16-20 KiB (4 segments of
+    // 4 KiB each side, plus the one that was being written).
+    let seen = attach(&mut c, &lease.id, "loud").await;
+    assert_eq!(seen.exit.as_ref().map(|x| x.code), Some(0), "{:?}", seen.exit);
+    assert_eq!(seen.dropped.len(), 1, "{:?}", seen.dropped);
+    let d = &seen.dropped[0];
+    assert_eq!((d.stream.as_str(), d.from), ("stdout", 16384), "{d:?}");
+    assert!(d.to >= 1048576 - 20480 && d.to <= 1048576 - 16384, "{d:?}");
+    assert_eq!(seen.stdout.len() as u64, 16384 + (1048576 - d.to), "{} bytes", seen.stdout.len());
+    let all: String = (0..174762).map(|i| format!("{i:05}\n")).collect();
+    let all = &all[..1048576];
+    let to = usize::try_from(d.to).unwrap();
+    assert!(seen.stdout == format!("{}{}", &all[..16384], &all[to..]), "the head and the tail, byte for byte");
+    assert_eq!(seen.last_offset, 1048576);
+    // The VM keeps no more than the cap (plus the segment being written).
+    let kept = run(&mut c, &lease.id, "du -sb .mpool/sessions/loud/out | cut -f1").await;
+    let kept: u64 = kept.trim().parse().expect("a number");
+    assert!(kept <= 9 * 4096 + 4096, "{kept} bytes kept in the VM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_a_process_that_left_the_sessions_process_group() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "cancel").await.expect("acquire");
+    let req = v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh("setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & nohup sleep 1000 >/dev/null 2>&1 & \
+                     echo $! > nohup.pid; wait"),
+        session: "tree".into(),
+        detach: true,
+        ..Default::default()
+    };
+    collect(c.exec(req).await.expect("exec").into_inner()).await;
+    let pids = eventually("both pids are written", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let id = lease.id.clone();
+        async move {
+            let out = run(&mut c, &id, "cat escaped.pid nohup.pid 2>/dev/null || true").await;
+            (out.lines().count() == 2).then_some(out)
+        }
+    })
+    .await;
+    let alive = format!(
+        "for p in {}; do kill -0 $p 2>/dev/null && echo alive; done; true",
+        pids.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    assert_eq!(run(&mut c, &lease.id, &alive).await, "alive\nalive\n");
+    let r = c
+        .cancel_exec(v1::CancelExecRequest { lease_id: lease.id.clone(), exec_id: "tree".into() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(r.cancelled);
+    assert_eq!(run(&mut c, &lease.id, &alive).await, "", "both escaped processes were killed");
+    let a = attach(&mut c, &lease.id, "tree").await;
+    let x = a.exit.expect("an exit status");
+    assert!(x.cancelled, "{x:?}");
+    // Nothing runs any more: a second cancel finds nothing.
+    let r = c
+        .cancel_exec(v1::CancelExecRequest { lease_id: lease.id.clone(), exec_id: "tree".into() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(!r.cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_nobody_follows_is_killed_at_the_pools_max_ttl() {
+    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\ndefault_ttl = \"2s\"\nmax_ttl = \"4s\"\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "forever").await.expect("acquire");
+    let req =
+        v1::ExecRequest { lease_id: lease.id.clone(), command: sh("sleep 1000"), detach: true, ..Default::default() };
+    let started = collect(c.exec(req).await.expect("exec").into_inner()).await;
+    assert!(started.started.starts_with("s-"), "a generated session id: {started:?}");
+    // The session outlives the lease's 2 s TTL (it keeps the lease alive) but not max_ttl.
+    eventually("the lease ends at max_ttl", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let id = lease.id.clone();
+        async move {
+            let r = c.renew(v1::RenewRequest { lease_id: id, ..Default::default() }).await;
+            r.err().map(|e| e.code())
+        }
+    })
+    .await;
+    assert!(stack.log().contains("max_ttl with sessions running"), "{}", stack.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_detaches_and_attaches() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "cli").await.expect("acquire");
+    let endpoint = format!("unix:{}", stack.socket.display());
+    let cli = |args: &[&str]| {
+        std::process::Command::new(MPOOL)
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .env_remove("MPOOL_TOKEN")
+            .output()
+            .expect("mpool runs")
+    };
+    let out = cli(&["exec", &lease.id, "--detach", "--", "sh", "-c", "echo hello; exit 3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(id.starts_with("s-"), "{id}");
+    let out = cli(&["attach", &lease.id, &id]);
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(3), "hello\n"));
+    let out = cli(&["sessions", &lease.id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&id) && text.contains("exited"), "{text}");
+}
