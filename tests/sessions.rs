@@ -317,3 +317,123 @@ async fn the_cli_detaches_and_attaches() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&id) && text.contains("exited"), "{text}");
 }
+
+fn keep_run(rid: &str, line: &str) -> v1::RunRequest {
+    v1::RunRequest {
+        pool: "ci".into(),
+        holder: "keep-run".into(),
+        request_id: rid.into(),
+        command: sh(line),
+        inputs: vec![v1::InputFile { path: "in.txt".into(), text: "input\n".into(), ..Default::default() }],
+        outputs: vec!["out.txt".into()],
+        on_disconnect: v1::OnDisconnect::Keep as i32,
+        ..Default::default()
+    }
+}
+
+/// Everything a Run stream said: the lease, stdout (and what of it was replayed), dropped
+/// events, output bytes, the result.
+#[derive(Default, Debug)]
+struct RunSeen {
+    lease: Option<v1::Lease>,
+    stdout: String,
+    replayed: String,
+    output: Vec<u8>,
+    result: Option<v1::RunResult>,
+}
+
+async fn collect_run(mut s: tonic::Streaming<v1::RunEvent>, seen: &mut RunSeen) {
+    use v1::run_event::Event as R;
+    while let Some(ev) = s.message().await.expect("run stream") {
+        match ev.event {
+            Some(R::Lease(l)) => seen.lease = Some(l),
+            Some(R::Stdout(t)) => {
+                if ev.replayed {
+                    seen.replayed.push_str(&t);
+                }
+                seen.stdout.push_str(&t);
+            }
+            Some(R::Output(o)) => seen.output.extend_from_slice(&o.data),
+            Some(R::Result(r)) => seen.result = Some(r),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_run_whose_caller_was_cut_is_finished_by_its_retry_with_one_execution() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    // Counts its executions in `runs`, waits for `go`, writes an output, exits 5.
+    let line = "echo ran >> runs; echo started; while [ ! -e go ]; do sleep 0.05; done; \
+                cat in.txt runs > out.txt; echo finished; exit 5";
+    let mut first = c.run(futures::stream::iter([keep_run("task-1-attempt-0", line)])).await.unwrap().into_inner();
+    let lease = match first.message().await.unwrap().and_then(|e| e.event) {
+        Some(v1::run_event::Event::Lease(l)) => l,
+        other => panic!("expected the lease first, got {other:?}"),
+    };
+    match first.message().await.unwrap().and_then(|e| e.event) {
+        Some(v1::run_event::Event::Stdout(t)) => assert_eq!(t, "started\n"),
+        other => panic!("expected the command's first output, got {other:?}"),
+    }
+    // The worker dies: its stream is cut mid-command.
+    drop(first);
+    drop(c);
+    // The resubmitted attempt (same request id) attaches instead of running it again.
+    let mut c = stack.client().await;
+    let retry = c.run(futures::stream::iter([keep_run("task-1-attempt-0", line)])).await.unwrap().into_inner();
+    let mut seen = RunSeen::default();
+    let collecting = tokio::spawn(async move {
+        collect_run(retry, &mut seen).await;
+        seen
+    });
+    let mut c2 = stack.client().await;
+    eventually("the retry follows the command", Duration::from_secs(20), || {
+        let mut c2 = c2.clone();
+        let id = lease.id.clone();
+        async move {
+            let r = c2.list_sessions(v1::ListSessionsRequest { lease_id: id }).await.ok()?.into_inner();
+            r.sessions.iter().any(|s| s.id == "run").then_some(())
+        }
+    })
+    .await;
+    run(&mut c2, &lease.id, "touch go").await;
+    let seen = collecting.await.unwrap();
+    assert_eq!(seen.lease.as_ref().map(|l| l.id.as_str()), Some(lease.id.as_str()), "{seen:?}");
+    assert_eq!(seen.stdout, "started\nfinished\n", "{seen:?}");
+    assert_eq!(seen.replayed, "started\n", "what the first attempt saw is marked replayed: {seen:?}");
+    assert_eq!(seen.output, b"input\nran\n", "the output of one execution (`runs` has one line): {seen:?}");
+    let result = seen.result.expect("a result");
+    assert_eq!(result.exit.as_ref().map(|x| x.code), Some(5), "{result:?}");
+    // A later retry gets the recorded result without running anything.
+    let mut again = RunSeen::default();
+    let s = c.run(futures::stream::iter([keep_run("task-1-attempt-0", line)])).await.unwrap().into_inner();
+    collect_run(s, &mut again).await;
+    assert_eq!(again.result.and_then(|r| r.exit).map(|x| x.code), Some(5));
+    assert_eq!(again.stdout, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_keep_run_kills_its_command() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let mut s =
+        c.run(futures::stream::iter([keep_run("cancel-me", "echo started; sleep 1000")])).await.unwrap().into_inner();
+    let lease = match s.message().await.unwrap().and_then(|e| e.event) {
+        Some(v1::run_event::Event::Lease(l)) => l,
+        other => panic!("expected the lease first, got {other:?}"),
+    };
+    let _ = s.message().await.unwrap();
+    let r = c
+        .cancel_exec(v1::CancelExecRequest { lease_id: lease.id.clone(), exec_id: "run".into() })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(r.cancelled);
+    let mut seen = RunSeen::default();
+    collect_run(s, &mut seen).await;
+    let exit = seen.result.and_then(|r| r.exit).expect("an exit status");
+    assert!(exit.cancelled, "{exit:?}");
+}
