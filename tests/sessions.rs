@@ -437,3 +437,67 @@ async fn cancelling_a_keep_run_kills_its_command() {
     let exit = seen.result.and_then(|r| r.exit).expect("an exit status");
     assert!(exit.cancelled, "{exit:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_starts_lists_and_attaches_as_json_lines() {
+    use tokio::io::AsyncReadExt;
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let token = Some(stack.token.as_str());
+    let lease = stack.http("POST", "/v1/pools/ci/leases", token, Some(&serde_json::json!({"holder": "http"}))).await;
+    assert_eq!(lease.status, 200, "{:?}", lease.json);
+    let id = lease.json["id"].as_str().expect("a lease id").to_string();
+    let body = serde_json::json!({"command": {"argv": ["sh", "-c", "echo one; echo two >&2; exit 4"]}, "detach": true});
+    let started = stack.http("POST", &format!("/v1/leases/{id}/exec"), token, Some(&body)).await;
+    assert_eq!(started.status, 200, "{:?}", started.json);
+    assert_eq!(started.json["detached"], true, "{:?}", started.json);
+    let session = started.json["session"].as_str().expect("a session id").to_string();
+    // Attach: one JSON event per line, as they happen, ending with the exit.
+    let mut s = stack
+        .http_send(
+            "POST",
+            &format!("/v1/leases/{id}/sessions/{session}/attach"),
+            token,
+            Some(&serde_json::json!({})),
+            true,
+        )
+        .await;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.ok();
+    let answer = mpool_testkit::http::parse_http(&raw).expect("an HTTP answer");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-type"), Some("application/x-ndjson"));
+    assert_eq!(answer.header("transfer-encoding"), Some("chunked"), "streamed, not collected");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    let body = dechunk(&raw[split..]);
+    let lines: Vec<serde_json::Value> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.first().and_then(|l| l["started"].as_str()), Some(session.as_str()), "{lines:?}");
+    let stdout: String = lines.iter().filter_map(|l| l["stdout"].as_str()).collect();
+    let stderr: String = lines.iter().filter_map(|l| l["stderr"].as_str()).collect();
+    assert_eq!((stdout.as_str(), stderr.as_str()), ("one\n", "two\n"), "{lines:?}");
+    assert_eq!(lines.last().map(|l| l["exit"]["code"].clone()), Some(serde_json::json!(4)), "{lines:?}");
+    let listed = stack.http("GET", &format!("/v1/leases/{id}/sessions"), token, None).await;
+    assert_eq!(listed.json["sessions"][0]["id"].as_str(), Some(session.as_str()), "{:?}", listed.json);
+    assert_eq!(listed.json["sessions"][0]["state"].as_str(), Some("SESSION_STATE_EXITED"), "{:?}", listed.json);
+    let missing = stack.http("GET", "/v1/leases/nope/sessions", token, None).await;
+    assert_eq!(missing.status, 404, "{:?}", missing.json);
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else { return out };
+        let line = std::str::from_utf8(&raw[..eol]).expect("a size line");
+        let size = usize::from_str_radix(line.trim(), 16).expect("a hex size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 2 + size + 2..];
+    }
+}
