@@ -11,9 +11,9 @@
 //!   good; of the rest only the last [`Layout::keep`] complete ones and the one being written
 //!   (each segment's `split --filter` deletes the one `keep` places before it). The guest keeps
 //!   at most `(head + keep + 1) * segment` bytes per stream, whatever the command writes.
-//! - `code` (the exit status as the shell saw it, written when the command ends), `done` (after
-//!   both streams were flushed), `started`/`ended` (guest clock, ms), `cancelled` or
-//!   `timed_out` (written by [`kill_script`] before it kills).
+//! - `exit` (the exit status as the shell saw it, then when the command started and ended,
+//!   guest clock in ms; written when it ends), `done` (after both streams were flushed),
+//!   `cancelled` or `timed_out` (written by [`kill_script`] before it kills).
 //!
 //! The command runs under `setsid` (its own session), started by a launcher that returns at
 //! once, so neither the SSH channel closing nor mpool going away touches it. Every process of
@@ -21,10 +21,13 @@
 //! `/proc/*/environ`, so `setsid`, `nohup` and double forks do not escape a cancel (a process
 //! that clears its environment does; the VM's reset ends everything anyway).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::error::SshError;
 use super::files::RemoteFs;
+use super::quote;
 
 /// The sessions' directory, relative to the user's home (SFTP paths are).
 pub const ROOT: &str = ".mpool/sessions";
@@ -113,19 +116,10 @@ impl Stream {
     }
 }
 
-/// A here-document delimiter that no line of `texts` equals.
-fn delimiter(texts: &[&str]) -> String {
-    loop {
-        let d = format!("MPOOL_EOF_{:016x}", rand::random::<u64>());
-        if !texts.iter().any(|t| t.lines().any(|l| l == d)) {
-            return d;
-        }
-    }
-}
-
 /// The script (for `bash -s`) that creates the session's directory, writes its files and
 /// starts the runner detached, printing `started`; it exits [`EXISTS`] when a session with this
-/// id exists already.
+/// id exists already. Files are written with shell builtins (quoted text), so starting a
+/// session costs `mkdir`, `setsid` and the runner's own processes.
 pub fn launch_script(meta: &Meta, command_line: &str, stdin: &[u8]) -> Result<String, SshError> {
     if !valid_id(&meta.id) {
         return Err(SshError::InvalidRequest(format!(
@@ -134,52 +128,46 @@ pub fn launch_script(meta: &Meta, command_line: &str, stdin: &[u8]) -> Result<St
         )));
     }
     let meta_json = serde_json::to_string(meta).map_err(|e| SshError::InvalidRequest(format!("session meta: {e}")))?;
-    let stdin_b64 = base64_lines(stdin);
+    let stdin_file = if stdin.is_empty() {
+        ": > \"$d/stdin\"".to_string()
+    } else {
+        format!("printf '%s' {} | base64 -d > \"$d/stdin\"", base64_text(stdin))
+    };
     let runner = runner_script(&meta.id, meta.layout);
-    let eof = delimiter(&[command_line, &meta_json, &runner]);
     Ok(format!(
-        r#"set -e
-d="$HOME/{ROOT}/{id}"
-mkdir -p "$HOME/{ROOT}"
+        r#"d="$HOME/{ROOT}/{id}"
+[ -d "$HOME/{ROOT}" ] || mkdir -p "$HOME/{ROOT}" || exit 1
 mkdir "$d" 2>/dev/null || {{ echo "session {id} exists" >&2; exit {EXISTS}; }}
-mkdir "$d/out" "$d/err"
-cat > "$d/cmd" <<'{eof}'
-{command_line}
-{eof}
-cat > "$d/meta" <<'{eof}'
-{meta_json}
-{eof}
-base64 -d > "$d/stdin" <<'{eof}'
-{stdin_b64}{eof}
-cat > "$d/run" <<'{eof}'
-{runner}{eof}
-setsid -f bash "$d/run" </dev/null >/dev/null 2>&1
+mkdir "$d/out" "$d/err" || exit 1
+printf '%s\n' {cmd} > "$d/cmd" || exit 1
+printf '%s\n' {meta} > "$d/meta" || exit 1
+{stdin_file} || exit 1
+printf '%s' {runner} > "$d/run" || exit 1
+setsid -f bash "$d/run" </dev/null >/dev/null 2>&1 || exit 1
 echo started
 "#,
         id = meta.id,
+        cmd = quote::quote(command_line),
+        meta = quote::quote(&meta_json),
+        runner = quote::quote(&runner),
     ))
 }
 
-/// Base64 in lines of 76 characters, each ending with a newline.
-fn base64_lines(data: &[u8]) -> String {
+/// Base64 in one word.
+fn base64_text(data: &[u8]) -> String {
     use base64::Engine;
-    let text = base64::engine::general_purpose::STANDARD.encode(data);
-    let mut out = String::with_capacity(text.len() + text.len() / 76 + 1);
-    for chunk in text.as_bytes().chunks(76) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// The runner: starts both stream writers, runs the command with `MPOOL_SESSION` set, records
-/// its status, waits for the writers, marks the session done.
+/// its status (`exit`: the status, then when it started and ended, guest ms), waits for the
+/// writers, marks the session done. Clocks come from bash's `$EPOCHREALTIME` (no process).
 fn runner_script(id: &str, layout: Layout) -> String {
     let (seg, head, keep) = (layout.segment, layout.head, layout.keep);
     format!(
         r#"d="$HOME/{ROOT}/{id}"
-now() {{ date +%s%3N; }}
-now > "$d/started"
+ms() {{ local t=${{EPOCHREALTIME/[.,]/}}; echo ${{t:0:-3}}; }}
+start=$(ms)
 w() {{
   cd "$d/$1" && SHELL=/bin/bash exec split -a 8 -d -b {seg} --filter='cat > "$FILE"; n=$((10#${{FILE#s}})); k=$((n - {keep})); if [ $k -ge {head} ]; then rm -f "s$(printf %08d $k)"; fi' - s
 }}
@@ -188,13 +176,13 @@ p1=$!
 exec 4> >(w err)
 p2=$!
 cd "$HOME"
-MPOOL_SESSION={id} bash -c "$(cat "$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
+MPOOL_SESSION={id} bash -c "$(<"$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
 rc=$?
-now > "$d/ended"
-echo $rc > "$d/code.tmp" && mv "$d/code.tmp" "$d/code"
+echo "$rc $start $(ms)" > "$d/exit.tmp"
+mv "$d/exit.tmp" "$d/exit"
 exec 3>&- 4>&-
 wait $p1 $p2 2>/dev/null
-touch "$d/done"
+: > "$d/done"
 "#
     )
 }
@@ -223,7 +211,7 @@ pub fn kill_script(id: &str, reason: KillReason, grace_ms: u64) -> String {
 pids() {{ grep -lzxF "MPOOL_SESSION={id}" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }}
 p=$(pids)
 if [ -z "$p" ]; then echo ended; exit 0; fi
-[ -e "$d/code" ] || touch "$d/{mark}"
+[ -e "$d/exit" ] || : > "$d/{mark}"
 kill -TERM $p 2>/dev/null
 for i in $(seq 1 {rounds}); do p=$(pids); [ -z "$p" ] && break; sleep 0.1; done
 for i in $(seq 1 50); do p=$(pids); [ -z "$p" ] && break; kill -KILL $p 2>/dev/null; sleep 0.02; done
@@ -262,17 +250,17 @@ pub enum Read {
 }
 
 /// Reads one session's files over an SFTP session.
-pub struct SessionFiles<'a> {
-    fs: &'a RemoteFs,
+pub struct SessionFiles {
+    fs: Arc<RemoteFs>,
     dir: String,
     /// The session's meta file.
     pub meta: Meta,
 }
 
-impl<'a> SessionFiles<'a> {
+impl SessionFiles {
     /// The session `id`, or `None` when the lease's VM has no such session (or its meta file
     /// is not written yet).
-    pub async fn open(fs: &'a RemoteFs, id: &str) -> Result<Option<SessionFiles<'a>>, SshError> {
+    pub async fn open(fs: &Arc<RemoteFs>, id: &str) -> Result<Option<SessionFiles>, SshError> {
         if !valid_id(id) {
             return Ok(None);
         }
@@ -283,7 +271,7 @@ impl<'a> SessionFiles<'a> {
         let Ok(meta) = serde_json::from_slice::<Meta>(&raw) else {
             return Ok(None);
         };
-        Ok(Some(SessionFiles { fs, dir, meta }))
+        Ok(Some(SessionFiles { fs: fs.clone(), dir, meta }))
     }
 
     /// The ids of every session on the VM.
@@ -294,27 +282,28 @@ impl<'a> SessionFiles<'a> {
         Ok(ids)
     }
 
-    async fn small(&self, name: &str) -> Result<Option<String>, SshError> {
-        let raw = self.fs.read_at(&format!("{}/{name}", self.dir), 0, 64).await?;
-        Ok(raw.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
-    }
-
     /// The session's state.
     pub async fn status(&self) -> Result<Status, SshError> {
         let files: Vec<String> =
             self.fs.list(&self.dir).await?.unwrap_or_default().into_iter().map(|(n, _)| n).collect();
         let has = |n: &str| files.iter().any(|f| f == n);
-        let code = if has("code") { self.small("code").await?.and_then(|t| t.parse().ok()) } else { None };
-        let duration_ms = if code.is_some() {
-            let t = |s: Option<String>| s.and_then(|t| t.parse::<u64>().ok());
-            match (t(self.small("started").await?), t(self.small("ended").await?)) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
+        let (mut code, mut duration_ms) = (None, None);
+        if has("exit") {
+            let raw = self.fs.read_at(&format!("{}/exit", self.dir), 0, 128).await?.unwrap_or_default();
+            let words: Vec<u64> =
+                String::from_utf8_lossy(&raw).split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            if let [rc, start, end] = words[..] {
+                code = i32::try_from(rc).ok();
+                duration_ms = Some(end.saturating_sub(start));
             }
-        } else {
-            None
-        };
-        Ok(Status { code, done: has("done"), cancelled: has("cancelled"), timed_out: has("timed_out"), duration_ms })
+        }
+        Ok(Status {
+            code,
+            done: has("done"),
+            cancelled: has("cancelled"),
+            timed_out: has("timed_out"),
+            duration_ms,
+        })
     }
 
     /// Up to `max` bytes of `stream` from `offset`.
@@ -383,12 +372,12 @@ mod tests {
             keep: true,
         };
         assert!(launch_script(&meta("../x"), "true", b"").is_err());
-        let line = "echo 'MPOOL_EOF_x' \"$HOME\"";
+        let line = "echo 'it''s' \"$HOME\"";
         let s = launch_script(&meta("job-1"), line, b"\x00\x01").unwrap();
-        assert!(s.contains(line), "{s}");
+        assert!(s.contains(&quote::quote(line)), "{s}");
         assert!(s.contains("setsid -f bash"), "{s}");
         // The stdin bytes travel as base64.
-        assert!(s.contains("AAE=\n"), "{s}");
+        assert!(s.contains("printf '%s' AAE= | base64 -d"), "{s}");
     }
 
     #[test]
@@ -396,31 +385,5 @@ mod tests {
         let s = kill_script("job-1", KillReason::TimedOut, 2000);
         assert!(s.contains("MPOOL_SESSION=job-1"), "{s}");
         assert!(s.contains("timed_out") && s.contains("seq 1 20"), "{s}");
-    }
-}
-#[cfg(test)]
-mod print_for_manual_check {
-    #[test]
-    #[ignore]
-    fn print() {
-        let meta = super::Meta {
-            id: "t1".into(),
-            command: "c".into(),
-            layout: super::Layout { segment: 4096, head: 2, keep: 2 },
-            started_ms: 1,
-            timeout_ms: 0,
-            keep: true,
-        };
-        std::fs::write(
-            "/tmp/sx/launch.sh",
-            super::launch_script(
-                &meta,
-                "for i in $(seq 1 5000); do echo line $i; done; echo err >&2; setsid sleep 300 & exit 3",
-                b"",
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        std::fs::write("/tmp/sx/kill.sh", super::kill_script("t1", super::KillReason::Cancelled, 500)).unwrap();
     }
 }

@@ -3,8 +3,8 @@
 //! them, cancelling one, and the watch that keeps a lease alive while a session runs.
 //!
 //! Following reads the session's files over one SFTP session: each stream from its offset, as
-//! fast as bytes come, then politely (10 ms doubling to 250 ms) while the command is quiet, until
-//! the session is done. Memory stays flat whatever the command writes: 64 KiB per read, passed
+//! fast as bytes come, then politely (2 ms, growing by half each time up to 250 ms) while the
+//! command is quiet, until the session is done. Memory stays flat whatever the command writes: 64 KiB per read, passed
 //! on through a bounded channel.
 //!
 //! The watch (one task per lease with sessions, started with the first session and found again
@@ -33,6 +33,8 @@ use v1::exec_event::Event;
 
 /// Bytes read per request.
 const READ: usize = 64 * 1024;
+/// The first pause when a session is quiet (then half as long again each time).
+const FIRST_PAUSE: Duration = Duration::from_millis(2);
 /// The longest pause between two looks at a quiet session.
 const MAX_PAUSE: Duration = Duration::from_millis(250);
 /// How often the watch looks at a lease's sessions.
@@ -145,13 +147,12 @@ impl App {
         };
         let seen = if replay { [files.written(Stream::Out).await?, files.written(Stream::Err).await?] } else { [0, 0] };
         let keep = files.meta.keep;
-        drop(files);
         let (tx, rx) = mpsc::channel(16);
         let (app, vm, id) = (self.clone(), info.record.vm.clone(), id.to_string());
         let target = target.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let gone = follow(&fs, &id, from, seen, &tx).await;
+            let gone = follow(files, from, seen, &tx).await;
             if gone && !keep {
                 app.kill_session(&vm, &target, &id, KillReason::Cancelled).await;
             }
@@ -161,12 +162,12 @@ impl App {
 
     /// An SFTP session to the lease's VM (asking the daemon for its endpoint again once when it
     /// moved).
-    async fn remote_fs(&self, info: &LeaseInfo, target: &SshEndpoint) -> Result<RemoteFs, AppError> {
+    async fn remote_fs(&self, info: &LeaseInfo, target: &SshEndpoint) -> Result<Arc<RemoteFs>, AppError> {
         match self.ssh.remote_fs(&info.record.vm, target).await {
-            Ok(fs) => Ok(fs),
+            Ok(fs) => Ok(Arc::new(fs)),
             Err(e) if e.is_unreachable() => {
                 let fresh = self.refreshed_target(info, target).await.ok_or(e)?;
-                Ok(self.ssh.remote_fs(&info.record.vm, &fresh).await?)
+                Ok(Arc::new(self.ssh.remote_fs(&info.record.vm, &fresh).await?))
             }
             Err(e) => Err(e.into()),
         }
@@ -310,26 +311,20 @@ impl App {
     }
 }
 
-/// Follows session `id` into `tx` from `from`; chunks below `seen` are marked replayed. Returns
+/// Follows a session into `tx` from `off`; chunks below `seen` are marked replayed. Returns
 /// true when the receiver went away before the end.
 async fn follow(
-    fs: &RemoteFs,
-    id: &str,
+    files: SessionFiles,
     mut off: [u64; 2],
     seen: [u64; 2],
     tx: &mpsc::Sender<Result<v1::ExecEvent, AppError>>,
 ) -> bool {
     let send = |ev: v1::ExecEvent| async { tx.send(Ok(ev)).await.is_err() };
-    if send(msg(Event::Started(id.to_string()), 0, false)).await {
+    if send(msg(Event::Started(files.meta.id.clone()), 0, false)).await {
         return true;
     }
-    let files = match SessionFiles::open(fs, id).await {
-        Ok(Some(f)) => f,
-        Ok(None) => return tx.send(Err(AppError::not_found(format!("session {id:?} is gone")))).await.is_err(),
-        Err(e) => return tx.send(Err(e.into())).await.is_err(),
-    };
     let mut text = [Utf8Chunks::default(), Utf8Chunks::default()];
-    let mut pause = Duration::from_millis(10);
+    let mut pause = FIRST_PAUSE;
     let mut exited_at: Option<tokio::time::Instant> = None;
     let mut finishing = false;
     loop {
@@ -373,7 +368,7 @@ async fn follow(
             }
         }
         if progressed {
-            pause = Duration::from_millis(10);
+            pause = FIRST_PAUSE;
             continue;
         }
         if finishing {
@@ -407,7 +402,7 @@ async fn follow(
             _ = tokio::time::sleep(pause) => {}
             _ = tx.closed() => return true,
         }
-        pause = (pause * 2).min(MAX_PAUSE);
+        pause = (pause * 3 / 2).min(MAX_PAUSE);
     }
 }
 
