@@ -501,3 +501,70 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
         raw = &raw[eol + 2 + size + 2..];
     }
 }
+
+/// A process's `VmRSS` or `VmHWM` in bytes, from `/proc/PID/status`.
+fn vm_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in {status}"));
+    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB");
+    kb * 1024
+}
+
+/// Follows a session to its end, counting what it got: (bytes of stdout, bytes dropped, exit code).
+async fn drain(c: &mut Client, lease: &str, session: &str) -> (u64, u64, i32) {
+    let req = v1::AttachRequest { lease_id: lease.into(), session: session.into(), ..Default::default() };
+    let mut s = c.attach(req).await.expect("attach").into_inner();
+    let (mut got, mut dropped, mut code) = (0u64, 0u64, -2);
+    while let Some(ev) = s.message().await.expect("stream") {
+        match ev.event {
+            Some(Event::Stdout(t)) => got += t.len() as u64,
+            Some(Event::Dropped(d)) => dropped += d.to - d.from,
+            Some(Event::Exit(x)) => code = x.code,
+            _ => {}
+        }
+    }
+    (got, dropped, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_memory_stays_flat_while_a_session_writes_200_mb_to_two_attachers() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "memory").await.expect("acquire");
+    let start = |session: &str, bytes: u64| v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh(&format!("head -c {bytes} /dev/zero | tr '\\0' x")),
+        session: session.into(),
+        detach: true,
+        ..Default::default()
+    };
+    // A warm-up with the same paths (two attachers), so what is measured is growth, not first use.
+    collect(c.exec(start("warm", 4 << 20)).await.expect("exec").into_inner()).await;
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (l1, l2) = (lease.id.clone(), lease.id.clone());
+    let w = tokio::spawn(async move { drain(&mut c1, &l1, "warm").await });
+    drain(&mut c2, &l2, "warm").await;
+    w.await.unwrap();
+
+    let pid = stack.serve_pid().expect("mpool serve runs as a process");
+    // Resets the peak (VmHWM) to the current RSS (Linux: "5" > /proc/PID/clear_refs).
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .unwrap_or_else(|e| panic!("resetting the peak RSS of mpool serve needs /proc/PID/clear_refs: {e}"));
+    let before = vm_bytes(pid, "VmRSS:");
+    const TOTAL: u64 = 200 << 20;
+    collect(c.exec(start("loud", TOTAL)).await.expect("exec").into_inner()).await;
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (l1, l2) = (lease.id.clone(), lease.id.clone());
+    let a1 = tokio::spawn(async move { drain(&mut c1, &l1, "loud").await });
+    let a2 = tokio::spawn(async move { drain(&mut c2, &l2, "loud").await });
+    for a in [a1.await.unwrap(), a2.await.unwrap()] {
+        assert_eq!(a.2, 0, "{a:?}");
+        assert_eq!(a.0 + a.1, TOTAL, "every byte was either sent or reported dropped: {a:?}");
+        assert!(a.0 >= 8 << 20, "at least the cap was sent: {a:?}");
+    }
+    let peak = vm_bytes(pid, "VmHWM:");
+    let grew = peak.saturating_sub(before);
+    eprintln!("mpool serve RSS {before} bytes before, peak {peak} while 200 MB went to two attachers (+{grew})");
+    assert!(grew < 5 << 20, "serve's RSS grew by {grew} bytes (before {before}, peak {peak})");
+}

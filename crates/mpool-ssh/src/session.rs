@@ -297,13 +297,7 @@ impl SessionFiles {
                 duration_ms = Some(end.saturating_sub(start));
             }
         }
-        Ok(Status {
-            code,
-            done: has("done"),
-            cancelled: has("cancelled"),
-            timed_out: has("timed_out"),
-            duration_ms,
-        })
+        Ok(Status { code, done: has("done"), cancelled: has("cancelled"), timed_out: has("timed_out"), duration_ms })
     }
 
     /// Up to `max` bytes of `stream` from `offset`.
