@@ -150,7 +150,8 @@ async fn a_caller_that_went_away_attaches_again_and_two_attachers_see_the_same_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_survives_kill_9_of_mpool_serve() {
-    let mut stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\ndefault_ttl = \"20s\"\n";
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
     let lease = acquire(&mut c, "ci", "survivor").await.expect("acquire");
@@ -163,6 +164,12 @@ async fn a_session_survives_kill_9_of_mpool_serve() {
     };
     let started = collect(c.exec(req).await.expect("exec").into_inner()).await;
     assert_eq!((started.started.as_str(), started.exit.is_none()), ("build", true), "{started:?}");
+    let expiry = |c: Client, id: String| async move {
+        let leases = c.clone().list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
+        let l = leases.into_iter().find(|l| l.id == id)?;
+        l.expires_at.map(|t| t.seconds)
+    };
+    let before = expiry(c.clone(), lease.id.clone()).await.expect("the lease's expiry");
     stack.kill_serve();
     stack.start_serve().await.expect("mpool serve starts again");
     let mut c = stack.client().await;
@@ -174,6 +181,13 @@ async fn a_session_survives_kill_9_of_mpool_serve() {
     })
     .await;
     assert_eq!(listed.sessions.first().map(|s| s.state), Some(v1::SessionState::Running as i32), "{listed:?}");
+    // The restarted server found the session and keeps its lease alive (it renews the 20 s TTL
+    // the lease would otherwise expire by).
+    eventually("the lease is renewed for its running session", Duration::from_secs(40), || {
+        let (c, id) = (c.clone(), lease.id.clone());
+        async move { expiry(c, id).await.filter(|e| *e > before) }
+    })
+    .await;
     run(&mut c, &lease.id, "touch go").await;
     let a = attach(&mut c, &lease.id, "build").await;
     assert_eq!((a.stdout.as_str(), a.exit.map(|x| x.code)), ("first\nsecond\n", Some(7)));

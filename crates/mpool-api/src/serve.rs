@@ -188,16 +188,14 @@ impl Running {
 /// Once the engine has reached multipassd (leases have their SSH endpoints), finds the sessions
 /// of every live lease again: running ones keep their lease alive and their limits enforced.
 async fn recover_sessions(app: App) {
-    let mut healthy = app.engine().healthy();
     loop {
-        if let Ok(s) = app.engine().status().await
-            && s.reconciled
-        {
-            app.recover_sessions().await;
-            return;
-        }
-        if healthy.changed().await.is_err() {
-            return;
+        match app.engine().status().await {
+            Ok(s) if s.reconciled => {
+                app.recover_sessions().await;
+                return;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            Err(_) => return,
         }
     }
 }

@@ -1932,6 +1932,9 @@ reset = "recreate"
         assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
         assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
         assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
+        assert_error(&a("session_output_cap = \"1K\""), &["api.session_output_cap", "at least 32K"]);
+        assert_eq!(parse(&a("session_output_cap = \"64K\"")).unwrap().api.session_output_cap, 65536);
+        assert_eq!(parse(&a("")).unwrap().api.session_output_cap, DEFAULT_SESSION_OUTPUT_CAP);
         assert_eq!(parse(&a("host_name = \"mp-2.lab\"")).unwrap().api.host_name, "mp-2.lab");
         assert_error(&a("host_name = \"\""), &["api.host_name", "1 to 63 characters"]);
         assert_error(&a("host_name = \"a/b\""), &["api.host_name", "'/' is not allowed"]);

@@ -255,7 +255,9 @@ impl App {
         let max_ttl = self.pool_max_ttl(&info.record.pool).await;
         let deadline =
             max_ttl.map(|t| info.record.granted_ms.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
-        let ttl = Duration::from_millis(info.record.expires_ms.saturating_sub(info.record.granted_ms).max(60_000));
+        // The window the lease was granted (or last renewed) with; renewed by a third of it.
+        let ttl =
+            Duration::from_millis(info.record.expires_ms.saturating_sub(info.record.granted_ms)).max(WATCH_EVERY * 3);
         let ttl = max_ttl.map_or(ttl, |m| ttl.min(m));
         let mut renewed = tokio::time::Instant::now();
         let target = info.ssh.clone().ok_or_else(|| AppError::unavailable("no SSH endpoint yet"))?;
