@@ -249,18 +249,52 @@ pub enum Read {
     Nothing,
 }
 
+/// What reading a session needs of the guest's files: [`RemoteFs`] (SFTP), or a model in tests.
+pub trait GuestFiles: Send + Sync {
+    /// Up to `max` bytes of `path` from `offset`; `None` when it does not exist.
+    fn read_at(
+        &self,
+        path: &str,
+        offset: u64,
+        max: usize,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, SshError>> + Send;
+    /// Names and sizes of the regular files in `dir`; `None` when it does not exist.
+    fn list(&self, dir: &str)
+    -> impl std::future::Future<Output = Result<Option<Vec<(String, u64)>>, SshError>> + Send;
+}
+
+impl GuestFiles for RemoteFs {
+    async fn read_at(&self, path: &str, offset: u64, max: usize) -> Result<Option<Vec<u8>>, SshError> {
+        RemoteFs::read_at(self, path, offset, max).await
+    }
+
+    async fn list(&self, dir: &str) -> Result<Option<Vec<(String, u64)>>, SshError> {
+        RemoteFs::list(self, dir).await
+    }
+}
+
 /// Reads one session's files over an SFTP session.
-pub struct SessionFiles {
-    fs: Arc<RemoteFs>,
+pub struct SessionFiles<F: GuestFiles = RemoteFs> {
+    fs: Arc<F>,
     dir: String,
     /// The session's meta file.
     pub meta: Meta,
 }
 
-impl SessionFiles {
+impl SessionFiles<RemoteFs> {
+    /// The ids of every session on the VM.
+    pub async fn ids(fs: &RemoteFs) -> Result<Vec<String>, SshError> {
+        let mut ids: Vec<String> =
+            fs.dirs(ROOT).await?.unwrap_or_default().into_iter().filter(|i| valid_id(i)).collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+impl<F: GuestFiles> SessionFiles<F> {
     /// The session `id`, or `None` when the lease's VM has no such session (or its meta file
     /// is not written yet).
-    pub async fn open(fs: &Arc<RemoteFs>, id: &str) -> Result<Option<SessionFiles>, SshError> {
+    pub async fn open(fs: &Arc<F>, id: &str) -> Result<Option<SessionFiles<F>>, SshError> {
         if !valid_id(id) {
             return Ok(None);
         }
@@ -272,14 +306,6 @@ impl SessionFiles {
             return Ok(None);
         };
         Ok(Some(SessionFiles { fs: fs.clone(), dir, meta }))
-    }
-
-    /// The ids of every session on the VM.
-    pub async fn ids(fs: &RemoteFs) -> Result<Vec<String>, SshError> {
-        let mut ids: Vec<String> =
-            fs.dirs(ROOT).await?.unwrap_or_default().into_iter().filter(|i| valid_id(i)).collect();
-        ids.sort();
-        Ok(ids)
     }
 
     /// The session's state.
@@ -379,5 +405,114 @@ mod tests {
         let s = kill_script("job-1", KillReason::TimedOut, 2000);
         assert!(s.contains("MPOOL_SESSION=job-1"), "{s}");
         assert!(s.contains("timed_out") && s.contains("seq 1 20"), "{s}");
+    }
+
+    /// The guest's files as a map, for the reader's property test.
+    #[derive(Default)]
+    struct MemFs(std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>);
+
+    impl GuestFiles for MemFs {
+        async fn read_at(&self, path: &str, offset: u64, max: usize) -> Result<Option<Vec<u8>>, SshError> {
+            let files = self.0.lock().unwrap();
+            Ok(files.get(path).map(|data| {
+                let from = usize::try_from(offset).unwrap().min(data.len());
+                data[from..(from + max).min(data.len())].to_vec()
+            }))
+        }
+
+        async fn list(&self, dir: &str) -> Result<Option<Vec<(String, u64)>>, SshError> {
+            let files = self.0.lock().unwrap();
+            let prefix = format!("{dir}/");
+            Ok(Some(
+                files
+                    .iter()
+                    .filter_map(|(p, d)| Some((p.strip_prefix(&prefix)?.to_string(), d.len() as u64)))
+                    .filter(|(n, _)| !n.contains('/'))
+                    .collect(),
+            ))
+        }
+    }
+
+    /// The stream writer as the runner's `split --filter` behaves: bytes fill segment after
+    /// segment; when segment n is complete, segment n-keep is deleted unless it is in the head.
+    fn write(fs: &MemFs, layout: Layout, written: &mut Vec<u8>, data: &[u8]) {
+        let mut files = fs.0.lock().unwrap();
+        for b in data {
+            let (seg, _) = layout.locate(written.len() as u64);
+            files.entry(format!("{ROOT}/p/out/s{seg:08}")).or_default().push(*b);
+            written.push(*b);
+            if written.len() as u64 % layout.segment == 0 {
+                if let Some(k) = seg.checked_sub(layout.keep).filter(|k| *k >= layout.head) {
+                    files.remove(&format!("{ROOT}/p/out/s{k:08}"));
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// Whatever the interleaving of writes and reads: every byte read is the byte written at
+        /// that offset, a gap never covers the head, only skips bytes that were deleted, and the
+        /// reader ends at the stream's end with read + dropped = written.
+        #[test]
+        fn a_reader_gets_every_kept_byte_and_accounts_for_the_rest(
+            steps in proptest::collection::vec((0usize..40, 1usize..30), 1..60),
+            segment in 4u64..12,
+        ) {
+            let layout = Layout { segment, head: 2, keep: 2 };
+            let fs = Arc::new(MemFs::default());
+            let meta = Meta { id: "p".into(), command: String::new(), layout, started_ms: 0, timeout_ms: 0, keep: true };
+            fs.0.lock().unwrap().insert(format!("{ROOT}/p/meta"), serde_json::to_vec(&meta).unwrap());
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let files = SessionFiles::open(&fs, "p").await.unwrap().unwrap();
+                let (mut written, mut off, mut got, mut dropped) = (Vec::new(), 0u64, 0u64, 0u64);
+                let mut n = 0u8;
+                let read_once = |off: &mut u64, got: &mut u64, dropped: &mut u64, written: &[u8], r: Read| -> bool {
+                    match r {
+                        Read::Nothing => false,
+                        Read::Data(bytes) => {
+                            let at = usize::try_from(*off).unwrap();
+                            assert_eq!(&written[at..at + bytes.len()], &bytes[..], "bytes at offset {at}");
+                            *off += bytes.len() as u64;
+                            *got += bytes.len() as u64;
+                            true
+                        }
+                        Read::Gap { to } => {
+                            assert!(to > *off, "a gap moves forward: {} -> {to}", *off);
+                            let exists = |k: u64| fs.0.lock().unwrap().contains_key(&format!("{ROOT}/p/out/s{k:08}"));
+                            assert!(
+                                (*off / layout.segment..to.div_ceil(layout.segment)).all(|k| !exists(k)),
+                                "a gap only skips deleted segments: {} -> {to}", *off
+                            );
+                            assert!(to % layout.segment == 0 && exists(to / layout.segment), "a gap ends at a kept segment's start: {to}");
+                            assert!(*off >= layout.head * layout.segment, "the head is never dropped: gap at {}", *off);
+                            *dropped += to - *off;
+                            *off = to;
+                            true
+                        }
+                    }
+                };
+                for (write_len, read_len) in steps {
+                    let data: Vec<u8> = (0..write_len).map(|_| { n = n.wrapping_add(1); n }).collect();
+                    write(&fs, layout, &mut written, &data);
+                    let r = files.read(Stream::Out, off, read_len).await.unwrap();
+                    read_once(&mut off, &mut got, &mut dropped, &written, r);
+                }
+                loop {
+                    let r = files.read(Stream::Out, off, 7).await.unwrap();
+                    if !read_once(&mut off, &mut got, &mut dropped, &written, r) {
+                        break;
+                    }
+                }
+                assert_eq!(off, written.len() as u64, "the reader ends at the end");
+                assert_eq!(got + dropped, written.len() as u64);
+                assert_eq!(files.written(Stream::Out).await.unwrap(), written.len() as u64);
+                // What the guest keeps is bounded by the layout.
+                let kept: usize = fs.0.lock().unwrap().iter().filter(|(p, _)| p.contains("/out/")).map(|(_, d)| d.len()).sum();
+                assert!(kept as u64 <= (layout.head + layout.keep + 1) * layout.segment, "{kept} bytes kept");
+            });
+        }
     }
 }
