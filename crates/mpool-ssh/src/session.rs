@@ -441,10 +441,10 @@ mod tests {
             let (seg, _) = layout.locate(written.len() as u64);
             files.entry(format!("{ROOT}/p/out/s{seg:08}")).or_default().push(*b);
             written.push(*b);
-            if written.len() as u64 % layout.segment == 0 {
-                if let Some(k) = seg.checked_sub(layout.keep).filter(|k| *k >= layout.head) {
-                    files.remove(&format!("{ROOT}/p/out/s{k:08}"));
-                }
+            if (written.len() as u64).is_multiple_of(layout.segment)
+                && let Some(k) = seg.checked_sub(layout.keep).filter(|k| *k >= layout.head)
+            {
+                files.remove(&format!("{ROOT}/p/out/s{k:08}"));
             }
         }
     }
@@ -486,7 +486,7 @@ mod tests {
                                 (*off / layout.segment..to.div_ceil(layout.segment)).all(|k| !exists(k)),
                                 "a gap only skips deleted segments: {} -> {to}", *off
                             );
-                            assert!(to % layout.segment == 0 && exists(to / layout.segment), "a gap ends at a kept segment's start: {to}");
+                            assert!(to.is_multiple_of(layout.segment) && exists(to / layout.segment), "a gap ends at a kept segment's start: {to}");
                             assert!(*off >= layout.head * layout.segment, "the head is never dropped: gap at {}", *off);
                             *dropped += to - *off;
                             *off = to;
