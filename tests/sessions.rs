@@ -582,3 +582,32 @@ async fn serves_memory_stays_flat_while_a_session_writes_200_mb_to_two_attachers
     eprintln!("mpool serve RSS {before} bytes before, peak {peak} while 200 MB went to two attachers (+{grew})");
     assert!(grew < 5 << 20, "serve's RSS grew by {grew} bytes (before {before}, peak {peak})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_lease_of_the_vm_sees_no_session_of_the_last() {
+    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 1\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let first = acquire(&mut c, "ci", "first").await.expect("acquire");
+    let req = v1::ExecRequest {
+        lease_id: first.id.clone(),
+        command: sh("echo secret; sleep 1001"),
+        session: "mine".into(),
+        detach: true,
+        ..Default::default()
+    };
+    collect(c.exec(req).await.expect("exec").into_inner()).await;
+    c.release(v1::ReleaseRequest { lease_id: first.id.clone() }).await.expect("release");
+    stack.wait_idle("ci", 1).await;
+    let second = acquire(&mut c, "ci", "second").await.expect("acquire");
+    assert_eq!(second.vm, first.vm, "the same VM, reset");
+    let listed = c.list_sessions(v1::ListSessionsRequest { lease_id: second.id.clone() }).await.unwrap().into_inner();
+    assert!(listed.sessions.is_empty(), "{listed:?}");
+    let e = c
+        .attach(v1::AttachRequest { lease_id: second.id.clone(), session: "mine".into(), ..Default::default() })
+        .await
+        .expect_err("the last lease's session is gone");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert_eq!(run(&mut c, &second.id, "pgrep -f 'slee[p] 1001' || true").await, "", "its command is gone too");
+}

@@ -261,19 +261,21 @@ impl App {
         let ttl = max_ttl.map_or(ttl, |m| ttl.min(m));
         let mut renewed = tokio::time::Instant::now();
         let target = info.ssh.clone().ok_or_else(|| AppError::unavailable("no SSH endpoint yet"))?;
-        let fs = self.remote_fs(&info, &target).await?;
+        let mut fs = None;
         loop {
-            let mut running = Vec::new();
-            for id in SessionFiles::ids(&fs).await? {
-                let Some(files) = SessionFiles::open(&fs, &id).await? else { continue };
-                if files.status().await?.code.is_none() {
-                    running.push((
-                        id,
-                        files.meta.started_ms.saturating_add(files.meta.timeout_ms),
-                        files.meta.timeout_ms,
-                    ));
+            // A failure to look (the VM's SSH, the store) is retried at the next round: the
+            // lease stays in use meanwhile; only the lease's end ends the watch.
+            let running = match self.running_sessions(&info, &target, &mut fs).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%lease, "looking at the lease's sessions failed (retrying): {e}");
+                    fs = None;
+                    tokio::time::sleep(WATCH_EVERY).await;
+                    self.engine.begin_use(lease, None).await?;
+                    self.engine.end_use(lease).await;
+                    continue;
                 }
-            }
+            };
             if running.is_empty() {
                 drop(guard);
                 return Ok(());
@@ -296,14 +298,38 @@ impl App {
             }
             if renewed.elapsed() >= ttl / 3 {
                 // Keeps the stored expiry ahead, so a restart of mpool finds the lease alive.
-                self.engine.renew(lease, Some(ttl), None).await?;
-                renewed = tokio::time::Instant::now();
+                match self.engine.renew(lease, Some(ttl), None).await {
+                    Ok(_) => renewed = tokio::time::Instant::now(),
+                    Err(e) => tracing::warn!(%lease, "renewing the lease of a running session failed (retrying): {e}"),
+                }
             }
             tokio::time::sleep(WATCH_EVERY).await;
             // The lease may have ended meanwhile (released: its VM is being reset).
             self.engine.begin_use(lease, None).await?;
             self.engine.end_use(lease).await;
         }
+    }
+
+    /// The lease's running sessions: (id, when its timeout passes, its timeout), both ms.
+    async fn running_sessions(
+        &self,
+        info: &LeaseInfo,
+        target: &SshEndpoint,
+        fs: &mut Option<Arc<RemoteFs>>,
+    ) -> Result<Vec<(String, u64, u64)>, AppError> {
+        let fs = match fs {
+            Some(fs) => fs.clone(),
+            None => fs.insert(self.remote_fs(info, target).await?).clone(),
+        };
+        let mut running = Vec::new();
+        for id in SessionFiles::ids(&fs).await? {
+            let Some(files) = SessionFiles::open(&fs, &id).await? else { continue };
+            if files.status().await?.code.is_none() {
+                let until = files.meta.started_ms.saturating_add(files.meta.timeout_ms);
+                running.push((id, until, files.meta.timeout_ms));
+            }
+        }
+        Ok(running)
     }
 
     /// The pool's `max_ttl`, if it is known.

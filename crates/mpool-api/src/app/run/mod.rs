@@ -181,7 +181,12 @@ impl App {
         };
         let exec = t.elapsed();
         let t = Instant::now();
-        let outputs = self.send_outputs(&vm, &target, &outputs, tx).await.ok_or_else(gone)?;
+        let outputs = match self.send_outputs(&vm, &target, &outputs, tx).await {
+            Some(outputs) => outputs,
+            // A KEEP Run's caller went away after its command: a retry reads them again.
+            None if keep => return Err(RunEnd::Left),
+            None => return Err(gone().into()),
+        };
         let download = t.elapsed();
         let result = v1::RunResult { exit: Some(exit), outputs, vm, timings: None, served: 0 };
         Ok(Ran { result, upload, exec, download })
