@@ -1079,3 +1079,34 @@ async fn a_reload_that_shrinks_the_disk_rotates_instead() {
     assert!(!h.fake.st.lock().unwrap().instances.contains_key(&old), "the old VM is deleted");
     assert_eq!(sizes_of(&h.fake, &s.vms[0].name).disk, 8 << 30, "the new one launched at the new size");
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_statvfs_free_disk_is_the_total_minus_the_vms_measured_usage() {
+    use mpool_core::host::HostFacts;
+    const G: u64 = 1 << 30;
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let no_statvfs = HostFacts { disk_total: Some(100 * G), ..Default::default() };
+    h.engine.set_host(no_statvfs.clone()).await;
+    let host = h.engine.status().await.unwrap().host.unwrap();
+    assert_eq!(host.disk_free, None, "nothing measured yet: unknown, not guessed");
+
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.fake.st.lock().unwrap().disk_used.insert(lease.record.vm.clone(), 3 * G);
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    h.engine.set_host(no_statvfs).await;
+    let host = h.engine.status().await.unwrap().host.unwrap();
+    assert_eq!(host.disk_free, Some(97 * G));
+    assert_eq!(host.disk_free_source, "total minus instance disk usage");
+
+    // statvfs's figure, when there is one, is kept.
+    let measured = HostFacts {
+        disk_total: Some(100 * G),
+        disk_free: Some(10 * G),
+        disk_free_source: "statvfs /data".into(),
+        ..Default::default()
+    };
+    h.engine.set_host(measured.clone()).await;
+    assert_eq!(h.engine.status().await.unwrap().host, Some(measured));
+}
