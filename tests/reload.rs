@@ -209,3 +209,70 @@ async fn a_reload_adds_changes_and_removes_pools_while_a_lease_runs() {
         .await
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
 }
+
+/// The pool's VMs as ListVms shows them: (name, state, generation).
+async fn vms(c: &mut mpool_api::client::Client) -> Vec<(String, String, u64)> {
+    let vms = c.list_vms(v1::ListVmsRequest { pool: "ci".into() }).await.unwrap().into_inner().vms;
+    vms.into_iter().map(|v| (v.name, v.state, v.generation)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_sizes_only_resizes_vms_in_place_and_the_size_survives_a_reset() {
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 2\nmax_size = 3\ncpus = 1\ndisk = \"5G\"\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 2).await;
+    let mut c = stack.client().await;
+    let held = mpool_testkit::api::acquire(&mut c, "ci", "t").await.unwrap();
+    stack.wait_idle("ci", 2).await;
+    let daemon = stack.daemon_client().await.expect("the simulator answers");
+    let idle: Vec<String> = vms(&mut c).await.into_iter().filter(|v| v.0 != held.vm).map(|v| v.0).collect();
+    assert_eq!(idle.len(), 2, "{idle:?}");
+
+    let config = std::fs::read_to_string(&stack.config).unwrap();
+    std::fs::write(&stack.config, config.replace("cpus = 1\ndisk = \"5G\"", "cpus = 2\ndisk = \"8G\"")).unwrap();
+    let (ok, out) = mpool(&stack, &["reload"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pool ci: changed; its VMs are resized in place"), "{out}");
+    let watcher = c.clone();
+    let settled = |want: Vec<String>| {
+        let mut c = watcher.clone();
+        async move {
+            let now = vms(&mut c).await;
+            let done =
+                want.iter().all(|n| now.iter().any(|v| &v.0 == n && v.2 == 2 && (v.1 == "hot" || v.1 == "warm")));
+            done.then_some(now)
+        }
+    };
+    let now = wait("idle VMs resized in place", Duration::from_secs(60))
+        .until(|| settled(idle.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    assert_eq!(now.len(), 3, "the same VMs, none added: {now:?}");
+    for vm in &idle {
+        assert_eq!(daemon.get(&format!("local.{vm}.cpus")).await.unwrap(), "2", "{vm}");
+        assert_eq!(daemon.get(&format!("local.{vm}.disk")).await.unwrap(), "8.00GiB", "{vm}");
+    }
+    // The leased VM was not touched: still leased, of the old generation and size, and working.
+    assert!(now.iter().any(|v| v.0 == held.vm && v.1 == "leased" && v.2 == 1), "{now:?}");
+    assert_eq!(daemon.get(&format!("local.{}.cpus", held.vm)).await.unwrap(), "1");
+    let (code, stdout, _) = mpool_testkit::api::exec(&mut c, &held.id, &["echo", "still here"]).await.unwrap();
+    assert_eq!((code, stdout.as_str()), (0, "still here\n"));
+
+    // A resized VM's new size survives its reset (its clean snapshot was retaken).
+    let lease = mpool_testkit::api::acquire(&mut c, "ci", "u").await.unwrap();
+    assert!(idle.contains(&lease.vm), "{} is one of {idle:?}", lease.vm);
+    c.release(v1::ReleaseRequest { lease_id: lease.id.clone() }).await.unwrap();
+    wait("the resized VM reset", Duration::from_secs(60))
+        .until(|| settled(vec![lease.vm.clone()]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    assert_eq!(daemon.get(&format!("local.{}.cpus", lease.vm)).await.unwrap(), "2", "after a restore");
+
+    // The leased VM is resized at its release, and kept.
+    c.release(v1::ReleaseRequest { lease_id: held.id.clone() }).await.unwrap();
+    wait("the released VM resized", Duration::from_secs(60))
+        .until(|| settled(vec![held.vm.clone()]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    assert_eq!(daemon.get(&format!("local.{}.disk", held.vm)).await.unwrap(), "8.00GiB");
+}

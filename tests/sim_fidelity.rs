@@ -232,3 +232,62 @@ async fn images_as_multipass_takes_them() {
     assert_eq!(err.code(), Code::InvalidArgument, "refused before anything is sent: {err}");
     assert!(c.list().await.unwrap().iter().all(|i| i.name != "z"));
 }
+
+#[tokio::test]
+async fn fact_instance_sizes_change_only_when_stopped_the_disk_only_grows_and_restore_brings_them_back() {
+    let ts = TestSim::start(|_| {}).await;
+    let c = ts.client("ops").await;
+    let opts = LaunchOptions { cpus: 1, memory: "1G".into(), disk: "5G".into(), ..launch_opts("vm") };
+    c.launch(&opts).await.unwrap();
+    // Running: refused, as multipassd refuses.
+    let err = c.set("local.vm.cpus", "2").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert_eq!(
+        daemon_message(&err),
+        "Cannot update instance settings; instance: vm; reason: Instance must be stopped for modification"
+    );
+    c.suspend(&Names::one("vm")).await.unwrap();
+    assert_eq!(c.set("local.vm.memory", "2G").await.unwrap_err().code(), Code::FailedPrecondition, "suspended");
+
+    c.stop(&Names::one("vm"), true).await.unwrap();
+    c.snapshot("vm", Some("clean"), "").await.unwrap();
+    c.set("local.vm.cpus", "3").await.unwrap();
+    c.set("local.vm.memory", "2G").await.unwrap();
+    c.set("local.vm.disk", "8G").await.unwrap();
+    // The daemon did not restart for these keys: the same connection still answers.
+    assert_eq!(c.version_text().await.unwrap(), "1.16.3");
+    assert!(ts.sim.daemon().exit_reason().is_none(), "no exit for a per-instance setting");
+    assert_eq!(c.get("local.vm.cpus").await.unwrap(), "3");
+    assert_eq!(c.get("local.vm.memory").await.unwrap(), "2.00GiB");
+    assert_eq!(c.get("local.vm.disk").await.unwrap(), "8.00GiB");
+
+    // The disk only grows; bad values are refused with multipassd's words.
+    let err = c.set("local.vm.disk", "6G").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(daemon_message(&err), "Invalid setting 'local.vm.disk=6G': Disk can only be expanded");
+    let err = c.set("local.vm.cpus", "0").await.unwrap_err();
+    assert_eq!(
+        daemon_message(&err),
+        "Invalid setting 'local.vm.cpus=0': Need a positive integer (in decimal format) of minimum 1"
+    );
+    let err = c.set("local.vm.memory", "64M").await.unwrap_err();
+    assert_eq!(
+        daemon_message(&err),
+        "Invalid setting 'local.vm.memory=64M': Memory less than 128M minimum not allowed"
+    );
+    let err = c.set("local.nope.cpus", "2").await.unwrap_err();
+    assert_eq!(daemon_message(&err), "Cannot update instance settings; instance: nope; reason: No such instance");
+
+    // Started, the guest has the new size.
+    c.start(&Names::one("vm"), 0).await.unwrap();
+    let info = c.info_with_runtime(&Names::one("vm")).await.unwrap();
+    assert_eq!((info[0].cpus.as_str(), info[0].disk.as_str()), ("3", (8u64 << 30).to_string().as_str()));
+    assert_eq!(info[0].memory, (2u64 << 30).to_string());
+
+    // A restore brings back the snapshot's sizes: a resized VM needs its snapshot retaken.
+    c.stop(&Names::one("vm"), true).await.unwrap();
+    c.restore("vm", "clean", true).await.unwrap();
+    assert_eq!(c.get("local.vm.cpus").await.unwrap(), "1");
+    assert_eq!(c.get("local.vm.memory").await.unwrap(), "1.00GiB");
+    assert_eq!(c.get("local.vm.disk").await.unwrap(), "5.00GiB");
+}

@@ -59,7 +59,8 @@ pub async fn sample(client: &Client, cfg: &HostConfig, dir: Option<&Path>) -> Ho
         None => None,
     };
     let configured = ConfiguredFacts { disk_total: cfg.disk, cpus: cfg.cpus, memory: cfg.memory };
-    host::combine(daemon, configured, vol, None)
+    // Without statvfs the engine fills in the total minus its VMs' measured usage.
+    host::combine(daemon, configured, vol)
 }
 
 /// Samples every `interval` until the returned task is aborted.

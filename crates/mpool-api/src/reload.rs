@@ -138,12 +138,18 @@ impl Reloader {
     }
 }
 
-/// The pools added, changed (rotating when what shapes a VM changed) and removed, in words.
+/// The pools added, changed (resized in place when only sizes changed, else rotating when what
+/// shapes a VM changed) and removed, in words.
 fn pool_changes(old: &[PoolConfig], new: &[PoolConfig]) -> Vec<String> {
+    use mpool_core::pool::resize::{Change, change};
     let mut out = Vec::new();
     for p in new {
         match old.iter().find(|o| o.name == p.name) {
             None => out.push(format!("pool {}: added", p.name)),
+            Some(o) if matches!(change(o, p), Change::InPlace(_)) => out.push(format!(
+                "pool {}: changed; its VMs are resized in place (idle ones now, leased ones at release)",
+                p.name
+            )),
             Some(o) if o.generation_key() != p.generation_key() => out
                 .push(format!("pool {}: changed; its VMs are rebuilt (idle ones now, leased ones at release)", p.name)),
             Some(o) if o != p => out.push(format!("pool {}: changed", p.name)),

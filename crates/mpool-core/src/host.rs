@@ -56,21 +56,19 @@ pub struct HostFacts {
 }
 
 /// Combines the sources: the daemon's report first, then the configuration; free space from
-/// the data directory's filesystem, else the total minus what the instances use (when known).
+/// the data directory's filesystem (else unknown here: see [`free_fallback`]).
 pub fn combine(
     daemon: Option<DaemonFacts>,
     config: ConfiguredFacts,
     volume: Option<(PathBuf, VolumeFacts)>,
-    instances_use: Option<u64>,
 ) -> HostFacts {
     let d = daemon.unwrap_or_default();
     let nonzero = |v: u64| (v > 0).then_some(v);
     let disk_total =
         nonzero(d.disk_total).or(config.disk_total).or_else(|| volume.as_ref().map(|(_, v)| v.total).and_then(nonzero));
-    let (disk_free, disk_free_source) = match (&volume, disk_total, instances_use) {
-        (Some((dir, v)), _, _) => (Some(v.free), format!("statvfs {}", dir.display())),
-        (None, Some(total), Some(used)) => (Some(total.saturating_sub(used)), "total minus instance disk usage".into()),
-        _ => (None, String::new()),
+    let (disk_free, disk_free_source) = match &volume {
+        Some((dir, v)) => (Some(v.free), format!("statvfs {}", dir.display())),
+        None => (None, String::new()),
     };
     HostFacts {
         cpus: (d.cpus > 0).then_some(d.cpus).or(config.cpus),
@@ -79,6 +77,19 @@ pub fn combine(
         disk_free,
         disk_free_source,
     }
+}
+
+/// The free space where statvfs of the data directory gave none: the total minus what the
+/// instances use (`instances_use`: the sum of the VMs' measured disk usage, `None` when none
+/// was measured). Facts that have a free figure, or no total, are returned as they are.
+pub fn free_fallback(mut facts: HostFacts, instances_use: Option<u64>) -> HostFacts {
+    if facts.disk_free.is_none()
+        && let (Some(total), Some(used)) = (facts.disk_total, instances_use)
+    {
+        facts.disk_free = Some(total.saturating_sub(used));
+        facts.disk_free_source = "total minus instance disk usage".into();
+    }
+    facts
 }
 
 /// Where multipassd keeps its data, most likely first (reference §5.3): `$MULTIPASS_STORAGE/data`
@@ -103,29 +114,31 @@ mod tests {
     fn the_daemon_first_then_the_config() {
         let config = ConfiguredFacts { disk_total: Some(50 * G), cpus: Some(4), memory: Some(8 * G) };
         let full = DaemonFacts { disk_total: 100 * G, cpus: 16, memory: 64 * G };
-        let h = combine(Some(full), config, None, None);
+        let h = combine(Some(full), config, None);
         assert_eq!((h.cpus, h.memory, h.disk_total), (Some(16), Some(64 * G), Some(100 * G)));
         // 1.15.0 reports the disk only; older daemons nothing.
-        let h = combine(Some(DaemonFacts { disk_total: 100 * G, ..Default::default() }), config, None, None);
+        let h = combine(Some(DaemonFacts { disk_total: 100 * G, ..Default::default() }), config, None);
         assert_eq!((h.cpus, h.memory, h.disk_total), (Some(4), Some(8 * G), Some(100 * G)));
-        let h = combine(None, config, None, None);
+        let h = combine(None, config, None);
         assert_eq!((h.cpus, h.memory, h.disk_total), (Some(4), Some(8 * G), Some(50 * G)));
-        assert_eq!(combine(None, ConfiguredFacts::default(), None, None), HostFacts::default());
+        assert_eq!(combine(None, ConfiguredFacts::default(), None), HostFacts::default());
     }
 
     #[test]
     fn free_space_from_the_data_volume_else_total_minus_instances() {
         let vol =
             (PathBuf::from("/var/snap/multipass/common/data/multipassd"), VolumeFacts { total: 200 * G, free: 30 * G });
-        let h = combine(None, ConfiguredFacts::default(), Some(vol), Some(5 * G));
+        let h = free_fallback(combine(None, ConfiguredFacts::default(), Some(vol)), Some(5 * G));
         assert_eq!((h.disk_total, h.disk_free), (Some(200 * G), Some(30 * G)), "statvfs wins");
         assert!(h.disk_free_source.starts_with("statvfs /var/snap"), "{}", h.disk_free_source);
         let d = DaemonFacts { disk_total: 100 * G, ..Default::default() };
-        let h = combine(Some(d), ConfiguredFacts::default(), None, Some(40 * G));
+        let h = free_fallback(combine(Some(d), ConfiguredFacts::default(), None), Some(40 * G));
         assert_eq!(h.disk_free, Some(60 * G));
         assert_eq!(h.disk_free_source, "total minus instance disk usage");
-        let h = combine(Some(d), ConfiguredFacts::default(), None, None);
-        assert_eq!(h.disk_free, None, "unknown, not guessed");
+        let h = free_fallback(combine(Some(d), ConfiguredFacts::default(), None), None);
+        assert_eq!((h.disk_free, h.disk_free_source.as_str()), (None, ""), "unknown, not guessed");
+        let h = free_fallback(combine(None, ConfiguredFacts::default(), None), Some(40 * G));
+        assert_eq!(h.disk_free, None, "no total to subtract from");
     }
 
     #[test]

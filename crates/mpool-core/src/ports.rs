@@ -72,6 +72,11 @@ pub trait DaemonPort: Send + Sync + 'static {
     fn delete_snapshot(&self, name: String, snapshot: String) -> BoxFut<'_, Result<(), StepError>>;
     /// SSH endpoint of a running instance.
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>>;
+    /// Writes a per-instance setting (`local.<vm>.cpus|memory|disk`) of a stopped instance
+    /// (no daemon restart). A port that cannot refuses, so a resize fails rather than lies.
+    fn set_instance(&self, key: String, value: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move { Err(StepError::failed(format!("this daemon port cannot set {key}={value}"))) })
+    }
 }
 
 /// What the engine asks of SSH.

@@ -659,7 +659,7 @@ async fn ask_list(daemon: &Arc<dyn DaemonPort>) -> (Result<Vec<Observed>, StepEr
 /// Runs one plan: its steps from the facts the engine knows, or (when it cannot be sure) from
 /// what the daemon reports, so steps already done are skipped.
 async fn run_plan(ctx: &Ctx, tx: &mpsc::Sender<Msg>, order: PlanOrder) -> Result<Option<SshEndpoint>, StepError> {
-    let PlanOrder { vm, kind, pool, golden, rebuild, observe, ssh, for_waiters, waiting, peer } = order;
+    let PlanOrder { vm, kind, pool, golden, rebuild, resize, observe, ssh, for_waiters, waiting, peer } = order;
     let peer = peer.as_ref();
     let has_setup = !pool.setup.is_empty();
     let facts = |p: Priority, known: Facts| {
@@ -683,9 +683,20 @@ async fn run_plan(ctx: &Ctx, tx: &mpsc::Sender<Msg>, order: PlanOrder) -> Result
             let rebuild = rebuild || over;
             let priority = if for_waiters { Priority::Release } else { Priority::Reset };
             let run = Run { vm: &vm, pool: &pool, priority, hot, waiting: Some(&waiting), peer };
-            let plan = steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild);
+            let plan = if rebuild || resize.is_empty() {
+                steps::reset(pool.reset, golden.as_deref(), has_setup, rebuild)
+            } else {
+                steps::resize(resize)
+            };
             let f = facts(priority, Facts::running_clean()).await?;
             ctx.execute(&run, &plan, f).await
+        }
+        // An idle VM resized in place: clean already, so nothing is measured.
+        PlanKind::Resize { hot } => {
+            let run = Run { vm: &vm, pool: &pool, priority: Priority::Reset, hot, waiting: Some(&waiting), peer };
+            let known = if ssh.is_some() { Facts::running_clean() } else { Facts::suspended_clean() };
+            let f = facts(run.priority, known).await?;
+            ctx.execute(&run, &steps::resize(resize), f).await
         }
         PlanKind::Park { hot } => {
             let run = Run { vm: &vm, pool: &pool, priority: Priority::Reset, hot, waiting: None, peer };

@@ -992,3 +992,121 @@ async fn a_vm_over_max_disk_usage_is_rebuilt_at_release_instead_of_reset() {
     let s = h.engine.status().await.unwrap();
     assert_eq!((s.vms[0].disk_used, s.pools[0].disk_used), (Some(1 << 29), 1 << 29), "the measured usage is reported");
 }
+
+/// The sizes the fake daemon holds for `vm`.
+fn sizes_of(fake: &Fake, vm: &str) -> mpool_core::pool::resize::Sizes {
+    *fake.st.lock().unwrap().sizes.get(vm).expect("the instance exists")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_of_sizes_only_resizes_idle_vms_in_place_and_leased_ones_at_release() {
+    use mpool_core::pool::resize::Sizes;
+    let h = start(pool(2, 1, 3));
+    until(&h.engine, "ready", |s| count(s, "hot") == 1 && count(s, "warm") == 1).await;
+    let held = h.engine.acquire(req("a")).await.unwrap();
+    let leased = held.record.vm.clone();
+    let s = until(&h.engine, "refilled", |s| {
+        count(s, "hot") == 1 && count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)
+    })
+    .await;
+    let idle: Vec<String> = s.vms.iter().filter(|v| v.name != leased).map(|v| v.name.clone()).collect();
+    let launches = h.fake.count("launch ");
+    let touched = |fake: &Fake, vm: &str| {
+        ["stop", "suspend", "restore", "delete", "snapshot", "set"]
+            .iter()
+            .map(|op| fake.count(&format!("{op} {vm}")))
+            .sum::<usize>()
+    };
+    let leased_before = touched(&h.fake, &leased);
+
+    let mut bigger = pool(2, 1, 3);
+    (bigger.cpus, bigger.memory, bigger.disk) = (2, "2G".into(), "8G".into());
+    h.engine.reconfigure(vec![bigger.clone()]).await.unwrap();
+    let s = until(&h.engine, "resized", |s| {
+        s.vms.iter().filter(|v| idle.contains(&v.name) && v.generation == 2 && !v.busy).count() == 2
+            && count(s, "hot") == 1
+            && count(s, "warm") == 1
+    })
+    .await;
+    let new = Sizes { cpus: 2, memory: 2 << 30, disk: 8 << 30 };
+    for vm in &idle {
+        assert_eq!(sizes_of(&h.fake, vm), new, "{vm} resized");
+        assert_eq!(h.fake.count(&format!("set {vm}.cpus=2")), 1, "{vm}");
+        assert_eq!(h.fake.count(&format!("delete_snapshot {vm}.mpool-clean")), 1, "{vm}: old clean snapshot dropped");
+    }
+    assert_eq!(h.fake.count("launch "), launches, "no VM rebuilt");
+    assert_eq!(s.pools[0].generation, 2);
+    let l = s.vms.iter().find(|v| v.name == leased).unwrap();
+    assert_eq!((l.state.as_str(), l.generation), ("leased", 1), "{l:?}");
+    assert_eq!(touched(&h.fake, &leased), leased_before, "the leased VM was not touched");
+
+    // The new size survives a reset: the retaken snapshot holds it.
+    let lease = h.engine.acquire(req("b")).await.unwrap();
+    let vm = lease.record.vm.clone();
+    assert!(idle.contains(&vm));
+    let restores = h.fake.count(&format!("restore {vm}"));
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "reset", |s| s.vms.iter().all(|v| !v.busy) && count(s, "leased") == 1).await;
+    assert_eq!(h.fake.count(&format!("restore {vm}")), restores + 1, "reset by a restore");
+    assert_eq!(sizes_of(&h.fake, &vm), new, "the size survived the reset");
+
+    // The leased VM is resized at its release, not rebuilt.
+    h.engine.release(&held.record.id, None).await.unwrap();
+    until(&h.engine, "the released VM resized", |s| {
+        s.vms.iter().find(|v| v.name == leased).is_some_and(|v| v.generation == 2 && !v.busy && v.state != "leased")
+    })
+    .await;
+    assert_eq!(sizes_of(&h.fake, &leased), new);
+    assert_eq!(h.fake.count(&format!("launch {leased}")), 1, "kept, not relaunched");
+    assert_eq!(h.fake.count("launch "), launches);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_shrinks_the_disk_rotates_instead() {
+    let mut cfg = pool(1, 0, 2);
+    cfg.disk = "10G".into();
+    let h = start(cfg);
+    let s = until(&h.engine, "ready", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    let old = s.vms[0].name.clone();
+    let mut smaller = pool(1, 0, 2);
+    (smaller.disk, smaller.cpus) = ("8G".into(), 2);
+    h.engine.reconfigure(vec![smaller]).await.unwrap();
+    let s = until(&h.engine, "rotated", |s| {
+        count(s, "warm") == 1 && s.vms.iter().all(|v| v.generation == 2 && v.name != old && !v.busy)
+    })
+    .await;
+    assert_eq!(h.fake.count("set "), 0, "nothing resized");
+    assert!(!h.fake.st.lock().unwrap().instances.contains_key(&old), "the old VM is deleted");
+    assert_eq!(sizes_of(&h.fake, &s.vms[0].name).disk, 8 << 30, "the new one launched at the new size");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_statvfs_free_disk_is_the_total_minus_the_vms_measured_usage() {
+    use mpool_core::host::HostFacts;
+    const G: u64 = 1 << 30;
+    let h = start(pool(1, 0, 1));
+    until(&h.engine, "ready", |s| count(s, "warm") == 1).await;
+    let no_statvfs = HostFacts { disk_total: Some(100 * G), ..Default::default() };
+    h.engine.set_host(no_statvfs.clone()).await;
+    let host = h.engine.status().await.unwrap().host.unwrap();
+    assert_eq!(host.disk_free, None, "nothing measured yet: unknown, not guessed");
+
+    let lease = h.engine.acquire(req("a")).await.unwrap();
+    h.fake.st.lock().unwrap().disk_used.insert(lease.record.vm.clone(), 3 * G);
+    h.engine.release(&lease.record.id, None).await.unwrap();
+    until(&h.engine, "back", |s| count(s, "warm") == 1 && s.vms.iter().all(|v| !v.busy)).await;
+    h.engine.set_host(no_statvfs).await;
+    let host = h.engine.status().await.unwrap().host.unwrap();
+    assert_eq!(host.disk_free, Some(97 * G));
+    assert_eq!(host.disk_free_source, "total minus instance disk usage");
+
+    // statvfs's figure, when there is one, is kept.
+    let measured = HostFacts {
+        disk_total: Some(100 * G),
+        disk_free: Some(10 * G),
+        disk_free_source: "statvfs /data".into(),
+        ..Default::default()
+    };
+    h.engine.set_host(measured.clone()).await;
+    assert_eq!(h.engine.status().await.unwrap().host, Some(measured));
+}

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use mpool_core::types::{InstanceState, LaunchOptions, SshEndpoint};
 
+use mpool_core::pool::resize::Sizes;
 use mpool_core::ports::{BoxFut, DaemonPort, Observed, SshPort, StepError};
+use mpool_core::sizes::parse_size;
 
 /// The fake's inner state.
 #[derive(Default)]
@@ -41,6 +43,10 @@ pub struct FakeState {
     pub dirty: HashSet<String>,
     /// The VMs reach each other and the host: what an isolation probe's connections do.
     pub open_network: bool,
+    /// Each instance's CPUs, memory and disk (as launched, cloned, set or restored).
+    pub sizes: BTreeMap<String, Sizes>,
+    /// The sizes each snapshot was taken at (a restore brings them back).
+    pub snapshot_sizes: std::collections::HashMap<(String, String), Sizes>,
 }
 
 /// How long a call to a frozen fake daemon hangs before its deadline fails it.
@@ -145,6 +151,10 @@ impl DaemonPort for Fake {
                 if st.instances.contains_key(&opts.name) {
                     return Err(StepError::failed("already exists"));
                 }
+                let memory = parse_size(&opts.memory).unwrap_or(1 << 30);
+                let disk = parse_size(&opts.disk).unwrap_or(5 << 30);
+                let cpus = u32::try_from(opts.cpus.max(1)).unwrap_or(1);
+                st.sizes.insert(opts.name.clone(), Sizes { cpus, memory, disk });
                 st.instances.insert(opts.name.clone(), InstanceState::Running);
                 st.dirty.remove(&opts.name);
                 Ok(())
@@ -194,6 +204,9 @@ impl DaemonPort for Fake {
                 if st.instances.get(&name) != Some(&InstanceState::Stopped) {
                     return Err(StepError::failed("only stopped instances"));
                 }
+                if let Some(s) = st.sizes.get(&name).copied() {
+                    st.snapshot_sizes.insert((name.clone(), snapshot.clone()), s);
+                }
                 st.snapshots.insert((name, snapshot));
                 Ok(())
             })
@@ -204,11 +217,14 @@ impl DaemonPort for Fake {
         Box::pin(async move {
             self.gate("restore", &name).await?;
             self.step("restore", &name.clone(), |st| {
-                if !st.snapshots.contains(&(name.clone(), snapshot)) {
+                if !st.snapshots.contains(&(name.clone(), snapshot.clone())) {
                     return Err(StepError { unavailable: false, not_found: true, message: "no such snapshot".into() });
                 }
                 if st.instances.get(&name) != Some(&InstanceState::Stopped) {
                     return Err(StepError::failed("only stopped instances"));
+                }
+                if let Some(s) = st.snapshot_sizes.get(&(name.clone(), snapshot)).copied() {
+                    st.sizes.insert(name.clone(), s);
                 }
                 st.dirty.remove(&name);
                 Ok(())
@@ -227,6 +243,9 @@ impl DaemonPort for Fake {
                     return Err(StepError::failed("already exists"));
                 }
                 st.dirty.remove(&destination);
+                if let Some(s) = st.sizes.get(&source).copied() {
+                    st.sizes.insert(destination.clone(), s);
+                }
                 st.instances.insert(destination, InstanceState::Stopped);
                 Ok(())
             })
@@ -240,6 +259,8 @@ impl DaemonPort for Fake {
                 st.instances.remove(&name);
                 st.dirty.remove(&name);
                 st.snapshots.retain(|(i, _)| *i != name);
+                st.snapshot_sizes.retain(|(i, _), _| *i != name);
+                st.sizes.remove(&name);
                 Ok(())
             })
         })
@@ -249,6 +270,7 @@ impl DaemonPort for Fake {
         Box::pin(async move {
             self.gate("delete_snapshot", &name).await?;
             self.step("delete_snapshot", &format!("{name}.{snapshot}"), |st| {
+                st.snapshot_sizes.remove(&(name.clone(), snapshot.clone()));
                 st.snapshots.remove(&(name, snapshot));
                 Ok(())
             })
@@ -268,6 +290,38 @@ impl DaemonPort for Fake {
                 port: 22,
                 username: "ubuntu".into(),
                 private_key: String::new(),
+            })
+        })
+    }
+
+    /// multipassd's rules for `local.<vm>.cpus|memory|disk`: a stopped instance only, valid
+    /// values, and the disk only grows.
+    fn set_instance(&self, key: String, value: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(async move {
+            let parsed = key.strip_prefix("local.").and_then(|k| k.rsplit_once('.'));
+            let Some((name, property)) = parsed.map(|(n, p)| (n.to_string(), p.to_string())) else {
+                return Err(StepError::failed(format!("Unrecognized settings key: '{key}'")));
+            };
+            self.gate("set", &name).await?;
+            self.step("set", &format!("{name}.{property}={value}"), |st| {
+                if st.instances.get(&name) != Some(&InstanceState::Stopped) {
+                    return Err(StepError::failed("Instance must be stopped for modification"));
+                }
+                let s = st.sizes.get_mut(&name).ok_or_else(|| missing(&name))?;
+                let bad = || StepError::failed(format!("Invalid setting '{key}={value}'"));
+                match property.as_str() {
+                    "cpus" => s.cpus = value.parse().ok().filter(|c| *c >= 1).ok_or_else(bad)?,
+                    "memory" => s.memory = parse_size(&value).filter(|m| *m >= 128 << 20).ok_or_else(bad)?,
+                    "disk" => {
+                        let disk = parse_size(&value).ok_or_else(bad)?;
+                        if disk < s.disk {
+                            return Err(StepError::failed("Disk can only be expanded"));
+                        }
+                        s.disk = disk;
+                    }
+                    _ => return Err(StepError::failed(format!("Unrecognized settings key: '{key}'"))),
+                }
+                Ok(())
             })
         })
     }

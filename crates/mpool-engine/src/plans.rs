@@ -124,6 +124,15 @@ impl Ctx {
             Step::Restore => {
                 self.daemon(p, vm, Op::Blocking, daemon.restore(vm.into(), CLEAN_SNAPSHOT.into())).await?;
             }
+            Step::Resize(settings) => {
+                for (key, value) in settings {
+                    self.daemon(p, vm, Op::Blocking, daemon.set_instance(key.clone(), value.clone())).await?;
+                }
+            }
+            Step::DropSnapshot => {
+                let drop = daemon.delete_snapshot(vm.into(), CLEAN_SNAPSHOT.into());
+                self.daemon(p, vm, Op::Blocking, drop).await?;
+            }
             Step::Start => self.daemon(p, vm, Op::Quick, daemon.start(vm.into())).await?,
             Step::Ready => {
                 let info = self.ready(p, vm).await?;

@@ -1058,8 +1058,10 @@ impl Client {
         Ok(r.map(|r| r.value).unwrap_or_default())
     }
 
-    /// Writes a daemon setting. multipassd exits after replying and is restarted by its service
-    /// manager: expect UNAVAILABLE for a while afterwards (see [`Client::wait_ready`]).
+    /// Writes a setting. For a daemon setting multipassd exits after replying and is restarted
+    /// by its service manager: expect UNAVAILABLE for a while afterwards (see
+    /// [`Client::wait_ready`]). Per-instance sizes (`local.<vm>.cpus|memory|disk`, stopped
+    /// instances only) do not restart it (reference §0.4).
     pub async fn set(&self, key: &str, value: &str) -> Result<(), Error> {
         let req =
             pb::SetRequest { key: key.to_string(), val: value.to_string(), verbosity_level: 0, authorized: false };

@@ -130,4 +130,8 @@ impl DaemonPort for MultipassPort {
     fn ssh_info(&self, name: String) -> BoxFut<'_, Result<SshEndpoint, StepError>> {
         Box::pin(self.timed("ssh_info", async move { Ok(self.quick.ssh_info(&name).await?) }))
     }
+
+    fn set_instance(&self, key: String, value: String) -> BoxFut<'_, Result<(), StepError>> {
+        Box::pin(self.timed("set", async move { Ok(self.slow.set(&key, &value).await?) }))
+    }
 }

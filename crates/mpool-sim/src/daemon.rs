@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Code, Status, Streaming};
 
 use super::images;
+use super::instance_settings;
 use super::rules::{self, Refusal, StartPlan, StopPlan, VmState};
 use super::server::OwnedSocket;
 use super::ssh::{SshKeys, SshServer};
@@ -50,6 +51,8 @@ pub struct Profile {
     pub clone: Duration,
     /// Delete.
     pub delete: Duration,
+    /// A per-instance setting (`local.<vm>.cpus|memory|disk`) on a stopped instance.
+    pub instance_setting: Duration,
     /// `info` with runtime information: commands over SSH in one guest (ON the main thread).
     pub runtime_info: Duration,
     /// `list` with IPv4: one guest's addresses over SSH (ON the main thread).
@@ -71,6 +74,7 @@ impl Default for Profile {
             restore: s(1),
             clone: s(8),
             delete: Duration::from_millis(300),
+            instance_setting: Duration::from_millis(40),
             runtime_info: Duration::from_millis(300),
             ip_query: Duration::from_millis(100),
         }
@@ -84,6 +88,18 @@ struct SnapshotMeta {
     parent: String,
     comment: String,
     created: u64,
+    /// The instance's CPUs, memory and disk when it was taken: a restore brings them back
+    /// (None in state files of older simulators).
+    #[serde(default)]
+    sizes: Option<SnapshotSizes>,
+}
+
+/// An instance's sizes as a snapshot records them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SnapshotSizes {
+    cpus: i32,
+    memory: String,
+    disk: String,
 }
 
 /// One instance as persisted.
@@ -1356,6 +1372,7 @@ impl Daemon {
                 parent: i.current_snapshot.clone(),
                 comment: comment.to_string(),
                 created: now(),
+                sizes: Some(SnapshotSizes { cpus: i.cpus, memory: i.memory.clone(), disk: i.disk.clone() }),
             });
             i.current_snapshot = name.clone();
         }
@@ -1410,6 +1427,10 @@ impl Daemon {
         self.work("restore", &req.instance, self.profile.restore).await;
         if let Some(i) = self.st()?.instances.get_mut(&req.instance) {
             i.current_snapshot = req.snapshot.clone();
+            // The snapshot's specs come back with it (reference §0.4).
+            if let Some(s) = i.snapshots.iter().find(|s| s.name == req.snapshot).and_then(|s| s.sizes.clone()) {
+                (i.cpus, i.memory, i.disk) = (s.cpus, s.memory, s.disk);
+            }
         }
         self.save()?;
         call.send(pb::RestoreReply::default()).await;
@@ -1648,9 +1669,15 @@ impl Daemon {
             "local.passphrase" => self.passphrase().map(|p| passphrase_hash(&p)).unwrap_or_default(),
             "local.privileged-mounts" => "true".into(),
             "local.bridged-network" | "local.image.mirror" => String::new(),
-            k => {
-                return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'")));
-            }
+            k => match instance_settings::parse_key(k) {
+                Some((name, property)) => {
+                    let st = self.st()?;
+                    let i =
+                        st.instances.get(name).ok_or_else(|| Status::from(instance_settings::cannot_obtain(name)))?;
+                    instance_settings::value(property, sizes_of(i))
+                }
+                None => return Err(Status::invalid_argument(format!("Unrecognized settings key: '{k}'"))),
+            },
         };
         call.send(pb::GetReply { value, ..Default::default() }).await;
         Ok(())
@@ -1660,6 +1687,10 @@ impl Daemon {
     /// daemon setting change).
     pub async fn set(&self, call: Call<pb::SetRequest, pb::SetReply>, req: pb::SetRequest) -> Result<(), Status> {
         let _g = self.main_thread("set", "").await;
+        if let Some((name, _)) = instance_settings::parse_key(&req.key) {
+            let name = name.to_string();
+            return self.set_instance(call, &name, &req.key, &req.val).await;
+        }
         match req.key.as_str() {
             "local.passphrase" => self.st()?.passphrase = Some(req.val.clone()),
             "local.driver" if req.val != "qemu" => {
@@ -1693,6 +1724,36 @@ impl Daemon {
         Ok(())
     }
 
+    /// A per-instance size setting (the caller holds the main thread): stopped instances only,
+    /// the disk only grows; the daemon does not restart (reference §0.4).
+    async fn set_instance(
+        &self,
+        call: Call<pb::SetRequest, pb::SetReply>,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), Status> {
+        let (standing, current) = {
+            let st = self.st()?;
+            match st.instances.get(name) {
+                None => (instance_settings::Standing::Missing, None),
+                Some(i) if i.deleted => (instance_settings::Standing::Deleted, None),
+                Some(i) => (instance_settings::Standing::Operative(i.state), Some(sizes_of(i))),
+            }
+        };
+        let current = current.unwrap_or(instance_settings::Sizes { cpus: 1, memory: 0, disk: 0 });
+        let next = instance_settings::update(key, value, standing, current)?;
+        self.work("set", name, self.profile.instance_setting).await;
+        if let Some(i) = self.st()?.instances.get_mut(name) {
+            i.cpus = next.cpus;
+            i.memory = next.memory.to_string();
+            i.disk = next.disk.to_string();
+        }
+        self.save()?;
+        call.send(pb::SetReply::default()).await;
+        Ok(())
+    }
+
     /// Wedges the daemon if a `set` that just ended asked for it.
     pub(super) fn wedge_if_pending(&self) {
         let others = self.pending_wedge.lock().ok().and_then(|mut w| w.take());
@@ -1717,7 +1778,7 @@ impl Daemon {
 
     /// keys
     pub async fn keys(&self, call: Call<pb::KeysRequest, pb::KeysReply>, _req: pb::KeysRequest) -> Result<(), Status> {
-        let settings_keys = [
+        let mut settings_keys = [
             "local.bridged-network",
             "local.driver",
             "local.image.mirror",
@@ -1726,6 +1787,10 @@ impl Daemon {
         ]
         .map(String::from)
         .to_vec();
+        // Each instance's size settings, as multipassd lists them.
+        for name in self.st()?.instances.keys() {
+            settings_keys.extend(["cpus", "disk", "memory"].map(|p| format!("local.{name}.{p}")));
+        }
         call.send(pb::KeysReply { settings_keys, ..Default::default() }).await;
         Ok(())
     }
@@ -1821,6 +1886,15 @@ fn tree_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// An instance's sizes in bytes (as launched, or as last set).
+fn sizes_of(i: &Instance) -> instance_settings::Sizes {
+    instance_settings::Sizes {
+        cpus: i.cpus,
+        memory: rules::parse_size(&i.memory).unwrap_or(rules::DEFAULT_MEMORY),
+        disk: rules::parse_size(&i.disk).unwrap_or(rules::DEFAULT_DISK),
+    }
 }
 
 fn fundamentals(s: &SnapshotMeta) -> pb::SnapshotFundamentals {

@@ -9,6 +9,7 @@ pub mod beneath;
 mod daemon;
 mod fork_window;
 pub mod images;
+pub mod instance_settings;
 pub mod rules;
 mod server;
 mod service;

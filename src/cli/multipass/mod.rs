@@ -83,7 +83,8 @@ enum Verb {
     SshInfo(ssh_info::SshInfoArgs),
     /// Read a daemon setting (`local.passphrase` prints whether one is set: true/false).
     Get(settings::GetArgs),
-    /// Write a daemon setting: `set KEY=VALUE` (the daemon restarts afterwards).
+    /// Write a setting: `set KEY=VALUE` (a daemon setting restarts the daemon; an instance's
+    /// `local.<vm>.cpus|memory|disk`, stopped only, does not).
     Set(settings::SetArgs),
     /// Host resources.
     DaemonInfo,

@@ -22,6 +22,9 @@ pub struct VmView {
     pub target_hot: bool,
     /// How long it has been idle (zero when not idle).
     pub idle_for: Duration,
+    /// Of an older generation that differs only in sizes it can be resized to in place
+    /// ([`super::resize`]).
+    pub resizable: bool,
 }
 
 /// The golden source of a clone pool, as the decision sees it.
@@ -90,6 +93,13 @@ pub enum Action {
         /// VM.
         vm: String,
     },
+    /// Resize an idle VM of an older generation in place, parked as it was.
+    Resize {
+        /// VM.
+        vm: String,
+        /// Park it hot.
+        hot: bool,
+    },
     /// Move an idle VM between hot and warm.
     Park {
         /// VM.
@@ -112,11 +122,18 @@ pub fn decide(p: &PoolView<'_>) -> Vec<Action> {
     if golden_pending(p, &mut out) {
         return out;
     }
+    let resizing: Vec<&VmView> = p.vms.iter().filter(|v| rotates(p, v) && v.resizable).collect();
     let stays = |v: &&VmView| !retiring.contains(&v.name.as_str());
     let idle: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_idle()).filter(stays).collect();
-    let coming: Vec<&VmView> = p.vms.iter().filter(|v| v.state.is_coming()).collect();
-    let hot_now =
-        idle.iter().filter(|v| v.state == VmState::Hot).count() + coming.iter().filter(|v| v.target_hot).count();
+    // Resized VMs are on their way back, parked as they were.
+    let coming: Vec<(&VmView, bool)> = p
+        .vms
+        .iter()
+        .filter(|v| v.state.is_coming())
+        .map(|v| (v, v.target_hot))
+        .chain(resizing.iter().map(|v| (*v, v.state == VmState::Hot)))
+        .collect();
+    let hot_now = idle.iter().filter(|v| v.state == VmState::Hot).count() + coming.iter().filter(|c| c.1).count();
     if let Some(provision) = scale_up(p, idle.len() + coming.len(), hot_now) {
         out.push(provision);
         return out;
@@ -142,14 +159,24 @@ fn unfinished_work(p: &PoolView<'_>) -> Vec<Action> {
     out
 }
 
-/// Rotation: idle VMs of an older generation are replaced. Returns their names.
+/// Whether an idle VM is out of date (of an older generation) and free to rotate or resize.
+fn rotates(p: &PoolView<'_>, v: &VmView) -> bool {
+    !v.busy && v.state.is_idle() && v.generation < p.generation
+}
+
+/// Rotation: idle VMs of an older generation are resized in place when only their sizes
+/// differ, else replaced. Returns the names of those that go (both leave the idle set).
 fn rotation<'a>(p: &'a PoolView<'_>, out: &mut Vec<Action>) -> Vec<&'a str> {
-    let mut retiring = Vec::new();
-    for v in p.vms.iter().filter(|v| !v.busy && v.state.is_idle() && v.generation < p.generation) {
-        retiring.push(v.name.as_str());
-        out.push(Action::Retire { vm: v.name.clone() });
+    let mut taken = Vec::new();
+    for v in p.vms.iter().filter(|v| rotates(p, v)) {
+        taken.push(v.name.as_str());
+        out.push(if v.resizable {
+            Action::Resize { vm: v.name.clone(), hot: v.state == VmState::Hot }
+        } else {
+            Action::Retire { vm: v.name.clone() }
+        });
     }
-    retiring
+    taken
 }
 
 /// Clone pools need their golden VM (of the current generation) first: whether the round has
@@ -229,7 +256,15 @@ mod tests {
     }
 
     fn vm(name: &str, state: VmState) -> VmView {
-        VmView { name: name.into(), state, busy: false, generation: 1, target_hot: false, idle_for: Duration::ZERO }
+        VmView {
+            name: name.into(),
+            state,
+            busy: false,
+            generation: 1,
+            target_hot: false,
+            idle_for: Duration::ZERO,
+            resizable: false,
+        }
     }
 
     fn view(cfg: &PoolConfig, vms: Vec<VmView>, waiting: usize) -> PoolView<'_> {
@@ -330,6 +365,26 @@ mod tests {
         assert_eq!(decide(&v), vec![Action::BuildGolden]);
         v.golden = GoldenView::Ready(1);
         assert_eq!(decide(&v), vec![Action::Provision { count: 1, hot: 0 }]);
+    }
+
+    #[test]
+    fn old_generations_that_differ_only_in_size_are_resized_not_replaced() {
+        let c = cfg(2, 1, 2);
+        let (mut a, mut b) = (vm("a", VmState::Hot), vm("b", VmState::Warm));
+        (a.resizable, b.resizable) = (true, true);
+        let mut leased = vm("l", VmState::Leased);
+        leased.resizable = true;
+        let mut v = view(&c, vec![a, b, leased], 0);
+        v.generation = 2;
+        assert_eq!(
+            decide(&v),
+            vec![Action::Resize { vm: "a".into(), hot: true }, Action::Resize { vm: "b".into(), hot: false }],
+            "no replacement provisioned, no park, the leased VM untouched"
+        );
+        // A resizable VM that is busy waits; one that is not resizable rotates.
+        v.vms[0].busy = true;
+        v.vms[1].resizable = false;
+        assert_eq!(decide(&v), vec![Action::Retire { vm: "b".into() }]);
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub enum PlanKind {
         /// Park it running.
         hot: bool,
     },
+    /// Resize an idle VM in place (its clean snapshot retaken), parked hot or warm.
+    Resize {
+        /// Park it running.
+        hot: bool,
+    },
     /// Move an idle VM between hot and warm.
     Park {
         /// To hot.
@@ -37,7 +42,9 @@ pub fn on_success(plan: PlanKind, state: VmState, running: bool) -> Option<Event
         PlanKind::Provision { .. } | PlanKind::Reset { .. } if state == VmState::Provisioning => {
             Some(Event::Provisioned { hot: running })
         }
-        PlanKind::Provision { .. } | PlanKind::Reset { .. } => Some(Event::ResetDone { hot: running }),
+        PlanKind::Provision { .. } | PlanKind::Reset { .. } | PlanKind::Resize { .. } => {
+            Some(Event::ResetDone { hot: running })
+        }
         PlanKind::Park { hot } => Some(Event::Parked { hot }),
         PlanKind::Destroy => Some(Event::Deleted),
         PlanKind::Wake | PlanKind::Check | PlanKind::Refresh => None,
@@ -76,6 +83,10 @@ mod tests {
             on_success(PlanKind::Park { hot: false }, VmState::Parking, false),
             Some(Event::Parked { hot: false })
         );
+        assert_eq!(
+            on_success(PlanKind::Resize { hot: false }, VmState::Resetting, false),
+            Some(Event::ResetDone { hot: false })
+        );
         assert_eq!(on_success(PlanKind::Check, VmState::Hot, true), None);
         assert_eq!(on_success(PlanKind::Destroy, VmState::Deleting, false), Some(Event::Deleted));
     }
@@ -84,6 +95,8 @@ mod tests {
     fn failures_break_the_vm_unless_the_daemon_was_away() {
         assert_eq!(on_failure(PlanKind::Reset { hot: false }, VmState::Resetting, false), Some(Event::Fail));
         assert_eq!(on_failure(PlanKind::Reset { hot: false }, VmState::Resetting, true), None, "runs again");
+        assert_eq!(on_failure(PlanKind::Resize { hot: true }, VmState::Resetting, true), None, "runs again");
+        assert_eq!(on_failure(PlanKind::Resize { hot: true }, VmState::Resetting, false), Some(Event::Fail));
         assert_eq!(on_failure(PlanKind::Provision { hot: false }, VmState::Provisioning, true), None, "resumes");
         assert_eq!(on_failure(PlanKind::Park { hot: true }, VmState::Parking, true), Some(Event::Doubt));
         assert_eq!(on_failure(PlanKind::Wake, VmState::Waking, true), Some(Event::Doubt));

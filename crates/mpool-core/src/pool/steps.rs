@@ -63,6 +63,10 @@ pub enum Step {
     StopForce,
     /// Restore the clean snapshot (destructive).
     Restore,
+    /// Write these per-instance settings (`local.<vm>.cpus|memory|disk`, value) on the stopped VM.
+    Resize(Vec<(String, String)>),
+    /// Delete the clean snapshot (it holds the old size: a restore would bring it back).
+    DropSnapshot,
     /// Start (or resume).
     Start,
     /// Read the SSH endpoint and check the VM answers.
@@ -84,6 +88,8 @@ impl Step {
             Step::Snapshot => !f.clean_snapshot,
             Step::StopForce => !f.is(S::Stopped),
             Step::Restore => true,
+            Step::Resize(settings) => !settings.is_empty(),
+            Step::DropSnapshot => f.clean_snapshot,
             Step::Start => !f.is(S::Running),
             Step::Ready => true,
             Step::Suspend => !stay_up && f.is(S::Running),
@@ -97,7 +103,8 @@ impl Step {
             Step::Purge | Step::Delete => *f = Facts::absent(),
             Step::Launch => f.state = Some(S::Running),
             Step::CloneFrom(_) => *f = Facts { state: Some(S::Stopped), clean_snapshot: false },
-            Step::Setup | Step::Ready => {}
+            Step::Setup | Step::Ready | Step::Resize(_) => {}
+            Step::DropSnapshot => f.clean_snapshot = false,
             Step::StopForSnapshot | Step::StopForce => f.state = Some(S::Stopped),
             Step::Snapshot => f.clean_snapshot = true,
             Step::Restore => f.state = Some(S::Stopped),
@@ -134,6 +141,27 @@ pub fn reset(strategy: ResetStrategy, golden: Option<&str>, has_setup: bool, reb
         return plan;
     }
     vec![Step::StopForce, Step::Restore, Step::Start, Step::Ready, Step::Suspend]
+}
+
+/// Resizes an idle or released VM in place: restored to its clean state (stopped), the new
+/// sizes written, its clean snapshot retaken at them, then started, checked and parked. A rerun
+/// restores again while the clean snapshot exists (writing the same sizes again changes
+/// nothing); one cut between the snapshot's delete and its retake finds no snapshot to restore
+/// and fails, so the VM is replaced rather than handed out unclean.
+pub fn resize(settings: Vec<(String, String)>) -> Vec<Step> {
+    if settings.is_empty() {
+        return reset(ResetStrategy::Snapshot, None, false, false);
+    }
+    vec![
+        Step::StopForce,
+        Step::Restore,
+        Step::Resize(settings),
+        Step::DropSnapshot,
+        Step::Snapshot,
+        Step::Start,
+        Step::Ready,
+        Step::Suspend,
+    ]
 }
 
 /// Builds a clone pool's golden source: launched, set up, stopped (never leased).
@@ -223,6 +251,32 @@ mod tests {
         );
         // A clone pool's VM interrupted after its delete: built again, not deleted twice.
         assert_eq!(to_run(&plan, Facts::absent(), true)[0], Step::CloneFrom("gold".into()));
+    }
+
+    #[test]
+    fn a_resize_restores_sets_and_retakes_the_clean_snapshot() {
+        let set = vec![("local.vm.cpus".to_string(), "2".to_string())];
+        let plan = resize(set.clone());
+        assert_eq!(
+            to_run(&plan, Facts::suspended_clean(), false),
+            vec![
+                Step::StopForce,
+                Step::Restore,
+                Step::Resize(set.clone()),
+                Step::DropSnapshot,
+                Step::Snapshot,
+                Step::Start,
+                Step::Ready,
+                Step::Suspend
+            ]
+        );
+        // Run again after the snapshot was retaken: restored at the new size, set again (no-op).
+        assert_eq!(
+            to_run(&plan, facts(Some(S::Stopped), true), true)[..3],
+            [Step::Restore, Step::Resize(set), Step::DropSnapshot]
+        );
+        // Nothing to set: a plain reset, the snapshot kept.
+        assert!(!to_run(&resize(vec![]), Facts::running_clean(), false).contains(&Step::DropSnapshot));
     }
 
     #[test]

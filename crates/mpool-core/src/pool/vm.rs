@@ -10,6 +10,7 @@
 //!                                            (its state is unknown: reset it to be sure)
 //! Hot  --Park(warm)--> Parking --Parked--> Warm   (and Warm --Park(hot)--> Parking --> Hot)
 //! Leased --Release--> Resetting --ResetDone(hot)--> Hot | Warm
+//! Hot | Warm --Resize--> Resetting           (resized in place, then parked as after a reset)
 //! Hot | Warm | Broken --Retire--> Deleting --Deleted--> (gone)
 //! any busy state --Fail--> Broken
 //! Golden: the stopped source of a clone pool; only Retire or Fail leave it.
@@ -72,6 +73,8 @@ pub enum Event {
     Doubt,
     /// The lease ended (released or expired).
     Release,
+    /// An idle VM is resized in place (stopped, resized, its clean snapshot retaken).
+    Resize,
     /// The reset finished.
     ResetDone {
         /// Parked running.
@@ -150,7 +153,7 @@ pub fn transition(state: VmState, event: Event) -> Result<Next, InvalidTransitio
         (S::Waking, E::Woken) => Next::State(S::Leased),
         (S::Hot, E::Park { hot: false }) | (S::Warm, E::Park { hot: true }) => Next::State(S::Parking),
         (S::Parking, E::Parked { hot }) => parked(hot),
-        (S::Leased, E::Release) => Next::State(S::Resetting),
+        (S::Leased, E::Release) | (S::Hot | S::Warm, E::Resize) => Next::State(S::Resetting),
         (S::Resetting, E::ResetDone { hot }) => parked(hot),
         (
             S::Provisioning | S::Waking | S::Parking | S::Resetting | S::Hot | S::Warm | S::Golden | S::Leased,
@@ -209,6 +212,15 @@ mod tests {
         assert_eq!(go(go(S::Hot, E::Park { hot: false }), E::Parked { hot: false }), S::Warm);
         assert_eq!(go(go(S::Warm, E::Park { hot: true }), E::Parked { hot: true }), S::Hot);
         assert!(transition(S::Hot, E::Park { hot: true }).is_err());
+    }
+
+    #[test]
+    fn only_idle_vms_are_resized_and_come_back_as_after_a_reset() {
+        assert_eq!(go(go(S::Warm, E::Resize), E::ResetDone { hot: false }), S::Warm);
+        assert_eq!(go(S::Hot, E::Resize), S::Resetting);
+        for s in [S::Leased, S::Waking, S::Resetting, S::Provisioning, S::Parking, S::Golden] {
+            assert!(transition(s, E::Resize).is_err(), "{s:?} must not be resized");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Lease calls: acquire (waiters, request ids, grants), renew, release, refresh, expiries.
 
-use super::{CallerId, EngineState, Env, Waiter, millis};
+use super::{CallerId, EngineState, Env, PendingResize, Waiter, millis};
 use crate::pool::error::EngineError;
 use crate::pool::leases::{AcquireRequest, LeaseInfo, MAX_REQUEST_ID, Served};
 use crate::pool::outcome::PlanKind;
@@ -248,7 +248,14 @@ impl EngineState {
             let pool = self.pools.get(&vm.pool);
             let max_uses = pool.map(|p| p.cfg.max_uses).unwrap_or(0);
             let generation = pool.map(|p| p.generation).unwrap_or(0);
-            vm.rebuild = (max_uses > 0 && vm.uses >= max_uses) || vm.generation < generation;
+            let used_up = max_uses > 0 && vm.uses >= max_uses;
+            // Out of date only in sizes: a snapshot pool's VM is resized in place by its reset.
+            let resize_from = pool
+                .filter(|p| p.cfg.reset == crate::pool_config::ResetStrategy::Snapshot)
+                .and_then(|p| p.resizable.get(&vm.generation).copied())
+                .filter(|_| vm.generation < generation && !used_up);
+            vm.resize = resize_from.map(|from| PendingResize { from, generation });
+            vm.rebuild = used_up || (vm.generation < generation && vm.resize.is_none());
             if vm.rebuild {
                 vm.uses = 0;
                 vm.generation = generation;

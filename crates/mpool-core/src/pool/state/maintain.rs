@@ -1,6 +1,6 @@
 //! Maintenance: what each pool needs (provision, park, retire, resume), and golden VM builds.
 
-use super::{Effect, EngineState, Env, Golden, Vm};
+use super::{Effect, EngineState, Env, Golden, PendingResize, Vm};
 use crate::pool::decide::{self, Action, GoldenView, PoolView, VmView};
 use crate::pool::outcome::PlanKind;
 use crate::pool::vm::{Event, VmState};
@@ -34,6 +34,7 @@ impl EngineState {
                         generation: v.generation,
                         target_hot: v.target_hot,
                         idle_for: if v.state.is_idle() { env.now.duration_since(v.idle_since) } else { Duration::ZERO },
+                        resizable: p.resizable.contains_key(&v.generation),
                     })
                     .collect();
                 let golden = match (&p.cfg.reset, &p.golden) {
@@ -94,6 +95,7 @@ impl EngineState {
                 self.persist_vm(&vm, true);
                 self.start_plan(env, &vm, PlanKind::Destroy);
             }
+            Action::Resize { vm, hot } => self.resize(env, pool, &vm, hot),
             Action::Park { vm, hot } => {
                 self.apply(env, &vm, Event::Park { hot });
                 if let Some(v) = self.vms.get_mut(&vm) {
@@ -103,6 +105,25 @@ impl EngineState {
             }
             Action::BuildGolden => self.build_golden(env, pool),
         }
+    }
+
+    /// Starts resizing an idle VM in place, to park it as it was.
+    fn resize(&mut self, env: &Env<'_>, pool: &str, vm: &str, hot: bool) {
+        let Some(p) = self.pools.get(pool) else {
+            return;
+        };
+        let Some(v) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(from) = p.resizable.get(&v.generation).copied() else {
+            return;
+        };
+        tracing::info!(vm, pool, generation = p.generation, "resizing in place");
+        v.resize = Some(PendingResize { from, generation: p.generation });
+        v.target_hot = hot;
+        self.apply(env, vm, Event::Resize);
+        self.persist_vm(vm, true);
+        self.start_plan(env, vm, PlanKind::Resize { hot });
     }
 
     /// Runs a VM's interrupted plan again, to park it hot or warm.

@@ -189,6 +189,8 @@ pub struct PlanOrder {
     pub golden: Option<String>,
     /// Rebuild instead of restoring.
     pub rebuild: bool,
+    /// Resize in place on the way (`local.<vm>.*` settings and values; empty: no resize).
+    pub resize: Vec<(String, String)>,
     /// Read the instance's state from the daemon first (the engine cannot be sure of it).
     pub observe: bool,
     /// Its known SSH endpoint.
@@ -277,6 +279,9 @@ struct Pool {
     waiting: Arc<AtomicUsize>,
     /// Left the config at a reload: draining (no new leases; gone once empty).
     removed: bool,
+    /// Older generations whose VMs differ from the current one only in sizes it can be
+    /// resized to in place, with their sizes (emptied by any other change).
+    resizable: BTreeMap<u64, super::resize::Sizes>,
 }
 
 struct Golden {
@@ -300,6 +305,8 @@ struct Vm {
     created_ms: u64,
     /// Rebuild instead of restoring on the next reset.
     rebuild: bool,
+    /// Resize in place at its next reset (idle VMs, or released ones), from these sizes.
+    resize: Option<PendingResize>,
     /// When the running plan started.
     busy_since: Instant,
     /// When its state last settled (created, adopted, or a plan ended): a daemon list asked
@@ -328,6 +335,7 @@ impl Vm {
             idle_since: now,
             created_ms: now_ms,
             rebuild: false,
+            resize: None,
             busy_since: now,
             settled_at: now,
             transient_since: None,
@@ -346,6 +354,15 @@ impl Vm {
             created_ms: self.created_ms,
         }
     }
+}
+
+/// A VM's resize in place that has not finished.
+#[derive(Clone, Copy, Debug)]
+struct PendingResize {
+    /// Its sizes now.
+    from: super::resize::Sizes,
+    /// The generation it belongs to once resized (the pool's when its plan started).
+    generation: u64,
 }
 
 struct Waiter {

@@ -56,15 +56,29 @@ impl EngineState {
             .values()
             .filter(|v| v.name != name && v.pool == pool.cfg.name && v.state == VmState::Hot && !v.busy)
             .find_map(|v| Some((v.name.clone(), v.ssh.clone()?)));
-        let Some(vm) = self.vms.get(name) else {
+        let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
+        // A resize goes to the pool's sizes now, and only while they are still its own
+        // generation's but for sizes (a rotation since drops it: the VM is replaced).
+        let resize = match vm.resize.as_mut() {
+            Some(r) if pool.resizable.contains_key(&vm.generation) => {
+                r.generation = pool.generation;
+                crate::pool::resize::settings(name, r.from, &pool.cfg)
+            }
+            _ => {
+                vm.resize = None;
+                Vec::new()
+            }
+        };
+        let vm = &*vm;
         let order = PlanOrder {
             vm: name.to_string(),
             kind,
             pool: pool.cfg.clone(),
             golden: pool.golden.as_ref().filter(|g| g.ready).map(|g| g.name.clone()),
             rebuild: vm.rebuild,
+            resize,
             observe: vm.observe,
             ssh: vm.ssh.clone(),
             for_waiters: !pool.waiters.is_empty(),
@@ -157,7 +171,13 @@ impl EngineState {
             _ => {
                 let running = ssh.is_some();
                 if let Some(vm) = self.vms.get_mut(name) {
-                    vm.rebuild &= !matches!(plan, PlanKind::Provision { .. } | PlanKind::Reset { .. });
+                    let renewed =
+                        matches!(plan, PlanKind::Provision { .. } | PlanKind::Reset { .. } | PlanKind::Resize { .. });
+                    vm.rebuild &= !renewed;
+                    // Resized (or rebuilt at the current sizes): of the generation it was resized to.
+                    if let Some(r) = vm.resize.take_if(|_| renewed) {
+                        vm.generation = r.generation;
+                    }
                     vm.ssh = ssh;
                 }
                 if let Some(ev) = outcome::on_success(plan, state, running) {

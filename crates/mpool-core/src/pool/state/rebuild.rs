@@ -20,6 +20,7 @@ impl EngineState {
                 continue;
             }
             p.generation = p.generation.saturating_add(1);
+            p.resizable.clear();
             self.generation_since.insert(p.cfg.name.clone(), env.wall_ms);
             tracing::info!(pool = %p.cfg.name, generation = p.generation, "rebuild_every: a new generation; idle VMs rotate");
             writes.push(Write::PutPool(PoolRecord {

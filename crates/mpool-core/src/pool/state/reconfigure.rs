@@ -5,13 +5,15 @@
 //! config: idle ones are rebuilt, leased ones when released. A removed pool drains: it takes no
 //! new leases (NOT_FOUND), its waiters hear so, leases run to their end, its idle VMs (and a
 //! clone pool's golden VM) are deleted, and it disappears once it has none left. Leased VMs are
-//! never touched.
+//! never touched. When only sizes changed ([`crate::pool::resize`]), the older generation's
+//! idle VMs are resized in place instead of rebuilt, and leased ones at their release.
 
 use super::{EngineState, Env, Pool, Vm};
 use crate::pool::demand::Demand;
 use crate::pool::error::EngineError;
 use crate::pool::fair::FairShare;
 use crate::pool::preheat::Preheats;
+use crate::pool::resize::{self, Change};
 use crate::pool::vm::VmState;
 use crate::pool_config::PoolConfig;
 use crate::store::{PoolRecord, Write};
@@ -26,6 +28,12 @@ impl EngineState {
             match self.pools.get_mut(&cfg.name) {
                 Some(p) => {
                     if p.cfg.generation_key() != key {
+                        match resize::change(&p.cfg, &cfg) {
+                            Change::InPlace(from) => {
+                                p.resizable.insert(p.generation, from);
+                            }
+                            Change::Same | Change::Rotate => p.resizable.clear(),
+                        }
                         p.generation = p.generation.saturating_add(1);
                         self.generation_since.insert(cfg.name.clone(), env.wall_ms);
                     }
@@ -113,6 +121,7 @@ impl Pool {
             golden: None,
             waiting: Default::default(),
             removed: false,
+            resizable: Default::default(),
         }
     }
 }
