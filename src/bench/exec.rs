@@ -23,6 +23,8 @@ use mpool_testkit::{Sshd, SshdOptions, Stack, StackOptions, Transport, pool};
 struct Target {
     server: &'static str,
     api_exec_on_lease: Summary,
+    session_exec_on_lease: Summary,
+    attach_first_byte: Summary,
     pooled_connection_raw: Summary,
     keepalive_round_trip: Summary,
     fresh_connection: Summary,
@@ -63,6 +65,8 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result
     for _ in 0..n {
         api.push(run_api(&mut c).await?);
     }
+
+    let (sessions, first_byte) = measure_sessions(&mut c, &lease.id, ctx.pick(100, 15)).await?;
 
     let info = stack.daemon_client().await?.ssh_info(&lease.vm).await.map_err(|e| e.to_string())?;
     let target = info.clone();
@@ -109,11 +113,17 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result
     let t = Target {
         server,
         api_exec_on_lease: summarize(&api),
+        session_exec_on_lease: summarize(&sessions),
+        attach_first_byte: summarize(&first_byte),
         pooled_connection_raw: summarize(&raw),
         keepalive_round_trip: summarize(&ping),
         fresh_connection: summarize(&fresh),
         multipass_exec_process: summarize(&process),
     };
+    output::line(&format!(
+        "  {server:<10} as a session p50 {:.2} ms | attach, first byte p50 {:.2} ms",
+        t.session_exec_on_lease.p50_ms, t.attach_first_byte.p50_ms
+    ));
     output::line(&format!(
         "  {server:<10} API exec on lease p50 {:.2} ms | pooled raw {:.2} ms | keepalive {:.3} ms (p99 {:.3}) | fresh connection {:.1} ms | `mpool multipass exec` process {:.1} ms",
         t.api_exec_on_lease.p50_ms,
@@ -124,6 +134,56 @@ async fn measure(ctx: &Ctx, server: &'static str, sshd: Option<&Sshd>) -> Result
         t.multipass_exec_process.p50_ms
     ));
     Ok(t)
+}
+
+/// `true` as a session (started detached in the VM, followed to its exit), `n` times; and the
+/// time from an Attach call to the first byte of a session's output, `n` times.
+async fn measure_sessions(
+    c: &mut crate::cli::client::Client,
+    lease: &str,
+    n: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    use mpool_api::proto::v1;
+    let err = |e: tonic::Status| format!("session: {}", e.message());
+    let mut sessions = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let req = v1::ExecRequest {
+            lease_id: lease.into(),
+            command: Some(v1::Command { argv: vec!["true".into()], ..Default::default() }),
+            session: format!("bench-{i}"),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let mut s = c.exec(req).await.map_err(err)?.into_inner();
+        let mut code = None;
+        while let Some(ev) = s.message().await.map_err(err)? {
+            if let Some(v1::exec_event::Event::Exit(x)) = ev.event {
+                code = Some(x.code);
+            }
+        }
+        if code != Some(0) {
+            return Err(format!("`true` as a session exited {code:?}"));
+        }
+        if i >= 3 {
+            sessions.push(t.elapsed());
+        }
+    }
+    let mut first = Vec::with_capacity(n);
+    for i in 0..n + 3 {
+        let req = v1::AttachRequest { lease_id: lease.into(), session: "bench-0".into(), ..Default::default() };
+        let t = Instant::now();
+        let mut s = c.attach(req).await.map_err(err)?.into_inner();
+        // `true` wrote nothing: the first byte of an attach is its exit.
+        while let Some(ev) = s.message().await.map_err(err)? {
+            if matches!(ev.event, Some(v1::exec_event::Event::Exit(_) | v1::exec_event::Event::Stdout(_))) {
+                break;
+            }
+        }
+        if i >= 3 {
+            first.push(t.elapsed());
+        }
+    }
+    Ok((sessions, first))
 }
 
 /// Runs scenario 4.
@@ -160,6 +220,19 @@ pub async fn run(ctx: &Ctx) -> Result<Report, String> {
             )
             .vs("`mpool multipass exec` process", t.multipass_exec_process.p50_ms),
         );
+        report.row(
+            Row::new(
+                format!("exec `true` as a detached session (API), {}, p50", t.server),
+                t.session_exec_on_lease.p50_ms,
+                "ms",
+            )
+            .vs("a plain exec", t.api_exec_on_lease.p50_ms),
+        );
+        report.row(Row::new(
+            format!("attach to a session, first event, {}, p50", t.server),
+            t.attach_first_byte.p50_ms,
+            "ms",
+        ));
     }
     report.note(
         "A fresh connection pays TCP, a key exchange (curve25519), host-key and RSA-2048 client signatures and, on OpenSSH, \

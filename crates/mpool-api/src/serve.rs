@@ -138,12 +138,18 @@ impl Running {
         let app = App::new(
             engine.clone(),
             ssh,
-            Limits { max_upload: cfg.api.max_upload, max_download: cfg.api.max_download, ..Limits::default() },
+            Limits {
+                max_upload: cfg.api.max_upload,
+                max_download: cfg.api.max_download,
+                session_output_cap: cfg.api.session_output_cap,
+                ..Limits::default()
+            },
             metrics.clone(),
         )
         .with_reloader(reloader.clone())
         .with_host_name(cfg.api.host_name.clone());
         let (shutdown, rx) = watch::channel(false);
+        tokio::spawn(recover_sessions(app.clone()));
         let served = Served { app, engine: engine.clone(), metrics };
         let (api, creds) = server::bind(&cfg.api, served, rx, cfg.engine.shutdown_grace).await?;
         reloader.set_credentials(creds);
@@ -176,5 +182,20 @@ impl Running {
         self.shutdown.send_replace(true);
         let _ = self.api.await;
         self.engine.shutdown().await;
+    }
+}
+
+/// Once the engine has reached multipassd (leases have their SSH endpoints), finds the sessions
+/// of every live lease again: running ones keep their lease alive and their limits enforced.
+async fn recover_sessions(app: App) {
+    loop {
+        match app.engine().status().await {
+            Ok(s) if s.reconciled => {
+                app.recover_sessions().await;
+                return;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            Err(_) => return,
+        }
     }
 }

@@ -35,6 +35,8 @@ pub use mpool_core::{Autoscale, PoolConfig, ResetStrategy};
 pub const DEFAULT_LISTEN: &str = "unix:/run/mpool/mpool.sock";
 /// The largest upload when `[api] max_upload` is absent: 1 GiB.
 pub const DEFAULT_MAX_UPLOAD: u64 = 1 << 30;
+/// Default output a session keeps per stream: 8 MiB.
+pub const DEFAULT_SESSION_OUTPUT_CAP: u64 = 8 << 20;
 /// How long the HTTP/JSON facade waits for a request's headers when `[api] http_header_timeout`
 /// is absent.
 pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -177,6 +179,10 @@ pub struct ApiConfig {
     /// `max_download` (default `1G`): the largest file a Download (or one output of a Run) may
     /// read, in bytes, checked against the file's size before reading; at least 1.
     pub max_download: u64,
+    /// `session_output_cap` (default `8M`, at least `32K`): the output a session keeps in its VM
+    /// per stream, the first half and the last half of it; bytes in between are dropped (Attach
+    /// reports where).
+    pub session_output_cap: u64,
     /// `host_name` (default: the machine's hostname): the name this host goes by in a fleet of
     /// mpool hosts, reported by GetPool, ListPools, `mpool status` and as the `host` label of
     /// every metric. 1 to 63 letters, digits, `.`, `_` or `-` ([`check_host_name`]).
@@ -216,6 +222,7 @@ impl Default for ApiConfig {
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             max_upload: DEFAULT_MAX_UPLOAD,
             max_download: DEFAULT_MAX_UPLOAD,
+            session_output_cap: DEFAULT_SESSION_OUTPUT_CAP,
             host_name: machine_host_name(),
         }
     }
@@ -602,6 +609,7 @@ struct RawApi {
     http_max_connections: Field<u32>,
     max_upload: Field<String>,
     max_download: Field<String>,
+    session_output_cap: Field<String>,
     host_name: Field<String>,
 }
 
@@ -1103,6 +1111,13 @@ impl Checker<'_> {
         };
         let max_upload = self.size_limit("api.max_upload", &raw.max_upload, d.max_upload);
         let max_download = self.size_limit("api.max_download", &raw.max_download, d.max_download);
+        let mut session_output_cap =
+            self.size_limit("api.session_output_cap", &raw.session_output_cap, d.session_output_cap);
+        if session_output_cap < 32 * 1024 {
+            let span = raw.session_output_cap.as_ref().map(|f| f.span());
+            self.fail("api.session_output_cap", span, format!("{session_output_cap} bytes: use at least 32K"));
+            session_output_cap = d.session_output_cap;
+        }
         let host_name = match &raw.host_name {
             None => d.host_name,
             Some(h) => match check_host_name(h.get_ref()) {
@@ -1125,6 +1140,7 @@ impl Checker<'_> {
             http_max_connections,
             max_upload,
             max_download,
+            session_output_cap,
             host_name,
         }
     }
@@ -1916,6 +1932,9 @@ reset = "recreate"
         assert_eq!(parse(&a("max_upload = \"1024\"")).unwrap().api.max_upload, 1024);
         assert_error(&a("max_download = \"0\""), &["api.max_download", "at least 1 byte"]);
         assert_eq!(parse(&a("max_download = \"2K\"")).unwrap().api.max_download, 2048);
+        assert_error(&a("session_output_cap = \"1K\""), &["api.session_output_cap", "at least 32K"]);
+        assert_eq!(parse(&a("session_output_cap = \"64K\"")).unwrap().api.session_output_cap, 65536);
+        assert_eq!(parse(&a("")).unwrap().api.session_output_cap, DEFAULT_SESSION_OUTPUT_CAP);
         assert_eq!(parse(&a("host_name = \"mp-2.lab\"")).unwrap().api.host_name, "mp-2.lab");
         assert_error(&a("host_name = \"\""), &["api.host_name", "1 to 63 characters"]);
         assert_error(&a("host_name = \"a/b\""), &["api.host_name", "'/' is not allowed"]);

@@ -208,6 +208,12 @@ impl ConnectionCache {
         files::open_read(sftp, remote, options).await
     }
 
+    /// One SFTP session over the connection under `key`, for repeated small reads (it holds a
+    /// channel slot until dropped).
+    pub async fn remote_fs(&self, key: &str, target: &SshEndpoint) -> Result<files::RemoteFs, SshError> {
+        Ok(files::RemoteFs::new(self.sftp(key, target).await?))
+    }
+
     async fn sftp(&self, key: &str, target: &SshEndpoint) -> Result<files::Sftp, SshError> {
         let conn = self.get(key, target, None).await?;
         match conn.sftp().await {

@@ -193,6 +193,19 @@ impl ExecRequest {
         CommandLine { cwd: self.cwd.as_deref(), env: &self.env, argv: &argv, marker_id }.render()
     }
 
+    /// What a detached session needs of this command: the command line (without the PID
+    /// marker), the bytes for its stdin (a script's text, or the stdin given) and its timeout.
+    /// A streamed stdin cannot be kept for a command that outlives its caller: refused.
+    pub fn detached_parts(&self) -> Result<(String, Bytes, Option<Duration>), SshError> {
+        if self.stdin_stream.is_some() {
+            return Err(SshError::InvalidRequest(
+                "a session cannot read a streamed stdin (it outlives its caller): pass stdin as bytes".into(),
+            ));
+        }
+        let line = self.render(None)?;
+        Ok((line, self.stdin_bytes().unwrap_or_default(), self.timeout))
+    }
+
     fn stdin_bytes(&self) -> Option<Bytes> {
         match &self.program {
             Program::Script { script, .. } => Some(script.clone()),

@@ -567,6 +567,77 @@ impl RemoteWriter {
     }
 }
 
+/// Small reads of remote files over one SFTP session, for callers that look again and again
+/// (a session's output and status files): a missing file is `None`, not an error.
+pub struct RemoteFs {
+    sftp: Sftp,
+}
+
+impl RemoteFs {
+    pub(crate) fn new(sftp: Sftp) -> RemoteFs {
+        RemoteFs { sftp }
+    }
+
+    /// Up to `max` bytes of `path` from `offset` (fewer at its end, none past it); `None` when
+    /// the file does not exist.
+    pub async fn read_at(&self, path: &str, offset: u64, max: usize) -> Result<Option<Vec<u8>>, SshError> {
+        use tokio::io::AsyncSeekExt;
+        let mut file = match self.sftp.session.open(path).await {
+            Ok(f) => f,
+            Err(SftpClientError::Status(s)) if s.status_code == StatusCode::NoSuchFile => return Ok(None),
+            Err(e) => return Err(self.sftp.err("open", path, e)),
+        };
+        if offset > 0 {
+            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| self.sftp.read_err(path, e))?;
+        }
+        let mut out = vec![0u8; max];
+        let mut filled = 0;
+        while filled < max {
+            let n = file.read(&mut out[filled..]).await.map_err(|e| self.sftp.read_err(path, e))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        out.truncate(filled);
+        Ok(Some(out))
+    }
+
+    /// The names and sizes of the regular files in `dir`; `None` when it does not exist.
+    pub async fn list(&self, dir: &str) -> Result<Option<Vec<(String, u64)>>, SshError> {
+        let entries = match self.sftp.session.read_dir(dir).await {
+            Ok(e) => e,
+            Err(SftpClientError::Status(s)) if s.status_code == StatusCode::NoSuchFile => return Ok(None),
+            Err(e) => return Err(self.sftp.err("readdir", dir, e)),
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            let meta = entry.metadata();
+            let name = entry.file_name();
+            if is_plain_name(&name) && meta.permissions.unwrap_or(0) & S_IFMT != S_IFDIR {
+                files.push((name, meta.size.unwrap_or(0)));
+            }
+        }
+        Ok(Some(files))
+    }
+
+    /// The names of the directories in `dir`; `None` when it does not exist.
+    pub async fn dirs(&self, dir: &str) -> Result<Option<Vec<String>>, SshError> {
+        let entries = match self.sftp.session.read_dir(dir).await {
+            Ok(e) => e,
+            Err(SftpClientError::Status(s)) if s.status_code == StatusCode::NoSuchFile => return Ok(None),
+            Err(e) => return Err(self.sftp.err("readdir", dir, e)),
+        };
+        Ok(Some(
+            entries
+                .filter(|e| e.metadata().permissions.unwrap_or(0) & S_IFMT == S_IFDIR)
+                .map(|e| e.file_name())
+                .filter(|n| is_plain_name(n))
+                .collect(),
+        ))
+    }
+}
+
 /// A remote regular file open for reading, with its size and mode as of opening.
 pub struct RemoteReader {
     file: russh_sftp::client::fs::File,

@@ -35,6 +35,7 @@ pub mod exec;
 mod files;
 pub mod port;
 pub mod quote;
+pub mod session;
 mod signal;
 mod stream;
 
@@ -42,5 +43,5 @@ pub use cache::ConnectionCache;
 pub use connection::{Connection, SshEndpoint, SshOptions, parse_private_key};
 pub use error::{Side, SshError};
 pub use exec::{ExecCanceller, ExecEvent, ExecHandle, ExecOutput, ExecRequest, ScriptShell};
-pub use files::{RemoteReader, RemoteWriter, TransferOptions, TransferReport, resolve_remote_path};
+pub use files::{RemoteFs, RemoteReader, RemoteWriter, TransferOptions, TransferReport, resolve_remote_path};
 pub use signal::{SIGNALS, sig_from_name, signal_name, signal_name_of, signal_number};

@@ -9,7 +9,9 @@
 //! Sessions get an empty private `HOME` (`SetEnv HOME=...`): bash sources `~/.bashrc` for
 //! commands run over SSH, and a developer's or CI account's dotfiles (pyenv init and the like
 //! can cost 100+ ms per command) would distort tests and the benchmark. A fresh Ubuntu VM's
-//! `.bashrc` returns at once for non-interactive shells, which this reproduces.
+//! `.bashrc` returns at once for non-interactive shells, which this reproduces. SFTP starts in
+//! that home too (`sftp-server -d`), as it starts in the login's home on a VM: relative paths
+//! mean the same file to a command and to SFTP.
 
 use std::fs;
 use std::io::Write;
@@ -156,7 +158,7 @@ impl Sshd {
              KbdInteractiveAuthentication no\n\
              LogLevel {level}\n\
              AllowUsers {user}\n\
-             Subsystem sftp {sftp}\n\
+             Subsystem sftp {sftp} -d {dir}/home\n\
              SetEnv HOME={dir}/home\n",
             port = self.port,
             dir = dir.display(),

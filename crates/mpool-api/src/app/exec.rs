@@ -21,8 +21,27 @@ use v1::exec_event::Event;
 impl App {
     /// Runs `r.command` on the lease's VM: a `started` event with the exec id, then its output,
     /// then its exit status. Dropping the stream cancels the command.
-    pub async fn exec(&self, p: Option<&Principal>, r: v1::ExecRequest) -> Result<Events<v1::ExecEvent>, AppError> {
-        let req = command::command(r.command, &self.limits)?;
+    pub async fn exec(&self, p: Option<&Principal>, mut r: v1::ExecRequest) -> Result<Events<v1::ExecEvent>, AppError> {
+        let req = command::command(r.command.take(), &self.limits)?;
+        let keep = match v1::OnDisconnect::try_from(r.on_disconnect) {
+            Ok(v1::OnDisconnect::Keep) => true,
+            Ok(v1::OnDisconnect::Cancel) => false,
+            Ok(v1::OnDisconnect::Unspecified) => !r.session.is_empty() || r.detach,
+            Err(_) => {
+                return Err(AppError::invalid_argument(format!(
+                    "on_disconnect {} is not CANCEL or KEEP",
+                    r.on_disconnect
+                )));
+            }
+        };
+        if keep || r.detach || !r.session.is_empty() {
+            if r.detach && !keep {
+                return Err(AppError::invalid_argument(
+                    "detach with on_disconnect CANCEL: a detached session has no caller to follow; drop one of them",
+                ));
+            }
+            return self.exec_session(p, r, req, keep).await;
+        }
         let exec_id = if r.exec_id.is_empty() { format!("exec-{:016x}", rand::random::<u64>()) } else { r.exec_id };
         validate::capped("exec_id", &exec_id, MAX_EXEC_ID)?;
         let (info, target, guard) = self.use_lease(&r.lease_id, p).await?;
@@ -30,6 +49,42 @@ impl App {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(forward(exec_id, events, tx));
         Ok(ReceiverStream::new(rx))
+    }
+
+    /// Exec as a session: started detached in the VM, then followed (or, with `detach`, only its
+    /// id sent).
+    async fn exec_session(
+        &self,
+        p: Option<&Principal>,
+        r: v1::ExecRequest,
+        req: mpool_ssh::ExecRequest,
+        keep: bool,
+    ) -> Result<Events<v1::ExecEvent>, AppError> {
+        let id = match (r.session.is_empty(), r.exec_id.is_empty()) {
+            (false, false) if r.session != r.exec_id => {
+                return Err(AppError::invalid_argument(format!(
+                    "session {:?} and exec_id {:?} differ: a session's exec id is its session id; set one of them",
+                    r.session, r.exec_id
+                )));
+            }
+            (false, _) => r.session,
+            (true, false) => r.exec_id,
+            (true, true) => format!("s-{:016x}", rand::random::<u64>()),
+        };
+        if !mpool_ssh::session::valid_id(&id) {
+            return Err(AppError::invalid_argument(format!(
+                "session {id:?}: use 1-{} letters, digits, '.', '_' or '-', not starting with '.'",
+                mpool_ssh::session::MAX_ID
+            )));
+        }
+        let (info, target, guard) = self.use_lease(&r.lease_id, p).await?;
+        self.start_session(&info, &target, &req, &id, keep).await?;
+        if r.detach {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Ok(v1::ExecEvent { event: Some(Event::Started(id)), ..Default::default() }));
+            return Ok(ReceiverStream::new(rx));
+        }
+        self.follow_session(&info, &target, &id, [0, 0], false, guard).await
     }
 
     /// Cancels a running exec; `cancelled` is false when it already ended (or never ran).
@@ -42,8 +97,12 @@ impl App {
         validate::required("exec_id", &r.exec_id)?;
         // Checks the lease exists and belongs to the caller.
         let info = self.engine.begin_use(&r.lease_id, scope::owner(p)).await?;
-        self.engine.end_use(&info.record.id).await;
-        let cancelled = self.execs.canceller(&r.lease_id, &r.exec_id).map(|c| c.cancel()).is_some();
+        let guard = InUse::new(self.engine.clone(), info.record.id.clone());
+        let mut cancelled = self.execs.canceller(&r.lease_id, &r.exec_id).map(|c| c.cancel()).is_some();
+        if !cancelled {
+            cancelled = self.cancel_session(&info, &r.exec_id).await;
+        }
+        drop(guard);
         Ok(v1::CancelExecResponse { cancelled })
     }
 
@@ -149,24 +208,4 @@ pub(crate) fn rest_of_text<E>(
         }
     }
     events
-}
-
-impl App {
-    /// Follows a session: its output from the given offsets, then live, then its exit.
-    pub async fn attach(
-        &self,
-        _p: Option<&Principal>,
-        _r: v1::AttachRequest,
-    ) -> Result<Events<v1::ExecEvent>, AppError> {
-        Err(AppError::unavailable("sessions are not built yet"))
-    }
-
-    /// The sessions of a lease.
-    pub async fn list_sessions(
-        &self,
-        _p: Option<&Principal>,
-        _r: v1::ListSessionsRequest,
-    ) -> Result<v1::ListSessionsResponse, AppError> {
-        Err(AppError::unavailable("sessions are not built yet"))
-    }
 }

@@ -15,6 +15,13 @@ pub struct InUse {
     lease: String,
 }
 
+impl InUse {
+    /// The guard of a use already begun with [`Engine::begin_use`].
+    pub fn new(engine: Engine, lease: String) -> InUse {
+        InUse { engine, lease }
+    }
+}
+
 impl Drop for InUse {
     fn drop(&mut self) {
         let (engine, lease) = (self.engine.clone(), std::mem::take(&mut self.lease));

@@ -12,7 +12,8 @@
 //! - the server itself: [`App::health`], [`App::history`] ([`status`]); cleanup, for admins:
 //!   [`App::gc`] (`gc`)
 //! - commands: [`App::exec`], [`App::cancel_exec`] (`exec`, checked by `command`, running ones
-//!   found by `execs`)
+//!   found by `execs`); sessions, commands that outlive their caller: [`App::attach`],
+//!   [`App::list_sessions`], [`App::recover_sessions`] (`sessions`)
 //! - files: [`App::upload`], [`App::download`] (`transfer`)
 //! - Run: acquire, write the inputs, run the command, read the outputs, release, with retries
 //!   of the same request id answered from the first run's record ([`App::run`], `run`)
@@ -37,6 +38,7 @@ mod leases;
 mod pools;
 mod run;
 pub mod scope;
+mod sessions;
 pub mod status;
 mod transfer;
 mod utf8;
@@ -66,6 +68,9 @@ pub struct Limits {
     pub max_download: u64,
     /// Largest argv (all elements together), bytes.
     pub max_argv: usize,
+    /// Output a session keeps per stream (the first and the last half), bytes:
+    /// `[api] session_output_cap`.
+    pub session_output_cap: u64,
 }
 
 impl Default for Limits {
@@ -74,6 +79,7 @@ impl Default for Limits {
             max_upload: mpool_config::DEFAULT_MAX_UPLOAD,
             max_download: mpool_config::DEFAULT_MAX_UPLOAD,
             max_argv: 1 << 20,
+            session_output_cap: mpool_config::DEFAULT_SESSION_OUTPUT_CAP,
         }
     }
 }
@@ -84,6 +90,7 @@ pub struct App {
     engine: Engine,
     ssh: Arc<ConnectionCache>,
     execs: execs::Execs,
+    watched: sessions::Watched,
     limits: Limits,
     metrics: Metrics,
     reloader: Option<Arc<crate::reload::Reloader>>,
@@ -95,7 +102,16 @@ impl App {
     /// its host is named after the machine until [`App::with_host_name`].
     pub fn new(engine: Engine, ssh: Arc<ConnectionCache>, limits: Limits, metrics: Metrics) -> App {
         let host = Arc::new(host::Host::new(mpool_config::machine_host_name()));
-        App { engine, ssh, execs: execs::Execs::default(), limits, metrics, reloader: None, host }
+        App {
+            engine,
+            ssh,
+            execs: execs::Execs::default(),
+            watched: Default::default(),
+            limits,
+            metrics,
+            reloader: None,
+            host,
+        }
     }
 
     /// The same application, reloading its config with `reloader` (the admin RPC `Reload`).

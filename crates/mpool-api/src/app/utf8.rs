@@ -23,6 +23,11 @@ impl Utf8Chunks {
         text
     }
 
+    /// Bytes held back (the start of a character whose rest has not arrived).
+    pub fn held(&self) -> usize {
+        self.carry.len()
+    }
+
     /// Whatever is left (an incomplete character at the very end).
     pub fn finish(&mut self) -> String {
         let text = String::from_utf8_lossy(&self.carry).into_owned();

@@ -45,6 +45,29 @@ pub(super) fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp
     }
 }
 
+/// A stream of messages as a 200 answer of JSON lines (`application/x-ndjson`), each line sent
+/// as its message arrives; an error that ends the stream is a last line
+/// `{"error": {"code": "...", "message": "..."}}`.
+pub(super) fn lines<T: Serialize + Send + 'static>(events: Events<T>) -> Response {
+    let body = events.map(|ev| {
+        let value = match ev {
+            Ok(m) => serde_json::to_value(&m).unwrap_or_else(|e| error_line(&AppError::internal(e.to_string()))),
+            Err(e) => error_line(&e),
+        };
+        let mut text = value.to_string().into_bytes();
+        text.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(text))
+    });
+    let mut r = (StatusCode::OK, axum::body::Body::from_stream(body)).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r
+}
+
+/// The last line of a stream that failed.
+fn error_line(e: &AppError) -> Value {
+    serde_json::json!({ "error": { "code": e.kind().name(), "message": e.message() } })
+}
+
 /// A use case's message as the 200 answer, or its error.
 pub(super) fn message<T: Serialize>(result: Result<T, AppError>) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, &result?))
@@ -115,7 +138,7 @@ fn exit_into(out: &mut Map<String, Value>, exit: Option<v1::ExitStatus>) -> Resu
 }
 
 /// An Exec's events as one answer.
-pub(super) async fn exec(mut events: Events<v1::ExecEvent>) -> Result<Map<String, Value>, AppError> {
+pub(super) async fn exec(mut events: Events<v1::ExecEvent>, detach: bool) -> Result<Map<String, Value>, AppError> {
     let mut streams = Streams::default();
     let (mut exec_id, mut exit) = (String::new(), None);
     while let Some(ev) = events.next().await {
@@ -128,8 +151,17 @@ pub(super) async fn exec(mut events: Events<v1::ExecEvent>) -> Result<Map<String
             None => {}
         }
     }
-    let exit = exit.ok_or_else(|| AppError::unavailable("the command's stream ended without an exit status"))?;
     let mut out = Map::new();
+    let Some(exit) = exit else {
+        // A detached session: its id, nothing more (follow it with .../attach).
+        if detach && !exec_id.is_empty() {
+            out.insert("execId".into(), Value::String(exec_id.clone()));
+            out.insert("session".into(), Value::String(exec_id));
+            out.insert("detached".into(), Value::Bool(true));
+            return Ok(out);
+        }
+        return Err(AppError::unavailable("the command's stream ended without an exit status"));
+    };
     out.insert("execId".into(), Value::String(exec_id));
     exit_into(&mut out, Some(exit))?;
     streams.write_into(&mut out);

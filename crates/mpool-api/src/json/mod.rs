@@ -17,7 +17,9 @@
 //! | `POST /v1/pools/{pool}/leases` | `AcquireRequest` minus `pool` | `Lease` |
 //! | `POST /v1/pools/{pool}/preheat` | `PreheatRequest` minus `pool` | `PreheatResponse` |
 //! | `POST /v1/leases/{id}/exec` | `ExecRequest` minus `leaseId` | exit, stdout/stderr (capped) |
-//! | `POST /v1/leases/{id}/execs/{execId}/cancel` | none | `CancelExecResponse` |
+//! | `POST /v1/leases/{id}/execs/{execId}/cancel` | none | `CancelExecResponse` (an exec id or a session id) |
+//! | `GET /v1/leases/{id}/sessions` | none | `ListSessionsResponse` |
+//! | `POST /v1/leases/{id}/sessions/{session}/attach` | `AttachRequest` minus `leaseId`, `session` | `ExecEvent`s, one JSON object per line, as they happen |
 //! | `POST /v1/leases/{id}/renew` | `RenewRequest` minus `leaseId` | `Lease` |
 //! | `DELETE /v1/leases/{id}` (or `POST .../release`) | none | `ReleaseResponse` (`{}`) |
 //! | `GET /v1/pools`, `GET /v1/pools/{pool}`, `GET /v1/leases`, `GET /v1/vms` | none | the listings |
@@ -100,6 +102,9 @@ pub enum Reply {
     Run,
     /// An Exec collected into one answer (`answer.rs`).
     Exec,
+    /// A stream of messages of `mpool.v1`, by name: one JSON object per line
+    /// (`application/x-ndjson`), each sent as it happens.
+    Lines(&'static str),
     /// `{"status": "SERVING" | "NOT_SERVING"}`.
     Health,
     /// The server's health in parts ([`crate::status_json::health`]).
@@ -231,6 +236,26 @@ pub const ROUTES: &[Route] = &[
         body: Body::None,
         reply: Reply::Message("CancelExecResponse"),
         handler: |m| on(m, cancel_exec),
+    },
+    Route {
+        method: Method::GET,
+        path: "/v1/leases/{id}/sessions",
+        rpc: Some("ListSessions"),
+        summary: "The sessions of a lease",
+        auth: true,
+        body: Body::None,
+        reply: Reply::Message("ListSessionsResponse"),
+        handler: |m| on(m, list_sessions),
+    },
+    Route {
+        method: Method::POST,
+        path: "/v1/leases/{id}/sessions/{session}/attach",
+        rpc: Some("Attach"),
+        summary: "Follow a session: its output from the offsets, live, then its exit, one JSON event per line",
+        auth: true,
+        body: Body::Message { name: "AttachRequest", without: &["leaseId", "session"] },
+        reply: Reply::Lines("ExecEvent"),
+        handler: |m| on(m, attach),
     },
     Route {
         method: Method::POST,
@@ -466,8 +491,25 @@ async fn exec(
     Message(mut req): Message<v1::ExecRequest>,
 ) -> Answer {
     req.lease_id = in_path("leaseId", req.lease_id, id)?;
+    let detach = req.detach;
     let events = f.app.exec(p.as_ref(), req).await?;
-    Ok(answer::json(StatusCode::OK, &answer::exec(events).await?))
+    Ok(answer::json(StatusCode::OK, &answer::exec(events, detach).await?))
+}
+
+async fn list_sessions(State(f): State<Facade>, Caller(p): Caller, Params(lease_id): Params<String>) -> Answer {
+    answer::message(f.app.list_sessions(p.as_ref(), v1::ListSessionsRequest { lease_id }).await)
+}
+
+async fn attach(
+    State(f): State<Facade>,
+    Caller(p): Caller,
+    Params((lease_id, session)): Params<(String, String)>,
+    Message(mut req): Message<v1::AttachRequest>,
+) -> Answer {
+    req.lease_id = in_path("leaseId", req.lease_id, lease_id)?;
+    req.session = in_path("session", req.session, session)?;
+    let events = f.app.attach(p.as_ref(), req).await?;
+    Ok(answer::lines(events))
 }
 
 async fn cancel_exec(

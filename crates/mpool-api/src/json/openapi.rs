@@ -240,10 +240,12 @@ impl<'a> Schemas<'a> {
     fn exec_answer(&mut self) -> Value {
         let mut p = Map::new();
         p.insert("execId".into(), json!({ "type": "string", "description": "The exec id (for CancelExec)." }));
+        p.insert("session".into(), json!({ "type": "string", "description": "With `detach`: the session's id (follow it with .../sessions/{session}/attach)." }));
+        p.insert("detached".into(), json!({ "type": "boolean", "description": "With `detach`: true; the answer then carries only execId and session." }));
         self.exit_and_streams(&mut p);
         json!({
             "type": "object",
-            "description": "An Exec collected into one answer: how the command ended (ExitStatus's fields, `code` as `exitCode`) and its output.",
+            "description": "An Exec collected into one answer: how the command ended (ExitStatus's fields, `code` as `exitCode`) and its output; with `detach`, only the session's id.",
             "properties": p,
             "additionalProperties": false,
         })
@@ -282,6 +284,7 @@ impl<'a> Schemas<'a> {
             Reply::Message(name) => self.reference(&format!("{PACKAGE}.{name}")),
             Reply::Run => json!({ "$ref": "#/components/schemas/RunAnswer" }),
             Reply::Exec => json!({ "$ref": "#/components/schemas/ExecAnswer" }),
+            Reply::Lines(name) => self.reference(&format!("{PACKAGE}.{name}")),
             Reply::Health => json!({ "$ref": "#/components/schemas/Health" }),
             Reply::ServerHealth => json!({ "$ref": "#/components/schemas/ServerHealth" }),
             Reply::History => json!({ "$ref": "#/components/schemas/History" }),
@@ -307,9 +310,14 @@ impl<'a> Schemas<'a> {
             op["parameters"] = parameters.into();
         }
         let reply = self.reply(r.reply);
-        let mut responses = json!({
-            "200": { "description": "Done.", "content": { "application/json": { "schema": reply.clone() } } },
-        });
+        let mut responses = match r.reply {
+            Reply::Lines(_) => json!({
+                "200": { "description": "A stream: one JSON object per line, each as it happens.", "content": { "application/x-ndjson": { "schema": reply.clone() } } },
+            }),
+            _ => json!({
+                "200": { "description": "Done.", "content": { "application/json": { "schema": reply.clone() } } },
+            }),
+        };
         match r.body {
             Body::None => {}
             Body::Message { name, without } => {

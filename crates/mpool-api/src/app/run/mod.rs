@@ -26,10 +26,14 @@ use super::{App, Events, scope};
 use crate::auth::Principal;
 use crate::convert;
 use crate::proto::v1;
+use command::RunEnd;
 use inputs::Chunks;
 use pending::PendingAcquire;
 use plan::RunPlan;
 use v1::run_event::Event;
+
+/// The session a Run with `on_disconnect = KEEP` runs its command as (one Run per lease).
+pub const RUN_SESSION: &str = "run";
 
 /// Where a Run's events go.
 type Sender = mpsc::Sender<Result<v1::RunEvent, AppError>>;
@@ -79,6 +83,7 @@ impl App {
         })??;
         let (acquire, plan) = plan::plan(p, first, &self.limits)?;
         self.check_open(p, &acquire.pool, acquire.request_id.as_deref()).await?;
+        let keep = plan.keep;
         let pool = acquire.pool.clone();
         let started = Instant::now();
         let acquired = PendingAcquire::start(&self.engine, acquire, scope::owner(p)).wait().await;
@@ -92,22 +97,35 @@ impl App {
                 let _ = tx.try_send(Ok(event(Event::Result(result))));
                 return Ok(ReceiverStream::new(rx));
             }
+            // A retry of a KEEP Run whose command runs on: it attaches to it.
+            Err(EngineError::InProgress { lease, .. }) if keep && !lease.is_empty() => {
+                let info = self.engine.begin_use(&lease, scope::owner(p)).await?;
+                self.engine.end_use(&lease).await;
+                // The retry's input chunks are not needed (the first attempt wrote the inputs).
+                tokio::spawn(async move { while input.next().await.is_some() {} });
+                let clock = Clock { started, acquire: started.elapsed() };
+                let (tx, rx) = mpsc::channel(16);
+                tokio::spawn(self.clone().run_leased::<S>(p.cloned(), info, plan, None, clock, tx));
+                return Ok(ReceiverStream::new(rx));
+            }
             Err(e) => return Err(e.into()),
         };
         let clock = Clock { started, acquire: started.elapsed() };
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.clone().run_leased(p.cloned(), lease, plan, Chunks::new(input), clock, tx));
+        tokio::spawn(self.clone().run_leased(p.cloned(), lease, plan, Some(Chunks::new(input)), clock, tx));
         Ok(ReceiverStream::new(rx))
     }
 
     /// The Run once it has its lease: announces the lease, does the work, releases the lease
-    /// with the outcome, and sends the result (or the error that ended the Run).
+    /// with the outcome, and sends the result (or the error that ended the Run). Without
+    /// `chunks`, it resumes a KEEP Run whose command was started by an earlier attempt. A KEEP
+    /// Run whose caller went away leaves its lease to the command (and a retry).
     async fn run_leased<S>(
         self,
         p: Option<Principal>,
         lease: LeaseInfo,
         plan: RunPlan,
-        chunks: Chunks<S>,
+        chunks: Option<Chunks<S>>,
         clock: Clock,
         tx: Sender,
     ) where
@@ -115,7 +133,14 @@ impl App {
     {
         let lease_id = lease.record.id.clone();
         let _ = tx.send(Ok(event(Event::Lease(convert::lease(&lease))))).await;
-        let result = self.run_on_lease(&lease_id, p.as_ref(), plan, chunks, &tx).await;
+        let result = match self.run_on_lease(&lease_id, p.as_ref(), plan, chunks, &tx).await {
+            Ok(ran) => Ok(ran),
+            Err(RunEnd::Failed(e)) => Err(e),
+            Err(RunEnd::Left) => {
+                tracing::info!(lease = %lease_id, "the Run's caller went away; its command runs on for a retry to attach to");
+                return;
+            }
+        };
         // Recorded with the release, so a retry with the same request id gets it.
         let outcome = outcome::outcome_of(&result, &lease.record.vm);
         if let Err(e) = self.engine.release_with_outcome(&lease_id, scope::owner(p.as_ref()), outcome).await {
@@ -124,16 +149,17 @@ impl App {
         let _ = tx.send(result.map(|ran| event(Event::Result(finished(ran, &lease, clock))))).await;
     }
 
-    /// The Run on its lease: inputs, command, outputs. An error before the command ran fails
-    /// the Run; once it ran, the result always carries its exit status.
+    /// The Run on its lease: inputs, command, outputs (without `chunks`: the command an earlier
+    /// attempt started, then outputs). An error before the command ran fails the Run; once it
+    /// ran, the result always carries its exit status.
     async fn run_on_lease<S>(
         &self,
         lease_id: &str,
         p: Option<&Principal>,
         plan: RunPlan,
-        mut chunks: Chunks<S>,
+        chunks: Option<Chunks<S>>,
         tx: &Sender,
-    ) -> Result<Ran, AppError>
+    ) -> Result<Ran, RunEnd>
     where
         S: Stream<Item = Result<v1::RunRequest, AppError>> + Unpin,
     {
@@ -141,11 +167,18 @@ impl App {
         let (info, target, _guard) = self.use_lease(lease_id, p).await?;
         let vm = info.record.vm.clone();
         let t = Instant::now();
-        let RunPlan { exec, inputs, outputs } = plan;
-        self.write_inputs(&vm, &target, &inputs, &mut chunks).await?;
+        let RunPlan { exec, keep, inputs, outputs } = plan;
+        let resume = chunks.is_none();
+        if let Some(mut chunks) = chunks {
+            self.write_inputs(&vm, &target, &inputs, &mut chunks).await?;
+        }
         let upload = t.elapsed();
         let t = Instant::now();
-        let exit = self.run_command(lease_id, p, exec, tx).await?;
+        let exit = if keep {
+            self.run_session(lease_id, p, (!resume).then_some(exec), tx).await?
+        } else {
+            self.run_command(lease_id, p, exec, tx).await?
+        };
         let exec = t.elapsed();
         let t = Instant::now();
         let outputs = self.send_outputs(&vm, &target, &outputs, tx).await.ok_or_else(gone)?;

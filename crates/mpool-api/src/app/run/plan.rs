@@ -17,6 +17,8 @@ use crate::proto::v1;
 pub struct RunPlan {
     /// The command.
     pub exec: ExecRequest,
+    /// The command runs as session [`super::RUN_SESSION`], which survives the Run's caller.
+    pub keep: bool,
     /// The files to write before it, in order.
     pub inputs: Vec<v1::InputFile>,
     /// The files to read after it.
@@ -36,6 +38,13 @@ pub fn plan(p: Option<&Principal>, r: v1::RunRequest, limits: &Limits) -> Result
         ));
     }
     let exec = command::command(r.command, limits)?;
+    let keep = match v1::OnDisconnect::try_from(r.on_disconnect) {
+        Ok(v1::OnDisconnect::Keep) => true,
+        Ok(_) => false,
+        Err(_) => {
+            return Err(AppError::invalid_argument(format!("on_disconnect {} is not CANCEL or KEEP", r.on_disconnect)));
+        }
+    };
     check_counts(r.inputs.len(), r.outputs.len())?;
     check_inputs(&r.inputs, limits.max_upload)?;
     check_outputs(&r.outputs)?;
@@ -50,7 +59,7 @@ pub fn plan(p: Option<&Principal>, r: v1::RunRequest, limits: &Limits) -> Result
         kind: RequestKind::Run,
     };
     let outputs = Outputs { paths: r.outputs, limit, limit_name };
-    Ok((acquire, RunPlan { exec, inputs: r.inputs, outputs }))
+    Ok((acquire, RunPlan { exec, keep, inputs: r.inputs, outputs }))
 }
 
 /// At most [`MAX_FILES`] inputs and outputs.
