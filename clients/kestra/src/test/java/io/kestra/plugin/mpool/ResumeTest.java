@@ -1,5 +1,9 @@
 package io.kestra.plugin.mpool;
 
+import ch.qos.logback.classic.Level;
+import ch.qos.logback.classic.Logger;
+import ch.qos.logback.classic.spi.ILoggingEvent;
+import ch.qos.logback.core.read.ListAppender;
 import io.kestra.core.junit.annotations.KestraTest;
 import io.kestra.core.models.property.Property;
 import io.kestra.core.runners.RunContext;
@@ -11,6 +15,7 @@ import io.kestra.plugin.scripts.exec.scripts.models.ScriptOutput;
 import jakarta.inject.Inject;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.extension.ExtendWith;
+import org.slf4j.LoggerFactory;
 
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -45,6 +50,9 @@ class ResumeTest {
     @Inject
     RunContextInitializer runContextInitializer;
 
+    /** The logger of the test run contexts (runContextFactory.of(Map)). */
+    private static final String TASK_LOGGER = "unit-test";
+
     private final ExecutorService threads = Executors.newVirtualThreadPerTaskExecutor();
 
     private RunContext context(String taskRunId, int attemptsCount) {
@@ -70,6 +78,7 @@ class ResumeTest {
             "echo ran >> '" + f + ".count'",
             "echo $$ > '" + f + ".pid'",
             "echo '::{\"outputs\":{\"before\":\"the cut\"}}::'",
+            "echo written-before-the-cut",
             "touch '" + f + ".started'",
             "while [ ! -e '" + f + ".go' ]; do sleep 0.1; done",
             "echo resumed > result.txt",
@@ -80,6 +89,20 @@ class ResumeTest {
     /** A run context with its services, as a worker gives (script tasks need them). */
     private RunContext initialized(String taskRunId, int attemptsCount) {
         return runContextInitializer.forExecutor((DefaultRunContext) context(taskRunId, attemptsCount));
+    }
+
+    /**
+     * What the tasks log from now on (their run contexts' logger, at INFO); the previous appender
+     * is removed.
+     */
+    private ListAppender<ILoggingEvent> taskLog() {
+        Logger logger = (Logger) LoggerFactory.getLogger(TASK_LOGGER);
+        logger.setLevel(Level.INFO);
+        logger.detachAndStopAllAppenders();
+        ListAppender<ILoggingEvent> logged = new ListAppender<>();
+        logged.start();
+        logger.addAppender(logged);
+        return logged;
     }
 
     private <T> Future<T> async(Callable<T> call) {
@@ -125,9 +148,18 @@ class ResumeTest {
             cutMidCommand(proxy, dir.resolve(taskRun + ".started"), first);
 
             // Kestra re-submits the task run with one attempt more; the command still waits.
+            ListAppender<ILoggingEvent> logged = taskLog();
             Future<Run.Output> resubmitted = async(() -> task.run(context(taskRun, 1)));
             Files.writeString(dir.resolve(taskRun + ".go"), "");
             Run.Output out = resubmitted.get(2, TimeUnit.MINUTES);
+
+            // The output from before the cut is in the log once, after the replay's marker.
+            List<String> log = logged.list.stream().map(ILoggingEvent::getFormattedMessage).toList();
+            assertThat(log, hasItem(containsString("written-before-the-cut")));
+            assertThat(log.stream().filter(l -> l.contains("written-before-the-cut")).count(), is(1L));
+            assertThat(log.stream().filter(l -> l.startsWith("Replaying the output")).count(), is(1L));
+            assertThat(log.indexOf(log.stream().filter(l -> l.startsWith("Replaying the output")).findFirst().orElseThrow()),
+                lessThan(log.indexOf("written-before-the-cut")));
 
             assertThat(out.getExitCode(), is(7));
             assertThat(out.getServed(), is("SERVED_REPEAT"));
