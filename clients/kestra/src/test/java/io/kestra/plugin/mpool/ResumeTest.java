@@ -245,6 +245,49 @@ class ResumeTest {
         }
     }
 
+    /**
+     * An open attempt whose lease has ended meanwhile (released, or expired): its re-submission
+     * has nothing to follow (mpool answers FAILED_PRECONDITION for the ended request) and runs
+     * the command afresh as a new attempt, on a new lease.
+     */
+    @Test
+    void aResubmissionWhoseEarlierLeaseEndedStartsAfresh() throws Exception {
+        MpoolStack stack = MpoolStack.get();
+        String taskRun = "tr-ended-" + UUID.randomUUID();
+        Path count = stack.dir.resolve(taskRun + ".count");
+        Acquire.Output earlier = Acquire.builder()
+            .id("step").type(Acquire.class.getName())
+            .endpoint(Property.ofValue(stack.grpcEndpoint()))
+            .token(Property.ofValue(stack.token))
+            .pool(Property.ofValue(MpoolStack.POOL))
+            .build()
+            .run(context(taskRun, 0));
+        Release.builder()
+            .id("release").type(Release.class.getName())
+            .endpoint(Property.ofValue(stack.grpcEndpoint()))
+            .token(Property.ofValue(stack.token))
+            .leaseId(Property.ofValue(earlier.getLeaseId()))
+            .build()
+            .run(context(taskRun, 0));
+        // Attempt 0 stays open, as a worker that died leaves it.
+        assertThat(Attempt.of(context(taskRun, 0)), is(new Attempt(taskRun, 0, false)));
+
+        Run.Output out = Run.builder()
+            .id("step").type(Run.class.getName())
+            .endpoint(Property.ofValue(stack.grpcEndpoint()))
+            .token(Property.ofValue(stack.token))
+            .pool(Property.ofValue(MpoolStack.POOL))
+            .commands(Property.ofValue(List.of("echo ran >> '" + count + "'")))
+            .build()
+            .run(context(taskRun, 1));
+
+        assertThat(out.getExitCode(), is(0));
+        assertThat(out.getLeaseId(), not(earlier.getLeaseId()));
+        assertThat(Files.readAllLines(count), contains("ran"));
+        assertThat("the attempt ended", Attempt.of(context(taskRun, 2)), is(new Attempt(taskRun, 2, false)));
+        Attempt.close(context(taskRun, 2));
+    }
+
     @Test
     void killingTheResubmittedRunStopsTheEarlierAttemptsCommand() throws Exception {
         MpoolStack stack = MpoolStack.get();
