@@ -41,7 +41,8 @@ import java.util.function.BiConsumer;
 
 /**
  * A connection to mpool's gRPC API ({@code mpool.v1.Pool}) and the few composite operations the
- * tasks and the task runner share: exec with line-by-line output, uploads and downloads of files
+ * tasks and the task runner share: exec with line-by-line output, sessions (a command kept running
+ * in the VM if this caller goes away, attached to again with its output replayed), uploads and downloads of files
  * (Upload and Download, streamed in chunks: any size up to the server's max_upload/max_download,
  * to any path the VM's SSH user may write), listing remote files, and quiet cancel/release for kill().
  */
