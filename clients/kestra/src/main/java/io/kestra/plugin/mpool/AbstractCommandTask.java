@@ -146,30 +146,57 @@ public abstract class AbstractCommandTask extends AbstractMpoolTask {
     /**
      * Uploads the input files, runs the command with its output in the task log, downloads the
      * output files; kill() cancels the command meanwhile.
+     *
+     * <p>Within a task run ({@code attempt} set) the command runs as an mpool session named after
+     * the attempt, kept running in the VM if the connection to mpool breaks: a re-submitted
+     * attempt ({@link Attempt#resumed()}) attaches to it (its output replayed, then live) instead
+     * of uploading and running it again.
      */
-    protected Result runOnLease(RunContext runContext, MpoolClient client, String leaseId, boolean releaseOnKill) throws Exception {
+    protected Result runOnLease(RunContext runContext, MpoolClient client, String leaseId, boolean releaseOnKill, Attempt attempt) throws Exception {
         String workdir = runContext.render(this.workdir).as(String.class).orElse("kestra");
         Duration timeout = runContext.render(getTimeout()).as(Duration.class).orElse(null);
         Command command = command(runContext, workdir, timeout);
         Path local = runContext.workingDir().path();
-
-        long t0 = System.nanoTime();
-        Map<String, String> inputs = inputFiles == null ? Map.of() : FilesService.inputFiles(runContext, inputFiles);
-        for (String name : inputs.keySet()) {
-            client.upload(leaseId, local.resolve(name), workdir + "/" + name);
-        }
-        Duration upload = Duration.ofNanos(System.nanoTime() - t0);
-
-        String execId = "kestra-" + UUID.randomUUID();
-        running = new Running(client, leaseId, execId, releaseOnKill);
-        if (killed) {
-            throw new IllegalStateException("the task was killed before its command started");
-        }
         DefaultLogConsumer logs = new DefaultLogConsumer(runContext);
+        MpoolClient.Follower follower = new MpoolClient.Follower(logs::accept, runContext.logger());
+
+        String session = attempt == null ? null : attempt.session("");
+        String execId = session != null ? session : "kestra-" + UUID.randomUUID();
+        running = new Running(client, leaseId, execId, releaseOnKill);
+        ExitStatus exit = null;
+        Duration upload = Duration.ZERO;
         long t1 = System.nanoTime();
-        ExitStatus exit;
         try {
-            exit = client.exec(leaseId, execId, command, logs::accept);
+            if (killed) {
+                // kill() came before `running` was set: an earlier attempt's command is stopped here.
+                if (attempt != null && attempt.resumed()) {
+                    client.cancelQuietly(leaseId, session);
+                }
+                throw new IllegalStateException("the task was killed before its command started");
+            }
+            if (attempt != null && attempt.resumed()) {
+                runContext.logger().info("Attempt {} of task run {} did not end (its worker stopped): following its command, session {} on lease {}",
+                    attempt.number(), attempt.taskRunId(), session, leaseId);
+                exit = client.attach(leaseId, session, follower);
+                if (exit == null) {
+                    runContext.logger().info("Session {} is not on lease {}: the earlier attempt had not started its command; starting it", session, leaseId);
+                }
+            }
+            if (exit == null) {
+                long t0 = System.nanoTime();
+                Map<String, String> inputs = inputFiles == null ? Map.of() : FilesService.inputFiles(runContext, inputFiles);
+                for (String name : inputs.keySet()) {
+                    client.upload(leaseId, local.resolve(name), workdir + "/" + name);
+                }
+                upload = Duration.ofNanos(System.nanoTime() - t0);
+                if (killed) {
+                    throw new IllegalStateException("the task was killed before its command started");
+                }
+                t1 = System.nanoTime();
+                exit = session != null
+                    ? client.startSession(leaseId, session, command, follower)
+                    : client.exec(leaseId, execId, command, logs::accept);
+            }
         } finally {
             running = null;
         }

@@ -89,7 +89,16 @@ public class Acquire extends AbstractMpoolTask implements RunnableTask<Acquire.O
         }
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> b.setWait(Run.proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> b.setTtl(Run.proto(d)));
-        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, b.build());
+        Fleet.Leased leased;
+        try {
+            leased = MpoolConnection.acquire(runContext, this, b.build());
+        } catch (Exception e) {
+            if (!MpoolClient.connectionLost(e)) {
+                Attempt.close(runContext);
+            }
+            throw e;
+        }
+        Attempt.close(runContext);
         try (MpoolClient ignored = leased.client()) {
             Lease lease = leased.lease();
             boolean several = !MpoolConnection.endpoints(runContext, endpoints).isEmpty();

@@ -25,7 +25,10 @@ import java.util.Map;
         Writes the input files, runs the commands with their output streamed into the task log \
         (`::{"outputs":{...}}::` lines become outputs), and brings output files back. The VM keeps its \
         files between Exec tasks until the lease is released. Killing the execution cancels the command; \
-        the lease stays for the flow's Release task."""
+        the lease stays for the flow's Release task. The command runs as an mpool session named after the task \
+        run and its attempt: if the worker dies or its connection to mpool breaks, the command runs on in the VM, \
+        and the task's re-submitted (or next) attempt attaches to it, replays its output (announced as a replay \
+        in the log) and gets its exit code, instead of running it again."""
 )
 @Plugin(
     examples = @Example(
@@ -74,8 +77,24 @@ public class Exec extends AbstractCommandTask implements RunnableTask<Exec.Outpu
     public Output run(RunContext runContext) throws Exception {
         String lease = runContext.render(leaseId).as(String.class).orElseThrow(() -> new IllegalArgumentException("leaseId is required"));
         MpoolConnection.OnLease on = MpoolConnection.onLease(runContext, this, lease);
+        Attempt attempt = Attempt.of(runContext);
+        boolean lost = false;
         try (MpoolClient client = on.client()) {
-            Result r = runOnLease(runContext, client, on.leaseId(), false);
+            Result r;
+            try {
+                r = runOnLease(runContext, client, on.leaseId(), false, attempt);
+            } catch (Exception e) {
+                lost = attempt != null && MpoolClient.connectionLost(e);
+                if (lost) {
+                    runContext.logger().warn("The connection to mpool broke ({}); the command runs on in the VM (lease {}) and the task's next attempt follows it",
+                        e.getMessage(), on.leaseId());
+                }
+                throw e;
+            } finally {
+                if (!lost) {
+                    Attempt.close(runContext);
+                }
+            }
             return Output.builder()
                 .exitCode(r.exitCode())
                 .signal(r.signal())

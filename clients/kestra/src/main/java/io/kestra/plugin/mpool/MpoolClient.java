@@ -9,6 +9,8 @@ import io.grpc.ForwardingClientCall;
 import io.grpc.ManagedChannel;
 import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
 import io.grpc.netty.shaded.io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollDomainSocketChannel;
@@ -39,7 +41,8 @@ import java.util.function.BiConsumer;
 
 /**
  * A connection to mpool's gRPC API ({@code mpool.v1.Pool}) and the few composite operations the
- * tasks and the task runner share: exec with line-by-line output, uploads and downloads of files
+ * tasks and the task runner share: exec with line-by-line output, sessions (a command kept running
+ * in the VM if this caller goes away, attached to again with its output replayed), uploads and downloads of files
  * (Upload and Download, streamed in chunks: any size up to the server's max_upload/max_download,
  * to any path the VM's SSH user may write), listing remote files, and quiet cancel/release for kill().
  */
@@ -180,6 +183,121 @@ public final class MpoolClient implements AutoCloseable {
             throw new IllegalStateException("the command's stream ended without an exit status");
         }
         return exit;
+    }
+
+    /**
+     * Starts {@code command} as session {@code session} of the lease (kept running in the VM if
+     * this caller goes away: {@code on_disconnect = KEEP}) and follows it to its exit. When the
+     * lease already has that session (ALREADY_EXISTS: an earlier attempt started it), attaches to
+     * it instead: its output so far is replayed, then followed live, and the command runs once.
+     */
+    public ExitStatus startSession(String leaseId, String session, Command command, Follower follower) {
+        ExecRequest request = ExecRequest.newBuilder()
+            .setLeaseId(leaseId)
+            .setSession(session)
+            .setOnDisconnect(OnDisconnect.ON_DISCONNECT_KEEP)
+            .setCommand(command)
+            .build();
+        try {
+            return follower.follow(blocking.exec(request));
+        } catch (StatusRuntimeException e) {
+            if (e.getStatus().getCode() != Status.Code.ALREADY_EXISTS || follower.heardAnything()) {
+                throw e;
+            }
+        }
+        follower.log.info("Session {} already runs on lease {} (started by an earlier attempt): attaching to it", session, leaseId);
+        ExitStatus exit = attach(leaseId, session, follower);
+        if (exit == null) {
+            throw new IllegalStateException("lease " + leaseId + " said session " + session + " exists, then that it does not");
+        }
+        return exit;
+    }
+
+    /**
+     * Attaches to session {@code session} of the lease from its first byte and follows it to its
+     * exit; null when the lease has no such session (NOT_FOUND).
+     */
+    public ExitStatus attach(String leaseId, String session, Follower follower) {
+        AttachRequest request = AttachRequest.newBuilder().setLeaseId(leaseId).setSession(session).build();
+        try {
+            return follower.follow(blocking.attach(request));
+        } catch (StatusRuntimeException e) {
+            if (e.getStatus().getCode() == Status.Code.NOT_FOUND && !follower.heardAnything()) {
+                return null;
+            }
+            throw e;
+        }
+    }
+
+    /**
+     * The connection to mpool broke (UNAVAILABLE): a session's command runs on in the VM, and a
+     * later attempt can follow it again.
+     */
+    public static boolean connectionLost(Throwable e) {
+        for (Throwable t = e; t != null; t = t.getCause()) {
+            if (t instanceof StatusRuntimeException s) {
+                return s.getStatus().getCode() == Status.Code.UNAVAILABLE;
+            }
+        }
+        return false;
+    }
+
+    /**
+     * Follows a session's events: its output line by line to {@code lines} ({@code (line,
+     * isStdErr)}), the part written before this stream attached announced as a replay in the task
+     * log (the lines themselves go to {@code lines} unchanged, so their outputs count once), and a
+     * marker line where mpool dropped bytes above its output cap.
+     */
+    public static final class Follower {
+        private final BiConsumer<String, Boolean> lines;
+        private final org.slf4j.Logger log;
+        private boolean heard;
+        private boolean replaying;
+
+        /** A follower that feeds {@code lines} and writes its markers to {@code log}. */
+        public Follower(BiConsumer<String, Boolean> lines, org.slf4j.Logger log) {
+            this.lines = lines;
+            this.log = log;
+        }
+
+        boolean heardAnything() {
+            return heard;
+        }
+
+        ExitStatus follow(Iterator<ExecEvent> events) {
+            LineSplitter out = new LineSplitter(line -> lines.accept(line, false));
+            LineSplitter err = new LineSplitter(line -> lines.accept(line, true));
+            ExitStatus exit = null;
+            try {
+                while (events.hasNext()) {
+                    ExecEvent ev = events.next();
+                    heard = true;
+                    if (ev.getReplayed() != replaying && ev.getEventCase() != ExecEvent.EventCase.STARTED) {
+                        replaying = ev.getReplayed();
+                        if (replaying) {
+                            log.info("Replaying the output the command wrote before this attempt attached (it was started by an earlier attempt):");
+                        } else {
+                            log.info("End of the replayed output.");
+                        }
+                    }
+                    switch (ev.getEventCase()) {
+                        case STDOUT -> out.push(ev.getStdout());
+                        case STDERR -> err.push(ev.getStderr());
+                        case DROPPED -> log.warn("[mpool dropped bytes {} to {} of the command's {} here: they were over the session's output cap]",
+                            ev.getDropped().getFrom(), ev.getDropped().getTo(), ev.getDropped().getStream());
+                        case EXIT -> exit = ev.getExit();
+                        default -> { }
+                    }
+                }
+            } finally {
+                out.finish();
+                err.finish();
+            }
+            if (exit == null) {
+                throw new IllegalStateException("the command's stream ended without an exit status");
+            }
+            return exit;
+        }
     }
 
     /** Runs a short command and returns its stdout; throws if it exits non-zero. */

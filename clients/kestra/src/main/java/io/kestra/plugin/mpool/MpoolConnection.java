@@ -58,6 +58,35 @@ public interface MpoolConnection {
         }
     }
 
+    /** The lease of a task attempt, and the attempt it ended up being. */
+    record AttemptLease(Fleet.Leased leased, Attempt attempt) {
+    }
+
+    /**
+     * Leases the VM of a task attempt, with {@code fixedRequestId} or else the attempt's request id
+     * (plus {@code suffix}). A resumed attempt whose earlier lease has ended (FAILED_PRECONDITION:
+     * no command left to follow) starts afresh as a new attempt.
+     */
+    static AttemptLease acquire(RunContext runContext, MpoolConnection c, AcquireRequest request, Attempt attempt, String fixedRequestId, String suffix) throws Exception {
+        AcquireRequest.Builder b = request.toBuilder();
+        if (fixedRequestId != null) {
+            b.setRequestId(fixedRequestId);
+        } else if (attempt != null) {
+            b.setRequestId(attempt.requestId(suffix));
+        }
+        try {
+            return new AttemptLease(acquire(runContext, c, b.build()), attempt);
+        } catch (io.grpc.StatusRuntimeException e) {
+            if (fixedRequestId != null || attempt == null || !attempt.resumed() || e.getStatus().getCode() != io.grpc.Status.Code.FAILED_PRECONDITION) {
+                throw e;
+            }
+            Attempt fresh = Attempt.fresh(runContext);
+            runContext.logger().warn("The lease of attempt {} of task run {} has ended ({}): nothing left to follow, starting afresh as attempt {}",
+                attempt.number(), attempt.taskRunId(), e.getStatus().getDescription(), fresh.number());
+            return new AttemptLease(acquire(runContext, c, b.setRequestId(fresh.requestId(suffix)).build()), fresh);
+        }
+    }
+
     /** A client of the host that holds a lease, and the lease id that host knows. */
     record OnLease(MpoolClient client, String leaseId) {
     }
@@ -75,17 +104,13 @@ public interface MpoolConnection {
     }
 
     /**
-     * The idempotency key of this task attempt: the task run id and its attempt number, so a
-     * re-submitted attempt (a worker restart) gets its lease back instead of a second VM.
+     * The idempotency key of this task attempt: the task run id and its attempt number (see
+     * {@link Attempt}: a re-submitted attempt keeps the number of the attempt it takes over), so
+     * a worker restart gets its lease back instead of a second VM.
      */
-    @SuppressWarnings("unchecked")
     static String requestId(RunContext runContext, String suffix) {
-        Object taskrun = runContext.getVariables().get("taskrun");
-        if (taskrun instanceof Map<?, ?> m && m.get("id") != null) {
-            Object attempt = m.get("attemptsCount");
-            return m.get("id") + "-" + (attempt == null ? 0 : attempt) + suffix;
-        }
-        return null;
+        Attempt a = Attempt.of(runContext);
+        return a == null ? null : a.requestId(suffix);
     }
 
     /** Who holds the lease, shown by `mpool leases`: namespace.flow/execution/task. */

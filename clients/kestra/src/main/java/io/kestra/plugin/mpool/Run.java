@@ -29,7 +29,11 @@ import java.util.Map;
         storage, and releases the lease (mpool then resets the VM to its clean snapshot). \
         Lines such as `::{"outputs":{"key":"value"}}::` become task outputs, as in Kestra's script tasks. \
         Killing the execution (or the task's `timeout`) cancels the remote command and releases the lease. \
-        The lease's request id is the task run id plus the attempt number, so a re-submitted attempt gets its VM back."""
+        The lease's request id is the task run id plus the attempt number, so a re-submitted attempt gets its VM back, \
+        and the command runs as an mpool session kept running in the VM if the worker dies or its connection to \
+        mpool breaks: the re-submitted (or next) attempt attaches to it, replays its output (announced as a replay \
+        in the log), reads the output files and gets its exit code, and the command runs once. Such an attempt \
+        leaves the lease for the next one, which releases it (or it expires after its `ttl` once the command ended)."""
 )
 @Plugin(
     examples = {
@@ -110,22 +114,42 @@ public class Run extends AbstractCommandTask implements RunnableTask<Run.Output>
         AcquireRequest.Builder acquire = AcquireRequest.newBuilder()
             .setPool(runContext.render(pool).as(String.class).orElseThrow(() -> new IllegalArgumentException("pool is required")))
             .setHolder(MpoolConnection.holder(runContext));
-        String rid = runContext.render(requestId).as(String.class).orElse(MpoolConnection.requestId(runContext, ""));
-        if (rid != null) {
-            acquire.setRequestId(rid);
-        }
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> acquire.setWait(proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> acquire.setTtl(proto(d)));
-        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, acquire.build());
+        String fixed = runContext.render(requestId).as(String.class).orElse(null);
+        boolean lost = false;
+        try {
+            MpoolConnection.AttemptLease al = MpoolConnection.acquire(runContext, this, acquire.build(), Attempt.of(runContext), fixed, "");
+            Fleet.Leased leased = al.leased();
+            return runLeased(runContext, leased, al.attempt(), start);
+        } catch (Exception e) {
+            lost = MpoolClient.connectionLost(e);
+            throw e;
+        } finally {
+            if (!lost) {
+                Attempt.close(runContext);
+            }
+        }
+    }
+
+    private Output runLeased(RunContext runContext, Fleet.Leased leased, Attempt attempt, long start) throws Exception {
         try (MpoolClient client = leased.client()) {
             Lease lease = leased.lease();
             Duration acquired = Duration.ofNanos(System.nanoTime() - start);
             runContext.logger().info("Leased VM {} from pool {} on {} ({}, lease {})", lease.getVm(), lease.getPool(), leased.endpoint(), lease.getServed(), lease.getId());
             Result r;
+            boolean lost = false;
             try {
-                r = runOnLease(runContext, client, lease.getId(), true);
+                r = runOnLease(runContext, client, lease.getId(), true, attempt);
+            } catch (Exception e) {
+                lost = attempt != null && MpoolClient.connectionLost(e);
+                if (lost) {
+                    runContext.logger().warn("The connection to mpool broke ({}); the command runs on in VM {} (lease {}) and the task's next attempt follows it",
+                        e.getMessage(), lease.getVm(), lease.getId());
+                }
+                throw e;
             } finally {
-                Exception e = client.releaseQuietly(lease.getId());
+                Exception e = lost ? null : client.releaseQuietly(lease.getId());
                 if (e != null) {
                     runContext.logger().warn("Releasing lease {}: {}", lease.getId(), e.getMessage());
                 }

@@ -43,18 +43,20 @@ class IdempotencyTest {
     @Test
     void theSameAttemptGetsTheSameLease() throws Exception {
         MpoolStack stack = MpoolStack.get();
+        // A task run id of its own: Kestra's state store (Attempt's record) outlives a test run.
+        String taskRun = "tr-idem-" + UUID.randomUUID();
         Acquire acquire = Acquire.builder()
             .id("vm").type(Acquire.class.getName())
             .endpoint(Property.ofValue(stack.grpcEndpoint()))
             .token(Property.ofValue(stack.token))
             .pool(Property.ofValue(MpoolStack.POOL))
             .build();
-        Acquire.Output first = acquire.run(context("tr-idem", 1));
-        Acquire.Output again = acquire.run(context("tr-idem", 1));
-        assertThat(first.getRequestId(), is("tr-idem-1"));
+        Acquire.Output first = acquire.run(context(taskRun, 1));
+        Acquire.Output again = acquire.run(context(taskRun, 1));
+        assertThat(first.getRequestId(), is(taskRun + "-1"));
         assertThat(again.getLeaseId(), is(first.getLeaseId()));
         assertThat(again.getServed(), is("SERVED_REPEAT"));
-        Acquire.Output retry = acquire.run(context("tr-idem", 2));
+        Acquire.Output retry = acquire.run(context(taskRun, 2));
         assertThat(retry.getLeaseId(), not(first.getLeaseId()));
 
         for (String lease : new String[]{first.getLeaseId(), retry.getLeaseId()}) {
@@ -64,9 +66,41 @@ class IdempotencyTest {
                 .token(Property.ofValue(stack.token))
                 .leaseId(Property.ofValue(lease))
                 .build()
-                .run(context("tr-idem", 1));
+                .run(context(taskRun, 1));
             assertThat(stack.leases(), not(containsString(lease)));
         }
+    }
+
+    /**
+     * Kestra re-submits the task of a dead worker with one attempt more (TaskRun.onRunningResend()
+     * appends a RESUBMITTED attempt): while the earlier attempt is open (it never ended), the
+     * re-submission takes its number, so its request id and session; once an attempt ended, the
+     * next one (a retry) is new.
+     */
+    @Test
+    void aResubmissionTakesOverTheOpenAttemptAndARetryIsNew() {
+        String taskRun = "tr-resub-" + UUID.randomUUID();
+        Attempt first = Attempt.of(context(taskRun, 0));
+        assertThat(first, is(new Attempt(taskRun, 0, false)));
+        assertThat(Attempt.of(context(taskRun, 0)), is(first));
+        Attempt resubmitted = Attempt.of(context(taskRun, 1));
+        assertThat(resubmitted, is(new Attempt(taskRun, 0, true)));
+        assertThat(resubmitted.requestId(""), is(first.requestId("")));
+        assertThat(resubmitted.session(""), is("kestra-" + taskRun + "-0"));
+        assertThat(Attempt.of(context(taskRun, 2)).number(), is(0));
+
+        Attempt.close(context(taskRun, 2));
+        assertThat(Attempt.of(context(taskRun, 3)), is(new Attempt(taskRun, 3, false)));
+        Attempt.close(context(taskRun, 3));
+    }
+
+    @Test
+    void sessionIdsKeepToMpoolsCharactersAndLength() {
+        String s = new Attempt("a/b c" + "x".repeat(80), 12, false).session("-runner");
+        assertThat(s, matchesPattern("[A-Za-z0-9._-]{1,64}"));
+        assertThat(s.length(), is(64));
+        assertThat(s, startsWith("kestra-a_b_cxxx"));
+        assertThat(new Attempt("a/b c" + "x".repeat(80), 13, false).session("-runner"), not(s));
     }
 
     /**

@@ -6,6 +6,7 @@ import io.kestra.core.models.annotations.PluginProperty;
 import io.kestra.core.models.property.Property;
 import io.kestra.core.models.tasks.runners.*;
 import io.kestra.core.runners.RunContext;
+import io.kestra.plugin.mpool.Attempt;
 import io.kestra.plugin.mpool.Fleet;
 import io.kestra.plugin.mpool.MpoolClient;
 import io.kestra.plugin.mpool.MpoolConnection;
@@ -39,8 +40,11 @@ import java.util.*;
         streamed into the task log (`::{"outputs":{...}}::` lines become outputs), downloads the output \
         files and `{{ outputDir }}`, and releases the lease, after which mpool resets the VM. Killing the \
         execution cancels the remote command and releases the lease. The lease's request id is the task \
-        run id plus the attempt number, so a re-submitted attempt gets its VM back. `containerImage` is ignored: \
-        the pool decides the image."""
+        run id plus the attempt number, so a re-submitted attempt gets its VM back; the command runs as an mpool \
+        session that runs on in the VM if the worker dies or its connection to mpool breaks, and the re-submitted \
+        (or next) attempt attaches to it, replays its output (announced as a replay in the log), downloads the \
+        output files and gets its exit code, like Kestra's Kubernetes task runner resuming its pod. \
+        `containerImage` is ignored: the pool decides the image."""
 )
 @Plugin(
     examples = {
@@ -119,7 +123,7 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
 
     @Schema(
         title = "Directory in the VM under which each task gets its working directory.",
-        description = "The task's `{{ workingDir }}` in the VM is this directory plus a unique id. Files travel with mpool's Upload and Download (SFTP, in chunks), so any directory the VM's SSH user can write works, such as the default under `/tmp`. With `mpool sim` (whose VMs are directories on its host) use a directory inside the VM's own directory: other absolute paths are the host's, which SFTP refuses."
+        description = "The task's `{{ workingDir }}` in the VM is this directory plus the task run id (a re-submitted attempt that follows the earlier command finds its files there). Files travel with mpool's Upload and Download (SFTP, in chunks), so any directory the VM's SSH user can write works, such as the default under `/tmp`. With `mpool sim` (whose VMs are directories on its host) use a directory inside the VM's own directory: other absolute paths are the host's, which SFTP refuses."
     )
     @NotNull
     @Builder.Default
@@ -132,9 +136,18 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
     @Builder.Default
     private Property<Boolean> syncWorkingDirectory = Property.ofValue(false);
 
+    /**
+     * The task's working directory in the VM: named after the task run (a re-submitted attempt
+     * that follows the earlier attempt's command finds its files there), else after the local
+     * working directory.
+     */
     private String remoteWorkingDir(RunContext runContext) throws Exception {
         String base = runContext.render(remoteBaseDir).as(String.class).orElse("/tmp/kestra-mpool");
-        return base.replaceAll("/+$", "") + "/" + runContext.workingDir().id();
+        Object taskrun = runContext.getVariables().get("taskrun");
+        String name = taskrun instanceof Map<?, ?> m && m.get("id") != null
+            ? m.get("id").toString().replaceAll("[^A-Za-z0-9._-]", "_")
+            : runContext.workingDir().id();
+        return base.replaceAll("/+$", "") + "/" + name;
     }
 
     private String remoteOutputDir(RunContext runContext, TaskCommands commands) throws Exception {
@@ -176,77 +189,112 @@ public class Mpool extends TaskRunner<TaskRunnerDetailResult> implements RemoteR
 
     @Override
     public TaskRunnerResult<TaskRunnerDetailResult> run(RunContext runContext, TaskCommands taskCommands, List<String> filesToDownload) throws Exception {
-        var logger = runContext.logger();
-        AbstractLogConsumer logs = taskCommands.getLogConsumer();
-        String remoteWd = remoteWorkingDir(runContext);
-        Path localWd = taskCommands.getWorkingDirectory();
-
         AcquireRequest.Builder acquire = AcquireRequest.newBuilder()
             .setPool(runContext.render(pool).as(String.class).orElseThrow(() -> new IllegalArgumentException("taskRunner.pool is required")))
             .setHolder(MpoolConnection.holder(runContext));
-        String rid = MpoolConnection.requestId(runContext, "-runner");
-        if (rid != null) {
-            acquire.setRequestId(rid);
-        }
         runContext.render(waitFor).as(Duration.class).ifPresent(d -> acquire.setWait(proto(d)));
         runContext.render(ttl).as(Duration.class).ifPresent(d -> acquire.setTtl(proto(d)));
 
         checkKilled("Execution was killed before a VM was leased.");
-        Fleet.Leased leased = MpoolConnection.acquire(runContext, this, acquire.build());
+        boolean lost = false;
+        try {
+            MpoolConnection.AttemptLease al = MpoolConnection.acquire(runContext, this, acquire.build(), Attempt.of(runContext), null, "-runner");
+            return runLeased(runContext, taskCommands, filesToDownload, al.leased(), al.attempt());
+        } catch (Exception e) {
+            lost = MpoolClient.connectionLost(e);
+            throw e;
+        } finally {
+            if (!lost) {
+                Attempt.close(runContext);
+            }
+        }
+    }
+
+    private TaskRunnerResult<TaskRunnerDetailResult> runLeased(RunContext runContext, TaskCommands taskCommands, List<String> filesToDownload,
+                                                             Fleet.Leased leased, Attempt attempt) throws Exception {
+        var logger = runContext.logger();
+        AbstractLogConsumer logs = taskCommands.getLogConsumer();
+        String remoteWd = remoteWorkingDir(runContext);
+        Path localWd = taskCommands.getWorkingDirectory();
         try (MpoolClient client = leased.client()) {
             Lease lease = leased.lease();
             String leaseId = lease.getId();
-            String execId = "kestra-" + UUID.randomUUID();
+            String session = attempt == null ? null : attempt.session("");
+            String execId = session != null ? session : "kestra-" + UUID.randomUUID();
             onKill(() -> {
                 client.cancelQuietly(leaseId, execId);
                 client.releaseQuietly(leaseId);
             });
             logger.info("Leased VM {} from pool {} ({}, lease {})", lease.getVm(), lease.getPool(), lease.getServed(), leaseId);
+            MpoolClient.Follower follower = new MpoolClient.Follower(logs::accept, logger);
+            boolean lost = false;
             try {
-                // The working directory: scripts, input files, namespace files.
-                client.capture(leaseId, shell("mkdir -p \"$1\"", remoteWd));
-                for (Path rel : taskCommands.relativeWorkingDirectoryFilesPaths(true)) {
-                    Path file = localWd.resolve(rel);
-                    if (Files.isRegularFile(file)) {
-                        client.upload(leaseId, file, remoteWd + "/" + rel.toString().replace('\\', '/'));
+                ExitStatus exit = null;
+                if (attempt != null && attempt.resumed()) {
+                    logger.info("Attempt {} of task run {} did not end (its worker stopped): following its command, session {} on lease {}",
+                        attempt.number(), attempt.taskRunId(), session, leaseId);
+                    exit = client.attach(leaseId, session, follower);
+                    if (exit == null) {
+                        logger.info("Session {} is not on lease {}: the earlier attempt had not started its command; starting it", session, leaseId);
                     }
                 }
-                if (taskCommands.outputDirectoryEnabled()) {
-                    client.capture(leaseId, shell("mkdir -p \"$1\"", remoteOutputDir(runContext, taskCommands)));
-                }
-                checkKilled("Execution was killed before the command started.");
+                if (exit == null) {
+                    // The working directory: scripts, input files, namespace files.
+                    client.capture(leaseId, shell("mkdir -p \"$1\"", remoteWd));
+                    for (Path rel : taskCommands.relativeWorkingDirectoryFilesPaths(true)) {
+                        Path file = localWd.resolve(rel);
+                        if (Files.isRegularFile(file)) {
+                            client.upload(leaseId, file, remoteWd + "/" + rel.toString().replace('\\', '/'));
+                        }
+                    }
+                    if (taskCommands.outputDirectoryEnabled()) {
+                        client.capture(leaseId, shell("mkdir -p \"$1\"", remoteOutputDir(runContext, taskCommands)));
+                    }
+                    checkKilled("Execution was killed before the command started.");
 
-                List<String> argv = runContext.render(taskCommands.getCommands()).asList(String.class);
-                Command.Builder command = Command.newBuilder()
-                    .addAllArgv(argv)
-                    .setWorkdir(remoteWd)
-                    .putAllEnv(this.env(runContext, taskCommands));
-                Duration timeout = taskCommands.getTimeout();
-                if (timeout != null && !timeout.isZero()) {
-                    command.setTimeout(proto(timeout));
+                    List<String> argv = runContext.render(taskCommands.getCommands()).asList(String.class);
+                    Command.Builder command = Command.newBuilder()
+                        .addAllArgv(argv)
+                        .setWorkdir(remoteWd)
+                        .putAllEnv(this.env(runContext, taskCommands));
+                    Duration timeout = taskCommands.getTimeout();
+                    if (timeout != null && !timeout.isZero()) {
+                        command.setTimeout(proto(timeout));
+                    }
+                    exit = session != null
+                        ? client.startSession(leaseId, session, command.build(), follower)
+                        : client.exec(leaseId, execId, command.build(), logs::accept);
                 }
-                ExitStatus exit = client.exec(leaseId, execId, command.build(), logs::accept);
 
                 // Output files (also after a failure, as the Docker runner does).
                 download(runContext, client, leaseId, taskCommands, filesToDownload, remoteWd);
                 if (exit.getCode() != 0) {
                     if (exit.getTimedOut()) {
-                        logger.warn("The command timed out after {}", timeout);
+                        logger.warn("The command timed out after {}", taskCommands.getTimeout());
                     } else if (exit.getCancelled()) {
                         logger.warn("The command was cancelled");
                     }
                     throw new TaskException(exit.getCode(), logs);
                 }
                 return new TaskRunnerResult<>(exit.getCode(), logs);
-            } finally {
-                try {
-                    client.capture(leaseId, shell("rm -rf \"$1\"", remoteWd));
-                } catch (RuntimeException ignored) {
-                    // the lease may be gone (killed); the VM is reset anyway
+            } catch (Exception e) {
+                lost = attempt != null && MpoolClient.connectionLost(e);
+                if (lost) {
+                    logger.warn("The connection to mpool broke ({}); the command runs on in VM {} (lease {}) and the task's next attempt follows it",
+                        e.getMessage(), lease.getVm(), leaseId);
                 }
-                Exception e = client.releaseQuietly(leaseId);
-                if (e != null) {
-                    logger.warn("Releasing lease {}: {}", leaseId, e.getMessage());
+                throw e;
+            } finally {
+                if (!lost) {
+                    try {
+                        client.capture(leaseId, shell("rm -rf \"$1\"", remoteWd));
+                    } catch (RuntimeException ignored) {
+                        // the lease may be gone (killed); the VM is reset anyway
+                    }
+                    Exception e = client.releaseQuietly(leaseId);
+                    if (e != null) {
+                        logger.warn("Releasing lease {}: {}", leaseId, e.getMessage());
+                    }
                 }
             }
         }
