@@ -134,6 +134,8 @@ const METHODS: &[&str] = &[
     "/mpool.v1.Pool/Release",
     "/mpool.v1.Pool/Exec",
     "/mpool.v1.Pool/CancelExec",
+    "/mpool.v1.Pool/Attach",
+    "/mpool.v1.Pool/ListSessions",
     "/mpool.v1.Pool/Upload",
     "/mpool.v1.Pool/Download",
     "/mpool.v1.Pool/Run",

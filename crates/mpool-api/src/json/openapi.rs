@@ -497,7 +497,8 @@ mod tests {
                 assert!(op["parameters"].as_array().unwrap().iter().any(|q| q["name"] == p), "{}: {p}", r.path);
             }
             let esc = r.path.replace('~', "~0").replace('/', "~1");
-            validator(doc, &format!("/paths/{esc}/{method}/responses/200/content/application~1json/schema"));
+            let media = if matches!(r.reply, Reply::Lines(_)) { "application~1x-ndjson" } else { "application~1json" };
+            validator(doc, &format!("/paths/{esc}/{method}/responses/200/content/{media}/schema"));
             if let Body::Message { without, .. } = r.body {
                 let pointer = format!("/paths/{esc}/{method}/requestBody/content/application~1json/schema");
                 let v = validator(doc, &pointer);
