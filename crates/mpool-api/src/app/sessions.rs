@@ -262,10 +262,12 @@ impl App {
         let mut renewed = tokio::time::Instant::now();
         let target = info.ssh.clone().ok_or_else(|| AppError::unavailable("no SSH endpoint yet"))?;
         let mut fs = None;
+        // Sessions seen ended are not looked at again.
+        let mut ended = HashSet::new();
         loop {
             // A failure to look (the VM's SSH, the store) is retried at the next round: the
             // lease stays in use meanwhile; only the lease's end ends the watch.
-            let running = match self.running_sessions(&info, &target, &mut fs).await {
+            let running = match self.running_sessions(&info, &target, &mut fs, &mut ended).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(%lease, "looking at the lease's sessions failed (retrying): {e}");
@@ -316,6 +318,7 @@ impl App {
         info: &LeaseInfo,
         target: &SshEndpoint,
         fs: &mut Option<Arc<RemoteFs>>,
+        ended: &mut HashSet<String>,
     ) -> Result<Vec<(String, u64, u64)>, AppError> {
         let fs = match fs {
             Some(fs) => fs.clone(),
@@ -323,10 +326,15 @@ impl App {
         };
         let mut running = Vec::new();
         for id in SessionFiles::ids(&fs).await? {
+            if ended.contains(&id) {
+                continue;
+            }
             let Some(files) = SessionFiles::open(&fs, &id).await? else { continue };
             if files.status().await?.code.is_none() {
                 let until = files.meta.started_ms.saturating_add(files.meta.timeout_ms);
                 running.push((id, until, files.meta.timeout_ms));
+            } else {
+                ended.insert(id);
             }
         }
         Ok(running)
