@@ -80,7 +80,7 @@ impl Demand {
     }
 
     /// The arrival rate (acquires per second) as of `now`.
-    pub fn rate(&self, now: Instant, _decay: Duration) -> f64 {
+    pub fn rate(&self, now: Instant) -> f64 {
         let Some(at) = self.at else {
             return 0.0;
         };
@@ -101,7 +101,7 @@ impl Demand {
     /// An acquire arrived.
     pub fn arrival(&mut self, now: Instant, decay: Duration) {
         let window = self.window();
-        self.rate = self.rate(now, decay) + 1.0 / window;
+        self.rate = self.rate(now) + 1.0 / window;
         self.at = Some(self.at.map_or(now, |at| at.max(now)));
         while self.recent.front().is_some_and(|t| now.saturating_duration_since(*t).as_secs_f64() >= window) {
             self.recent.pop_front();
