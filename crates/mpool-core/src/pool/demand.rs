@@ -5,8 +5,8 @@
 //! refill time, counted over a sliding window. Acquires close together (less than a refill
 //! time apart) form a burst; its size is the largest such count. The target is the expected
 //! burst's size times `1 + MARGIN`, between `min_ready` and `max_size`:
-//! - after a single burst (no period known yet), decaying with the pool's `autoscale_decay`
-//!   from its last acquire;
+//! - after a single burst (no period known yet), held for one window after its last acquire,
+//!   then decaying with the pool's `autoscale_decay`;
 //! - once bursts recur (the period between their starts is known), held between bursts so the
 //!   next one is served warm, and during a burst lowered by the acquires it already took (their
 //!   VMs come back through a reset; replacing them would build VMs nobody waits for); when the
@@ -149,7 +149,9 @@ impl Demand {
             full * (-now.saturating_duration_since(from).as_secs_f64() / decay.as_secs_f64().max(1e-3)).exp()
         };
         let Some(period) = self.period else {
-            return decaying(b.last);
+            // A single burst: its acquires count for one window (Little's law), then decay.
+            let window = Duration::try_from_secs_f64(self.window()).unwrap_or(Duration::ZERO);
+            return decaying(b.last.checked_add(window).unwrap_or(b.last));
         };
         if now.saturating_duration_since(b.last).as_secs_f64() < self.window() {
             // Within a burst of a known pattern: what is still to come of it.
