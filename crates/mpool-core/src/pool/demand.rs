@@ -1,38 +1,76 @@
 //! A pool that sizes itself (`autoscale = "demand"`): how many ready VMs it keeps, from what it
 //! observed (when acquires arrived, how long a VM took to become ready again) and the time. By
 //! Little's law a pool needs about `rate * refill_time` ready VMs to serve what arrives while
-//! used ones are being reset or new ones launched; the target is that times `1 + MARGIN`,
-//! between `min_ready` and `max_size`. After a burst the target decays with the pool's
-//! `autoscale_decay` time constant. Plain data and arithmetic, no I/O, no clock.
+//! used ones are being reset or new ones launched: that is the number of acquires within one
+//! refill time, counted over a sliding window. Acquires close together (less than a refill
+//! time apart) form a burst; its size is the largest such count. The target is the expected
+//! burst's size times `1 + MARGIN`, between `min_ready` and `max_size`:
+//! - after a single burst (no period known yet), held for one window after its last acquire,
+//!   then decaying with the pool's `autoscale_decay`;
+//! - once bursts recur (the period between their starts is known), held between bursts so the
+//!   next one is served warm, and during a burst lowered by the acquires it already took (their
+//!   VMs come back through a reset; replacing them would build VMs nobody waits for); when the
+//!   next burst is overdue ([`HOLD_PERIODS`] periods after the last one started), decaying with
+//!   `autoscale_decay`.
+//!
+//! Plain data and arithmetic, no I/O, no clock.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::pool_config::{Autoscale, PoolConfig};
 
-/// Head-room above the estimated need: 25%.
+/// Head-room above the expected need: 25%.
 pub const MARGIN: f64 = 0.25;
 
 /// The refill time assumed before any was observed.
 pub const DEFAULT_REFILL: Duration = Duration::from_secs(30);
 
+/// Bursts keep their VMs this many periods after the last one started; later they decay.
+pub const HOLD_PERIODS: f64 = 2.0;
+
 /// Weight of each new refill observation in its moving average.
 const REFILL_WEIGHT: f64 = 0.3;
+
+/// Weight of each new interval between burst starts in the period's moving average.
+const PERIOD_WEIGHT: f64 = 0.5;
+
+/// Most acquires remembered for the window count (bounded memory, far above any pool's size).
+const MAX_RECENT: usize = 4096;
 
 /// Below this many VMs' worth, a decaying target counts as nothing (so it reaches its floor).
 const NEGLIGIBLE: f64 = 1e-3;
 
+/// Acquires close together: a burst.
+#[derive(Clone, Debug)]
+struct Burst {
+    /// Its first acquire.
+    start: Instant,
+    /// Its latest acquire.
+    last: Instant,
+    /// The most acquires it had within one window: the VMs it needed.
+    size: usize,
+    /// Acquires in it so far.
+    taken: usize,
+}
+
 /// What a pool observed of its demand.
 #[derive(Clone, Debug, Default)]
 pub struct Demand {
-    /// Acquires per second, decaying with the refill time (a burst of N within one refill
-    /// time reads as about N per refill time).
+    /// Acquires per second, decaying with the refill time (reported, not decided on).
     rate: f64,
-    /// The highest need seen (in VMs), decaying with `autoscale_decay`.
-    peak: f64,
-    /// When `rate` and `peak` were last brought up to date.
+    /// When `rate` was last brought up to date.
     at: Option<Instant>,
     /// Moving average of the refill time, in seconds.
     refill: Option<f64>,
+    /// The latest acquires, within one window of the newest.
+    recent: VecDeque<Instant>,
+    /// The current (or last) burst.
+    burst: Option<Burst>,
+    /// The size of the burst before it (0: none).
+    previous: usize,
+    /// Moving average of the time between burst starts, in seconds, once bursts recur.
+    period: Option<f64>,
 }
 
 impl Demand {
@@ -42,37 +80,54 @@ impl Demand {
     }
 
     /// The arrival rate (acquires per second) as of `now`.
-    pub fn rate(&self, now: Instant, decay: Duration) -> f64 {
-        self.decayed(now, decay).0
-    }
-
-    /// `rate` and `peak` as of `now`.
-    fn decayed(&self, now: Instant, decay: Duration) -> (f64, f64) {
+    pub fn rate(&self, now: Instant) -> f64 {
         let Some(at) = self.at else {
-            return (0.0, 0.0);
+            return 0.0;
         };
-        let dt = now.saturating_duration_since(at).as_secs_f64();
-        let rate = self.rate * (-dt / self.attack()).exp();
-        let peak = self.peak * (-dt / decay.as_secs_f64().max(1e-3)).exp();
-        (rate, peak)
+        self.rate * (-now.saturating_duration_since(at).as_secs_f64() / self.window()).exp()
     }
 
-    /// The time constant of the arrival rate: the refill time (at least one second).
-    fn attack(&self) -> f64 {
+    /// The period between burst starts, once bursts recur.
+    pub fn period(&self) -> Option<Duration> {
+        self.period.map(Duration::from_secs_f64)
+    }
+
+    /// The window acquires are counted over, and the gap that ends a burst: the refill time
+    /// (at least one second).
+    fn window(&self) -> f64 {
         self.refill_time().as_secs_f64().max(1.0)
-    }
-
-    /// VMs needed for this rate.
-    fn need(&self, rate: f64) -> f64 {
-        rate * self.refill_time().as_secs_f64() * (1.0 + MARGIN)
     }
 
     /// An acquire arrived.
     pub fn arrival(&mut self, now: Instant, decay: Duration) {
-        let (rate, peak) = self.decayed(now, decay);
-        self.rate = rate + 1.0 / self.attack();
-        self.peak = peak.max(self.need(self.rate));
+        let window = self.window();
+        self.rate = self.rate(now) + 1.0 / window;
         self.at = Some(self.at.map_or(now, |at| at.max(now)));
+        while self.recent.front().is_some_and(|t| now.saturating_duration_since(*t).as_secs_f64() >= window) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        let count = self.recent.len();
+        match &mut self.burst {
+            Some(b) if now.saturating_duration_since(b.last).as_secs_f64() < window => {
+                b.last = b.last.max(now);
+                b.size = b.size.max(count);
+                b.taken += 1;
+            }
+            _ => {
+                if let Some(b) = self.burst.take() {
+                    // Bursts recur when the next one starts within the pool's memory.
+                    let gap = now.saturating_duration_since(b.start).as_secs_f64();
+                    self.period = (gap <= decay.as_secs_f64())
+                        .then(|| self.period.map_or(gap, |p| p + PERIOD_WEIGHT * (gap - p)));
+                    self.previous = b.size;
+                }
+                self.burst = Some(Burst { start: now, last: now, size: count, taken: 1 });
+            }
+        }
     }
 
     /// A VM became ready again after `took` (a reset after a release, or a launch).
@@ -84,8 +139,33 @@ impl Demand {
         });
     }
 
-    /// The ready target at `now`: `min_ready` when autoscale is off; else the decayed need,
-    /// rounded up, between `min_ready` and `max_size`.
+    /// The VMs wanted ready at `now`, before rounding and bounds.
+    fn need(&self, now: Instant, decay: Duration) -> f64 {
+        let Some(b) = &self.burst else {
+            return 0.0;
+        };
+        let full = self.previous.max(b.size) as f64 * (1.0 + MARGIN);
+        let decaying = |from: Instant| {
+            full * (-now.saturating_duration_since(from).as_secs_f64() / decay.as_secs_f64().max(1e-3)).exp()
+        };
+        let Some(period) = self.period else {
+            // A single burst: its acquires count for one window (Little's law), then decay.
+            let window = Duration::try_from_secs_f64(self.window()).unwrap_or(Duration::ZERO);
+            return decaying(b.last.checked_add(window).unwrap_or(b.last));
+        };
+        if now.saturating_duration_since(b.last).as_secs_f64() < self.window() {
+            // Within a burst of a known pattern: what is still to come of it.
+            return (full - b.taken as f64).max(0.0);
+        }
+        // Between bursts: held until the next one is overdue, then decaying.
+        match Duration::try_from_secs_f64(HOLD_PERIODS * period).ok().and_then(|hold| b.start.checked_add(hold)) {
+            Some(overdue) => decaying(overdue),
+            None => full,
+        }
+    }
+
+    /// The ready target at `now`: `min_ready` when autoscale is off; else the need, rounded
+    /// up, between `min_ready` and `max_size`.
     pub fn target(&self, cfg: &PoolConfig, now: Instant) -> u32 {
         self.target_above(cfg, cfg.min_ready, now)
     }
@@ -97,8 +177,7 @@ impl Demand {
         if cfg.autoscale == Autoscale::Off {
             return floor;
         }
-        let (rate, peak) = self.decayed(now, cfg.autoscale_decay);
-        let need = peak.max(self.need(rate)) - NEGLIGIBLE;
+        let need = self.need(now, cfg.autoscale_decay) - NEGLIGIBLE;
         let need = if need > 0.0 { need.ceil().min(f64::from(u32::MAX)) as u32 } else { 0 };
         need.clamp(floor, cfg.max_size.max(floor))
     }
@@ -193,6 +272,106 @@ mod tests {
         assert_eq!(d.refill_time(), secs(10.0));
         d.refilled(secs(20.0));
         assert!((d.refill_time().as_secs_f64() - 13.0).abs() < 1e-9);
+    }
+
+    /// Bursts of `n` acquires within one second, every `every` seconds from `t0`, with refills of
+    /// 2 s (so one burst's acquires are one window apart at most).
+    fn bursts(t0: Instant, n: u32, every: f64, count: u32, c: &PoolConfig) -> Demand {
+        let mut d = Demand::default();
+        d.refilled(secs(2.0));
+        for b in 0..count {
+            for i in 0..n {
+                d.arrival(t0 + secs(f64::from(b) * every + f64::from(i) / f64::from(n)), c.autoscale_decay);
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn recurring_bursts_are_held_between_bursts_so_the_next_one_is_served_warm() {
+        let t0 = Instant::now();
+        let mut c = cfg(2, 20);
+        c.autoscale_decay = Duration::from_secs(60);
+        let d = bursts(t0, 6, 15.0, 3, &c);
+        assert_eq!(d.period(), Some(secs(15.0)));
+        // Right before the 4th burst (45 s), 15 s after the 3rd: 6 acquires, 25% margin, not decayed.
+        for s in [5.0, 10.0, 14.9] {
+            assert_eq!(d.target(&c, t0 + secs(30.0 + s)), 8, "{s} s after the 3rd burst");
+        }
+        // A single burst decays from its last acquire: 15 s later it no longer covers 7.5 VMs.
+        let one = bursts(t0, 6, 15.0, 1, &c);
+        assert!(one.period().is_none());
+        assert!(one.target(&c, t0 + secs(15.0)) < 8);
+    }
+
+    #[test]
+    fn within_a_recurring_burst_the_target_falls_by_what_it_already_took() {
+        let t0 = Instant::now();
+        let c = cfg(2, 20);
+        let mut d = bursts(t0, 6, 15.0, 2, &c);
+        let third = t0 + secs(30.0);
+        for i in 0..6 {
+            d.arrival(third + secs(f64::from(i) / 6.0), c.autoscale_decay);
+            let t = d.target(&c, third + secs(f64::from(i) / 6.0));
+            // 7.5 expected, i + 1 taken: what is still to come (their VMs come back reset).
+            assert_eq!(t, (8 - (i + 1)).max(2), "after {} acquires", i + 1);
+        }
+        // Once the burst is over (a window without acquires), the next one is planned for again.
+        assert_eq!(d.target(&c, third + secs(4.0)), 8);
+        // A burst larger than the pattern's: still within bounds, and remembered for the next.
+        for i in 0..10 {
+            d.arrival(t0 + secs(45.0 + f64::from(i) / 10.0), c.autoscale_decay);
+        }
+        assert_eq!(d.target(&c, t0 + secs(50.0)), 13, "10 acquires, 25% margin");
+    }
+
+    #[test]
+    fn when_the_bursts_stop_the_target_decays_to_min_ready() {
+        let t0 = Instant::now();
+        let mut c = cfg(2, 20);
+        c.autoscale_decay = Duration::from_secs(60);
+        let d = bursts(t0, 6, 15.0, 4, &c);
+        let last = t0 + secs(45.0);
+        // Held until the next burst is overdue: two periods after the last one started.
+        assert_eq!(d.target(&c, last + secs(29.0)), 8);
+        let mut prev = 8;
+        for s in (30..=600).step_by(5) {
+            let t = d.target(&c, last + secs(f64::from(s)));
+            assert!(t <= prev, "the target only falls without acquires ({s} s: {t} > {prev})");
+            prev = t;
+        }
+        assert!(d.target(&c, last + secs(90.0)) < 8, "a decay constant after it was due");
+        assert_eq!(prev, 2, "nine decay constants later: back at min_ready");
+    }
+
+    #[test]
+    fn a_burst_after_a_long_quiet_starts_over_without_a_period() {
+        let t0 = Instant::now();
+        let mut c = cfg(2, 20);
+        c.autoscale_decay = Duration::from_secs(60);
+        let mut d = bursts(t0, 6, 15.0, 3, &c);
+        assert!(d.period().is_some());
+        // An hour later: not the same pattern; it decays from its own last acquire.
+        let later = t0 + secs(3600.0);
+        d.arrival(later, c.autoscale_decay);
+        assert!(d.period().is_none());
+        assert_eq!(d.target(&c, later), 8, "the largest burst it knows, with margin");
+        assert_eq!(d.target(&c, later + secs(600.0)), 2);
+    }
+
+    #[test]
+    fn a_preheat_or_schedule_floor_holds_under_a_recurring_pattern() {
+        let t0 = Instant::now();
+        let c = cfg(2, 20);
+        let mut d = bursts(t0, 6, 15.0, 2, &c);
+        let third = t0 + secs(30.0);
+        for i in 0..6 {
+            d.arrival(third + secs(f64::from(i) / 6.0), c.autoscale_decay);
+        }
+        assert_eq!(d.target(&c, third + secs(1.0)), 2, "the burst took what was planned for it");
+        assert_eq!(d.target_above(&c, 5, third + secs(1.0)), 5, "a floor above the need holds");
+        assert_eq!(d.target_above(&c, 5, third + secs(10.0)), 8, "a need above the floor wins");
+        assert_eq!(d.target_above(&c, 50, third + secs(10.0)), 20, "never above max_size");
     }
 
     proptest! {

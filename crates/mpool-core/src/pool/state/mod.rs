@@ -684,7 +684,7 @@ impl EngineState {
                 scheduled: EngineState::scheduled(p, env),
                 preheat: p.preheats.floor(now).0,
                 preheat_left: p.preheats.floor(now).1.map(|u| u.saturating_duration_since(now)),
-                arrival_rate: p.demand.rate(now, p.cfg.autoscale_decay),
+                arrival_rate: p.demand.rate(now),
                 refill_time: p.demand.refill_time(),
             })
             .collect()
