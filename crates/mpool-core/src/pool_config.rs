@@ -104,11 +104,13 @@ pub struct PoolConfig {
     /// with auth off every caller is the same owner) holds in this pool at once; an acquire
     /// beyond it waits like one in a full pool.
     pub max_leases_per_owner: u32,
-    /// `autoscale` (default `off`): `demand` keeps as many ready VMs as the measured arrival
-    /// rate and refill time need, between `min_ready` and `max_size`.
+    /// `autoscale` (default `off`): `demand` keeps as many ready VMs as the acquires seen within
+    /// one refill time need (plus 25%), between `min_ready` and `max_size`; once bursts recur it
+    /// holds that between them (see `pool::demand`).
     pub autoscale: Autoscale,
     /// `autoscale_decay` (default 10m, above zero): the time constant with which a demand
-    /// target falls back after a burst.
+    /// target falls back after a single burst, or once recurring bursts stop (the next one is two
+    /// periods overdue); bursts recur when the next starts within it.
     pub autoscale_decay: Duration,
     /// `require_isolation` (default false): refuse leases (FAILED_PRECONDITION naming the fix)
     /// unless the isolation probe measured the VMs cut off from each other and the host.
