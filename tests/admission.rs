@@ -79,3 +79,65 @@ async fn a_vm_over_max_disk_usage_is_rebuilt_at_release() {
     assert!(stack.log().contains("over the pool's max_disk_usage"), "the log says why");
     stack.stop().await;
 }
+
+/// The host's view of each VM: its files on the data volume (`vault/instances/<name>`, where
+/// multipassd keeps the image; the simulator keeps the guest's files there), sampled with the
+/// host's facts: a VM that writes 4 MB grows by as much in ListVms, GetPool and the metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_view_of_a_vms_image_follows_what_the_guest_writes() {
+    let pools = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nhot = 0\nmax_size = 1\n";
+    let stack = Stack::start(StackOptions::tests(MPOOL, pools)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = mpool_testkit::api::acquire(&mut c, "ci", "t").await.expect("acquire");
+    let image = |c: mpool_api::client::Client| {
+        let vm = lease.vm.clone();
+        async move {
+            let vms = c.clone().list_vms(v1::ListVmsRequest { pool: String::new() }).await.ok()?.into_inner().vms;
+            vms.into_iter().find(|v| v.name == vm)?.image_bytes
+        }
+    };
+    let before = wait("the VM's image is sampled", Duration::from_secs(30))
+        .until(|| image(c.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", stack.log()));
+    let out = mpool_testkit::api::exec(&mut c, &lease.id, &["sh", "-c", "head -c 4194304 /dev/urandom > big.bin"])
+        .await
+        .expect("exec");
+    assert_eq!(out.0, 0, "{out:?}");
+    let after = wait("the image grows by what the guest wrote", Duration::from_secs(30))
+        .until(|| async { image(c.clone()).await.filter(|b| *b >= before + (4 << 20)) })
+        .await
+        .unwrap_or_else(|e| panic!("{e} (before: {before}); log:\n{}", stack.log()));
+    let pool = c.get_pool(v1::GetPoolRequest { pool: "ci".into() }).await.unwrap().into_inner();
+    assert!(pool.image_bytes >= after, "the pool sums its VMs: {} < {after}", pool.image_bytes);
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(stack.metrics).await.expect("connect to /metrics");
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", stack.metrics);
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read");
+        raw
+    };
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mpool_pool_image_bytes{") && l.contains("pool=\"ci\"")),
+        "{metrics}"
+    );
+    let endpoint = format!("unix:{}", stack.socket.display());
+    let cli = |args: &[&str]| {
+        let o = std::process::Command::new(MPOOL)
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .env_remove("MPOOL_TOKEN")
+            .output()
+            .expect("mpool runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let vms = cli(&["vms"]);
+    let row = vms.lines().find(|l| l.starts_with(&lease.vm)).unwrap_or_else(|| panic!("{vms}"));
+    assert!(row.split_whitespace().nth(6).is_some_and(|image| image.ends_with('M') || image.ends_with('G')), "{vms}");
+    let status = cli(&["status"]);
+    assert!(status.contains("DISK ci: ") && status.contains("of VM files on the host's data volume"), "{status}");
+}

@@ -53,7 +53,16 @@ pub struct HostFacts {
     /// Where the free figure comes from: `statvfs <dir>`, `total minus instance disk usage`,
     /// or empty when unknown.
     pub disk_free_source: String,
+    /// Bytes each instance's files take on the data volume (allocated blocks of
+    /// `<data_dir>/vault/instances/<name>`, [`INSTANCES_SUBDIR`]), by instance name.
+    #[serde(skip)]
+    pub images: std::collections::BTreeMap<String, u64>,
 }
+
+/// Where multipassd keeps each instance's files (its disk image, with snapshots inside it, and
+/// its cloud-init ISO), under its data directory: `vault/instances/<name>/` (multipass's
+/// `BaseVirtualMachineFactory::instances_subdir`).
+pub const INSTANCES_SUBDIR: &str = "vault/instances";
 
 /// Combines the sources: the daemon's report first, then the configuration; free space from
 /// the data directory's filesystem (else unknown here: see [`free_fallback`]).
@@ -76,6 +85,7 @@ pub fn combine(
         disk_total,
         disk_free,
         disk_free_source,
+        images: Default::default(),
     }
 }
 

@@ -31,7 +31,7 @@ fn gauge(v: i64) -> Gauge {
 }
 
 /// `mpool_vms`, `mpool_leases`, `mpool_waiters`, `mpool_pool_held_back`,
-/// `mpool_pool_disk_used_bytes`, `mpool_daemon_up`, `mpool_daemon_queue`, `mpool_store_up`,
+/// `mpool_pool_disk_used_bytes`, `mpool_pool_image_bytes`, `mpool_daemon_up`, `mpool_daemon_queue`, `mpool_store_up`,
 /// `mpool_network_isolated` and the `mpool_host_*` figures as `status` has them, each with the
 /// `host` label when there is a host.
 pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
@@ -40,6 +40,7 @@ pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
     let waiters = Family::<PoolLabels, Gauge>::default();
     let held_back = Family::<PoolLabels, Gauge>::default();
     let disk_used = Family::<PoolLabels, Gauge>::default();
+    let images = Family::<PoolLabels, Gauge>::default();
     for p in &status.pools {
         for (state, n) in &p.counts {
             vms.get_or_create(&VmLabels { pool: p.name.clone(), state: state.clone() }).set(value(*n));
@@ -49,6 +50,7 @@ pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
         waiters.get_or_create(&pool).set(value(p.waiters));
         held_back.get_or_create(&pool).set(i64::from(p.held_back.is_some()));
         disk_used.get_or_create(&pool).set(i64::try_from(p.disk_used).unwrap_or(i64::MAX));
+        images.get_or_create(&pool).set(i64::try_from(p.image_bytes).unwrap_or(i64::MAX));
     }
     let mut r = super::registry_for(host);
     r.register("mpool_vms", "VMs per pool and state", vms);
@@ -59,6 +61,11 @@ pub(crate) fn registry(status: &Status, host: Option<&str>) -> Registry {
         "mpool_pool_disk_used_bytes",
         "The pool's VMs' disk usage as last measured (df in the guest at release), bytes",
         disk_used,
+    );
+    r.register(
+        "mpool_pool_image_bytes",
+        "The pool's VMs' files on the host's data volume (multipassd's vault/instances), bytes",
+        images,
     );
     r.register("mpool_daemon_up", "1 when multipassd answers", gauge(i64::from(status.daemon_ok)));
     r.register(
@@ -121,6 +128,7 @@ mod tests {
                 removed: false,
                 held_back: None,
                 disk_used: 0,
+                image_bytes: 0,
                 config: None,
             }],
             vms: vec![],

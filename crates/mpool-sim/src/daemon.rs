@@ -662,8 +662,11 @@ impl Daemon {
         }
     }
 
+    /// An instance's files, where multipassd keeps them under its data directory
+    /// (`vault/instances/<name>`): here its guest files (`root`) and snapshots, so their size on
+    /// disk stands for the instance's image.
     fn dir(&self, name: &str) -> PathBuf {
-        self.cfg.state_dir.join("instances").join(name)
+        self.cfg.state_dir.join(mpool_core::host::INSTANCES_SUBDIR).join(name)
     }
 
     /// The directory a running instance's commands run in (its `/home/ubuntu`).

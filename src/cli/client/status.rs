@@ -125,6 +125,15 @@ async fn picture(client: &mut Client, json: bool) -> Result<String, String> {
     if let Some(h) = pools.first().and_then(|p| p.host_capacity.as_ref()) {
         out.push_str(&format!("{}\n", host_line(h)));
     }
+    for p in pools.iter().filter(|p| p.image_bytes > 0 || p.disk_used_bytes > 0) {
+        let gib = |b: u64| format!("{:.1}G", b as f64 / f64::from(1u32 << 30));
+        out.push_str(&format!(
+            "DISK {}: {} of VM files on the host's data volume, {} used in its guests (when last measured)\n",
+            p.name,
+            gib(p.image_bytes),
+            gib(p.disk_used_bytes)
+        ));
+    }
     if !leases.is_empty() {
         let now = SystemTime::now();
         out.push_str(&format!(

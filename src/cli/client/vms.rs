@@ -1,5 +1,6 @@
-//! `mpool vms [--pool P] [--json]`: the VMs, their states, generations, uses and leases, as a
-//! table (or JSON).
+//! `mpool vms [--pool P] [--json]`: the VMs, their states, generations, uses, disk (used in the
+//! guest when last measured, and its files on the host's data volume) and leases, as a table
+//! (or JSON).
 
 use std::process::ExitCode;
 
@@ -32,17 +33,37 @@ pub async fn run(client: &mut Client, a: VmsArgs) -> Result<ExitCode, String> {
     if a.json {
         let v: Vec<_> = vms
             .iter()
-            .map(|m| serde_json::json!({"name": m.name, "pool": m.pool, "state": m.state, "generation": m.generation, "uses": m.uses, "lease": m.lease_id}))
+            .map(|m| serde_json::json!({"name": m.name, "pool": m.pool, "state": m.state, "generation": m.generation, "uses": m.uses, "lease": m.lease_id, "disk_used_bytes": m.disk_used_bytes, "image_bytes": m.image_bytes}))
             .collect();
         output::line(&serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
-    output::line(&format!("{:<28} {:<12} {:<12} {:>4} {:>5} LEASE", "VM", "POOL", "STATE", "GEN", "USES"));
+    output::line(&format!(
+        "{:<28} {:<12} {:<12} {:>4} {:>5} {:>7} {:>7} LEASE",
+        "VM", "POOL", "STATE", "GEN", "USES", "DISK", "IMAGE"
+    ));
     for m in vms {
         output::line(&format!(
-            "{:<28} {:<12} {:<12} {:>4} {:>5} {}",
-            m.name, m.pool, m.state, m.generation, m.uses, m.lease_id
+            "{:<28} {:<12} {:<12} {:>4} {:>5} {:>7} {:>7} {}",
+            m.name,
+            m.pool,
+            m.state,
+            m.generation,
+            m.uses,
+            size(m.disk_used_bytes),
+            size(m.image_bytes),
+            m.lease_id
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes as `1.2G` / `340M` / `12K`, or `-` when unknown.
+fn size(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b >= 1 << 30 => format!("{:.1}G", b as f64 / f64::from(1u32 << 30)),
+        Some(b) if b >= 1 << 20 => format!("{}M", b >> 20),
+        Some(b) => format!("{}K", b.div_ceil(1024)),
+    }
 }

@@ -85,6 +85,7 @@ impl App {
                 uses: v.uses,
                 lease_id: v.lease.filter(|id| visible.contains(id.as_str())).unwrap_or_default(),
                 disk_used_bytes: v.disk_used,
+                image_bytes: v.image_bytes,
             })
             .collect();
         Ok(v1::ListVmsResponse { vms })
@@ -150,6 +151,7 @@ fn pool_info(p: &PoolStatus, status: &Status, capacity: &[PoolCapacity]) -> v1::
         preheat_until: sizing.and_then(|c| c.preheat_left).map(until),
         held_back: p.held_back.clone().unwrap_or_default(),
         disk_used_bytes: p.disk_used,
+        image_bytes: p.image_bytes,
         host_capacity: status.host.as_ref().map(|h| v1::HostCapacity {
             cpus: h.cpus,
             memory_bytes: h.memory,

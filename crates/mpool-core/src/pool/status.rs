@@ -28,6 +28,8 @@ pub struct VmStatus {
     pub busy: bool,
     /// Bytes used on its root filesystem when last measured (`df` at release).
     pub disk_used: Option<u64>,
+    /// Bytes its files take on the host's data volume, as last sampled.
+    pub image_bytes: Option<u64>,
 }
 
 /// One pool in a status report.
@@ -51,6 +53,8 @@ pub struct PoolStatus {
     pub held_back: Option<String>,
     /// The sum of its VMs' measured disk usage, bytes (VMs not measured yet count nothing).
     pub disk_used: u64,
+    /// The sum of its VMs' files on the host's data volume, bytes, as last sampled.
+    pub image_bytes: u64,
     /// Config.
     #[serde(skip)]
     pub config: Option<PoolConfig>,

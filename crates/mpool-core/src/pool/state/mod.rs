@@ -708,6 +708,7 @@ impl EngineState {
                 removed: p.removed,
                 held_back: self.blocked(&p.cfg.name),
                 disk_used: self.pool_disk_used(&p.cfg.name),
+                image_bytes: self.pool_image_bytes(&p.cfg.name),
                 config: Some(p.cfg.clone()),
             });
         }
@@ -724,6 +725,7 @@ impl EngineState {
                 lease_owner: v.lease.as_ref().and_then(|id| self.book.get(id)).map(|l| l.record.owner.clone()),
                 busy: v.busy,
                 disk_used: self.disk_used.get(&v.name).copied(),
+                image_bytes: self.image_bytes(&v.name),
             })
             .collect();
         let mut leases: Vec<LeaseRecord> = self.book.iter().map(|l| l.record.clone()).collect();
