@@ -106,7 +106,8 @@ fn exec_runs_in_the_instance_and_exits_with_its_code() {
     // argv arrives intact: no shell injection.
     let out = sim.mp(&["exec", "vm1", "--", "printf", "[%s]", "a b", "$HOME", "; touch pwned", ""]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[a b][$HOME][; touch pwned][]");
-    assert!(!sim.dir.path().join("state/instances/vm1/root/pwned").exists());
+    let root = sim.dir.path().join("state/vault/instances/vm1/root");
+    assert!(root.is_dir() && !root.join("pwned").exists(), "{}", root.display());
     // A suspended instance is started first, as the multipass CLI does.
     assert!(sim.mp(&["suspend", "vm1"]).status.success());
     let out = sim.mp(&["exec", "vm1", "--working-directory", "/tmp", "--", "pwd"]);
@@ -156,7 +157,7 @@ fn info_shows_runtime_information_like_the_multipass_cli() {
     let sim = start_sim(&["--log-lines"]);
     let out = sim.mp(&["launch", "--name", "vm1", "--cpus", "2", "--memory", "2G"]);
     assert!(out.status.success(), "{}", text(&out));
-    std::fs::write(sim.dir.path().join("state/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
+    std::fs::write(sim.dir.path().join("state/vault/instances/vm1/root/blob"), vec![0u8; 3 << 20]).unwrap();
     let out = sim.mp(&["info", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     let info = stdout(&out);
