@@ -514,6 +514,7 @@ async fn the_reference_parser_reads_a_real_scrape_and_labels_stay_bounded() {
             ("mpool_network_isolated", "gauge"),
             ("mpool_pool_disk_used_bytes", "gauge"),
             ("mpool_pool_held_back", "gauge"),
+            ("mpool_pool_image_bytes", "gauge"),
             ("mpool_reset_seconds", "histogram"),
             ("mpool_store_up", "gauge"),
             ("mpool_store_write_failures", "counter"),
