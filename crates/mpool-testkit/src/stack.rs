@@ -28,7 +28,7 @@ use mpool_sim::{SimConfig, SimEvent, Simulator, Stop};
 use tokio::sync::broadcast;
 
 use crate::http::{self, HttpAnswer};
-use crate::{Error, Result, free_port, wait};
+use crate::{Error, Result, wait};
 
 /// How `mpool serve` runs in a [`Stack`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,8 +295,11 @@ impl Stack {
         }
         write("tokens.toml", &tokens)?;
 
-        let addr = || -> Result<SocketAddr> { Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?))) };
-        let (tcp, metrics, http) = (addr()?, addr()?, addr()?);
+        // Three ports held at once, so they differ (ports picked one by one could repeat).
+        let held = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+        let ports = held.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>()?;
+        drop(held);
+        let (tcp, metrics, http) = (ports[0], ports[1], ports[2]);
         let listeners = if o.metrics_and_http {
             format!("metrics_listen = \"{metrics}\"\nhttp_listen = \"{http}\"\n")
         } else {
