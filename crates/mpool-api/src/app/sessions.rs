@@ -82,6 +82,11 @@ fn exit_of(st: &session::Status) -> v1::ExitStatus {
     }
 }
 
+/// Text of stream `i` (0: stdout, 1: stderr) as its event.
+fn text_event(i: usize, text: String) -> Event {
+    if i == 0 { Event::Stdout(text) } else { Event::Stderr(text) }
+}
+
 /// A message for an event.
 fn msg(event: Event, offset: u64, replayed: bool) -> v1::ExecEvent {
     v1::ExecEvent { event: Some(event), offset, replayed }
@@ -381,13 +386,13 @@ async fn follow(
                             continue;
                         }
                         let held = text[i].held() as u64;
-                        let e = if i == 0 { Event::Stdout(chunk) } else { Event::Stderr(chunk) };
+                        let e = text_event(i, chunk);
                         msg(e, off[i].saturating_sub(held), start < seen[i])
                     }
                     Read::Gap { to } => {
                         let rest = text[i].finish();
                         if !rest.is_empty() {
-                            let e = if i == 0 { Event::Stdout(rest) } else { Event::Stderr(rest) };
+                            let e = text_event(i, rest);
                             if send(msg(e, off[i], off[i] <= seen[i])).await {
                                 return true;
                             }
@@ -410,7 +415,7 @@ async fn follow(
         if finishing {
             for (i, rest) in [text[0].finish(), text[1].finish()].into_iter().enumerate() {
                 if !rest.is_empty() {
-                    let e = if i == 0 { Event::Stdout(rest) } else { Event::Stderr(rest) };
+                    let e = text_event(i, rest);
                     if send(msg(e, off[i], false)).await {
                         return true;
                     }
