@@ -140,8 +140,9 @@ public final class MpoolStack {
         if (vm == null) {
             throw new IllegalStateException("no VM in pool " + RUNNER_POOL + "; logs:\n" + logs());
         }
-        // The simulator keeps a VM under <state>/instances/NAME; its file system (home) is `root` there.
-        runnerHome = dir.resolve("sim").resolve("instances").resolve(vm).resolve("root").toRealPath().toString();
+        // The simulator keeps a VM where multipassd does, under <state>/vault/instances/NAME; its file
+        // system (home) is `root` there.
+        runnerHome = dir.resolve("sim").resolve("vault").resolve("instances").resolve(vm).resolve("root").toRealPath().toString();
     }
 
     private static int freePort() throws IOException {
