@@ -34,25 +34,43 @@ struct Seen {
     last_offset: u64,
 }
 
-async fn collect(mut s: tonic::Streaming<v1::ExecEvent>) -> Seen {
-    let mut seen = Seen::default();
+async fn collect(s: tonic::Streaming<v1::ExecEvent>) -> Seen {
+    collect_rest(s, Seen::default()).await
+}
+
+/// What is left of a stream, added to what was seen of it.
+async fn collect_rest(mut s: tonic::Streaming<v1::ExecEvent>, mut seen: Seen) -> Seen {
     while let Some(ev) = s.message().await.expect("stream") {
+        seen.record(ev);
+    }
+    seen
+}
+
+/// Reads a stream until its stdout holds `text`.
+async fn read_until(s: &mut tonic::Streaming<v1::ExecEvent>, seen: &mut Seen, text: &str) {
+    while !seen.stdout.contains(text) {
+        let ev = s.message().await.expect("stream").unwrap_or_else(|| panic!("the stream ended before {text:?}"));
+        seen.record(ev);
+    }
+}
+
+impl Seen {
+    fn record(&mut self, ev: v1::ExecEvent) {
         match ev.event {
-            Some(Event::Started(id)) => seen.started = id,
+            Some(Event::Started(id)) => self.started = id,
             Some(Event::Stdout(t)) => {
                 if ev.replayed {
-                    seen.replayed_stdout.push_str(&t);
+                    self.replayed_stdout.push_str(&t);
                 }
-                seen.stdout.push_str(&t);
-                seen.last_offset = ev.offset;
+                self.stdout.push_str(&t);
+                self.last_offset = ev.offset;
             }
-            Some(Event::Stderr(t)) => seen.stderr.push_str(&t),
-            Some(Event::Dropped(d)) => seen.dropped.push(d),
-            Some(Event::Exit(x)) => seen.exit = Some(x),
+            Some(Event::Stderr(t)) => self.stderr.push_str(&t),
+            Some(Event::Dropped(d)) => self.dropped.push(d),
+            Some(Event::Exit(x)) => self.exit = Some(x),
             None => {}
         }
     }
-    seen
 }
 
 async fn attach(c: &mut Client, lease: &str, session: &str) -> Seen {
@@ -105,13 +123,17 @@ async fn a_caller_that_went_away_attaches_again_and_two_attachers_see_the_same_b
     assert_eq!(job.state, v1::SessionState::Running as i32, "{listed:?}");
     assert_eq!(job.stdout_bytes, 6, "{listed:?}");
 
-    // Two attachers follow it; then the command is let go on.
-    let (mut c1, mut c2) = (c.clone(), c.clone());
-    let (l1, l2) = (lease.id.clone(), lease.id.clone());
-    let a1 = tokio::spawn(async move { attach(&mut c1, &l1, "job").await });
-    let a2 = tokio::spawn(async move { attach(&mut c2, &l2, "job").await });
+    // Two attachers follow it (each has had the replay of `first`); then the command is let go on.
+    let mut followers = Vec::new();
+    for _ in 0..2 {
+        let req = v1::AttachRequest { lease_id: lease.id.clone(), session: "job".into(), ..Default::default() };
+        let mut s = c.attach(req).await.expect("attach").into_inner();
+        let mut seen = Seen::default();
+        read_until(&mut s, &mut seen, "first").await;
+        followers.push(tokio::spawn(collect_rest(s, seen)));
+    }
     run(&mut c, &lease.id, "touch go").await;
-    let (a1, a2) = (a1.await.unwrap(), a2.await.unwrap());
+    let (a1, a2) = (followers.remove(0).await.unwrap(), followers.remove(0).await.unwrap());
     for a in [&a1, &a2] {
         assert_eq!(a.started, "job");
         assert_eq!(a.stdout, "first\nsecond\n", "{a:?}");
@@ -357,18 +379,24 @@ struct RunSeen {
 }
 
 async fn collect_run(mut s: tonic::Streaming<v1::RunEvent>, seen: &mut RunSeen) {
-    use v1::run_event::Event as R;
     while let Some(ev) = s.message().await.expect("run stream") {
+        seen.record(ev);
+    }
+}
+
+impl RunSeen {
+    fn record(&mut self, ev: v1::RunEvent) {
+        use v1::run_event::Event as R;
         match ev.event {
-            Some(R::Lease(l)) => seen.lease = Some(l),
+            Some(R::Lease(l)) => self.lease = Some(l),
             Some(R::Stdout(t)) => {
                 if ev.replayed {
-                    seen.replayed.push_str(&t);
+                    self.replayed.push_str(&t);
                 }
-                seen.stdout.push_str(&t);
+                self.stdout.push_str(&t);
             }
-            Some(R::Output(o)) => seen.output.extend_from_slice(&o.data),
-            Some(R::Result(r)) => seen.result = Some(r),
+            Some(R::Output(o)) => self.output.extend_from_slice(&o.data),
+            Some(R::Result(r)) => self.result = Some(r),
             _ => {}
         }
     }
@@ -396,22 +424,17 @@ async fn a_keep_run_whose_caller_was_cut_is_finished_by_its_retry_with_one_execu
     drop(c);
     // The resubmitted attempt (same request id) attaches instead of running it again.
     let mut c = stack.client().await;
-    let retry = c.run(futures::stream::iter([keep_run("task-1-attempt-0", line)])).await.unwrap().into_inner();
+    let mut retry = c.run(futures::stream::iter([keep_run("task-1-attempt-0", line)])).await.unwrap().into_inner();
+    // The retry follows the command (it has had the replay of `started`); then it is let go on.
     let mut seen = RunSeen::default();
+    while !seen.stdout.contains("started") {
+        seen.record(retry.message().await.expect("run stream").expect("the retry's stream ended before `started`"));
+    }
     let collecting = tokio::spawn(async move {
         collect_run(retry, &mut seen).await;
         seen
     });
     let mut c2 = stack.client().await;
-    eventually("the retry follows the command", Duration::from_secs(20), || {
-        let mut c2 = c2.clone();
-        let id = lease.id.clone();
-        async move {
-            let r = c2.list_sessions(v1::ListSessionsRequest { lease_id: id }).await.ok()?.into_inner();
-            r.sessions.iter().any(|s| s.id == "run").then_some(())
-        }
-    })
-    .await;
     run(&mut c2, &lease.id, "touch go").await;
     let seen = collecting.await.unwrap();
     assert_eq!(seen.lease.as_ref().map(|l| l.id.as_str()), Some(lease.id.as_str()), "{seen:?}");

@@ -161,7 +161,9 @@ fn base64_text(data: &[u8]) -> String {
 
 /// The runner: starts both stream writers, runs the command with `MPOOL_SESSION` set, records
 /// its status (`exit`: the status, then when it started and ended, guest ms), waits for the
-/// writers, marks the session done. Clocks come from bash's `$EPOCHREALTIME` (no process).
+/// writers, marks the session done. Clocks come from bash's `$EPOCHREALTIME` (no process). A
+/// session killed before its command started (the kill script's mark is there) never starts it:
+/// its status is 143, as a `TERM` would have made it.
 fn runner_script(id: &str, layout: Layout) -> String {
     let (seg, head, keep) = (layout.segment, layout.head, layout.keep);
     format!(
@@ -176,8 +178,12 @@ p1=$!
 exec 4> >(w err)
 p2=$!
 cd "$HOME"
-MPOOL_SESSION={id} bash -c "$(<"$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
-rc=$?
+if [ -e "$d/cancelled" ] || [ -e "$d/timed_out" ]; then
+  rc=143
+else
+  MPOOL_SESSION={id} bash -c "$(<"$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
+  rc=$?
+fi
 echo "$rc $start $(ms)" > "$d/exit.tmp"
 mv "$d/exit.tmp" "$d/exit"
 exec 3>&- 4>&-
@@ -198,7 +204,10 @@ pub enum KillReason {
 
 /// The script (for `bash -s`) that kills every process of session `id`: `TERM`, then `KILL`
 /// after `grace_ms` to the ones left, round after round until none is left. Prints `killed`,
-/// or `ended` when nothing ran any more, or `missing`.
+/// or `ended` when nothing ran any more, or `missing`. A session whose command has not started
+/// yet (no process carries the marker and there is no `exit`) is marked first, then the script
+/// waits up to 5 s for the runner: it either sees the mark and skips the command, or has started
+/// it (then it is killed as any other).
 pub fn kill_script(id: &str, reason: KillReason, grace_ms: u64) -> String {
     let mark = match reason {
         KillReason::Cancelled => "cancelled",
@@ -210,7 +219,12 @@ pub fn kill_script(id: &str, reason: KillReason, grace_ms: u64) -> String {
 [ -d "$d" ] || {{ echo missing; exit 0; }}
 pids() {{ grep -lzxF "MPOOL_SESSION={id}" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }}
 p=$(pids)
-if [ -z "$p" ]; then echo ended; exit 0; fi
+if [ -z "$p" ]; then
+  [ -e "$d/exit" ] && {{ echo ended; exit 0; }}
+  : > "$d/{mark}"
+  for i in $(seq 1 100); do [ -e "$d/exit" ] && {{ echo killed; exit 0; }}; p=$(pids); [ -n "$p" ] && break; sleep 0.05; done
+  [ -z "$p" ] && {{ echo ended; exit 0; }}
+fi
 [ -e "$d/exit" ] || : > "$d/{mark}"
 kill -TERM $p 2>/dev/null
 for i in $(seq 1 {rounds}); do p=$(pids); [ -z "$p" ] && break; sleep 0.1; done
@@ -405,6 +419,116 @@ mod tests {
         let s = kill_script("job-1", KillReason::TimedOut, 2000);
         assert!(s.contains("MPOOL_SESSION=job-1"), "{s}");
         assert!(s.contains("timed_out") && s.contains("seq 1 20"), "{s}");
+    }
+
+    /// The session scripts run by a local bash with `home` as `$HOME`, as a guest runs them.
+    mod local {
+        use super::*;
+        use std::path::{Path, PathBuf};
+        use std::process::{Command, Stdio};
+
+        fn meta(id: &str) -> Meta {
+            Meta {
+                id: id.into(),
+                command: String::new(),
+                layout: Layout::for_cap(1 << 20),
+                started_ms: 0,
+                timeout_ms: 0,
+                keep: true,
+            }
+        }
+
+        /// `bash -s` with `script` on stdin, `home` as `$HOME` and `path_first` (when given)
+        /// ahead of `$PATH`.
+        fn bash(home: &Path, script: &str, path_first: Option<&Path>) -> std::process::Child {
+            use std::io::Write;
+            let mut cmd = Command::new("bash");
+            cmd.arg("-s").env("HOME", home).stdin(Stdio::piped()).stdout(Stdio::piped());
+            if let Some(dir) = path_first {
+                cmd.env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()));
+            }
+            let mut child = cmd.spawn().expect("bash runs (the session scripts need it)");
+            child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+            child
+        }
+
+        fn output(child: std::process::Child) -> String {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        }
+
+        /// Waits (bounded) until `path` exists.
+        fn until_exists(path: &Path) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !path.exists() {
+                assert!(std::time::Instant::now() < deadline, "{} never appeared", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+
+        /// Whether process `pid` runs (a zombie does not).
+        fn alive(pid: &str) -> bool {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        }
+
+        fn dir(home: &Path, id: &str) -> PathBuf {
+            home.join(ROOT).join(id)
+        }
+
+        #[test]
+        fn a_cancel_before_the_command_started_keeps_it_from_starting() {
+            let home = tempfile::tempdir().unwrap();
+            // A `setsid` that starts nothing: the session exists, its runner has not started.
+            let stubs = tempfile::tempdir().unwrap();
+            let stub = stubs.path().join("setsid");
+            std::fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
+            let mut perm = std::fs::metadata(&stub).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+            std::fs::set_permissions(&stub, perm).unwrap();
+            let launch = launch_script(&meta("early"), "touch ran", b"").unwrap();
+            assert_eq!(output(bash(home.path(), &launch, Some(stubs.path()))).trim(), "started");
+            let d = dir(home.path(), "early");
+            assert!(!d.join("exit").exists());
+
+            // The cancel marks the session and waits for its runner...
+            let kill = bash(home.path(), &kill_script("early", KillReason::Cancelled, 200), None);
+            until_exists(&d.join("cancelled"));
+            // ...which starts now, sees the mark and does not run the command.
+            let runner = Command::new("bash").arg(d.join("run")).env("HOME", home.path()).status().unwrap();
+            assert!(runner.success());
+            assert_eq!(output(kill).trim(), "killed");
+            assert!(!home.path().join("ran").exists(), "the cancelled command ran");
+            let exit = std::fs::read_to_string(d.join("exit")).unwrap();
+            assert!(exit.starts_with("143 "), "{exit}");
+            assert!(d.join("done").exists());
+        }
+
+        #[test]
+        fn a_cancel_kills_a_running_command_and_what_it_left_in_the_background() {
+            let home = tempfile::tempdir().unwrap();
+            let line = "setsid sleep 1000 & echo $! > bg; echo $$ > fg; sleep 1000";
+            let launch = launch_script(&meta("busy"), line, b"").unwrap();
+            assert_eq!(output(bash(home.path(), &launch, None)).trim(), "started");
+            until_exists(&home.path().join("bg"));
+            until_exists(&home.path().join("fg"));
+            let pid = |f: &str| std::fs::read_to_string(home.path().join(f)).unwrap().trim().to_string();
+            let (bg, fg) = (pid("bg"), pid("fg"));
+            let kill = bash(home.path(), &kill_script("busy", KillReason::Cancelled, 200), None);
+            assert_eq!(output(kill).trim(), "killed");
+            let d = dir(home.path(), "busy");
+            until_exists(&d.join("done"));
+            for p in [bg, fg] {
+                assert!(!alive(&p), "process {p} of the session is still there");
+            }
+            let exit = std::fs::read_to_string(d.join("exit")).unwrap();
+            assert!(exit.starts_with("143 "), "{exit}");
+            assert!(d.join("cancelled").exists());
+            // A second cancel finds nothing left to kill.
+            let again = bash(home.path(), &kill_script("busy", KillReason::Cancelled, 200), None);
+            assert_eq!(output(again).trim(), "ended");
+        }
     }
 
     /// The guest's files as a map, for the reader's property test.
