@@ -7,10 +7,14 @@
 //! burst's size times `1 + MARGIN`, between `min_ready` and `max_size`:
 //! - after a single burst (no period known yet), held for one window after its last acquire,
 //!   then decaying with the pool's `autoscale_decay`;
-//! - once bursts recur (the period between their starts is known), held between bursts so the
-//!   next one is served warm, and during a burst lowered by the acquires it already took (their
-//!   VMs come back through a reset; replacing them would build VMs nobody waits for); when the
-//!   next burst is overdue ([`HOLD_PERIODS`] periods after the last one started), decaying with
+//! - once bursts recur (the period between their starts is known), planned for: between bursts
+//!   the need falls to nothing (idle VMs above `min_ready` go after the pool's `idle_timeout`,
+//!   as always; a long `idle_timeout` keeps them) and rises again one lead before the next
+//!   burst is due (the time a new VM takes, with margin, plus a tenth of the period for jitter),
+//!   so the next burst is served warm without paying for VMs through the quiet; during a burst
+//!   the need is lowered by the acquires it already took (their VMs come back through a reset;
+//!   replacing them would build VMs nobody waits for); when the next burst is late it is held,
+//!   and once overdue ([`HOLD_PERIODS`] periods after the last one started) it decays with
 //!   `autoscale_decay`.
 //!
 //! Plain data and arithmetic, no I/O, no clock.
@@ -31,6 +35,10 @@ pub const HOLD_PERIODS: f64 = 2.0;
 
 /// Weight of each new refill observation in its moving average.
 const REFILL_WEIGHT: f64 = 0.3;
+
+/// The share of the period a burst is raised for ahead of its time (besides the time a new VM
+/// takes), for a period that wavers.
+pub const JITTER: f64 = 0.1;
 
 /// Weight of each new interval between burst starts in the period's moving average.
 const PERIOD_WEIGHT: f64 = 0.5;
@@ -63,6 +71,8 @@ pub struct Demand {
     at: Option<Instant>,
     /// Moving average of the refill time, in seconds.
     refill: Option<f64>,
+    /// Moving average of the time a new VM took to be ready (a launch), in seconds.
+    build: Option<f64>,
     /// The latest acquires, within one window of the newest.
     recent: VecDeque<Instant>,
     /// The current (or last) burst.
@@ -90,6 +100,15 @@ impl Demand {
     /// The period between burst starts, once bursts recur.
     pub fn period(&self) -> Option<Duration> {
         self.period.map(Duration::from_secs_f64)
+    }
+
+    /// How long before a recurring burst is due its VMs are wanted ready: the time a new VM
+    /// takes (the refill time until a launch was seen) with [`MARGIN`], plus [`JITTER`] of the
+    /// period.
+    pub fn lead(&self) -> Duration {
+        let build = self.build.or(self.refill).unwrap_or(DEFAULT_REFILL.as_secs_f64());
+        Duration::try_from_secs_f64(build * (1.0 + MARGIN) + JITTER * self.period.unwrap_or(0.0))
+            .unwrap_or(DEFAULT_REFILL)
     }
 
     /// The window acquires are counted over, and the gap that ends a burst: the refill time
@@ -139,6 +158,15 @@ impl Demand {
         });
     }
 
+    /// A new VM became ready after `took` (a launch; also counted by [`Demand::refilled`]).
+    pub fn built(&mut self, took: Duration) {
+        let s = took.as_secs_f64();
+        self.build = Some(match self.build {
+            None => s,
+            Some(avg) => avg + REFILL_WEIGHT * (s - avg),
+        });
+    }
+
     /// The VMs wanted ready at `now`, before rounding and bounds.
     fn need(&self, now: Instant, decay: Duration) -> f64 {
         let Some(b) = &self.burst else {
@@ -157,7 +185,14 @@ impl Demand {
             // Within a burst of a known pattern: what is still to come of it.
             return (full - b.taken as f64).max(0.0);
         }
-        // Between bursts: held until the next one is overdue, then decaying.
+        // Between bursts: nothing until one lead before the next one is due; then held until it
+        // is overdue, then decaying.
+        let due = Duration::try_from_secs_f64(period).ok().and_then(|p| b.start.checked_add(p));
+        if let Some(raise) = due.and_then(|due| due.checked_sub(self.lead()))
+            && now < raise
+        {
+            return 0.0;
+        }
         match Duration::try_from_secs_f64(HOLD_PERIODS * period).ok().and_then(|hold| b.start.checked_add(hold)) {
             Some(overdue) => decaying(overdue),
             None => full,
@@ -288,20 +323,54 @@ mod tests {
     }
 
     #[test]
-    fn recurring_bursts_are_held_between_bursts_so_the_next_one_is_served_warm() {
+    fn recurring_bursts_are_planned_for_one_lead_before_they_are_due() {
         let t0 = Instant::now();
         let mut c = cfg(2, 20);
         c.autoscale_decay = Duration::from_secs(60);
-        let d = bursts(t0, 6, 15.0, 3, &c);
+        let mut d = bursts(t0, 6, 15.0, 3, &c);
         assert_eq!(d.period(), Some(secs(15.0)));
-        // Right before the 4th burst (45 s), 15 s after the 3rd: 6 acquires, 25% margin, not decayed.
-        for s in [5.0, 10.0, 14.9] {
+        // No launch seen: the lead is the refill time (2 s) with margin plus a tenth of the period.
+        assert_eq!(d.lead(), secs(2.0 * 1.25 + 1.5));
+        // The 3rd burst (30 s) is over a window after its last acquire: the quiet needs nothing
+        // above min_ready, until one lead before the 4th (45 s) is due.
+        for s in [3.0, 6.0, 10.9] {
+            assert_eq!(d.target(&c, t0 + secs(30.0 + s)), 2, "{s} s after the 3rd burst");
+        }
+        // From then on: 6 acquires, 25% margin, not decayed.
+        for s in [11.0, 14.9, 15.5, 20.0] {
             assert_eq!(d.target(&c, t0 + secs(30.0 + s)), 8, "{s} s after the 3rd burst");
         }
+        // A new VM that takes longer raises it earlier: 6 s with margin plus 1.5 s, 9 s before.
+        d.built(secs(6.0));
+        assert_eq!(d.target(&c, t0 + secs(35.9)), 2);
+        assert_eq!(d.target(&c, t0 + secs(36.1)), 8);
         // A single burst decays from its last acquire: 15 s later it no longer covers 7.5 VMs.
         let one = bursts(t0, 6, 15.0, 1, &c);
         assert!(one.period().is_none());
         assert!(one.target(&c, t0 + secs(15.0)) < 8);
+    }
+
+    #[test]
+    fn a_period_that_wavers_still_finds_each_burst_raised() {
+        let t0 = Instant::now();
+        let mut c = cfg(2, 20);
+        c.autoscale_decay = Duration::from_secs(60);
+        let mut d = Demand::default();
+        d.refilled(secs(2.0));
+        // Bursts of 6 about every 15 s, each up to 1 s early or late.
+        let mut start = 0.0;
+        for (b, jitter) in [0.0, 0.8, -0.9, 0.5, -1.0, 1.0, -0.6, 0.3].into_iter().enumerate() {
+            start += if b == 0 { 0.0 } else { 15.0 + jitter };
+            if b >= 3 {
+                let before = d.target(&c, t0 + secs(start - 0.01));
+                assert_eq!(before, 8, "burst {b} at {start} s: the target right before it");
+                let quiet = d.target(&c, t0 + secs(start - 7.0));
+                assert_eq!(quiet, 2, "burst {b}: the quiet before it needs nothing");
+            }
+            for i in 0..6 {
+                d.arrival(t0 + secs(start + f64::from(i) / 6.0), c.autoscale_decay);
+            }
+        }
     }
 
     #[test]
@@ -316,13 +385,15 @@ mod tests {
             // 7.5 expected, i + 1 taken: what is still to come (their VMs come back reset).
             assert_eq!(t, (8 - (i + 1)).max(2), "after {} acquires", i + 1);
         }
-        // Once the burst is over (a window without acquires), the next one is planned for again.
-        assert_eq!(d.target(&c, third + secs(4.0)), 8);
+        // Once the burst is over (a window without acquires), the quiet needs nothing; the next
+        // one is planned for again one lead (4 s) before it is due.
+        assert_eq!(d.target(&c, third + secs(4.0)), 2);
+        assert_eq!(d.target(&c, third + secs(11.5)), 8);
         // A burst larger than the pattern's: still within bounds, and remembered for the next.
         for i in 0..10 {
             d.arrival(t0 + secs(45.0 + f64::from(i) / 10.0), c.autoscale_decay);
         }
-        assert_eq!(d.target(&c, t0 + secs(50.0)), 13, "10 acquires, 25% margin");
+        assert_eq!(d.target(&c, t0 + secs(57.0)), 13, "before the next: 10 acquires, 25% margin");
     }
 
     #[test]
@@ -332,7 +403,9 @@ mod tests {
         c.autoscale_decay = Duration::from_secs(60);
         let d = bursts(t0, 6, 15.0, 4, &c);
         let last = t0 + secs(45.0);
-        // Held until the next burst is overdue: two periods after the last one started.
+        // Raised before the next burst is due and held until it is overdue: two periods after
+        // the last one started.
+        assert_eq!(d.target(&c, last + secs(15.0)), 8);
         assert_eq!(d.target(&c, last + secs(29.0)), 8);
         let mut prev = 8;
         for s in (30..=600).step_by(5) {
@@ -370,8 +443,9 @@ mod tests {
         }
         assert_eq!(d.target(&c, third + secs(1.0)), 2, "the burst took what was planned for it");
         assert_eq!(d.target_above(&c, 5, third + secs(1.0)), 5, "a floor above the need holds");
-        assert_eq!(d.target_above(&c, 5, third + secs(10.0)), 8, "a need above the floor wins");
-        assert_eq!(d.target_above(&c, 50, third + secs(10.0)), 20, "never above max_size");
+        assert_eq!(d.target_above(&c, 5, third + secs(6.0)), 5, "the floor holds through the quiet");
+        assert_eq!(d.target_above(&c, 5, third + secs(12.0)), 8, "a need above the floor wins");
+        assert_eq!(d.target_above(&c, 50, third + secs(12.0)), 20, "never above max_size");
     }
 
     proptest! {

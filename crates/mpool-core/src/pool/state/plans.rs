@@ -130,6 +130,9 @@ impl EngineState {
             let took = env.now.duration_since(vm.busy_since);
             if let Some(p) = self.pools.get_mut(&pool) {
                 p.demand.refilled(took);
+                if matches!(plan, PlanKind::Provision { .. }) {
+                    p.demand.built(took);
+                }
             }
             if matches!(plan, PlanKind::Reset { .. }) {
                 self.batch.effects.push(Effect::ResetTook { pool: pool.clone(), took });
