@@ -452,6 +452,51 @@ async fn a_keep_run_whose_caller_was_cut_is_finished_by_its_retry_with_one_execu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_run_nobody_came_back_for_keeps_its_exit_status_after_its_lease_expired() {
+    let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    // It writes while it waits, so the server sees its caller gone at the next line.
+    let line = "echo started; while [ ! -e go ]; do echo tick; sleep 0.05; done; exit 4";
+    let short = || v1::RunRequest {
+        ttl: Some(mpool_api::proto::Duration { seconds: 3, nanos: 0 }),
+        ..keep_run("lonely", line)
+    };
+    let mut first = c.run(futures::stream::iter([short()])).await.unwrap().into_inner();
+    let lease = match first.message().await.unwrap().and_then(|e| e.event) {
+        Some(v1::run_event::Event::Lease(l)) => l,
+        other => panic!("expected the lease first, got {other:?}"),
+    };
+    let _ = first.message().await.unwrap();
+    // The caller goes away for good (the server saw it); the command ends; nobody retries
+    // while the lease lives.
+    drop(first);
+    eventually("the server sees the Run's caller gone", Duration::from_secs(30), || {
+        let log = stack.log();
+        async move { log.contains("the Run's caller went away").then_some(()) }
+    })
+    .await;
+    run(&mut c, &lease.id, "touch go").await;
+    eventually("the lease expires", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        let id = lease.id.clone();
+        async move {
+            let leases = c.list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
+            (!leases.iter().any(|l| l.id == id)).then_some(())
+        }
+    })
+    .await;
+    // A late retry gets the exit status the command ended with, without running it again.
+    let mut late = RunSeen::default();
+    let s = c.run(futures::stream::iter([short()])).await.expect("the late retry").into_inner();
+    collect_run(s, &mut late).await;
+    let result = late.result.expect("a result");
+    assert_eq!(result.exit.as_ref().map(|x| x.code), Some(4), "{result:?}");
+    assert_eq!(result.served, v1::Served::Repeat as i32, "{result:?}");
+    assert_eq!(late.stdout, "", "nothing ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_keep_run_kills_its_command() {
     let stack = Stack::start(StackOptions::tests(MPOOL, POOL)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;

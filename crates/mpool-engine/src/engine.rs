@@ -112,6 +112,11 @@ enum Msg {
         owner: Option<String>,
         reply: Reply<LeaseInfo>,
     },
+    NoteOutcome {
+        id: String,
+        outcome: RunOutcome,
+        reply: Reply<()>,
+    },
     EndUse {
         id: String,
     },
@@ -254,6 +259,13 @@ impl Engine {
         outcome: RunOutcome,
     ) -> Result<(), EngineError> {
         self.ask(|reply| Msg::Release { id: id.into(), owner, outcome: Some(outcome), reply }).await
+    }
+
+    /// Records how the command of the Run lease `id` was granted for ended, while the lease
+    /// lives (nobody followed it to the end): a retry after the lease expired gets it. A release
+    /// with an outcome replaces it.
+    pub async fn note_outcome(&self, id: &str, outcome: RunOutcome) -> Result<(), EngineError> {
+        self.ask(|reply| Msg::NoteOutcome { id: id.into(), outcome, reply }).await
     }
 
     /// Marks the lease in use (an exec or transfer): it does not expire until [`Engine::end_use`].
@@ -472,6 +484,9 @@ impl Actor {
             }
             Msg::BeginUse { id, owner, reply } => {
                 Input::BeginUse { id, owner, caller: self.caller(Caller::Lease(reply)) }
+            }
+            Msg::NoteOutcome { id, outcome, reply } => {
+                Input::NoteOutcome { id, outcome, caller: self.caller(Caller::Done(reply)) }
             }
             Msg::EndUse { id } => Input::EndUse { id },
             Msg::Reconfigure { pools, reply } => Input::Reconfigure { pools, caller: self.caller(Caller::Done(reply)) },

@@ -11,7 +11,8 @@
 //! after a restart of mpool by [`App::recover_sessions`]): holds the lease in use while any of
 //! its sessions runs, renews its stored expiry (so a restart finds it alive), enforces each
 //! session's timeout, and at the pool's `max_ttl` from the grant kills the sessions and ends the
-//! lease.
+//! lease. When a KEEP Run's session (`run`) has ended, it records the exit status on the Run's
+//! request id, so a retry after the lease expired (nobody came back) still gets it.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 
 use super::error::AppError;
 use super::lease_use::InUse;
+use super::run::RUN_SESSION;
 use super::utf8::Utf8Chunks;
 use super::{App, Events};
 use crate::auth::Principal;
@@ -335,12 +337,22 @@ impl App {
                 continue;
             }
             let Some(files) = SessionFiles::open(&fs, &id).await? else { continue };
-            if files.status().await?.code.is_none() {
+            let st = files.status().await?;
+            if st.code.is_none() {
                 let until = files.meta.started_ms.saturating_add(files.meta.timeout_ms);
                 running.push((id, until, files.meta.timeout_ms));
-            } else {
-                ended.insert(id);
+                continue;
             }
+            if id == RUN_SESSION {
+                // A KEEP Run's command ended: recorded now, so a retry after the lease expired
+                // (nobody came back for its outputs) still gets its exit status. A lease not
+                // granted for a Run (an Exec used the id) has nothing to record.
+                let outcome = super::run::outcome::of_exit(&exit_of(&st), &info.record.vm);
+                if let Err(e) = self.engine.note_outcome(&info.record.id, outcome).await {
+                    tracing::debug!(lease = %info.record.id, "recording the Run's outcome: {e}");
+                }
+            }
+            ended.insert(id);
         }
         Ok(running)
     }

@@ -224,6 +224,16 @@ impl LeaseBook {
         Some(vec![Write::PutLease(l.record.clone())])
     }
 
+    /// Records the outcome of the Run a live lease was granted for, before the lease ends (its
+    /// command ended while nobody followed it): kept when the lease expires, replaced by the
+    /// outcome a release brings. `None` when the lease is not live or not a Run's.
+    pub fn note_outcome(&mut self, id: &str, outcome: RunOutcome) -> Option<Vec<Write>> {
+        let key = self.leases.get(id)?.request_key()?;
+        let r = self.requests.get_mut(&key).filter(|r| r.lease == id && r.kind == RequestKind::Run)?;
+        r.outcome = Some(outcome);
+        Some(vec![Write::PutRequest(r.clone())])
+    }
+
     /// Marks a lease in use (true) or no longer (false).
     pub fn set_in_use(&mut self, id: &str, more: bool) {
         if let Some(l) = self.leases.get_mut(id) {
@@ -357,6 +367,28 @@ mod tests {
         assert!(matches!(b.check("l1", Some("alice")), Err(EngineError::LeaseEnded { .. })));
         assert!(matches!(b.check("l1", Some("bob")), Err(EngineError::UnknownLease(_))), "no hint to other owners");
         assert!(b.end("l1", "again", 6, None).is_none());
+    }
+
+    #[test]
+    fn a_noted_outcome_outlives_the_expiry_and_a_release_replaces_it() {
+        let mut b = LeaseBook::default();
+        let now = Instant::now();
+        let noted = RunOutcome { code: Some(4), ..Default::default() };
+        b.grant(rec("l1", "alice", Some("r")), now, RequestKind::Run);
+        let writes = b.note_outcome("l1", noted.clone()).expect("a Run's live lease");
+        assert!(matches!(&writes[..], [Write::PutRequest(r)] if r.outcome.as_ref() == Some(&noted)), "written at once");
+        b.end("l1", "expired", 9, None).unwrap();
+        assert_eq!(b.request(&key("alice", "r")).and_then(|r| r.outcome.clone()), Some(noted.clone()));
+        assert!(b.note_outcome("l1", noted.clone()).is_none(), "not on an ended lease");
+
+        b.grant(rec("l2", "alice", Some("r2")), now, RequestKind::Run);
+        b.note_outcome("l2", noted.clone()).unwrap();
+        let released = RunOutcome { code: Some(0), ..Default::default() };
+        b.end("l2", "released", 9, Some(released.clone())).unwrap();
+        assert_eq!(b.request(&key("alice", "r2")).and_then(|r| r.outcome.clone()), Some(released));
+
+        b.grant(rec("l3", "alice", Some("r3")), now, RequestKind::Acquire);
+        assert!(b.note_outcome("l3", noted).is_none(), "an Acquire's lease has no Run outcome");
     }
 
     #[test]

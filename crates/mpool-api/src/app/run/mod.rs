@@ -9,7 +9,7 @@
 
 mod command;
 mod inputs;
-mod outcome;
+pub(super) mod outcome;
 mod outputs;
 mod pending;
 mod plan;

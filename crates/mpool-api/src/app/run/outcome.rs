@@ -13,29 +13,31 @@ use crate::proto::v1;
 /// How a Run ended, as the engine records it for retries with the same request id.
 pub fn outcome_of(result: &Result<Ran, AppError>, vm: &str) -> RunOutcome {
     match result {
-        Ok(ran) => {
-            let exit = ran.result.exit.clone().unwrap_or_default();
-            let duration = exit.duration.map(|d| {
-                u64::try_from(d.seconds)
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-                    .saturating_add(u64::try_from(d.nanos / 1_000_000).unwrap_or(0))
-            });
-            RunOutcome {
-                code: (exit.code >= 0).then_some(exit.code),
-                signal: (!exit.signal.is_empty()).then_some(exit.signal),
-                duration_ms: duration.unwrap_or(0),
-                timed_out: exit.timed_out,
-                cancelled: exit.cancelled,
-                error: None,
-                vm: ran.result.vm.clone(),
-            }
-        }
+        Ok(ran) => of_exit(&ran.result.exit.clone().unwrap_or_default(), &ran.result.vm),
         Err(e) => RunOutcome {
             error: Some(format!("{:?}: {}", e.kind(), e.message())),
             vm: vm.to_string(),
             ..Default::default()
         },
+    }
+}
+
+/// How a command that ended with `exit` on `vm` is recorded.
+pub fn of_exit(exit: &v1::ExitStatus, vm: &str) -> RunOutcome {
+    let duration = exit.duration.map(|d| {
+        u64::try_from(d.seconds)
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .saturating_add(u64::try_from(d.nanos / 1_000_000).unwrap_or(0))
+    });
+    RunOutcome {
+        code: (exit.code >= 0).then_some(exit.code),
+        signal: (!exit.signal.is_empty()).then(|| exit.signal.clone()),
+        duration_ms: duration.unwrap_or(0),
+        timed_out: exit.timed_out,
+        cancelled: exit.cancelled,
+        error: None,
+        vm: vm.to_string(),
     }
 }
 

@@ -86,6 +86,16 @@ pub enum Input {
         /// Who waits for the answer.
         caller: CallerId,
     },
+    /// The command of the Run a lease was granted for ended while nobody followed it: its
+    /// outcome is recorded on the Run's request id now, kept if the lease then expires.
+    NoteOutcome {
+        /// Lease id.
+        id: String,
+        /// How the command ended.
+        outcome: RunOutcome,
+        /// Who waits for the answer.
+        caller: CallerId,
+    },
     /// An exec or transfer starts on a lease: it does not expire meanwhile.
     BeginUse {
         /// Lease id.
@@ -534,6 +544,7 @@ impl EngineState {
                 | Input::Renew { caller, .. }
                 | Input::Release { caller, .. }
                 | Input::BeginUse { caller, .. }
+                | Input::NoteOutcome { caller, .. }
                 | Input::Refresh { caller, .. }
                 | Input::Preheat { caller, .. }
                 | Input::Reconfigure { caller, .. } => self.reply(caller, Err(err)),
@@ -553,6 +564,7 @@ impl EngineState {
                 Input::Renew { caller, .. }
                 | Input::Release { caller, .. }
                 | Input::BeginUse { caller, .. }
+                | Input::NoteOutcome { caller, .. }
                 | Input::Refresh { caller, .. } => return self.reply(caller, Err(err)),
                 _ => {}
             }
@@ -575,6 +587,18 @@ impl EngineState {
                 self.reply_lease(caller, r);
             }
             Input::EndUse { id } => self.book.set_in_use(&id, false),
+            Input::NoteOutcome { id, outcome, caller } => {
+                let r = match self.book.note_outcome(&id, outcome) {
+                    Some(writes) => {
+                        self.persist(&writes, true);
+                        Ok(Answer::Done)
+                    }
+                    None => self.lease_info(&id, None).and_then(|_| {
+                        Err(EngineError::InvalidArgument(format!("lease {id} was not granted for a Run")))
+                    }),
+                };
+                self.reply(caller, r);
+            }
             Input::Refresh { id, owner, caller } => self.refresh(env, &id, owner.as_deref(), caller),
             Input::PlanDone { vm, plan, result } => self.plan_done(env, &vm, plan, result),
             Input::GoldenDone { pool, vm, result } => self.golden_done(env, &pool, &vm, result),
