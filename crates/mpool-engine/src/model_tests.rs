@@ -68,6 +68,11 @@ pub enum Step {
         /// Which lease.
         pick: u8,
     },
+    /// A held Run's command ended while nobody followed it: its outcome is noted.
+    Note {
+        /// Which lease.
+        pick: u8,
+    },
     /// The holder renews.
     Renew {
         /// Which lease.
@@ -151,6 +156,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
             .prop_map(|(owner, rid, run, wait)| Step::Acquire { owner, rid, run, wait }),
         6 => any::<u8>().prop_map(|pick| Step::Release { pick }),
         1 => any::<u8>().prop_map(|pick| Step::Renew { pick }),
+        1 => any::<u8>().prop_map(|pick| Step::Note { pick }),
         3 => (1..120u16).prop_map(|secs| Step::Advance { secs }),
         1 => Just(Step::Advance { secs: 700 }),
         1 => Just(Step::Crash),
@@ -256,6 +262,8 @@ struct Asked {
     /// Its lease ended, as acknowledged by a release.
     released: bool,
     outcome: Option<RunOutcome>,
+    /// An outcome noted (acknowledged) while its lease lived.
+    noted: Option<RunOutcome>,
 }
 
 /// An acquire in flight: its task, owner, request id, kind and when it was sent (virtual ms).
@@ -456,7 +464,7 @@ impl World {
             }
             self.asked.insert(
                 (owner.to_string(), rid.to_string()),
-                Asked { lease: id.clone(), released: false, outcome: None },
+                Asked { lease: id.clone(), released: false, outcome: None, noted: None },
             );
         }
         if self.held.contains_key(&id) || self.let_go.contains(&id) {
@@ -536,6 +544,14 @@ impl World {
             if a.released && a.outcome.is_some() && kind == RequestKind::Run && outcome.as_deref() != a.outcome.as_ref()
             {
                 return Err(fail(format!("request id {rid:?}: outcome {outcome:?}, recorded {:?}", a.outcome)));
+            }
+            // An acknowledged note outlives the lease (expired, lost, restarted) unless a
+            // release brought another.
+            if !(a.released && a.outcome.is_some())
+                && let Some(noted) = &a.noted
+                && outcome.as_deref() != Some(noted)
+            {
+                return Err(fail(format!("request id {rid:?}: outcome {outcome:?}, noted {noted:?}")));
             }
         }
         Ok(())
@@ -734,6 +750,32 @@ impl World {
                     Some(Err(e)) => {
                         return Err(fail(format!("release of held lease {id} failed: {e}")));
                     }
+                    None => {}
+                }
+            }
+            Step::Note { pick } => {
+                let Some((id, h)) = self.pick_held(*pick) else {
+                    return Ok(());
+                };
+                let Some(engine) = self.life.as_ref().map(|l| l.engine.clone()) else {
+                    return Ok(());
+                };
+                let noted = RunOutcome { code: Some(4), vm: h.vm.clone(), ..Default::default() };
+                let (id2, o) = (id.clone(), noted.clone());
+                let asked = self.asked.values().any(|a| a.lease == id);
+                match self.block_on(async move { engine.note_outcome(&id2, o).await }) {
+                    Some(Ok(())) if h.kind == RequestKind::Run && asked => {
+                        for a in self.asked.values_mut().filter(|a| a.lease == id) {
+                            a.noted = Some(noted.clone());
+                        }
+                    }
+                    Some(Ok(())) => {
+                        return Err(fail(format!("an outcome was noted on {id}, not a Run's with a request id")));
+                    }
+                    Some(Err(e)) if e.kind() == ErrorKind::Unavailable => {}
+                    Some(Err(e))
+                        if (h.kind != RequestKind::Run || !asked) && e.kind() == ErrorKind::InvalidArgument => {}
+                    Some(Err(e)) => return Err(fail(format!("noting the outcome of held lease {id} failed: {e}"))),
                     None => {}
                 }
             }
@@ -1126,6 +1168,24 @@ mod regressions {
                 Step::Acquire { owner: 0, rid: None, run: false, wait: false },
                 Step::Crash,
                 Step::Acquire { owner: 0, rid: Some(2), run: false, wait: false },
+            ],
+        };
+        run(&script).unwrap();
+    }
+
+    /// A Run's noted outcome survives a crash and its lease's expiry: the retry gets it.
+    #[test]
+    fn a_noted_outcome_is_what_a_retry_after_the_expiry_gets() {
+        let script = Script {
+            strategy: ResetStrategy::Snapshot,
+            per_owner: 0,
+            autoscale: false,
+            steps: vec![
+                Step::Acquire { owner: 1, rid: Some(3), run: true, wait: true },
+                Step::Note { pick: 0 },
+                Step::Crash,
+                Step::Advance { secs: 700 },
+                Step::Acquire { owner: 1, rid: Some(3), run: true, wait: false },
             ],
         };
         run(&script).unwrap();

@@ -594,7 +594,9 @@ impl EngineState {
                         Ok(Answer::Done)
                     }
                     None => self.lease_info(&id, None).and_then(|_| {
-                        Err(EngineError::InvalidArgument(format!("lease {id} was not granted for a Run")))
+                        Err(EngineError::InvalidArgument(format!(
+                            "lease {id} was not granted for a Run with a request id"
+                        )))
                     }),
                 };
                 self.reply(caller, r);
