@@ -161,28 +161,8 @@ public final class MpoolClient implements AutoCloseable {
      */
     public ExitStatus exec(String leaseId, String execId, Command command, BiConsumer<String, Boolean> lines) {
         ExecRequest request = ExecRequest.newBuilder().setLeaseId(leaseId).setExecId(execId).setCommand(command).build();
-        LineSplitter out = new LineSplitter(line -> lines.accept(line, false));
-        LineSplitter err = new LineSplitter(line -> lines.accept(line, true));
-        ExitStatus exit = null;
-        try {
-            Iterator<ExecEvent> events = blocking.exec(request);
-            while (events.hasNext()) {
-                ExecEvent ev = events.next();
-                switch (ev.getEventCase()) {
-                    case STDOUT -> out.push(ev.getStdout());
-                    case STDERR -> err.push(ev.getStderr());
-                    case EXIT -> exit = ev.getExit();
-                    default -> { }
-                }
-            }
-        } finally {
-            out.finish();
-            err.finish();
-        }
-        if (exit == null) {
-            throw new IllegalStateException("the command's stream ended without an exit status");
-        }
-        return exit;
+        // A plain exec's stream is a session's without replay or dropped bytes: one loop for both.
+        return new Follower(lines, org.slf4j.LoggerFactory.getLogger(MpoolClient.class)).follow(blocking.exec(request));
     }
 
     /**
