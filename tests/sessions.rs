@@ -115,8 +115,12 @@ async fn a_caller_that_went_away_attaches_again_and_two_attachers_see_the_same_b
     }
     drop(s);
     // Starting the same session again is refused: it exists (and is not run twice).
+    let reserved = v1::ExecRequest { session: "run".into(), ..req.clone() };
     let e = c.exec(req).await.expect_err("a second start of the session");
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    // `run` is a Run's command: an Exec may not take the id (its exit would pass for the Run's).
+    let e = c.exec(reserved).await.expect_err("an Exec session named run");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
     let listed = c.list_sessions(v1::ListSessionsRequest { lease_id: lease.id.clone() }).await.unwrap().into_inner();
     let job = listed.sessions.iter().find(|s| s.id == "job").expect("the session is listed");

@@ -159,11 +159,13 @@ fn base64_text(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// The runner: starts both stream writers, runs the command with `MPOOL_SESSION` set, records
-/// its status (`exit`: the status, then when it started and ended, guest ms), waits for the
-/// writers, marks the session done. Clocks come from bash's `$EPOCHREALTIME` (no process). A
-/// session killed before its command started (the kill script's mark is there) never starts it:
-/// its status is 143, as a `TERM` would have made it.
+/// The runner: starts both stream writers, runs the command with `MPOOL_SESSION` (the id) and
+/// `MPOOL_SESSION_DIR` (the session's directory: the marker a kill looks for, unique on the
+/// host even where VMs share one, as the simulator's do) set, records its status (`exit`: the
+/// status, then when it started and ended, guest ms), waits for the writers, marks the session
+/// done. Clocks come from bash's `$EPOCHREALTIME` (no process). The command starts only if the
+/// runner makes the directory `claim` first; a kill that made it first keeps the command from
+/// ever starting: its status is 143, as a `TERM` would have made it.
 fn runner_script(id: &str, layout: Layout) -> String {
     let (seg, head, keep) = (layout.segment, layout.head, layout.keep);
     format!(
@@ -178,11 +180,12 @@ p1=$!
 exec 4> >(w err)
 p2=$!
 cd "$HOME"
-if [ -e "$d/cancelled" ] || [ -e "$d/timed_out" ]; then
-  rc=143
-else
-  MPOOL_SESSION={id} bash -c "$(<"$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
+if mkdir "$d/claim" 2>/dev/null; then
+  MPOOL_SESSION={id} MPOOL_SESSION_DIR="$d" bash -c "$(<"$d/cmd")" <"$d/stdin" >&3 2>&4 3>&- 4>&-
   rc=$?
+else
+  for i in {{1..40}}; do {{ [ -e "$d/cancelled" ] || [ -e "$d/timed_out" ]; }} && break; sleep 0.05; done
+  rc=143
 fi
 echo "$rc $start $(ms)" > "$d/exit.tmp"
 mv "$d/exit.tmp" "$d/exit"
@@ -204,10 +207,12 @@ pub enum KillReason {
 
 /// The script (for `bash -s`) that kills every process of session `id`: `TERM`, then `KILL`
 /// after `grace_ms` to the ones left, round after round until none is left. Prints `killed`,
-/// or `ended` when nothing ran any more, or `missing`. A session whose command has not started
-/// yet (no process carries the marker and there is no `exit`) is marked first, then the script
-/// waits up to 5 s for the runner: it either sees the mark and skips the command, or has started
-/// it (then it is killed as any other).
+/// or `ended` when nothing ran any more, or `missing`. When no process carries the session's
+/// marker and there is no `exit` yet, the runner is between its start and the command's, or
+/// between the command's end and `exit`: whoever makes the directory `claim` first decides. A
+/// kill that makes it keeps the command from starting (`killed`); one that finds it made waits
+/// (up to about 5 s) for the command's processes (killed as any others) or its `exit` (`ended`:
+/// it finished on its own, and is not marked).
 pub fn kill_script(id: &str, reason: KillReason, grace_ms: u64) -> String {
     let mark = match reason {
         KillReason::Cancelled => "cancelled",
@@ -217,12 +222,14 @@ pub fn kill_script(id: &str, reason: KillReason, grace_ms: u64) -> String {
     format!(
         r#"d="$HOME/{ROOT}/{id}"
 [ -d "$d" ] || {{ echo missing; exit 0; }}
-pids() {{ grep -lzxF "MPOOL_SESSION={id}" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }}
+m="MPOOL_SESSION_DIR=$d"
+grep -q MPOOL_SESSION_DIR "$d/run" 2>/dev/null || m="MPOOL_SESSION={id}"
+pids() {{ grep -lzxF "$m" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; }}
 p=$(pids)
 if [ -z "$p" ]; then
   [ -e "$d/exit" ] && {{ echo ended; exit 0; }}
-  : > "$d/{mark}"
-  for i in $(seq 1 100); do [ -e "$d/exit" ] && {{ echo killed; exit 0; }}; p=$(pids); [ -n "$p" ] && break; sleep 0.05; done
+  if mkdir "$d/claim" 2>/dev/null; then : > "$d/{mark}"; echo killed; exit 0; fi
+  for i in $(seq 1 100); do [ -e "$d/exit" ] && {{ echo ended; exit 0; }}; p=$(pids); [ -n "$p" ] && break; sleep 0.05; done
   [ -z "$p" ] && {{ echo ended; exit 0; }}
 fi
 [ -e "$d/exit" ] || : > "$d/{mark}"
@@ -417,7 +424,7 @@ mod tests {
     #[test]
     fn the_kill_script_finds_processes_by_the_session_marker() {
         let s = kill_script("job-1", KillReason::TimedOut, 2000);
-        assert!(s.contains("MPOOL_SESSION=job-1"), "{s}");
+        assert!(s.contains("MPOOL_SESSION_DIR=$d") && s.contains("MPOOL_SESSION=job-1"), "{s}");
         assert!(s.contains("timed_out") && s.contains("seq 1 20"), "{s}");
     }
 
@@ -467,6 +474,19 @@ mod tests {
             }
         }
 
+        /// Waits (bounded) until `path` holds a line; returns it.
+        fn written(path: &Path) -> String {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                if text.ends_with('\n') {
+                    return text.trim().to_string();
+                }
+                assert!(std::time::Instant::now() < deadline, "{} was never written", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+
         /// Whether process `pid` runs (a zombie does not).
         fn alive(pid: &str) -> bool {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -477,32 +497,54 @@ mod tests {
             home.join(ROOT).join(id)
         }
 
-        #[test]
-        fn a_cancel_before_the_command_started_keeps_it_from_starting() {
-            let home = tempfile::tempdir().unwrap();
-            // A `setsid` that starts nothing: the session exists, its runner has not started.
+        /// Launches session `id` running `line` with a `setsid` that starts nothing: the
+        /// session exists, its runner has not started. Returns its directory.
+        fn launched_not_started(home: &Path, id: &str, line: &str) -> PathBuf {
             let stubs = tempfile::tempdir().unwrap();
             let stub = stubs.path().join("setsid");
             std::fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
             let mut perm = std::fs::metadata(&stub).unwrap().permissions();
             std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
             std::fs::set_permissions(&stub, perm).unwrap();
-            let launch = launch_script(&meta("early"), "touch ran", b"").unwrap();
-            assert_eq!(output(bash(home.path(), &launch, Some(stubs.path()))).trim(), "started");
-            let d = dir(home.path(), "early");
+            let launch = launch_script(&meta(id), line, b"").unwrap();
+            assert_eq!(output(bash(home, &launch, Some(stubs.path()))).trim(), "started");
+            let d = dir(home, id);
             assert!(!d.join("exit").exists());
+            d
+        }
 
-            // The cancel marks the session and waits for its runner...
-            let kill = bash(home.path(), &kill_script("early", KillReason::Cancelled, 200), None);
-            until_exists(&d.join("cancelled"));
-            // ...which starts now, sees the mark and does not run the command.
-            let runner = Command::new("bash").arg(d.join("run")).env("HOME", home.path()).status().unwrap();
+        /// Runs the session's runner in the foreground.
+        fn run_runner(home: &Path, d: &Path) {
+            let runner = Command::new("bash").arg(d.join("run")).env("HOME", home).status().unwrap();
             assert!(runner.success());
+        }
+
+        #[test]
+        fn a_cancel_before_the_command_started_keeps_it_from_starting() {
+            let home = tempfile::tempdir().unwrap();
+            let d = launched_not_started(home.path(), "early", "touch ran");
+            // The cancel claims the session before its runner: done at once...
+            let kill = bash(home.path(), &kill_script("early", KillReason::Cancelled, 200), None);
             assert_eq!(output(kill).trim(), "killed");
+            assert!(d.join("cancelled").exists());
+            // ...and the runner, starting now, never runs the command.
+            run_runner(home.path(), &d);
             assert!(!home.path().join("ran").exists(), "the cancelled command ran");
             let exit = std::fs::read_to_string(d.join("exit")).unwrap();
             assert!(exit.starts_with("143 "), "{exit}");
             assert!(d.join("done").exists());
+        }
+
+        #[test]
+        fn a_cancel_that_finds_the_command_claimed_but_gone_says_ended_and_marks_nothing() {
+            let home = tempfile::tempdir().unwrap();
+            let d = launched_not_started(home.path(), "quick", "exit 3");
+            // The runner claimed the command and it ended; its `exit` is not written yet.
+            std::fs::create_dir(d.join("claim")).unwrap();
+            let kill = bash(home.path(), &kill_script("quick", KillReason::Cancelled, 200), None);
+            std::fs::write(d.join("exit"), "3 1 2\n").unwrap();
+            assert_eq!(output(kill).trim(), "ended", "it finished on its own");
+            assert!(!d.join("cancelled").exists(), "a command that finished on its own is not marked cancelled");
         }
 
         #[test]
@@ -511,10 +553,7 @@ mod tests {
             let line = "setsid sleep 1000 & echo $! > bg; echo $$ > fg; sleep 1000";
             let launch = launch_script(&meta("busy"), line, b"").unwrap();
             assert_eq!(output(bash(home.path(), &launch, None)).trim(), "started");
-            until_exists(&home.path().join("bg"));
-            until_exists(&home.path().join("fg"));
-            let pid = |f: &str| std::fs::read_to_string(home.path().join(f)).unwrap().trim().to_string();
-            let (bg, fg) = (pid("bg"), pid("fg"));
+            let (bg, fg) = (written(&home.path().join("bg")), written(&home.path().join("fg")));
             let kill = bash(home.path(), &kill_script("busy", KillReason::Cancelled, 200), None);
             assert_eq!(output(kill).trim(), "killed");
             let d = dir(home.path(), "busy");

@@ -77,6 +77,11 @@ impl App {
                 mpool_ssh::session::MAX_ID
             )));
         }
+        if id == super::run::RUN_SESSION {
+            return Err(AppError::invalid_argument(format!(
+                "session {id:?} is the id of a Run's command (Attach to it, CancelExec it); choose another id"
+            )));
+        }
         let (info, target, guard) = self.use_lease(&r.lease_id, p).await?;
         self.start_session(&info, &target, &req, &id, keep).await?;
         if r.detach {

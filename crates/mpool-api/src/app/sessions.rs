@@ -345,11 +345,14 @@ impl App {
             }
             if id == RUN_SESSION {
                 // A KEEP Run's command ended: recorded now, so a retry after the lease expired
-                // (nobody came back for its outputs) still gets its exit status. A lease not
-                // granted for a Run (an Exec used the id) has nothing to record.
+                // (nobody came back for its outputs) still gets its exit status. Retried at the
+                // next round while mpool cannot write it (the session is not counted ended).
                 let outcome = super::run::outcome::of_exit(&exit_of(&st), &info.record.vm);
                 if let Err(e) = self.engine.note_outcome(&info.record.id, outcome).await {
-                    tracing::debug!(lease = %info.record.id, "recording the Run's outcome: {e}");
+                    if e.kind() == mpool_engine::ErrorKind::Unavailable {
+                        return Err(AppError::unavailable(format!("recording the Run's exit status: {e}")));
+                    }
+                    tracing::debug!(lease = %info.record.id, "no Run outcome to record: {e}");
                 }
             }
             ended.insert(id);

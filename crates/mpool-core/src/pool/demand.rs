@@ -49,6 +49,13 @@ const MAX_RECENT: usize = 4096;
 /// Below this many VMs' worth, a decaying target counts as nothing (so it reaches its floor).
 const NEGLIGIBLE: f64 = 1e-3;
 
+/// Whether `gap` is two or more periods `p`, within [`JITTER`] of a period each: bursts that
+/// did not come, not a longer period.
+fn skipped(gap: f64, p: f64) -> bool {
+    let k = (gap / p).round();
+    k >= 2.0 && (gap - k * p).abs() <= JITTER * p * k
+}
+
 /// Acquires close together: a burst.
 #[derive(Clone, Debug)]
 struct Burst {
@@ -103,10 +110,11 @@ impl Demand {
     }
 
     /// How long before a recurring burst is due its VMs are wanted ready: the time a new VM
-    /// takes (the refill time until a launch was seen) with [`MARGIN`], plus [`JITTER`] of the
-    /// period.
+    /// takes with [`MARGIN`], plus [`JITTER`] of the period. Until a launch was seen (after a
+    /// restart of mpool), the refill time, at least [`DEFAULT_REFILL`]: a reset is quicker than a
+    /// launch, and raising late serves the burst cold.
     pub fn lead(&self) -> Duration {
-        let build = self.build.or(self.refill).unwrap_or(DEFAULT_REFILL.as_secs_f64());
+        let build = self.build.unwrap_or_else(|| self.refill_time().max(DEFAULT_REFILL).as_secs_f64());
         Duration::try_from_secs_f64(build * (1.0 + MARGIN) + JITTER * self.period.unwrap_or(0.0))
             .unwrap_or(DEFAULT_REFILL)
     }
@@ -140,8 +148,12 @@ impl Demand {
                 if let Some(b) = self.burst.take() {
                     // Bursts recur when the next one starts within the pool's memory.
                     let gap = now.saturating_duration_since(b.start).as_secs_f64();
-                    self.period = (gap <= decay.as_secs_f64())
-                        .then(|| self.period.map_or(gap, |p| p + PERIOD_WEIGHT * (gap - p)));
+                    self.period = (gap <= decay.as_secs_f64()).then(|| match self.period {
+                        // A multiple of the period: bursts were skipped, the period stands.
+                        Some(p) if skipped(gap, p) => p,
+                        Some(p) => p + PERIOD_WEIGHT * (gap - p),
+                        None => gap,
+                    });
                     self.previous = b.size;
                 }
                 self.burst = Some(Burst { start: now, last: now, size: count, taken: 1 });
@@ -314,6 +326,7 @@ mod tests {
     fn bursts(t0: Instant, n: u32, every: f64, count: u32, c: &PoolConfig) -> Demand {
         let mut d = Demand::default();
         d.refilled(secs(2.0));
+        d.built(secs(2.0));
         for b in 0..count {
             for i in 0..n {
                 d.arrival(t0 + secs(f64::from(b) * every + f64::from(i) / f64::from(n)), c.autoscale_decay);
@@ -329,7 +342,7 @@ mod tests {
         c.autoscale_decay = Duration::from_secs(60);
         let mut d = bursts(t0, 6, 15.0, 3, &c);
         assert_eq!(d.period(), Some(secs(15.0)));
-        // No launch seen: the lead is the refill time (2 s) with margin plus a tenth of the period.
+        // The lead: a new VM's time (2 s) with margin plus a tenth of the period.
         assert_eq!(d.lead(), secs(2.0 * 1.25 + 1.5));
         // The 3rd burst (30 s) is over a window after its last acquire: the quiet needs nothing
         // above min_ready, until one lead before the 4th (45 s) is due.
@@ -341,7 +354,9 @@ mod tests {
             assert_eq!(d.target(&c, t0 + secs(30.0 + s)), 8, "{s} s after the 3rd burst");
         }
         // A new VM that takes longer raises it earlier: 6 s with margin plus 1.5 s, 9 s before.
-        d.built(secs(6.0));
+        for _ in 0..30 {
+            d.built(secs(6.0));
+        }
         assert_eq!(d.target(&c, t0 + secs(35.9)), 2);
         assert_eq!(d.target(&c, t0 + secs(36.1)), 8);
         // A single burst decays from its last acquire: 15 s later it no longer covers 7.5 VMs.
@@ -351,12 +366,43 @@ mod tests {
     }
 
     #[test]
+    fn without_a_launch_seen_the_lead_is_at_least_the_default_refill() {
+        let mut d = Demand::default();
+        d.refilled(secs(2.0));
+        assert_eq!(d.lead(), secs(30.0 * 1.25), "a reset's 2 s would raise a burst too late after a restart");
+        d.built(secs(40.0));
+        assert_eq!(d.lead(), secs(40.0 * 1.25));
+    }
+
+    #[test]
+    fn a_skipped_burst_keeps_the_period() {
+        let t0 = Instant::now();
+        let mut c = cfg(2, 20);
+        c.autoscale_decay = Duration::from_secs(60);
+        let mut d = Demand::default();
+        d.refilled(secs(2.0));
+        d.built(secs(2.0));
+        // Every 15 s, but the burst at 45 s did not come.
+        for start in [0.0, 15.0, 30.0, 60.0, 75.0] {
+            if start == 75.0 {
+                assert_eq!(d.target(&c, t0 + secs(74.99)), 8, "the burst after the skipped one is planned for");
+                assert_eq!(d.target(&c, t0 + secs(68.0)), 2, "the quiet before it needs nothing");
+            }
+            for i in 0..6 {
+                d.arrival(t0 + secs(start + f64::from(i) / 6.0), c.autoscale_decay);
+            }
+        }
+        assert_eq!(d.period(), Some(secs(15.0)));
+    }
+
+    #[test]
     fn a_period_that_wavers_still_finds_each_burst_raised() {
         let t0 = Instant::now();
         let mut c = cfg(2, 20);
         c.autoscale_decay = Duration::from_secs(60);
         let mut d = Demand::default();
         d.refilled(secs(2.0));
+        d.built(secs(2.0));
         // Bursts of 6 about every 15 s, each up to 1 s early or late.
         let mut start = 0.0;
         for (b, jitter) in [0.0, 0.8, -0.9, 0.5, -1.0, 1.0, -0.6, 0.3].into_iter().enumerate() {
