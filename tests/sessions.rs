@@ -209,13 +209,67 @@ async fn a_session_survives_kill_9_of_mpool_serve() {
     assert_eq!(listed.sessions.first().map(|s| s.state), Some(v1::SessionState::Running as i32), "{listed:?}");
     // The restarted server found the session and keeps its lease alive (it renews the 20 s TTL
     // the lease would otherwise expire by).
-    eventually("the lease is renewed for its running session", Duration::from_secs(40), || {
-        let (c, id) = (c.clone(), lease.id.clone());
-        async move { expiry(c, id).await.filter(|e| *e > before) }
-    })
-    .await;
+    mpool_testkit::wait("the lease is renewed for its running session", Duration::from_secs(40))
+        .until(|| {
+            let (c, id) = (c.clone(), lease.id.clone());
+            async move { expiry(c, id).await.filter(|e| *e > before) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; serve's log:\n{}", stack.log()));
     run(&mut c, &lease.id, "touch go").await;
     let a = attach(&mut c, &lease.id, "build").await;
+    assert_eq!((a.stdout.as_str(), a.exit.map(|x| x.code)), ("first\nsecond\n", Some(7)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_running_sessions_lease_is_held_until_its_vm_can_be_reached() {
+    // One VM: once it is leased nothing else is provisioned, so no daemon call is in flight
+    // when mpool is killed (a hung `ssh_info` holds the daemon's main thread, as multipassd's).
+    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 1\ndefault_ttl = \"3s\"\n";
+    let mut stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
+    stack.wait_idle("ci", 1).await;
+    let mut c = stack.client().await;
+    let lease = acquire(&mut c, "ci", "held").await.expect("acquire");
+    let req = v1::ExecRequest {
+        lease_id: lease.id.clone(),
+        command: sh(WAITS_FOR_GO),
+        session: "slow".into(),
+        detach: true,
+        ..Default::default()
+    };
+    collect(c.exec(req).await.expect("exec").into_inner()).await;
+    // mpool restarts while the daemon cannot tell it the VM's SSH endpoint.
+    stack.kill_serve();
+    stack.sim().daemon().set_hang("ssh_info", true);
+    stack.start_serve().await.expect("mpool serve starts again");
+    let c = stack.client().await;
+    let expiry = |c: Client, id: String| async move {
+        let leases = c.clone().list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
+        leases.into_iter().find(|l| l.id == id)?.expires_at.map(|t| t.seconds)
+    };
+    let expires = eventually("the restarted mpool knows the lease", Duration::from_secs(30), || {
+        expiry(c.clone(), lease.id.clone())
+    })
+    .await;
+    // Its 3 s TTL passes: the lease is held for the running session all the same.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    tokio::time::sleep(Duration::from_secs(u64::try_from(expires - now() + 2).unwrap_or(0))).await;
+    assert!(
+        expiry(c.clone(), lease.id.clone()).await.is_some(),
+        "the lease of a running session expired while mpool could not reach its VM; serve's log:\n{}",
+        stack.log()
+    );
+    // Once the daemon answers, the watch reaches the VM and renews the lease; the command
+    // finishes as if nothing happened.
+    stack.sim().daemon().set_hang("ssh_info", false);
+    eventually("the lease is renewed for its running session", Duration::from_secs(30), || {
+        let (c, id) = (c.clone(), lease.id.clone());
+        async move { expiry(c, id).await.filter(|e| *e > expires) }
+    })
+    .await;
+    let mut c = c;
+    run(&mut c, &lease.id, "touch go").await;
+    let a = attach(&mut c, &lease.id, "slow").await;
     assert_eq!((a.stdout.as_str(), a.exit.map(|x| x.code)), ("first\nsecond\n", Some(7)));
 }
 
@@ -294,7 +348,7 @@ async fn cancel_kills_a_process_that_left_the_sessions_process_group() {
         .await
         .expect("cancel")
         .into_inner();
-    assert!(r.cancelled);
+    assert!(r.cancelled, "serve's log:\n{}", stack.log());
     assert_eq!(run(&mut c, &lease.id, &alive).await, "", "both escaped processes were killed");
     let a = attach(&mut c, &lease.id, "tree").await;
     let x = a.exit.expect("an exit status");
@@ -511,13 +565,32 @@ async fn cancelling_a_keep_run_kills_its_command() {
         Some(v1::run_event::Event::Lease(l)) => l,
         other => panic!("expected the lease first, got {other:?}"),
     };
-    let _ = s.message().await.unwrap();
+    match s.message().await.unwrap().and_then(|e| e.event) {
+        Some(v1::run_event::Event::Stdout(t)) => assert_eq!(t, "started\n"),
+        other => panic!("expected the command's first output, got {other:?}; serve's log:\n{}", stack.log()),
+    }
     let r = c
         .cancel_exec(v1::CancelExecRequest { lease_id: lease.id.clone(), exec_id: "run".into() })
         .await
         .expect("cancel")
         .into_inner();
-    assert!(r.cancelled);
+    if !r.cancelled {
+        let mut rest = Vec::new();
+        loop {
+            match s.message().await {
+                Ok(Some(ev)) => rest.push(format!("{ev:?}")),
+                Ok(None) => break,
+                Err(e) => {
+                    rest.push(format!("error {e:?}"));
+                    break;
+                }
+            }
+        }
+        panic!(
+            "the cancel found nothing to cancel; the Run's stream went on with {rest:?}; serve's log:\n{}",
+            stack.log()
+        );
+    }
     let mut seen = RunSeen::default();
     collect_run(s, &mut seen).await;
     let exit = seen.result.and_then(|r| r.exit).expect("an exit status");

@@ -206,8 +206,9 @@ pub enum KillReason {
 }
 
 /// The script (for `bash -s`) that kills every process of session `id`: `TERM`, then `KILL`
-/// after `grace_ms` to the ones left, round after round until none is left. Prints `killed`,
-/// or `ended` when nothing ran any more, or `missing`. When no process carries the session's
+/// after `grace_ms` to the ones left, round after round until none is left. Prints `killed`
+/// (after `signalled` once the first signal went out: the VM may be reset under the script as
+/// soon as its command died), or `ended` when nothing ran any more, or `missing`. When no process carries the session's
 /// marker and there is no `exit` yet, the runner is between its start and the command's, or
 /// between the command's end and `exit`: whoever makes the directory `claim` first decides. A
 /// kill that makes it keeps the command from starting (`killed`); one that finds it made waits
@@ -234,6 +235,7 @@ if [ -z "$p" ]; then
 fi
 [ -e "$d/exit" ] || : > "$d/{mark}"
 kill -TERM $p 2>/dev/null
+echo signalled
 for i in $(seq 1 {rounds}); do p=$(pids); [ -z "$p" ] && break; sleep 0.1; done
 for i in $(seq 1 50); do p=$(pids); [ -z "$p" ] && break; kill -KILL $p 2>/dev/null; sleep 0.02; done
 echo killed
@@ -555,7 +557,7 @@ mod tests {
             assert_eq!(output(bash(home.path(), &launch, None)).trim(), "started");
             let (bg, fg) = (written(&home.path().join("bg")), written(&home.path().join("fg")));
             let kill = bash(home.path(), &kill_script("busy", KillReason::Cancelled, 200), None);
-            assert_eq!(output(kill).trim(), "killed");
+            assert_eq!(output(kill), "signalled\nkilled\n");
             let d = dir(home.path(), "busy");
             until_exists(&d.join("done"));
             for p in [bg, fg] {

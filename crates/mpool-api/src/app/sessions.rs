@@ -185,7 +185,13 @@ impl App {
         let grace = u64::try_from(self.ssh.options().kill_grace.as_millis()).unwrap_or(2000);
         let script = session::kill_script(id, why, grace);
         match self.ssh.run(vm, target, ExecRequest::script(ScriptShell::Bash, script)).await {
-            Ok(out) => out.stdout_text().trim() == "killed",
+            Ok(out) => {
+                let said = out.stdout_text();
+                tracing::debug!(%vm, session = %id, said = %said.trim(), code = ?out.code, stderr = %out.stderr_text().trim(), "kill script");
+                // `signalled` alone: the script was cut short after its signal (the command's
+                // end let its lease end, and the VM's reset took the script along).
+                said.lines().any(|l| l == "killed" || l == "signalled")
+            }
             Err(e) => {
                 tracing::warn!(%vm, session = %id, "killing the session failed: {e}");
                 false
@@ -267,7 +273,10 @@ impl App {
             Duration::from_millis(info.record.expires_ms.saturating_sub(info.record.granted_ms)).max(WATCH_EVERY * 3);
         let ttl = max_ttl.map_or(ttl, |m| ttl.min(m));
         let mut renewed = tokio::time::Instant::now();
-        let target = info.ssh.clone().ok_or_else(|| AppError::unavailable("no SSH endpoint yet"))?;
+        let target = match info.ssh.clone() {
+            Some(t) => t,
+            None => self.endpoint_of(lease).await?,
+        };
         let mut fs = None;
         // Sessions seen ended are not looked at again.
         let mut ended = HashSet::new();
@@ -316,6 +325,25 @@ impl App {
             // The lease may have ended meanwhile (released: its VM is being reset).
             self.engine.begin_use(lease, None).await?;
             self.engine.end_use(lease).await;
+        }
+    }
+
+    /// The SSH endpoint of a lease the engine knows none for yet (mpool restarted moments ago
+    /// and has not asked the daemon): asked for until it is known or the lease ended. The
+    /// watch holds the lease in use meanwhile, so it does not expire under a running session.
+    async fn endpoint_of(&self, lease: &str) -> Result<SshEndpoint, AppError> {
+        loop {
+            match self.engine.refresh(lease, None).await {
+                Ok(fresh) => {
+                    if let Some(target) = fresh.ssh {
+                        return Ok(target);
+                    }
+                }
+                Err(e) if e.kind() == mpool_engine::ErrorKind::Unavailable => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::debug!(%lease, "the lease's SSH endpoint is not known yet: asking again");
+            tokio::time::sleep(WATCH_EVERY).await;
         }
     }
 
