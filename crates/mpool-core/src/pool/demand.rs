@@ -324,15 +324,26 @@ mod tests {
     /// Bursts of `n` acquires within one second, every `every` seconds from `t0`, with refills of
     /// 2 s (so one burst's acquires are one window apart at most).
     fn bursts(t0: Instant, n: u32, every: f64, count: u32, c: &PoolConfig) -> Demand {
+        let mut d = quick();
+        for b in 0..count {
+            burst_at(&mut d, t0 + secs(f64::from(b) * every), n, c);
+        }
+        d
+    }
+
+    /// A demand that saw resets and launches of 2 s.
+    fn quick() -> Demand {
         let mut d = Demand::default();
         d.refilled(secs(2.0));
         d.built(secs(2.0));
-        for b in 0..count {
-            for i in 0..n {
-                d.arrival(t0 + secs(f64::from(b) * every + f64::from(i) / f64::from(n)), c.autoscale_decay);
-            }
-        }
         d
+    }
+
+    /// `n` acquires within one second from `at`.
+    fn burst_at(d: &mut Demand, at: Instant, n: u32, c: &PoolConfig) {
+        for i in 0..n {
+            d.arrival(at + secs(f64::from(i) / f64::from(n)), c.autoscale_decay);
+        }
     }
 
     #[test]
@@ -379,18 +390,14 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cfg(2, 20);
         c.autoscale_decay = Duration::from_secs(60);
-        let mut d = Demand::default();
-        d.refilled(secs(2.0));
-        d.built(secs(2.0));
+        let mut d = quick();
         // Every 15 s, but the burst at 45 s did not come.
         for start in [0.0, 15.0, 30.0, 60.0, 75.0] {
             if start == 75.0 {
                 assert_eq!(d.target(&c, t0 + secs(74.99)), 8, "the burst after the skipped one is planned for");
                 assert_eq!(d.target(&c, t0 + secs(68.0)), 2, "the quiet before it needs nothing");
             }
-            for i in 0..6 {
-                d.arrival(t0 + secs(start + f64::from(i) / 6.0), c.autoscale_decay);
-            }
+            burst_at(&mut d, t0 + secs(start), 6, &c);
         }
         assert_eq!(d.period(), Some(secs(15.0)));
     }
@@ -400,9 +407,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cfg(2, 20);
         c.autoscale_decay = Duration::from_secs(60);
-        let mut d = Demand::default();
-        d.refilled(secs(2.0));
-        d.built(secs(2.0));
+        let mut d = quick();
         // Bursts of 6 about every 15 s, each up to 1 s early or late.
         let mut start = 0.0;
         for (b, jitter) in [0.0, 0.8, -0.9, 0.5, -1.0, 1.0, -0.6, 0.3].into_iter().enumerate() {
@@ -413,9 +418,7 @@ mod tests {
                 let quiet = d.target(&c, t0 + secs(start - 7.0));
                 assert_eq!(quiet, 2, "burst {b}: the quiet before it needs nothing");
             }
-            for i in 0..6 {
-                d.arrival(t0 + secs(start + f64::from(i) / 6.0), c.autoscale_decay);
-            }
+            burst_at(&mut d, t0 + secs(start), 6, &c);
         }
     }
 
@@ -484,9 +487,7 @@ mod tests {
         let c = cfg(2, 20);
         let mut d = bursts(t0, 6, 15.0, 2, &c);
         let third = t0 + secs(30.0);
-        for i in 0..6 {
-            d.arrival(third + secs(f64::from(i) / 6.0), c.autoscale_decay);
-        }
+        burst_at(&mut d, third, 6, &c);
         assert_eq!(d.target(&c, third + secs(1.0)), 2, "the burst took what was planned for it");
         assert_eq!(d.target_above(&c, 5, third + secs(1.0)), 5, "a floor above the need holds");
         assert_eq!(d.target_above(&c, 5, third + secs(6.0)), 5, "the floor holds through the quiet");
