@@ -174,27 +174,35 @@ async fn a_caller_that_went_away_attaches_again_and_two_attachers_see_the_same_b
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_survives_kill_9_of_mpool_serve() {
-    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\ndefault_ttl = \"20s\"\n";
-    let mut stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
+/// A stack serving `pool` (pool `ci`), a lease of it, and session `id` running
+/// [`WAITS_FOR_GO`] detached on it.
+async fn detached_session(pool: &str, id: &str) -> (Stack, Client, v1::Lease) {
+    let stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
     stack.wait_idle("ci", 1).await;
     let mut c = stack.client().await;
-    let lease = acquire(&mut c, "ci", "survivor").await.expect("acquire");
+    let lease = acquire(&mut c, "ci", id).await.expect("acquire");
     let req = v1::ExecRequest {
         lease_id: lease.id.clone(),
         command: sh(WAITS_FOR_GO),
-        session: "build".into(),
+        session: id.into(),
         detach: true,
         ..Default::default()
     };
     let started = collect(c.exec(req).await.expect("exec").into_inner()).await;
-    assert_eq!((started.started.as_str(), started.exit.is_none()), ("build", true), "{started:?}");
-    let expiry = |c: Client, id: String| async move {
-        let leases = c.clone().list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
-        let l = leases.into_iter().find(|l| l.id == id)?;
-        l.expires_at.map(|t| t.seconds)
-    };
+    assert_eq!((started.started.as_str(), started.exit.is_none()), (id, true), "{started:?}");
+    (stack, c, lease)
+}
+
+/// When lease `id` expires (unix seconds), if it is live.
+async fn expiry(c: Client, id: String) -> Option<i64> {
+    let leases = c.clone().list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
+    leases.into_iter().find(|l| l.id == id)?.expires_at.map(|t| t.seconds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_kill_9_of_mpool_serve() {
+    let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 2\ndefault_ttl = \"20s\"\n";
+    let (mut stack, c, lease) = detached_session(pool, "build").await;
     let before = expiry(c.clone(), lease.id.clone()).await.expect("the lease's expiry");
     stack.kill_serve();
     stack.start_serve().await.expect("mpool serve starts again");
@@ -226,27 +234,12 @@ async fn after_a_restart_a_running_sessions_lease_is_held_until_its_vm_can_be_re
     // One VM: once it is leased nothing else is provisioned, so no daemon call is in flight
     // when mpool is killed (a hung `ssh_info` holds the daemon's main thread, as multipassd's).
     let pool = "[[pools]]\nname = \"ci\"\nmin_ready = 1\nmax_size = 1\ndefault_ttl = \"3s\"\n";
-    let mut stack = Stack::start(StackOptions::tests(MPOOL, pool)).await.expect("stack starts");
-    stack.wait_idle("ci", 1).await;
-    let mut c = stack.client().await;
-    let lease = acquire(&mut c, "ci", "held").await.expect("acquire");
-    let req = v1::ExecRequest {
-        lease_id: lease.id.clone(),
-        command: sh(WAITS_FOR_GO),
-        session: "slow".into(),
-        detach: true,
-        ..Default::default()
-    };
-    collect(c.exec(req).await.expect("exec").into_inner()).await;
+    let (mut stack, _, lease) = detached_session(pool, "slow").await;
     // mpool restarts while the daemon cannot tell it the VM's SSH endpoint.
     stack.kill_serve();
     stack.sim().daemon().set_hang("ssh_info", true);
     stack.start_serve().await.expect("mpool serve starts again");
     let c = stack.client().await;
-    let expiry = |c: Client, id: String| async move {
-        let leases = c.clone().list_leases(v1::ListLeasesRequest::default()).await.ok()?.into_inner().leases;
-        leases.into_iter().find(|l| l.id == id)?.expires_at.map(|t| t.seconds)
-    };
     let expires = eventually("the restarted mpool knows the lease", Duration::from_secs(30), || {
         expiry(c.clone(), lease.id.clone())
     })
